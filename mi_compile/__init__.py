@@ -1,0 +1,20 @@
+"""mi-compile: MInference-style sparse attention for long-context prefill, as a torch.compile backend.
+
+    model = torch.compile(model, backend="minference")
+"""
+from .kernels import op as _op  # noqa: F401  (registers torch.ops.mi_compile.sparse_attention)
+from .backend import MInferenceBackend, backend
+from .config import ConfigError, SparseConfig, load_config
+from .debug.explain import explain
+from .options import BackendOptions, OptionsError
+from .patterns.spec import HeadPattern
+
+__all__ = ["backend", "MInferenceBackend", "BackendOptions", "OptionsError", "load_config", "SparseConfig",
+           "ConfigError", "HeadPattern", "explain", "sparse_attention"]
+
+
+def __getattr__(name):
+    if name == "sparse_attention":
+        from .sparse import sparse_attention
+        return sparse_attention
+    raise AttributeError(name)

@@ -1,0 +1,66 @@
+"""The Dynamo backend: ``torch.compile(model, backend="minference")``.
+
+Dynamo hands us the captured FX graph (torch IR, before AOTAutograd). We run the passes in
+:mod:`mi_compile.passes` (find SDPA calls, understand their masks, undo repeat_kv, rewrite to
+``mi_compile::sparse_attention`` with the layer's per-head config), dump what we did when asked,
+then hand the graph to Inductor's ``compile_fx`` exactly as ``backend="inductor"`` would.
+
+The backend is registered under the ``torch_dynamo_backends`` entry point (pyproject.toml), so
+``backend="minference"`` works without importing this package; ``mi_compile.backend(...)``
+returns a configured callable for code that prefers an object.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+
+from .kernels import op as _op  # noqa: F401  (registers torch.ops.mi_compile.*)
+from .config import load_config
+from .debug.dump import dump_report
+from .options import BackendOptions
+from .passes import run_passes
+
+log = logging.getLogger("mi_compile")
+_graph_ids = itertools.count()
+
+
+class MInferenceBackend:
+    """A configured backend: ``torch.compile(model, backend=MInferenceBackend({...}))``."""
+
+    def __init__(self, options: dict | BackendOptions | None = None, *, use_inductor: bool = True, mode=None):
+        self.options = BackendOptions.from_user(options)
+        self.config = load_config(self.options.config)
+        if self.config.is_default_policy:
+            log.warning("mi_compile: no per-head config given; using the default policy (%s)", self.config.source)
+        self.use_inductor = use_inductor
+        self.mode = mode
+        self.reports = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        if any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs) and torch.is_grad_enabled():
+            log.warning("mi_compile: graph needs gradients; sparse attention is inference-only, graph left as is")
+            report = None
+        else:
+            report = run_passes(gm, self.options, self.config, graph_id=next(_graph_ids))
+            self.reports.append(report)
+            dump_report(report, self.options.dump_dir)
+        if not self.use_inductor:
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = torch._inductor.list_mode_options(self.mode) if self.mode else {}
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def backend(options: dict | None = None, **kw) -> MInferenceBackend:
+    """``torch.compile(model, backend=mi_compile.backend({"config": "llama.json"}))``."""
+    if kw:
+        options = {**(options or {}), **kw}
+    return MInferenceBackend(options)
+
+
+def minference_backend(gm, example_inputs, options: dict | None = None, mode=None):
+    """Entry point behind ``backend="minference"``; torch passes ``options=`` through."""
+    return MInferenceBackend(options, mode=mode)(gm, example_inputs)

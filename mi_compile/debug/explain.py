@@ -1,0 +1,68 @@
+"""The explain table: one row per attention call site.
+
+    layer  module                      heads  kv  mask            gqa     action  patterns / reason
+    0      model.layers.0.self_attn    9      3   causal          undone  sparse  9x vertical_slash(1000,6096)
+    ...
+
+:func:`explain` compiles a model with the backend's passes only (no Inductor: fast), runs it
+once on the given inputs, and returns the reports of every graph Dynamo produced.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+def _mask_text(site) -> str:
+    if site.mask is None:
+        return "?"
+    text = site.mask.kind
+    if site.mask.window:
+        text = text.replace("sliding_window", f"window({site.mask.window})")
+    return text
+
+
+def format_table(sites, config_source: str = "") -> str:
+    header = ("layer", "module", "heads", "kv", "mask", "gqa", "action", "patterns / reason")
+    rows = []
+    for s in sites:
+        what = s.pattern_summary() if s.action == "sparse" else s.reason
+        rows.append((str(s.layer if s.layer is not None else "?"), s.module_path, str(s.q_heads), str(s.kv_heads),
+                     _mask_text(s), s.gqa, s.action, what))
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header) - 1)]
+    lines = []
+    if config_source:
+        lines.append(f"config: {config_source}")
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    lines.append(fmt.format(*header))
+    lines.extend(fmt.format(*r) for r in rows)
+    n_sparse = sum(s.action == "sparse" for s in sites)
+    lines.append(f"{len(sites)} attention call(s): {n_sparse} sparse, {len(sites) - n_sparse} dense")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class ExplainResult:
+    reports: list
+
+    @property
+    def sites(self):
+        return [s for r in self.reports for s in r.sites]
+
+    def table(self) -> str:
+        return "\n\n".join(format_table(r.sites, r.config_source) for r in self.reports)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def explain(model, *args, options: dict | None = None, dynamic=None, **kwargs) -> ExplainResult:
+    """Run ``model(*args, **kwargs)`` once through the backend's passes and report each call site."""
+    import torch
+
+    from ..backend import MInferenceBackend
+
+    backend = MInferenceBackend(options, use_inductor=False)
+    compiled = torch.compile(model, backend=backend, dynamic=dynamic)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    return ExplainResult(list(backend.reports))

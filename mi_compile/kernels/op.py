@@ -1,0 +1,111 @@
+"""``torch.ops.mi_compile.sparse_attention``: the op the rewritten graphs call.
+
+Why ``torch.library.custom_op`` and not ``triton_op`` + ``wrap_triton``: the op decides at run
+time, from the actual sequence length, whether to run sparse or dense (short prompts and the
+``min_seq_len`` threshold go dense), and its index builders size their top-k by the length.
+Inside a ``triton_op`` those Python branches on symbolic sizes would be traced by Inductor and
+turn into shape guards (recompiles per length class) on torch 2.11/2.13, and the vertical-slash
+index builder mixes torch ops with Triton launches in ways that ``wrap_triton`` tracing does not
+cover on both versions. An opaque custom op with a fake (meta) implementation keeps the
+whole model one graph with no guards on the length; Inductor still fuses everything around it.
+The op is sync-free, so the compiled model stays CUDA-graph capturable.
+
+Arguments:
+    q ``[B, Hq, n, D]``, k/v ``[B, Hkv, n, D]`` (Hq % Hkv == 0; K/V are not repeated),
+    heads: the layer's per-head patterns, flattened by :func:`mi_compile.patterns.spec.encode_heads`,
+    scale: softmax scale (None: 1/sqrt(D)),
+    key_padding_mask: optional ``[B, n]`` bool (True = real token), left or right padding,
+    window: sliding-window size of the original mask (0 = none), used by the dense path,
+    min_seq_len: below this many tokens the op runs dense attention (sparse does not pay off).
+Semantics: causal attention restricted to each head's pattern for prefills of at least
+``min_seq_len`` tokens; otherwise exactly the dense attention of the original call.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..patterns.spec import decode_heads
+
+# Below this many query tokens the op runs dense attention. Measured crossover on the H100
+# (benchmarks/kernels.py): see README "Options".
+DEFAULT_MIN_SEQ_LEN = 8192
+
+
+def padding_to_ranges(key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, n]`` bool mask of real tokens -> (seq_start, seq_len) int32 ``[B]``, without a host sync.
+
+    Left and right padding are both contiguous runs; a mask with holes cannot be expressed as a
+    range and fails loudly (``torch._assert_async``) rather than giving a wrong answer.
+    """
+    valid = key_padding_mask.to(torch.bool)
+    n = valid.shape[-1]
+    as_int = valid.to(torch.int32)
+    seq_len = as_int.sum(-1, dtype=torch.int32)
+    first = torch.argmax(as_int, dim=-1).to(torch.int32)
+    last = (n - 1) - torch.argmax(as_int.flip(-1), dim=-1).to(torch.int32)
+    contiguous = (seq_len == 0) | (last - first + 1 == seq_len)
+    torch._assert_async(contiguous.all(), "mi_compile.sparse_attention: attention_mask has holes "
+                        "(only left or right padding is supported)")
+    return first * (seq_len > 0), seq_len
+
+
+def dense_attention(q, k, v, scale, key_padding_mask=None, window: int = 0):
+    """The original call's meaning: causal (+ padding, + sliding window) dense attention."""
+    gqa = q.shape[1] != k.shape[1]
+    if key_padding_mask is None and not window:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    n = q.shape[-2]
+    i = torch.arange(n, device=q.device)
+    allowed = i[None, :] <= i[:, None]
+    if window:
+        allowed = allowed & (i[:, None] - i[None, :] < window)
+    allowed = allowed[None, None]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask.to(torch.bool)[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    # A query with no visible key (a padding row) would be NaN; its value is never used.
+    return out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+
+
+def _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len):
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    if n_q != n_k:
+        raise ValueError(f"mi_compile.sparse_attention is for prefill: query length {n_q} != key length {n_k}")
+    if n_q < max(int(min_seq_len), 1):
+        return dense_attention(q, k, v, scale, key_padding_mask, window)
+    from ..sparse import sparse_attention  # the Triton kernels and their PyTorch reference
+
+    seq_start = seq_len = None
+    if key_padding_mask is not None:
+        seq_start, seq_len = padding_to_ranges(key_padding_mask)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return sparse_attention(q, k, v, decode_heads(heads), scale=scale, seq_start=seq_start, seq_len=seq_len)
+
+
+@torch.library.custom_op("mi_compile::sparse_attention", mutates_args=())
+def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: list[int],
+                        scale: Optional[float], key_padding_mask: Optional[torch.Tensor],
+                        window: int, min_seq_len: int) -> torch.Tensor:
+    return _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len)
+
+
+@sparse_attention_op.register_kernel("cpu")
+def _sparse_attention_cpu(q, k, v, heads, scale, key_padding_mask, window, min_seq_len):
+    # On the CPU mi_compile.sparse picks its PyTorch reference (or the Triton kernels under
+    # TRITON_INTERPRET=1).
+    return _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len)
+
+
+@sparse_attention_op.register_kernel("cuda")
+def _sparse_attention_cuda(q, k, v, heads, scale, key_padding_mask, window, min_seq_len):
+    # On CUDA mi_compile.sparse runs the Triton kernels.
+    return _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len)
+
+
+@sparse_attention_op.register_fake
+def _sparse_attention_fake(q, k, v, heads, scale, key_padding_mask, window, min_seq_len):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))

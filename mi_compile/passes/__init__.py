@@ -1,0 +1,79 @@
+"""FX graph passes, one concern per file, run in this order by :func:`run_passes`:
+
+1. :mod:`.find_attention`   - every SDPA call and its decoder layer
+2. :mod:`.classify_mask`    - what its mask means (causal / padding / sliding window / unknown)
+3. :mod:`.undo_repeat_kv`   - K/V once per KV head (native GQA)
+4. :mod:`.rewrite_attention`- the call becomes ``mi_compile::sparse_attention`` or stays dense, with the reason
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch.fx
+
+from .classify_mask import ClassifyMaskPass
+from .find_attention import FindAttentionPass
+from .rewrite_attention import RewriteAttentionPass
+from .site import AttentionSite, MaskInfo
+from .undo_repeat_kv import UndoRepeatKVPass
+
+log = logging.getLogger("mi_compile")
+
+__all__ = ["run_passes", "PassReport", "AttentionSite", "MaskInfo"]
+
+
+@dataclasses.dataclass
+class PassReport:
+    """What the passes did to one graph (the explain table is made from this)."""
+
+    graph_id: int
+    sites: list[AttentionSite]
+    config_source: str
+    default_policy: bool
+    before_code: str = ""
+    after_code: str = ""
+
+    @property
+    def rewritten(self) -> int:
+        return sum(s.action == "sparse" for s in self.sites)
+
+
+def _whole_model_layers(gm: torch.fx.GraphModule, sites: list[AttentionSite]) -> int | None:
+    """The model's layer count if this graph runs the whole decoder stack, else None.
+
+    A graph reaches the end of the model when, after its last attention call, it runs modules
+    outside the decoder layers (final norm, lm_head): then max layer + 1 is the layer count.
+    """
+    layers = [s.layer for s in sites if s.layer is not None]
+    if not layers or min(layers) != 0:
+        return None
+    last = sites[-1].node
+    after = False
+    for node in gm.graph.nodes:
+        if node is last:
+            after = True
+            continue
+        if after and node.op in ("call_function", "call_method", "call_module"):
+            stack = node.meta.get("nn_module_stack") or {}
+            paths = [str(p) for p, _ in stack.values()]
+            if paths and not any("layers" in p for p in paths):
+                return max(layers) + 1
+    return None
+
+
+def run_passes(gm: torch.fx.GraphModule, options, config, graph_id: int = 0) -> PassReport:
+    before = gm.print_readable(print_output=False)
+    sites = FindAttentionPass()(gm)
+    ClassifyMaskPass()(gm, sites)
+    UndoRepeatKVPass()(gm, sites)
+    q_heads = {s.q_heads for s in sites if isinstance(s.q_heads, int)}
+    if len(q_heads) == 1:
+        config.check_model(_whole_model_layers(gm, sites), q_heads.pop())
+    RewriteAttentionPass(options, config)(gm, sites)
+    report = PassReport(graph_id=graph_id, sites=sites, config_source=config.source,
+                        default_policy=config.is_default_policy, before_code=before,
+                        after_code=gm.print_readable(print_output=False))
+    log.info("mi_compile: graph %d: %d attention call(s), %d rewritten to sparse, %d left dense",
+             graph_id, len(sites), report.rewritten, len(sites) - report.rewritten)
+    return report

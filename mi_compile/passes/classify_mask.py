@@ -1,0 +1,328 @@
+"""Pass 2: find out what each attention mask *means*, so the O(n^2) tensor need never exist.
+
+transformers builds its masks inside the traced graph. Seen in real graphs (torch 2.13 with
+transformers 5.23 and 5.17, Llama/Qwen2/Mistral/Phi3, ``use_cache=False`` or a padded batch)::
+
+    q_arange  = torch.arange(n) + 0              q_idx  = q_arange[None, None, :, None]
+    kv_arange = torch.arange(n) + 0              kv_idx = kv_arange[None, None, None, :]
+    b_idx     = torch.arange(b)[:, None, None, None]
+    m = ones & (kv_idx <= q_idx)                                   # causal
+          & padding_bool[b_idx, kv_idx]                            # 2D attention_mask (padding)
+          & (pos[b_idx, kv_idx] > pos[b_idx, q_idx] - window)      # Mistral-style sliding window
+          & (packed[b_idx, q_idx] == packed[b_idx, kv_idx])        # packed-sequence detection
+    mask = m.expand(b, -1, n, n)                                   # n x n bool: 16 GiB at 128K
+    sdpa(q, k, v, attn_mask=mask, is_causal=False)
+
+With a KV cache and no padding transformers 5.23 instead calls ``sdpa(..., attn_mask=None,
+is_causal=True, enable_gqa=True)``; that form needs no probing.
+
+Rather than pattern-match every way a library may write a mask (the sub-graphs above differ
+between transformers versions, models and call arguments), this pass *evaluates* the mask
+sub-graph on a probe: the ``arange`` behind ``q_idx`` is replaced by a few sampled query rows
+(first, last and random ones), every key column is kept, the 2D padding mask is replaced by
+random padding (left, right and with holes), and the result is compared with
+``causal & padding[b, kv] & (q - kv < window)``. Memory is O(rows x n), never n x n. Symbolic
+lengths are bound to a probe length (and a second, long probe looks for sliding windows up to
+~1M tokens); static lengths are probed at their real size.
+
+A mask that matches is recorded as ``causal``, ``causal+padding``, ``sliding_window`` or
+``sliding_window+padding`` with the node of the 2D padding mask, which is all the sparse op
+needs (O(batch x n)). Anything else is ``unknown`` with the reason; the call then stays dense.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+
+import torch
+import torch.fx
+
+from .find_attention import fake_shape, sdpa_arg
+from .site import AttentionSite, MaskInfo
+
+log = logging.getLogger(__name__)
+
+PROBE_LEN = 4099            # symbolic lengths are bound to this for the detailed probe
+LONG_PROBE_LEN = 1 << 20    # ... and to this (few rows, batch 1) to look for long sliding windows
+PROBE_BATCH = 2
+
+
+class ProbeError(Exception):
+    """The mask sub-graph could not be evaluated on a probe (the reason is the message)."""
+
+
+def _index_tuple(node: torch.fx.Node):
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple):
+        return node.args[1]
+    return None
+
+
+def _is_full_slice(x) -> bool:
+    return isinstance(x, slice) and x == slice(None, None, None)
+
+
+def _index_role(node: torch.fx.Node) -> str | None:
+    """``q`` / ``kv`` / ``batch`` for the 4D broadcast index grids transformers builds."""
+    idx = _index_tuple(node)
+    if idx is None or len(idx) != 4:
+        return None
+    shape = ["s" if _is_full_slice(i) else ("n" if i is None else "x") for i in idx]
+    return {"nnsn": "q", "nnns": "kv", "snnn": "batch"}.get("".join(shape))
+
+
+def _arange_behind(node: torch.fx.Node) -> torch.fx.Node:
+    """Walk ``arange(n) + offset`` back to the ``arange`` call (so offsets still get evaluated)."""
+    cur = node
+    for _ in range(4):
+        if cur.op == "call_function" and cur.target is torch.arange:
+            return cur
+        if cur.op == "call_function" and cur.target in (operator.add, operator.sub) and isinstance(cur.args[0], torch.fx.Node):
+            cur = cur.args[0]
+            continue
+        break
+    return node
+
+
+def _ancestors(node: torch.fx.Node) -> list[torch.fx.Node]:
+    seen, stack = {node}, [node]
+    while stack:
+        for inp in stack.pop().all_input_nodes:
+            if inp not in seen:
+                seen.add(inp)
+                stack.append(inp)
+    return list(seen)
+
+
+def _strip_expand(node: torch.fx.Node) -> torch.fx.Node:
+    while (node.op == "call_method" and node.target in ("expand", "expand_as")) or (
+            node.op == "call_function" and getattr(node.target, "__name__", "") in ("expand",)):
+        node = node.args[0]
+    return node
+
+
+def _sym_expr(x):
+    if isinstance(x, torch.SymInt):
+        return x.node.expr
+    return x
+
+
+class _MaskProbe:
+    """Evaluates a mask sub-graph with sampled query rows and synthetic padding."""
+
+    def __init__(self, mask_node: torch.fx.Node, q_len, batch):
+        self.mask_node = _strip_expand(mask_node)
+        self.nodes = _ancestors(self.mask_node)
+        self.q_len, self.batch = q_len, batch
+        self.q_sources, self.kv_sources, self.batch_sources, self.padding_sources = [], [], [], []
+        for n in self.nodes:
+            role = _index_role(n)
+            if role == "q":
+                self.q_sources.append(_arange_behind(n.args[0]))
+            elif role == "kv":
+                self.kv_sources.append(_arange_behind(n.args[0]))
+            elif role == "batch":
+                self.batch_sources.append(_arange_behind(n.args[0]))
+            idx = _index_tuple(n)
+            if idx is not None and len(idx) == 2 and all(isinstance(i, torch.fx.Node) for i in idx):
+                if _index_role(idx[0]) == "batch" and _index_role(idx[1]) == "kv":
+                    val = n.args[0].meta.get("example_value")
+                    if isinstance(val, torch.Tensor) and val.dtype == torch.bool and val.dim() == 2:
+                        self.padding_sources.append(n.args[0])
+
+    @property
+    def padding_source(self):
+        return self.padding_sources[0] if len(set(self.padding_sources)) == 1 else None
+
+    def run(self, n: int, batch: int, rows: torch.Tensor, padding: torch.Tensor | None,
+            symbols: dict) -> torch.Tensor:
+        """Evaluate the mask at query ``rows`` (all keys) for a sequence of ``n`` tokens."""
+        env: dict[torch.fx.Node, object] = {}
+        for src in self.q_sources:
+            env[src] = rows.to(self._device(src))
+        for src in self.kv_sources:
+            env[src] = torch.arange(n, device=self._device(src))
+        for src in self.batch_sources:
+            env[src] = torch.arange(batch, device=self._device(src))
+        if padding is not None:
+            for src in self.padding_sources:
+                env[src] = padding.to(self._device(src))
+        return self._eval(self.mask_node, env, n, symbols)
+
+    @staticmethod
+    def _device(node):
+        val = node.meta.get("example_value")
+        return val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
+
+    def _eval(self, target, env, n, symbols):
+        order = [x for x in self.mask_node.graph.nodes if x in set(self.nodes)]
+        for node in order:
+            if node in env:
+                continue
+            if node.op == "placeholder":
+                env[node] = self._placeholder_value(node, n, symbols)
+            elif node.op in ("call_function", "call_method"):
+                args = torch.fx.node.map_arg(node.args, lambda a: env[a])
+                kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: env[a])
+                if node.op == "call_function":
+                    env[node] = node.target(*args, **kwargs)
+                else:
+                    env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            elif node.op == "get_attr":
+                raise ProbeError(f"mask reads module attribute {node.target}")
+            else:
+                raise ProbeError(f"cannot evaluate {node.op} node {node.name}")
+        return env[target]
+
+    @staticmethod
+    def _concrete(x, symbols):
+        x = _sym_expr(x)
+        if isinstance(x, int):
+            return x
+        try:
+            return int(x.subs(symbols))
+        except Exception as e:  # noqa: BLE001
+            raise ProbeError(f"size {x} depends on more than the sequence length and batch") from e
+
+    def _placeholder_value(self, node, n, symbols):
+        val = node.meta.get("example_value")
+        if isinstance(val, (torch.SymInt, int)):
+            return self._concrete(val, symbols)
+        if isinstance(val, torch.Tensor):
+            shape = [self._concrete(s, symbols) for s in val.shape]
+            if not val.dtype.is_floating_point and val.dtype != torch.bool and shape and shape[-1] == n:
+                # position_ids / cache_position of a prefill from an empty cache: 0..n-1
+                return torch.arange(n, device=val.device).expand(*shape).clone()
+            raise ProbeError(f"mask depends on input {node.target!r} of shape {tuple(val.shape)}")
+        raise ProbeError(f"mask depends on input {node.target!r}")
+
+
+def _sample_rows(n: int, count: int, gen: torch.Generator) -> torch.Tensor:
+    edge = min(n, count // 3)
+    rows = set(range(edge)) | set(range(max(0, n - edge), n))
+    rows |= set(torch.randint(0, n, (count - len(rows) if count > len(rows) else 0,), generator=gen).tolist())
+    return torch.tensor(sorted(rows), dtype=torch.long)
+
+
+def _synthetic_padding(batch: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Row 0 left-padded, row 1 right-padded, later rows random holes."""
+    pad = torch.ones(batch, n, dtype=torch.bool)
+    for b in range(batch):
+        k = int(torch.randint(1, max(2, n // 4), (1,), generator=gen))
+        if b % 3 == 0:
+            pad[b, :k] = False
+        elif b % 3 == 1:
+            pad[b, n - k:] = False
+        else:
+            pad[b] = torch.rand(n, generator=gen) > 0.3
+    return pad
+
+
+def _explain(result: torch.Tensor, rows: torch.Tensor, n: int, padding, batch: int) -> tuple[str, int]:
+    """Match a probed mask [B?, 1?, R, n] against causal/padding/window; returns (kind, window)."""
+    if result.dtype != torch.bool:
+        raise ProbeError(f"mask has dtype {result.dtype}, not bool")
+    res = result.to("cpu")
+    while res.dim() < 4:
+        res = res.unsqueeze(0)
+    if res.shape[1] != 1:
+        raise ProbeError("mask differs between heads")
+    res = res.expand(batch, 1, len(rows), n)[:, 0]
+    q = rows[:, None]
+    kv = torch.arange(n)[None, :]
+    allowed = (kv <= q)[None].expand(batch, -1, -1)
+    if padding is not None:
+        allowed = allowed & padding[:, None, :]
+    if (res & ~allowed).any():
+        b, r, c = (res & ~allowed).nonzero()[0].tolist()
+        raise ProbeError(f"mask lets query {int(rows[r])} see key {c} (batch {b}), which causal+padding forbids")
+    missing = allowed & ~res
+    window = 0
+    if missing.any():
+        dist = (q - kv)[None].expand(batch, -1, -1)[missing]
+        window = int(dist.min())
+        if window <= 0 or not torch.equal(res, allowed & ((q - kv) < window)[None]):
+            raise ProbeError("mask is not causal, padding or a sliding window")
+    kind = "sliding_window" if window else "causal"
+    return kind, window
+
+
+class ClassifyMaskPass:
+    """Attach a :class:`MaskInfo` to every site."""
+
+    name = "classify_mask"
+
+    def __call__(self, gm: torch.fx.GraphModule, sites: list[AttentionSite]) -> None:
+        cache: dict[torch.fx.Node, MaskInfo] = {}
+        for site in sites:
+            mask = sdpa_arg(site.node, "attn_mask")
+            if isinstance(mask, torch.fx.Node) and mask in cache:
+                site.mask = cache[mask]
+                continue
+            site.mask = self.classify(site)
+            if isinstance(mask, torch.fx.Node):
+                cache[mask] = site.mask
+        counts: dict[str, int] = {}
+        for s in sites:
+            counts[s.mask.kind] = counts.get(s.mask.kind, 0) + 1
+        log.info("mi_compile: %s: %s", self.name, counts)
+
+    def classify(self, site: AttentionSite) -> MaskInfo:
+        node = site.node
+        mask = sdpa_arg(node, "attn_mask")
+        is_causal = bool(sdpa_arg(node, "is_causal", False))
+        if mask is None:
+            if is_causal:
+                return MaskInfo("causal", how="is_causal=True")
+            return MaskInfo("none", how="no mask, is_causal=False")
+        if is_causal:
+            return MaskInfo("unknown", reason="both attn_mask and is_causal given")
+        if not isinstance(mask, torch.fx.Node):
+            return MaskInfo("unknown", reason=f"mask is a constant {type(mask).__name__}")
+        qs, ks = fake_shape(sdpa_arg(node, "query")), fake_shape(sdpa_arg(node, "key"))
+        if qs is None or ks is None or len(qs) != 4:
+            return MaskInfo("unknown", reason="query/key shapes unknown")
+        if _sym_expr(qs[2]) != _sym_expr(ks[2]):
+            return MaskInfo("unknown", reason=f"query length {qs[2]} differs from key length {ks[2]} (cached step)")
+        try:
+            return self._probe(mask, qs[2], qs[0])
+        except ProbeError as e:
+            return MaskInfo("unknown", reason=f"mask probe: {e}")
+        except Exception as e:  # noqa: BLE001  - any failure to evaluate means "not understood"
+            return MaskInfo("unknown", reason=f"mask probe failed: {type(e).__name__}: {e}")
+
+    def _probe(self, mask_node, q_len, batch) -> MaskInfo:
+        probe = _MaskProbe(mask_node, q_len, batch)
+        if not probe.q_sources or not probe.kv_sources:
+            raise ProbeError("no query/key index grid found in the mask sub-graph")
+        if len(set(probe.padding_sources)) > 1:
+            raise ProbeError("mask reads more than one 2D padding mask")
+        gen = torch.Generator().manual_seed(0)
+        symbolic = not isinstance(_sym_expr(q_len), int)
+        n = PROBE_LEN if symbolic else int(q_len)
+        b = PROBE_BATCH if not isinstance(_sym_expr(batch), int) else int(batch)
+        symbols = {}
+        if symbolic:
+            symbols[_sym_expr(q_len)] = n
+        if not isinstance(_sym_expr(batch), int):
+            symbols[_sym_expr(batch)] = b
+        rows = _sample_rows(n, 96 if n > 2048 else n, gen)
+        padding = _synthetic_padding(b, n, gen) if probe.padding_source is not None else None
+        result = probe.run(n, b, rows, padding, symbols)
+        kind, window = _explain(result, rows, n, padding, b)
+        how = f"probe at {n} tokens x {len(rows)} rows"
+        if symbolic and not window:
+            # Long windows (e.g. 4096, 32768) only show on long sequences: a few last rows of a
+            # ~1M-token probe, batch 1, no padding.
+            n_long = LONG_PROBE_LEN + 7
+            symbols[_sym_expr(q_len)] = n_long
+            if not isinstance(_sym_expr(batch), int):
+                symbols[_sym_expr(batch)] = 1
+            b_long = 1 if not isinstance(_sym_expr(batch), int) else int(batch)
+            rows_long = torch.arange(n_long - 4, n_long)
+            pad_long = torch.ones(b_long, n_long, dtype=torch.bool) if padding is not None else None
+            result = probe.run(n_long, b_long, rows_long, pad_long, symbols)
+            kind, window = _explain(result, rows_long, n_long, pad_long, b_long)
+            how += f", and at {n_long} tokens x {len(rows_long)} rows"
+        if padding is not None:
+            kind += "+padding"
+        return MaskInfo(kind, window=window, padding_source=probe.padding_source, how=how)

@@ -1,0 +1,97 @@
+"""Pass 4: replace each recognised attention call with ``mi_compile::sparse_attention``.
+
+Before (a Llama layer, ``use_cache=False``)::
+
+    key   = k[:, :, None].expand(b, hkv, g, n, d).reshape(b, hkv * g, n, d)
+    value = v[:, :, None].expand(b, hkv, g, n, d).reshape(b, hkv * g, n, d)
+    mask  = (causal & padding[b_idx, kv_idx]).expand(b, -1, n, n)          # O(n^2)
+    out   = torch._C._nn.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=s)
+
+After::
+
+    out = torch.ops.mi_compile.sparse_attention(q, k, v, heads=[...layer's per-head table...],
+              scale=s, key_padding_mask=padding, window=0, min_seq_len=8192)
+
+The repeat_kv and mask nodes lose their last user and are removed by dead-code elimination,
+so neither the repeated K/V nor the n x n mask is ever built. Calls that are not causal
+prefill attention, or that the options keep dense, are left untouched with the reason recorded.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx
+
+from ..patterns.spec import HeadPattern, encode_heads
+from .find_attention import sdpa_arg
+from .site import AttentionSite
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD_DIM = 256
+
+
+class RewriteAttentionPass:
+    name = "rewrite_attention"
+
+    def __init__(self, options, config):
+        self.options = options
+        self.config = config
+
+    def decide(self, site: AttentionSite) -> None:
+        """Set ``site.action`` / ``site.heads`` / ``site.reason``; nothing in the graph changes."""
+        node = site.node
+        dropout = sdpa_arg(node, "dropout_p", 0.0)
+        if site.mask is None or site.mask.kind == "unknown":
+            return site.keep_dense(f"mask not understood: {site.mask.reason if site.mask else '?'}")
+        if site.mask.kind == "none":
+            return site.keep_dense("not causal (no mask, is_causal=False)")
+        if not isinstance(dropout, (int, float)) or dropout != 0.0:
+            return site.keep_dense(f"dropout_p={dropout} (training)")
+        if site.q_heads is None or site.kv_heads is None or site.head_dim is None:
+            return site.keep_dense("query/key shapes unknown")
+        if not all(isinstance(x, int) for x in (site.q_heads, site.kv_heads, site.head_dim)):
+            return site.keep_dense("head counts or head_dim are symbolic")
+        if site.q_heads % site.kv_heads:
+            return site.keep_dense(f"{site.q_heads} query heads not a multiple of {site.kv_heads} KV heads")
+        if site.head_dim > MAX_HEAD_DIM:
+            return site.keep_dense(f"head_dim {site.head_dim} > {MAX_HEAD_DIM}")
+        if site.q_len == "1":
+            return site.keep_dense("decode step (one query token)")
+        if site.layer is None:
+            return site.keep_dense("layer index not found in nn_module_stack")
+        if site.layer in self.options.dense_layers:
+            return site.keep_dense(f"layer {site.layer} kept dense by option dense_layers")
+        if site.mask.window:
+            # The model itself limits this layer to a sliding window: that *is* an A-shape with
+            # no sinks, computed exactly, whatever the config says for its heads.
+            site.heads = [HeadPattern("a_shape", sink=0, local=site.mask.window)] * site.q_heads
+        else:
+            site.heads = self.config.heads_for(site.layer, site.q_heads)
+        site.action = "sparse"
+
+    def __call__(self, gm: torch.fx.GraphModule, sites: list[AttentionSite]) -> int:
+        rewritten = 0
+        graph = gm.graph
+        for site in sites:
+            if site.action == "pending":
+                self.decide(site)
+            if site.action != "sparse":
+                continue
+            node = site.node
+            padding = site.mask.padding_source
+            args = (sdpa_arg(node, "query"), site.key_source, site.value_source, encode_heads(site.heads),
+                    sdpa_arg(node, "scale"), padding, int(site.mask.window), int(self.options.min_seq_len))
+            with graph.inserting_before(node):
+                new = graph.call_function(torch.ops.mi_compile.sparse_attention.default, args)
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            site.node = new
+            rewritten += 1
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+        log.info("mi_compile: %s rewrote %d of %d attention call(s)", self.name, rewritten, len(sites))
+        return rewritten

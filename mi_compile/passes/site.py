@@ -1,0 +1,68 @@
+"""What the passes learn about one attention call site, and what they decide for it.
+
+Each pass fills in its part of an :class:`AttentionSite`; the explain table and the dumps print
+them. A site either ends ``action == "sparse"`` (rewritten to ``mi_compile::sparse_attention``) or
+``action == "dense"`` with ``reason`` saying why it was left as it was.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch.fx
+
+from ..patterns.spec import HeadPattern
+
+
+@dataclasses.dataclass
+class MaskInfo:
+    """The meaning of an SDPA call's mask, as far as the classifier could establish it.
+
+    kind: ``causal`` | ``causal+padding`` | ``sliding_window`` | ``sliding_window+padding`` |
+    ``none`` (no mask, not causal) | ``unknown``.
+    """
+
+    kind: str
+    window: int = 0                              # sliding window size, 0 = none
+    padding_source: Optional[torch.fx.Node] = None  # the [batch, kv_len] bool/int key mask
+    how: str = ""                                # how it was established (is_causal flag, probe, ...)
+    reason: str = ""                             # why ``unknown``
+
+    @property
+    def recognised(self) -> bool:
+        return self.kind not in ("unknown", "none")
+
+
+@dataclasses.dataclass
+class AttentionSite:
+    node: torch.fx.Node
+    index: int                       # order of appearance in the graph
+    layer: Optional[int]             # decoder layer index from nn_module_stack, None if not found
+    module_path: str                 # e.g. model.layers.3.self_attn
+    module_type: str                 # e.g. LlamaAttention
+    q_heads: Optional[int] = None
+    kv_heads: Optional[int] = None   # K/V heads the op reads (after undoing repeat_kv)
+    head_dim: Optional[int] = None
+    q_len: str = "?"                 # printable (may be symbolic)
+    kv_len: str = "?"
+    mask: Optional[MaskInfo] = None
+    gqa: str = "-"                   # native (enable_gqa) | undone (repeat_kv removed) | mha | kept (repeat_kv left)
+    key_source: Optional[torch.fx.Node] = None    # K/V to feed the op (after undoing repeat_kv)
+    value_source: Optional[torch.fx.Node] = None
+    heads: Optional[list[HeadPattern]] = None
+    action: str = "pending"          # sparse | dense | pending
+    reason: str = ""
+
+    def keep_dense(self, reason: str) -> None:
+        """Leave this call as it is, and remember why (never silently)."""
+        if self.action != "dense":
+            self.action = "dense"
+            self.reason = reason
+
+    def pattern_summary(self) -> str:
+        if self.action != "sparse" or not self.heads:
+            return ""
+        counts: dict[str, int] = {}
+        for h in self.heads:
+            counts[h.describe()] = counts.get(h.describe(), 0) + 1
+        return ", ".join(f"{c}x {d}" for d, c in counts.items())

@@ -1,0 +1,107 @@
+"""The per-head sparse pattern: what one attention head computes in a long prefill.
+
+A layer's heads are described by a list of :class:`HeadPattern`, one per *query* head. The
+list travels through the FX graph as a flat ``int[]`` (four ints per head, see
+:func:`encode_heads`) because ``torch.library`` op schemas take lists of ints but not Python
+objects; :func:`decode_heads` turns it back.
+
+Patterns (MInference, arXiv 2407.02490, section 3):
+
+``dense``
+    full causal attention for this head.
+``a_shape``
+    the first ``sink`` tokens ("attention sinks") plus a local window: query ``i`` sees key
+    ``j`` when ``j < sink`` or ``i - j < local`` (and ``j <= i``).
+``vertical_slash``
+    per input, the ``vertical`` hottest key columns and the ``slash`` hottest diagonals,
+    estimated from the last 64 queries.
+``block_sparse``
+    per input, for each 64-query block the ``topk`` 64-key blocks with the highest
+    mean-pooled score (causal).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Sequence
+
+PATTERN_IDS = {"dense": 0, "a_shape": 1, "vertical_slash": 2, "block_sparse": 3}
+PATTERN_NAMES = {v: k for k, v in PATTERN_IDS.items()}
+# The parameter names of each pattern, in the order they are encoded.
+PATTERN_PARAMS = {
+    "dense": (),
+    "a_shape": ("sink", "local"),
+    "vertical_slash": ("vertical", "slash"),
+    "block_sparse": ("topk",),
+}
+INTS_PER_HEAD = 4
+
+
+class PatternError(ValueError):
+    """A head pattern with an unknown name or bad parameters."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadPattern:
+    """One query head's pattern and its parameters (unused parameters stay 0)."""
+
+    kind: str = "dense"
+    sink: int = 0
+    local: int = 0
+    vertical: int = 0
+    slash: int = 0
+    topk: int = 0
+
+    def __post_init__(self):
+        if self.kind not in PATTERN_IDS:
+            raise PatternError(
+                f"unknown pattern {self.kind!r}; expected one of {sorted(PATTERN_IDS)}")
+        for name in ("sink", "local", "vertical", "slash", "topk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise PatternError(f"{self.kind}: {name} must be a non-negative int, got {value!r}")
+            if value and name not in PATTERN_PARAMS[self.kind]:
+                raise PatternError(f"{self.kind} takes no parameter {name!r}")
+        if self.kind == "a_shape" and self.sink + self.local == 0:
+            raise PatternError("a_shape needs sink + local > 0")
+        if self.kind == "a_shape" and self.local == 0:
+            raise PatternError("a_shape needs local >= 1 (a query must see itself)")
+        if self.kind == "vertical_slash" and (self.vertical < 1 or self.slash < 1):
+            raise PatternError("vertical_slash needs vertical >= 1 and slash >= 1")
+        if self.kind == "block_sparse" and self.topk < 1:
+            raise PatternError("block_sparse needs topk >= 1")
+
+    @property
+    def params(self) -> dict:
+        return {name: getattr(self, name) for name in PATTERN_PARAMS[self.kind]}
+
+    def describe(self) -> str:
+        """Short human form, e.g. ``vertical_slash(1000,6096)``."""
+        if self.kind == "dense":
+            return "dense"
+        return f"{self.kind}({','.join(str(v) for v in self.params.values())})"
+
+    def encode(self) -> list[int]:
+        vals = list(self.params.values())
+        return [PATTERN_IDS[self.kind]] + vals + [0] * (INTS_PER_HEAD - 1 - len(vals))
+
+    @staticmethod
+    def decode(ints: Sequence[int]) -> "HeadPattern":
+        kind = PATTERN_NAMES.get(int(ints[0]))
+        if kind is None:
+            raise PatternError(f"unknown pattern id {ints[0]}")
+        names = PATTERN_PARAMS[kind]
+        return HeadPattern(kind, **{n: int(v) for n, v in zip(names, ints[1:1 + len(names)])})
+
+
+def encode_heads(heads: Iterable[HeadPattern]) -> list[int]:
+    """Flatten a layer's head patterns to the ``int[]`` the op schema carries."""
+    out: list[int] = []
+    for h in heads:
+        out.extend(h.encode())
+    return out
+
+
+def decode_heads(ints: Sequence[int]) -> list[HeadPattern]:
+    if len(ints) % INTS_PER_HEAD:
+        raise PatternError(f"head table length {len(ints)} is not a multiple of {INTS_PER_HEAD}")
+    return [HeadPattern.decode(ints[i:i + INTS_PER_HEAD]) for i in range(0, len(ints), INTS_PER_HEAD)]
