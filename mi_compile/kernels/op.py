@@ -71,7 +71,25 @@ def dense_attention(q, k, v, scale, key_padding_mask=None, window: int = 0):
     return out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
 
 
+def _output_like(q, v) -> torch.Tensor:
+    """The op's output: shape ``[B, Hq, n, Dv]`` laid out as ``[B, n, Hq, Dv]``.
+
+    That is the layout the model's next step wants (``out.transpose(1, 2).reshape(b, n, -1)``
+    is then free), and the fake implementation promises exactly these strides to Inductor.
+    """
+    b, h, n, _ = q.shape
+    return q.new_empty((b, n, h, v.shape[-1])).transpose(1, 2)
+
+
 def _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len):
+    out = _output_like(q, v)
+    res = _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len)
+    if res.stride() == out.stride():
+        return res
+    return out.copy_(res)
+
+
+def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len):
     n_q, n_k = q.shape[-2], k.shape[-2]
     if n_q != n_k:
         raise ValueError(f"mi_compile.sparse_attention is for prefill: query length {n_q} != key length {n_k}")
@@ -108,4 +126,4 @@ def _sparse_attention_cuda(q, k, v, heads, scale, key_padding_mask, window, min_
 
 @sparse_attention_op.register_fake
 def _sparse_attention_fake(q, k, v, heads, scale, key_padding_mask, window, min_seq_len):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return _output_like(q, v)

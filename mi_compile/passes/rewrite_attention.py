@@ -43,6 +43,8 @@ class RewriteAttentionPass:
         """Set ``site.action`` / ``site.heads`` / ``site.reason``; nothing in the graph changes."""
         node = site.node
         dropout = sdpa_arg(node, "dropout_p", 0.0)
+        if site.q_len == "1":
+            return site.keep_dense("decode step (one query token)")
         if site.mask is None or site.mask.kind == "unknown":
             return site.keep_dense(f"mask not understood: {site.mask.reason if site.mask else '?'}")
         if site.mask.kind == "none":
@@ -57,8 +59,6 @@ class RewriteAttentionPass:
             return site.keep_dense(f"{site.q_heads} query heads not a multiple of {site.kv_heads} KV heads")
         if site.head_dim > MAX_HEAD_DIM:
             return site.keep_dense(f"head_dim {site.head_dim} > {MAX_HEAD_DIM}")
-        if site.q_len == "1":
-            return site.keep_dense("decode step (one query token)")
         if site.layer is None:
             return site.keep_dense("layer index not found in nn_module_stack")
         if site.layer in self.options.dense_layers:

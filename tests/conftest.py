@@ -1,0 +1,33 @@
+"""Test session set-up.
+
+The Triton kernels run on the CPU through Triton's interpreter: TRITON_INTERPRET must be set
+before triton is first imported, so it is set here, before any test module imports mi_compile.
+"""
+import os
+import pathlib
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def minference_llama_config():
+    return DATA / "Llama_3.1_8B_Instruct_128k_kv_out_v32_fit_o_best_pattern.json"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run the slow real-model tests (CI and the README's test command do)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow") or os.environ.get("MI_COMPILE_RUNSLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow real-model test: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
