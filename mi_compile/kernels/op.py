@@ -23,6 +23,7 @@ Semantics: causal attention restricted to each head's pattern for prefills of at
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -30,9 +31,21 @@ import torch.nn.functional as F
 
 from ..patterns.spec import decode_heads
 
-# Below this many query tokens the op runs dense attention. Measured crossover on the H100
-# (benchmarks/kernels.py): see README "Options".
-DEFAULT_MIN_SEQ_LEN = 8192
+# Below this many query tokens the op runs dense attention. Measured on the H100 (README,
+# "Measured"): the 8B model with MInference's per-head Llama-3.1 config breaks even with eager
+# cuDNN attention at 64K tokens (1.00x) and wins at 128K (0.80x); at 8K-32K sparse loses
+# (1.11x-1.20x), and the vertical-slash kernel alone loses to cuDNN at 32K (0.58x) and wins at
+# 128K (1.24x).
+DEFAULT_MIN_SEQ_LEN = 65536
+
+
+def _cpu_impl() -> str:
+    """On the CPU the op runs the PyTorch reference, unless MI_COMPILE_CPU_IMPL=triton asks for
+    the Triton kernels (which then need TRITON_INTERPRET=1, and are much slower there)."""
+    impl = os.environ.get("MI_COMPILE_CPU_IMPL", "reference")
+    if impl not in ("reference", "triton"):
+        raise ValueError(f"MI_COMPILE_CPU_IMPL must be 'reference' or 'triton', got {impl!r}")
+    return impl
 
 
 def padding_to_ranges(key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +114,9 @@ def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_le
     if key_padding_mask is not None:
         seq_start, seq_len = padding_to_ranges(key_padding_mask)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return sparse_attention(q, k, v, decode_heads(heads), scale=scale, seq_start=seq_start, seq_len=seq_len)
+    impl = "triton" if q.is_cuda else _cpu_impl()
+    return sparse_attention(q, k, v, decode_heads(heads), scale=scale, seq_start=seq_start, seq_len=seq_len,
+                            impl=impl)
 
 
 @torch.library.custom_op("mi_compile::sparse_attention", mutates_args=())
@@ -113,8 +128,8 @@ def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
 
 @sparse_attention_op.register_kernel("cpu")
 def _sparse_attention_cpu(q, k, v, heads, scale, key_padding_mask, window, min_seq_len):
-    # On the CPU mi_compile.sparse picks its PyTorch reference (or the Triton kernels under
-    # TRITON_INTERPRET=1).
+    # On the CPU: the PyTorch reference of the same selection (MI_COMPILE_CPU_IMPL=triton: the
+    # Triton kernels through the interpreter).
     return _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len)
 
 

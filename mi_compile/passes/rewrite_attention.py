@@ -10,7 +10,7 @@ Before (a Llama layer, ``use_cache=False``)::
 After::
 
     out = torch.ops.mi_compile.sparse_attention(q, k, v, heads=[...layer's per-head table...],
-              scale=s, key_padding_mask=padding, window=0, min_seq_len=8192)
+              scale=s, key_padding_mask=padding, window=0, min_seq_len=65536)
 
 The repeat_kv and mask nodes lose their last user and are removed by dead-code elimination,
 so neither the repeated K/V nor the n x n mask is ever built. Calls that are not causal

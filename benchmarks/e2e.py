@@ -1,0 +1,583 @@
+"""End-to-end prefill (time to first token) and decode of a Llama-3-8B-shaped model:
+eager SDPA vs backend="minference" (uniform and MInference's Llama-3.1 per-head config) vs
+plain torch.compile (Inductor), measured side by side in one process.
+
+Model: ``LlamaForCausalLM(mi_compile.models.llama_8b_config())`` with random weights, bf16, SDPA,
+eval; calls are ``model(ids, logits_to_keep=1, use_cache=False)`` under ``torch.no_grad``.
+
+Phases, in this order (each wrapped so that one failure -- an OOM, a compile error -- is recorded
+and the rest still runs; Dynamo is reset and memory freed between phases):
+
+* ``eager``              the model as is (SDPA picks cuDNN on the H100)
+* ``minference``         ``torch.compile(model, backend=mi_compile.backend({"config": uniform}),
+                         dynamic=True)``, uniform = every head vertical_slash(1000, 6096), i.e.
+                         the default policy
+* ``minference_llama31`` the same with MInference's published Llama-3.1-8B per-head file
+* generation check       prefill (use_cache=True) + --gen-tokens greedy single-token decode
+                         steps with the returned DynamicCache, eager vs minference (uniform)
+* ``inductor``           ``torch.compile(model)``, only at lengths <= --inductor-max (it runs out of
+                         memory at 128K on an 80 GB H100: /work/shared/anchors); runs last because
+                         it is a reference only and slow to compile
+
+Per (mode, length): first call (= compile for compiled modes at the first length, warm-up
+otherwise), then --reps timed calls (torch.cuda.synchronize around each; ttft_s = the minimum),
+peak memory (torch.cuda.max_memory_allocated after reset_peak_memory_stats; weights included) and
+the number of graphs compiled so far (len(backend.reports) for minference modes, Dynamo's
+unique_graphs counter for all). A length after the first that adds graphs is a recompile.
+
+Output: one JSON line per measurement as it happens; all rows (rewritten after every row, so a
+killed run still leaves them) in $OUT/e2e.json; at the end a table and the goal checks
+(PASS/FAIL with the numbers).
+
+    # H100, everything (default lengths 8192,32768,65536,131072; ~7 min, see benchmarks/README.md)
+    OUT=/tmp/e2e python benchmarks/e2e.py
+    python benchmarks/e2e.py --quick            # 8192,32768, reps 1: smoke run on the GPU
+    python benchmarks/e2e.py --device cpu --tiny  # 2-layer tiny llama on CPU: control flow only
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import signal
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run from a checkout without `pip install -e .` (the GPU machines)
+    sys.path.insert(0, ROOT)
+LLAMA31_CONFIG = os.path.join(ROOT, "tests", "data", "Llama_3.1_8B_Instruct_128k_kv_out_v32_fit_o_best_pattern.json")
+UNIFORM_CONFIG = {"format": "mi-compile/v1", "model": "uniform vertical_slash(1000, 6096) = default policy",
+                  "default": {"pattern": "vertical_slash", "vertical": 1000, "slash": 6096}}
+ALL_MODES = ("eager", "minference", "minference_llama31", "inductor")
+GOAL_LEN_LONG, GOAL_LEN_SHORT = 131072, 8192
+GOAL_RATIO = {"minference": 0.45, "minference_llama31": 0.33}
+
+T0 = time.perf_counter()
+
+
+def elapsed() -> float:
+    return time.perf_counter() - T0
+
+
+class Terminated(BaseException):
+    """SIGTERM (e.g. `timeout`): stop measuring, still print the table and checks."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated(f"signal {signum} after {elapsed():.0f} s")
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+
+
+class Recorder:
+    def __init__(self, out_dir: str, meta: dict):
+        self.path = os.path.join(out_dir, "e2e.json")
+        os.makedirs(out_dir, exist_ok=True)
+        self.meta, self.rows, self.checks = meta, [], []
+
+    def add(self, **row) -> dict:
+        row = {"t_s": round(elapsed(), 1), **row}
+        self.rows.append(row)
+        print(json.dumps(row, default=str), flush=True)
+        self.save()
+        return row
+
+    def save(self) -> None:
+        tmp = self.path + ".part"
+        with open(tmp, "w") as f:
+            json.dump({"meta": self.meta, "rows": self.rows, "checks": self.checks}, f, indent=1, default=str)
+        os.replace(tmp, self.path)
+
+
+def err_text(exc: BaseException) -> str:
+    kind = "OOM" if isinstance(exc, torch.OutOfMemoryError) else type(exc).__name__
+    return f"{kind}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+
+
+# ----------------------------------------------------------------------------------------------
+# device helpers
+
+
+class Dev:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def reset_peak(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_gib(self):
+        return round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3) if self.cuda else None
+
+    def free(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+
+def graph_counters() -> tuple[int, int]:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+
+
+# ----------------------------------------------------------------------------------------------
+# model and configs
+
+
+def build_model(args, dev: Dev):
+    from transformers import LlamaForCausalLM
+
+    from mi_compile.models import llama_8b_config
+
+    if args.tiny:
+        cfg = llama_8b_config(hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                              num_attention_heads=32, num_key_value_heads=8, head_dim=16, vocab_size=256,
+                              max_position_embeddings=8192)
+    else:
+        cfg = llama_8b_config()
+    cfg._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if dev.cuda else torch.float32
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # construct in bf16 directly: no 32 GB fp32 copy of 8B params
+    try:
+        with torch.device(dev.device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model = model.to(dtype).eval()
+    return model, cfg
+
+
+def llama31_config(num_layers: int):
+    """MInference's Llama-3.1-8B per-head file; for the tiny model, its first ``num_layers`` layers."""
+    with open(LLAMA31_CONFIG) as f:
+        data = json.load(f)
+    return data if num_layers >= len(data) else data[:num_layers]
+
+
+def make_compiled(mode: str, model, args):
+    """(callable, backend object or None) for a compiled mode."""
+    import mi_compile
+
+    if mode == "inductor":
+        return torch.compile(model), None
+    cfg = UNIFORM_CONFIG if mode == "minference" else llama31_config(model.config.num_hidden_layers)
+    opts = {"config": cfg}
+    if args.min_seq_len is not None:
+        opts["min_seq_len"] = args.min_seq_len
+    be = mi_compile.backend(opts)
+    return torch.compile(model, backend=be, dynamic=True), be
+
+
+def compile_count(be, dynamo_graphs: int) -> tuple[int, int | None]:
+    """(graphs Dynamo compiled, times the minference backend ran). The two differ: with
+    dynamic=True Dynamo restarts its analysis once after the first backend call (a specialised
+    Python float: 'Restarting analysis due to _tensorify_python_scalars'), so the backend runs
+    twice for the first graph -- plain Inductor does the same. Either number growing after the
+    first length is a recompile."""
+    return dynamo_graphs, (len(be.reports) if be is not None else None)
+
+
+def site_summary(be) -> dict | None:
+    """Sites of the last graph the backend saw (the restart re-runs the first graph), and why
+    any site of any graph stayed dense (e.g. decode steps)."""
+    reports = [r for r in (be.reports if be is not None else []) if r is not None]
+    if not reports:
+        return None
+    last = reports[-1].sites
+    dense_reasons = sorted({s.reason for r in reports for s in r.sites if s.action != "sparse"})
+    return {"backend_calls": len(reports), "last_graph_sites": len(last),
+            "last_graph_sparse": sum(s.action == "sparse" for s in last), "dense_reasons": dense_reasons[:5]}
+
+
+# ----------------------------------------------------------------------------------------------
+# phases
+
+
+def timed_call(fn, ids, dev: Dev):
+    dev.sync()
+    t = time.perf_counter()
+    out = fn(ids, logits_to_keep=1, use_cache=False)
+    dev.sync()
+    dt = time.perf_counter() - t
+    del out
+    return dt
+
+
+def run_mode(mode, model, args, dev, rec, lengths, state):
+    """Prefill timings of one mode at every length."""
+    compiled = mode != "eager"
+    fn, be = (model, None) if not compiled else (None, None)
+    compile_s = None
+    graphs0, breaks0 = graph_counters()
+    graphs_after_first = None
+    try:
+        if compiled:
+            torch._dynamo.reset()
+            fn, be = make_compiled(mode, model, args)
+        for i, n in enumerate(lengths):
+            if mode == "inductor" and n > args.inductor_max:
+                rec.add(kind="prefill", mode=mode, n=n, skipped=f"n > --inductor-max {args.inductor_max}: "
+                        "plain torch.compile materialises the n x n causal mask and runs out of memory at "
+                        "128K on an 80 GB H100 (/work/shared/anchors/e2e-compile-h100-128k.json)")
+                continue
+            if elapsed() > args.budget_s:
+                rec.add(kind="prefill", mode=mode, n=n, skipped=f"time budget --budget-s {args.budget_s} spent")
+                continue
+            ids = torch.randint(0, model.config.vocab_size, (1, n), device=dev.device,
+                                generator=torch.Generator(dev.device).manual_seed(n))
+            row = dict(kind="prefill", mode=mode, n=n)
+            try:
+                g_before = graph_counters()[0]
+                with torch.no_grad():
+                    first_s = timed_call(fn, ids, dev)  # compile (first length) or warm-up
+                    if compiled and compile_s is None:
+                        compile_s = first_s
+                        row["compile_s"] = round(compile_s, 2)
+                    ts, peak = [], 0.0
+                    for _ in range(args.reps):
+                        dev.reset_peak()
+                        ts.append(timed_call(fn, ids, dev))
+                        peak = max(peak, dev.peak_gib() or 0.0)
+                graphs, breaks = graph_counters()
+                row.update(ttft_s=round(min(ts), 4), all_s=[round(t, 4) for t in ts], first_s=round(first_s, 3),
+                           peak_gib=peak if dev.cuda else None)
+                if compiled:
+                    total = compile_count(be, graphs - graphs0)
+                    row.update(dynamo_graphs=total[0], backend_calls=total[1], new_graphs=graphs - g_before,
+                               graph_breaks=breaks - breaks0)
+                    if graphs_after_first is None:
+                        graphs_after_first = total
+                    else:
+                        row["recompiled"] = total != graphs_after_first or graphs > g_before
+                    if be is not None:
+                        row["sites"] = site_summary(be)
+            except Exception as exc:  # noqa: BLE001 -- record and go on
+                row["error"] = err_text(exc)
+                row["traceback_tail"] = traceback.format_exc().strip().splitlines()[-6:]
+            finally:
+                del ids
+                dev.free()
+            rec.add(**row)
+        if compiled:
+            graphs, breaks = graph_counters()
+            total = compile_count(be, graphs - graphs0)
+            state["compiles"][mode] = dict(graphs_total=total, graphs_after_first_length=graphs_after_first,
+                                           recompiled_across_lengths=(graphs_after_first is not None
+                                                                      and total != graphs_after_first),
+                                           graph_breaks=breaks - breaks0, compile_s=compile_s,
+                                           sites=site_summary(be))
+            rec.add(kind="compiles", mode=mode, **state["compiles"][mode])
+    except Exception as exc:  # noqa: BLE001 -- e.g. the backend failed to build
+        rec.add(kind="prefill", mode=mode, error=err_text(exc),
+                traceback_tail=traceback.format_exc().strip().splitlines()[-6:])
+    finally:
+        del fn, be
+        torch._dynamo.reset()
+        dev.free()
+
+
+def greedy(fn, ids, steps, dev: Dev):
+    """Prefill with a cache, then ``steps`` single-token greedy decode steps. Returns timings."""
+    dev.sync()
+    t0 = time.perf_counter()
+    out = fn(ids, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    dev.sync()
+    prefill_s = time.perf_counter() - t0
+    del out
+    toks = [tok]
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        out = fn(tok, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        toks.append(tok)
+        del out
+    dev.sync()
+    decode_s = time.perf_counter() - t1
+    del cache
+    return prefill_s, decode_s, torch.cat(toks, -1)[0].tolist()
+
+
+def run_gen(model, args, dev, rec, state):
+    n, steps = args.gen_length, args.gen_tokens
+    if elapsed() > args.budget_s:
+        rec.add(kind="gen", n=n, skipped=f"time budget --budget-s {args.budget_s} spent")
+        return
+    ids = torch.randint(0, model.config.vocab_size, (1, n), device=dev.device,
+                        generator=torch.Generator(dev.device).manual_seed(n))
+    results = {}
+    for mode in ("eager", "minference"):
+        fn = be = None
+        row = dict(kind="gen", mode=mode, n=n, steps=steps)
+        try:
+            torch._dynamo.reset()
+            if mode == "eager":
+                fn = model
+            else:
+                fn, be = make_compiled("minference", model, args)
+            g0, _ = graph_counters()
+            with torch.no_grad():
+                # warm-up (compiles the cached-prefill and decode graphs); 2 steps so that a
+                # second decode shape (kv_len + 1) is seen before timing
+                t = time.perf_counter()
+                greedy(fn, ids, min(2, steps), dev)
+                warm_s = time.perf_counter() - t
+                g1, _ = graph_counters()
+                dev.reset_peak()
+                prefill_s, decode_s, toks = greedy(fn, ids, steps, dev)
+            g2, _ = graph_counters()
+            row.update(prefill_s=round(prefill_s, 4), decode_step_ms=round(1e3 * decode_s / max(steps, 1), 3),
+                       warmup_s=round(warm_s, 2), peak_gib=dev.peak_gib(), tokens=toks)
+            if be is not None:
+                row.update(graphs_warmup=g1 - g0, graphs_during_timed=g2 - g1, sites=site_summary(be))
+            results[mode] = row
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = err_text(exc)
+            row["traceback_tail"] = traceback.format_exc().strip().splitlines()[-6:]
+        finally:
+            del fn, be
+            torch._dynamo.reset()
+            dev.free()
+        rec.add(**row)
+    if "eager" in results and "minference" in results:
+        a, b = results["eager"]["tokens"], results["minference"]["tokens"]
+        prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        state["gen"] = dict(eager=results["eager"], minference=results["minference"],
+                            tokens_match=a == b, matching_prefix=prefix)
+        rec.add(kind="gen_compare", n=n, tokens_match=a == b, matching_prefix=prefix, of=len(a),
+                decode_ratio=round(results["minference"]["decode_step_ms"] / results["eager"]["decode_step_ms"], 3),
+                prefill_ratio=round(results["minference"]["prefill_s"] / results["eager"]["prefill_s"], 3))
+    del ids
+    dev.free()
+
+
+# ----------------------------------------------------------------------------------------------
+# summary
+
+
+def prefill_rows(rec):
+    return {(r["mode"], r["n"]): r for r in rec.rows if r.get("kind") == "prefill" and "n" in r}
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(rec, modes, lengths):
+    rows = prefill_rows(rec)
+    print("\n%-20s %8s %9s %8s %9s %10s %6s  %s" % ("mode", "length", "ttft_s", "x eager", "peak_GiB",
+                                                  "compile_s", "recmp", "note"))
+    for mode in modes:
+        for n in lengths:
+            r = rows.get((mode, n))
+            if r is None:
+                continue
+            e = rows.get(("eager", n), {})
+            ratio = r["ttft_s"] / e["ttft_s"] if r.get("ttft_s") and e.get("ttft_s") else None
+            note = r.get("error") or r.get("skipped") or ""
+            rc = r.get("recompiled")
+            print("%-20s %8d %9s %8s %9s %10s %6s  %s" % (
+                mode, n, fmt(r.get("ttft_s"), ".3f"), fmt(ratio, ".3f"), fmt(r.get("peak_gib"), ".2f"),
+                fmt(r.get("compile_s"), ".1f"), "-" if rc is None else ("YES" if rc else "no"), note[:70]))
+    for r in rec.rows:
+        if r.get("kind") == "gen" and "prefill_s" in r:
+            print("gen %-16s %8d prefill %.3f s, decode %.2f ms/step x %d, peak %s GiB" % (
+                r["mode"], r["n"], r["prefill_s"], r["decode_step_ms"], r["steps"], fmt(r.get("peak_gib"), ".2f")))
+        elif r.get("kind") == "gen" and ("error" in r or "skipped" in r):
+            print("gen %-16s %8d %s" % (r.get("mode", "-"), r["n"], r.get("error") or r.get("skipped")))
+
+
+def goal_checks(rec, args, state, modes, lengths, dev):
+    rows = prefill_rows(rec)
+    checks = []
+    tol = args.tol
+
+    def add(name, ok, detail):
+        status = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
+        checks.append(dict(check=name, status=status, detail=detail))
+
+    def ttft(mode, n):
+        r = rows.get((mode, n))
+        return r.get("ttft_s") if r else None
+
+    measured = sorted({n for (m, n), r in rows.items() if m == "eager" and r.get("ttft_s")})
+    long_n = GOAL_LEN_LONG if GOAL_LEN_LONG in measured else (measured[-1] if measured else None)
+    short_n = GOAL_LEN_SHORT if GOAL_LEN_SHORT in measured else (measured[0] if measured else None)
+    for mode, goal in GOAL_RATIO.items():
+        if mode not in modes:
+            continue
+        name = f"{mode} TTFT <= {goal}x eager at {GOAL_LEN_LONG}"
+        e, m = ttft("eager", long_n), ttft(mode, long_n)
+        if e is None or m is None:
+            add(name, None, f"no data (eager {e}, {mode} {m} at {long_n})")
+        else:
+            where = "" if long_n == GOAL_LEN_LONG else f" [measured at {long_n}, not {GOAL_LEN_LONG}]"
+            add(name, m <= goal * e, f"{m:.3f} s vs eager {e:.3f} s = {m / e:.3f}x{where}")
+    for mode in ("minference", "minference_llama31"):
+        if mode not in modes:
+            continue
+        name = f"{mode} no slower than eager at {GOAL_LEN_SHORT} (tol {tol:.0%})"
+        e, m = ttft("eager", short_n), ttft(mode, short_n)
+        if e is None or m is None:
+            add(name, None, f"no data at {short_n}")
+        else:
+            where = "" if short_n == GOAL_LEN_SHORT else f" [measured at {short_n}]"
+            add(name, m <= e * (1 + tol), f"{m:.4f} s vs eager {e:.4f} s = {m / e:.3f}x{where}")
+    for mode in ("minference", "minference_llama31"):
+        if mode not in modes:
+            continue
+        name = f"{mode} peak memory never above eager's"
+        if not dev.cuda:
+            add(name, None, "CPU run: no CUDA memory stats")
+            continue
+        pairs = [(n, rows[(mode, n)]["peak_gib"], rows[("eager", n)]["peak_gib"]) for n in lengths
+                 if rows.get((mode, n), {}).get("peak_gib") and rows.get(("eager", n), {}).get("peak_gib")]
+        if not pairs:
+            add(name, None, "no data")
+        else:
+            bad = [p for p in pairs if p[1] > p[2]]
+            add(name, not bad, "; ".join(f"{n}: {a:.2f} vs {b:.2f} GiB" for n, a, b in pairs))
+    for mode in ("minference", "minference_llama31"):
+        if mode not in modes:
+            continue
+        name = f"{mode} no recompiles across lengths"
+        c = state["compiles"].get(mode)
+        n_ok = sum(1 for n in lengths if rows.get((mode, n), {}).get("ttft_s") is not None)
+        if c is None or n_ok < 2:
+            add(name, None, f"fewer than 2 lengths measured ({n_ok})")
+        else:
+            add(name, not c["recompiled_across_lengths"],
+                f"(dynamo graphs, backend calls) {tuple(c['graphs_after_first_length'])} after the first length, "
+                f"{tuple(c['graphs_total'])} after all {n_ok}; graph breaks {c['graph_breaks']}")
+    if "inductor" in modes and "inductor" in state["compiles"]:
+        c = state["compiles"]["inductor"]
+        checks.append(dict(check="inductor recompiles across lengths (info)", status="INFO",
+                           detail=f"dynamo graphs {c['graphs_after_first_length'][0] if c['graphs_after_first_length'] else None}"
+                                  f" after the first length -> {c['graphs_total'][0]} after all"))
+    g = state.get("gen")
+    name = f"decode step not slower than eager (tol {tol:.0%})"
+    if g is None:
+        add(name, None, "generation check did not complete")
+    else:
+        e, m = g["eager"]["decode_step_ms"], g["minference"]["decode_step_ms"]
+        add(name, m <= e * (1 + tol), f"{m:.2f} ms vs eager {e:.2f} ms per step = {m / e:.3f}x "
+            f"(prefill {g['minference']['prefill_s']:.3f} vs {g['eager']['prefill_s']:.3f} s at {args.gen_length})")
+        checks.append(dict(check="greedy tokens match eager (info: random weights)", status="INFO",
+                           detail=f"match={g['tokens_match']}, first {g['matching_prefix']} of "
+                                  f"{len(g['eager']['tokens'])} equal"))
+    rec.checks = checks
+    rec.save()
+    print("\nGoal checks:")
+    for c in checks:
+        print(f"  {c['status']:<4}  {c['check']}: {c['detail']}")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default=None, help="comma-separated prompt lengths (default 8192,32768,65536,131072)")
+    p.add_argument("--modes", default=",".join(ALL_MODES), help=f"comma-separated subset of {','.join(ALL_MODES)}")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per (mode, length) after warm-up (default 2)")
+    p.add_argument("--inductor-max", type=int, default=32768, help="longest prompt for plain torch.compile")
+    p.add_argument("--gen-tokens", type=int, default=32, help="greedy decode steps in the generation check (0: skip it)")
+    p.add_argument("--gen-length", type=int, default=None, help="prompt length of the generation check (default 32768)")
+    p.add_argument("--no-gen", action="store_true", help="skip the generation check")
+    p.add_argument("--min-seq-len", type=int, default=None, help="backend min_seq_len (default: the backend's)")
+    p.add_argument("--tol", type=float, default=0.03, help="noise tolerance of the 'no slower than eager' checks")
+    p.add_argument("--budget-s", type=float, default=500.0,
+                   help="skip measurements that would start after this many seconds (the run is killed at ~540 s)")
+    p.add_argument("--quick", action="store_true", help="lengths 8192,32768, reps 1, gen at 8192")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="2-layer tiny llama (CPU smoke test): lengths 256,512, "
+                   "min_seq_len 0, inductor-max 256, gen at 256 with 4 steps")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.lengths = a.lengths or "256,512"
+        a.min_seq_len = 0 if a.min_seq_len is None else a.min_seq_len
+        a.inductor_max = min(a.inductor_max, 256)
+        a.gen_length = a.gen_length or 256
+        a.gen_tokens = min(a.gen_tokens, 4)
+        a.reps = a.reps or 1
+    if a.quick:
+        a.lengths = a.lengths or "8192,32768"
+        a.reps = a.reps or 1
+        a.gen_length = a.gen_length or 8192
+    a.lengths = [int(x) for x in (a.lengths or "8192,32768,65536,131072").split(",") if x]
+    a.reps = a.reps or 2
+    a.gen_length = a.gen_length or 32768
+    a.modes = [m for m in a.modes.split(",") if m]
+    bad = [m for m in a.modes if m not in ALL_MODES]
+    if bad:
+        p.error(f"unknown mode(s) {bad}; known: {ALL_MODES}")
+    return a
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dev = Dev(torch.device(args.device))
+    if dev.cuda and not torch.cuda.is_available():
+        sys.exit("no CUDA device; use --device cpu --tiny for a smoke run")
+    import transformers
+
+    import mi_compile  # noqa: F401  (registers the op and the backend)
+
+    meta = dict(argv=sys.argv[1:], torch=torch.__version__, transformers=transformers.__version__,
+                device=torch.cuda.get_device_name(dev.device) if dev.cuda else "cpu",
+                lengths=args.lengths, modes=args.modes, reps=args.reps, tiny=args.tiny,
+                min_seq_len=args.min_seq_len, inductor_max=args.inductor_max,
+                gen_length=args.gen_length, gen_tokens=args.gen_tokens)
+    rec = Recorder(args.out, meta)
+    print(json.dumps({"meta": meta}), flush=True)
+
+    t = time.perf_counter()
+    model, cfg = build_model(args, dev)
+    dev.sync()
+    rec.add(kind="model", params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+            init_s=round(time.perf_counter() - t, 1), dtype=str(next(model.parameters()).dtype),
+            weights_gib=dev.peak_gib())
+
+    state = {"compiles": {}}
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        # inductor last: a reference only, slowest to compile; the generation check before it
+        for mode in [m for m in args.modes if m != "inductor"]:
+            run_mode(mode, model, args, dev, rec, args.lengths, state)
+        if not args.no_gen and args.gen_tokens > 0:
+            run_gen(model, args, dev, rec, state)
+        if "inductor" in args.modes:
+            run_mode("inductor", model, args, dev, rec, args.lengths, state)
+    except (Terminated, KeyboardInterrupt) as exc:
+        rec.add(kind="terminated", reason=str(exc) or type(exc).__name__)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    print_table(rec, args.modes, args.lengths)
+    goal_checks(rec, args, state, args.modes, args.lengths, dev)
+    print(f"\nrows: {rec.path}  (total {elapsed():.0f} s)", flush=True)
+    if any(r.get("kind") == "terminated" for r in rec.rows):
+        sys.exit(143)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,554 @@
+"""Per-head sparse-attention config: which pattern each (layer, query head) uses.
+
+The backend asks one question of a config: "give me the :class:`~mi_compile.patterns.spec.HeadPattern`
+of every query head of layer *L*" (:meth:`SparseConfig.heads_for`). This module reads two file
+formats into one :class:`SparseConfig` and validates them up front, so that a typo in a config
+file fails at load time with a message naming the file, layer and head -- not deep inside a
+compiled graph.
+
+Sources accepted by :func:`load_config`
+---------------------------------------
+``None``
+    the default policy (:data:`DEFAULT_POLICY`, below).
+a path (``str`` or ``os.PathLike``)
+    a JSON file in either format below; the format is told apart by the top-level JSON type
+    (object = mi-compile format, array = MInference format).
+a ``dict``
+    the mi-compile format, already parsed.
+a ``list``
+    the MInference format, already parsed.
+
+mi-compile format (``"mi-compile/v1"``)
+---------------------------------------
+A JSON object::
+
+    {"format": "mi-compile/v1",
+     "model": "SmolLM2-135M-Instruct, searched at 32k",
+     "num_layers": 30, "num_heads": 9,
+     "default": {"pattern": "vertical_slash", "vertical": 1000, "slash": 6096},
+     "layers": {
+        "0": {"0": {"pattern": "a_shape", "sink": 128, "local": 1024},
+              "1": {"pattern": "dense"},
+              "2": {"pattern": "vertical_slash", "vertical": 30, "slash": 800, "score": 0.97}},
+        "3": {"*": {"pattern": "block_sparse", "topk": 100}}}}
+
+Top-level keys (no others are allowed):
+
+``format``
+    optional; when present it must be exactly ``"mi-compile/v1"``.
+``model``
+    optional free text (which model / search run the config came from); kept, not checked.
+``num_layers``, ``num_heads``
+    optional positive ints. When given, entries beyond them are rejected at load time and
+    :meth:`SparseConfig.check_model` / :meth:`SparseConfig.heads_for` insist that the model has
+    exactly this many layers / query heads. ``num_heads`` counts *query* heads (GQA models
+    have fewer KV heads; patterns are per query head).
+``default``
+    optional head entry used for every (layer, head) without an explicit entry.
+``layers``
+    optional object: layer index (a decimal string, ``"0"``, ``"12"``) -> object: head index
+    (decimal string) or ``"*"`` -> head entry. ``"*"`` applies to every head of that layer
+    that has no entry of its own. A config needs ``layers`` or ``default`` (or both).
+
+A head entry is an object with ``"pattern"`` and exactly that pattern's parameters, all
+non-negative ints:
+
+=====================  ==============================  =========================================
+``pattern``            parameters                      meaning
+=====================  ==============================  =========================================
+``"dense"``            (none)                          full causal attention
+``"a_shape"``          ``sink``, ``local``             first ``sink`` keys + a ``local`` window
+``"vertical_slash"``   ``vertical``, ``slash``         top ``vertical`` columns + ``slash`` diagonals
+``"block_sparse"``     ``topk``                        top ``topk`` 64x64 key blocks per query block
+=====================  ==============================  =========================================
+
+Numbered head entries may also carry ``"score"`` (a number: the recall the offline pattern
+search measured for that head). It is metadata only -- it does not change what runs -- and
+is kept in :attr:`SparseConfig.scores` and written back by :meth:`SparseConfig.to_json`.
+
+Resolution order for (layer L, head H): ``layers[L][H]``, then ``layers[L]["*"]``, then
+``default``; if none exists, :meth:`SparseConfig.heads_for` raises :class:`ConfigError`.
+
+MInference format (read unchanged)
+----------------------------------
+The per-head files published with MInference (e.g.
+``Llama_3.1_8B_Instruct_128k_kv_out_v32_fit_o_best_pattern.json``): a JSON array with one
+object per layer, mapping a head index (string) to ``[pattern_name, vertical_size,
+slash_size, score]`` (``score`` may be omitted). Names map as MInference's own forward
+pass uses the two numbers:
+
+* ``"vertical_and_slash"`` -> ``vertical_slash(vertical=vertical_size, slash=slash_size)``
+* ``"a_shape"`` / ``"stream_llm"`` -> ``a_shape(sink=vertical_size, local=slash_size)``
+  (MInference's streaming kernel takes ``n_init=vertical_size, n_local=slash_size``)
+* ``"block_sparse"`` -> ``block_sparse(topk=vertical_size)`` (``slash_size`` unused)
+
+``num_layers`` is the array length and ``num_heads`` the number of heads per layer; every
+layer must list the same heads ``0..n-1`` (there is no default, so a gap would be an error
+at run time anyway -- we report it at load time).
+
+Default policy
+--------------
+With no config (``load_config(None)``) every head of every layer is
+``vertical_slash(vertical=1000, slash=6096)``: MInference's default budget, the one its
+search starts from and the most common entry in its published configs. It is a reasonable
+starting point for any model but not tuned for one; the returned config has
+``is_default_policy=True`` so the backend can log that no per-head config was given.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Union
+
+from mi_compile.patterns.spec import PATTERN_IDS, PATTERN_PARAMS, HeadPattern, PatternError
+
+__all__ = [
+    "FORMAT",
+    "DEFAULT_PATTERN",
+    "DEFAULT_POLICY",
+    "MINFERENCE_NAMES",
+    "ConfigError",
+    "SparseConfig",
+    "load_config",
+]
+
+FORMAT = "mi-compile/v1"
+
+#: MInference's default budget (also what MInference uses for heads missing from its files).
+DEFAULT_PATTERN = HeadPattern("vertical_slash", vertical=1000, slash=6096)
+
+#: MInference pattern name -> our pattern kind (see the module docstring for the parameters).
+MINFERENCE_NAMES = {
+    "vertical_and_slash": "vertical_slash",
+    "a_shape": "a_shape",
+    "stream_llm": "a_shape",
+    "block_sparse": "block_sparse",
+}
+
+_TOP_KEYS = ("format", "model", "num_layers", "num_heads", "default", "layers")
+_WILDCARD = "*"
+
+ConfigSource = Union[None, str, "os.PathLike[str]", dict, list]
+
+
+class ConfigError(ValueError):
+    """A per-head config that cannot be read or does not fit the model.
+
+    The message always starts with the source (file path as given, ``<dict>``, ``<list>`` or
+    ``<default policy>``), then the layer and head where relevant, then what is wrong.
+    """
+
+
+def _where(source: str, layer: Any = None, head: Any = None) -> str:
+    """``source: layer L, head H`` -- the prefix of every ConfigError message."""
+    loc = []
+    if layer is not None:
+        loc.append("default" if layer == "default" else f"layer {layer}")
+    if head is not None:
+        loc.append(f"head {head!r}" if head == _WILDCARD else f"head {head}")
+    return f"{source}: {', '.join(loc)}" if loc else source
+
+
+def _error(source: str, msg: str, layer: Any = None, head: Any = None) -> ConfigError:
+    return ConfigError(f"{_where(source, layer, head)}: {msg}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass
+class SparseConfig:
+    """A resolved per-head config.
+
+    ``layers`` holds the explicit per-head entries, ``layer_defaults`` the ``"*"`` entries and
+    ``default`` the fallback for everything else; :meth:`heads_for` applies them in that order.
+    ``num_layers`` / ``num_heads`` are ``None`` when the config does not pin them (then any
+    model size is accepted as long as the explicit entries fit).
+    """
+
+    source: str
+    num_layers: int | None = None
+    num_heads: int | None = None
+    layers: dict[int, dict[int, HeadPattern]] = dataclasses.field(default_factory=dict)
+    default: HeadPattern | None = None
+    #: layer -> head -> recall measured by the pattern search (metadata only).
+    scores: dict[int, dict[int, float]] = dataclasses.field(default_factory=dict)
+    is_default_policy: bool = False
+    #: layer -> the pattern of that layer's ``"*"`` entry.
+    layer_defaults: dict[int, HeadPattern] = dataclasses.field(default_factory=dict)
+    #: the optional free-text ``"model"`` field.
+    model: str | None = None
+
+    # ------------------------------------------------------------------ resolution
+    def _min_heads(self) -> int:
+        """Smallest head count the explicit entries allow (max head index + 1)."""
+        return max((h + 1 for heads in self.layers.values() for h in heads), default=0)
+
+    def _check_heads(self, num_heads: int) -> None:
+        if self.num_heads is not None and self.num_heads != num_heads:
+            raise ConfigError(
+                f"config {self.source} has {self.num_heads} heads per layer, "
+                f"the model has {num_heads}")
+        if self.num_heads is None and self._min_heads() > num_heads:
+            raise ConfigError(
+                f"config {self.source} has entries for head {self._min_heads() - 1}, "
+                f"the model has {num_heads} heads per layer")
+
+    def heads_for(self, layer: int, num_heads: int) -> list[HeadPattern]:
+        """The patterns of the ``num_heads`` query heads of ``layer``, in head order.
+
+        Raises :class:`ConfigError` when the config is for another head count, when
+        ``layer`` is beyond the config's ``num_layers``, or when a head has no entry, no
+        ``"*"`` entry and there is no ``default``.
+        """
+        if not _is_int(layer) or layer < 0:
+            raise _error(self.source, f"layer index must be a non-negative int, got {layer!r}")
+        if not _is_int(num_heads) or num_heads < 1:
+            raise _error(self.source, f"num_heads must be a positive int, got {num_heads!r}")
+        self._check_heads(num_heads)
+        if self.num_layers is not None and layer >= self.num_layers:
+            raise _error(
+                self.source,
+                f"the config has only {self.num_layers} layers (0..{self.num_layers - 1})",
+                layer=layer)
+        explicit = self.layers.get(layer, {})
+        fallback = self.layer_defaults.get(layer, self.default)
+        out = []
+        for head in range(num_heads):
+            pattern = explicit.get(head, fallback)
+            if pattern is None:
+                raise _error(self.source, "no entry for this head, no '*' entry for the layer "
+                             "and no 'default'", layer=layer, head=head)
+            out.append(pattern)
+        return out
+
+    def check_model(self, num_layers: int | None, num_heads: int) -> None:
+        """Raise :class:`ConfigError` unless the config fits a model of this shape.
+
+        Checks the layer and head counts (e.g. ``config llama.json has 32 layers, the model
+        has 30``); when ``num_layers`` is known it also resolves every layer, so a missing
+        entry is reported now rather than when that layer is first compiled.
+        """
+        if num_layers is not None:
+            if self.num_layers is not None and self.num_layers != num_layers:
+                raise ConfigError(
+                    f"config {self.source} has {self.num_layers} layers, "
+                    f"the model has {num_layers}")
+            present = set(self.layers) | set(self.layer_defaults)
+            if self.num_layers is None and present and max(present) >= num_layers:
+                raise ConfigError(
+                    f"config {self.source} has entries for layer {max(present)}, "
+                    f"the model has {num_layers} layers")
+        self._check_heads(num_heads)
+        if num_layers is not None:
+            for layer in range(num_layers):
+                self.heads_for(layer, num_heads)
+
+    # ------------------------------------------------------------------ output
+    def summary(self) -> str:
+        """One line for logs: source, shape and how often each pattern occurs."""
+        if self.is_default_policy:
+            return f"default policy: every head {self.default.describe()}"
+        counts: dict[str, int] = {}
+        for heads in self.layers.values():
+            for p in heads.values():
+                counts[p.describe()] = counts.get(p.describe(), 0) + 1
+        shape = f"{self.num_layers if self.num_layers is not None else '?'} layers x " \
+                f"{self.num_heads if self.num_heads is not None else '?'} heads"
+        top = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+        extra = []
+        if self.layer_defaults:
+            extra.append(f"'*' in {len(self.layer_defaults)} layers")
+        if self.default is not None:
+            extra.append(f"default {self.default.describe()}")
+        return f"config {self.source}: {shape}; " + "; ".join(
+            x for x in [top or "no explicit heads", *extra] if x)
+
+    def to_json(self) -> dict:
+        """This config in the mi-compile format (a JSON-ready dict); loads back equal."""
+        out: dict[str, Any] = {"format": FORMAT}
+        if self.model is not None:
+            out["model"] = self.model
+        if self.num_layers is not None:
+            out["num_layers"] = self.num_layers
+        if self.num_heads is not None:
+            out["num_heads"] = self.num_heads
+        if self.default is not None:
+            out["default"] = _entry_json(self.default)
+        layers: dict[str, dict] = {}
+        for layer in sorted(set(self.layers) | set(self.layer_defaults)):
+            heads: dict[str, dict] = {}
+            if layer in self.layer_defaults:
+                heads[_WILDCARD] = _entry_json(self.layer_defaults[layer])
+            for head in sorted(self.layers.get(layer, {})):
+                heads[str(head)] = _entry_json(self.layers[layer][head],
+                                               self.scores.get(layer, {}).get(head))
+            layers[str(layer)] = heads
+        if layers:
+            out["layers"] = layers
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_json` to ``path``, one head entry per line (diff-friendly)."""
+        Path(path).write_text(_dumps(self.to_json()))
+
+
+def _entry_json(pattern: HeadPattern, score: float | None = None) -> dict:
+    entry: dict[str, Any] = {"pattern": pattern.kind, **pattern.params}
+    if score is not None:
+        entry["score"] = score
+    return entry
+
+
+def _dumps(doc: dict) -> str:
+    """JSON with the top level and layers indented, each head entry on one line."""
+    lines = ["{"]
+    items = list(doc.items())
+    for i, (key, value) in enumerate(items):
+        comma = "," if i < len(items) - 1 else ""
+        if key != "layers":
+            lines.append(f"  {json.dumps(key)}: {json.dumps(value)}{comma}")
+            continue
+        lines.append('  "layers": {')
+        layer_items = list(value.items())
+        for j, (layer, heads) in enumerate(layer_items):
+            lines.append(f"    {json.dumps(layer)}: {{")
+            head_items = list(heads.items())
+            for k, (head, entry) in enumerate(head_items):
+                hc = "," if k < len(head_items) - 1 else ""
+                lines.append(f"      {json.dumps(head)}: {json.dumps(entry)}{hc}")
+            lines.append("    }" + ("," if j < len(layer_items) - 1 else ""))
+        lines.append("  }" + comma)
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+#: The config used when none is given: every head ``vertical_slash(1000, 6096)``.
+DEFAULT_POLICY = SparseConfig(source="<default policy>", default=DEFAULT_PATTERN,
+                              is_default_policy=True)
+
+
+# ---------------------------------------------------------------------- parsing
+def _make_pattern(source: str, kind: str, params: dict, layer: Any, head: Any) -> HeadPattern:
+    try:
+        return HeadPattern(kind, **params)
+    except PatternError as exc:
+        raise _error(source, str(exc), layer, head) from None
+
+
+def _check_size(source: str, name: str, value: Any, layer: Any, head: Any) -> int:
+    if not _is_int(value):
+        raise _error(source, f"{name} must be an int, got {value!r}", layer, head)
+    if value < 0:
+        raise _error(source, f"{name} must be >= 0, got {value}", layer, head)
+    return value
+
+
+def _check_score(source: str, value: Any, layer: Any, head: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _error(source, f"score must be a finite number, got {value!r}", layer, head)
+    return float(value)
+
+
+def _parse_entry(source: str, entry: Any, layer: Any, head: Any, allow_score: bool
+                 ) -> tuple[HeadPattern, float | None]:
+    """One head entry of the mi-compile format -> (pattern, score or None)."""
+    if isinstance(entry, HeadPattern):  # convenience for configs built in Python
+        return entry, None
+    if not isinstance(entry, dict):
+        raise _error(source, f"a head entry must be an object like "
+                     f'{{"pattern": "dense"}}, got {type(entry).__name__} {entry!r}', layer, head)
+    if "pattern" not in entry:
+        raise _error(source, f"missing 'pattern' (one of {sorted(PATTERN_IDS)})", layer, head)
+    kind = entry["pattern"]
+    if kind not in PATTERN_IDS:
+        hint = ""
+        if kind in MINFERENCE_NAMES:
+            hint = f" ({kind!r} is MInference's name; here it is {MINFERENCE_NAMES[kind]!r})"
+        raise _error(source, f"unknown pattern {kind!r}; expected one of "
+                     f"{sorted(PATTERN_IDS)}{hint}", layer, head)
+    names = PATTERN_PARAMS[kind]
+    allowed = {"pattern", *names} | ({"score"} if allow_score else set())
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise _error(source, f"{kind} does not take {', '.join(map(repr, unknown))}; "
+                     f"allowed keys: {sorted(allowed)}", layer, head)
+    missing = [n for n in names if n not in entry]
+    if missing:
+        raise _error(source, f"{kind} is missing parameter {', '.join(map(repr, missing))} "
+                     f"(needs {list(names)})", layer, head)
+    params = {n: _check_size(source, n, entry[n], layer, head) for n in names}
+    score = _check_score(source, entry["score"], layer, head) if "score" in entry else None
+    return _make_pattern(source, kind, params, layer, head), score
+
+
+def _parse_index(source: str, key: Any, what: str, limit: int | None, layer: Any = None) -> int:
+    """A layer/head key: a decimal string (JSON) or an int (dicts built in Python)."""
+    if _is_int(key):
+        index = key
+    elif isinstance(key, str) and key.isascii() and key.isdigit() and str(int(key)) == key:
+        index = int(key)
+    else:
+        expected = "a decimal index like '3'" + (" or '*'" if what == "head" else "")
+        raise _error(source, f"bad {what} key {key!r}; expected {expected}", layer)
+    if index < 0:
+        raise _error(source, f"{what} index must be >= 0, got {index}", layer)
+    if limit is not None and index >= limit:
+        raise _error(source, f"{what} {index} is beyond num_{what}s={limit}", layer)
+    return index
+
+
+def _positive(source: str, doc: dict, key: str) -> int | None:
+    value = doc.get(key)
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise _error(source, f"{key} must be a positive int, got {value!r}")
+    return value
+
+
+def _from_ours(source: str, doc: dict) -> SparseConfig:
+    unknown = [k for k in doc if k not in _TOP_KEYS]
+    if unknown:
+        raise _error(source, f"unknown top-level key(s) {', '.join(map(repr, unknown))}; "
+                     f"allowed: {list(_TOP_KEYS)}")
+    if "format" in doc and doc["format"] != FORMAT:
+        raise _error(source, f"format is {doc['format']!r}, this reader understands {FORMAT!r}")
+    model = doc.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _error(source, f"model must be a string, got {type(model).__name__}")
+    num_layers = _positive(source, doc, "num_layers")
+    num_heads = _positive(source, doc, "num_heads")
+    default = None
+    if doc.get("default") is not None:
+        default, _ = _parse_entry(source, doc["default"], "default", None, allow_score=False)
+    raw_layers = doc.get("layers", {})
+    if not isinstance(raw_layers, dict):
+        raise _error(source, f"layers must be an object (layer -> heads), "
+                     f"got {type(raw_layers).__name__}")
+    if not raw_layers and default is None:
+        raise _error(source, "the config has neither 'layers' nor 'default'")
+
+    layers: dict[int, dict[int, HeadPattern]] = {}
+    layer_defaults: dict[int, HeadPattern] = {}
+    scores: dict[int, dict[int, float]] = {}
+    for lkey, raw_heads in raw_layers.items():
+        layer = _parse_index(source, lkey, "layer", num_layers)
+        if layer in layers or layer in layer_defaults:
+            raise _error(source, "given twice", layer)
+        if not isinstance(raw_heads, dict) or not raw_heads:
+            raise _error(source, "must be a non-empty object (head -> entry)", layer)
+        heads: dict[int, HeadPattern] = {}
+        for hkey, entry in raw_heads.items():
+            if hkey == _WILDCARD:
+                layer_defaults[layer], _ = _parse_entry(source, entry, layer, _WILDCARD,
+                                                        allow_score=False)
+                continue
+            head = _parse_index(source, hkey, "head", num_heads, layer)
+            if head in heads:
+                raise _error(source, "given twice", layer, head)
+            heads[head], score = _parse_entry(source, entry, layer, head, allow_score=True)
+            if score is not None:
+                scores.setdefault(layer, {})[head] = score
+        if heads:
+            layers[layer] = heads
+    return SparseConfig(source=source, num_layers=num_layers, num_heads=num_heads,
+                        layers=layers, default=default, scores=scores,
+                        layer_defaults=layer_defaults, model=model)
+
+
+def _from_minference(source: str, doc: list) -> SparseConfig:
+    if not doc:
+        raise _error(source, "MInference config is an empty list (expected one entry per layer)")
+    layers: dict[int, dict[int, HeadPattern]] = {}
+    scores: dict[int, dict[int, float]] = {}
+    for layer, raw_heads in enumerate(doc):
+        if not isinstance(raw_heads, dict) or not raw_heads:
+            raise _error(source, "expected a non-empty object mapping head -> "
+                         "[pattern, vertical_size, slash_size, score]", layer)
+        heads: dict[int, HeadPattern] = {}
+        for hkey, entry in raw_heads.items():
+            head = _parse_index(source, hkey, "head", None, layer)
+            if head in heads:
+                raise _error(source, "given twice", layer, head)
+            if not isinstance(entry, (list, tuple)) or len(entry) not in (3, 4):
+                raise _error(source, "expected [pattern, vertical_size, slash_size, score], "
+                             f"got {entry!r}", layer, head)
+            name, vertical, slash = entry[:3]
+            if name not in MINFERENCE_NAMES:
+                raise _error(source, f"unknown pattern {name!r}; expected one of "
+                             f"{sorted(MINFERENCE_NAMES)}", layer, head)
+            vertical = _check_size(source, "vertical_size", vertical, layer, head)
+            slash = _check_size(source, "slash_size", slash, layer, head)
+            kind = MINFERENCE_NAMES[name]
+            if kind == "vertical_slash":
+                params = {"vertical": vertical, "slash": slash}
+            elif kind == "a_shape":
+                params = {"sink": vertical, "local": slash}
+            else:  # block_sparse: MInference passes vertical_size as the top-k block count
+                params = {"topk": vertical}
+            heads[head] = _make_pattern(source, kind, params, layer, head)
+            if len(entry) == 4:
+                scores.setdefault(layer, {})[head] = _check_score(source, entry[3], layer, head)
+        layers[layer] = heads
+
+    # Every layer must list the same heads 0..n-1: MInference configs are complete.
+    num_heads = len(layers[0])
+    for layer, heads in layers.items():
+        if len(heads) != num_heads:
+            raise _error(source, f"has {len(heads)} heads, layer 0 has {num_heads}", layer)
+        missing = [h for h in range(num_heads) if h not in heads]
+        if missing:
+            raise _error(source, f"missing head {missing[0]} (heads must be 0..{num_heads - 1})",
+                         layer)
+    return SparseConfig(source=source, num_layers=len(doc), num_heads=num_heads,
+                        layers=layers, scores=scores)
+
+
+def _read_json(path: str | os.PathLike) -> tuple[str, Any]:
+    source = os.fspath(path)
+    try:
+        text = Path(source).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config file: "
+                          f"{exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not a UTF-8 text file ({exc.reason})") from None
+    try:
+        return source, json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
+                          f"{exc.msg}") from None
+
+
+def load_config(source: ConfigSource = None) -> SparseConfig:
+    """Read a per-head config from ``source`` (see the module docstring for the formats).
+
+    ``None`` gives a copy of :data:`DEFAULT_POLICY`; a path is read as JSON (object =
+    mi-compile format, array = MInference format); a ``dict`` / ``list`` is taken as already
+    parsed JSON of the respective format. Any problem raises :class:`ConfigError`.
+    """
+    if source is None:
+        return copy.deepcopy(DEFAULT_POLICY)
+    if isinstance(source, SparseConfig):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        name, doc = _read_json(source)
+    elif isinstance(source, dict):
+        name, doc = "<dict>", source
+    elif isinstance(source, list):
+        name, doc = "<list>", source
+    else:
+        raise ConfigError(f"cannot read a config from {type(source).__name__}; expected None, "
+                          "a path, a dict (mi-compile format) or a list (MInference format)")
+    if isinstance(doc, dict):
+        return _from_ours(name, doc)
+    if isinstance(doc, list):
+        return _from_minference(name, doc)
+    raise _error(name, f"top level must be an object (mi-compile format) or an array "
+                 f"(MInference format), got {type(doc).__name__}")

@@ -1,0 +1,432 @@
+"""Triton kernel: one launch computes every head of a layer from the unified sparse index.
+
+Grid: ``(NQB, B * Hq)``. Program ``(p, b * Hq + h)`` owns query block ``m = NQB - 1 - p``
+(heaviest blocks first, for load balance) of input ``b``, query head ``h``; it reads KV head
+``h // (Hq // Hkv)`` directly (native GQA, K/V never repeated). Query block ``m`` covers the
+sequence positions ``[64 m, 64 m + 64)``, i.e. tensor rows ``seq_start[b] + 64 m + r``.
+
+Visiting order inside a program (the selection is ``j <= i & (j < sink or i - j < band)``
+within the ranges below):
+
+1. prefix range ``[0, min(prefix, m0))``;
+2. the slash-group tiles reaching the block (one flat loop, so the pipeliner can prefetch),
+   each ``[max(m0 + start, prefix), min(m0 + end, m0))``;
+3. the block-sparse key blocks below the diagonal;
+4. gathered extra columns ``< m0``, skipping those a group interval already covered;
+5. the diagonal tile ``[m0, m0 + 64)``, which every pattern selects (causally).
+
+Phases 1-4 only see keys below the block's first row, so they need no causal test (only a 1D
+key mask; A-shape group tiles also test the band per element); only the diagonal tile builds
+the full element mask. The ranges are disjoint by construction (see
+:mod:`mi_compile.patterns.index`), so each pair is computed once. Softmax is online in
+float32 with ``exp2`` and a log2(e)-prescaled scale.
+
+The same program doubles as the padding writer: it zero-fills the padding slots
+``[64 m, 64 m + 64) ∩ [0, n - len)``, slot ``s`` being row ``s`` if ``s < start`` else
+``s + len``; so every output element is written exactly once by one launch.
+
+Layers whose heads are all dense or A-shape (nothing data-dependent) use a second kernel,
+:func:`_wide_attention_kernel`, with 128-row programs (two 64-row warpgroups share each K/V
+tile); ``KERNEL_CONFIG["wide"] = False`` sends them through the general kernel too.
+
+``MODE`` (constexpr): 0 attention; 1 count every visited pair into an ``[B, H, n, n]`` int32
+tensor (tests: no pair twice, none missing); 2 count visited pairs per query block (density).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..patterns.index import BLOCK, SparseIndex
+
+LOG2E = 1.4426950408889634
+LAST_COMPILE: dict = {}   # resource report of the last launch (benchmarks print it)
+# Launch parameters (benchmarks/kernels.py sweeps them). block_n: tile width of the prefix
+# phase; num_warps None = by head dim (4 up to D=128, 8 above). wide*: the 128-row kernel used
+# when every head is dense or A-shape (wide=False: those layers use the general 64-row kernel
+# too). Defaults = best of the H100 sweep (benchmarks/NOTES.md, step 4).
+KERNEL_CONFIG = {"block_n": 64, "block_c": 64, "num_warps": None, "num_stages": 3,
+                 "wide": True, "wide_block_n": 64, "wide_warps": 8, "wide_stages": 3}
+
+
+@triton.jit
+def _visit_tile(acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
+                seq_start, n, key_pos, key_ok, rows, row_ok, sink, band, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
+                CHECK: tl.constexpr, MASKED: tl.constexpr = True):
+    """Fold one tile of keys (sequence positions ``key_pos``) into the running softmax.
+
+    ``CHECK=True``: exact element test (causal, sink/band). ``CHECK=False``: the caller
+    guarantees every key with ``key_ok`` lies strictly below the block's first row and inside
+    the pattern, so only the 1D key mask is applied (rows past the sequence's end compute
+    garbage that is never stored). Counting modes count exactly what each path computes, so a
+    wrong bound shows up as a pair counted that the reference mask does not hold.
+
+    ``MASKED=False`` (with ``CHECK=False``): the caller guarantees every key of the tile is
+    valid, so the 1D key mask is skipped too.
+    """
+    if CHECK:
+        keep = key_ok[None, :] & row_ok[:, None] & (key_pos[None, :] <= rows[:, None])
+        keep = keep & ((key_pos[None, :] < sink) | (rows[:, None] - key_pos[None, :] < band))
+    else:
+        keep = key_ok[None, :] & row_ok[:, None]
+    if MODE == 0:
+        dims = tl.arange(0, BLOCK_D)
+        key_rows = (seq_start + key_pos).to(tl.int64)
+        load_ok = key_ok[:, None] & (dims[None, :] < HEAD_DIM)
+        k = tl.load(k_head + key_rows[:, None] * stride_kn + dims[None, :], mask=load_ok, other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * qk_scale
+        if CHECK:
+            scores = tl.where(keep, scores, float("-inf"))
+        elif MASKED:
+            scores = tl.where(key_ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_head + key_rows[:, None] * stride_vn + dims[None, :], mask=load_ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    elif MODE == 1:
+        where = (seq_start + rows).to(tl.int64)[:, None] * n + (seq_start + key_pos)[None, :]
+        tl.atomic_add(count_head + where, keep.to(tl.int32), mask=keep)
+    else:
+        pairs += tl.sum(tl.sum(keep.to(tl.int32), 1), 0)
+    return acc, m_i, l_i, pairs
+
+
+@triton.jit
+def _sparse_attention_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, count_ptr,
+        seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr,
+        tile_start_ptr, tile_end_ptr, tiles_upto_ptr,
+        columns_ptr, columns_upto_ptr, covered_ptr,
+        blocks_ptr, block_count_ptr,
+        stride_qb, stride_qh, stride_qn,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_on,
+        n, num_heads, heads_per_kv, num_q_blocks,
+        max_tiles, max_columns, max_blocks, covered_len,
+        qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, MODE: tl.constexpr):
+    m = num_q_blocks - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    kv = h // heads_per_kv
+    seq_start = tl.load(seq_start_ptr + b)
+    length = tl.load(seq_len_ptr + b)
+    m0 = m * BLOCK_M
+    slots = m0 + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    out_head = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+
+    if MODE == 0:
+        # padding rows of this input: slot s < n - len is row s (left pad) or s + len (right pad)
+        pad_rows = tl.where(slots < seq_start, slots, slots + length).to(tl.int64)
+        pad_ok = (slots < n - length)[:, None] & (dims[None, :] < HEAD_DIM)
+        tl.store(out_head + pad_rows[:, None] * stride_on + dims[None, :],
+                 tl.zeros([BLOCK_M, BLOCK_D], dtype=out_ptr.dtype.element_ty), mask=pad_ok)
+
+    if m0 < length:
+        rows = slots
+        row_ok = rows < length
+        q_rows = (seq_start + rows).to(tl.int64)
+        q_head = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        q = tl.load(q_head + q_rows[:, None] * stride_qn + dims[None, :],
+                    mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+        k_head = k_ptr + b.to(tl.int64) * stride_kb + kv.to(tl.int64) * stride_kh
+        v_head = v_ptr + b.to(tl.int64) * stride_vb + kv.to(tl.int64) * stride_vh
+        count_head = count_ptr + bh.to(tl.int64) * n * n
+        prefix = tl.load(prefix_ptr + h)
+        sink = tl.load(sink_ptr + h)
+        band = tl.load(band_ptr + h)
+        table_row = bh.to(tl.int64) * num_q_blocks + m
+
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30   # finite: masked tiles give p = 0
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        pairs = tl.sum(tl.zeros([BLOCK_M], dtype=tl.int32), 0)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_b = tl.arange(0, BLOCK_M)
+
+        # Phases 1-4 visit keys strictly below the block (j < m0 <= every row): no causal test.
+        # 1. prefix range [0, min(prefix, m0)): sinks / forced columns / dense; always in pattern
+        prefix_end = tl.minimum(prefix, m0)
+        for k0 in range(0, prefix_end, BLOCK_N):
+            key_pos = k0 + offs_n
+            acc, m_i, l_i, pairs = _visit_tile(
+                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
+                seq_start, n, key_pos, key_pos < prefix_end, rows, row_ok, sink, band, qk_scale,
+                HEAD_DIM, BLOCK_D, MODE, False)
+
+        # 2. slash-group tiles, one flat loop: keys [max(m0 + start, prefix), min(m0 + end, m0)).
+        #    Tiles come nearest-the-diagonal first, so only an A-shape head's last tile reaches
+        #    past its band (i - j >= local); that one gets the element test, the others the 1D
+        #    key mask.
+        num_tiles = tl.load(tiles_upto_ptr + table_row)
+        tile_base = bh.to(tl.int64) * max_tiles
+        num_plain = tl.where(band < n, tl.maximum(num_tiles - 1, 0), num_tiles)
+        for t in range(num_plain, num_tiles):
+            lo = tl.maximum(m0 + tl.load(tile_start_ptr + tile_base + t), prefix)
+            hi = tl.minimum(m0 + tl.load(tile_end_ptr + tile_base + t), m0)
+            key_pos = lo + offs_b
+            acc, m_i, l_i, pairs = _visit_tile(
+                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
+                seq_start, n, key_pos, key_pos < hi, rows, row_ok, sink, band, qk_scale,
+                HEAD_DIM, BLOCK_D, MODE, True)
+        for t in range(0, num_plain):
+            lo = tl.maximum(m0 + tl.load(tile_start_ptr + tile_base + t), prefix)
+            hi = tl.minimum(m0 + tl.load(tile_end_ptr + tile_base + t), m0)
+            key_pos = lo + offs_b
+            acc, m_i, l_i, pairs = _visit_tile(
+                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
+                seq_start, n, key_pos, key_pos < hi, rows, row_ok, sink, band, qk_scale,
+                HEAD_DIM, BLOCK_D, MODE, False)
+
+        # 3. block-sparse key blocks: ascending, the last is the diagonal (left to phase 5)
+        num_blocks = tl.load(block_count_ptr + table_row)
+        for t in range(0, num_blocks - 1):
+            key_block = tl.load(blocks_ptr + table_row * max_blocks + t)
+            key_pos = key_block * BLOCK_M + offs_b
+            acc, m_i, l_i, pairs = _visit_tile(
+                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
+                seq_start, n, key_pos, key_pos < m0, rows, row_ok, sink, band, qk_scale,
+                HEAD_DIM, BLOCK_D, MODE, False)
+
+        # 4. extra columns below the block, minus those a group interval covered for it
+        num_columns = tl.load(columns_upto_ptr + table_row)
+        column_base = bh.to(tl.int64) * max_columns
+        covered_base = bh.to(tl.int64) * covered_len + m0 + (BLOCK_M - 1)
+        offs_c = tl.arange(0, BLOCK_C)
+        for c0 in range(0, num_columns, BLOCK_C):
+            listed = c0 + offs_c < num_columns
+            key_pos = tl.load(columns_ptr + column_base + c0 + offs_c, mask=listed, other=0)
+            is_covered = tl.load(covered_ptr + covered_base - key_pos, mask=listed, other=1)
+            acc, m_i, l_i, pairs = _visit_tile(
+                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
+                seq_start, n, key_pos, listed & (is_covered == 0), rows, row_ok, sink, band,
+                qk_scale, HEAD_DIM, BLOCK_D, MODE, False)
+
+        # 5. the diagonal tile [m0, m0 + 64): selected by every pattern, exact element test
+        key_pos = m0 + offs_b
+        acc, m_i, l_i, pairs = _visit_tile(
+            acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
+            seq_start, n, key_pos, key_pos < length, rows, row_ok, sink, band, qk_scale,
+            HEAD_DIM, BLOCK_D, MODE, True)
+
+        if MODE == 0:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out_head + q_rows[:, None] * stride_on + dims[None, :],
+                     out.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM))
+        elif MODE == 2:
+            tl.store(count_ptr + table_row, pairs)
+    else:
+        if MODE == 2:
+            tl.store(count_ptr + bh.to(tl.int64) * num_q_blocks + m, 0)
+
+
+
+@triton.jit
+def _wide_attention_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, count_ptr,
+        seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr,
+        stride_qb, stride_qh, stride_qn,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_on,
+        n, num_heads, heads_per_kv, num_programs, num_q_blocks,
+        qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, MODE: tl.constexpr):
+    """Layers whose heads are all dense or A-shape (no data-dependent index): one program per
+    ``BLOCK_M`` (128) query rows, so each K/V tile feeds two 64-row warpgroups.
+
+    Per head (``prefix``, ``sink``, ``band`` from the index; dense: ``prefix = band = WIDE``),
+    program rows ``[r0, r0 + BLOCK_M)``, every key visited once:
+
+    1. ``[0, min(prefix, r0))``: sinks (A-shape) or everything below (dense), unmasked full
+       tiles + at most one partial tile;
+    2. the band edge ``[lo, e)`` with ``lo = max(prefix, r0 + 1 - band)``: keys some row of the
+       program may not see (``i - j >= band``), exact element test; ``e`` is moved up so that
+    3. the interior ``[e, r0)`` is a whole number of unmasked ``BLOCK_N`` tiles;
+    4. the diagonal ``[r0, r0 + BLOCK_M)``, exact element test.
+
+    Padding rows are zero-filled as in the general kernel. ``MODE`` 2 stores the pair count
+    of the program at its first 64-row block (the caller zero-fills the table).
+    """
+    m = num_programs - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    kv = h // heads_per_kv
+    seq_start = tl.load(seq_start_ptr + b)
+    length = tl.load(seq_len_ptr + b)
+    m0 = m * BLOCK_M
+    slots = m0 + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    out_head = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+
+    if MODE == 0:
+        pad_rows = tl.where(slots < seq_start, slots, slots + length).to(tl.int64)
+        pad_ok = (slots < n - length)[:, None] & (dims[None, :] < HEAD_DIM)
+        tl.store(out_head + pad_rows[:, None] * stride_on + dims[None, :],
+                 tl.zeros([BLOCK_M, BLOCK_D], dtype=out_ptr.dtype.element_ty), mask=pad_ok)
+
+    if m0 < length:
+        rows = slots
+        row_ok = rows < length
+        q_rows = (seq_start + rows).to(tl.int64)
+        q_head = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        q = tl.load(q_head + q_rows[:, None] * stride_qn + dims[None, :],
+                    mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+        k_head = k_ptr + b.to(tl.int64) * stride_kb + kv.to(tl.int64) * stride_kh
+        v_head = v_ptr + b.to(tl.int64) * stride_vb + kv.to(tl.int64) * stride_vh
+        count_head = count_ptr + bh.to(tl.int64) * n * n
+        prefix = tl.load(prefix_ptr + h)
+        sink = tl.load(sink_ptr + h)
+        band = tl.load(band_ptr + h)
+
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        pairs = tl.sum(tl.zeros([BLOCK_M], dtype=tl.int32), 0)
+        offs_n = tl.arange(0, BLOCK_N)
+
+        # 1. prefix [0, min(prefix, m0)): below every row and inside the pattern
+        prefix_end = tl.minimum(prefix, m0)
+        prefix_full = (prefix_end // BLOCK_N) * BLOCK_N
+        for k0 in range(0, prefix_full, BLOCK_N):
+            key_pos = k0 + offs_n
+            acc, m_i, l_i, pairs = _visit_tile(
+                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
+                seq_start, n, key_pos, key_pos < prefix_end, rows, row_ok, sink, band,
+                qk_scale, HEAD_DIM, BLOCK_D, MODE, False, False)
+        for k0 in range(prefix_full, prefix_end, BLOCK_N):
+            key_pos = k0 + offs_n
+            acc, m_i, l_i, pairs = _visit_tile(
+                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
+                seq_start, n, key_pos, key_pos < prefix_end, rows, row_ok, sink, band,
+                qk_scale, HEAD_DIM, BLOCK_D, MODE, False)
+
+        # 2. band edge [lo, edge): exact test; keys >= m0 + BLOCK_M - band are in every row's band
+        lo = tl.minimum(tl.maximum(prefix, m0 + 1 - band), m0)
+        edge = tl.minimum(m0, tl.maximum(prefix, m0 + BLOCK_M - band))
+        edge = tl.maximum(edge, lo)
+        edge = m0 - ((m0 - edge) // BLOCK_N) * BLOCK_N     # interior = whole tiles
+        for k0 in range(lo, edge, BLOCK_N):
+            key_pos = k0 + offs_n
+            acc, m_i, l_i, pairs = _visit_tile(
+                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
+                seq_start, n, key_pos, key_pos < edge, rows, row_ok, sink, band,
+                qk_scale, HEAD_DIM, BLOCK_D, MODE, True)
+
+        # 3. interior [edge, m0): every pair selected, no mask
+        for k0 in range(edge, m0, BLOCK_N):
+            key_pos = k0 + offs_n
+            acc, m_i, l_i, pairs = _visit_tile(
+                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
+                seq_start, n, key_pos, key_pos < m0, rows, row_ok, sink, band,
+                qk_scale, HEAD_DIM, BLOCK_D, MODE, False, False)
+
+        # 4. diagonal [m0, m0 + BLOCK_M): exact element test
+        for k0 in range(m0, m0 + BLOCK_M, BLOCK_N):
+            key_pos = k0 + offs_n
+            acc, m_i, l_i, pairs = _visit_tile(
+                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
+                seq_start, n, key_pos, key_pos < length, rows, row_ok, sink, band,
+                qk_scale, HEAD_DIM, BLOCK_D, MODE, True)
+
+        if MODE == 0:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out_head + q_rows[:, None] * stride_on + dims[None, :],
+                     out.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM))
+        elif MODE == 2:
+            tl.store(count_ptr + bh.to(tl.int64) * num_q_blocks + m * (BLOCK_M // 64), pairs)
+
+
+def _wide_ok(index: SparseIndex, block_d: int, cfg: dict) -> bool:
+    """Use the 128-row kernel: every head dense or A-shape and the accumulator fits."""
+    return bool(cfg.get("wide")) and block_d <= 128 and all(
+        h.kind in ("dense", "a_shape") for h in index.heads)
+
+
+def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
+    B, H, n, D = q.shape
+    nqb = index.num_query_blocks
+    block_d = max(16, triton.next_power_of_2(D))
+    cfg = dict(KERNEL_CONFIG)
+    common = (q.stride(0), q.stride(1), q.stride(2),
+              k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2),
+              out.stride(0), out.stride(1), out.stride(2))
+    if _wide_ok(index, block_d, cfg):
+        wide_m = 2 * BLOCK
+        programs = triton.cdiv(n, wide_m)
+        compiled = _wide_attention_kernel[(programs, B * H)](
+            q, k, v, out, counts,
+            index.seq_start, index.seq_len, index.prefix, index.sink, index.band,
+            *common,
+            n, H, H // k.shape[1], programs, nqb,
+            scale * LOG2E,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=wide_m, BLOCK_N=cfg["wide_block_n"], MODE=mode,
+                num_warps=cfg["wide_warps"], num_stages=cfg["wide_stages"])
+        LAST_COMPILE.update(kernel="wide", mode=mode, regs=getattr(compiled, "n_regs", None),
+                            spills=getattr(compiled, "n_spills", None),
+                            shared=getattr(compiled, "shared", None))
+        return
+    # One warpgroup per 64-row block: 8 warps measured 2x slower at D=128 (H100, calls 1-2 of
+    # benchmarks/NOTES.md); D=256 needs 8 to hold its 64x256 float32 accumulator.
+    num_warps = cfg["num_warps"] or (4 if block_d <= 128 else 8)
+    grid = (nqb, B * H)
+    compiled = _sparse_attention_kernel[grid](
+        q, k, v, out, counts,
+        index.seq_start, index.seq_len, index.prefix, index.sink, index.band,
+        index.tile_start, index.tile_end, index.tiles_upto,
+        index.columns, index.columns_upto, index.covered,
+        index.blocks, index.block_count,
+        *common,
+        n, H, H // k.shape[1], nqb,
+        index.tile_start.shape[-1], index.columns.shape[-1], index.blocks.shape[-1],
+        index.covered.shape[-1],
+        scale * LOG2E,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BLOCK, BLOCK_N=cfg["block_n"], BLOCK_C=cfg["block_c"], MODE=mode,
+        num_warps=num_warps, num_stages=cfg["num_stages"])
+    LAST_COMPILE.update(kernel="general", mode=mode, regs=getattr(compiled, "n_regs", None),
+                        spills=getattr(compiled, "n_spills", None), shared=getattr(compiled, "shared", None))
+
+
+def _contiguous_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def sparse_attention_from_index(q, k, v, index: SparseIndex, scale: float,
+                                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the kernel on an explicit index (inputs assumed validated). Writes every element
+    of ``out`` (allocated when None) and returns it."""
+    q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
+    if out is None:
+        out = torch.empty_like(q)
+    _launch(q, k, v, index, scale, out, index.prefix, mode=0)
+    return out
+
+
+def count_visited_pairs(q, k, v, index: SparseIndex) -> torch.Tensor:
+    """int32 ``[B, H, n, n]`` (tensor coordinates): how often the kernel visits each pair."""
+    B, H, n, _ = q.shape
+    counts = torch.zeros(B, H, n, n, dtype=torch.int32, device=q.device)
+    _launch(q, k, v, index, 1.0, q, counts, mode=1)
+    return counts
+
+
+def count_pairs_per_head(q, k, v, index: SparseIndex) -> torch.Tensor:
+    """int64 ``[B, H]``: pairs the kernel computes per head (walks the index, no attention)."""
+    B, H, _, _ = q.shape
+    counts = torch.zeros(B, H, index.num_query_blocks, dtype=torch.int32, device=q.device)
+    _launch(q, k, v, index, 1.0, q, counts, mode=2)
+    return counts.sum(-1, dtype=torch.int64)

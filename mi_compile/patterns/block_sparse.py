@@ -1,0 +1,146 @@
+"""Block-sparse heads: the top-k 64x64 blocks per query block (MInference section 3).
+
+Parameters (``HeadPattern("block_sparse", topk=K)``): ``K`` key blocks per query block.
+
+Selection, per input and head, in the sequence's own coordinates (first real token = 0,
+``len`` real tokens, blocks of 64 tokens, the last block possibly partial):
+
+1. mean-pool queries and keys over each 64-token block (a partial last block is averaged
+   over its real tokens only);
+2. block score ``s[m, c] = scale * pooled_q[m] . pooled_k[c]`` for key blocks ``c <= m``
+   (causal); key block ``m`` (the diagonal, score +inf) and key block 0 (score float32 max)
+   are always kept (with ``K = 1`` only the diagonal);
+3. keep the ``min(K, m + 1)`` highest-scoring key blocks of query block ``m``.
+
+The kernel computes every element of every kept block, with element-level causal masking
+(``j <= i``) in the diagonal block. ``K`` larger than the number of blocks is clipped
+statically, so ``K >= ceil(n / 64)`` is dense causal attention.
+
+Index part: ``blocks [B, H, NQB, K]`` (int32, ascending key-block ids, padded with
+:data:`~mi_compile.patterns.index.SENTINEL`) and ``block_count [B, H, NQB]``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from ._device import device_ints
+
+BLOCK = 64
+SENTINEL = 1 << 30
+
+
+def _chunk_size(per_head_bytes: int, budget: int = 1 << 28) -> int:
+    return max(1, budget // max(1, per_head_bytes))
+
+
+def pooled_blocks(x: torch.Tensor, seq_start: torch.Tensor, seq_len: torch.Tensor,
+                  num_blocks: int, unpadded: bool = False) -> torch.Tensor:
+    """Mean of each 64-token block of every sequence, float32 ``[B, H, num_blocks, D]``.
+
+    ``x`` is ``[B, H, n, D]`` in tensor coordinates; sequence ``b``'s token ``t`` is row
+    ``seq_start[b] + t``. Rows past the sequence's end do not count. Works on chunks of heads
+    so the float32 temporaries stay bounded (O(n) per head).
+
+    ``unpadded=True`` (the caller knows ``seq_start = 0`` and ``seq_len = n`` for every input):
+    pool by a reshape of the tensor itself, reading ``x`` once with float32 accumulation and
+    no gathered float32 copy.
+    """
+    B, H, n, D = x.shape
+    if unpadded:
+        full = n // BLOCK
+        out = torch.empty(B, H, num_blocks, D, device=x.device, dtype=torch.float32)
+        if full:
+            body = x[:, :, :full * BLOCK].reshape(B, H, full, BLOCK, D)
+            torch.sum(body, 3, dtype=torch.float32, out=out[:, :, :full])
+            out[:, :, :full] /= BLOCK
+        if full < num_blocks:
+            out[:, :, full] = x[:, :, full * BLOCK:].sum(2, dtype=torch.float32) / (n - full * BLOCK)
+        return out
+    pos = torch.arange(num_blocks * BLOCK, device=x.device)
+    rows = (seq_start.long()[:, None] + pos[None, :]).clamp(0, n - 1)          # [B, nb*64]
+    real = (pos[None, :] < seq_len.long()[:, None])                            # [B, nb*64]
+    counts = real.view(B, num_blocks, BLOCK).sum(-1).clamp(min=1).float()     # [B, nb]
+    out = torch.empty(B, H, num_blocks, D, device=x.device, dtype=torch.float32)
+    step = _chunk_size(B * num_blocks * BLOCK * D * 4)
+    for h0 in range(0, H, step):
+        xs = x[:, h0:h0 + step]
+        hc = xs.shape[1]
+        gathered = xs.gather(2, rows[:, None, :, None].expand(B, hc, rows.shape[1], D)).float()
+        gathered = gathered * real[:, None, :, None]
+        out[:, h0:h0 + hc] = gathered.view(B, hc, num_blocks, BLOCK, D).sum(3) / counts[:, None, :, None]
+    return out
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int], topks: Sequence[int],
+                  seq_start: torch.Tensor, seq_len: torch.Tensor, scale: float,
+                  unpadded: bool = False):
+    """Top-k key blocks for the query heads ``head_ids`` (each with its own ``topk``).
+
+    ``unpadded``: every input is known to span the whole tensor (see :func:`pooled_blocks`).
+    Returns ``blocks [B, len(head_ids), NQB, Kmax]`` (int32, ascending, SENTINEL-padded) and
+    ``block_count [B, len(head_ids), NQB]`` (int32). No host synchronisation.
+    """
+    B, Hq, n, D = q.shape
+    group = Hq // k.shape[1]
+    nqb = math.ceil(n / BLOCK)
+    dev = q.device
+    kmax = max(min(t, nqb) for t in topks)
+    blocks = torch.full((B, len(head_ids), nqb, kmax), SENTINEL, device=dev, dtype=torch.int32)
+    counts = torch.zeros(B, len(head_ids), nqb, device=dev, dtype=torch.int32)
+
+    pooled_k = pooled_blocks(k, seq_start, seq_len, nqb, unpadded)            # [B, Hkv, nqb, D]
+    blocks_in_seq = (seq_len.long() + BLOCK - 1) // BLOCK                      # [B]
+    qb = torch.arange(nqb, device=dev)
+    causal = qb[None, :] <= qb[:, None]                                        # [m, c]
+    diagonal = qb[None, :] == qb[:, None]
+    first = (qb[None, :] == 0).expand(nqb, nqb)
+    live_rows = qb[None, :] < blocks_in_seq[:, None]                           # [B, m]
+    # one pass instead of three fills: non-causal -inf, key block 0 float32 max, diagonal +inf
+    forced = ~causal | first | diagonal
+    fill = torch.full((nqb, nqb), float("-inf"), device=dev, dtype=torch.float32)
+    fill.masked_fill_(first & causal, torch.finfo(torch.float32).max)
+    fill.masked_fill_(diagonal, float("inf"))
+
+    step = _chunk_size(B * nqb * nqb * 4 * 3)
+    for p0 in range(0, len(head_ids), step):
+        ids = list(head_ids[p0:p0 + step])
+        if ids == list(range(ids[0], ids[0] + len(ids))):
+            q_chunk = q[:, ids[0]:ids[0] + len(ids)]                         # no copy
+        else:
+            q_chunk = q.index_select(1, device_ints(ids, dev))
+        pooled_q = pooled_blocks(q_chunk, seq_start, seq_len, nqb, unpadded)   # [B, c, nqb, D]
+        kv_ids = device_ints([h // group for h in ids], dev)
+        scores = torch.matmul(pooled_q, pooled_k.index_select(1, kv_ids).transpose(-1, -2))
+        if scale <= 0:          # a positive scale does not change the ranking
+            scores = scores * scale
+        scores = torch.where(forced, fill, scores)   # the diagonal wins even at K = 1
+        # one top-k for the chunk at its largest K; heads with a smaller K keep a prefix of it
+        ks = [min(t, nqb) for t in topks[p0:p0 + len(ids)]]
+        val, idx = torch.topk(scores, max(ks), dim=-1)                     # [B, c, nqb, K]
+        rank_ok = torch.arange(max(ks), device=dev) < device_ints(ks, dev)[:, None, None]
+        keep = (val > float("-inf")) & live_rows[:, None, :, None] & rank_ok
+        idx = torch.where(keep, idx, SENTINEL).to(torch.int32).sort(-1).values
+        blocks[:, p0:p0 + len(ids), :, :max(ks)] = idx
+        counts[:, p0:p0 + len(ids)] = keep.sum(-1).to(torch.int32)
+    return blocks, counts
+
+
+def block_sparse_mask(i: torch.Tensor, j: torch.Tensor, blocks: torch.Tensor,
+                      block_count: torch.Tensor) -> torch.Tensor:
+    """Reference selection for one head: ``i`` ``[B, n, 1]``, ``j`` ``[B, 1, n]`` sequence
+    positions (any value; the caller applies causality and bounds); ``blocks [B, NQB, K]``,
+    ``block_count [B, NQB]``. True where key block ``j // 64`` is kept for query block ``i // 64``.
+    """
+    B, nqb, kk = blocks.shape
+    kept = torch.arange(kk, device=blocks.device)[None, None, :] < block_count[..., None]
+    table = torch.zeros(B, nqb, nqb + 1, dtype=torch.bool, device=blocks.device)
+    table.scatter_(2, torch.where(kept, blocks.long().clamp(max=nqb), nqb), True)
+    table[..., nqb] = False
+    qi = (i // BLOCK).clamp(0, nqb - 1)
+    kj = (j // BLOCK).clamp(0, nqb)
+    n_i, n_j = i.shape[1], j.shape[2]
+    flat = (qi * (nqb + 1) + kj).expand(B, n_i, n_j).reshape(B, -1)
+    return table.view(B, -1).gather(1, flat).view(B, n_i, n_j)

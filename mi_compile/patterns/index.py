@@ -1,0 +1,316 @@
+"""The unified sparse index: one structure that drives one kernel launch for all heads.
+
+Every head, whatever its pattern, is described to the kernel by the same tables (sequence
+coordinates; ``NQB = ceil(n / 64)`` query blocks of 64 rows; ``B`` inputs, ``H`` query heads):
+
+``prefix [H]``
+    keys ``[0, prefix)`` are visited for every query block (dense: all keys; A-shape: the
+    sinks; vertical-slash: the forced first ``min(V, 64)`` columns).
+``sink [H]``, ``band [H]``
+    exact per-element test ``j < sink or i - j < band`` (A-shape; other patterns have
+    ``sink = 0`` and a band wider than any sequence), always combined with ``j <= i``.
+``group_lo / group_hi [B, H, G]``, ``groups_upto [B, H, NQB]``
+    merged slash groups ``[s_lo, s_hi]`` ascending by ``s_lo``: query block ``m0`` visits keys
+    ``[max(m0 - s_hi, prefix), m0 + 63 - s_lo]``; only the first ``groups_upto[m]`` groups
+    reach block ``m`` (``s_lo <= m0 + 63``). Vertical-slash groups come from the selected
+    offsets; A-shape has the single group ``[0, local - 1]``.
+``tile_start / tile_end [B, H, T]``, ``tiles_upto [B, H, NQB]``
+    the groups' intervals below the diagonal pre-cut into tiles of <= 64 keys, relative to
+    ``m0``: tile ``t`` is keys ``[max(m0 + tile_start, prefix), m0 + tile_end)``; sorted so that
+    block ``m`` walks exactly the first ``tiles_upto[m]`` (those reaching past the prefix) in
+    one flat loop (see :func:`group_tiles`).
+``columns [B, H, V]``, ``columns_upto [B, H, NQB]``
+    ascending extra key columns (vertical-slash); block ``m`` visits the first
+    ``columns_upto[m]`` of them (``j < m0``; columns in ``[m0, m0 + 64)`` belong to the
+    diagonal tile) ...
+``covered [B, H, n + 64]`` (uint8)
+    ... skipping column ``j`` where ``covered[m0 - j + 63]``: some group interval already
+    holds it for that block. Built once per head from the groups, O(n).
+``blocks [B, H, NQB, K]``, ``block_count [B, H, NQB]``
+    64-aligned key blocks per query block (block-sparse).
+
+The raw selection (``offsets``: the selected slash offsets) is kept for the reference mask,
+which is built from the pattern definitions, not from the tables above; tests compare the two.
+The kernel visits every range only strictly below the query block (keys ``< m0``) and then
+one *diagonal tile* ``[m0, m0 + 64)`` with the exact element test: every pattern selects all of
+it (causally): dense, A-shape (band test), vertical-slash (offset 0 is always kept) and
+block-sparse (the diagonal block is always kept).
+
+All tables are built on the inputs' device with no host synchronisation: sizes depend only on
+shapes and the static head parameters.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from . import a_shape, block_sparse, vertical_slash
+from ._device import device_ints
+from .spec import HeadPattern
+
+BLOCK = 64
+SENTINEL = 1 << 30   # "no entry" in sorted int32 tables; larger than any position
+WIDE = 1 << 30       # band of heads without a local window
+
+
+@dataclasses.dataclass
+class SparseIndex:
+    """Everything the kernel reads (see the module docstring for each table)."""
+
+    heads: tuple
+    n: int
+    seq_start: torch.Tensor
+    seq_len: torch.Tensor
+    prefix: torch.Tensor
+    sink: torch.Tensor
+    band: torch.Tensor
+    group_lo: torch.Tensor
+    group_hi: torch.Tensor
+    groups_upto: torch.Tensor
+    tile_start: torch.Tensor
+    tile_end: torch.Tensor
+    tiles_upto: torch.Tensor
+    columns: torch.Tensor
+    columns_upto: torch.Tensor
+    covered: torch.Tensor
+    blocks: torch.Tensor
+    block_count: torch.Tensor
+    offsets: torch.Tensor
+
+    @property
+    def num_query_blocks(self) -> int:
+        return math.ceil(self.n / BLOCK)
+
+
+def merge_offsets(offsets: torch.Tensor, gap: int = BLOCK):
+    """Merge ascending slash offsets (SENTINEL-padded) into groups ``[lo, hi]``.
+
+    A new group starts where an offset exceeds its predecessor by more than ``gap``. Returns
+    ``group_lo, group_hi`` with the shape of ``offsets``, ascending, SENTINEL-padded.
+    """
+    offs = offsets.long()
+    valid = offs < SENTINEL
+    step = offs[..., 1:] - offs[..., :-1]
+    first = torch.ones_like(valid[..., :1])
+    is_start = valid & torch.cat([first, step > gap], -1)
+    is_end = valid & torch.cat([~valid[..., 1:] | is_start[..., 1:], first], -1)
+    group_id = is_start.long().cumsum(-1) - 1
+    dump = offs.shape[-1]                       # scatter target for non-start/non-end slots
+    lo = torch.full(offs.shape[:-1] + (dump + 1,), SENTINEL, dtype=torch.long, device=offs.device)
+    hi = lo.clone()
+    lo.scatter_(-1, torch.where(is_start, group_id, dump), offs)
+    hi.scatter_(-1, torch.where(is_end, group_id, dump), offs)
+    return lo[..., :dump].to(torch.int32), hi[..., :dump].to(torch.int32)
+
+
+def covered_table(group_lo: torch.Tensor, group_hi: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 ``[..., n + 64]``: entry ``d + 63`` is 1 iff some group covers ``m0 - j = d``.
+
+    Group ``[s_lo, s_hi]`` puts key ``j`` of query block ``m0`` in its interval iff
+    ``s_lo - 63 <= m0 - j <= s_hi``; a difference array plus cumsum marks those ranges.
+    """
+    size = n + BLOCK
+    valid = group_lo < SENTINEL
+    begin = torch.where(valid, group_lo.long(), size)                    # (s_lo - 63) + 63
+    end = torch.where(valid, (group_hi.long() + BLOCK).clamp(max=size), size)
+    diff = torch.zeros(group_lo.shape[:-1] + (size + 1,), dtype=torch.int32, device=group_lo.device)
+    ones = torch.ones_like(begin, dtype=torch.int32)
+    diff.scatter_add_(-1, begin, ones)
+    diff.scatter_add_(-1, end, -ones)
+    return (diff.cumsum(-1)[..., :size] > 0).to(torch.uint8)
+
+
+def count_upto(sorted_values: torch.Tensor, num_blocks: int, reach: int = BLOCK - 1) -> torch.Tensor:
+    """int32 ``[..., num_blocks]``: how many ascending entries are ``<= m0 + reach`` per block."""
+    bounds = torch.arange(num_blocks, device=sorted_values.device) * BLOCK + reach
+    bounds = bounds.expand(sorted_values.shape[:-1] + (num_blocks,)).contiguous()
+    return torch.searchsorted(sorted_values.long().contiguous(), bounds, right=True).to(torch.int32)
+
+
+def group_tiles(group_lo: torch.Tensor, group_hi: torch.Tensor, prefix: torch.Tensor,
+                num_blocks: int, num_tiles: int):
+    """Cut each group's key interval below the diagonal, ``[m0 - s_hi, min(m0 + 63 - s_lo, m0 - 1)]``,
+    into tiles of at most 64 keys, relative to ``m0``.
+
+    Tiles are sorted by their end, nearest the diagonal first. A tile matters to block ``m``
+    once ``m0 + end > prefix`` (it then reaches past the prefix range, which is visited
+    separately), and stays relevant for later blocks; so with that order block ``m`` walks the
+    first ``tiles_upto[m]`` tiles and never a tile that is empty for it.
+
+    Returns ``tile_start, tile_end`` (int32 ``[..., num_tiles]``; unused slots
+    ``(-SENTINEL, -SENTINEL)``) and ``tiles_upto`` (int32 ``[..., num_blocks]``); ``prefix`` is
+    int32 ``[H]``. ``num_tiles`` must bound the total (see :func:`max_group_tiles`).
+    """
+    lo, hi = group_lo.long(), group_hi.long()
+    valid = lo < SENTINEL
+    below_end = torch.clamp(BLOCK - lo, max=0)                          # exclusive, relative
+    count = torch.where(valid, (below_end + hi + BLOCK - 1).clamp(min=0) // BLOCK, 0)
+    ends = count.cumsum(-1)                                               # tiles of groups <= g
+    slot = torch.arange(num_tiles, device=lo.device).expand(lo.shape[:-1] + (num_tiles,)).contiguous()
+    group = torch.searchsorted(ends, slot, right=True)                    # owning group per slot
+    live = group < lo.shape[-1]
+    group = group.clamp(max=lo.shape[-1] - 1)
+    first = (ends - count).gather(-1, group)
+    start = -hi.gather(-1, group) + (slot - first) * BLOCK
+    end = torch.minimum(start + BLOCK, below_end.gather(-1, group))
+    start = torch.where(live, start, -SENTINEL)
+    end = torch.where(live, end, -SENTINEL)
+    end, order = torch.sort(end, dim=-1, descending=True, stable=True)
+    start = start.gather(-1, order)
+    m0 = torch.arange(num_blocks, device=lo.device) * BLOCK
+    bounds = (m0[None, :] - prefix.long()[:, None]).expand(lo.shape[:-1] + (num_blocks,)).contiguous()
+    upto = torch.searchsorted((-end).contiguous(), bounds, right=False)   # tiles with m0 + end > prefix
+    return start.to(torch.int32), end.to(torch.int32), upto.to(torch.int32)
+
+
+def max_group_tiles(heads: Sequence[HeadPattern], n: int) -> int:
+    """Static bound on the group tiles of any head (see :func:`group_tiles`)."""
+    nqb = math.ceil(n / BLOCK)
+    bound = 1
+    for h in heads:
+        if h.kind == "vertical_slash":
+            groups = min(h.slash, n)
+            # spans add up to <= 64 * offsets and to <= n + 64 per group count
+            bound = max(bound, min(3 * groups, 2 * groups + nqb + 1))
+        elif h.kind == "a_shape":
+            bound = max(bound, nqb + 2)
+    return bound
+
+
+def normalize_sequences(q: torch.Tensor, seq_start: Optional[torch.Tensor],
+                        seq_len: Optional[torch.Tensor]):
+    """int32 ``seq_start``, ``seq_len`` of shape ``[B]`` on q's device (defaults: 0 and n)."""
+    B, n = q.shape[0], q.shape[2]
+    if seq_start is None:
+        seq_start = torch.zeros(B, dtype=torch.int32, device=q.device)
+    if seq_len is None:
+        seq_len = (n - seq_start.to(torch.int32)).to(torch.int32)
+    return seq_start.to(device=q.device, dtype=torch.int32), seq_len.to(device=q.device, dtype=torch.int32)
+
+
+def build_index(q: torch.Tensor, k: torch.Tensor, heads: Sequence[HeadPattern], scale: float,
+                seq_start: torch.Tensor, seq_len: torch.Tensor,
+                vs_selection: Optional[tuple] = None, unpadded: bool = False) -> SparseIndex:
+    """Run each pattern's index builder and assemble the unified tables (inputs validated).
+
+    ``vs_selection = (keys [B, H, *], offsets [B, H, *])`` replaces the vertical-slash
+    estimate with an explicit selection (entries of non-vertical-slash heads are ignored;
+    see :func:`~mi_compile.patterns.vertical_slash.clean_selection`). ``unpadded``: the caller
+    knows every input spans the whole tensor (start 0, length n); cheaper block pooling.
+    """
+    heads = tuple(heads)
+    B, H, n, _ = q.shape
+    dev = q.device
+    nqb = math.ceil(n / BLOCK)
+    kinds = [h.kind for h in heads]
+    vs_ids = [h for h, kind in enumerate(kinds) if kind == "vertical_slash"]
+    bs_ids = [h for h, kind in enumerate(kinds) if kind == "block_sparse"]
+    as_ids = [h for h, kind in enumerate(kinds) if kind == "a_shape"]
+
+    prefix, sink, band = [], [], []
+    for head in heads:
+        if head.kind == "dense":
+            prefix.append(WIDE), sink.append(0), band.append(WIDE)
+        elif head.kind == "a_shape":
+            t = a_shape.a_shape_head_tables(head)
+            prefix.append(min(t["prefix"], WIDE)), sink.append(t["sink"]), band.append(min(t["band"], WIDE))
+        elif head.kind == "vertical_slash":
+            prefix.append(min(head.vertical, vertical_slash.FORCED)), sink.append(0), band.append(WIDE)
+        else:
+            prefix.append(0), sink.append(0), band.append(WIDE)
+    as_int = dict(device=dev, dtype=torch.int32)
+
+    def per_head(values):
+        return device_ints(values, dev).to(torch.int32)
+
+    g_width = max([1] + [min(heads[h].slash, n) for h in vs_ids] + [1 for _ in as_ids])
+    group_lo = torch.full((B, H, g_width), SENTINEL, **as_int)
+    group_hi = torch.full((B, H, g_width), SENTINEL, **as_int)
+    offsets = torch.full((B, H, g_width), SENTINEL, **as_int)
+    columns = torch.full((B, H, 1), SENTINEL, **as_int)
+    covered = torch.zeros(B, H, n + BLOCK, dtype=torch.uint8, device=dev)
+
+    for h in as_ids:
+        lo, hi = a_shape.a_shape_head_tables(heads[h])["group"]
+        group_lo[:, h, 0] = lo
+        group_hi[:, h, 0] = min(hi, n)               # offsets past n reach no key
+
+    if vs_ids:
+        ids = device_ints(vs_ids, dev)
+        if vs_selection is None:
+            vert, slash = vertical_slash.estimate_scores(q, k, vs_ids, seq_start, seq_len, scale)
+            params = [(heads[h].vertical, heads[h].slash) for h in vs_ids]
+            cols, offs = vertical_slash.select_vertical_slash(vert, slash, params, seq_len)
+            del vert, slash
+        else:
+            cols, offs = vertical_slash.clean_selection(vs_selection[0].index_select(1, ids), vs_selection[1].index_select(1, ids), n)
+            g_width = max(g_width, offs.shape[-1])
+            group_lo = torch.full((B, H, g_width), SENTINEL, **as_int)
+            group_hi = torch.full((B, H, g_width), SENTINEL, **as_int)
+            offsets = torch.full((B, H, g_width), SENTINEL, **as_int)
+            for h in as_ids:
+                lo, hi = a_shape.a_shape_head_tables(heads[h])["group"]
+                group_lo[:, h, 0], group_hi[:, h, 0] = lo, min(hi, n)
+        columns = torch.full((B, H, cols.shape[-1]), SENTINEL, **as_int)
+        columns[:, ids] = cols
+        offsets[:, ids, :offs.shape[-1]] = offs
+        lo, hi = merge_offsets(offs)
+        group_lo[:, ids, :lo.shape[-1]] = lo
+        group_hi[:, ids, :hi.shape[-1]] = hi
+        covered[:, ids] = covered_table(lo, hi, n)
+
+    k_width = max([1] + [min(heads[h].topk, nqb) for h in bs_ids])
+    blocks = torch.zeros(B, H, nqb, k_width, **as_int)
+    block_count = torch.zeros(B, H, nqb, **as_int)
+    if bs_ids:
+        blk, cnt = block_sparse.select_blocks(q, k, bs_ids, [heads[h].topk for h in bs_ids],
+                                              seq_start, seq_len, scale, unpadded)
+        ids = device_ints(bs_ids, dev)
+        blocks[:, ids, :, :blk.shape[-1]] = blk
+        block_count[:, ids] = cnt
+
+    groups_upto = count_upto(group_lo, nqb)
+    prefix_t = per_head(prefix)
+    tile_start, tile_end, tiles_upto = group_tiles(group_lo, group_hi, prefix_t, nqb,
+                                                   max_group_tiles(heads, n))
+    return SparseIndex(
+        heads=heads, n=n, seq_start=seq_start, seq_len=seq_len,
+        prefix=prefix_t, sink=per_head(sink), band=per_head(band),
+        group_lo=group_lo, group_hi=group_hi, groups_upto=groups_upto,
+        tile_start=tile_start, tile_end=tile_end, tiles_upto=tiles_upto,
+        columns=columns, columns_upto=count_upto(columns, nqb, reach=-1), covered=covered,
+        blocks=blocks, block_count=block_count, offsets=offsets)
+
+
+def head_selection_mask(index: SparseIndex, h: int) -> torch.Tensor:
+    """Reference selection of query head ``h``: bool ``[B, n, n]`` in tensor coordinates.
+
+    Built from the pattern definitions and the raw selection (columns, offsets, blocks), never
+    from the kernel's range tables, so it checks them.
+    """
+    n = index.n
+    dev = index.seq_start.device
+    start = index.seq_start.long()[:, None, None]
+    length = index.seq_len.long()[:, None, None]
+    t = torch.arange(n, device=dev)
+    i = t[None, :, None] - start                                          # [B, n, 1]
+    j = t[None, None, :] - start                                          # [B, 1, n]
+    base = (j >= 0) & (j <= i) & (i < length)
+    head = index.heads[h]
+    if head.kind == "dense":
+        return base
+    if head.kind == "a_shape":
+        return base & a_shape.a_shape_mask(i, j, head)
+    if head.kind == "vertical_slash":
+        prefix = min(head.vertical, vertical_slash.FORCED)
+        return base & vertical_slash.vertical_slash_mask(
+            i, j, prefix, index.columns[:, h], index.offsets[:, h], n)
+    return base & block_sparse.block_sparse_mask(i, j, index.blocks[:, h], index.block_count[:, h])
+
+
+def selection_mask_from_index(index: SparseIndex) -> torch.Tensor:
+    """bool ``[B, H, n, n]``: every head's :func:`head_selection_mask` (small n only)."""
+    return torch.stack([head_selection_mask(index, h) for h in range(len(index.heads))], 1)

@@ -1,0 +1,194 @@
+"""Vertical-slash heads: hot key columns plus hot diagonals (MInference section 3).
+
+Parameters (``HeadPattern("vertical_slash", vertical=V, slash=S)``): keep ``V`` key columns
+and ``S`` diagonals ("slashes"; offset ``d = i - j``).
+
+Estimate, per input and head, in the sequence's own coordinates (``len`` real tokens):
+
+1. take the last ``min(64, len)`` queries, at positions ``p = len - 64 + r``;
+2. scores ``scale * q_p . k_j`` over all keys, causal (``j <= p``), softmax per query in
+   float32;
+3. vertical score of key ``j`` = sum over those queries of the probability of ``j``;
+   slash score of offset ``d`` = sum over those queries of the probability of key ``p - d``.
+
+Selection (counts larger than the sequence are clipped statically, ``min(., n)``):
+
+* verticals: keys ``0 .. min(V, 64) - 1`` are always kept (attention sinks; MInference forces
+  the first ~30 columns). They are stored as a *prefix* range, not as columns. The other
+  ``V - 64`` columns (when ``V > 64``) are the top-scored keys ``j >= 64``.
+* slashes: offsets ``0 .. min(S, 64) - 1`` are always kept (the local diagonals; MInference
+  forces the last ~100). The other ``S - 64`` are the top-scored offsets ``d >= 64``.
+
+What is computed (the "rectangle" semantics of MInference's kernel): sorted selected offsets
+are merged into *groups* wherever consecutive offsets differ by ``<= 64``. For the query block
+``[m0, m0 + 64)`` a group ``[s_lo, s_hi]`` covers the key interval ``[m0 - s_hi, m0 + 63 - s_lo]``
+(the union of the 64-wide intervals of its offsets, which overlap or touch). All pairs in those
+intervals, plus the prefix keys and the selected columns, are computed, each clipped causally
+per element (``j <= i``). Equivalently (what :func:`vertical_slash_mask` tests): key ``j`` is
+selected for query ``i`` iff ``j <= i`` and (``j < min(V, 64)``, or ``j`` is a selected column,
+or some selected offset lies in ``[m0 - j, m0 - j + 63]`` with ``m0 = 64 * (i // 64)``).
+
+A column that a group interval already covers for a query block is skipped there (the kernel
+reads a per-head ``covered`` table over ``m0 - j``), so no pair is computed twice.
+
+Memory: the estimate runs over chunks of query heads that share a KV head, so its float32
+score buffer is at most ~256 MiB whatever the head count; K/V are never repeated.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._device import device_ints
+
+LAST_QUERIES = 64
+FORCED = 64
+SENTINEL = 1 << 30
+
+
+def estimate_scores(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int],
+                    seq_start: torch.Tensor, seq_len: torch.Tensor, scale: float,
+                    budget_bytes: int = 1 << 28):
+    """Vertical and slash scores for the query heads ``head_ids``.
+
+    Returns ``vertical, slash``: float32 ``[B, len(head_ids), n]`` in sequence coordinates
+    (``vertical[..., j]`` for key ``j``, ``slash[..., d]`` for offset ``d``), ``-inf`` where the
+    key / offset does not exist in that sequence.
+    """
+    B, Hq, n, D = q.shape
+    group = Hq // k.shape[1]
+    dev = q.device
+    start = seq_start.long()
+    length = seq_len.long()
+    r = torch.arange(LAST_QUERIES, device=dev)
+    query_pos = length[:, None] - LAST_QUERIES + r[None, :]                    # [B, 64] (seq)
+    query_rows = (start[:, None] + query_pos).clamp(0, n - 1)                 # tensor rows
+    rows_real = query_pos >= 0
+    t = torch.arange(n, device=dev)
+    key_pos = t[None, :] - start[:, None]                                      # [B, n] (seq)
+    allowed = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= query_pos[:, :, None])
+    allowed &= rows_real[:, :, None]                                           # [B, 64, n]
+    seq_to_row = (start[:, None] + t[None, :]).clamp(max=n - 1)                # [B, n]
+    key_exists = t[None, :] < length[:, None]
+    # slash via a skewed view: T[c] = sum_r P[r, c - 63 + r]; offset d lives at c = end - 1 - d
+    slash_col = (start + length)[:, None] - 1 - t[None, :]                     # [B, n]
+    offset_exists = slash_col >= start[:, None]
+    slash_col = slash_col.clamp(0, n - 1)
+
+    last_q = q.gather(2, query_rows[:, None, :, None].expand(B, Hq, LAST_QUERIES, D))
+    vertical = torch.empty(B, len(head_ids), n, device=dev, dtype=torch.float32)
+    slash = torch.empty_like(vertical)
+    per_head = B * LAST_QUERIES * (n + LAST_QUERIES) * 4 * 2
+    chunk = max(1, budget_bytes // per_head)
+    by_kv: dict[int, list[int]] = {}
+    for slot, h in enumerate(head_ids):
+        by_kv.setdefault(h // group, []).append(slot)
+    for kv, slots in by_kv.items():
+        for c0 in range(0, len(slots), chunk):
+            part = slots[c0:c0 + chunk]
+            hs = [head_ids[s] for s in part]
+            c = len(hs)
+            ql = last_q.index_select(1, device_ints(hs, dev)).reshape(B, c * LAST_QUERIES, D)
+            s = torch.matmul(ql, k[:, kv].transpose(-1, -2)).float().view(B, c, LAST_QUERIES, n)
+            s = s.mul_(scale).masked_fill_(~allowed[:, None], float("-inf"))
+            p = torch.softmax(s, dim=-1)
+            p = p.masked_fill_(~rows_real[:, None, :, None], 0.0)             # NaN rows -> 0
+            del s
+            vert_rows = p.sum(2)                                               # [B, c, n]
+            padded = F.pad(p, (LAST_QUERIES - 1, 0))                           # [B, c, 64, n+63]
+            del p
+            w = n + LAST_QUERIES - 1
+            skew = padded.as_strided((B, c, LAST_QUERIES, n),
+                                     (c * LAST_QUERIES * w, LAST_QUERIES * w, w + 1, 1))
+            diag = skew.sum(2)                                                 # [B, c, n]
+            del padded
+            idx = device_ints(part, dev)
+            vertical[:, idx] = vert_rows.gather(2, seq_to_row[:, None].expand(B, c, n)).masked_fill(
+                ~key_exists[:, None], float("-inf"))
+            slash[:, idx] = diag.gather(2, slash_col[:, None].expand(B, c, n)).masked_fill(
+                ~offset_exists[:, None], float("-inf"))
+    return vertical, slash
+
+
+def _top_beyond_forced(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices ``>= FORCED`` of the ``count`` best scores (SENTINEL where none exists)."""
+    n = scores.shape[-1]
+    count = min(count, max(n - FORCED, 0))
+    if count <= 0:
+        return scores.new_empty(scores.shape[:-1] + (0,), dtype=torch.int32)
+    val, idx = torch.topk(scores[..., FORCED:], count, dim=-1)
+    return torch.where(val > float("-inf"), idx + FORCED, SENTINEL).to(torch.int32)
+
+
+def select_vertical_slash(vertical: torch.Tensor, slash: torch.Tensor,
+                          params: Sequence[tuple[int, int]], seq_len: torch.Tensor):
+    """Turn scores into the selection of each head (``params[h] = (V, S)``).
+
+    Returns ``columns [B, Hs, Vx]`` (the non-forced verticals, ascending, SENTINEL-padded) and
+    ``offsets [B, Hs, Sx]`` (all kept offsets, forced ones included, ascending, SENTINEL-padded).
+    """
+    B, Hs, n = vertical.shape
+    dev = vertical.device
+    v_width = max(1, max(min(max(v - FORCED, 0), max(n - FORCED, 0)) for v, _ in params))
+    s_width = max(min(s, n) for _, s in params)
+    columns = torch.full((B, Hs, v_width), SENTINEL, device=dev, dtype=torch.int32)
+    offsets = torch.full((B, Hs, s_width), SENTINEL, device=dev, dtype=torch.int32)
+    # heads with the same parameters are selected together
+    by_params: dict[tuple[int, int], list[int]] = {}
+    for slot, p in enumerate(params):
+        by_params.setdefault(tuple(p), []).append(slot)
+    for (v, s), slots in by_params.items():
+        idx = device_ints(slots, dev)
+        cols = _top_beyond_forced(vertical[:, idx], v - FORCED).sort(-1).values
+        columns[:, idx, :cols.shape[-1]] = cols
+        n_forced = min(s, FORCED, n)
+        forced = torch.arange(n_forced, device=dev, dtype=torch.int32).expand(B, len(slots), n_forced)
+        forced = torch.where(forced < seq_len[:, None, None], forced, SENTINEL)
+        extra = _top_beyond_forced(slash[:, idx], s - FORCED)
+        offs = torch.cat([forced, extra], -1).sort(-1).values
+        offsets[:, idx, :offs.shape[-1]] = offs
+    return columns, offsets
+
+
+def clean_selection(keys: torch.Tensor, offsets: torch.Tensor, n: int):
+    """An explicit selection (e.g. a fixed index for timing) in :func:`select_vertical_slash`'s
+    form: ``keys [B, Hs, *]`` (any order, duplicates allowed; keys ``< 64`` are dropped since
+    the forced prefix holds them), ``offsets [B, Hs, *]`` (any order, duplicates allowed).
+    Returns ascending, de-duplicated, SENTINEL-padded int32 ``columns, offsets``.
+    """
+    def dedupe(x, low):
+        x = x.to(torch.int32)
+        x = torch.where((x >= low) & (x < n), x, SENTINEL).sort(-1).values
+        repeat = torch.cat([torch.zeros_like(x[..., :1], dtype=torch.bool), x[..., 1:] == x[..., :-1]], -1)
+        return torch.where(repeat, SENTINEL, x).sort(-1).values
+    return dedupe(keys, FORCED), dedupe(offsets, 0)
+
+
+def vertical_slash_mask(i: torch.Tensor, j: torch.Tensor, prefix: int, columns: torch.Tensor,
+                        offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """Reference selection for one head, straight from the selected columns and offsets.
+
+    ``i`` ``[B, n, 1]``, ``j`` ``[B, 1, n]`` sequence positions (the caller applies causality
+    and bounds); ``columns [B, Vx]``, ``offsets [B, Sx]`` as from :func:`select_vertical_slash`.
+    """
+    B = columns.shape[0]
+    dev = columns.device
+    col_table = torch.zeros(B, n + 1, dtype=torch.bool, device=dev)
+    col_table.scatter_(1, columns.long().clamp(max=n), True)
+    col_table[:, n] = False
+    off_table = torch.zeros(B, n + 1, dtype=torch.long, device=dev)
+    off_table.scatter_(1, offsets.long().clamp(max=n), 1)
+    off_table[:, n] = 0
+    cum = F.pad(off_table.cumsum(1), (1, 0))                                   # cum[x] = #offsets < x
+    n_i, n_j = i.shape[1], j.shape[2]
+    jj = j.clamp(0, n - 1).expand(B, 1, n_j).reshape(B, n_j)
+    in_column = col_table.gather(1, jj)[:, None, :]
+    m0 = (i.clamp(min=0) // FORCED) * FORCED
+    d_lo = (m0 - j).clamp(0, n)                                                # some offset in
+    d_hi = (m0 - j + FORCED).clamp(0, n)                                       # [m0-j, m0-j+63]
+    hits = cum.gather(1, d_hi.expand(B, n_i, n_j).reshape(B, -1)) - \
+        cum.gather(1, d_lo.expand(B, n_i, n_j).reshape(B, -1))
+    on_slash = (hits > 0).view(B, n_i, n_j)
+    return (j < prefix) | in_column | on_slash

@@ -1,0 +1,167 @@
+"""Public entry point: MInference-style sparse attention for causal prefill.
+
+``sparse_attention(q, k, v, heads)`` builds the per-head sparse index on the inputs' device
+(vertical-slash estimate, block-sparse pooling, top-k, range conversion: PyTorch, no host
+synchronisation) and runs one Triton launch for all heads, or the float32 PyTorch reference.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from .patterns.index import (SparseIndex, build_index, normalize_sequences,
+                             selection_mask_from_index)
+from .patterns.reference import reference_attention
+from .patterns.spec import HeadPattern, PatternError, decode_heads
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+__all__ = ["sparse_attention", "selection_mask", "selection_density", "build_sparse_index",
+           "sparse_attention_from_index", "SparseIndex", "HeadPattern"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _as_patterns(heads) -> list[HeadPattern]:
+    """HeadPattern objects, pattern names, or the flat ``int[]`` of :func:`encode_heads`."""
+    heads = list(heads)
+    if heads and all(isinstance(h, int) and not isinstance(h, bool) for h in heads):
+        try:
+            return decode_heads(heads)
+        except PatternError as e:
+            raise ValueError(f"bad encoded head list: {e}") from None
+    out = []
+    for h in heads:
+        if isinstance(h, HeadPattern):
+            out.append(h)
+        elif isinstance(h, str):
+            out.append(HeadPattern(h))
+        else:
+            raise ValueError(f"heads must be HeadPattern objects, got {type(h).__name__}")
+    return out
+
+
+def _validate(q, k, v, heads, seq_start, seq_len, check_v=True):
+    if q.dim() != 4 or k.dim() != 4 or (check_v and v.dim() != 4):
+        raise ValueError(f"expected q [B, Hq, n, D] and k/v [B, Hkv, n, D]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}" + (f", v {tuple(v.shape)}" if check_v else ""))
+    B, Hq, n, D = q.shape
+    if check_v and k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
+    if k.shape[2] != n:
+        raise ValueError(f"causal prefill needs q_len == kv_len; got q_len {n}, kv_len {k.shape[2]}")
+    if Hq % k.shape[1]:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({k.shape[1]})")
+    dtypes = {q.dtype, k.dtype} | ({v.dtype} if check_v else set())
+    if len(dtypes) != 1:
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}" + (f", {v.dtype}" if check_v else ""))
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {q.dtype} unsupported; use float16, bfloat16 or float32")
+    if not (MIN_HEAD_DIM <= D <= MAX_HEAD_DIM) or D % 8:
+        raise ValueError(f"head_dim {D} unsupported: need {MIN_HEAD_DIM} <= D <= {MAX_HEAD_DIM} "
+                         "and D a multiple of 8")
+    if n == 0:
+        raise ValueError("empty sequence (n == 0)")
+    heads = _as_patterns(heads)
+    if len(heads) != Hq:
+        raise ValueError(f"got {len(heads)} head patterns for {Hq} query heads")
+    for name, t in (("seq_start", seq_start), ("seq_len", seq_len)):
+        if t is not None and (t.dim() != 1 or t.shape[0] != B):
+            raise ValueError(f"{name} must have shape [B] = [{B}], got {tuple(t.shape)}")
+    return heads
+
+
+def build_sparse_index(q, k, heads, *, scale=None, seq_start=None, seq_len=None,
+                       vs_selection=None) -> SparseIndex:
+    """Validate and build the unified index (estimate + top-k + conversion) on q's device.
+
+    ``vs_selection=(keys, offsets)`` (int tensors ``[B, Hq, *]``) gives vertical-slash heads an
+    explicit selection instead of the estimate (timing on a fixed index)."""
+    heads = _validate(q, k, None, heads, seq_start, seq_len, check_v=False)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    unpadded = seq_start is None and seq_len is None
+    seq_start, seq_len = normalize_sequences(q, seq_start, seq_len)
+    with torch.no_grad():
+        return build_index(q, k, heads, scale, seq_start, seq_len, vs_selection, unpadded=unpadded)
+
+
+def sparse_attention_from_index(q, k, v, index: SparseIndex, *, scale=None, impl="auto",
+                                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attend exactly the pairs ``index`` selects (kernel or reference); see
+    :func:`sparse_attention`. ``out`` (kernel only) is written in full."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if _pick_impl(q, impl) == "reference":
+        return reference_attention(q, k, v, index, scale).to(q.dtype)
+    from .kernels.sparse_attention import sparse_attention_from_index as run_kernel
+    return run_kernel(q, k, v, index, scale, out=out)
+
+
+def _pick_impl(q, impl: str) -> str:
+    if impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    if impl == "auto":
+        return "triton" if (q.is_cuda or _interpreting()) else "reference"
+    if impl == "triton" and not q.is_cuda and not _interpreting():
+        raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1")
+    return impl
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     heads: Sequence[HeadPattern], *, scale: Optional[float] = None,
+                     seq_start: Optional[torch.Tensor] = None,
+                     seq_len: Optional[torch.Tensor] = None, impl: str = "auto") -> torch.Tensor:
+    """Causal sparse attention for a prefill, one pattern per query head.
+
+    q ``[B, Hq, n, D]``, k/v ``[B, Hkv, n, D]`` (``Hq % Hkv == 0``; query head ``h`` reads KV
+    head ``h // (Hq // Hkv)``); ``heads``: ``Hq`` :class:`HeadPattern`; ``scale`` defaults to
+    ``1/sqrt(D)``. ``seq_start``/``seq_len`` (int32 ``[B]``): sequence ``b`` is rows
+    ``[start, start + len)``, treated as if alone (its own positions, sinks and estimate);
+    other output rows are 0. ``impl``: "triton", "reference" (float32 PyTorch) or "auto"
+    (triton on CUDA or under ``TRITON_INTERPRET=1``, else reference). Returns q's dtype.
+
+    Sync-free and CUDA-graph capturable on GPU; extra memory O(n) per head (the estimate's
+    float32 buffer is chunked to ~256 MiB).
+    """
+    heads = _validate(q, k, v, heads, seq_start, seq_len)
+    impl = _pick_impl(q, impl)
+    index = build_sparse_index(q, k, heads, scale=scale, seq_start=seq_start, seq_len=seq_len)
+    return sparse_attention_from_index(q, k, v, index, scale=scale, impl=impl)
+
+
+def selection_mask(q, k, heads, seq_start=None, seq_len=None, *, scale=None) -> torch.Tensor:
+    """bool ``[B, Hq, n, n]`` (tensor coordinates): exactly the pairs the kernel computes.
+    Small n only (n x n per head)."""
+    index = build_sparse_index(q, k, heads, scale=scale, seq_start=seq_start, seq_len=seq_len)
+    return selection_mask_from_index(index)
+
+
+def index_density(index: SparseIndex, q, k, v=None) -> torch.Tensor:
+    """float64 ``[B, Hq]``: computed pairs / ``len (len + 1) / 2`` per sequence and head.
+
+    On CUDA (or under the interpreter) the kernel walks the index in counting mode (no
+    attention, O(pairs / 64^2) tile steps, no n x n memory); on plain CPU it sums each head's
+    reference mask (n x n per head at a time).
+    """
+    length = index.seq_len.double()
+    causal = (length * (length + 1) / 2).clamp(min=1)[:, None]
+    if q.is_cuda or _interpreting():
+        from .kernels.sparse_attention import count_pairs_per_head
+        pairs = count_pairs_per_head(q, k, k if v is None else v, index)
+    else:
+        from .patterns.index import head_selection_mask
+        pairs = torch.stack([head_selection_mask(index, h).sum((1, 2)) for h in range(len(index.heads))], 1)
+    return pairs.double() / causal
+
+
+def selection_density(q, k, heads, seq_start=None, seq_len=None, *, scale=None) -> torch.Tensor:
+    """float64 ``[B, Hq]``: fraction of each sequence's causal square computed per head."""
+    index = build_sparse_index(q, k, heads, scale=scale, seq_start=seq_start, seq_len=seq_len)
+    return index_density(index, q, k)
