@@ -260,3 +260,21 @@ def test_padding_mask_with_holes_fails_loudly():
         padding_to_ranges(mask)
     start, length = padding_to_ranges(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool))
     assert start.tolist() == [2, 0] and length.tolist() == [3, 3]
+
+
+def test_artifacts_go_to_structured_trace(monkeypatch):
+    """TORCH_TRACE / tlparse see the before/after graphs and the table as named artifacts."""
+    import mi_compile.debug.dump as dump
+
+    seen = {}
+
+    def fake_trace(kind, metadata_fn, payload_fn):
+        seen[metadata_fn()["name"]] = payload_fn()
+
+    monkeypatch.setattr(dump, "trace_structured", fake_trace)
+    model = tiny_model("llama")
+    ids, _ = _inputs(1)
+    mi_compile.explain(model, ids, use_cache=False, options=DENSE_OPTS)
+    names = sorted(seen)
+    assert [n.rsplit("_", 1)[1] for n in names] == ["after", "before", "explain"]
+    assert "sparse_attention" in seen[names[0]] and "2 sparse" in seen[names[2]]
