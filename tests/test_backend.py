@@ -278,3 +278,16 @@ def test_artifacts_go_to_structured_trace(monkeypatch):
     names = sorted(seen)
     assert [n.rsplit("_", 1)[1] for n in names] == ["after", "before", "explain"]
     assert "sparse_attention" in seen[names[0]] and "2 sparse" in seen[names[2]]
+
+
+def test_observers_see_each_layers_q_and_k_through_the_compiled_model():
+    """The pattern search reads real q/k this way: no model-specific patches."""
+    from mi_compile.kernels.op import observe_attention
+
+    model = tiny_model("qwen2")
+    ids, _ = _inputs(1)
+    seen = []
+    compiled = torch.compile(model, backend="minference", options=DENSE_OPTS)
+    with torch.no_grad(), observe_attention(lambda layer, q, k, v, pad: seen.append((layer, q.shape, k.shape))):
+        compiled(ids, use_cache=False)
+    assert seen == [(0, (1, 4, N, 16), (1, 2, N, 16)), (1, (1, 4, N, 16), (1, 2, N, 16))]

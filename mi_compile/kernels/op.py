@@ -16,12 +16,15 @@ Arguments:
     scale: softmax scale (None: 1/sqrt(D)),
     key_padding_mask: optional ``[B, n]`` bool (True = real token), left or right padding,
     window: sliding-window size of the original mask (0 = none), used by the dense path,
-    min_seq_len: below this many tokens the op runs dense attention (sparse does not pay off).
+    min_seq_len: below this many tokens the op runs dense attention (sparse does not pay off),
+    layer: the decoder layer this call belongs to (-1 if unknown), for observers (see
+    :func:`observe_attention`) and error messages.
 Semantics: causal attention restricted to each head's pattern for prefills of at least
 ``min_seq_len`` tokens; otherwise exactly the dense attention of the original call.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -94,15 +97,35 @@ def _output_like(q, v) -> torch.Tensor:
     return q.new_empty((b, n, h, v.shape[-1])).transpose(1, 2)
 
 
-def _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len):
+_OBSERVERS: list = []
+
+
+@contextlib.contextmanager
+def observe_attention(fn):
+    """Call ``fn(layer, q, k, v, key_padding_mask)`` at every run of the op inside the block.
+
+    This is how tools see each layer's real q/k through the backend itself, with no
+    model-specific patches (the offline pattern search uses it). Observers run eagerly, in
+    the op's implementation, also when Inductor compiled the rest of the model.
+    """
+    _OBSERVERS.append(fn)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(fn)
+
+
+def _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer):
+    for fn in list(_OBSERVERS):
+        fn(layer, q, k, v, key_padding_mask)
     out = _output_like(q, v)
-    res = _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len)
+    res = _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer)
     if res.stride() == out.stride():
         return res
     return out.copy_(res)
 
 
-def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len):
+def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer):
     n_q, n_k = q.shape[-2], k.shape[-2]
     if n_q != n_k:
         raise ValueError(f"mi_compile.sparse_attention is for prefill: query length {n_q} != key length {n_k}")
@@ -122,23 +145,23 @@ def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_le
 @torch.library.custom_op("mi_compile::sparse_attention", mutates_args=())
 def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: list[int],
                         scale: Optional[float], key_padding_mask: Optional[torch.Tensor],
-                        window: int, min_seq_len: int) -> torch.Tensor:
-    return _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len)
+                        window: int, min_seq_len: int, layer: int) -> torch.Tensor:
+    return _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer)
 
 
 @sparse_attention_op.register_kernel("cpu")
-def _sparse_attention_cpu(q, k, v, heads, scale, key_padding_mask, window, min_seq_len):
+def _sparse_attention_cpu(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer):
     # On the CPU: the PyTorch reference of the same selection (MI_COMPILE_CPU_IMPL=triton: the
     # Triton kernels through the interpreter).
-    return _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len)
+    return _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer)
 
 
 @sparse_attention_op.register_kernel("cuda")
-def _sparse_attention_cuda(q, k, v, heads, scale, key_padding_mask, window, min_seq_len):
+def _sparse_attention_cuda(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer):
     # On CUDA mi_compile.sparse runs the Triton kernels.
-    return _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len)
+    return _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer)
 
 
 @sparse_attention_op.register_fake
-def _sparse_attention_fake(q, k, v, heads, scale, key_padding_mask, window, min_seq_len):
+def _sparse_attention_fake(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer):
     return _output_like(q, v)

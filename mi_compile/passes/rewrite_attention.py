@@ -10,7 +10,7 @@ Before (a Llama layer, ``use_cache=False``)::
 After::
 
     out = torch.ops.mi_compile.sparse_attention(q, k, v, heads=[...layer's per-head table...],
-              scale=s, key_padding_mask=padding, window=0, min_seq_len=65536)
+              scale=s, key_padding_mask=padding, window=0, min_seq_len=65536, layer=3)
 
 The repeat_kv and mask nodes lose their last user and are removed by dead-code elimination,
 so neither the repeated K/V nor the n x n mask is ever built. Calls that are not causal
@@ -82,7 +82,8 @@ class RewriteAttentionPass:
             node = site.node
             padding = site.mask.padding_source
             args = (sdpa_arg(node, "query"), site.key_source, site.value_source, encode_heads(site.heads),
-                    sdpa_arg(node, "scale"), padding, int(site.mask.window), int(self.options.min_seq_len))
+                    sdpa_arg(node, "scale"), padding, int(site.mask.window), int(self.options.min_seq_len),
+                    int(site.layer))
             with graph.inserting_before(node):
                 new = graph.call_function(torch.ops.mi_compile.sparse_attention.default, args)
             new.meta.update(node.meta)
