@@ -1,4 +1,4 @@
-"""Command line: ``python -m mi_compile {demo,explain} ...``."""
+"""Command line: ``python -m mi_compile {demo,explain,search,plot} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -51,11 +51,21 @@ def _explain(argv):
     print(explain(model, ids, options=options, **kwargs))
 
 
+def _search(argv):
+    from .search.cli import search_main
+    return search_main(argv)
+
+
+def _plot(argv):
+    from .search.cli import plot_main
+    return plot_main(argv)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": None, "explain": _explain}
+    commands = {"demo": None, "explain": _explain, "search": _search, "plot": _plot}
     if not argv or argv[0] not in commands:
-        print("usage: python -m mi_compile {demo,explain} [options]   (-h after a command for its options)")
+        print("usage: python -m mi_compile {demo,explain,search,plot} [options]   (-h after a command for its options)")
         return 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "demo":

@@ -29,12 +29,14 @@ _graph_ids = itertools.count()
 class MInferenceBackend:
     """A configured backend: ``torch.compile(model, backend=MInferenceBackend({...}))``."""
 
-    def __init__(self, options: dict | BackendOptions | None = None, *, use_inductor: bool = True, mode=None):
+    def __init__(self, options: dict | BackendOptions | None = None, *, use_inductor: bool = True, mode=None,
+                 keep_code: bool | None = None):
         self.options = BackendOptions.from_user(options)
         self.config = load_config(self.options.config)
         if self.config.is_default_policy:
             log.warning("mi_compile: no per-head config given; using the default policy (%s)", self.config.source)
         self.use_inductor = use_inductor
+        self.keep_code = keep_code  # None: only when dump_dir or TORCH_TRACE will show it
         self.mode = mode
         self.reports = []
 
@@ -43,7 +45,7 @@ class MInferenceBackend:
             log.warning("mi_compile: graph needs gradients; sparse attention is inference-only, graph left as is")
             report = None
         else:
-            report = run_passes(gm, self.options, self.config, graph_id=next(_graph_ids))
+            report = run_passes(gm, self.options, self.config, graph_id=next(_graph_ids), keep_code=self.keep_code)
             self.reports.append(report)
             dump_report(report, self.options.dump_dir)
         if not self.use_inductor:
@@ -54,11 +56,14 @@ class MInferenceBackend:
         return compile_fx(gm, example_inputs, config_patches=patches)
 
 
-def backend(options: dict | None = None, **kw) -> MInferenceBackend:
-    """``torch.compile(model, backend=mi_compile.backend({"config": "llama.json"}))``."""
+def backend(options: dict | None = None, *, keep_code: bool | None = None, **kw) -> MInferenceBackend:
+    """``torch.compile(model, backend=mi_compile.backend({"config": "llama.json"}))``.
+
+    ``keep_code=True`` keeps each graph's readable code before/after the passes in
+    ``.reports`` (otherwise only kept when ``dump_dir`` or TORCH_TRACE asks for it)."""
     if kw:
         options = {**(options or {}), **kw}
-    return MInferenceBackend(options)
+    return MInferenceBackend(options, keep_code=keep_code)
 
 
 def minference_backend(gm, example_inputs, options: dict | None = None, mode=None):

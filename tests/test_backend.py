@@ -59,7 +59,7 @@ def test_every_attention_call_is_rewritten_and_matches_eager(family, use_cache, 
     ids, kw = _inputs(2 if padded else 1, padded=padded)
     ref = _eager_logits(model, ids, kw, use_cache)
 
-    backend = mi_compile.backend(DENSE_OPTS)
+    backend = mi_compile.backend(DENSE_OPTS, keep_code=True)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     with torch.no_grad():
         out = compiled(ids, use_cache=use_cache, **kw).logits

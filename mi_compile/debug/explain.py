@@ -61,7 +61,7 @@ def explain(model, *args, options: dict | None = None, dynamic=None, **kwargs) -
 
     from ..backend import MInferenceBackend
 
-    backend = MInferenceBackend(options, use_inductor=False)
+    backend = MInferenceBackend(options, use_inductor=False, keep_code=True)
     compiled = torch.compile(model, backend=backend, dynamic=dynamic)
     with torch.no_grad():
         compiled(*args, **kwargs)

