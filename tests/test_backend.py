@@ -291,3 +291,13 @@ def test_observers_see_each_layers_q_and_k_through_the_compiled_model():
     with torch.no_grad(), observe_attention(lambda layer, q, k, v, pad: seen.append((layer, q.shape, k.shape))):
         compiled(ids, use_cache=False)
     assert seen == [(0, (1, 4, N, 16), (1, 2, N, 16)), (1, (1, 4, N, 16), (1, 2, N, 16))]
+
+
+def test_long_sliding_window_found_on_symbolic_lengths():
+    """With a dynamic length the probe must look past the prompt: Mistral's default 4096 window."""
+    model = tiny_model("mistral")
+    assert model.config.sliding_window == 4096
+    ids, _ = _inputs(1)
+    result = mi_compile.explain(model, ids, use_cache=False, dynamic=True, options={"min_seq_len": 0})
+    assert [(s.mask.kind, s.mask.window) for s in result.sites] == [("sliding_window", 4096)] * 2
+    assert all(h == HeadPattern("a_shape", sink=0, local=4096) for s in result.sites for h in s.heads)
