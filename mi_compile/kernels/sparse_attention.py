@@ -97,6 +97,17 @@ def _visit_tile(acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, 
 
 
 @triton.jit
+def _zero_fill_padding(out_head, slots, dims, seq_start, length, n, stride_on,
+                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Zero this program's share of the padding rows: slot ``s < n - len`` is row ``s`` (left
+    padding, ``s < start``) or ``s + len`` (right padding), so one launch writes every output row."""
+    pad_rows = tl.where(slots < seq_start, slots, slots + length).to(tl.int64)
+    pad_ok = (slots < n - length)[:, None] & (dims[None, :] < HEAD_DIM)
+    tl.store(out_head + pad_rows[:, None] * stride_on + dims[None, :],
+             tl.zeros([BLOCK_M, BLOCK_D], dtype=out_head.dtype.element_ty), mask=pad_ok)
+
+
+@triton.jit
 def _sparse_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, count_ptr,
         seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr,
@@ -125,11 +136,7 @@ def _sparse_attention_kernel(
     out_head = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
 
     if MODE == 0:
-        # padding rows of this input: slot s < n - len is row s (left pad) or s + len (right pad)
-        pad_rows = tl.where(slots < seq_start, slots, slots + length).to(tl.int64)
-        pad_ok = (slots < n - length)[:, None] & (dims[None, :] < HEAD_DIM)
-        tl.store(out_head + pad_rows[:, None] * stride_on + dims[None, :],
-                 tl.zeros([BLOCK_M, BLOCK_D], dtype=out_ptr.dtype.element_ty), mask=pad_ok)
+        _zero_fill_padding(out_head, slots, dims, seq_start, length, n, stride_on, HEAD_DIM, BLOCK_M, BLOCK_D)
 
     if m0 < length:
         rows = slots
@@ -272,10 +279,7 @@ def _wide_attention_kernel(
     out_head = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
 
     if MODE == 0:
-        pad_rows = tl.where(slots < seq_start, slots, slots + length).to(tl.int64)
-        pad_ok = (slots < n - length)[:, None] & (dims[None, :] < HEAD_DIM)
-        tl.store(out_head + pad_rows[:, None] * stride_on + dims[None, :],
-                 tl.zeros([BLOCK_M, BLOCK_D], dtype=out_ptr.dtype.element_ty), mask=pad_ok)
+        _zero_fill_padding(out_head, slots, dims, seq_start, length, n, stride_on, HEAD_DIM, BLOCK_M, BLOCK_D)
 
     if m0 < length:
         rows = slots

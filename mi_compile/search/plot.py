@@ -83,6 +83,12 @@ def plot_config(config, out, *, report=None, title: str | None = None) -> Path:
         title = cfg.model or cfg.source
         title = "\n".join(title[i:i + 90] for i in range(0, len(title), 90))
     ax.set_title(title, fontsize=8)
+    return _save(fig, out)
+
+
+def _save(fig, out) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -133,9 +139,4 @@ def plot_attention(model, input_ids, config, layer: int, head: int, out) -> Path
     for ax in axes:
         ax.set_xlabel("key")
         ax.set_ylabel("query")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
