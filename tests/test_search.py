@@ -12,7 +12,7 @@ import mi_compile
 from mi_compile.config import load_config
 from mi_compile.models import tiny_model
 from mi_compile.patterns.spec import HeadPattern
-from mi_compile.search import (calibration_ids, candidate_patterns, choose, dense_probs, random_ids,
+from mi_compile.search import (calibration_ids, candidate_patterns, choose, choose_config, dense_probs, random_ids,
                                score_candidates, score_rows, search_config)
 from mi_compile.sparse import selection_density, selection_mask
 
@@ -122,6 +122,60 @@ def test_search_on_tiny_model_gives_a_config_the_backend_runs(tmp_path):
     assert out.shape == (1, 200, 128) and torch.isfinite(out).all()
 
 
+def test_choose_config_rechooses_a_scored_search_at_any_budget():
+    model = _tiny()
+    ids = random_ids(128, 256, seed=1)
+    config, report = search_config(model, ids, budget=0.5, sample_queries=32, progress=False)
+    again, same = choose_config(report, 0.5)
+    assert json.dumps(again.to_json()) == json.dumps(config.to_json())
+    loose, wide = choose_config(report, 1.0)
+    tight, narrow = choose_config(report, 0.2)
+    assert narrow.mean_density <= report.mean_density <= wide.mean_density
+    assert narrow.mean_recall <= report.mean_recall <= wide.mean_recall
+    # within the budget, or (no candidate fits at 256 tokens) the sparsest candidate
+    assert all(h.density <= 0.2 or h.density == pytest.approx(float(report.density[h.layer][:, h.head].min()))
+               for h in narrow.heads) and narrow.budget == 0.2
+    with pytest.raises(ValueError, match="budget"):
+        choose_config(report, 0)
+
+
+def test_global_allocation_spends_a_shared_budget_where_it_keeps_most():
+    from mi_compile.search.search import allocate_globally
+    # layer 0: head 0 easy (cheap pattern keeps 0.99), head 1 hard (needs the dense one)
+    recall = {0: torch.tensor([[0.99, 0.50], [1.00, 0.70], [1.00, 1.00]], dtype=torch.float64)}
+    density = {0: torch.tensor([[0.10, 0.10], [0.30, 0.30], [1.00, 1.00]], dtype=torch.float64)}
+    assert allocate_globally(recall, density, 0.55) == {0: [0, 2]}     # mean 0.55: hard head dense
+    assert choose(recall[0], density[0], 0.55) == [1, 1]               # a per-head cap cannot do that
+    assert allocate_globally(recall, density, 0.2) == {0: [0, 1]}      # mean 0.2
+    assert allocate_globally(recall, density, 0.05) == {0: [0, 0]}     # nothing fits: sparsest
+
+
+def test_global_allocation_and_rechoosing_from_a_saved_report(tmp_path):
+    from mi_compile.__main__ import main
+    from mi_compile.search import SearchReport
+
+    model = _tiny()
+    ids = random_ids(128, 256, seed=2)
+    _, report = search_config(model, ids, budget=0.5, sample_queries=32, progress=False)
+    all_d = torch.cat([report.density[l] for l in sorted(report.density)], 1)
+    budget = round(float(all_d.min(0).values.mean() + all_d.max(0).values.mean()) / 2, 3)   # feasible
+    glob_cfg, glob = choose_config(report, budget, allocate="global")
+    assert glob.mean_density <= budget + 1e-9 and glob.allocate == "global"
+    # the shared budget keeps at least as much mass as capping every head at the same mean
+    assert sum(h.recall for h in glob.heads) >= sum(h.recall for h in report.heads) - 1e-9 \
+        or glob.mean_density >= report.mean_density
+    path = tmp_path / "scored.report.json"
+    path.write_text(json.dumps(report.to_json()))
+    again = SearchReport.from_json(json.loads(path.read_text()))
+    assert again.candidates == report.candidates
+    assert all(torch.allclose(again.recall[l], report.recall[l].double(), atol=1e-6) for l in report.recall)
+    out = tmp_path / "global.json"
+    assert main(["search", "--from-report", str(path), "--budget", str(budget), "--allocate", "global",
+                 "--out", str(out)]) == 0
+    assert load_config(out).to_json()["layers"] == glob_cfg.to_json()["layers"]
+    assert "mean over heads" in (tmp_path / "global.summary.txt").read_text()
+
+
 def test_search_is_deterministic_for_a_seed():
     model = _tiny()
     ids = random_ids(128, 256, seed=3)
@@ -136,8 +190,13 @@ def test_cli_search_and_plot(tmp_path):
 
     out = tmp_path / "cfg.json"
     assert main(["search", "--model", "tiny:llama", "--length", "256", "--budget", "0.8", "--sample-queries",
-                 "16", "--out", str(out), "--no-progress", "--plot"]) == 0
+                 "16", "--out", str(out), "--no-progress", "--plot", "--also-budgets", "0.9,1"]) == 0
     load_config(out)
+    for b, most in (("0.9", 0.9), ("1", 1.0)):      # same scoring, other budgets
+        reported = json.loads((tmp_path / f"cfg_b{b}.report.json").read_text())
+        assert reported["budget"] == most and all(h["density"] <= most for h in reported["heads"])
+        assert load_config(tmp_path / f"cfg_b{b}.json").num_layers == 2
+    assert json.loads((tmp_path / "cfg_b1.report.json").read_text())["mean_recall"] == pytest.approx(1.0)
     assert (tmp_path / "cfg.summary.txt").read_text().startswith("pattern search")
     png = tmp_path / "cfg.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -44,7 +44,7 @@ def head_pairs(index: SparseIndex, h: int) -> torch.Tensor:
         return head_selection_mask(index, h).sum((1, 2))
     B = index.seq_start.shape[0]
     if head.kind == "dense":
-        return torch.full((B,), n * (n + 1) // 2, dtype=torch.int64)
+        return torch.full((B,), n * (n + 1) // 2, dtype=torch.int64, device=index.seq_start.device)
     t = torch.arange(n, device=index.seq_start.device)
     counts = _block_rows(index, h).cumsum(-1)                              # [B, nqb, n]: keys <= j
     return counts[:, t // BLOCK, t].sum(-1)                                 # row i: keys <= i of its block

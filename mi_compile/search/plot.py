@@ -81,7 +81,8 @@ def plot_config(config, out, *, report=None, title: str | None = None) -> Path:
               loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     if title is None:
         title = cfg.model or cfg.source
-        title = "\n".join(title[i:i + 90] for i in range(0, len(title), 90))
+        import textwrap
+        title = "\n".join(textwrap.wrap(title, 90))       # at spaces, not inside words
     ax.set_title(title, fontsize=8)
     return _save(fig, out)
 
