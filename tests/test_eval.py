@@ -242,3 +242,33 @@ def test_harness_smoke(smollm2, tmp_path):
     assert rep["summary"]["default"]["1024"]["density"] == pytest.approx(1.0)
     assert rep["summary"]["default"]["1024"]["top1_agreement"] > 0.99
     H.plot(rep, tmp_path / "r.png")
+
+
+def test_main_one_kernel_and_dtype_flags(monkeypatch, tmp_path):
+    """--one-kernel sends dense layers through the general kernel for the run only; --dtype
+    reaches the model loader; both are recorded in the report's meta."""
+    import mi_compile.models as models
+    from mi_compile.kernels.sparse_attention import KERNEL_CONFIG
+
+    seen = {}
+
+    def fake_load(dtype, device):
+        seen["dtype"] = dtype
+        return object(), object()
+
+    def fake_run_eval(model, tok, modes, lengths, examples, tasks, **kw):
+        seen["wide_during_run"] = KERNEL_CONFIG["wide"]
+        seen["meta_extra"] = kw["meta_extra"]
+        return {"meta": {"wall_s": 0.0}, "results": [], "natural": [], "summary": {}, "modes": {}}
+
+    monkeypatch.setattr(models, "load_smollm2", fake_load)
+    monkeypatch.setattr(H, "run_eval", fake_run_eval)
+    monkeypatch.setattr(H, "format_table", lambda report: "")
+    monkeypatch.setattr(H, "plot", lambda report, path: None)
+    before = dict(KERNEL_CONFIG)
+    H.main(["--modes", "dense", "--one-kernel", "--dtype", "float16", "--out", str(tmp_path / "r.json")])
+    assert seen["dtype"] == torch.float16 and seen["wide_during_run"] is False
+    assert seen["meta_extra"]["one_kernel"] is True and seen["meta_extra"]["kernel_config"]["wide"] is False
+    assert KERNEL_CONFIG == before                                       # restored
+    H.main(["--modes", "dense", "--out", str(tmp_path / "r.json")])
+    assert seen["dtype"] == torch.float32 and seen["wide_during_run"] == before["wide"]

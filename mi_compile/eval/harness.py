@@ -216,7 +216,7 @@ def compare_logits(model, h_ref: torch.Tensor, h: torch.Tensor, skip: int, chunk
 
 def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS, *, seed: int = 0,
              natural: bool = True, natural_skip: int = 1024, use_inductor: bool = True,
-             out_path: Optional[str] = None, log=print, skipped_modes=None):
+             out_path: Optional[str] = None, log=print, skipped_modes=None, meta_extra: Optional[dict] = None):
     """Run every mode over every (task, length) and the natural document; returns the report
     dict (written to ``out_path`` after each mode, so partial runs keep what they measured)."""
     device = next(model.parameters()).device
@@ -235,7 +235,7 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
                   lengths=list(lengths), examples=examples, tasks=list(task_names), seed=seed,
                   natural_skip=natural_skip, inductor=use_inductor,
                   cpu_impl=os.environ.get("MI_COMPILE_CPU_IMPL", "reference"),
-                  started=time.strftime("%Y-%m-%d %H:%M:%S")),
+                  started=time.strftime("%Y-%m-%d %H:%M:%S"), **(meta_extra or {})),
         modes={}, skipped_modes=dict(skipped_modes or {}), results=[], natural=[], summary={})
     ref_hidden = {}
     for mode in modes:
@@ -402,6 +402,12 @@ def build_parser():
     p.add_argument("--no-natural", action="store_true", help="skip the natural-text comparison")
     p.add_argument("--no-inductor", action="store_true",
                    help="run the rewritten graph without Inductor (faster to compile; same attention)")
+    p.add_argument("--one-kernel", action="store_true",
+                   help="CUDA: run all-dense/A-shape layers through the general 64-row kernel too (not the "
+                        "128-row one), so that dense and sparse modes share one kernel's rounding and top-1/KL "
+                        "measure the selection, not bf16 accumulation order")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", default="benchmarks/results/accuracy.json", help="JSON report path")
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
@@ -428,12 +434,21 @@ def main(argv=None):
         print(f"mode {n} skipped: {why}", file=sys.stderr)
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if a.device == "auto" else a.device))
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    from mi_compile.kernels.sparse_attention import KERNEL_CONFIG
     from mi_compile.models import load_smollm2
     model, tok = load_smollm2(dtype=dtype, device=dev)
-    report = run_eval(model, tok, modes, _csv(a.lengths, int), a.examples, task_names, seed=a.seed,
-                      natural=not a.no_natural, natural_skip=a.natural_skip, use_inductor=not a.no_inductor,
-                      out_path=a.out, skipped_modes=skipped)
+    saved = dict(KERNEL_CONFIG)
+    if a.one_kernel:
+        KERNEL_CONFIG["wide"] = False
+    try:
+        report = run_eval(model, tok, modes, _csv(a.lengths, int), a.examples, task_names, seed=a.seed,
+                          natural=not a.no_natural, natural_skip=a.natural_skip, use_inductor=not a.no_inductor,
+                          out_path=a.out, skipped_modes=skipped,
+                          meta_extra=dict(one_kernel=bool(a.one_kernel), kernel_config=dict(KERNEL_CONFIG)))
+    finally:
+        KERNEL_CONFIG.clear()
+        KERNEL_CONFIG.update(saved)
     print()
     print(format_table(report))
     png = a.plot or str(Path(a.out).with_suffix(".png"))
