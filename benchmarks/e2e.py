@@ -421,26 +421,23 @@ def goal_checks(rec, args, state, modes, lengths, dev):
     measured = sorted({n for (m, n), r in rows.items() if m == "eager" and r.get("ttft_s")})
     long_n = GOAL_LEN_LONG if GOAL_LEN_LONG in measured else (measured[-1] if measured else None)
     short_n = GOAL_LEN_SHORT if GOAL_LEN_SHORT in measured else (measured[0] if measured else None)
+    def ratio_check(name, mode, n, goal_n, limit, places):
+        """PASS when ``mode``'s TTFT at ``n`` is at most ``limit`` x eager's (``n`` stands in for
+        ``goal_n`` when that length was not measured, and says so)."""
+        e, m = ttft("eager", n), ttft(mode, n)
+        if e is None or m is None:
+            add(name, None, f"no data (eager {e}, {mode} {m} at {n})")
+            return
+        where = "" if n == goal_n else f" [measured at {n}, not {goal_n}]"
+        add(name, m <= limit * e, f"{m:.{places}f} s vs eager {e:.{places}f} s = {m / e:.3f}x{where}")
+
     for mode, goal in GOAL_RATIO.items():
-        if mode not in modes:
-            continue
-        name = f"{mode} TTFT <= {goal}x eager at {GOAL_LEN_LONG}"
-        e, m = ttft("eager", long_n), ttft(mode, long_n)
-        if e is None or m is None:
-            add(name, None, f"no data (eager {e}, {mode} {m} at {long_n})")
-        else:
-            where = "" if long_n == GOAL_LEN_LONG else f" [measured at {long_n}, not {GOAL_LEN_LONG}]"
-            add(name, m <= goal * e, f"{m:.3f} s vs eager {e:.3f} s = {m / e:.3f}x{where}")
+        if mode in modes:
+            ratio_check(f"{mode} TTFT <= {goal}x eager at {GOAL_LEN_LONG}", mode, long_n, GOAL_LEN_LONG, goal, 3)
     for mode in ("minference", "minference_llama31"):
-        if mode not in modes:
-            continue
-        name = f"{mode} no slower than eager at {GOAL_LEN_SHORT} (tol {tol:.0%})"
-        e, m = ttft("eager", short_n), ttft(mode, short_n)
-        if e is None or m is None:
-            add(name, None, f"no data at {short_n}")
-        else:
-            where = "" if short_n == GOAL_LEN_SHORT else f" [measured at {short_n}]"
-            add(name, m <= e * (1 + tol), f"{m:.4f} s vs eager {e:.4f} s = {m / e:.3f}x{where}")
+        if mode in modes:
+            ratio_check(f"{mode} no slower than eager at {GOAL_LEN_SHORT} (tol {tol:.0%})", mode, short_n,
+                        GOAL_LEN_SHORT, 1 + tol, 4)
     for mode in ("minference", "minference_llama31"):
         if mode not in modes:
             continue

@@ -131,39 +131,23 @@ def correctness():
         sparse_attention(q, k, v, [HP("dense")] * HQ),
         F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)), 5))
 
-    def padded():
-        qb, kb, vb = inputs(2048, b=2, seed=11)
+    def padded_vs_alone(heads, seed):
+        qb, kb, vb = inputs(2048, b=2, seed=seed)
         start = torch.tensor([300, 0], dtype=torch.int32, device=DEV)
         length = torch.tensor([1700, 1111], dtype=torch.int32, device=DEV)
-        out = sparse_attention(qb, kb, vb, mixed, seq_start=start, seq_len=length)
+        out = sparse_attention(qb, kb, vb, heads, seq_start=start, seq_len=length)
         errs = []
         for b in range(2):
             s, L = int(start[b]), int(length[b])
-            alone = sparse_attention(qb[b:b + 1, :, s:s + L], kb[b:b + 1, :, s:s + L], vb[b:b + 1, :, s:s + L], mixed)
+            alone = sparse_attention(qb[b:b + 1, :, s:s + L], kb[b:b + 1, :, s:s + L], vb[b:b + 1, :, s:s + L], heads)
             errs.append(round(rel_err(out[b:b + 1, :, s:s + L], alone), 5))
             keep = torch.ones(2048, dtype=torch.bool, device=DEV)
             keep[s:s + L] = False
             assert out[b][:, keep].abs().max().item() == 0, "padding rows not zero"
         return errs
-    check("padded_batch_vs_alone", padded)
+    check("padded_batch_vs_alone", lambda: padded_vs_alone(mixed, 11))
     wide_heads = [[HP("dense"), HP("a_shape", sink=100, local=700)][h % 2] for h in range(HQ)]
-
-    def padded_wide():
-        qb, kb, vb = inputs(2048, b=2, seed=14)
-        start = torch.tensor([300, 0], dtype=torch.int32, device=DEV)
-        length = torch.tensor([1700, 1111], dtype=torch.int32, device=DEV)
-        out = sparse_attention(qb, kb, vb, wide_heads, seq_start=start, seq_len=length)
-        errs = []
-        for b in range(2):
-            s, L = int(start[b]), int(length[b])
-            alone = sparse_attention(qb[b:b + 1, :, s:s + L], kb[b:b + 1, :, s:s + L], vb[b:b + 1, :, s:s + L],
-                                     wide_heads)
-            errs.append(round(rel_err(out[b:b + 1, :, s:s + L], alone), 5))
-            keep = torch.ones(2048, dtype=torch.bool, device=DEV)
-            keep[s:s + L] = False
-            assert out[b][:, keep].abs().max().item() == 0, "padding rows not zero"
-        return errs
-    check("padded_wide_path_vs_alone", padded_wide)
+    check("padded_wide_path_vs_alone", lambda: padded_vs_alone(wide_heads, 14))
     check("wide_mixed_dense_ashape", lambda: vs_ref(wide_heads))
 
     def dense_odd():

@@ -108,6 +108,58 @@ def _zero_fill_padding(out_head, slots, dims, seq_start, length, n, stride_on,
 
 
 @triton.jit
+def _program_rows(seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads,
+                  num_programs, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  MODE: tl.constexpr):
+    """Both kernels' program -> work map: program ``(p, b * H + h)`` owns rows
+    ``[m0, m0 + BLOCK_M)`` with ``m = num_programs - 1 - p`` (heaviest first) of input ``b``,
+    query head ``h``; in attention mode it also zero-fills its share of the padding rows."""
+    m = num_programs - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    seq_start = tl.load(seq_start_ptr + b)
+    length = tl.load(seq_len_ptr + b)
+    m0 = m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    out_head = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    if MODE == 0:
+        _zero_fill_padding(out_head, rows, dims, seq_start, length, n, stride_on, HEAD_DIM, BLOCK_M, BLOCK_D)
+    return m, bh, h, seq_start, length, m0, rows, dims, out_head
+
+
+@triton.jit
+def _program_operands(q_ptr, k_ptr, v_ptr, count_ptr, prefix_ptr, sink_ptr, band_ptr, bh, h, seq_start,
+                      length, rows, dims, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                      stride_vb, stride_vh, n, num_heads, heads_per_kv, HEAD_DIM: tl.constexpr):
+    """The program's query tile, its KV head's K/V base pointers (native GQA: query head ``h``
+    reads KV head ``h // heads_per_kv``) and the head's prefix / sink / band."""
+    b = bh // num_heads
+    kv = h // heads_per_kv
+    row_ok = rows < length
+    q_rows = (seq_start + rows).to(tl.int64)
+    q_head = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q = tl.load(q_head + q_rows[:, None] * stride_qn + dims[None, :],
+                mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+    k_head = k_ptr + b.to(tl.int64) * stride_kb + kv.to(tl.int64) * stride_kh
+    v_head = v_ptr + b.to(tl.int64) * stride_vb + kv.to(tl.int64) * stride_vh
+    count_head = count_ptr + bh.to(tl.int64) * n * n
+    prefix = tl.load(prefix_ptr + h)
+    sink = tl.load(sink_ptr + h)
+    band = tl.load(band_ptr + h)
+    return row_ok, q_rows, q, k_head, v_head, count_head, prefix, sink, band
+
+
+@triton.jit
+def _store_rows(out_head, q_rows, row_ok, dims, acc, l_i, stride_on, HEAD_DIM: tl.constexpr):
+    """Normalise the running softmax and store the program's real rows."""
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_head + q_rows[:, None] * stride_on + dims[None, :], out.to(out_head.dtype.element_ty),
+             mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM))
+
+
+@triton.jit
 def _sparse_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, count_ptr,
         seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr,
@@ -123,34 +175,15 @@ def _sparse_attention_kernel(
         qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, MODE: tl.constexpr):
-    m = num_q_blocks - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    kv = h // heads_per_kv
-    seq_start = tl.load(seq_start_ptr + b)
-    length = tl.load(seq_len_ptr + b)
-    m0 = m * BLOCK_M
-    slots = m0 + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    out_head = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-
-    if MODE == 0:
-        _zero_fill_padding(out_head, slots, dims, seq_start, length, n, stride_on, HEAD_DIM, BLOCK_M, BLOCK_D)
+    m, bh, h, seq_start, length, m0, rows, dims, out_head = _program_rows(
+        seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, num_q_blocks,
+        HEAD_DIM, BLOCK_D, BLOCK_M, MODE)
 
     if m0 < length:
-        rows = slots
-        row_ok = rows < length
-        q_rows = (seq_start + rows).to(tl.int64)
-        q_head = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        q = tl.load(q_head + q_rows[:, None] * stride_qn + dims[None, :],
-                    mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
-        k_head = k_ptr + b.to(tl.int64) * stride_kb + kv.to(tl.int64) * stride_kh
-        v_head = v_ptr + b.to(tl.int64) * stride_vb + kv.to(tl.int64) * stride_vh
-        count_head = count_ptr + bh.to(tl.int64) * n * n
-        prefix = tl.load(prefix_ptr + h)
-        sink = tl.load(sink_ptr + h)
-        band = tl.load(band_ptr + h)
+        row_ok, q_rows, q, k_head, v_head, count_head, prefix, sink, band = _program_operands(
+            q_ptr, k_ptr, v_ptr, count_ptr, prefix_ptr, sink_ptr, band_ptr, bh, h, seq_start, length, rows, dims,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh,
+            n, num_heads, heads_per_kv, HEAD_DIM)
         table_row = bh.to(tl.int64) * num_q_blocks + m
 
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -226,10 +259,7 @@ def _sparse_attention_kernel(
             HEAD_DIM, BLOCK_D, MODE, True)
 
         if MODE == 0:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(out_head + q_rows[:, None] * stride_on + dims[None, :],
-                     out.to(out_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM))
+            _store_rows(out_head, q_rows, row_ok, dims, acc, l_i, stride_on, HEAD_DIM)
         elif MODE == 2:
             tl.store(count_ptr + table_row, pairs)
     else:
@@ -266,34 +296,15 @@ def _wide_attention_kernel(
     Padding rows are zero-filled as in the general kernel. ``MODE`` 2 stores the pair count
     of the program at its first 64-row block (the caller zero-fills the table).
     """
-    m = num_programs - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    kv = h // heads_per_kv
-    seq_start = tl.load(seq_start_ptr + b)
-    length = tl.load(seq_len_ptr + b)
-    m0 = m * BLOCK_M
-    slots = m0 + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    out_head = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-
-    if MODE == 0:
-        _zero_fill_padding(out_head, slots, dims, seq_start, length, n, stride_on, HEAD_DIM, BLOCK_M, BLOCK_D)
+    m, bh, h, seq_start, length, m0, rows, dims, out_head = _program_rows(
+        seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, num_programs,
+        HEAD_DIM, BLOCK_D, BLOCK_M, MODE)
 
     if m0 < length:
-        rows = slots
-        row_ok = rows < length
-        q_rows = (seq_start + rows).to(tl.int64)
-        q_head = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        q = tl.load(q_head + q_rows[:, None] * stride_qn + dims[None, :],
-                    mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
-        k_head = k_ptr + b.to(tl.int64) * stride_kb + kv.to(tl.int64) * stride_kh
-        v_head = v_ptr + b.to(tl.int64) * stride_vb + kv.to(tl.int64) * stride_vh
-        count_head = count_ptr + bh.to(tl.int64) * n * n
-        prefix = tl.load(prefix_ptr + h)
-        sink = tl.load(sink_ptr + h)
-        band = tl.load(band_ptr + h)
+        row_ok, q_rows, q, k_head, v_head, count_head, prefix, sink, band = _program_operands(
+            q_ptr, k_ptr, v_ptr, count_ptr, prefix_ptr, sink_ptr, band_ptr, bh, h, seq_start, length, rows, dims,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh,
+            n, num_heads, heads_per_kv, HEAD_DIM)
 
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
@@ -346,10 +357,7 @@ def _wide_attention_kernel(
                 qk_scale, HEAD_DIM, BLOCK_D, MODE, True)
 
         if MODE == 0:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(out_head + q_rows[:, None] * stride_on + dims[None, :],
-                     out.to(out_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM))
+            _store_rows(out_head, q_rows, row_ok, dims, acc, l_i, stride_on, HEAD_DIM)
         elif MODE == 2:
             tl.store(count_ptr + bh.to(tl.int64) * num_q_blocks + m * (BLOCK_M // 64), pairs)
 
