@@ -37,6 +37,8 @@ CHECK_N = int(os.environ.get("CHECK_N", "4096"))
 OUT = os.environ.get("OUT", "/tmp")
 FLEX = os.environ.get("FLEX", "1") == "1"
 SWEEP = os.environ.get("SWEEP", "1") == "1"
+# MInference's own kernels side by side: path of its PyPI sdist (benchmarks/minference_ref.py)
+MINFERENCE_SDIST = os.environ.get("MINFERENCE_SDIST")
 SCALE = D ** -0.5
 rows, checks = [], []
 
@@ -198,6 +200,81 @@ def ours(name, n, fn, index, q, k, v, cudnn_ms, **extra):
         traceback.print_exc()
 
 
+def load_minference():
+    """MInference's kernels from its sdist, or None (the reason is recorded as a check)."""
+    if not MINFERENCE_SDIST:
+        return None
+    try:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import minference_ref
+        t = time.time()
+        ops = minference_ref.load(MINFERENCE_SDIST)
+        checks.append({"check": "minference_loaded", "value": ops.version, "s": round(time.time() - t, 1)})
+        log("MInference", ops.version, "loaded in", round(time.time() - t, 1), "s")
+        return ops
+    except Exception as e:  # noqa: BLE001
+        checks.append({"check": "minference_loaded", "error": repr(e)[:600]})
+        log("MInference unavailable:", repr(e)[:600])
+        traceback.print_exc()
+        return None
+
+
+def minference_correctness(mi):
+    """Sanity of how we call MInference: every slash kept equals dense causal attention."""
+    n = 4096
+    q, k, v = inputs(n, seed=16)
+    rep = HQ // HKV
+    kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    every_slash = torch.arange(n - 1, -1, -1, device=DEV).expand(B, HQ, n)
+    sinks = torch.arange(64, device=DEV).expand(B, HQ, 64)
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    check("minference_vs_all_slashes_vs_sdpa", lambda: round(rel_err(mi.vertical_slash(q, kr, vr, sinks, every_slash),
+                                                                     dense), 5))
+    check("minference_block_sparse_all_blocks_vs_sdpa", lambda: round(rel_err(mi.block_sparse(q, kr, vr, n // 64),
+                                                                              dense), 5))
+
+
+def minference_timings(mi, n, q, k, v, cudnn_ms):
+    """MInference's kernels at the same shape, as MInference runs them (K/V repeated first)."""
+    rep = HQ // HKV
+    try:
+        ms, _ = bench(lambda: (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)))
+        record(op="minference_repeat_kv", n=n, ms=ms)
+        kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        vtop, stop = structured_selection(n)
+        # density as MInference's own conversion counts it (whole 64x64 blocks + single columns)
+        vi = vtop.to(torch.int32).sort(-1)[0]
+        si = stop.to(torch.int32).sort(-1, descending=True)[0]
+        bc, _, cc, _ = mi.convert_vertical_slash(torch.tensor([n], dtype=torch.int32, device=DEV), vi, si, n, 64, 64)
+        pairs = (bc.sum().item() * 64 + cc.sum().item()) * 64
+        dens = pairs / (B * HQ * n * (n + 1) / 2)
+        ms, mem = bench(lambda: mi.vertical_slash(q, kr, vr, vtop, stop))
+        record(op="minference_vs_structured_kernel", n=n, ms=ms, density=dens, eff_tflops=4 * D * pairs / ms / 1e9,
+               x_cudnn=cudnn_ms / ms if cudnn_ms else None, mem_mib=mem,
+               note="index conversion + kernel on the anchors' structured index; K/V repeated beforehand")
+
+        def with_repeat():
+            kr2, vr2 = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            return mi.vertical_slash(q, kr2, vr2, vtop, stop)
+        ms, mem = bench(with_repeat)
+        record(op="minference_vs_structured_with_repeat", n=n, ms=ms, density=dens, mem_mib=mem,
+               x_cudnn=cudnn_ms / ms if cudnn_ms else None)
+        ms, mem = bench(lambda: mi.block_sparse(q, kr, vr, 100))
+        dens = min(1.0, 100 * 64 * n / (n * (n + 1) / 2))
+        record(op="minference_bs_top100_full_op", n=n, ms=ms, density=dens,
+               eff_tflops=4 * D * B * HQ * dens * n * (n + 1) / 2 / ms / 1e9,
+               x_cudnn=cudnn_ms / ms if cudnn_ms else None, mem_mib=mem)
+        if mi.streaming is not None:
+            ms, mem = bench(lambda: mi.streaming(q, kr, vr, 128, 4096))
+            record(op="minference_ashape_128_4096", n=n, ms=ms, x_cudnn=cudnn_ms / ms if cudnn_ms else None,
+                   mem_mib=mem)
+        del kr, vr
+    except Exception as e:  # noqa: BLE001
+        record(op="minference", n=n, error=repr(e)[:300])
+        traceback.print_exc()
+    torch.cuda.empty_cache()
+
+
 def sweep(n):
     """Variants side by side at n: the general kernel (VS structured index, block-sparse) and
     the 128-row kernel (A-shape); keeps the fastest of each in KERNEL_CONFIG."""
@@ -244,7 +321,7 @@ def sweep(n):
     log("chosen config", kernel_module.KERNEL_CONFIG)
 
 
-def timings(n):
+def timings(n, mi=None):
     q, k, v = inputs(n)
     causal_flops = 4 * B * HQ * D * n * (n + 1) / 2
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -332,7 +409,10 @@ def timings(n):
     ours("ours_bs_top100_full_op", n, lambda: sparse_attention(q, k, v, BS), index_b, q, k, v, cudnn_ms)
     ours("ours_bs_top100_kernel", n, lambda: sparse_attention_from_index(q, k, v, index_b), index_b,
          q, k, v, cudnn_ms)
-    del index_b, q, k, v
+    del index_b
+    if mi is not None:
+        minference_timings(mi, n, q, k, v, cudnn_ms)
+    del q, k, v
     torch.cuda.empty_cache()
 
 
@@ -341,13 +421,16 @@ def main():
     log("device", torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
     t0 = time.time()
     correctness()
+    mi = load_minference()
+    if mi is not None:
+        minference_correctness(mi)
     save()
     log("correctness s", round(time.time() - t0, 1))
     if SWEEP:
         sweep(int(os.environ.get("SWEEP_N", NS[-1])))
         save()
     for n in NS:
-        timings(n)
+        timings(n, mi)
         save()
         log("elapsed s", round(time.time() - t0, 1))
     log("\nchecks (rel err vs float32 reference selection, bf16):")

@@ -150,6 +150,59 @@ def test_global_allocation_spends_a_shared_budget_where_it_keeps_most():
     assert allocate_globally(recall, density, 0.05) == {0: [0, 0]}     # nothing fits: sparsest
 
 
+def test_output_error_sees_the_values():
+    """The output error of a selection is |O_sel - O|^2 / |O|^2 with the kept mass renormalised;
+    keys that are left out cost nothing when their values equal the kept ones (recall < 1 still),
+    and a lot when they carry an outlier value."""
+    n, D = 256, 16
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, n, D, generator=g)
+    k = torch.randn(1, 1, n, D, generator=g)
+    v = torch.zeros(1, 1, n, D)
+    v[..., 0] = 1.0                                    # every value the same ...
+    v_outlier = v.clone()
+    v_outlier[0, 0, 20:40, 1] = 50.0                   # ... except keys 20..39, far outside the window
+    cands = [HeadPattern("a_shape", sink=4, local=64), HeadPattern("dense")]
+    rows = score_rows(n, 32, 0)
+    recall, density, flat = score_candidates(q, k, cands, rows=rows, scale=0.5, v=v)
+    _, _, outlier = score_candidates(q, k, cands, rows=rows, scale=0.5, v=v_outlier)
+    assert (recall[0] < 0.9).all()                     # the window misses real mass ...
+    assert flat[0].max() < 1e-10                       # ... which costs nothing on equal values
+    assert (outlier[0] > 1e-3).all()                   # and a lot on the outlier
+    assert flat[1].abs().max() == 0 and outlier[1].abs().max() == 0     # dense: no error
+    # the definition, by hand, for head 0 of the A-shape
+    probs = dense_probs(q, k, rows, 0.5)[0, 0]
+    keep = selection_mask(q, k, [cands[0]] * 2, scale=0.5)[0, 0][rows]
+    dense_out, sel = probs @ v_outlier[0, 0], probs * keep
+    sel_out = (sel @ v_outlier[0, 0]) / sel.sum(-1, keepdim=True)
+    want = ((sel_out - dense_out).pow(2).sum(-1) / dense_out.pow(2).sum(-1)).mean()
+    torch.testing.assert_close(outlier[0, 0], want.double(), rtol=1e-4, atol=0)
+
+
+def test_allocation_objectives_and_early_weight():
+    from mi_compile.search.search import allocate_globally, allocation_utility
+    # two heads, three candidates: cheap, middle, dense (densities 0.1 / 0.3 / 1.0)
+    density = {0: torch.tensor([[0.1, 0.1], [0.3, 0.3], [1.0, 1.0]], dtype=torch.float64)}
+    # head 0 misses 10% cheaply and 0% at the middle; head 1 misses 4% cheaply, 2.5% at the middle
+    recall = {0: torch.tensor([[0.90, 0.96], [1.00, 0.975], [1.0, 1.0]], dtype=torch.float64)}
+    # mass: the 0.2 of extra density buys 0.10 on head 0 vs 0.015 on head 1 -> both pick head 0
+    assert allocate_globally(allocation_utility(recall, "mass"), density, 0.2) == {0: [1, 0]}
+    # squared miss: the worst head first as well, and the utility is -(miss)^2
+    u = allocation_utility(recall, "squared-miss")[0]
+    torch.testing.assert_close(u[0], torch.tensor([-0.01, -0.0016], dtype=torch.float64))
+    # output error: whatever the mass says, the head whose output suffers most gets the budget
+    error = {0: torch.tensor([[0.001, 0.05], [0.0, 0.001], [0.0, 0.0]], dtype=torch.float64)}
+    assert allocate_globally(allocation_utility(recall, "output", error=error), density, 0.2) == {0: [0, 1]}
+    with pytest.raises(ValueError, match="output errors"):
+        allocation_utility(recall, "output")
+    with pytest.raises(ValueError, match="objective"):
+        allocation_utility(recall, "bogus")
+    # early weight: layer 0 (of 0..2) counts 1 + w, layer 2 counts 1
+    three = {l: torch.tensor([[0.5]], dtype=torch.float64) for l in range(3)}
+    w = allocation_utility(three, "mass", early_weight=2.0)
+    assert [float(w[l]) for l in range(3)] == [1.5, 1.0, 0.5]
+
+
 def test_global_allocation_and_rechoosing_from_a_saved_report(tmp_path):
     from mi_compile.__main__ import main
     from mi_compile.search import SearchReport
@@ -169,12 +222,64 @@ def test_global_allocation_and_rechoosing_from_a_saved_report(tmp_path):
     again = SearchReport.from_json(json.loads(path.read_text()))
     assert again.candidates == report.candidates
     assert all(torch.allclose(again.recall[l], report.recall[l].double(), atol=1e-6) for l in report.recall)
+    assert sorted(again.error) == sorted(report.error)      # output errors travel too
+    assert all(torch.allclose(again.error[l], report.error[l].double(), rtol=1e-3, atol=1e-12)
+               for l in report.error)
+    out_cfg, by_output = choose_config(again, budget, allocate="global", objective="output")
+    assert by_output.mean_density <= budget + 1e-9 and by_output.mean_error is not None
+    assert {h.error for h in by_output.heads} != {None}
+    with pytest.raises(ValueError, match="global"):
+        choose_config(again, budget, objective="output")         # per-head caps have no objective
     out = tmp_path / "global.json"
     assert main(["search", "--from-report", str(path), "--budget", str(budget), "--allocate", "global",
                  "--out", str(out)]) == 0
     assert load_config(out).to_json()["layers"] == glob_cfg.to_json()["layers"]
     assert "mean over heads" in (tmp_path / "global.summary.txt").read_text()
+    assert main(["search", "--from-report", str(path), "--budget", str(budget), "--allocate", "global",
+                 "--objective", "output", "--early-weight", "1", "--out", str(tmp_path / "o.json")]) == 0
+    summary = (tmp_path / "o.summary.txt").read_text()
+    assert "objective output, early weight 1" in summary and "output error" in summary
 
+
+
+def test_reports_of_several_calibration_prompts_are_averaged(tmp_path):
+    from mi_compile.__main__ import main
+    from mi_compile.search import SearchReport
+
+    model = _tiny()
+    _, r0 = search_config(model, random_ids(128, 256, seed=4), budget=0.6, sample_queries=16, seed=4,
+                          progress=False)
+    _, r1 = search_config(model, random_ids(128, 256, seed=5), budget=0.6, sample_queries=16, seed=5,
+                          progress=False)
+    assert not torch.equal(r0.recall[0], r1.recall[0])       # other prompt, other scores
+    mean = SearchReport.average([r0, r1])
+    assert mean.seeds == [4, 5] and mean.heads == []
+    for field in ("recall", "density", "error"):
+        for l in r0.recall:
+            torch.testing.assert_close(getattr(mean, field)[l],
+                                       (getattr(r0, field)[l] + getattr(r1, field)[l]) / 2)
+    _, chosen = choose_config(mean, 0.8, allocate="global", objective="output")
+    assert chosen.mean_density <= 0.8 + 1e-9 and "seeds 4,5" in chosen.table()
+    # through the CLI: two saved reports in, their mean chosen, the seeds kept in the new report
+    paths = []
+    for r in (r0, r1):
+        paths.append(tmp_path / f"s{r.seed}.report.json")
+        paths[-1].write_text(json.dumps(r.to_json()))
+    assert main(["search", "--from-report", *map(str, paths), "--budget", "0.8", "--allocate", "global",
+                 "--objective", "output", "--out", str(tmp_path / "mean.json")]) == 0
+    assert json.loads((tmp_path / "mean.report.json").read_text())["seeds"] == [4, 5]
+    def patterns(cfg):       # the saved scores are rounded to 6 digits before averaging
+        return {l: {h: p.describe() for h, p in heads.items()} for l, heads in cfg.layers.items()}
+    assert patterns(load_config(tmp_path / "mean.json")) == \
+        patterns(choose_config(mean, 0.8, allocate="global", objective="output")[0])
+    # reports that do not describe the same search are refused, naming the difference
+    _, other = search_config(model, random_ids(128, 192, seed=4), budget=0.6, sample_queries=16, progress=False)
+    with pytest.raises(ValueError, match="prompt length"):
+        SearchReport.average([r0, other])
+    (tmp_path / "bad.report.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        main(["search", "--from-report", str(paths[0]), str(tmp_path / "bad.report.json"), "--budget", "0.8",
+              "--out", str(tmp_path / "x.json")])
 
 def test_search_is_deterministic_for_a_seed():
     model = _tiny()

@@ -44,7 +44,7 @@ import torch
 
 from . import tasks as T
 
-SEARCHED_DEFAULT = "benchmarks/configs/smollm2_searched_8k.json"   # at 8K, --allocate global, budget 0.3
+SEARCHED_DEFAULT = "benchmarks/configs/smollm2_searched_8k_output.json"   # 8K, global budget 0.39, objective output
 FORMAT = "mi-compile/v1"
 DENSE_CONFIG = {"format": FORMAT, "default": {"pattern": "dense"}}
 DEFAULT_CONFIG = {"format": FORMAT, "default": {"pattern": "vertical_slash", "vertical": 1000, "slash": 6096}}

@@ -76,7 +76,12 @@ def _visit_tile(acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, 
         key_rows = (seq_start + key_pos).to(tl.int64)
         load_ok = key_ok[:, None] & (dims[None, :] < HEAD_DIM)
         k = tl.load(k_head + key_rows[:, None] * stride_kn + dims[None, :], mask=load_ok, other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * qk_scale
+        if q.dtype == tl.float32:
+            # float32 means float32: without this, tl.dot rounds its inputs to tf32 on the GPU
+            # (10-bit mantissa), which would put a bf16-like floor under float32 accuracy runs.
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        else:
+            scores = tl.dot(q, tl.trans(k)) * qk_scale
         if CHECK:
             scores = tl.where(keep, scores, float("-inf"))
         elif MASKED:
@@ -86,7 +91,10 @@ def _visit_tile(acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, 
         p = tl.math.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_head + key_rows[:, None] * stride_vn + dims[None, :], mask=load_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if v.dtype == tl.float32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     elif MODE == 1:
         where = (seq_start + rows).to(tl.int64)[:, None] * n + (seq_start + key_pos)[None, :]

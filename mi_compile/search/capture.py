@@ -1,9 +1,9 @@
-"""Capture each layer's q and k through the backend itself (no model-specific patches).
+"""Capture each layer's q, k and v through the backend itself (no model-specific patches).
 
 The model is compiled with a dense per-head config and the passes only (no Inductor: fast to
 compile). Every attention call then runs ``torch.ops.mi_compile.sparse_attention``, whose
 observers (:func:`mi_compile.kernels.op.observe_attention`) see the call's q ``[B, Hq, n, D]``
-and k ``[B, Hkv, n, D]`` exactly as the sparse kernels would. We keep the first call of each
+and k/v ``[B, Hkv, n, D]`` exactly as the sparse kernels would. We keep the first call of each
 layer, as float32 on the CPU, and read each layer's softmax scale from the rewritten graph.
 """
 from __future__ import annotations
@@ -22,12 +22,13 @@ DENSE_CONFIG = {"format": "mi-compile/v1", "default": {"pattern": "dense"}}
 
 @dataclasses.dataclass
 class Capture:
-    """q/k of every layer the backend rewrote, for one calibration input."""
+    """q/k/v of every layer the backend rewrote, for one calibration input."""
 
     q: dict[int, torch.Tensor]          # layer -> float32 [B, Hq, n, D] (CPU)
     k: dict[int, torch.Tensor]          # layer -> float32 [B, Hkv, n, D] (CPU)
     scale: dict[int, float]             # layer -> softmax scale of that call
     dense_layers: dict[int, str]        # layers the passes left dense -> reason (not searchable)
+    v: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)   # like k (output-error scoring)
 
     @property
     def layers(self) -> list[int]:
@@ -59,12 +60,14 @@ def capture_qk(model, input_ids: torch.Tensor, *, min_seq_len: int = ALWAYS_DENS
 
     qs: dict[int, torch.Tensor] = {}
     ks: dict[int, torch.Tensor] = {}
+    vs: dict[int, torch.Tensor] = {}
 
     def keep(layer, q, k, v, key_padding_mask):
         if layer < 0 or layer in qs:
             return
         qs[layer] = q.detach().to("cpu", torch.float32).clone()
         ks[layer] = k.detach().to("cpu", torch.float32).clone()
+        vs[layer] = v.detach().to("cpu", torch.float32).clone()
 
     backend = MInferenceBackend({"config": DENSE_CONFIG, "min_seq_len": int(min_seq_len)},
                                 use_inductor=False)
@@ -98,10 +101,10 @@ def capture_qk(model, input_ids: torch.Tensor, *, min_seq_len: int = ALWAYS_DENS
                 scales.setdefault(site.layer, scale)
     for layer in list(qs):
         if layer in dense:          # sliding-window layers run a fixed a_shape: nothing to search
-            del qs[layer], ks[layer]
+            del qs[layer], ks[layer], vs[layer]
         scales.setdefault(layer, 1.0 / math.sqrt(qs[layer].shape[-1]) if layer in qs else 0.0)
     scales = {l: s for l, s in scales.items() if l in qs}
     if not qs:
         raise RuntimeError("mi_compile.search: no attention call reached the sparse op; "
                            "see `python -m mi_compile explain` for why")
-    return Capture(q=qs, k=ks, scale=scales, dense_layers=dense)
+    return Capture(q=qs, k=ks, scale=scales, dense_layers=dense, v=vs)

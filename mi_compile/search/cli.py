@@ -45,12 +45,20 @@ def search_main(argv) -> int:
                                 description="Search a per-head sparse pattern for every attention layer "
                                             "on a calibration prompt and write a mi-compile/v1 config.")
     p.add_argument("--model", default="smollm2", help=MODEL_HELP)
-    p.add_argument("--from-report", default=None, metavar="REPORT_JSON",
+    p.add_argument("--from-report", default=None, nargs="+", metavar="REPORT_JSON",
                    help="no model: choose again from the scores a search kept in its .report.json "
-                        "(with another --budget / --allocate)")
+                        "(with another --budget / --allocate); several reports (searches with other "
+                        "--seed, i.e. other calibration prompts) are averaged before choosing")
     p.add_argument("--allocate", choices=("head", "global"), default="head",
                    help="head: --budget caps every head's density; global: --budget caps the mean "
                         "density over all heads, spent where it keeps the most attention mass")
+    p.add_argument("--objective", choices=("mass", "squared-miss", "output"), default="mass",
+                   help="--allocate global: maximise the attention mass kept (mass), minimise the summed "
+                        "squared mass missed (squared-miss: the worst heads first), or minimise the summed "
+                        "relative squared error of the heads' attention outputs (output: values included)")
+    p.add_argument("--early-weight", type=float, default=0.0, metavar="W",
+                   help="--allocate global: weight layer l of L by 1 + W*(L-1-l)/(L-1) (early errors "
+                        "propagate through every later layer); 0: all layers alike")
     p.add_argument("--out", required=True, help="config JSON to write (the summary goes to "
                    "<out minus .json>.summary.txt, per-head recall/density to .report.json)")
     p.add_argument("--length", type=int, default=2048, help="calibration prompt length in tokens")
@@ -82,8 +90,18 @@ def search_main(argv) -> int:
     from .search import SearchReport, choose_config, search_config
 
     if a.from_report:
-        scored = SearchReport.from_json(json.loads(Path(a.from_report).read_text()))
-        config, report = choose_config(scored, a.budget, min_recall=a.min_recall, allocate=a.allocate)
+        reports = []
+        for path in a.from_report:
+            try:
+                reports.append(SearchReport.from_json(json.loads(Path(path).read_text())))
+            except (OSError, ValueError) as e:       # json.JSONDecodeError is a ValueError
+                p.error(f"--from-report {path}: {e}")
+        try:
+            scored = SearchReport.average(reports)
+        except ValueError as e:
+            p.error(f"--from-report: {e}")
+        config, report = choose_config(scored, a.budget, min_recall=a.min_recall, allocate=a.allocate,
+                                       objective=a.objective, early_weight=a.early_weight)
     else:
         torch.manual_seed(a.seed)
         t0 = time.perf_counter()
@@ -93,7 +111,8 @@ def search_main(argv) -> int:
               f"{ids.shape[-1]} tokens", file=sys.stderr)
         config, report = search_config(model, ids, budget=a.budget, score_queries=a.score_queries,
                                        sample_queries=a.sample_queries, seed=a.seed, min_recall=a.min_recall,
-                                       progress=not a.no_progress, allocate=a.allocate)
+                                       progress=not a.no_progress, allocate=a.allocate,
+                                       objective=a.objective, early_weight=a.early_weight)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     config.save(out)
@@ -105,7 +124,7 @@ def search_main(argv) -> int:
     print(f"\nwrote {out}, {stem}.summary.txt, {stem}.report.json")
     for b in extra_budgets:
         cfg_b, rep_b = choose_config(report, b, min_recall=a.min_recall, num_layers=config.num_layers,
-                                     allocate=a.allocate)
+                                     allocate=a.allocate, objective=a.objective, early_weight=a.early_weight)
         path_b = Path(f"{stem}_b{b:g}.json")
         cfg_b.save(path_b)
         Path(f"{stem}_b{b:g}.report.json").write_text(json.dumps(rep_b.to_json(), indent=1) + "\n")

@@ -21,6 +21,7 @@ tests check recall rows and densities against ``selection_mask`` / ``selection_d
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Sequence
@@ -77,8 +78,32 @@ def _recall(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     return (probs * selected).sum(-1).mean(-1)
 
 
-def _block_constant_scores(S: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor, n: int):
-    """Recall and density of selections given per query block.
+def _output_error(probs: torch.Tensor, selected: torch.Tensor, values: "_Values") -> torch.Tensor:
+    """Mean over rows of the relative squared error of the attention output when only the
+    ``selected`` keys are kept, their mass renormalised as the kernel's softmax does:
+    ``|O_sel - O| ** 2 / |O| ** 2``. Unlike recall it sees the values: missing 2% of the mass on
+    keys whose values match the rest costs little, missing 2% on an outlier value costs a lot."""
+    kept = probs * selected
+    mass = kept.sum(-1, keepdim=True).clamp_min(1e-30)
+    out = torch.matmul(kept, values.v) / mass
+    return ((out - values.dense).pow(2).sum(-1) / values.norm2).mean(-1)
+
+
+@dataclasses.dataclass
+class _Values:
+    v: torch.Tensor        # float32 [B, Hq, n, D] (repeated to the query heads)
+    dense: torch.Tensor    # [B, Hq, R, D]: the dense output of the scored rows
+    norm2: torch.Tensor    # [B, Hq, R]: its squared norm (clamped away from 0)
+
+
+def _scores(probs, selected, values):
+    """(recall, output error or None) of one selection ``[..., R, n]``."""
+    return _recall(probs, selected), (None if values is None else _output_error(probs, selected, values))
+
+
+def _block_constant_scores(S: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor, n: int, values=None):
+    """Recall, density and output error (None without ``values``) of selections given per
+    query block.
 
     ``S`` bool ``[B, H, NQB, n]``: the pattern's own test (no causality) at each query block;
     row ``i`` computes ``S[i // 64] & (j <= i)``.
@@ -86,13 +111,13 @@ def _block_constant_scores(S: torch.Tensor, probs: torch.Tensor, rows: torch.Ten
     B, H, nqb, _ = S.shape
     j = torch.arange(n)
     selected = S[:, :, rows // BLOCK] & (j[None, :] <= rows[:, None])
-    recall = _recall(probs, selected)
+    recall, error = _scores(probs, selected, values)
     cs = S.cumsum(-1, dtype=torch.int32)                                   # [B, H, NQB, n]
     idx = _block_starts(n)[:, None] + torch.arange(BLOCK)[None, :]         # rows of each block
     valid = idx < n
     per_row = cs.gather(-1, idx.clamp(max=n - 1).expand(B, H, nqb, BLOCK))  # pairs of row m0 + t
     pairs = (per_row * valid).sum((-1, -2), dtype=torch.float64)
-    return recall, pairs / (n * (n + 1) / 2)
+    return recall, pairs / (n * (n + 1) / 2), error
 
 
 def _vertical_slash_blocks(vert, slash, pattern: HeadPattern, n: int) -> torch.Tensor:
@@ -110,12 +135,13 @@ def _vertical_slash_blocks(vert, slash, pattern: HeadPattern, n: int) -> torch.T
 
 def score_candidates(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[HeadPattern], *,
                      rows: torch.Tensor, scale: float | None = None,
-                     probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     probs: torch.Tensor | None = None, v: torch.Tensor | None = None):
     """Recall and density of every candidate for every head of one layer.
 
     q ``[B, Hq, n, D]``, k ``[B, Hkv, n, D]`` (unpadded prompts); ``rows``: the scored query
     rows (:func:`score_rows`). Returns float64 ``recall, density`` of shape
-    ``[len(candidates), Hq]`` (averaged over the batch).
+    ``[len(candidates), Hq]`` (averaged over the batch); with ``v`` ``[B, Hkv, n, D]`` also
+    ``error``, the relative squared output error (:func:`_output_error`), as a third tensor.
     """
     B, Hq, n, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -126,6 +152,13 @@ def score_candidates(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[Head
     C = len(candidates)
     recall = torch.zeros(C, B, Hq, dtype=torch.float64)
     density = torch.zeros(C, B, Hq, dtype=torch.float64)
+    error = torch.zeros(C, B, Hq, dtype=torch.float64)
+    values = None
+    if v is not None:
+        group = Hq // v.shape[1]
+        vr = v.float().repeat_interleave(group, dim=1) if group > 1 else v.float()
+        dense = torch.matmul(probs, vr)
+        values = _Values(v=vr, dense=dense, norm2=dense.pow(2).sum(-1).clamp_min(1e-30))
     j = torch.arange(n)
     causal_rows = j[None, :] <= rows[:, None]
     seq_start = torch.zeros(B, dtype=torch.int32)
@@ -137,7 +170,9 @@ def score_candidates(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[Head
             vert, slash = vertical_slash.estimate_scores(q, k, list(range(Hq)), seq_start, seq_len, scale)
         for c in vs:
             S = _vertical_slash_blocks(vert, slash, candidates[c], n)
-            recall[c], density[c] = _block_constant_scores(S, probs, rows, n)
+            recall[c], density[c], err = _block_constant_scores(S, probs, rows, n, values)
+            if err is not None:
+                error[c] = err
 
     bs = [c for c, p in enumerate(candidates) if p.kind == "block_sparse"]
     if bs:   # one pooling and one top-k for all block-sparse candidates
@@ -151,17 +186,23 @@ def score_candidates(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[Head
             blk = blocks[:, part].reshape(B * Hq, blocks.shape[2], blocks.shape[3])
             cnt = counts[:, part].reshape(B * Hq, counts.shape[2])
             S = block_sparse.block_sparse_mask(i, j[None, None, :], blk, cnt).view(B, Hq, -1, n)
-            recall[c], density[c] = _block_constant_scores(S, probs, rows, n)
+            recall[c], density[c], err = _block_constant_scores(S, probs, rows, n, values)
+            if err is not None:
+                error[c] = err
 
     for c, p in enumerate(candidates):
         if p.kind == "dense":
-            recall[c] = _recall(probs, causal_rows)
+            recall[c] = _recall(probs, causal_rows)          # error stays 0
         elif p.kind == "a_shape":
-            recall[c] = _recall(probs, causal_rows & a_shape_mask(rows[:, None], j[None, :], p))
+            recall[c], err = _scores(probs, causal_rows & a_shape_mask(rows[:, None], j[None, :], p), values)
+            if err is not None:
+                error[c] = err
         else:
             continue
         density[c] = static_density(p, n)
-    return recall.mean(1), density.mean(1)
+    if values is None:
+        return recall.mean(1), density.mean(1)
+    return recall.mean(1), density.mean(1), error.mean(1)
 
 
 def choose(recall: torch.Tensor, density: torch.Tensor, budget: float, *,

@@ -32,6 +32,7 @@ class HeadResult:
     pattern: HeadPattern
     recall: float
     density: float
+    error: float | None = None     # relative squared output error (None: not scored)
 
 
 @dataclasses.dataclass
@@ -50,9 +51,19 @@ class SearchReport:
     recall: dict[int, torch.Tensor]
     density: dict[int, torch.Tensor]
     skipped_layers: dict[int, str]
+    #: layer -> float64 [C, Hq] relative squared output error (empty: not scored, older reports)
+    error: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     capture_s: float = 0.0
     score_s: float = 0.0
     allocate: str = "head"
+    objective: str = "mass"
+    early_weight: float = 0.0
+    #: calibration prompt seeds whose scores are averaged here (:meth:`average`); [] means [seed]
+    seeds: list[int] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.seeds:
+            self.seeds = [int(self.seed)]
 
     # ------------------------------------------------------------------ summaries
     def counts(self) -> dict[str, int]:
@@ -69,12 +80,23 @@ class SearchReport:
     def mean_density(self) -> float:
         return sum(h.density for h in self.heads) / max(1, len(self.heads))
 
+    @property
+    def mean_error(self) -> float | None:
+        """Mean relative squared output error of the chosen patterns (None: not scored)."""
+        errs = [h.error for h in self.heads if h.error is not None]
+        return sum(errs) / len(errs) if errs and len(errs) == len(self.heads) else None
+
+    def seeds_text(self) -> str:
+        if len(self.seeds) == 1:
+            return f"seed {self.seeds[0]}"
+        return "mean of the calibration prompts of seeds " + ",".join(map(str, self.seeds))
+
     def table(self, per_layer: bool = True) -> str:
         """The summary: heads per pattern kind with mean recall / density, top patterns, layers."""
         lines = [f"pattern search: {self.model}",
                  f"  {self.n} tokens, budget {self.budget:g} of the causal square "
-                 f"({'mean over heads' if self.allocate == 'global' else 'per head'}), scored on the last "
-                 f"{self.score_queries} + {self.sample_queries} sampled queries, seed {self.seed}, "
+                 f"({'per head' if self.allocate != 'global' else 'mean over heads, objective ' + self.objective + (f', early weight {self.early_weight:g}' if self.early_weight else '')}), scored on the last "
+                 f"{self.score_queries} + {self.sample_queries} sampled queries, {self.seeds_text()}, "
                  f"{len(self.candidates)} candidates per head",
                  f"  capture {self.capture_s:.1f} s, scoring {self.score_s:.1f} s", ""]
         fmt = "{:<16} {:>6} {:>12} {:>13}"
@@ -85,6 +107,9 @@ class SearchReport:
                 lines.append(fmt.format(kind, len(hs), f"{sum(h.recall for h in hs) / len(hs):.4f}",
                                         f"{sum(h.density for h in hs) / len(hs):.4f}"))
         lines.append(fmt.format("all", len(self.heads), f"{self.mean_recall:.4f}", f"{self.mean_density:.4f}"))
+        if self.mean_error is not None:
+            lines.append(f"  mean relative squared output error {self.mean_error:.3g} (max "
+                         f"{max(h.error for h in self.heads):.3g})")
         if self.allocate == "global":
             lines.append(f"  min recall {min((h.recall for h in self.heads), default=0):.4f}; budget shared by all "
                          f"heads: mean density {self.mean_density:.4f} <= {self.budget:g}")
@@ -116,18 +141,23 @@ class SearchReport:
         """Per-head recall and density (the config only keeps recall, as ``score``)."""
         return {"model": self.model, "n": self.n, "budget": self.budget, "seed": self.seed,
                 "score_queries": self.score_queries, "sample_queries": self.sample_queries,
-                "mean_recall": self.mean_recall, "mean_density": self.mean_density,
+                "mean_recall": self.mean_recall, "mean_density": self.mean_density, "mean_error": self.mean_error,
                 "counts": self.counts(),
-                "allocate": self.allocate,
+                "allocate": self.allocate, "objective": self.objective, "early_weight": self.early_weight,
+                "seeds": list(self.seeds),
+                "capture_s": round(self.capture_s, 1), "score_s": round(self.score_s, 1),
                 "heads": [{"layer": h.layer, "head": h.head, "pattern": h.pattern.describe(),
-                           "recall": round(h.recall, 6), "density": round(h.density, 6)}
+                           "recall": round(h.recall, 6), "density": round(h.density, 6),
+                           **({} if h.error is None else {"error": float(f"{h.error:.4g}")})}
                           for h in self.heads],
                 # every candidate's score, so the choice can be redone without the model
                 # (``python -m mi_compile search --from-report``)
                 "candidates": [p.encode() for p in self.candidates],     # HeadPattern.encode ints
                 "skipped_layers": {str(l): r for l, r in self.skipped_layers.items()},
                 "scores": {str(l): {"recall": [[round(float(x), 6) for x in row] for row in self.recall[l]],
-                                    "density": [[round(float(x), 6) for x in row] for row in self.density[l]]}
+                                    "density": [[round(float(x), 6) for x in row] for row in self.density[l]],
+                                    **({"error": [[float(f"{float(x):.4g}") for x in row] for row in self.error[l]]}
+                                       if l in self.error else {})}
                            for l in sorted(self.recall)}}
 
     @classmethod
@@ -139,10 +169,43 @@ class SearchReport:
         cands = [HeadPattern.decode(c) for c in data["candidates"]]
         recall = {int(l): torch.tensor(v["recall"], dtype=torch.float64) for l, v in data["scores"].items()}
         density = {int(l): torch.tensor(v["density"], dtype=torch.float64) for l, v in data["scores"].items()}
+        error = {int(l): torch.tensor(v["error"], dtype=torch.float64) for l, v in data["scores"].items()
+                 if "error" in v}
         return cls(model=data["model"], n=int(data["n"]), budget=float(data["budget"]), seed=int(data["seed"]),
                    score_queries=int(data["score_queries"]), sample_queries=int(data["sample_queries"]),
-                   candidates=cands, heads=[], recall=recall, density=density,
-                   skipped_layers={int(l): r for l, r in data.get("skipped_layers", {}).items()})
+                   candidates=cands, heads=[], recall=recall, density=density, error=error,
+                   skipped_layers={int(l): r for l, r in data.get("skipped_layers", {}).items()},
+                   seeds=[int(x) for x in data.get("seeds", [])],
+                   capture_s=float(data.get("capture_s", 0.0)), score_s=float(data.get("score_s", 0.0)))
+
+    @classmethod
+    def average(cls, reports: Sequence["SearchReport"]) -> "SearchReport":
+        """One scored search from several on different calibration prompts (``heads`` empty:
+        choose again). Every candidate's recall, density and output error are averaged over
+        the prompts, so the choice favours patterns that hold on all of them rather than the
+        quirks of one prompt (a vertical-slash head's density and recall vary per input).
+
+        The reports must come from the same model, prompt length, candidates and layers."""
+        reports = list(reports)
+        if not reports:
+            raise ValueError("no search reports to average")
+        first = reports[0]
+        for r in reports[1:]:
+            for what, a, b in (("prompt length", first.n, r.n), ("model", first.model, r.model),
+                               ("candidates", [c.describe() for c in first.candidates],
+                                [c.describe() for c in r.candidates]),
+                               ("scored layers", sorted(first.recall), sorted(r.recall))):
+                if a != b:
+                    raise ValueError(f"cannot average search reports with different {what}")
+        has_error = all(set(r.error) == set(first.recall) for r in reports)
+
+        def mean(field: str) -> dict[int, torch.Tensor]:
+            return {l: sum(getattr(r, field)[l] for r in reports) / len(reports) for l in first.recall}
+
+        return dataclasses.replace(
+            first, heads=[], recall=mean("recall"), density=mean("density"),
+            error=mean("error") if has_error else {}, seeds=[s for r in reports for s in r.seeds],
+            capture_s=sum(r.capture_s for r in reports), score_s=sum(r.score_s for r in reports))
 
 
 def model_name(model) -> str:
@@ -156,7 +219,8 @@ def model_name(model) -> str:
 def search_config(model, input_ids: torch.Tensor, *, budget: float = 0.3, score_queries: int = 256,
                   sample_queries: int = 128, seed: int = 0, progress: bool = True,
                   candidates: Sequence[HeadPattern] | None = None, min_recall: float = 0.0,
-                  name: str | None = None, allocate: str = "head") -> tuple[SparseConfig, SearchReport]:
+                  name: str | None = None, allocate: str = "head", objective: str = "mass",
+                  early_weight: float = 0.0) -> tuple[SparseConfig, SearchReport]:
     """Search a per-head pattern for every layer the backend rewrites; returns (config, report).
 
     ``input_ids`` ``[1, n]``: the calibration prompt (see :func:`.prompt.calibration_ids`).
@@ -182,31 +246,35 @@ def search_config(model, input_ids: torch.Tensor, *, budget: float = 0.3, score_
     cap = capture_qk(model, input_ids)
     t1 = time.perf_counter()
     rows = score_rows(n, score_queries, sample_queries, seed)
-    recalls, densities = {}, {}
+    recalls, densities, errors = {}, {}, {}
     with torch.no_grad():
         for layer in tqdm(cap.layers, desc="search", unit="layer", disable=not progress):
             q, k, scale = cap.q[layer], cap.k[layer], cap.scale[layer]
             probs = dense_probs(q, k, rows, scale)
-            recalls[layer], densities[layer] = score_candidates(q, k, cands, rows=rows, scale=scale, probs=probs)
-            del cap.q[layer], cap.k[layer], probs      # free as we go
+            recalls[layer], densities[layer], errors[layer] = score_candidates(
+                q, k, cands, rows=rows, scale=scale, probs=probs, v=cap.v[layer])
+            del cap.q[layer], cap.k[layer], cap.v[layer], probs      # free as we go
     t2 = time.perf_counter()
 
     num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     scored = SearchReport(model=name, n=n, budget=budget, seed=seed, score_queries=min(score_queries, n),
                           sample_queries=int(len(rows) - min(score_queries, n)), candidates=cands,
-                          heads=[], recall=recalls, density=densities,
+                          heads=[], recall=recalls, density=densities, error=errors,
                           skipped_layers=dict(cap.dense_layers), capture_s=t1 - t0, score_s=t2 - t1)
-    return choose_config(scored, budget, min_recall=min_recall, num_layers=num_layers, allocate=allocate)
+    return choose_config(scored, budget, min_recall=min_recall, num_layers=num_layers, allocate=allocate,
+                         objective=objective, early_weight=early_weight)
 
 
 def choose_config(scored: SearchReport, budget: float, *, min_recall: float = 0.0,
-                  num_layers: int | None = None, allocate: str = "head") -> tuple[SparseConfig, SearchReport]:
+                  num_layers: int | None = None, allocate: str = "head", objective: str = "mass",
+                  early_weight: float = 0.0) -> tuple[SparseConfig, SearchReport]:
     """Pick every head's pattern from an already scored search at ``budget``.
 
     ``allocate="head"``: ``budget`` caps every head's density (:func:`.score.choose`).
     ``allocate="global"``: ``budget`` caps the *mean* density over all searched heads, spent
     where it keeps the most attention mass (:func:`allocate_globally`): heads that are easy to
-    approximate get cheap patterns, hard ones (often the first layers) up to dense.
+    approximate get cheap patterns, hard ones (often the first layers) up to dense;
+    ``objective`` and ``early_weight`` say what "most" means (:func:`allocation_utility`).
 
     Scoring (capture + recall/density of every candidate) is the expensive part of a search;
     the choice is cheap, so one scored search gives the config of any budget (the CLI's
@@ -222,7 +290,11 @@ def choose_config(scored: SearchReport, budget: float, *, min_recall: float = 0.
     scores: dict[int, dict[int, float]] = {}
     if allocate not in ("head", "global"):
         raise ValueError(f"allocate must be 'head' or 'global', got {allocate!r}")
-    picks = (allocate_globally(scored.recall, scored.density, budget) if allocate == "global" else
+    if allocate == "head" and (objective != "mass" or early_weight):
+        raise ValueError("objective / early_weight apply to allocate='global' only")
+    picks = (allocate_globally(allocation_utility(scored.recall, objective, early_weight, scored.error),
+                               scored.density, budget)
+             if allocate == "global" else
              {l: choose(scored.recall[l], scored.density[l], budget, min_recall=min_recall,
                         dense_index=dense_index) for l in scored.recall})
     for layer in sorted(scored.recall):
@@ -232,25 +304,74 @@ def choose_config(scored: SearchReport, budget: float, *, min_recall: float = 0.
         for h, c in enumerate(pick):
             chosen[layer][h] = cands[c]
             scores[layer][h] = round(float(rec[c, h]), 5)
-            heads.append(HeadResult(layer, h, cands[c], float(rec[c, h]), float(den[c, h])))
+            err = scored.error.get(layer)
+            heads.append(HeadResult(layer, h, cands[c], float(rec[c, h]), float(den[c, h]),
+                                    None if err is None else float(err[c, h])))
 
     num_heads = max(h.head for h in heads) + 1
     if not isinstance(num_layers, int) or num_layers <= max(chosen):
         num_layers = max(chosen) + 1
-    report = dataclasses.replace(scored, budget=budget, heads=heads, allocate=allocate)
+    report = dataclasses.replace(scored, budget=budget, heads=heads, allocate=allocate,
+                                 objective=objective, early_weight=float(early_weight))
     name, n, seed = scored.model, scored.n, scored.seed
+    how = "per head" if allocate == "head" else "mean over heads" + (
+        f", objective {objective}" if objective != "mass" else "") + (
+        f", early weight {early_weight:g}" if early_weight else "")
     text = (f"{name}, searched by mi_compile.search at {n} tokens, budget {budget:g} "
-            f"({'mean over heads' if allocate == 'global' else 'per head'}), seed {seed}: "
+            f"({how}), {scored.seeds_text()}: "
             f"mean recall {report.mean_recall:.4f}, mean density {report.mean_density:.4f}")
     config = SparseConfig(source="<search>", num_layers=num_layers, num_heads=num_heads, layers=chosen,
                           default=HeadPattern("dense"), scores=scores, model=text)
     return config, report
 
 
+OBJECTIVES = ("mass", "squared-miss", "output")
+
+
+def allocation_utility(recall: dict[int, torch.Tensor], objective: str = "mass",
+                       early_weight: float = 0.0,
+                       error: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """What the global allocation maximises, per layer ``[C, H]``, summed over heads.
+
+    ``objective="mass"``: the attention mass kept (recall). ``"squared-miss"``: minus the
+    squared mass missed, ``-(1 - recall)**2``: a head that misses 4% costs four times one that
+    misses 2%, so the budget goes first to the worst-approximated heads instead of evening out
+    the mean (one badly served head can flip a token on its own). ``"output"``: minus the
+    relative squared error of the head's attention output (``error``, from
+    :func:`.score.score_candidates` with ``v``): what the next layer actually receives, values
+    included -- closest to what MInference fits its configs on.
+
+    ``early_weight`` w >= 0 scales layer ``l`` of ``L`` by ``1 + w * (L - 1 - l) / (L - 1)``:
+    an error made early passes through every later layer, so with w > 0 the first layers get
+    more of the budget (w = 1: the first layer counts twice the last)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if early_weight < 0:
+        raise ValueError(f"early_weight must be >= 0, got {early_weight}")
+    if objective == "output" and not (error and set(error) >= set(recall)):
+        raise ValueError("objective 'output' needs the candidates' output errors: search again (reports "
+                         "written before output errors were scored do not have them)")
+    layers = sorted(recall)
+    first, last = layers[0], layers[-1]
+    out = {}
+    for l in layers:
+        r = recall[l].double()
+        if objective == "mass":
+            u = r
+        elif objective == "squared-miss":
+            u = -(1.0 - r).clamp(min=0) ** 2
+        else:
+            u = -error[l].double()
+        w = 1.0 + early_weight * ((last - l) / (last - first) if last > first else 0.0)
+        out[l] = w * u
+    return out
+
+
 def allocate_globally(recall: dict[int, torch.Tensor], density: dict[int, torch.Tensor],
                       budget: float, iterations: int = 60) -> dict[int, list[int]]:
     """Per layer, the chosen candidate per head, maximising the summed recall of all heads
-    under ``mean density <= budget`` (``recall``/``density``: layer -> ``[C, H]``).
+    under ``mean density <= budget`` (``recall``/``density``: layer -> ``[C, H]``; any other
+    per-candidate utility, e.g. :func:`allocation_utility`, can stand in for recall).
 
     Lagrangian relaxation: for a price ``lam`` per unit of density every head independently
     takes ``argmax(recall - lam * density)`` (ties: the lower density); the mean density falls
