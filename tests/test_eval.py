@@ -218,7 +218,7 @@ def test_harness_smoke(smollm2, tmp_path):
     torch._dynamo.reset()
     modes, _ = H.resolve_modes(["dense", "default"])
     out = tmp_path / "r.json"
-    rep = H.run_eval(model, tok, modes, [1024], 1, natural_skip=256, use_inductor=False,
+    rep = H.run_eval(model, tok, modes, [1024], 1, natural_skip=256, natural_docs=2, use_inductor=False,
                      out_path=str(out), log=lambda *a: None)
     torch._dynamo.reset()
     on_disk = json.loads(out.read_text())
@@ -238,6 +238,14 @@ def test_harness_smoke(smollm2, tmp_path):
         assert {"accuracy", "density", "top1_agreement", "kl_mean"} <= set(s)
         assert 0.0 < s["density"] <= 1.0
     assert rep["summary"]["dense"]["1024"]["top1_agreement"] == 1.0
+    # two natural documents per length, each compared with its own dense run, then averaged
+    assert [(n["mode"], n["doc_seed"]) for n in rep["natural"]] == [
+        ("dense", 0), ("dense", 1), ("default", 0), ("default", 1)]
+    docs = [n for n in rep["natural"] if n["mode"] == "default"]
+    assert rep["summary"]["default"]["1024"]["top1_agreement"] == pytest.approx(
+        sum(n["top1_agreement"] for n in docs) / 2)
+    assert rep["summary"]["default"]["1024"]["top1_min"] == min(n["top1_agreement"] for n in docs)
+    assert "doc 1" in H.format_table(rep)
     # At 1K the default budget (slash 6096) covers every diagonal: dense in effect.
     assert rep["summary"]["default"]["1024"]["density"] == pytest.approx(1.0)
     assert rep["summary"]["default"]["1024"]["top1_agreement"] > 0.99
@@ -259,6 +267,7 @@ def test_main_one_kernel_and_dtype_flags(monkeypatch, tmp_path):
     def fake_run_eval(model, tok, modes, lengths, examples, tasks, **kw):
         seen["wide_during_run"] = KERNEL_CONFIG["wide"]
         seen["meta_extra"] = kw["meta_extra"]
+        seen["natural_docs"] = kw["natural_docs"]
         return {"meta": {"wall_s": 0.0}, "results": [], "natural": [], "summary": {}, "modes": {}}
 
     monkeypatch.setattr(models, "load_smollm2", fake_load)
@@ -270,5 +279,6 @@ def test_main_one_kernel_and_dtype_flags(monkeypatch, tmp_path):
     assert seen["dtype"] == torch.float16 and seen["wide_during_run"] is False
     assert seen["meta_extra"]["one_kernel"] is True and seen["meta_extra"]["kernel_config"]["wide"] is False
     assert KERNEL_CONFIG == before                                       # restored
-    H.main(["--modes", "dense", "--out", str(tmp_path / "r.json")])
+    H.main(["--modes", "dense", "--docs", "3", "--out", str(tmp_path / "r.json")])
     assert seen["dtype"] == torch.float32 and seen["wide_during_run"] == before["wide"]
+    assert seen["natural_docs"] == 3

@@ -215,10 +215,14 @@ def compare_logits(model, h_ref: torch.Tensor, h: torch.Tensor, skip: int, chunk
 # ----------------------------------------------------------------------------- the run
 
 def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS, *, seed: int = 0,
-             natural: bool = True, natural_skip: int = 1024, use_inductor: bool = True,
+             natural: bool = True, natural_skip: int = 1024, natural_docs: int = 1, use_inductor: bool = True,
              out_path: Optional[str] = None, log=print, skipped_modes=None, meta_extra: Optional[dict] = None):
     """Run every mode over every (task, length) and the natural document; returns the report
-    dict (written to ``out_path`` after each mode, so partial runs keep what they measured)."""
+    dict (written to ``out_path`` after each mode, so partial runs keep what they measured).
+
+    ``natural_docs``: how many natural-text documents per length (seeds ``seed`` ... ``seed +
+    natural_docs - 1``); top-1 / KL are reported per document and as their mean (and minimum),
+    since one document's figure moves by about half a point from one text to the next."""
     device = next(model.parameters()).device
     eos_ids = {tokenizer.eos_token_id} | ({tokenizer.convert_tokens_to_ids("<|endoftext|>")} - {None})
     t0 = time.perf_counter()
@@ -226,14 +230,17 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
     for L in lengths:
         for task in task_names:
             examples_by[(task, L)] = T.make_examples(tokenizer, task, L, examples, seed=seed)
-    docs = {L: torch.tensor([T.natural_document(tokenizer, L, seed=seed)], device=device) for L in lengths} \
-        if natural else {}
+    if natural_docs < 1:
+        raise ValueError(f"natural_docs must be >= 1, got {natural_docs}")
+    doc_seeds = list(range(seed, seed + natural_docs))
+    docs = {(L, d): torch.tensor([T.natural_document(tokenizer, L, seed=d)], device=device)
+            for L in lengths for d in doc_seeds} if natural else {}
     report = dict(
         meta=dict(model=getattr(model.config, "_name_or_path", "") or model.config.model_type,
                   device=str(device), dtype=str(next(model.parameters()).dtype), torch=torch.__version__,
                   python=platform.python_version(), threads=torch.get_num_threads(),
                   lengths=list(lengths), examples=examples, tasks=list(task_names), seed=seed,
-                  natural_skip=natural_skip, inductor=use_inductor,
+                  natural_skip=natural_skip, natural_doc_seeds=doc_seeds if natural else [], inductor=use_inductor,
                   cpu_impl=os.environ.get("MI_COMPILE_CPU_IMPL", "reference"),
                   started=time.strftime("%Y-%m-%d %H:%M:%S"), **(meta_extra or {})),
         modes={}, skipped_modes=dict(skipped_modes or {}), results=[], natural=[], summary={})
@@ -244,17 +251,17 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
         runner = ModeRunner(model, mode, use_inductor=use_inductor)
         mrep = dict(source=mode.source, config=mode.config if isinstance(mode.config, str) else mode.config)
         for L in lengths:
-            if natural:
-                hidden, _, info = runner.prefill(docs[L])
+            for d in doc_seeds if natural else ():
+                hidden, _, info = runner.prefill(docs[L, d])
                 if mode.name == "dense":
-                    ref_hidden[L] = hidden
-                cmp = compare_logits(model, ref_hidden[L], hidden, min(natural_skip, L - 1)) if L in ref_hidden \
-                    else dict(top1_agreement=None, kl_mean=None, positions=0)
-                row = dict(mode=mode.name, length=L, n_tokens=int(docs[L].shape[1]), density=info["density"],
-                           prefill_s=info["prefill_s"], **cmp)
+                    ref_hidden[L, d] = hidden
+                cmp = compare_logits(model, ref_hidden[L, d], hidden, min(natural_skip, L - 1)) \
+                    if (L, d) in ref_hidden else dict(top1_agreement=None, kl_mean=None, positions=0)
+                row = dict(mode=mode.name, length=L, doc_seed=d, n_tokens=int(docs[L, d].shape[1]),
+                           density=info["density"], prefill_s=info["prefill_s"], **cmp)
                 report["natural"].append(row)
-                log(f"   natural {L}: density {row['density']:.3f} top1 {row['top1_agreement']:.4f} "
-                    f"KL {row['kl_mean']:.5f} ({info['prefill_s']:.1f}s)")
+                log(f"   natural {L} doc {d}: density {row['density']:.3f} top1 {_fmt(row['top1_agreement'], '.4f')} "
+                    f"KL {_fmt(row['kl_mean'], '.5f')} ({info['prefill_s']:.1f}s)")
             for task in task_names:
                 rows = []
                 for ex in examples_by[(task, L)]:
@@ -298,9 +305,17 @@ def summarize(report) -> dict:
         s = out.setdefault(r["mode"], {}).setdefault(str(r["length"]), {"tasks": {}, "_d": []})
         s["tasks"][r["task"]] = r["accuracy"]
         s["_d"] += [e["density"] for e in r["examples"]]
+    by_key = {}
     for n in report["natural"]:
-        s = out.setdefault(n["mode"], {}).setdefault(str(n["length"]), {"tasks": {}, "_d": []})
-        s.update(top1_agreement=n["top1_agreement"], kl_mean=n["kl_mean"], natural_density=n["density"])
+        by_key.setdefault((n["mode"], str(n["length"])), []).append(n)
+    for (mode, L), rows in by_key.items():
+        s = out.setdefault(mode, {}).setdefault(L, {"tasks": {}, "_d": []})
+        top1 = [r["top1_agreement"] for r in rows if r["top1_agreement"] is not None]
+        kl = [r["kl_mean"] for r in rows if r["kl_mean"] is not None]
+        s.update(top1_agreement=sum(top1) / len(top1) if top1 else None,
+                 top1_min=min(top1) if top1 else None,
+                 kl_mean=sum(kl) / len(kl) if kl else None,
+                 natural_density=sum(r["density"] for r in rows) / len(rows), natural_docs=len(rows))
     for m in out.values():
         for s in m.values():
             d = s.pop("_d")
@@ -331,9 +346,15 @@ def format_table(report) -> str:
             lines.append(f"{mode:<10} {L:>6} " + " ".join(f"{_fmt(s['tasks'].get(t), '.2f'):>8}" for t in task_names)
                          + f" {_fmt(s['accuracy'], '.3f'):>6} {_fmt(s['density'], '.4f'):>8}"
                          f" {_fmt(s.get('top1_agreement'), '.4f'):>7} {_fmt(s.get('kl_mean'), '.2e'):>9}")
+    docs = len(report["meta"].get("natural_doc_seeds") or [0])
+    if docs > 1:
+        lines.append("natural text, per document: " + "; ".join(
+            f"{n['mode']} {n['length']} doc {n['doc_seed']}: top1 {_fmt(n['top1_agreement'], '.4f')} at "
+            f"{n['density']:.3f}" for n in report["natural"] if n["mode"] != "dense"))
     lines.append(f"(accuracy: fraction of examples solved, vartrack: fraction of variables named; density: "
                  f"computed fraction of the causal square, mean over layers/heads and examples; top1/KL: natural "
-                 f"text vs dense, positions >= {report['meta']['natural_skip']})")
+                 f"text vs dense, positions >= {report['meta']['natural_skip']}"
+                 + (f", mean over {docs} documents" if docs > 1 else "") + ")")
     return "\n".join(lines)
 
 
@@ -400,6 +421,8 @@ def build_parser():
     p.add_argument("--natural-skip", type=int, default=1024,
                    help="compare next-token distributions only after this many tokens (default 1024)")
     p.add_argument("--no-natural", action="store_true", help="skip the natural-text comparison")
+    p.add_argument("--docs", type=int, default=1,
+                   help="natural-text documents per length (seeds --seed, --seed+1, ...; top-1/KL averaged)")
     p.add_argument("--no-inductor", action="store_true",
                    help="run the rewritten graph without Inductor (faster to compile; same attention)")
     p.add_argument("--one-kernel", action="store_true",
@@ -443,7 +466,8 @@ def main(argv=None):
         KERNEL_CONFIG["wide"] = False
     try:
         report = run_eval(model, tok, modes, _csv(a.lengths, int), a.examples, task_names, seed=a.seed,
-                          natural=not a.no_natural, natural_skip=a.natural_skip, use_inductor=not a.no_inductor,
+                          natural=not a.no_natural, natural_skip=a.natural_skip, natural_docs=a.docs,
+                          use_inductor=not a.no_inductor,
                           out_path=a.out, skipped_modes=skipped,
                           meta_extra=dict(one_kernel=bool(a.one_kernel), kernel_config=dict(KERNEL_CONFIG)))
     finally:
