@@ -181,6 +181,30 @@ def test_summary_table_and_plot(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+def test_replot_natural_only_report(tmp_path, capsys):
+    """``--replot`` redraws a saved report without a model; a report with no task rows (run
+    with ``--tasks ""``) gets only the natural-text panel, with a range over documents; a
+    report with nothing to draw is refused by name."""
+    rep = _fake_report()
+    rep["results"] = []
+    rep["meta"]["tasks"] = []
+    rep["meta"]["natural_doc_seeds"] = [0, 1]
+    rep["natural"].append(dict(mode="sparse", length=4096, density=0.22, top1_agreement=0.7, kl_mean=0.3))
+    for row, seed in zip(rep["natural"], (0, 0, 1)):
+        row["doc_seed"] = seed
+    rep["summary"] = H.summarize(rep)
+    assert rep["summary"]["sparse"]["4096"]["top1_min"] == 0.5
+    path = tmp_path / "r.json"
+    H.write_json(rep, path)
+    H.main(["--replot", str(path)])
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    assert "sparse" in capsys.readouterr().out
+    rep["natural"] = []
+    rep["summary"] = H.summarize(rep)
+    with pytest.raises(ValueError, match="neither task accuracies nor natural-text"):
+        H.plot(rep, tmp_path / "empty.png")
+
+
 # ----------------------------------------------------------------------------- real tokenizer / model
 
 

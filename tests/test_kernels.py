@@ -121,6 +121,29 @@ def test_padded_batch_128_row_path():
 
 
 @pytest.mark.parametrize("heads", [
+    [HP("dense"), HP("a_shape", sink=16, local=64), HP("vertical_slash", vertical=32, slash=64),
+     HP("block_sparse", topk=2)],
+    [HP("dense"), HP("a_shape", sink=16, local=64)] * 2,
+], ids=["general", "wide"])
+def test_gqa_grouped_program_order(heads):
+    """``KERNEL_CONFIG["group_heads"]`` only reorders programs (the query heads of a KV head
+    interleave per row block); every element comes out bit-identical, padding included."""
+    from mi_compile.kernels import sparse_attention as kernel_module
+    q, k, v = make_inputs(12, 2, 4, 2, 200, 32, torch.float32)
+    length = torch.tensor([200, 130], dtype=torch.int32)
+    saved = dict(kernel_module.KERNEL_CONFIG)
+    outs = []
+    try:
+        for group in (False, True):
+            kernel_module.KERNEL_CONFIG["group_heads"] = group
+            outs.append(sparse_attention(q, k, v, heads, seq_len=length, impl="triton"))
+    finally:
+        kernel_module.KERNEL_CONFIG.clear()
+        kernel_module.KERNEL_CONFIG.update(saved)
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("heads", [
     [HP("a_shape", sink=0, local=200)], [HP("a_shape", sink=200, local=1)],
     [HP("vertical_slash", vertical=1, slash=500)], [HP("block_sparse", topk=4)], [HP("dense")],
 ], ids=["local>=n", "sink>=n", "slash>=n", "topk>=blocks", "dense"])

@@ -307,6 +307,10 @@ def test_cli_search_and_plot(tmp_path):
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(out), "--out", str(tmp_path / "grid.png")]) == 0
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    # one head's attention beside its mask, from the command line (the model is loaded there)
+    assert main(["plot", str(out), "--attention", "1,0", "--model", "tiny:llama", "--length", "128",
+                 "--device", "cpu"]) == 0
+    assert (tmp_path / "cfg.L1H0.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_plot_attention_writes_png(tmp_path):

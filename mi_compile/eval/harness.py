@@ -44,8 +44,9 @@ import torch
 
 from . import tasks as T
 
-# 8K; scores averaged over 3 calibration prompts; global budget 0.39, objective output, early weight 1
-SEARCHED_DEFAULT = "benchmarks/configs/smollm2_searched_8k_avg3.json"
+# 8K; scores averaged over 7 calibration prompts (seeds 0-6); global budget 0.385, objective output,
+# early weight 1 (benchmarks/NOTES.md, "Accuracy at 8K", step C)
+SEARCHED_DEFAULT = "benchmarks/configs/smollm2_searched_8k_avg7.json"
 FORMAT = "mi-compile/v1"
 DENSE_CONFIG = {"format": FORMAT, "default": {"pattern": "dense"}}
 DEFAULT_CONFIG = {"format": FORMAT, "default": {"pattern": "vertical_slash", "vertical": 1000, "slash": 6096}}
@@ -360,41 +361,60 @@ def format_table(report) -> str:
 
 
 def plot(report, path):
-    """Density vs accuracy (left) and density vs top-1 agreement (right), one point per
-    (mode, length)."""
+    """The density / accuracy trade-off, one point per (mode, length): density vs mean task
+    accuracy, and density vs top-1 agreement on natural text (with the range over documents
+    when there are several). A panel without data (e.g. ``--tasks ""``) is left out."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    summary = report["summary"]
+    modes = list(summary)
+    lengths = sorted({int(L) for m in summary.values() for L in m})
+    has_tasks = any(s.get("accuracy") is not None for m in summary.values() for s in m.values())
+    has_text = any(s.get("top1_agreement") is not None for m in summary.values() for s in m.values())
+    panels = (["tasks"] if has_tasks else []) + (["text"] if has_text else [])
+    if not panels:
+        raise ValueError("plot: the report has neither task accuracies nor natural-text agreement")
+    per_doc = {}
+    for n in report["natural"]:
+        if n["top1_agreement"] is not None:
+            per_doc.setdefault((n["mode"], str(n["length"])), []).append(n["top1_agreement"])
+
     markers = "os^Dvp*"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    modes = list(report["summary"])
-    lengths = sorted({int(L) for m in report["summary"].values() for L in m})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels) + 1.5, 4.4), squeeze=False)
+    ax_of = dict(zip(panels, axes[0]))
     for mi, mode in enumerate(modes):
         for li, L in enumerate(lengths):
-            s = report["summary"][mode].get(str(L))
+            s = summary[mode].get(str(L))
             if not s:
                 continue
-            kw = dict(color=colors[mi % len(colors)], marker=markers[li % len(markers)], s=60,
-                      label=f"{mode} @ {L}")
-            if s.get("accuracy") is not None and s.get("density") is not None:
-                axes[0].scatter(s["density"], s["accuracy"], **kw)
-            if s.get("top1_agreement") is not None and s.get("natural_density") is not None:
-                axes[1].scatter(s["natural_density"], s["top1_agreement"], **kw)
-    axes[0].set(xlabel="attention density computed (fraction of causal square)", ylabel="accuracy (mean over tasks)",
-                title="synthetic tasks")
-    axes[1].set(xlabel="attention density computed", ylabel="top-1 agreement with dense",
-                title=f"natural text (positions >= {report['meta']['natural_skip']})")
-    for ax in axes:
+            kw = dict(color=colors[mi % len(colors)], marker=markers[li % len(markers)], markersize=7,
+                      linestyle="none", label=f"{mode} @ {L}")
+            if "tasks" in ax_of and s.get("accuracy") is not None and s.get("density") is not None:
+                ax_of["tasks"].plot(s["density"], s["accuracy"], **kw)
+            if "text" in ax_of and s.get("top1_agreement") is not None:
+                docs = per_doc.get((mode, str(L)), [])
+                y = s["top1_agreement"]
+                err = [[y - min(docs)], [max(docs) - y]] if len(docs) > 1 else None
+                ax_of["text"].errorbar(s["natural_density"], y, yerr=err, capsize=3, **kw)
+    if "tasks" in ax_of:
+        ax_of["tasks"].set(xlabel="attention density computed (fraction of the causal square)",
+                           ylabel="accuracy (mean over tasks)", title="synthetic tasks", ylim=(-0.05, 1.05))
+    if "text" in ax_of:
+        docs = len(report["meta"].get("natural_doc_seeds") or [0])
+        ax_of["text"].set(xlabel="attention density computed", ylabel="top-1 agreement with dense",
+                          title=f"natural text (positions >= {report['meta']['natural_skip']}"
+                                + (f"; mean and range over {docs} documents)" if docs > 1 else ")"))
+    for ax in ax_of.values():
         ax.grid(alpha=0.3)
         ax.set_xlim(-0.02, 1.05)
-    axes[0].set_ylim(-0.05, 1.05)
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(f"{report['meta']['model']}: density / accuracy trade-off ({report['meta']['device']})", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -435,11 +455,21 @@ def build_parser():
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", default="benchmarks/results/accuracy.json", help="JSON report path")
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
+    p.add_argument("--replot", default=None, metavar="REPORT_JSON",
+                   help="run nothing: print the table of a saved report and draw its plot again "
+                        "(to --plot, default the report's path with .png)")
     return p
 
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
+    if a.replot:
+        report = json.loads(Path(a.replot).read_text())
+        png = a.plot or str(Path(a.replot).with_suffix(".png"))
+        print(format_table(report))
+        plot(report, png)
+        print(f"wrote {png}")
+        return report
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -47,7 +47,18 @@ LAST_COMPILE: dict = {}   # resource report of the last launch (benchmarks print
 # when every head is dense or A-shape (wide=False: those layers use the general 64-row kernel
 # too). Defaults = best of the H100 sweep (benchmarks/NOTES.md, step 4).
 KERNEL_CONFIG = {"block_n": 64, "block_c": 64, "num_warps": None, "num_stages": 3,
-                 "wide": True, "wide_block_n": 64, "wide_warps": 8, "wide_stages": 3}
+                 "wide": True, "wide_block_n": 64, "wide_warps": 8, "wide_stages": 3,
+                 "group_heads": False}
+
+# Integer arguments Triton must not specialise on. By default every int argument is compiled
+# in as "equals 1" / "divisible by 16" / neither, so each new combination is a new binary.
+# These sizes change with the prompt length (n, block counts) and with the layer's patterns
+# (the widths of the index tables), so specialising on them compiled a fresh set of kernels
+# for a length such as 8193 and for most layers with a new mix of patterns: cheap in bf16,
+# but 98 s per set for float32 IEEE dots on the H100 (benchmarks/NOTES.md, step 7). They
+# only bound loops and masks and scale scalar index loads, so the specialisation bought
+# nothing measurable. Strides stay specialised: their alignment vectorises the tile loads.
+_LENGTH_ARGS = ["n", "num_q_blocks", "max_tiles", "max_columns", "max_blocks", "covered_len"]
 
 
 @triton.jit
@@ -118,12 +129,20 @@ def _zero_fill_padding(out_head, slots, dims, seq_start, length, n, stride_on,
 @triton.jit
 def _program_rows(seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads,
                   num_programs, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  MODE: tl.constexpr):
+                  MODE: tl.constexpr, GROUP: tl.constexpr):
     """Both kernels' program -> work map: program ``(p, b * H + h)`` owns rows
     ``[m0, m0 + BLOCK_M)`` with ``m = num_programs - 1 - p`` (heaviest first) of input ``b``,
-    query head ``h``; in attention mode it also zero-fills its share of the padding rows."""
-    m = num_programs - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    query head ``h``; in attention mode it also zero-fills its share of the padding rows.
+
+    With ``GROUP = G > 1`` the grid is ``(num_programs * G, B * H / G)`` and the ``G`` query
+    heads of one KV head take consecutive program ids for the same row block, so that the
+    programs in flight together read the same K/V tiles (L2 reuse across a GQA group)."""
+    if GROUP == 1:
+        m = num_programs - 1 - tl.program_id(0)
+        bh = tl.program_id(1)
+    else:
+        m = num_programs - 1 - tl.program_id(0) // GROUP
+        bh = tl.program_id(1) * GROUP + tl.program_id(0) % GROUP
     b = bh // num_heads
     h = bh % num_heads
     seq_start = tl.load(seq_start_ptr + b)
@@ -167,7 +186,7 @@ def _store_rows(out_head, q_rows, row_ok, dims, acc, l_i, stride_on, HEAD_DIM: t
              mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _sparse_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, count_ptr,
         seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr,
@@ -182,10 +201,10 @@ def _sparse_attention_kernel(
         max_tiles, max_columns, max_blocks, covered_len,
         qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, MODE: tl.constexpr):
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, MODE: tl.constexpr, GROUP: tl.constexpr = 1):
     m, bh, h, seq_start, length, m0, rows, dims, out_head = _program_rows(
         seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, num_q_blocks,
-        HEAD_DIM, BLOCK_D, BLOCK_M, MODE)
+        HEAD_DIM, BLOCK_D, BLOCK_M, MODE, GROUP)
 
     if m0 < length:
         row_ok, q_rows, q, k_head, v_head, count_head, prefix, sink, band = _program_operands(
@@ -276,7 +295,7 @@ def _sparse_attention_kernel(
 
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTH_ARGS[:2] + ["num_programs"])
 def _wide_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, count_ptr,
         seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr,
@@ -287,7 +306,7 @@ def _wide_attention_kernel(
         n, num_heads, heads_per_kv, num_programs, num_q_blocks,
         qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, MODE: tl.constexpr):
+        BLOCK_N: tl.constexpr, MODE: tl.constexpr, GROUP: tl.constexpr = 1):
     """Layers whose heads are all dense or A-shape (no data-dependent index): one program per
     ``BLOCK_M`` (128) query rows, so each K/V tile feeds two 64-row warpgroups.
 
@@ -306,7 +325,7 @@ def _wide_attention_kernel(
     """
     m, bh, h, seq_start, length, m0, rows, dims, out_head = _program_rows(
         seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, num_programs,
-        HEAD_DIM, BLOCK_D, BLOCK_M, MODE)
+        HEAD_DIM, BLOCK_D, BLOCK_M, MODE, GROUP)
 
     if m0 < length:
         row_ok, q_rows, q, k_head, v_head, count_head, prefix, sink, band = _program_operands(
@@ -376,6 +395,13 @@ def _wide_ok(index: SparseIndex, block_d: int, cfg: dict) -> bool:
         h.kind in ("dense", "a_shape") for h in index.heads)
 
 
+def _head_group(num_heads: int, num_kv_heads: int, cfg: dict) -> int:
+    """Program order: 1 = all row blocks of one query head, then the next head; with
+    ``cfg["group_heads"]`` the query heads of a GQA group interleave per row block
+    (``_program_rows``)."""
+    return num_heads // num_kv_heads if cfg.get("group_heads") else 1
+
+
 def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
     B, H, n, D = q.shape
     nqb = index.num_query_blocks
@@ -388,13 +414,14 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
     if _wide_ok(index, block_d, cfg):
         wide_m = 2 * BLOCK
         programs = triton.cdiv(n, wide_m)
-        compiled = _wide_attention_kernel[(programs, B * H)](
+        group = _head_group(H, k.shape[1], cfg)
+        compiled = _wide_attention_kernel[(programs * group, B * H // group)](
             q, k, v, out, counts,
             index.seq_start, index.seq_len, index.prefix, index.sink, index.band,
             *common,
             n, H, H // k.shape[1], programs, nqb,
             scale * LOG2E,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=wide_m, BLOCK_N=cfg["wide_block_n"], MODE=mode,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=wide_m, BLOCK_N=cfg["wide_block_n"], MODE=mode, GROUP=group,
                 num_warps=cfg["wide_warps"], num_stages=cfg["wide_stages"])
         LAST_COMPILE.update(kernel="wide", mode=mode, regs=getattr(compiled, "n_regs", None),
                             spills=getattr(compiled, "n_spills", None),
@@ -403,7 +430,8 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
     # One warpgroup per 64-row block: 8 warps measured 2x slower at D=128 (H100, calls 1-2 of
     # benchmarks/NOTES.md); D=256 needs 8 to hold its 64x256 float32 accumulator.
     num_warps = cfg["num_warps"] or (4 if block_d <= 128 else 8)
-    grid = (nqb, B * H)
+    group = _head_group(H, k.shape[1], cfg)
+    grid = (nqb * group, B * H // group)
     compiled = _sparse_attention_kernel[grid](
         q, k, v, out, counts,
         index.seq_start, index.seq_len, index.prefix, index.sink, index.band,
@@ -416,6 +444,7 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
         index.covered.shape[-1],
         scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BLOCK, BLOCK_N=cfg["block_n"], BLOCK_C=cfg["block_c"], MODE=mode,
+        GROUP=group,
         num_warps=num_warps, num_stages=cfg["num_stages"])
     LAST_COMPILE.update(kernel="general", mode=mode, regs=getattr(compiled, "n_regs", None),
                         spills=getattr(compiled, "n_spills", None), shared=getattr(compiled, "shared", None))

@@ -151,6 +151,7 @@ def plot_main(argv) -> int:
     p.add_argument("--model", default="smollm2", help=MODEL_HELP + " (with --attention)")
     p.add_argument("--length", type=int, default=512, help="prompt length for --attention")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where the model runs for --attention (cpu or cuda)")
     a = p.parse_args(argv)
 
     from .plot import plot_attention, plot_config

@@ -1,0 +1,32 @@
+"""A/B of the ``do_not_specialize`` marks on the attention kernels (benchmarks/NOTES.md, step 7).
+
+Run from the repository root on a CUDA GPU, once per setting, alternating:
+
+    for i in 1 2 3; do for m in 0 1; do NO_MARKS=$m python3 benchmarks/ab_do_not_specialize.py; done; done
+
+``NO_MARKS=1`` clears the marks before the first launch, so Triton specialises every integer
+argument again. Prints one JSON line: cuDNN, A-shape kernel and vertical-slash kernel (the
+anchors' structured 1000/6096 index) at 128K, milliseconds, same shapes as benchmarks/kernels.py.
+"""
+import os, sys, json
+sys.path.insert(0, os.getcwd()); sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
+import torch, torch.nn.functional as F
+import kernels as KB
+from mi_compile.kernels import sparse_attention as K
+if os.environ.get("NO_MARKS") == "1":
+    for kern in (K._sparse_attention_kernel, K._wide_attention_kernel):
+        for p in kern.params:
+            p.do_not_specialize = False
+n = 131072
+q, k, v = KB.inputs(n)
+from torch.nn.attention import SDPBackend, sdpa_kernel
+with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+    cud, _ = KB.bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+ia = KB.build_sparse_index(q, k, KB.A_SHAPE)
+a, _ = KB.bench(lambda: KB.sparse_attention_from_index(q, k, v, ia))
+del ia
+iv = KB.build_sparse_index(q, k, KB.VS, vs_selection=KB.structured_selection(n))
+vs, _ = KB.bench(lambda: KB.sparse_attention_from_index(q, k, v, iv))
+r = dict(marks=os.environ.get("NO_MARKS") != "1", cudnn=round(cud, 2), ashape_kernel=round(a, 2), vs_kernel=round(vs, 2),
+         vs_over_cudnn=round(vs / cud, 4))
+print(json.dumps(r), flush=True)
