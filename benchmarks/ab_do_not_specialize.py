@@ -8,18 +8,22 @@ Run from the repository root on a CUDA GPU, once per setting, alternating:
 argument again. Prints one JSON line: cuDNN, A-shape kernel and vertical-slash kernel (the
 anchors' structured 1000/6096 index) at 128K, milliseconds, same shapes as benchmarks/kernels.py.
 """
-import os, sys, json
-sys.path.insert(0, os.getcwd()); sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
-import torch, torch.nn.functional as F
-import kernels as KB
-from mi_compile.kernels import sparse_attention as K
+import json
+import os
+import sys
+
+sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+import kernels as KB  # noqa: E402
+from compile_variants import drop_specialization_marks  # noqa: E402
+
 if os.environ.get("NO_MARKS") == "1":
-    for kern in (K._sparse_attention_kernel, K._wide_attention_kernel):
-        for p in kern.params:
-            p.do_not_specialize = False
+    drop_specialization_marks()
 n = 131072
 q, k, v = KB.inputs(n)
-from torch.nn.attention import SDPBackend, sdpa_kernel
 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
     cud, _ = KB.bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
 ia = KB.build_sparse_index(q, k, KB.A_SHAPE)

@@ -6,12 +6,18 @@
 Shapes as benchmarks/kernels.py (32 q / 8 KV heads, head_dim 128, bf16) at 128K and 32K, three
 alternating repetitions; each grouped output is compared with the head-major one (max |diff|).
 """
-import os, sys, json
-sys.path.insert(0, os.getcwd()); sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
-import torch, torch.nn.functional as F
-import kernels as KB
-from mi_compile.kernels import sparse_attention as K
-from torch.nn.attention import SDPBackend, sdpa_kernel
+import json
+import os
+import sys
+
+sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+import kernels as KB  # noqa: E402
+from mi_compile.kernels import sparse_attention as K  # noqa: E402
 out = []
 for n in (131072, 32768):
     q, k, v = KB.inputs(n)

@@ -45,11 +45,17 @@ def binaries(kernel) -> int:
     return sum(len(entry[0]) for entry in kernel.device_caches.values())
 
 
+def drop_specialization_marks():
+    """Undo the kernels' ``do_not_specialize`` marks (before their first launch), so that
+    Triton specialises every integer argument again: the "before" of NOTES step 7."""
+    for kern in (K._sparse_attention_kernel, K._wide_attention_kernel):
+        for p in kern.params:
+            p.do_not_specialize = False
+
+
 def main():
     if os.environ.get("NO_MARKS") == "1":
-        for kern in (K._sparse_attention_kernel, K._wide_attention_kernel):
-            for p in kern.params:
-                p.do_not_specialize = False
+        drop_specialization_marks()
     rows = []
     for dtype in DTYPES:
         for n in LENGTHS:

@@ -315,7 +315,7 @@ def summarize(report) -> dict:
         top1 = [r["top1_agreement"] for r in rows if r["top1_agreement"] is not None]
         kl = [r["kl_mean"] for r in rows if r["kl_mean"] is not None]
         s.update(top1_agreement=sum(top1) / len(top1) if top1 else None,
-                 top1_min=min(top1) if top1 else None,
+                 top1_min=min(top1) if top1 else None, top1_max=max(top1) if top1 else None,
                  kl_mean=sum(kl) / len(kl) if kl else None,
                  natural_density=sum(r["density"] for r in rows) / len(rows), natural_docs=len(rows))
     for m in out.values():
@@ -376,10 +376,6 @@ def plot(report, path):
     panels = (["tasks"] if has_tasks else []) + (["text"] if has_text else [])
     if not panels:
         raise ValueError("plot: the report has neither task accuracies nor natural-text agreement")
-    per_doc = {}
-    for n in report["natural"]:
-        if n["top1_agreement"] is not None:
-            per_doc.setdefault((n["mode"], str(n["length"])), []).append(n["top1_agreement"])
 
     markers = "os^Dvp*"
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -395,9 +391,8 @@ def plot(report, path):
             if "tasks" in ax_of and s.get("accuracy") is not None and s.get("density") is not None:
                 ax_of["tasks"].plot(s["density"], s["accuracy"], **kw)
             if "text" in ax_of and s.get("top1_agreement") is not None:
-                docs = per_doc.get((mode, str(L)), [])
                 y = s["top1_agreement"]
-                err = [[y - min(docs)], [max(docs) - y]] if len(docs) > 1 else None
+                err = [[y - s["top1_min"]], [s["top1_max"] - y]] if s.get("natural_docs", 1) > 1 else None
                 ax_of["text"].errorbar(s["natural_density"], y, yerr=err, capsize=3, **kw)
     if "tasks" in ax_of:
         ax_of["tasks"].set(xlabel="attention density computed (fraction of the causal square)",
@@ -465,6 +460,7 @@ def main(argv=None):
     a = build_parser().parse_args(argv)
     if a.replot:
         report = json.loads(Path(a.replot).read_text())
+        report["summary"] = summarize(report)   # reports written before a summary field existed
         png = a.plot or str(Path(a.replot).with_suffix(".png"))
         print(format_table(report))
         plot(report, png)

@@ -59,6 +59,7 @@ KERNEL_CONFIG = {"block_n": 64, "block_c": 64, "num_warps": None, "num_stages": 
 # only bound loops and masks and scale scalar index loads, so the specialisation bought
 # nothing measurable. Strides stay specialised: their alignment vectorises the tile loads.
 _LENGTH_ARGS = ["n", "num_q_blocks", "max_tiles", "max_columns", "max_blocks", "covered_len"]
+_WIDE_LENGTH_ARGS = ["n", "num_q_blocks", "num_programs"]   # the 128-row kernel has no tables
 
 
 @triton.jit
@@ -136,13 +137,10 @@ def _program_rows(seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, str
 
     With ``GROUP = G > 1`` the grid is ``(num_programs * G, B * H / G)`` and the ``G`` query
     heads of one KV head take consecutive program ids for the same row block, so that the
-    programs in flight together read the same K/V tiles (L2 reuse across a GQA group)."""
-    if GROUP == 1:
-        m = num_programs - 1 - tl.program_id(0)
-        bh = tl.program_id(1)
-    else:
-        m = num_programs - 1 - tl.program_id(0) // GROUP
-        bh = tl.program_id(1) * GROUP + tl.program_id(0) % GROUP
+    programs in flight together read the same K/V tiles (L2 reuse across a GQA group). With
+    ``GROUP = 1`` the divisions by the constant fold away."""
+    m = num_programs - 1 - tl.program_id(0) // GROUP
+    bh = tl.program_id(1) * GROUP + tl.program_id(0) % GROUP
     b = bh // num_heads
     h = bh % num_heads
     seq_start = tl.load(seq_start_ptr + b)
@@ -295,7 +293,7 @@ def _sparse_attention_kernel(
 
 
 
-@triton.jit(do_not_specialize=_LENGTH_ARGS[:2] + ["num_programs"])
+@triton.jit(do_not_specialize=_WIDE_LENGTH_ARGS)
 def _wide_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, count_ptr,
         seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr,
@@ -407,6 +405,7 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
     nqb = index.num_query_blocks
     block_d = max(16, triton.next_power_of_2(D))
     cfg = dict(KERNEL_CONFIG)
+    group = _head_group(H, k.shape[1], cfg)
     common = (q.stride(0), q.stride(1), q.stride(2),
               k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2),
@@ -414,7 +413,6 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
     if _wide_ok(index, block_d, cfg):
         wide_m = 2 * BLOCK
         programs = triton.cdiv(n, wide_m)
-        group = _head_group(H, k.shape[1], cfg)
         compiled = _wide_attention_kernel[(programs * group, B * H // group)](
             q, k, v, out, counts,
             index.seq_start, index.seq_len, index.prefix, index.sink, index.band,
@@ -430,7 +428,6 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
     # One warpgroup per 64-row block: 8 warps measured 2x slower at D=128 (H100, calls 1-2 of
     # benchmarks/NOTES.md); D=256 needs 8 to hold its 64x256 float32 accumulator.
     num_warps = cfg["num_warps"] or (4 if block_d <= 128 else 8)
-    group = _head_group(H, k.shape[1], cfg)
     grid = (nqb * group, B * H // group)
     compiled = _sparse_attention_kernel[grid](
         q, k, v, out, counts,
