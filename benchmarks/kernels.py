@@ -127,6 +127,33 @@ def correctness():
     check("a_shape_128_1024", lambda: vs_ref([HP("a_shape", sink=128, local=1024)] * HQ))
     check("vs_structured_8192", lambda: structured_check())
     check("vs_estimate_200_300", lambda: vs_ref(small_vs))
+
+    def estimate_kernels_vs_torch(nn, b, start, length):
+        """The fused Triton estimate against the PyTorch definition on the same bf16 inputs:
+        max abs score difference, and the share of the top-(1000, 6096) picks both make (the
+        PyTorch path rounds scores to bf16 before its softmax; the kernels keep float32)."""
+        qe, ke, _ = inputs(nn, b=b, seed=16)
+        start = torch.tensor(start, dtype=torch.int32, device=DEV)
+        length = torch.tensor(length, dtype=torch.int32, device=DEV)
+        heads = list(range(HQ))
+        got = vertical_slash.estimate_scores(qe, ke, heads, start, length, SCALE, impl="triton")
+        want = vertical_slash.estimate_scores(qe, ke, heads, start, length, SCALE, impl="torch")
+        result = {}
+        for name, g, w in (("vertical", got[0], want[0]), ("slash", got[1], want[1])):
+            assert torch.equal(torch.isfinite(g), torch.isfinite(w)), f"{name}: -inf pattern differs"
+            real = torch.isfinite(w)
+            result[f"{name}_max_abs_diff"] = float((g[real] - w[real]).abs().max())
+        params = [(1000, 6096)] * HQ
+        sel_got = vertical_slash.select_vertical_slash(*got, params, length)
+        sel_want = vertical_slash.select_vertical_slash(*want, params, length)
+        for name, g, w in zip(("columns", "offsets"), sel_got, sel_want):
+            same = sum(len((set(a.tolist()) & set(c.tolist())) - {vertical_slash.SENTINEL})
+                       for a, c in zip(g.flatten(0, 1), w.flatten(0, 1)))
+            result[f"{name}_agree"] = round(same / max(1, (w < vertical_slash.SENTINEL).sum().item()), 4)
+        return result
+    check("estimate_kernels_vs_torch_8192", lambda: estimate_kernels_vs_torch(8192, 1, [0], [8192]))
+    check("estimate_kernels_vs_torch_padded", lambda: estimate_kernels_vs_torch(
+        8192, 2, [0, 1000], [8000, 7192]))
     check("block_sparse_top8", lambda: vs_ref([HP("block_sparse", topk=8)] * HQ))
     check("mixed_layer", lambda: vs_ref(mixed))
     check("dense_vs_sdpa", lambda: round(rel_err(
@@ -390,6 +417,14 @@ def timings(n, mi=None):
             return vertical_slash.select_vertical_slash(vert, sl, params, length)
         ms, mem = bench(estimate)
         record(op="ours_vs_estimate_topk", n=n, ms=ms, mem_mib=mem)
+        ms, mem = bench(lambda: vertical_slash.estimate_scores(q, k, heads, start, length, SCALE))
+        record(op="ours_vs_estimate_only", n=n, ms=ms, mem_mib=mem)
+
+        def estimate_torch():   # the PyTorch definition, the default before step 9
+            vert, sl = vertical_slash.estimate_scores(q, k, heads, start, length, SCALE, impl="torch")
+            return vertical_slash.select_vertical_slash(vert, sl, params, length)
+        ms, mem = bench(estimate_torch)
+        record(op="ours_vs_estimate_topk_torch", n=n, ms=ms, mem_mib=mem)
         ms, mem = bench(lambda: build_sparse_index(q, k, VS))
         record(op="ours_vs_index_build_total", n=n, ms=ms, mem_mib=mem)
     except Exception as e:  # noqa: BLE001

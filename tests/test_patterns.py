@@ -4,12 +4,15 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from mi_compile.kernels.estimate import estimate_scores_triton  # noqa: E402
 from mi_compile.kernels.sparse_attention import count_visited_pairs  # noqa: E402
 from mi_compile.patterns.index import (SENTINEL, covered_table, head_selection_mask,  # noqa: E402
                                        merge_offsets)
 from mi_compile.patterns.spec import HeadPattern as HP  # noqa: E402
+from mi_compile.patterns.vertical_slash import estimate_scores_torch  # noqa: E402
 from mi_compile.sparse import build_sparse_index, selection_density, selection_mask  # noqa: E402
 
 
@@ -37,6 +40,52 @@ def test_planted_diagonal_is_selected():
     index = build_sparse_index(q, k, [HP("vertical_slash", vertical=1, slash=65)])
     offs = index.offsets[0, 0]
     assert offs[offs < SENTINEL].tolist() == list(range(64)) + [d]
+
+
+# (B, Hq, Hkv, n, D, starts, lengths): one full sequence (GQA 4:1, n not a multiple of 64),
+# a padded batch (right and left padding, one length < 64 + 64), one shorter than the 64
+# estimate rows, and a tiny one where every key block is partial.
+ESTIMATE_CASES = [(1, 4, 1, 200, 64, [0], [200]),
+                  (2, 4, 2, 300, 80, [0, 100], [300, 131]),
+                  (2, 2, 1, 129, 64, [122, 0], [7, 129]),
+                  (1, 2, 2, 50, 32, [0], [50])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ESTIMATE_CASES, ids=lambda c: f"n{c[3]}_len{'-'.join(map(str, c[6]))}")
+def test_triton_estimate_matches_torch(case, dtype):
+    """The fused estimate kernels give the PyTorch definition's scores, -inf pattern included."""
+    B, Hq, Hkv, n, D, starts, lengths = case
+    q = (randn(10 + n, B, Hq, n, D) * 1.5).to(dtype)
+    k = (randn(11 + n, B, Hkv, n, D) * 1.5).to(dtype)
+    start, length = torch.tensor(starts, dtype=torch.int32), torch.tensor(lengths, dtype=torch.int32)
+    heads = list(range(Hq))[::-1][:3]                 # a subset, out of order
+    want_v, want_s = estimate_scores_torch(q, k, heads, start, length, D ** -0.5)
+    got_v, got_s = estimate_scores_triton(q, k, heads, start, length, D ** -0.5)
+    # fp16: the reference rounds its scores to fp16 before the softmax, the kernel does not
+    tol = 2e-6 if dtype == torch.float32 else 3e-3
+    for want, got in ((want_v, got_v), (want_s, got_s)):
+        assert torch.equal(torch.isfinite(want), torch.isfinite(got))
+        assert not torch.isnan(got).any()
+        real = torch.isfinite(want)
+        torch.testing.assert_close(got[real], want[real], atol=tol, rtol=0)
+    # each real row's probabilities sum to 1, so every head's scores sum to the row count
+    for b, L in enumerate(lengths):
+        rows = min(64, L)
+        torch.testing.assert_close(got_v[b, :, :L].sum(-1), torch.full((len(heads),), float(rows)), atol=1e-3, rtol=0)
+        torch.testing.assert_close(got_s[b, :, :L].sum(-1), torch.full((len(heads),), float(rows)), atol=1e-3, rtol=0)
+
+
+def test_triton_estimate_finds_planted_column_and_diagonal():
+    n, D, d, hot = 257, 32, 100, 200
+    q, k = randn(20, 1, 2, n, D), randn(21, 1, 2, n, D) * 0.1
+    for p in range(n - 64, n):
+        k[0, 0, p - d] = q[0, 0, p] * 2.0     # head 0: query p looks back exactly d tokens
+    k[0, 1, hot] = q[0, 1, -64:].mean(0) * 4.0  # head 1: every last query likes key `hot`
+    start, length = torch.zeros(1, dtype=torch.int32), torch.full((1,), n, dtype=torch.int32)
+    vertical, slash = estimate_scores_triton(q, k, [0, 1], start, length, D ** -0.5)
+    assert slash[0, 0, 64:].argmax().item() + 64 == d
+    assert vertical[0, 1, 64:].argmax().item() + 64 == hot
 
 
 def test_planted_blocks_are_selected():

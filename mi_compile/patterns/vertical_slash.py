@@ -31,12 +31,16 @@ or some selected offset lies in ``[m0 - j, m0 - j + 63]`` with ``m0 = 64 * (i //
 A column that a group interval already covers for a query block is skipped there (the kernel
 reads a per-head ``covered`` table over ``m0 - j``), so no pair is computed twice.
 
-Memory: the estimate runs over chunks of query heads that share a KV head, so its float32
-score buffer is at most ~256 MiB whatever the head count; K/V are never repeated.
+Where it runs: on CUDA the estimate is two Triton launches
+(:mod:`mi_compile.kernels.estimate`) that never hold more than a 64 x 64 tile of the
+probabilities; :func:`estimate_scores_torch` is the PyTorch definition they are tested
+against, and what runs on the CPU. Its memory: it runs over chunks of query heads that share a
+KV head, so its float32 score buffer is at most ~256 MiB whatever the head count; K/V are never
+repeated.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +54,24 @@ SENTINEL = 1 << 30
 
 def estimate_scores(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int],
                     seq_start: torch.Tensor, seq_len: torch.Tensor, scale: float,
-                    budget_bytes: int = 1 << 28):
-    """Vertical and slash scores for the query heads ``head_ids``.
+                    impl: Optional[str] = None):
+    """Vertical and slash scores for the query heads ``head_ids`` (see
+    :func:`estimate_scores_torch` for the contract). ``impl``: ``"triton"`` (the default on
+    CUDA: two fused launches, no ``[heads, 64, n]`` buffer), or ``"torch"`` (the default on the
+    CPU, where the Triton interpreter would be far slower)."""
+    impl = impl or ("triton" if q.is_cuda else "torch")
+    if impl == "triton":
+        from ..kernels.estimate import estimate_scores_triton
+        return estimate_scores_triton(q, k, head_ids, seq_start, seq_len, scale)
+    if impl == "torch":
+        return estimate_scores_torch(q, k, head_ids, seq_start, seq_len, scale)
+    raise ValueError(f"estimate impl must be 'triton' or 'torch', got {impl!r}")
+
+
+def estimate_scores_torch(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int],
+                          seq_start: torch.Tensor, seq_len: torch.Tensor, scale: float,
+                          budget_bytes: int = 1 << 28):
+    """Vertical and slash scores for the query heads ``head_ids``, in PyTorch.
 
     Returns ``vertical, slash``: float32 ``[B, len(head_ids), n]`` in sequence coordinates
     (``vertical[..., j]`` for key ``j``, ``slash[..., d]`` for offset ``d``), ``-inf`` where the

@@ -1,0 +1,196 @@
+"""Triton kernels for the vertical-slash estimate: column and diagonal scores in two launches.
+
+What they compute is defined by :func:`mi_compile.patterns.vertical_slash.estimate_scores_torch`
+(the PyTorch reference, which the tests compare against): the last ``R = 64`` queries of each
+selected head, causal softmax over all keys in float32, then
+
+* ``vertical[j]`` = sum over those rows of ``P[r, j]`` (key ``j``), and
+* ``slash[d]`` = sum over those rows of ``P[r, p_r - d]`` (offset ``d``, ``p_r`` the row's position).
+
+Why kernels: the reference materialises ``P`` (``[heads, 64, n]`` float32, 1 GiB for 32 heads
+at 128K, so it runs in chunks) and skews a padded copy of it for the diagonal sums; that was
+11-13 ms of the 230 ms vertical-slash op at 128K on the H100 (benchmarks/NOTES.md, step 9).
+Here ``P`` only ever exists one 64 x 64 tile at a time, in registers.
+
+Launch 1, :func:`_row_stats_kernel`, grid ``(B * heads, splits)``: each program runs an online
+max / sum-of-exp over a contiguous run of key blocks and writes the partial ``(m, l)`` of its
+64 rows; the host side folds the splits into one log2-sum-exp per row (three tiny torch ops).
+
+Launch 2, :func:`_scores_kernel`, grid ``(B * heads, key blocks)``: each program recomputes the
+scores of its key block ``[j0, j0 + 64)``, normalises them with the row statistics, and
+
+* sums the tile over rows for the vertical scores of its 64 keys (each key has one owner);
+* sums it along diagonals. In the tile, entry ``(r, c)`` (key ``j0 + c``) lies on offset
+  ``d = len - 1 - j0 - u`` with ``u = c - r + 63``, so the diagonal sums are column sums of
+  the *skewed* tile ``S[r, u] = P[r, u + r - 63]`` (``u`` in ``[0, 127)``), built in registers
+  with ``tl.gather``. A diagonal crosses at most two key blocks: the ``u < 64`` half holds
+  offsets this block owns (``slash_main``), the ``u >= 64`` half the part that belongs to the
+  next block's offsets (``slash_tail``). Every element of both buffers has exactly one
+  writer, so there are no atomics and the result does not depend on scheduling; one add
+  joins them.
+
+Memory: two ``[B, heads, n]`` float32 buffers plus the outputs (16 MiB each for 32 heads at
+128K), nothing ``n x 64``. No host synchronisation: lengths are read on the device.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+ROWS = 64           # queries in the estimate (vertical_slash.LAST_QUERIES)
+BLOCK_N = 64        # keys per tile; the skew below assumes BLOCK_N == ROWS
+BLOCKS_PER_SPLIT = 16
+LOG2E = 1.4426950408889634
+# Sizes that change with the prompt are not specialised on (see sparse_attention._LENGTH_ARGS).
+_LENGTH_ARGS = ["n", "num_splits", "blocks_per_split"]
+
+
+@triton.jit
+def _last_queries(q_ptr, seq_start_ptr, seq_len_ptr, head_ids_ptr, pid_bh, num_sel,
+                  stride_qb, stride_qh, stride_qn,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr):
+    """The program's batch row, sequence start/length, KV-relevant head and its last R queries."""
+    b = pid_bh // num_sel
+    slot = pid_bh % num_sel
+    head = tl.load(head_ids_ptr + slot)
+    start = tl.load(seq_start_ptr + b)
+    length = tl.load(seq_len_ptr + b)
+    r = tl.arange(0, R)
+    query_pos = length - R + r                              # sequence positions of the rows
+    dims = tl.arange(0, BLOCK_D)
+    rows = (start + query_pos).to(tl.int64)
+    ok = (query_pos >= 0)[:, None] & (dims[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+                + rows[:, None] * stride_qn + dims[None, :], mask=ok, other=0.0)
+    return b, head, start, length, query_pos, q
+
+
+@triton.jit
+def _tile_scores(q, k_ptr, b, kv, start, key_pos, query_pos, stride_kb, stride_kh, stride_kn,
+                 qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """log2-scaled scores of the R rows against the keys ``key_pos``; -inf where not causal."""
+    dims = tl.arange(0, BLOCK_D)
+    keys = (start + key_pos).to(tl.int64)
+    ok = (key_pos <= tl.max(query_pos, 0))[:, None] & (dims[None, :] < HEAD_DIM)
+    k = tl.load(k_ptr + b.to(tl.int64) * stride_kb + kv.to(tl.int64) * stride_kh
+                + keys[:, None] * stride_kn + dims[None, :], mask=ok, other=0.0)
+    if q.dtype == tl.float32:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+    return tl.where(key_pos[None, :] <= query_pos[:, None], s, float("-inf"))
+
+
+@triton.jit(do_not_specialize=_LENGTH_ARGS)
+def _row_stats_kernel(q_ptr, k_ptr, stats_ptr, seq_start_ptr, seq_len_ptr, head_ids_ptr,
+                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                      n, num_sel, group, num_splits, blocks_per_split, qk_scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b, head, start, length, query_pos, q = _last_queries(
+        q_ptr, seq_start_ptr, seq_len_ptr, head_ids_ptr, pid_bh, num_sel,
+        stride_qb, stride_qh, stride_qn, HEAD_DIM, BLOCK_D, R)
+    kv = head // group
+    m_i = tl.zeros([R], dtype=tl.float32) - 1.0e30      # finite: fully masked tiles give 0
+    l_i = tl.zeros([R], dtype=tl.float32)
+    first = split * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, tl.cdiv(length, BLOCK_N))
+    for blk in range(first, last):
+        key_pos = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        s = _tile_scores(q, k_ptr, b, kv, start, key_pos, query_pos, stride_kb, stride_kh,
+                         stride_kn, qk_scale, HEAD_DIM, BLOCK_D)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    out = stats_ptr + (pid_bh * num_splits + split).to(tl.int64) * (2 * R) + tl.arange(0, R)
+    tl.store(out, m_i)
+    tl.store(out + R, l_i)
+
+
+@triton.jit(do_not_specialize=_LENGTH_ARGS)
+def _scores_kernel(q_ptr, k_ptr, lse_ptr, vertical_ptr, slash_main_ptr, slash_tail_ptr,
+                   seq_start_ptr, seq_len_ptr, head_ids_ptr,
+                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                   n, num_sel, group, qk_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    j0 = tl.program_id(1) * BLOCK_N
+    b, head, start, length, query_pos, q = _last_queries(
+        q_ptr, seq_start_ptr, seq_len_ptr, head_ids_ptr, pid_bh, num_sel,
+        stride_qb, stride_qh, stride_qn, HEAD_DIM, BLOCK_D, R)
+    out_row = pid_bh.to(tl.int64) * n
+    cols = tl.arange(0, BLOCK_N)
+    key_pos = j0 + cols
+    if j0 >= length:
+        # keys past this sequence's end do not exist (the host pre-fills slash with -inf)
+        tl.store(vertical_ptr + out_row + key_pos, tl.full([BLOCK_N], float("-inf"), tl.float32),
+                 mask=key_pos < n)
+    else:
+        s = _tile_scores(q, k_ptr, b, head // group, start, key_pos, query_pos, stride_kb,
+                         stride_kh, stride_kn, qk_scale, HEAD_DIM, BLOCK_D)
+        row_real = query_pos >= 0       # rows before the sequence start (len < R) weigh 0
+        lse = tl.where(row_real, tl.load(lse_ptr + pid_bh.to(tl.int64) * R + tl.arange(0, R)), 0.0)
+        p = tl.where(row_real[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
+        vertical = tl.where(key_pos < length, tl.sum(p, 0), float("-inf"))
+        tl.store(vertical_ptr + out_row + key_pos, vertical, mask=key_pos < n)
+        # skew: column u of S holds P[r, u + r - (R - 1)], i.e. one diagonal per column
+        r = tl.arange(0, R)
+        u = tl.arange(0, 2 * BLOCK_N)
+        c = u[None, :] + r[:, None] - (R - 1)
+        in_tile = (c >= 0) & (c < BLOCK_N)
+        skewed = tl.gather(p, tl.minimum(tl.maximum(c, 0), BLOCK_N - 1), axis=1)
+        diag = tl.sum(tl.where(in_tile, skewed, 0.0), 0)
+        offset = length - 1 - j0 - u
+        main = (u < BLOCK_N) & (offset >= 0)
+        tail = (u >= BLOCK_N) & (u < BLOCK_N + R - 1) & (offset >= 0)
+        tl.store(slash_main_ptr + out_row + offset, diag, mask=main)
+        tl.store(slash_tail_ptr + out_row + offset, diag, mask=tail)
+
+
+def estimate_scores_triton(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int],
+                           seq_start: torch.Tensor, seq_len: torch.Tensor, scale: float):
+    """Same contract as :func:`~mi_compile.patterns.vertical_slash.estimate_scores_torch`:
+    float32 ``vertical, slash`` of shape ``[B, len(head_ids), n]``, ``-inf`` where the key /
+    offset does not exist in that sequence."""
+    from ..patterns._device import device_ints
+
+    B, Hq, n, D = q.shape
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    dev = q.device
+    sel = len(head_ids)
+    heads = device_ints(head_ids, dev)
+    start = seq_start.to(device=dev, dtype=torch.int32)
+    length = seq_len.to(device=dev, dtype=torch.int32)
+    block_d = max(16, triton.next_power_of_2(D))
+    group = Hq // k.shape[1]
+    key_blocks = triton.cdiv(n, BLOCK_N)
+    splits = triton.cdiv(key_blocks, BLOCKS_PER_SPLIT)
+    qk_scale = scale * LOG2E
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, R=ROWS, BLOCK_N=BLOCK_N,
+                num_warps=4 if block_d <= 128 else 8)
+
+    stats = torch.empty(B * sel, splits, 2, ROWS, device=dev, dtype=torch.float32)
+    _row_stats_kernel[(B * sel, splits)](
+        q, k, stats, start, length, heads, *strides,
+        n, sel, group, splits, BLOCKS_PER_SPLIT, qk_scale, **meta)
+    m, l = stats[:, :, 0], stats[:, :, 1]
+    m_all = m.amax(1, keepdim=True)
+    lse = (m_all.squeeze(1) + torch.log2((l * torch.exp2(m - m_all)).sum(1))).contiguous()
+
+    vertical = torch.empty(B, sel, n, device=dev, dtype=torch.float32)
+    slash = torch.full((B, sel, n), float("-inf"), device=dev, dtype=torch.float32)
+    tail = torch.zeros(B, sel, n, device=dev, dtype=torch.float32)
+    _scores_kernel[(B * sel, key_blocks)](
+        q, k, lse, vertical, slash, tail, start, length, heads, *strides,
+        n, sel, group, qk_scale, **meta)
+    return vertical, slash.add_(tail)
