@@ -14,7 +14,9 @@ and the rest still runs; Dynamo is reset and memory freed between phases):
                          the default policy
 * ``minference_llama31`` the same with MInference's published Llama-3.1-8B per-head file
 * generation check       prefill (use_cache=True) + --gen-tokens greedy single-token decode
-                         steps with the returned DynamicCache, eager vs minference (uniform)
+                         steps with the returned DynamicCache, eager vs each of --gen-modes
+                         (default minference, uniform), alternating --gen-reps pairs; peak
+                         memory per phase (prefill, decode) and the cache size
 * ``inductor``           ``torch.compile(model)``, only at lengths <= --inductor-max (it runs out of
                          memory at 128K on an 80 GB H100: /work/shared/anchors); runs last because
                          it is a reference only and slow to compile
@@ -42,6 +44,7 @@ import json
 import math
 import os
 import sys
+import statistics
 import time
 import traceback
 
@@ -293,8 +296,21 @@ def run_mode(mode, model, args, dev, rec, lengths, state):
         dev.free()
 
 
-def greedy(fn, ids, steps, dev: Dev):
-    """Prefill with a cache, then ``steps`` single-token greedy decode steps. Returns timings."""
+def cache_gib(cache) -> float:
+    """Bytes held by a transformers cache's key/value tensors, in GiB."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return round(total / 2**30, 3)
+
+
+def greedy(fn, ids, steps, dev: Dev, phases: dict | None = None):
+    """Prefill with a cache, then ``steps`` single-token greedy decode steps. Returns timings.
+    ``phases`` (optional) receives the peak memory of the prefill and of the decode steps
+    separately, and the cache size after the prefill, so a peak can be attributed."""
     dev.sync()
     t0 = time.perf_counter()
     out = fn(ids, use_cache=True, logits_to_keep=1)
@@ -303,6 +319,9 @@ def greedy(fn, ids, steps, dev: Dev):
     dev.sync()
     prefill_s = time.perf_counter() - t0
     del out
+    if phases is not None:
+        phases.update(prefill_peak_gib=dev.peak_gib(), cache_gib=cache_gib(cache))
+        dev.reset_peak()
     toks = [tok]
     t1 = time.perf_counter()
     for _ in range(steps):
@@ -312,11 +331,38 @@ def greedy(fn, ids, steps, dev: Dev):
         del out
     dev.sync()
     decode_s = time.perf_counter() - t1
+    if phases is not None:
+        phases.update(decode_peak_gib=dev.peak_gib())
     del cache
     return prefill_s, decode_s, torch.cat(toks, -1)[0].tolist()
 
 
+def timed_greedy(fn, ids, steps, dev: Dev):
+    """One timed prefill + decode run: timings, per-phase peaks, tokens."""
+    dev.reset_peak()
+    phases = {}
+    prefill_s, decode_s, toks = greedy(fn, ids, steps, dev, phases)
+    peaks = [p for p in (phases.get("prefill_peak_gib"), phases.get("decode_peak_gib")) if p is not None]
+    return dict(prefill_s=round(prefill_s, 4), decode_step_ms=round(1e3 * decode_s / max(steps, 1), 3),
+                peak_gib=max(peaks) if peaks else None, **phases), toks
+
+
+def summarize_runs(row: dict, runs: list[dict]):
+    """Median timings over the alternating runs (each run kept), the largest peaks."""
+    row["runs"] = runs
+    for key in ("prefill_s", "decode_step_ms"):
+        row[key] = statistics.median(r[key] for r in runs)
+    for key in ("peak_gib", "prefill_peak_gib", "decode_peak_gib", "cache_gib"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        row[key] = max(values) if values else None
+
+
 def run_gen(model, args, dev, rec, state):
+    """Prefill with a cache, then greedy decode steps, for eager and each compiled mode.
+
+    Each compiled mode is timed alternately with eager (``--gen-reps`` pairs after a warm-up
+    of both), so that a drift of the machine over the run (clocks, host load: decode steps
+    are short and host-bound) shows in both columns rather than between them."""
     n, steps = args.gen_length, args.gen_tokens
     if elapsed() > args.budget_s:
         rec.add(kind="gen", n=n, skipped=f"time budget --budget-s {args.budget_s} spent")
@@ -324,15 +370,18 @@ def run_gen(model, args, dev, rec, state):
     ids = torch.randint(0, model.config.vocab_size, (1, n), device=dev.device,
                         generator=torch.Generator(dev.device).manual_seed(n))
     results = {}
-    for mode in ("eager", "minference"):
+    eager_runs, eager_tokens = [], None
+    compiled_modes = [m for m in args.gen_modes.split(",") if m != "eager"]
+    with torch.no_grad():
+        t = time.perf_counter()
+        greedy(model, ids, min(2, steps), dev)
+        eager_warm_s = time.perf_counter() - t
+    for mode in compiled_modes:
         fn = be = None
         row = dict(kind="gen", mode=mode, n=n, steps=steps)
         try:
             torch._dynamo.reset()
-            if mode == "eager":
-                fn = model
-            else:
-                fn, be = make_compiled("minference", model, args)
+            fn, be = make_compiled(mode, model, args)
             g0, _ = graph_counters()
             with torch.no_grad():
                 # warm-up (compiles the cached-prefill and decode graphs); 2 steps so that a
@@ -341,11 +390,15 @@ def run_gen(model, args, dev, rec, state):
                 greedy(fn, ids, min(2, steps), dev)
                 warm_s = time.perf_counter() - t
                 g1, _ = graph_counters()
-                dev.reset_peak()
-                prefill_s, decode_s, toks = greedy(fn, ids, steps, dev)
+                runs = []
+                for _ in range(args.gen_reps):
+                    run, eager_tokens = timed_greedy(model, ids, steps, dev)
+                    eager_runs.append(dict(run, paired_with=mode))
+                    run, toks = timed_greedy(fn, ids, steps, dev)
+                    runs.append(run)
             g2, _ = graph_counters()
-            row.update(prefill_s=round(prefill_s, 4), decode_step_ms=round(1e3 * decode_s / max(steps, 1), 3),
-                       warmup_s=round(warm_s, 2), peak_gib=dev.peak_gib(), tokens=toks)
+            summarize_runs(row, runs)
+            row.update(warmup_s=round(warm_s, 2), tokens=toks)
             if be is not None:
                 row.update(graphs_warmup=g1 - g0, graphs_during_timed=g2 - g1, sites=site_summary(be))
             results[mode] = row
@@ -357,14 +410,32 @@ def run_gen(model, args, dev, rec, state):
             torch._dynamo.reset()
             dev.free()
         rec.add(**row)
+    if not compiled_modes:
+        with torch.no_grad():
+            for _ in range(args.gen_reps):
+                run, eager_tokens = timed_greedy(model, ids, steps, dev)
+                eager_runs.append(run)
+    if eager_runs:
+        row = dict(kind="gen", mode="eager", n=n, steps=steps, warmup_s=round(eager_warm_s, 2))
+        summarize_runs(row, eager_runs)
+        row["tokens"] = eager_tokens
+        results["eager"] = row
+        rec.add(**row)
     if "eager" in results and "minference" in results:
-        a, b = results["eager"]["tokens"], results["minference"]["tokens"]
+        # compare against the eager runs interleaved with the minference ones
+        paired = [r for r in eager_runs if r.get("paired_with") == "minference"]
+        eager = dict(results["eager"])
+        summarize_runs(eager, paired)
+        a, b = eager["tokens"], results["minference"]["tokens"]
         prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        state["gen"] = dict(eager=results["eager"], minference=results["minference"],
+        state["gen"] = dict(eager=eager, minference=results["minference"],
                             tokens_match=a == b, matching_prefix=prefix)
+        pair_ratios = [round(m["decode_step_ms"] / e["decode_step_ms"], 3)
+                       for e, m in zip(paired, results["minference"]["runs"])]
         rec.add(kind="gen_compare", n=n, tokens_match=a == b, matching_prefix=prefix, of=len(a),
-                decode_ratio=round(results["minference"]["decode_step_ms"] / results["eager"]["decode_step_ms"], 3),
-                prefill_ratio=round(results["minference"]["prefill_s"] / results["eager"]["prefill_s"], 3))
+                decode_ratio=round(results["minference"]["decode_step_ms"] / eager["decode_step_ms"], 3),
+                decode_ratio_per_pair=pair_ratios,
+                prefill_ratio=round(results["minference"]["prefill_s"] / eager["prefill_s"], 3))
     del ids
     dev.free()
 
@@ -399,8 +470,9 @@ def print_table(rec, modes, lengths):
                 fmt(r.get("compile_s"), ".1f"), "-" if rc is None else ("YES" if rc else "no"), note[:70]))
     for r in rec.rows:
         if r.get("kind") == "gen" and "prefill_s" in r:
-            print("gen %-16s %8d prefill %.3f s, decode %.2f ms/step x %d, peak %s GiB" % (
-                r["mode"], r["n"], r["prefill_s"], r["decode_step_ms"], r["steps"], fmt(r.get("peak_gib"), ".2f")))
+            print("gen %-16s %8d prefill %.3f s, decode %.2f ms/step x %d, peak %s GiB (prefill %s, decode %s)" % (
+                r["mode"], r["n"], r["prefill_s"], r["decode_step_ms"], r["steps"], fmt(r.get("peak_gib"), ".2f"),
+                fmt(r.get("prefill_peak_gib"), ".2f"), fmt(r.get("decode_peak_gib"), ".2f")))
         elif r.get("kind") == "gen" and ("error" in r or "skipped" in r):
             print("gen %-16s %8d %s" % (r.get("mode", "-"), r["n"], r.get("error") or r.get("skipped")))
 
@@ -480,6 +552,12 @@ def goal_checks(rec, args, state, modes, lengths, dev):
         checks.append(dict(check="greedy tokens match eager (info: random weights)", status="INFO",
                            detail=f"match={g['tokens_match']}, first {g['matching_prefix']} of "
                                   f"{len(g['eager']['tokens'])} equal"))
+        e, m = g["eager"], g["minference"]
+        if e.get("peak_gib") is not None and m.get("peak_gib") is not None:
+            add("generation peak memory not above eager's", m["peak_gib"] <= e["peak_gib"],
+                f"{m['peak_gib']:.2f} vs {e['peak_gib']:.2f} GiB (prefill {m.get('prefill_peak_gib')} vs "
+                f"{e.get('prefill_peak_gib')}, decode {m.get('decode_peak_gib')} vs {e.get('decode_peak_gib')}; "
+                f"cache {e.get('cache_gib')} GiB)")
     rec.checks = checks
     rec.save()
     print("\nGoal checks:")
@@ -500,6 +578,10 @@ def parse_args(argv=None):
     p.add_argument("--gen-tokens", type=int, default=32, help="greedy decode steps in the generation check (0: skip it)")
     p.add_argument("--gen-length", type=int, default=None, help="prompt length of the generation check (default 32768)")
     p.add_argument("--no-gen", action="store_true", help="skip the generation check")
+    p.add_argument("--gen-modes", default="eager,minference",
+                   help="modes of the generation check (eager,minference; inductor may be added)")
+    p.add_argument("--gen-reps", type=int, default=3,
+                   help="timed generation runs per compiled mode, each paired with an eager run (default 3)")
     p.add_argument("--min-seq-len", type=int, default=None, help="backend min_seq_len (default: the backend's)")
     p.add_argument("--tol", type=float, default=0.03, help="noise tolerance of the 'no slower than eager' checks")
     p.add_argument("--budget-s", type=float, default=500.0,
