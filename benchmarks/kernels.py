@@ -412,18 +412,14 @@ def timings(n, mi=None):
         length = torch.full((B,), n, dtype=torch.int32, device=DEV)
         start = torch.zeros(B, dtype=torch.int32, device=DEV)
 
-        def estimate():
-            vert, sl = vertical_slash.estimate_scores(q, k, heads, start, length, SCALE)
+        def estimate(impl=None):   # impl="torch": the PyTorch definition, the default before step 9
+            vert, sl = vertical_slash.estimate_scores(q, k, heads, start, length, SCALE, impl=impl)
             return vertical_slash.select_vertical_slash(vert, sl, params, length)
         ms, mem = bench(estimate)
         record(op="ours_vs_estimate_topk", n=n, ms=ms, mem_mib=mem)
         ms, mem = bench(lambda: vertical_slash.estimate_scores(q, k, heads, start, length, SCALE))
         record(op="ours_vs_estimate_only", n=n, ms=ms, mem_mib=mem)
-
-        def estimate_torch():   # the PyTorch definition, the default before step 9
-            vert, sl = vertical_slash.estimate_scores(q, k, heads, start, length, SCALE, impl="torch")
-            return vertical_slash.select_vertical_slash(vert, sl, params, length)
-        ms, mem = bench(estimate_torch)
+        ms, mem = bench(lambda: estimate("torch"))
         record(op="ours_vs_estimate_topk_torch", n=n, ms=ms, mem_mib=mem)
         ms, mem = bench(lambda: build_sparse_index(q, k, VS))
         record(op="ours_vs_index_build_total", n=n, ms=ms, mem_mib=mem)

@@ -40,10 +40,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .sparse_attention import LOG2E
+
 ROWS = 64           # queries in the estimate (vertical_slash.LAST_QUERIES)
 BLOCK_N = 64        # keys per tile; the skew below assumes BLOCK_N == ROWS
 BLOCKS_PER_SPLIT = 16
-LOG2E = 1.4426950408889634
 # Sizes that change with the prompt are not specialised on (see sparse_attention._LENGTH_ARGS).
 _LENGTH_ARGS = ["n", "num_splits", "blocks_per_split"]
 
@@ -69,12 +70,13 @@ def _last_queries(q_ptr, seq_start_ptr, seq_len_ptr, head_ids_ptr, pid_bh, num_s
 
 
 @triton.jit
-def _tile_scores(q, k_ptr, b, kv, start, key_pos, query_pos, stride_kb, stride_kh, stride_kn,
+def _tile_scores(q, k_ptr, b, kv, start, length, key_pos, query_pos, stride_kb, stride_kh, stride_kn,
                  qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """log2-scaled scores of the R rows against the keys ``key_pos``; -inf where not causal."""
+    """log2-scaled scores of the R rows against the keys ``key_pos``; -inf where not causal
+    (so rows before the sequence start, ``query_pos < 0``, are all -inf)."""
     dims = tl.arange(0, BLOCK_D)
     keys = (start + key_pos).to(tl.int64)
-    ok = (key_pos <= tl.max(query_pos, 0))[:, None] & (dims[None, :] < HEAD_DIM)
+    ok = (key_pos < length)[:, None] & (dims[None, :] < HEAD_DIM)
     k = tl.load(k_ptr + b.to(tl.int64) * stride_kb + kv.to(tl.int64) * stride_kh
                 + keys[:, None] * stride_kn + dims[None, :], mask=ok, other=0.0)
     if q.dtype == tl.float32:
@@ -102,7 +104,7 @@ def _row_stats_kernel(q_ptr, k_ptr, stats_ptr, seq_start_ptr, seq_len_ptr, head_
     last = tl.minimum(first + blocks_per_split, tl.cdiv(length, BLOCK_N))
     for blk in range(first, last):
         key_pos = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        s = _tile_scores(q, k_ptr, b, kv, start, key_pos, query_pos, stride_kb, stride_kh,
+        s = _tile_scores(q, k_ptr, b, kv, start, length, key_pos, query_pos, stride_kb, stride_kh,
                          stride_kn, qk_scale, HEAD_DIM, BLOCK_D)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
@@ -132,11 +134,12 @@ def _scores_kernel(q_ptr, k_ptr, lse_ptr, vertical_ptr, slash_main_ptr, slash_ta
         tl.store(vertical_ptr + out_row + key_pos, tl.full([BLOCK_N], float("-inf"), tl.float32),
                  mask=key_pos < n)
     else:
-        s = _tile_scores(q, k_ptr, b, head // group, start, key_pos, query_pos, stride_kb,
+        s = _tile_scores(q, k_ptr, b, head // group, start, length, key_pos, query_pos, stride_kb,
                          stride_kh, stride_kn, qk_scale, HEAD_DIM, BLOCK_D)
-        row_real = query_pos >= 0       # rows before the sequence start (len < R) weigh 0
-        lse = tl.where(row_real, tl.load(lse_ptr + pid_bh.to(tl.int64) * R + tl.arange(0, R)), 0.0)
-        p = tl.where(row_real[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
+        # rows before the sequence start (len < R) have lse = -inf and all-(-inf) scores: a 0
+        # in place of their lse makes their probabilities exp2(-inf) = 0 instead of NaN
+        lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * R + tl.arange(0, R))
+        p = tl.math.exp2(s - tl.where(query_pos >= 0, lse, 0.0)[:, None])
         vertical = tl.where(key_pos < length, tl.sum(p, 0), float("-inf"))
         tl.store(vertical_ptr + out_row + key_pos, vertical, mask=key_pos < n)
         # skew: column u of S holds P[r, u + r - (R - 1)], i.e. one diagonal per column
