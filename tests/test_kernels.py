@@ -212,3 +212,23 @@ def test_encoded_heads_and_cpu_reference_density():
     finally:
         sparse_module._interpreting = saved
     assert torch.allclose(walked, summed)
+
+
+@pytest.mark.slow
+def test_gpu_check_script_dry_run_on_cpu(tmp_path):
+    """``benchmarks/gpu_checks.py`` (the GPU correctness matrix) runs end to end on the CPU
+    under the interpreter at a small length, so it does not rot between GPU sessions."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_checks.py"
+    env = dict(os.environ, GPU_CHECKS_DEVICE="cpu", GPU_CHECKS_N="130", TRITON_INTERPRET="1")
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(script), "--one", "80", "float16", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert [r["check"] for r in results] == ["mixed_gqa1", "mixed_gqa4", "mixed_gqa8", "wide",
+                                             "full_selection_vs_sdpa", "backend_tiny_llama"]
+    assert all(r["ok"] for r in results)
