@@ -13,6 +13,11 @@ and the rest still runs; Dynamo is reset and memory freed between phases):
                          dynamic=True)``, uniform = every head vertical_slash(1000, 6096), i.e.
                          the default policy
 * ``minference_llama31`` the same with MInference's published Llama-3.1-8B per-head file
+* ``attention_floor``    the same backend with every head ``a_shape(sink=0, local=64)``: each
+                         query attends to its 64 nearest keys, so attention costs almost nothing
+                         and everything else is compiled exactly as in the two modes above. Its
+                         TTFT is a measured lower bound for any sparse config (opt-in: not in
+                         the default --modes)
 * generation check       prefill (use_cache=True) + --gen-tokens greedy single-token decode
                          steps with the returned DynamicCache, eager vs each of --gen-modes
                          (default minference, uniform), alternating --gen-reps pairs; peak
@@ -58,7 +63,10 @@ if ROOT not in sys.path:  # run from a checkout without `pip install -e .` (the 
 LLAMA31_CONFIG = os.path.join(ROOT, "tests", "data", "Llama_3.1_8B_Instruct_128k_kv_out_v32_fit_o_best_pattern.json")
 UNIFORM_CONFIG = {"format": "mi-compile/v1", "model": "uniform vertical_slash(1000, 6096) = default policy",
                   "default": {"pattern": "vertical_slash", "vertical": 1000, "slash": 6096}}
-ALL_MODES = ("eager", "minference", "minference_llama31", "inductor")
+ALL_MODES = ("eager", "minference", "minference_llama31", "inductor", "attention_floor")
+DEFAULT_MODES = ("eager", "minference", "minference_llama31", "inductor")
+FLOOR_CONFIG = {"format": "mi-compile/v1", "model": "attention floor: 64-token local window only",
+                "default": {"pattern": "a_shape", "sink": 0, "local": 64}}
 GOAL_LEN_LONG, GOAL_LEN_SHORT = 131072, 8192
 GOAL_RATIO = {"minference": 0.45, "minference_llama31": 0.33}
 
@@ -180,7 +188,8 @@ def make_compiled(mode: str, model, args):
 
     if mode == "inductor":
         return torch.compile(model), None
-    cfg = UNIFORM_CONFIG if mode == "minference" else llama31_config(model.config.num_hidden_layers)
+    cfg = {"minference": UNIFORM_CONFIG, "attention_floor": FLOOR_CONFIG}.get(mode) or \
+        llama31_config(model.config.num_hidden_layers)
     opts = {"config": cfg}
     if args.min_seq_len is not None:
         opts["min_seq_len"] = args.min_seq_len
@@ -506,6 +515,14 @@ def goal_checks(rec, args, state, modes, lengths, dev):
     for mode, goal in GOAL_RATIO.items():
         if mode in modes:
             ratio_check(f"{mode} TTFT <= {goal}x eager at {GOAL_LEN_LONG}", mode, long_n, GOAL_LEN_LONG, goal, 3)
+    if "attention_floor" in modes and long_n is not None:
+        e, f = ttft("eager", long_n), ttft("attention_floor", long_n)
+        if e is not None and f is not None:
+            left = "; ".join(f"{mode}'s goal {goal}x leaves {goal * e - f:.3f} s for all attention"
+                             for mode, goal in GOAL_RATIO.items())
+            checks.append(dict(check=f"attention floor at {long_n} (info)", status="INFO",
+                               detail=f"{f:.3f} s vs eager {e:.3f} s = {f / e:.3f}x with a 64-key window "
+                                      f"per query; {left}"))
     for mode in ("minference", "minference_llama31"):
         if mode in modes:
             ratio_check(f"{mode} no slower than eager at {GOAL_LEN_SHORT} (tol {tol:.0%})", mode, short_n,
@@ -572,7 +589,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default=None, help="comma-separated prompt lengths (default 8192,32768,65536,131072)")
-    p.add_argument("--modes", default=",".join(ALL_MODES), help=f"comma-separated subset of {','.join(ALL_MODES)}")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated subset of {','.join(ALL_MODES)}")
     p.add_argument("--reps", type=int, default=None, help="timed runs per (mode, length) after warm-up (default 2)")
     p.add_argument("--inductor-max", type=int, default=32768, help="longest prompt for plain torch.compile")
     p.add_argument("--gen-tokens", type=int, default=32, help="greedy decode steps in the generation check (0: skip it)")
