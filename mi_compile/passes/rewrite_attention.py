@@ -32,6 +32,24 @@ log = logging.getLogger(__name__)
 MAX_HEAD_DIM = 256
 
 
+def has_side_effects(node: torch.fx.Node) -> bool:
+    """Keep a node through dead-code elimination even when nothing uses its result.
+
+    FX treats every ``call_method`` node as pure, but Dynamo records in-place tensor methods
+    that way: a static KV cache is written by ``keys.index_copy_(2, cache_position, k)``, whose
+    result is unused while the attention reads ``keys`` afterwards. Plain
+    ``eliminate_dead_code()`` deleted those writes, so a static-cache prefill attended to a
+    never-written cache and produced wrong tokens. In-place methods and functions (trailing
+    ``_``) and ``__setitem__`` count as side effects here, on top of FX's own rules."""
+    if node.op == "call_method":
+        return node.target.endswith("_") or node.target == "__setitem__"
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            return True
+    return node.is_impure()
+
+
 class RewriteAttentionPass:
     name = "rewrite_attention"
 
@@ -91,7 +109,7 @@ class RewriteAttentionPass:
             graph.erase_node(node)
             site.node = new
             rewritten += 1
-        graph.eliminate_dead_code()
+        graph.eliminate_dead_code(is_impure_node=has_side_effects)
         graph.lint()
         gm.recompile()
         log.info("mi_compile: %s rewrote %d of %d attention call(s)", self.name, rewritten, len(sites))
