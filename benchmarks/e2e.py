@@ -19,9 +19,10 @@ and the rest still runs; Dynamo is reset and memory freed between phases):
                          TTFT is a measured lower bound for any sparse config (opt-in: not in
                          the default --modes)
 * generation check       prefill (use_cache=True) + --gen-tokens greedy single-token decode
-                         steps with the returned DynamicCache, eager vs each of --gen-modes
-                         (default minference, uniform), alternating --gen-reps pairs; peak
-                         memory per phase (prefill, decode) and the cache size
+                         steps with the returned DynamicCache (--gen-cache static: a
+                         StaticCache preallocated and written in place), eager vs each of
+                         --gen-modes (default minference, uniform), alternating --gen-reps
+                         pairs; peak memory per phase (prefill, decode) and the cache size
 * ``inductor``           ``torch.compile(model)``, only at lengths <= --inductor-max (it runs out of
                          memory at 128K on an 80 GB H100: /work/shared/anchors); runs last because
                          it is a reference only and slow to compile
@@ -316,13 +317,16 @@ def cache_gib(cache) -> float:
     return round(total / 2**30, 3)
 
 
-def greedy(fn, ids, steps, dev: Dev, phases: dict | None = None):
+def greedy(fn, ids, steps, dev: Dev, phases: dict | None = None, make_cache=None):
     """Prefill with a cache, then ``steps`` single-token greedy decode steps. Returns timings.
     ``phases`` (optional) receives the peak memory of the prefill and of the decode steps
-    separately, and the cache size after the prefill, so a peak can be attributed."""
+    separately, and the cache size after the prefill, so a peak can be attributed.
+    ``make_cache`` (optional) returns the cache to fill (a ``StaticCache``); default: the
+    model's own ``DynamicCache``."""
+    cache = make_cache() if make_cache is not None else None
     dev.sync()
     t0 = time.perf_counter()
-    out = fn(ids, use_cache=True, logits_to_keep=1)
+    out = fn(ids, use_cache=True, logits_to_keep=1, **({"past_key_values": cache} if cache is not None else {}))
     cache = out.past_key_values
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     dev.sync()
@@ -346,11 +350,11 @@ def greedy(fn, ids, steps, dev: Dev, phases: dict | None = None):
     return prefill_s, decode_s, torch.cat(toks, -1)[0].tolist()
 
 
-def timed_greedy(fn, ids, steps, dev: Dev):
+def timed_greedy(fn, ids, steps, dev: Dev, make_cache=None):
     """One timed prefill + decode run: timings, per-phase peaks, tokens."""
     dev.reset_peak()
     phases = {}
-    prefill_s, decode_s, toks = greedy(fn, ids, steps, dev, phases)
+    prefill_s, decode_s, toks = greedy(fn, ids, steps, dev, phases, make_cache)
     peaks = [p for p in (phases.get("prefill_peak_gib"), phases.get("decode_peak_gib")) if p is not None]
     return dict(prefill_s=round(prefill_s, 4), decode_step_ms=round(1e3 * decode_s / max(steps, 1), 3),
                 peak_gib=max(peaks) if peaks else None, **phases), toks
@@ -381,13 +385,19 @@ def run_gen(model, args, dev, rec, state):
     results = {}
     eager_runs, eager_tokens = [], None
     compiled_modes = [m for m in args.gen_modes.split(",") if m != "eager"]
+    make_cache = None
+    if args.gen_cache == "static":
+        from transformers import StaticCache
+
+        def make_cache():
+            return StaticCache(config=model.config, max_cache_len=n + steps + 1)
     with torch.no_grad():
         t = time.perf_counter()
-        greedy(model, ids, min(2, steps), dev)
+        greedy(model, ids, min(2, steps), dev, make_cache=make_cache)
         eager_warm_s = time.perf_counter() - t
     for mode in compiled_modes:
         fn = be = None
-        row = dict(kind="gen", mode=mode, n=n, steps=steps)
+        row = dict(kind="gen", mode=mode, n=n, steps=steps, cache=args.gen_cache)
         try:
             torch._dynamo.reset()
             fn, be = make_compiled(mode, model, args)
@@ -396,14 +406,14 @@ def run_gen(model, args, dev, rec, state):
                 # warm-up (compiles the cached-prefill and decode graphs); 2 steps so that a
                 # second decode shape (kv_len + 1) is seen before timing
                 t = time.perf_counter()
-                greedy(fn, ids, min(2, steps), dev)
+                greedy(fn, ids, min(2, steps), dev, make_cache=make_cache)
                 warm_s = time.perf_counter() - t
                 g1, _ = graph_counters()
                 runs = []
                 for _ in range(args.gen_reps):
-                    run, eager_tokens = timed_greedy(model, ids, steps, dev)
+                    run, eager_tokens = timed_greedy(model, ids, steps, dev, make_cache)
                     eager_runs.append(dict(run, paired_with=mode))
-                    run, toks = timed_greedy(fn, ids, steps, dev)
+                    run, toks = timed_greedy(fn, ids, steps, dev, make_cache)
                     runs.append(run)
             g2, _ = graph_counters()
             summarize_runs(row, runs)
@@ -422,10 +432,11 @@ def run_gen(model, args, dev, rec, state):
     if not compiled_modes:
         with torch.no_grad():
             for _ in range(args.gen_reps):
-                run, eager_tokens = timed_greedy(model, ids, steps, dev)
+                run, eager_tokens = timed_greedy(model, ids, steps, dev, make_cache)
                 eager_runs.append(run)
     if eager_runs:
-        row = dict(kind="gen", mode="eager", n=n, steps=steps, warmup_s=round(eager_warm_s, 2))
+        row = dict(kind="gen", mode="eager", n=n, steps=steps, cache=args.gen_cache,
+                   warmup_s=round(eager_warm_s, 2))
         summarize_runs(row, eager_runs)
         row["tokens"] = eager_tokens
         results["eager"] = row
@@ -597,6 +608,9 @@ def parse_args(argv=None):
     p.add_argument("--no-gen", action="store_true", help="skip the generation check")
     p.add_argument("--gen-modes", default="eager,minference",
                    help="modes of the generation check (eager,minference; inductor may be added)")
+    p.add_argument("--gen-cache", choices=("dynamic", "static"), default="dynamic",
+                   help="KV cache of the generation check: transformers' default DynamicCache, or a "
+                        "StaticCache preallocated for prompt + tokens and written in place")
     p.add_argument("--gen-reps", type=int, default=3,
                    help="timed generation runs per compiled mode, each paired with an eager run (default 3)")
     p.add_argument("--min-seq-len", type=int, default=None, help="backend min_seq_len (default: the backend's)")
