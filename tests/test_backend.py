@@ -87,9 +87,11 @@ def _code(readable: str) -> str:
 
 
 def _has_square_mask(code: str) -> bool:
-    """transformers' mask ends in ``.expand(b, -1, n, n)``; the repeat_kv expands have 5 dims."""
+    """transformers' mask ends in ``.expand(b, -1, n, n)`` (the repeat_kv expands have 5 dims);
+    any node left that holds an ``n x n`` bool tensor (``b8[b, 1, n, n]``) counts too."""
     import re
-    return re.search(r"\.expand\([^,()]+, -1, (\w+), \1\)", code) is not None
+    return (re.search(r"\.expand\([^,()]+, -1, (\w+), \1\)", code) is not None
+            or re.search(r'"b8\[\w+, \w+, (\w+), \1\]"', code) is not None)
 
 
 def test_sliding_window_becomes_exact_local_attention():
@@ -167,8 +169,14 @@ def test_generate_with_kv_cache_matches_eager(cache):
     # that attended to zeros
     assert out.sequences.tolist() == ref.sequences.tolist()
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=1e-4, atol=1e-4)
-    prefill = [r for r in backend.reports if any(s.q_len != "1" for s in r.sites)]
-    assert prefill and all(r.rewritten == model.config.num_hidden_layers for r in prefill)
+    prefill = [s for r in backend.reports for s in r.sites if s.q_len != "1"]
+    assert prefill
+    for site in prefill:
+        # a static-cache prefill: transformers 5.24 attends to the filled part of the buffer
+        # with is_causal (rewritten); 5.17 to the whole preallocated buffer under an explicit
+        # mask (kept dense, reason recorded)
+        assert site.action == "sparse" or (cache == "static" and "differs from key length" in site.reason), \
+            (site.action, site.reason)
 
 
 def test_entry_point_registers_backend():

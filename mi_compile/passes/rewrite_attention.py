@@ -19,6 +19,7 @@ prefill attention, or that the options keep dense, are left untouched with the r
 from __future__ import annotations
 
 import logging
+import operator
 
 import torch
 import torch.fx
@@ -32,6 +33,14 @@ log = logging.getLogger(__name__)
 MAX_HEAD_DIM = 256
 
 
+# Python's in-place operators (``x += y`` on a tensor mutates it); ``operator.and_`` and the
+# like also end in "_" but are pure, so the operator module is listed, not matched by name.
+_INPLACE_OPERATORS = {operator.iadd, operator.iand, operator.iconcat, operator.ifloordiv,
+                      operator.ilshift, operator.imatmul, operator.imod, operator.imul, operator.ior,
+                      operator.ipow, operator.irshift, operator.isub, operator.itruediv,
+                      operator.ixor, operator.setitem, operator.delitem}
+
+
 def has_side_effects(node: torch.fx.Node) -> bool:
     """Keep a node through dead-code elimination even when nothing uses its result.
 
@@ -39,13 +48,17 @@ def has_side_effects(node: torch.fx.Node) -> bool:
     that way: a static KV cache is written by ``keys.index_copy_(2, cache_position, k)``, whose
     result is unused while the attention reads ``keys`` afterwards. Plain
     ``eliminate_dead_code()`` deleted those writes, so a static-cache prefill attended to a
-    never-written cache and produced wrong tokens. In-place methods and functions (trailing
-    ``_``) and ``__setitem__`` count as side effects here, on top of FX's own rules."""
+    never-written cache and produced wrong tokens. In-place methods and torch functions
+    (trailing ``_``), Python's in-place operators and ``__setitem__`` count as side effects
+    here, on top of FX's own rules."""
     if node.op == "call_method":
-        return node.target.endswith("_") or node.target == "__setitem__"
+        return node.target.endswith("_") or node.target in ("__setitem__", "__delitem__")
     if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return True
         name = getattr(node.target, "__name__", "")
-        if name.endswith("_") and not name.endswith("__"):
+        if (getattr(node.target, "__module__", None) != "_operator" and name.endswith("_")
+                and not name.endswith("__")):
             return True
     return node.is_impure()
 
