@@ -326,7 +326,7 @@ def greedy(fn, ids, steps, dev: Dev, phases: dict | None = None, make_cache=None
     cache = make_cache() if make_cache is not None else None
     dev.sync()
     t0 = time.perf_counter()
-    out = fn(ids, use_cache=True, logits_to_keep=1, **({"past_key_values": cache} if cache is not None else {}))
+    out = fn(ids, use_cache=True, logits_to_keep=1, past_key_values=cache)   # None: a DynamicCache
     cache = out.past_key_values
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     dev.sync()

@@ -10,6 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 DATA = pathlib.Path(__file__).parent / "data"
 
@@ -17,6 +18,23 @@ DATA = pathlib.Path(__file__).parent / "data"
 @pytest.fixture
 def minference_llama_config():
     return DATA / "Llama_3.1_8B_Instruct_128k_kv_out_v32_fit_o_best_pattern.json"
+
+
+@pytest.fixture
+def generate_eager_and_compiled():
+    """``(eager, compiled) = f(model, backend, ids, **generate_kwargs)``: ``model.generate``
+    as is, then with the module compiled in place through ``backend`` (the README's way to
+    have ``generate`` use the compiled forward), undone afterwards for the next test."""
+    def run(model, backend, ids, **kwargs):
+        with torch.no_grad():
+            eager = model.generate(ids, **kwargs)
+            model.compile(backend=backend, dynamic=True)
+            try:
+                compiled = model.generate(ids, **kwargs)
+            finally:
+                model._compiled_call_impl = None
+        return eager, compiled
+    return run
 
 
 def pytest_addoption(parser):

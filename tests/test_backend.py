@@ -148,7 +148,7 @@ def test_three_lengths_compile_twice_then_never_again():
 
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
-def test_generate_with_kv_cache_matches_eager(cache):
+def test_generate_with_kv_cache_matches_eager(cache, generate_eager_and_compiled):
     """``model.generate`` with the module compiled in place: prefill through the sparse op,
     decode steps dense. A static cache is written in place (``keys.index_copy_(...)``, result
     unused, read back by the attention): dead-code elimination after the rewrite must keep those
@@ -157,14 +157,8 @@ def test_generate_with_kv_cache_matches_eager(cache):
     ids = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(4))
     kwargs = dict(max_new_tokens=6, do_sample=False, cache_implementation=cache, pad_token_id=0,
                   output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        ref = model.generate(ids, **kwargs)
-        backend = mi_compile.backend(DENSE_OPTS)
-        model.compile(backend=backend, dynamic=True)
-        try:
-            out = model.generate(ids, **kwargs)
-        finally:
-            model._compiled_call_impl = None
+    backend = mi_compile.backend(DENSE_OPTS)
+    ref, out = generate_eager_and_compiled(model, backend, ids, **kwargs)
     # logits, not only tokens: this small random model's greedy tokens can survive a prefill
     # that attended to zeros
     assert out.sequences.tolist() == ref.sequences.tolist()
@@ -182,7 +176,7 @@ def test_generate_with_kv_cache_matches_eager(cache):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
-def test_padded_batch_generate_matches_eager_every_family(family, cache):
+def test_padded_batch_generate_matches_eager_every_family(family, cache, generate_eager_and_compiled):
     """The same through every tiny family (Mistral with a sliding window) on a left-padded
     batch of two: the logits of every step equal eager's, whatever the passes decided; a prefill
     they cannot prove causal stays dense with a recorded reason."""
@@ -193,14 +187,8 @@ def test_padded_batch_generate_matches_eager_every_family(family, cache):
     mask[1, :9] = 0
     kwargs = dict(max_new_tokens=4, do_sample=False, cache_implementation=cache, pad_token_id=0,
                   output_logits=True, return_dict_in_generate=True, attention_mask=mask)
-    with torch.no_grad():
-        ref = model.generate(ids, **kwargs)
-        backend = mi_compile.backend({"min_seq_len": 0})
-        model.compile(backend=backend, dynamic=True)
-        try:
-            out = model.generate(ids, **kwargs)
-        finally:
-            model._compiled_call_impl = None
+    backend = mi_compile.backend({"min_seq_len": 0})
+    ref, out = generate_eager_and_compiled(model, backend, ids, **kwargs)
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=1e-4, atol=1e-4)
     sites = [s for r in backend.reports for s in r.sites]
     assert sites and all(s.action == "sparse" or s.reason for s in sites)

@@ -55,20 +55,14 @@ def test_dense_equivalent_config_matches_eager_logits(smollm2):
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.99
 
 
-def test_greedy_generation_matches_eager(smollm2):
+def test_greedy_generation_matches_eager(smollm2, generate_eager_and_compiled):
     """Prefill through the sparse op (default policy covers these short prompts fully), then
     cached decode steps, which the backend leaves dense."""
     model, tok = smollm2
     ids, key = _prompt_ids(tok)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
-    with torch.no_grad():
-        ref = model.generate(ids, **kwargs)
-        backend = mi_compile.backend({"min_seq_len": 0})
-        model.compile(backend=backend, dynamic=True)
-        try:
-            out = model.generate(ids, **kwargs)
-        finally:
-            model._compiled_call_impl = None  # undo nn.Module.compile for the other tests
+    backend = mi_compile.backend({"min_seq_len": 0})
+    ref, out = generate_eager_and_compiled(model, backend, ids, **kwargs)
     assert out.tolist() == ref.tolist()
     actions = {(s.q_len == "1", s.action) for r in backend.reports for s in r.sites}
     assert (False, "sparse") in actions           # the prefill went through the sparse op
