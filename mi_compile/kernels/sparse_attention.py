@@ -30,7 +30,9 @@ Layers whose heads are all dense or A-shape (nothing data-dependent) use a secon
 tile); ``KERNEL_CONFIG["wide"] = False`` sends them through the general kernel too.
 
 ``MODE`` (constexpr): 0 attention; 1 count every visited pair into an ``[B, H, n, n]`` int32
-tensor (tests: no pair twice, none missing); 2 count visited pairs per query block (density).
+tensor (tests: no pair twice, none missing); 2 count visited pairs per query block (density);
+3 count the pairs of every visited tile, masked or not, per query block (what a launch costs:
+:mod:`mi_compile.patterns.cost` predicts it from the index, tests compare the two).
 """
 from __future__ import annotations
 
@@ -111,8 +113,10 @@ def _visit_tile(acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, 
     elif MODE == 1:
         where = (seq_start + rows).to(tl.int64)[:, None] * n + (seq_start + key_pos)[None, :]
         tl.atomic_add(count_head + where, keep.to(tl.int32), mask=keep)
-    else:
+    elif MODE == 2:
         pairs += tl.sum(tl.sum(keep.to(tl.int32), 1), 0)
+    else:
+        pairs += rows.shape[0] * key_pos.shape[0]    # the whole tile, masked or not
     return acc, m_i, l_i, pairs
 
 
@@ -285,10 +289,10 @@ def _sparse_attention_kernel(
 
         if MODE == 0:
             _store_rows(out_head, q_rows, row_ok, dims, acc, l_i, stride_on, HEAD_DIM)
-        elif MODE == 2:
+        elif MODE >= 2:
             tl.store(count_ptr + table_row, pairs)
     else:
-        if MODE == 2:
+        if MODE >= 2:
             tl.store(count_ptr + bh.to(tl.int64) * num_q_blocks + m, 0)
 
 
@@ -383,7 +387,7 @@ def _wide_attention_kernel(
 
         if MODE == 0:
             _store_rows(out_head, q_rows, row_ok, dims, acc, l_i, stride_on, HEAD_DIM)
-        elif MODE == 2:
+        elif MODE >= 2:
             tl.store(count_ptr + bh.to(tl.int64) * num_q_blocks + m * (BLOCK_M // 64), pairs)
 
 
@@ -476,3 +480,12 @@ def count_pairs_per_head(q, k, v, index: SparseIndex) -> torch.Tensor:
     counts = torch.zeros(B, H, index.num_query_blocks, dtype=torch.int32, device=q.device)
     _launch(q, k, v, index, 1.0, q, counts, mode=2)
     return counts.sum(-1, dtype=torch.int64)
+
+
+def count_tile_pairs_per_block(q, k, v, index: SparseIndex) -> torch.Tensor:
+    """int32 ``[B, H, NQB]``: pairs of the tiles the kernel visits per 64-row query block,
+    masked elements included (walks the index, no attention)."""
+    B, H, _, _ = q.shape
+    counts = torch.zeros(B, H, index.num_query_blocks, dtype=torch.int32, device=q.device)
+    _launch(q, k, v, index, 1.0, q, counts, mode=3)
+    return counts

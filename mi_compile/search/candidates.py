@@ -27,6 +27,15 @@ VS_SLASH_EXTRA = (0.0, 1 / 128, 1 / 64, 1 / 32, 1 / 16)
 #: square: with ``--allocate global`` a hard head may take one and pay for it elsewhere.
 #: block_sparse: top-k key blocks as fractions of the number of query blocks.
 BS_TOPK = (1 / 16, 1 / 8, 1 / 6, 1 / 4, 1 / 3, 1 / 2)
+#: Absolute sizes beside the fractions: at 64K-128K tokens even 1/32 of n is thousands of
+#: keys per query, while a head that looks at its sinks, a few hundred hot columns and a
+#: short window costs a few percent of the square. These give long prompts cheap options
+#: (each is a handful of 64-key tiles per query block); at short lengths they coincide with
+#: or exceed the fractions and are dropped as duplicates or left to the budget.
+A_SHAPE_LOCAL_TOKENS = (256, 512, 1024, 2048, 4096)
+VS_VERTICAL_TOKENS = (128, 512, 2048)
+VS_SLASH_EXTRA_TOKENS = (0, 128, 512)
+BS_TOPK_BLOCKS = (8, 16, 32, 64)
 
 
 def _tokens(frac: float, n: int, minimum: int = BLOCK) -> int:
@@ -47,9 +56,19 @@ def candidate_patterns(n: int, *, dense: bool = True) -> list[HeadPattern]:
     for vf in VS_VERTICAL:
         for sf in VS_SLASH_EXTRA:
             add(HeadPattern("vertical_slash", vertical=_tokens(vf, n), slash=BLOCK + int(round(sf * n))))
+    for local in A_SHAPE_LOCAL_TOKENS:
+        if local < n:
+            add(HeadPattern("a_shape", sink=A_SHAPE_SINK, local=local))
+    for vertical in VS_VERTICAL_TOKENS:
+        for extra in VS_SLASH_EXTRA_TOKENS:
+            if vertical < n and extra < n:
+                add(HeadPattern("vertical_slash", vertical=vertical, slash=BLOCK + extra))
     blocks = math.ceil(n / BLOCK)
     for frac in BS_TOPK:
         add(HeadPattern("block_sparse", topk=max(2, int(round(frac * blocks)))))
+    for topk in BS_TOPK_BLOCKS:
+        if topk < blocks:
+            add(HeadPattern("block_sparse", topk=topk))
     if dense:
         add(HeadPattern("dense"))
     return out

@@ -4,11 +4,16 @@ The model is compiled with a dense per-head config and the passes only (no Induc
 compile). Every attention call then runs ``torch.ops.mi_compile.sparse_attention``, whose
 observers (:func:`mi_compile.kernels.op.observe_attention`) see the call's q ``[B, Hq, n, D]``
 and k/v ``[B, Hkv, n, D]`` exactly as the sparse kernels would. We keep the first call of each
-layer, as float32 on the CPU, and read each layer's softmax scale from the rewritten graph.
+layer and read each layer's softmax scale from the rewritten graph. On a GPU the tensors stay
+there in the model's dtype (28 layers of a 1.5B model at 128K tokens: ~15 GB in bf16), so the
+scoring runs there too; on the CPU they are kept as float32. Only the last position's logits
+are computed (``logits_to_keep=1`` where the model takes it): at 128K tokens the full logits
+alone would be tens of GB.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 
@@ -24,8 +29,8 @@ DENSE_CONFIG = {"format": "mi-compile/v1", "default": {"pattern": "dense"}}
 class Capture:
     """q/k/v of every layer the backend rewrote, for one calibration input."""
 
-    q: dict[int, torch.Tensor]          # layer -> float32 [B, Hq, n, D] (CPU)
-    k: dict[int, torch.Tensor]          # layer -> float32 [B, Hkv, n, D] (CPU)
+    q: dict[int, torch.Tensor]          # layer -> [B, Hq, n, D] (model dtype on CUDA, float32 on CPU)
+    k: dict[int, torch.Tensor]          # layer -> [B, Hkv, n, D] (likewise)
     scale: dict[int, float]             # layer -> softmax scale of that call
     dense_layers: dict[int, str]        # layers the passes left dense -> reason (not searchable)
     v: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)   # like k (output-error scoring)
@@ -65,9 +70,9 @@ def capture_qk(model, input_ids: torch.Tensor, *, min_seq_len: int = ALWAYS_DENS
     def keep(layer, q, k, v, key_padding_mask):
         if layer < 0 or layer in qs:
             return
-        qs[layer] = q.detach().to("cpu", torch.float32).clone()
-        ks[layer] = k.detach().to("cpu", torch.float32).clone()
-        vs[layer] = v.detach().to("cpu", torch.float32).clone()
+        store = (lambda t: t.detach().clone()) if q.is_cuda else \
+            (lambda t: t.detach().to("cpu", torch.float32).clone())
+        qs[layer], ks[layer], vs[layer] = store(q), store(k), store(v)
 
     backend = MInferenceBackend({"config": DENSE_CONFIG, "min_seq_len": int(min_seq_len)},
                                 use_inductor=False)
@@ -75,6 +80,8 @@ def capture_qk(model, input_ids: torch.Tensor, *, min_seq_len: int = ALWAYS_DENS
     try:
         compiled = torch.compile(model, backend=backend)
         forward_kwargs.setdefault("use_cache", False)
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            forward_kwargs.setdefault("logits_to_keep", 1)
         with torch.no_grad(), observe_attention(keep):
             compiled(input_ids, **forward_kwargs)
     finally:

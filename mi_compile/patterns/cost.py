@@ -1,0 +1,70 @@
+"""What a launch computes: the tiles the kernel walks for an index, counted from the tables.
+
+A pattern's *nominal* size (``vertical=1000, slash=6096``: about 11% of the causal square at
+128K) is not what the kernel pays for. The kernel works in tiles: every visited tile costs its
+whole ``rows x keys`` rectangle, masked elements included, and an isolated slash offset costs
+a full 64-key tile per query block. The *computed density* counts that:
+
+    computed_density[b, h] = (pairs of all visited tiles of head h in sequence b)
+                             / (len_b (len_b + 1) / 2)
+
+so dense is slightly above 1 (its diagonal tiles are computed whole) and a budget expressed in
+computed density is a budget in kernel time.
+
+Per 64-row query block ``m`` (``m0 = 64 m < len``) the general kernel
+(:mod:`mi_compile.kernels.sparse_attention`) visits, with ``bn`` / ``bc`` its prefix / column
+tile widths (``KERNEL_CONFIG``):
+
+* ``ceil(min(prefix, m0) / bn)`` prefix tiles of ``bn`` keys;
+* ``tiles_upto[m]`` slash-group tiles of 64 keys;
+* ``block_count[m] - 1`` block-sparse tiles (the diagonal block is the diagonal tile);
+* ``ceil(columns_upto[m] / bc)`` column tiles of ``bc`` gathered keys (covered columns are
+  masked, not skipped);
+* the diagonal tile of 64 keys.
+
+Everything is read from the :class:`~mi_compile.patterns.index.SparseIndex` tables, O(B H n/64),
+on their device; the kernel's counting mode 3 walks the same loops and the tests compare the
+two. Layers whose heads are all dense / A-shape may run in the 128-row kernel, whose diagonal
+costs a little more; the count stays the 64-row kernel's.
+"""
+from __future__ import annotations
+
+import torch
+
+from .index import BLOCK, SparseIndex
+
+
+def _ceil_div(x: torch.Tensor, d: int) -> torch.Tensor:
+    return (x + (d - 1)) // d
+
+
+def tile_pairs_per_block(index: SparseIndex, block_n: int | None = None,
+                         block_c: int | None = None) -> torch.Tensor:
+    """int64 ``[B, H, NQB]``: pairs of the tiles visited per 64-row query block (0 past the end)."""
+    if block_n is None or block_c is None:
+        from ..kernels.sparse_attention import KERNEL_CONFIG
+        block_n = KERNEL_CONFIG["block_n"] if block_n is None else block_n
+        block_c = KERNEL_CONFIG["block_c"] if block_c is None else block_c
+    nqb = index.num_query_blocks
+    dev = index.prefix.device
+    m0 = torch.arange(nqb, device=dev, dtype=torch.int64) * BLOCK                     # [NQB]
+    prefix = index.prefix.long()[None, :, None]                                       # [1, H, 1]
+    prefix_keys = _ceil_div(torch.minimum(prefix, m0[None, None, :]), block_n) * block_n
+    group_keys = index.tiles_upto.long() * BLOCK
+    block_keys = (index.block_count.long() - 1).clamp(min=0) * BLOCK
+    column_keys = _ceil_div(index.columns_upto.long(), block_c) * block_c
+    keys = prefix_keys + group_keys + block_keys + column_keys + BLOCK                # [B, H, NQB]
+    live = m0[None, :] < index.seq_len.long()[:, None]                                 # [B, NQB]
+    return keys * BLOCK * live[:, None, :]
+
+
+def computed_pairs(index: SparseIndex) -> torch.Tensor:
+    """int64 ``[B, H]``: pairs of every tile the kernel visits, per sequence and head."""
+    return tile_pairs_per_block(index).sum(-1)
+
+
+def computed_density(index: SparseIndex) -> torch.Tensor:
+    """float64 ``[B, H]``: :func:`computed_pairs` over each sequence's causal square."""
+    length = index.seq_len.double()
+    causal = (length * (length + 1) / 2).clamp(min=1)[:, None]
+    return computed_pairs(index).double() / causal
