@@ -526,17 +526,34 @@ def _read_json(path: str | os.PathLike) -> tuple[str, Any]:
                           f"{exc.msg}") from None
 
 
+#: Configs that ship with the package (searched per model; each file's ``model`` text says
+#: how it was made): ``load_config("<name>")`` and the backend's ``config`` option take the name.
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def shipped_configs() -> dict[str, str]:
+    """Name (file name without ``.json``) -> path of every config shipped in the package."""
+    if not os.path.isdir(SHIPPED_DIR):
+        return {}
+    return {f[:-5]: os.path.join(SHIPPED_DIR, f) for f in sorted(os.listdir(SHIPPED_DIR))
+            if f.endswith(".json")}
+
+
 def load_config(source: ConfigSource = None) -> SparseConfig:
     """Read a per-head config from ``source`` (see the module docstring for the formats).
 
     ``None`` gives a copy of :data:`DEFAULT_POLICY`; a path is read as JSON (object =
-    mi-compile format, array = MInference format); a ``dict`` / ``list`` is taken as already
-    parsed JSON of the respective format. Any problem raises :class:`ConfigError`.
+    mi-compile format, array = MInference format); the name of a shipped config
+    (:func:`shipped_configs`, e.g. ``"qwen2.5-coder-1.5b-128k"``) reads that file; a ``dict`` /
+    ``list`` is taken as already parsed JSON of the respective format. Any problem raises
+    :class:`ConfigError`.
     """
     if source is None:
         return copy.deepcopy(DEFAULT_POLICY)
     if isinstance(source, SparseConfig):
         return source
+    if isinstance(source, str) and not os.path.exists(source) and source in shipped_configs():
+        source = shipped_configs()[source]
     if isinstance(source, (str, os.PathLike)):
         name, doc = _read_json(source)
     elif isinstance(source, dict):
