@@ -19,7 +19,7 @@ import torch
 from .kernels import op as _op  # noqa: F401  (registers torch.ops.mi_compile.*)
 from .config import load_config
 from .debug.dump import dump_report
-from .options import BackendOptions
+from .options import BackendOptions, OptionsError
 from .passes import run_passes
 
 log = logging.getLogger("mi_compile")
@@ -27,18 +27,32 @@ _graph_ids = itertools.count()
 
 
 class MInferenceBackend:
-    """A configured backend: ``torch.compile(model, backend=MInferenceBackend({...}))``."""
+    """A configured backend: ``torch.compile(model, backend=MInferenceBackend({...}))``.
+
+    ``mode`` (or the option of that name) and the option ``cudagraphs`` become Inductor config
+    patches, so ``mode="reduce-overhead"`` CUDA-graphs the compiled model as it does for
+    ``backend="inductor"``; the sparse op is sync-free and capturable."""
 
     def __init__(self, options: dict | BackendOptions | None = None, *, use_inductor: bool = True, mode=None,
                  keep_code: bool | None = None):
-        self.options = BackendOptions.from_user(options)
+        self.options = BackendOptions.from_user(options).with_mode(mode)
+        if not use_inductor and self.options.inductor_patches():
+            raise OptionsError(f"options mode={self.options.mode!r} / cudagraphs={self.options.cudagraphs!r} "
+                               "configure Inductor, but this backend runs without it (use_inductor=False)")
         self.config = load_config(self.options.config)
         if self.config.is_default_policy:
             log.warning("mi_compile: no per-head config given; using the default policy (%s)", self.config.source)
         self.use_inductor = use_inductor
         self.keep_code = keep_code  # None: only when dump_dir or TORCH_TRACE will show it
-        self.mode = mode
         self.reports = []
+
+    @property
+    def mode(self):
+        return self.options.mode
+
+    def inductor_patches(self) -> dict:
+        """What ``compile_fx`` gets as ``config_patches`` (from the mode and ``cudagraphs``)."""
+        return self.options.inductor_patches()
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         if any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs) and torch.is_grad_enabled():
@@ -52,20 +66,22 @@ class MInferenceBackend:
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
 
-        patches = torch._inductor.list_mode_options(self.mode) if self.mode else {}
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        return compile_fx(gm, example_inputs, config_patches=self.inductor_patches())
 
 
-def backend(options: dict | None = None, *, keep_code: bool | None = None, **kw) -> MInferenceBackend:
+def backend(options: dict | None = None, *, keep_code: bool | None = None, mode: str | None = None,
+            **kw) -> MInferenceBackend:
     """``torch.compile(model, backend=mi_compile.backend({"config": "llama.json"}))``.
 
-    ``keep_code=True`` keeps each graph's readable code before/after the passes in
+    ``mode`` is an Inductor mode (``"reduce-overhead"`` for CUDA graphs), the same as the option
+    ``"mode"``. ``keep_code=True`` keeps each graph's readable code before/after the passes in
     ``.reports`` (otherwise only kept when ``dump_dir`` or TORCH_TRACE asks for it)."""
     if kw:
         options = {**(options or {}), **kw}
-    return MInferenceBackend(options, keep_code=keep_code)
+    return MInferenceBackend(options, keep_code=keep_code, mode=mode)
 
 
 def minference_backend(gm, example_inputs, options: dict | None = None, mode=None):
-    """Entry point behind ``backend="minference"``; torch passes ``options=`` through."""
+    """Entry point behind ``backend="minference"``; torch passes ``options=`` (or ``mode=``:
+    torch.compile takes one of the two) through."""
     return MInferenceBackend(options, mode=mode)(gm, example_inputs)

@@ -11,6 +11,11 @@ min_seq_len     prompts shorter than this run dense attention inside the op (spa
 dense_layers    layer indices to leave dense (the original SDPA call is kept), e.g. [0, 1].
 dump_dir        write each graph before/after the passes (readable code) and the explain
                 table there; the same artifacts always go to TORCH_TRACE / tlparse.
+mode            an Inductor mode, as ``torch.compile(mode=...)`` takes it ("default",
+                "reduce-overhead", "max-autotune", ...): torch.compile refuses ``mode`` and
+                ``options`` together, so with the backend's options the mode goes here.
+cudagraphs      True / False: Inductor's ``triton.cudagraphs`` (CUDA-graph the compiled
+                graph; "reduce-overhead" sets it), on its own or to confirm the mode's.
 =============== ========================================================================
 """
 from __future__ import annotations
@@ -32,6 +37,31 @@ class BackendOptions:
     min_seq_len: int = DEFAULT_MIN_SEQ_LEN
     dense_layers: tuple[int, ...] = ()
     dump_dir: Optional[str] = None
+    mode: Optional[str] = None
+    cudagraphs: Optional[bool] = None
+
+    def inductor_patches(self) -> dict:
+        """The Inductor config patches these options ask for (``compile_fx(config_patches=)``)."""
+        import torch._inductor
+
+        patches = dict(torch._inductor.list_mode_options(self.mode)) if self.mode else {}
+        if self.cudagraphs is not None:
+            patches["triton.cudagraphs"] = self.cudagraphs
+        return patches
+
+    @property
+    def uses_cudagraphs(self) -> bool:
+        return bool(self.inductor_patches().get("triton.cudagraphs", False))
+
+    def with_mode(self, mode: Optional[str]) -> "BackendOptions":
+        """These options with ``mode`` (from ``torch.compile(mode=...)`` or
+        ``mi_compile.backend(mode=...)``) merged in; a different mode already set is an error."""
+        if mode is None or mode == self.mode:
+            return self
+        if self.mode is not None:
+            raise OptionsError(f"mode {mode!r} given while option 'mode' is {self.mode!r}; give it once")
+        return BackendOptions.from_user({**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                                         "mode": mode})
 
     @classmethod
     def from_user(cls, options: Optional[dict]) -> "BackendOptions":
@@ -61,4 +91,23 @@ class BackendOptions:
             raise OptionsError(f"option 'dump_dir' must be a path, got {type(dd).__name__}")
         if dd is not None:
             opts["dump_dir"] = os.fspath(dd)
+        _check_mode(opts.get("mode"), opts.get("cudagraphs"))
         return cls(**opts)
+
+
+def _check_mode(mode, cudagraphs):
+    if cudagraphs is not None and not isinstance(cudagraphs, bool):
+        raise OptionsError(f"option 'cudagraphs' must be True or False, got {cudagraphs!r}")
+    if mode is None:
+        return
+    import torch._inductor
+
+    modes = torch._inductor.list_mode_options()
+    if not isinstance(mode, str) or mode not in modes:
+        raise OptionsError(f"option 'mode' must be one of {sorted(modes)}, got {mode!r}")
+    implied = modes[mode].get("triton.cudagraphs")
+    if cudagraphs is False and implied:
+        raise OptionsError(f"options mode={mode!r} and cudagraphs=False contradict each other "
+                           f"({mode!r} turns CUDA graphs on)")
+    if cudagraphs is True and "no-cudagraphs" in mode:
+        raise OptionsError(f"options mode={mode!r} and cudagraphs=True contradict each other")

@@ -1,8 +1,11 @@
 """Public entry point: MInference-style sparse attention for causal prefill.
 
 ``sparse_attention(q, k, v, heads)`` builds the per-head sparse index on the inputs' device
-(vertical-slash estimate, block-sparse pooling, top-k, range conversion: PyTorch, no host
-synchronisation) and runs one Triton launch for all heads, or the float32 PyTorch reference.
+(vertical-slash estimate, block-sparse pooling, top-k in PyTorch; on CUDA the tables after the
+top-k in two fused launches; no host synchronisation) and runs one Triton launch for all heads,
+or the float32 PyTorch reference. A compiled model calls it with the same few signatures over
+and over, so inputs are validated and heads decoded once per signature, and each layer's static
+tables are built once (:func:`mi_compile.patterns.index.index_plan`).
 """
 from __future__ import annotations
 
@@ -28,12 +31,28 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _as_patterns(heads) -> list[HeadPattern]:
-    """HeadPattern objects, pattern names, or the flat ``int[]`` of :func:`encode_heads`."""
-    heads = list(heads)
+_PATTERNS: dict = {}      # tuple(heads) -> tuple of HeadPattern
+_VALIDATED: dict = {}     # input signature -> tuple of HeadPattern (inputs known good)
+_CACHE_LIMIT = 4096       # plain Python entries; cleared when full (dynamic lengths)
+
+
+def _as_patterns(heads) -> tuple:
+    """HeadPattern objects, pattern names, or the flat ``int[]`` of :func:`encode_heads`, as a
+    tuple of HeadPattern (decoded once per distinct list)."""
+    key = tuple(heads)
+    patterns = _PATTERNS.get(key)
+    if patterns is None:
+        patterns = _decode_patterns(key)
+        if len(_PATTERNS) >= _CACHE_LIMIT:
+            _PATTERNS.clear()
+        _PATTERNS[key] = patterns
+    return patterns
+
+
+def _decode_patterns(heads: tuple) -> tuple:
     if heads and all(isinstance(h, int) and not isinstance(h, bool) for h in heads):
         try:
-            return decode_heads(heads)
+            return tuple(decode_heads(heads))
         except PatternError as e:
             raise ValueError(f"bad encoded head list: {e}") from None
     out = []
@@ -44,10 +63,28 @@ def _as_patterns(heads) -> list[HeadPattern]:
             out.append(HeadPattern(h))
         else:
             raise ValueError(f"heads must be HeadPattern objects, got {type(h).__name__}")
-    return out
+    return tuple(out)
 
 
-def _validate(q, k, v, heads, seq_start, seq_len, check_v=True):
+def _validate(q, k, v, heads, seq_start, seq_len, check_v=True) -> tuple:
+    """Check shapes, dtypes and heads; returns the heads as a tuple of HeadPattern.
+
+    Checked once per distinct signature (shapes, dtypes, head count, sequence-table shapes):
+    a compiled model calls the op with the same few signatures over and over. (The heads
+    themselves are checked when first decoded.)"""
+    heads = _as_patterns(heads)
+    key = (q.shape, k.shape, v.shape if check_v else None, q.dtype, k.dtype, v.dtype if check_v else None,
+           len(heads), None if seq_start is None else seq_start.shape, None if seq_len is None else seq_len.shape)
+    if key in _VALIDATED:
+        return heads
+    _check_inputs(q, k, v, heads, seq_start, seq_len, check_v)
+    if len(_VALIDATED) >= _CACHE_LIMIT:
+        _VALIDATED.clear()
+    _VALIDATED[key] = True
+    return heads
+
+
+def _check_inputs(q, k, v, heads, seq_start, seq_len, check_v):
     if q.dim() != 4 or k.dim() != 4 or (check_v and v.dim() != 4):
         raise ValueError(f"expected q [B, Hq, n, D] and k/v [B, Hkv, n, D]; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}" + (f", v {tuple(v.shape)}" if check_v else ""))
@@ -70,13 +107,23 @@ def _validate(q, k, v, heads, seq_start, seq_len, check_v=True):
                          "and D a multiple of 8")
     if n == 0:
         raise ValueError("empty sequence (n == 0)")
-    heads = _as_patterns(heads)
     if len(heads) != Hq:
         raise ValueError(f"got {len(heads)} head patterns for {Hq} query heads")
     for name, t in (("seq_start", seq_start), ("seq_len", seq_len)):
         if t is not None and (t.dim() != 1 or t.shape[0] != B):
             raise ValueError(f"{name} must have shape [B] = [{B}], got {tuple(t.shape)}")
-    return heads
+
+
+def _scale(q, scale) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _build(q, k, heads: tuple, scale: float, seq_start, seq_len, vs_selection=None) -> SparseIndex:
+    """The index for validated inputs."""
+    unpadded = seq_start is None and seq_len is None
+    seq_start, seq_len = normalize_sequences(q, seq_start, seq_len)
+    with torch.no_grad():
+        return build_index(q, k, heads, scale, seq_start, seq_len, vs_selection, unpadded=unpadded)
 
 
 def build_sparse_index(q, k, heads, *, scale=None, seq_start=None, seq_len=None,
@@ -86,25 +133,25 @@ def build_sparse_index(q, k, heads, *, scale=None, seq_start=None, seq_len=None,
     ``vs_selection=(keys, offsets)`` (int tensors ``[B, Hq, *]``) gives vertical-slash heads an
     explicit selection instead of the estimate (timing on a fixed index)."""
     heads = _validate(q, k, None, heads, seq_start, seq_len, check_v=False)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    unpadded = seq_start is None and seq_len is None
-    seq_start, seq_len = normalize_sequences(q, seq_start, seq_len)
-    with torch.no_grad():
-        return build_index(q, k, heads, scale, seq_start, seq_len, vs_selection, unpadded=unpadded)
+    return _build(q, k, heads, _scale(q, scale), seq_start, seq_len, vs_selection)
 
 
 def sparse_attention_from_index(q, k, v, index: SparseIndex, *, scale=None, impl="auto",
                                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attend exactly the pairs ``index`` selects (kernel or reference); see
-    :func:`sparse_attention`. ``out`` (kernel only) is written in full."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    :func:`sparse_attention`. ``out`` (q's shape and dtype, last dim contiguous; any other
+    layout) is written in full and returned."""
+    scale = _scale(q, scale)
     if _pick_impl(q, impl) == "reference":
-        return reference_attention(q, k, v, index, scale).to(q.dtype)
+        res = reference_attention(q, k, v, index, scale).to(q.dtype)
+        return res if out is None else out.copy_(res)
     from .kernels.sparse_attention import sparse_attention_from_index as run_kernel
     return run_kernel(q, k, v, index, scale, out=out)
 
 
 def _pick_impl(q, impl: str) -> str:
+    if impl == "triton" and q.is_cuda:
+        return impl
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
     if impl == "auto":
@@ -117,7 +164,8 @@ def _pick_impl(q, impl: str) -> str:
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      heads: Sequence[HeadPattern], *, scale: Optional[float] = None,
                      seq_start: Optional[torch.Tensor] = None,
-                     seq_len: Optional[torch.Tensor] = None, impl: str = "auto") -> torch.Tensor:
+                     seq_len: Optional[torch.Tensor] = None, impl: str = "auto",
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal sparse attention for a prefill, one pattern per query head.
 
     q ``[B, Hq, n, D]``, k/v ``[B, Hkv, n, D]`` (``Hq % Hkv == 0``; query head ``h`` reads KV
@@ -125,15 +173,18 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``1/sqrt(D)``. ``seq_start``/``seq_len`` (int32 ``[B]``): sequence ``b`` is rows
     ``[start, start + len)``, treated as if alone (its own positions, sinks and estimate);
     other output rows are 0. ``impl``: "triton", "reference" (float32 PyTorch) or "auto"
-    (triton on CUDA or under ``TRITON_INTERPRET=1``, else reference). Returns q's dtype.
+    (triton on CUDA or under ``TRITON_INTERPRET=1``, else reference). Returns q's dtype, in
+    ``out`` when given (q's shape and dtype, last dim contiguous, any layout).
 
     Sync-free and CUDA-graph capturable on GPU; extra memory O(n) per head (the estimate's
-    float32 buffer is chunked to ~256 MiB).
+    float32 buffer is chunked to ~256 MiB). Inputs are validated once per signature, the
+    heads' static tables built once per layer (``mi_compile.patterns.index.index_plan``).
     """
     heads = _validate(q, k, v, heads, seq_start, seq_len)
     impl = _pick_impl(q, impl)
-    index = build_sparse_index(q, k, heads, scale=scale, seq_start=seq_start, seq_len=seq_len)
-    return sparse_attention_from_index(q, k, v, index, scale=scale, impl=impl)
+    scale = _scale(q, scale)
+    index = _build(q, k, heads, scale, seq_start, seq_len)
+    return sparse_attention_from_index(q, k, v, index, scale=scale, impl=impl, out=out)
 
 
 def selection_mask(q, k, heads, seq_start=None, seq_len=None, *, scale=None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """``torch.ops.mi_compile.sparse_attention``: the op the rewritten graphs call.
 
-Why ``torch.library.custom_op`` and not ``triton_op`` + ``wrap_triton``: the op decides at run
+Why an opaque op (registered below) and not ``triton_op`` + ``wrap_triton``: the op decides at run
 time, from the actual sequence length, whether to run sparse or dense (short prompts and the
 ``min_seq_len`` threshold go dense), and its index builders size their top-k by the length.
 Inside a ``triton_op`` those Python branches on symbolic sizes would be traced by Inductor and
@@ -25,14 +25,10 @@ Semantics: causal attention restricted to each head's pattern for prefills of at
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
-from ..patterns.spec import decode_heads
 
 # Below this many query tokens the op runs dense attention. Measured on the H100 (README,
 # "Measured"): the 8B model with MInference's per-head Llama-3.1 config breaks even with eager
@@ -119,13 +115,15 @@ def _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_
     for fn in list(_OBSERVERS):
         fn(layer, q, k, v, key_padding_mask)
     out = _output_like(q, v)
-    res = _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer)
-    if res.stride() == out.stride():
+    res = _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, out)
+    if res is out or res.stride() == out.stride():
         return res
     return out.copy_(res)
 
 
-def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer):
+def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, out=None):
+    """Dense attention below ``min_seq_len``, else the sparse path, written into ``out`` when
+    the sparse path runs (the kernel stores straight into the op's output layout)."""
     n_q, n_k = q.shape[-2], k.shape[-2]
     if n_q != n_k:
         raise ValueError(f"mi_compile.sparse_attention is for prefill: query length {n_q} != key length {n_k}")
@@ -136,32 +134,30 @@ def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_le
     seq_start = seq_len = None
     if key_padding_mask is not None:
         seq_start, seq_len = padding_to_ranges(key_padding_mask)
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     impl = "triton" if q.is_cuda else _cpu_impl()
-    return sparse_attention(q, k, v, decode_heads(heads), scale=scale, seq_start=seq_start, seq_len=seq_len,
-                            impl=impl)
+    # heads stay the flat int list: mi_compile.sparse decodes each distinct list once
+    return sparse_attention(q, k, v, heads, scale=scale, seq_start=seq_start, seq_len=seq_len, impl=impl,
+                            out=out)
 
 
-@torch.library.custom_op("mi_compile::sparse_attention", mutates_args=())
-def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: list[int],
-                        scale: Optional[float], key_padding_mask: Optional[torch.Tensor],
-                        window: int, min_seq_len: int, layer: int) -> torch.Tensor:
-    return _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer)
+# Registered with torch.library.Library rather than torch.library.custom_op: custom_op wraps
+# the kernel in two Python layers (an autograd function and an aliasing check) that cost ~0.1 ms
+# a call on the GPU host; here the dispatcher calls the implementation directly. The schema
+# is custom_op's for this signature. The op has no autograd formula (inference only: the
+# backend leaves graphs that need gradients alone).
+_LIB = torch.library.Library("mi_compile", "FRAGMENT")
+_LIB.define("sparse_attention(Tensor q, Tensor k, Tensor v, SymInt[] heads, float? scale, "
+            "Tensor? key_padding_mask, SymInt window, SymInt min_seq_len, SymInt layer) -> Tensor",
+            tags=(torch.Tag.pt2_compliant_tag,))
+# CPU: the PyTorch reference of the same selection (MI_COMPILE_CPU_IMPL=triton: the Triton
+# kernels through the interpreter); CUDA: the Triton kernels.
+_LIB.impl("sparse_attention", _sparse_attention_impl, "CPU")
+_LIB.impl("sparse_attention", _sparse_attention_impl, "CUDA")
 
 
-@sparse_attention_op.register_kernel("cpu")
-def _sparse_attention_cpu(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer):
-    # On the CPU: the PyTorch reference of the same selection (MI_COMPILE_CPU_IMPL=triton: the
-    # Triton kernels through the interpreter).
-    return _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer)
-
-
-@sparse_attention_op.register_kernel("cuda")
-def _sparse_attention_cuda(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer):
-    # On CUDA mi_compile.sparse runs the Triton kernels.
-    return _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer)
-
-
-@sparse_attention_op.register_fake
 def _sparse_attention_fake(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer):
     return _output_like(q, v)
+
+
+torch.library.register_fake("mi_compile::sparse_attention", _sparse_attention_fake, lib=_LIB)
+sparse_attention_op = torch.ops.mi_compile.sparse_attention.default

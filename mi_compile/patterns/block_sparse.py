@@ -49,13 +49,15 @@ def pooled_blocks(x: torch.Tensor, seq_start: torch.Tensor, seq_len: torch.Tenso
     no gathered float32 copy.
     """
     B, H, n, D = x.shape
+    if unpadded and n == num_blocks * BLOCK:
+        return x.reshape(B, H, num_blocks, BLOCK, D).sum(3, dtype=torch.float32).div_(BLOCK)
     if unpadded:
         full = n // BLOCK
         out = torch.empty(B, H, num_blocks, D, device=x.device, dtype=torch.float32)
         if full:
             body = x[:, :, :full * BLOCK].reshape(B, H, full, BLOCK, D)
             torch.sum(body, 3, dtype=torch.float32, out=out[:, :, :full])
-            out[:, :, :full] /= BLOCK
+            out[:, :, :full].div_(BLOCK)
         if full < num_blocks:
             out[:, :, full] = x[:, :, full * BLOCK:].sum(2, dtype=torch.float32) / (n - full * BLOCK)
         return out
@@ -74,6 +76,69 @@ def pooled_blocks(x: torch.Tensor, seq_start: torch.Tensor, seq_len: torch.Tenso
     return out
 
 
+def topk_chunks(num_heads: int, batch: int, nqb: int) -> list[tuple[int, int]]:
+    """Head ranges ``[p0, p1)`` scored together (their float32 scores stay within ~256 MiB)."""
+    step = _chunk_size(batch * nqb * nqb * 4 * 3)
+    return [(p0, min(p0 + step, num_heads)) for p0 in range(0, num_heads, step)]
+
+
+def topk_raw(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int], topks: Sequence[int],
+             seq_start: torch.Tensor, seq_len: torch.Tensor, scale: float, unpadded: bool):
+    """The scoring and top-k step of :func:`select_blocks`.
+
+    Heads are scored in :func:`topk_chunks`; chunk ``[p0, p1)`` takes the ``topk`` of its
+    forced block scores at its largest ``K``, best first, into ``values / indices[:, p0:p1, :,
+    :K]`` (float32 / int64 ``[B, len(head_ids), NQB, Kmax]``). Returns ``(values, indices)``
+    and each chunk's ``K``. What stays to be done per head (keep ranks ``< K_h``, finite scores
+    and live rows, sort) is :func:`select_blocks`' and the GPU table builder's.
+    """
+    nqb = math.ceil(q.shape[2] / BLOCK)
+    chunks = topk_chunks(len(head_ids), q.shape[0], nqb)
+    kmax = max(min(t, nqb) for t in topks)
+    if len(chunks) == 1:
+        return _topk_into(q, k, head_ids, topks, seq_start, seq_len, scale, unpadded, None, chunks)
+    shape = (q.shape[0], len(head_ids), nqb, kmax)
+    values = torch.empty(shape, device=q.device, dtype=torch.float32)
+    indices = torch.empty(shape, device=q.device, dtype=torch.int64)
+    return _topk_into(q, k, head_ids, topks, seq_start, seq_len, scale, unpadded, (values, indices), chunks)
+
+
+def _topk_into(q, k, head_ids, topks, seq_start, seq_len, scale, unpadded, out, chunks):
+    B, Hq, n, D = q.shape
+    group = Hq // k.shape[1]
+    nqb = math.ceil(n / BLOCK)
+    dev = q.device
+    pooled_k = pooled_blocks(k, seq_start, seq_len, nqb, unpadded)            # [B, Hkv, nqb, D]
+    # key blocks above the diagonal can never be chosen
+    upper = torch.ones(nqb, nqb, dtype=torch.bool, device=dev).triu_(1)
+    widths = []
+    for p0, p1 in chunks:
+        ids = list(head_ids[p0:p1])
+        if ids == list(range(ids[0], ids[0] + len(ids))):
+            q_chunk = q[:, ids[0]:ids[0] + len(ids)]                         # no copy
+        else:
+            q_chunk = q.index_select(1, device_ints(ids, dev))
+        pooled_q = pooled_blocks(q_chunk, seq_start, seq_len, nqb, unpadded)   # [B, c, nqb, D]
+        kv_ids = device_ints([h // group for h in ids], dev)
+        c = len(ids)
+        # torch.matmul's own bmm on the same layouts (same result), in fewer dispatches
+        scores = torch.bmm(pooled_q.view(B * c, nqb, D),
+                           pooled_k.index_select(1, kv_ids).view(B * c, nqb, D).transpose(1, 2)).view(B, c, nqb, nqb)
+        if scale <= 0:          # a positive scale does not change the ranking
+            scores = scores * scale
+        # non-causal -inf, key block 0 float32 max, the diagonal +inf (it wins even at K = 1)
+        scores.masked_fill_(upper, float("-inf"))
+        scores[..., 0].fill_(torch.finfo(torch.float32).max)
+        scores.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
+        # one top-k for the chunk at its largest K; heads with a smaller K keep a prefix of it
+        width = max(min(t, nqb) for t in topks[p0:p1])
+        widths.append(width)
+        if out is None:                  # one chunk: its top-k is the whole result
+            return torch.topk(scores, width, dim=-1), widths
+        torch.topk(scores, width, dim=-1, out=(out[0][:, p0:p1, :, :width], out[1][:, p0:p1, :, :width]))
+    return out, widths
+
+
 def select_blocks(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int], topks: Sequence[int],
                   seq_start: torch.Tensor, seq_len: torch.Tensor, scale: float,
                   unpadded: bool = False):
@@ -83,48 +148,22 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int], top
     Returns ``blocks [B, len(head_ids), NQB, Kmax]`` (int32, ascending, SENTINEL-padded) and
     ``block_count [B, len(head_ids), NQB]`` (int32). No host synchronisation.
     """
-    B, Hq, n, D = q.shape
-    group = Hq // k.shape[1]
+    B, _, n, _ = q.shape
     nqb = math.ceil(n / BLOCK)
     dev = q.device
     kmax = max(min(t, nqb) for t in topks)
+    (values, indices), widths = topk_raw(q, k, head_ids, topks, seq_start, seq_len, scale, unpadded)
     blocks = torch.full((B, len(head_ids), nqb, kmax), SENTINEL, device=dev, dtype=torch.int32)
-    counts = torch.zeros(B, len(head_ids), nqb, device=dev, dtype=torch.int32)
-
-    pooled_k = pooled_blocks(k, seq_start, seq_len, nqb, unpadded)            # [B, Hkv, nqb, D]
+    counts = torch.empty(B, len(head_ids), nqb, device=dev, dtype=torch.int32)
     blocks_in_seq = (seq_len.long() + BLOCK - 1) // BLOCK                      # [B]
-    qb = torch.arange(nqb, device=dev)
-    causal = qb[None, :] <= qb[:, None]                                        # [m, c]
-    diagonal = qb[None, :] == qb[:, None]
-    first = (qb[None, :] == 0).expand(nqb, nqb)
-    live_rows = qb[None, :] < blocks_in_seq[:, None]                           # [B, m]
-    # one pass instead of three fills: non-causal -inf, key block 0 float32 max, diagonal +inf
-    forced = ~causal | first | diagonal
-    fill = torch.full((nqb, nqb), float("-inf"), device=dev, dtype=torch.float32)
-    fill.masked_fill_(first & causal, torch.finfo(torch.float32).max)
-    fill.masked_fill_(diagonal, float("inf"))
-
-    step = _chunk_size(B * nqb * nqb * 4 * 3)
-    for p0 in range(0, len(head_ids), step):
-        ids = list(head_ids[p0:p0 + step])
-        if ids == list(range(ids[0], ids[0] + len(ids))):
-            q_chunk = q[:, ids[0]:ids[0] + len(ids)]                         # no copy
-        else:
-            q_chunk = q.index_select(1, device_ints(ids, dev))
-        pooled_q = pooled_blocks(q_chunk, seq_start, seq_len, nqb, unpadded)   # [B, c, nqb, D]
-        kv_ids = device_ints([h // group for h in ids], dev)
-        scores = torch.matmul(pooled_q, pooled_k.index_select(1, kv_ids).transpose(-1, -2))
-        if scale <= 0:          # a positive scale does not change the ranking
-            scores = scores * scale
-        scores = torch.where(forced, fill, scores)   # the diagonal wins even at K = 1
-        # one top-k for the chunk at its largest K; heads with a smaller K keep a prefix of it
-        ks = [min(t, nqb) for t in topks[p0:p0 + len(ids)]]
-        val, idx = torch.topk(scores, max(ks), dim=-1)                     # [B, c, nqb, K]
-        rank_ok = torch.arange(max(ks), device=dev) < device_ints(ks, dev)[:, None, None]
+    live_rows = torch.arange(nqb, device=dev)[None, :] < blocks_in_seq[:, None]   # [B, m]
+    for (p0, p1), width in zip(topk_chunks(len(head_ids), B, nqb), widths):
+        val, idx = values[:, p0:p1, :, :width], indices[:, p0:p1, :, :width]
+        ks = [min(t, nqb) for t in topks[p0:p1]]
+        rank_ok = torch.arange(width, device=dev) < device_ints(ks, dev)[:, None, None]
         keep = (val > float("-inf")) & live_rows[:, None, :, None] & rank_ok
-        idx = torch.where(keep, idx, SENTINEL).to(torch.int32).sort(-1).values
-        blocks[:, p0:p0 + len(ids), :, :max(ks)] = idx
-        counts[:, p0:p0 + len(ids)] = keep.sum(-1).to(torch.int32)
+        blocks[:, p0:p1, :, :width] = torch.where(keep, idx, SENTINEL).to(torch.int32).sort(-1).values
+        counts[:, p0:p1] = keep.sum(-1).to(torch.int32)
     return blocks, counts
 
 

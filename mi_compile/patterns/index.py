@@ -37,7 +37,10 @@ it (causally): dense, A-shape (band test), vertical-slash (offset 0 is always ke
 block-sparse (the diagonal block is always kept).
 
 All tables are built on the inputs' device with no host synchronisation: sizes depend only on
-shapes and the static head parameters.
+shapes and the static head parameters. What depends only on the heads (prefix, sink, band, head
+ids, parameter groups) is built once per layer (:class:`IndexPlan`). On CUDA the tables after
+the top-k are written by two fused launches (:mod:`mi_compile.kernels.index_tables`); the
+PyTorch builder here is the CPU path and gives the same tables bit for bit.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import a_shape, block_sparse, vertical_slash
-from ._device import device_ints
+from ._device import cached, device_ints
 from .spec import HeadPattern
 
 BLOCK = 64
@@ -184,6 +187,9 @@ def normalize_sequences(q: torch.Tensor, seq_start: Optional[torch.Tensor],
                         seq_len: Optional[torch.Tensor]):
     """int32 ``seq_start``, ``seq_len`` of shape ``[B]`` on q's device (defaults: 0 and n)."""
     B, n = q.shape[0], q.shape[2]
+    if seq_start is None and seq_len is None:   # the zeros are shared (read only)
+        return (cached(("zero_starts", B), q.device, lambda: torch.zeros(B, dtype=torch.int32, device=q.device)),
+                torch.full((B,), n, dtype=torch.int32, device=q.device))
     if seq_start is None:
         seq_start = torch.zeros(B, dtype=torch.int32, device=q.device)
     if seq_len is None:
@@ -191,24 +197,69 @@ def normalize_sequences(q: torch.Tensor, seq_start: Optional[torch.Tensor],
     return seq_start.to(device=q.device, dtype=torch.int32), seq_len.to(device=q.device, dtype=torch.int32)
 
 
-def build_index(q: torch.Tensor, k: torch.Tensor, heads: Sequence[HeadPattern], scale: float,
-                seq_start: torch.Tensor, seq_len: torch.Tensor,
-                vs_selection: Optional[tuple] = None, unpadded: bool = False) -> SparseIndex:
-    """Run each pattern's index builder and assemble the unified tables (inputs validated).
+# Head kinds in IndexPlan.meta (read by mi_compile.kernels.index_tables).
+KIND_OTHER, KIND_A_SHAPE, KIND_VS, KIND_BS = 0, 1, 2, 3
+# per head: kind, prefix, param a, param b, row in its vertical-slash group, block-sparse row,
+# vertical-slash group, heads in that group
+META_WIDTH = 8
+MAX_VS_GROUPS = 6   # distinct (V, S) per layer the fused builder takes (MInference's configs: <= 5)
 
-    ``vs_selection = (keys [B, H, *], offsets [B, H, *])`` replaces the vertical-slash
-    estimate with an explicit selection (entries of non-vertical-slash heads are ignored;
-    see :func:`~mi_compile.patterns.vertical_slash.clean_selection`). ``unpadded``: the caller
-    knows every input spans the whole tensor (start 0, length n); cheaper block pooling.
+
+@dataclasses.dataclass(frozen=True)
+class IndexPlan:
+    """What :func:`build_index` needs of a layer's heads before it sees an input.
+
+    Built once per (heads, device, estimate order) and cached for the process (see
+    :func:`index_plan`): the per-head tables (``prefix``, ``sink``, ``band``, and ``meta``
+    for the GPU table builder), the head-id index tensors, the heads grouped by parameters,
+    and the maxima the table widths follow from. Nothing here depends on the length.
+
+    ``vs_order`` is the order in which the estimate scores the vertical-slash heads; with
+    ``grouped`` the heads of one ``(V, S)`` are adjacent in it, so each group's score rows are
+    a slice. ``vs_groups`` holds ``(rows, V, S)``: the group's score rows (a slice or an index
+    tensor), groups in order of first appearance, heads ascending inside a group.
     """
-    heads = tuple(heads)
-    B, H, n, _ = q.shape
-    dev = q.device
-    nqb = math.ceil(n / BLOCK)
+
+    heads: tuple
+    vs_ids: tuple
+    vs_order: tuple
+    vs_groups: tuple
+    vs_params: tuple
+    bs_ids: tuple
+    bs_topks: tuple
+    as_ids: tuple
+    prefix: torch.Tensor
+    sink: torch.Tensor
+    band: torch.Tensor
+    meta: torch.Tensor
+    vs_index: Optional[torch.Tensor]
+    bs_index: Optional[torch.Tensor]
+    as_index: Optional[torch.Tensor]
+    as_hi: Optional[torch.Tensor]
+    max_vertical: int
+    max_slash: int
+    max_topk: int
+
+    def widths(self, n: int) -> dict:
+        """Table widths at length ``n`` (the same as the unfused builder's)."""
+        nqb = math.ceil(n / BLOCK)
+        groups = min(self.max_slash, n)
+        tiles = 1
+        if self.vs_ids:
+            tiles = max(tiles, min(3 * groups, 2 * groups + nqb + 1))
+        if self.as_ids:
+            tiles = max(tiles, nqb + 2)
+        n_cols = vertical_slash.extra_counts(self.max_vertical, self.max_slash, n)[0]
+        return {"nqb": nqb, "groups": max(1, groups) if self.vs_ids else 1, "tiles": tiles,
+                "columns": max(1, n_cols) if self.vs_ids else 1,
+                "blocks": max(1, min(self.max_topk, nqb)) if self.bs_ids else 1}
+
+
+def _make_plan(heads: tuple, device, grouped: bool) -> IndexPlan:
     kinds = [h.kind for h in heads]
-    vs_ids = [h for h, kind in enumerate(kinds) if kind == "vertical_slash"]
-    bs_ids = [h for h, kind in enumerate(kinds) if kind == "block_sparse"]
-    as_ids = [h for h, kind in enumerate(kinds) if kind == "a_shape"]
+    vs_ids = tuple(i for i, kind in enumerate(kinds) if kind == "vertical_slash")
+    bs_ids = tuple(i for i, kind in enumerate(kinds) if kind == "block_sparse")
+    as_ids = tuple(i for i, kind in enumerate(kinds) if kind == "a_shape")
 
     prefix, sink, band = [], [], []
     for head in heads:
@@ -221,40 +272,145 @@ def build_index(q: torch.Tensor, k: torch.Tensor, heads: Sequence[HeadPattern], 
             prefix.append(min(head.vertical, vertical_slash.FORCED)), sink.append(0), band.append(WIDE)
         else:
             prefix.append(0), sink.append(0), band.append(WIDE)
+
+    # vertical-slash heads by parameters, in order of first appearance (as select_vertical_slash)
+    by_params: dict[tuple[int, int], list[int]] = {}
+    for h in vs_ids:
+        by_params.setdefault((heads[h].vertical, heads[h].slash), []).append(h)
+    vs_order = tuple(h for members in by_params.values() for h in members) if grouped else vs_ids
+    position = {h: i for i, h in enumerate(vs_order)}
+    vs_groups, vs_place = [], {}
+    for g, ((v, sl), members) in enumerate(by_params.items()):
+        pos = [position[h] for h in members]
+        if pos == list(range(pos[0], pos[0] + len(pos))):
+            rows = slice(pos[0], pos[0] + len(pos))
+        else:
+            rows = device_ints(pos, device)
+        vs_groups.append((rows, v, sl))
+        vs_place.update({h: (i, g, len(members)) for i, h in enumerate(members)})
+    bs_row = {h: i for i, h in enumerate(bs_ids)}
+
+    kind_code = {"dense": KIND_OTHER, "a_shape": KIND_A_SHAPE, "vertical_slash": KIND_VS, "block_sparse": KIND_BS}
+    meta = []
+    for h, head in enumerate(heads):
+        a, b = {"a_shape": (head.sink, head.local), "vertical_slash": (head.vertical, head.slash),
+                "block_sparse": (head.topk, 0)}.get(head.kind, (0, 0))
+        row, group, size = vs_place.get(h, (0, 0, 1))
+        meta += [kind_code[head.kind], prefix[h], a, b, row, bs_row.get(h, 0), group, size]
+
+    def ints32(values):
+        return device_ints(values, device, torch.int32)
+
+    return IndexPlan(
+        heads=heads, vs_ids=vs_ids, vs_order=vs_order, vs_groups=tuple(vs_groups),
+        vs_params=tuple((heads[h].vertical, heads[h].slash) for h in vs_ids),
+        bs_ids=bs_ids, bs_topks=tuple(heads[h].topk for h in bs_ids), as_ids=as_ids,
+        prefix=ints32(prefix), sink=ints32(sink), band=ints32(band),
+        meta=ints32(meta).view(len(heads), META_WIDTH),
+        vs_index=device_ints(vs_ids, device) if vs_ids else None,
+        bs_index=device_ints(bs_ids, device) if bs_ids else None,
+        as_index=device_ints(as_ids, device) if as_ids else None,
+        as_hi=ints32([heads[h].local - 1 for h in as_ids]) if as_ids else None,
+        max_vertical=max([heads[h].vertical for h in vs_ids], default=0),
+        max_slash=max([heads[h].slash for h in vs_ids], default=0),
+        max_topk=max([heads[h].topk for h in bs_ids], default=0))
+
+
+def index_plan(heads: Sequence[HeadPattern], device, grouped: bool = False) -> IndexPlan:
+    """The cached :class:`IndexPlan` of ``heads`` on ``device``; ``grouped``: score the
+    vertical-slash heads grouped by parameters (the Triton estimate scores each head on its own,
+    so its order changes nothing; the CPU estimate keeps ascending order)."""
+    heads = tuple(heads)
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    return cached(("index_plan", heads, bool(grouped)), device, lambda: _make_plan(heads, device, grouped))
+
+
+# Widest block-sparse row (top-k blocks) the fused builder sorts in a program; wider layers, and
+# layers with more than MAX_VS_GROUPS vertical-slash groups, use the torch builder.
+FUSED_MAX_SORT = 4096
+
+
+def _use_fused(plan: IndexPlan, n: int, tables: Optional[str], q: torch.Tensor, vs_selection) -> bool:
+    if tables not in (None, "triton", "torch"):
+        raise ValueError(f"tables must be 'triton', 'torch' or None, got {tables!r}")
+    if tables == "torch" or vs_selection is not None:
+        return False
+    fits = plan.widths(n)["blocks"] <= FUSED_MAX_SORT and len(plan.vs_groups) <= MAX_VS_GROUPS
+    return fits and (tables == "triton" or q.is_cuda)
+
+
+def build_index(q: torch.Tensor, k: torch.Tensor, heads: Sequence[HeadPattern], scale: float,
+                seq_start: torch.Tensor, seq_len: torch.Tensor,
+                vs_selection: Optional[tuple] = None, unpadded: bool = False,
+                tables: Optional[str] = None) -> SparseIndex:
+    """Run each pattern's index builder and assemble the unified tables (inputs validated).
+
+    ``vs_selection = (keys [B, H, *], offsets [B, H, *])`` replaces the vertical-slash
+    estimate with an explicit selection (entries of non-vertical-slash heads are ignored;
+    see :func:`~mi_compile.patterns.vertical_slash.clean_selection`). ``unpadded``: the caller
+    knows every input spans the whole tensor (start 0, length n); cheaper block pooling.
+    ``tables``: ``"triton"`` assembles the tables in two fused launches
+    (:mod:`mi_compile.kernels.index_tables`; the default on CUDA), ``"torch"`` with PyTorch ops
+    (the default elsewhere, with ``vs_selection``, and for layers beyond the fused builder's
+    limits, ``MAX_VS_GROUPS`` / ``FUSED_MAX_SORT``); both give the same tables, bit for bit.
+    """
+    heads = tuple(heads)
+    n = q.shape[2]
+    plan = index_plan(heads, q.device, grouped=q.is_cuda)
+    if _use_fused(plan, n, tables, q, vs_selection):
+        return _build_fused(plan, q, k, scale, seq_start, seq_len, unpadded)
+    return _build_torch(plan, q, k, scale, seq_start, seq_len, vs_selection, unpadded)
+
+
+def _build_fused(plan: IndexPlan, q, k, scale, seq_start, seq_len, unpadded) -> SparseIndex:
+    """Top-k in PyTorch (the same calls as the unfused builder), everything after it in the
+    two launches of :func:`mi_compile.kernels.index_tables.build_tables`."""
+    from ..kernels.index_tables import build_tables
+
+    B, H, n, _ = q.shape
+    dev = q.device
+    w = plan.widths(n)
+    vs_raw = bs_raw = None
+    if plan.vs_ids:
+        vert, slash = vertical_slash.estimate_scores(q, k, plan.vs_order, seq_start, seq_len, scale)
+        vs_raw = vertical_slash.topk_sorted(vert, slash, plan.vs_groups, n)
+        del vert, slash
+    if plan.bs_ids:
+        bs_raw, _ = block_sparse.topk_raw(q, k, plan.bs_ids, plan.bs_topks, seq_start, seq_len, scale, unpadded)
+    t = build_tables(plan, B, n, w, seq_len, vs_raw, bs_raw)
+    return SparseIndex(heads=plan.heads, n=n, seq_start=seq_start, seq_len=seq_len,
+                       prefix=plan.prefix, sink=plan.sink, band=plan.band, **t)
+
+
+def _build_torch(plan: IndexPlan, q, k, scale, seq_start, seq_len, vs_selection, unpadded) -> SparseIndex:
+    """The tables with PyTorch ops (CPU, and explicit selections)."""
+    B, H, n, _ = q.shape
+    dev = q.device
+    w = plan.widths(n)
+    nqb = w["nqb"]
     as_int = dict(device=dev, dtype=torch.int32)
 
-    def per_head(values):
-        return device_ints(values, dev).to(torch.int32)
-
-    g_width = max([1] + [min(heads[h].slash, n) for h in vs_ids] + [1 for _ in as_ids])
+    g_width = w["groups"] if plan.vs_ids or plan.as_ids else 1
+    cols = offs = None
+    if plan.vs_ids:
+        if vs_selection is None:
+            vert, slash = vertical_slash.estimate_scores(q, k, plan.vs_ids, seq_start, seq_len, scale)
+            cols, offs = vertical_slash.select_vertical_slash(vert, slash, plan.vs_params, seq_len)
+            del vert, slash
+        else:
+            cols, offs = vertical_slash.clean_selection(vs_selection[0].index_select(1, plan.vs_index),
+                                                        vs_selection[1].index_select(1, plan.vs_index), n)
+            g_width = max(g_width, offs.shape[-1])
     group_lo = torch.full((B, H, g_width), SENTINEL, **as_int)
     group_hi = torch.full((B, H, g_width), SENTINEL, **as_int)
     offsets = torch.full((B, H, g_width), SENTINEL, **as_int)
-    columns = torch.full((B, H, 1), SENTINEL, **as_int)
+    columns = torch.full((B, H, 1 if cols is None else cols.shape[-1]), SENTINEL, **as_int)
     covered = torch.zeros(B, H, n + BLOCK, dtype=torch.uint8, device=dev)
-
-    for h in as_ids:
-        lo, hi = a_shape.a_shape_head_tables(heads[h])["group"]
-        group_lo[:, h, 0] = lo
-        group_hi[:, h, 0] = min(hi, n)               # offsets past n reach no key
-
-    if vs_ids:
-        ids = device_ints(vs_ids, dev)
-        if vs_selection is None:
-            vert, slash = vertical_slash.estimate_scores(q, k, vs_ids, seq_start, seq_len, scale)
-            params = [(heads[h].vertical, heads[h].slash) for h in vs_ids]
-            cols, offs = vertical_slash.select_vertical_slash(vert, slash, params, seq_len)
-            del vert, slash
-        else:
-            cols, offs = vertical_slash.clean_selection(vs_selection[0].index_select(1, ids), vs_selection[1].index_select(1, ids), n)
-            g_width = max(g_width, offs.shape[-1])
-            group_lo = torch.full((B, H, g_width), SENTINEL, **as_int)
-            group_hi = torch.full((B, H, g_width), SENTINEL, **as_int)
-            offsets = torch.full((B, H, g_width), SENTINEL, **as_int)
-            for h in as_ids:
-                lo, hi = a_shape.a_shape_head_tables(heads[h])["group"]
-                group_lo[:, h, 0], group_hi[:, h, 0] = lo, min(hi, n)
-        columns = torch.full((B, H, cols.shape[-1]), SENTINEL, **as_int)
+    if plan.as_ids:
+        group_lo[:, plan.as_index, 0] = 0
+        group_hi[:, plan.as_index, 0] = plan.as_hi.clamp(max=n)    # offsets past n reach no key
+    if cols is not None:
+        ids = plan.vs_index
         columns[:, ids] = cols
         offsets[:, ids, :offs.shape[-1]] = offs
         lo, hi = merge_offsets(offs)
@@ -262,24 +418,19 @@ def build_index(q: torch.Tensor, k: torch.Tensor, heads: Sequence[HeadPattern], 
         group_hi[:, ids, :hi.shape[-1]] = hi
         covered[:, ids] = covered_table(lo, hi, n)
 
-    k_width = max([1] + [min(heads[h].topk, nqb) for h in bs_ids])
-    blocks = torch.zeros(B, H, nqb, k_width, **as_int)
+    blocks = torch.zeros(B, H, nqb, w["blocks"], **as_int)
     block_count = torch.zeros(B, H, nqb, **as_int)
-    if bs_ids:
-        blk, cnt = block_sparse.select_blocks(q, k, bs_ids, [heads[h].topk for h in bs_ids],
-                                              seq_start, seq_len, scale, unpadded)
-        ids = device_ints(bs_ids, dev)
-        blocks[:, ids, :, :blk.shape[-1]] = blk
-        block_count[:, ids] = cnt
+    if plan.bs_ids:
+        blk, cnt = block_sparse.select_blocks(q, k, plan.bs_ids, plan.bs_topks, seq_start, seq_len, scale,
+                                              unpadded)
+        blocks[:, plan.bs_index, :, :blk.shape[-1]] = blk
+        block_count[:, plan.bs_index] = cnt
 
-    groups_upto = count_upto(group_lo, nqb)
-    prefix_t = per_head(prefix)
-    tile_start, tile_end, tiles_upto = group_tiles(group_lo, group_hi, prefix_t, nqb,
-                                                   max_group_tiles(heads, n))
+    tile_start, tile_end, tiles_upto = group_tiles(group_lo, group_hi, plan.prefix, nqb, w["tiles"])
     return SparseIndex(
-        heads=heads, n=n, seq_start=seq_start, seq_len=seq_len,
-        prefix=prefix_t, sink=per_head(sink), band=per_head(band),
-        group_lo=group_lo, group_hi=group_hi, groups_upto=groups_upto,
+        heads=plan.heads, n=n, seq_start=seq_start, seq_len=seq_len,
+        prefix=plan.prefix, sink=plan.sink, band=plan.band,
+        group_lo=group_lo, group_hi=group_hi, groups_upto=count_upto(group_lo, nqb),
         tile_start=tile_start, tile_end=tile_end, tiles_upto=tiles_upto,
         columns=columns, columns_upto=count_upto(columns, nqb, reach=-1), covered=covered,
         blocks=blocks, block_count=block_count, offsets=offsets)

@@ -172,6 +172,48 @@ def select_vertical_slash(vertical: torch.Tensor, slash: torch.Tensor,
     return columns, offsets
 
 
+def extra_counts(vertical: int, slash: int, n: int) -> tuple[int, int]:
+    """How many columns / offsets beyond the forced ones a ``(V, S)`` head selects at length
+    ``n`` (what :func:`_top_beyond_forced` takes; 0 when none)."""
+    room = max(n - FORCED, 0)
+    return max(min(vertical - FORCED, room), 0), max(min(slash - FORCED, room), 0)
+
+
+def topk_sorted(vertical: torch.Tensor, slash: torch.Tensor, groups, n: int):
+    """The top-k step of :func:`select_vertical_slash`, for a fused table builder.
+
+    ``groups``: ``(rows, V, S)`` per set of heads with the same parameters, ``rows`` their
+    score rows (a slice, or an index tensor). Returns ``columns, offsets``: lists with one int64
+    tensor ``[B, heads of the group, count]`` per group (``count`` from :func:`extra_counts`;
+    None where it is 0) holding the indices, relative to FORCED, of the group's ``topk``
+    columns / offsets beyond the forced ones, ascending. The calls are
+    :func:`select_vertical_slash`'s, so it selects the same keys. A score is ``-inf`` exactly
+    where the key / offset lies outside the sequence (the estimates' contract), so the entries
+    it drops there (``j >= len``) are each row's tail: a builder that adds FORCED and cuts at
+    ``len`` gets its exact selection (:mod:`mi_compile.kernels.index_tables` does, on the GPU).
+    """
+    columns, offsets = [], []
+    for rows, v, s in groups:
+        for scores, count, out in zip((vertical, slash), extra_counts(v, s, n), (columns, offsets)):
+            if count <= 0:
+                out.append(None)
+                continue
+            out.append(torch.topk(_beyond_forced(scores, rows), count, dim=-1).indices.sort(-1).values)
+    return columns, offsets
+
+
+def _beyond_forced(scores: torch.Tensor, rows) -> torch.Tensor:
+    """``scores[:, rows, FORCED:]`` in one view where ``rows`` is a slice."""
+    if not isinstance(rows, slice):
+        return scores.index_select(1, rows)[..., FORCED:]
+    B, H, n = scores.shape
+    if rows == slice(0, H):
+        return scores[..., FORCED:]
+    st = scores.stride()
+    return scores.as_strided((B, rows.stop - rows.start, n - FORCED), st,
+                             scores.storage_offset() + rows.start * st[1] + FORCED * st[2])
+
+
 def clean_selection(keys: torch.Tensor, offsets: torch.Tensor, n: int):
     """An explicit selection (e.g. a fixed index for timing) in :func:`select_vertical_slash`'s
     form: ``keys [B, Hs, *]`` (any order, duplicates allowed; keys ``< 64`` are dropped since

@@ -1,0 +1,296 @@
+"""The op's host path: fused index tables, caches, op counts, CUDA-graph options.
+
+The fused table builder (``mi_compile.kernels.index_tables``, the default on CUDA) runs here
+through Triton's interpreter and must give the PyTorch builder's tables bit for bit. What
+needs a GPU (capture, replay, timing) is in ``benchmarks/host_overhead.py``, whose CPU dry run
+is the slow test at the end.
+"""
+import collections
+import json
+import os
+import pathlib
+import random
+import subprocess
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import mi_compile  # noqa: E402
+import mi_compile.kernels.index_tables as index_tables  # noqa: E402
+import mi_compile.kernels.op as op_module  # noqa: E402
+import mi_compile.sparse as sparse_module  # noqa: E402
+from mi_compile import OptionsError  # noqa: E402
+from mi_compile.options import BackendOptions  # noqa: E402
+from mi_compile.patterns import _device  # noqa: E402
+from mi_compile.patterns import index as index_module  # noqa: E402
+from mi_compile.patterns.index import build_index, normalize_sequences  # noqa: E402
+from mi_compile.patterns.spec import HeadPattern as HP, encode_heads  # noqa: E402
+
+FIELDS = ["prefix", "sink", "band", "group_lo", "group_hi", "groups_upto", "tile_start", "tile_end",
+          "tiles_upto", "columns", "columns_upto", "covered", "blocks", "block_count", "offsets"]
+POOL = [HP("dense"), HP("a_shape", sink=4, local=40), HP("a_shape", sink=0, local=1),
+        HP("a_shape", sink=70, local=300), HP("vertical_slash", vertical=68, slash=70),
+        HP("vertical_slash", vertical=10, slash=3), HP("vertical_slash", vertical=200, slash=150),
+        HP("vertical_slash", vertical=1000, slash=6096), HP("block_sparse", topk=1),
+        HP("block_sparse", topk=3), HP("block_sparse", topk=100)]
+MIX = ([HP("vertical_slash", vertical=1000, slash=6096), HP("vertical_slash", vertical=100, slash=800),
+        HP("block_sparse", topk=8), HP("a_shape", sink=64, local=256)] * 3)
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self):
+        return sum(self.counts.values())
+
+
+def _tables(case_seed, n, heads, hkv, batch, padded):
+    g = torch.Generator().manual_seed(case_seed)
+    q = torch.randn(batch, len(heads), n, 32, generator=g)
+    k = torch.randn(batch, hkv, n, 32, generator=g)
+    if padded:
+        lens = torch.tensor([n, max(1, n // 2)], dtype=torch.int32)
+        ss, sl = normalize_sequences(q, n - lens, lens)
+    else:
+        ss, sl = normalize_sequences(q, None, None)
+    return [build_index(q, k, heads, 32 ** -0.5, ss, sl, unpadded=not padded, tables=t) for t in ("torch", "triton")]
+
+
+def _cases(count):
+    rng = random.Random(7)
+    for c in range(count):
+        hkv, group = rng.choice([1, 2]), rng.choice([1, 2, 4])
+        batch = rng.choice([1, 2])
+        yield (c, rng.choice([1, 63, 64, 65, 130, 191, 300]), [rng.choice(POOL) for _ in range(hkv * group)],
+               hkv, batch, batch == 2 and rng.random() < 0.7)
+
+
+@pytest.mark.parametrize("case", list(_cases(14)), ids=lambda c: f"case{c[0]}_n{c[1]}")
+def test_fused_tables_equal_torch_tables(case):
+    seed, n, heads, hkv, batch, padded = case
+    plain, fused = _tables(seed, n, heads, hkv, batch, padded)
+    for f in FIELDS:
+        a, b = getattr(plain, f), getattr(fused, f)
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f
+
+
+def test_fused_tables_interleaved_parameter_groups():
+    """Heads of one (V, S) not adjacent: top-k per group into shared buffers, rows mapped back."""
+    heads = [MIX[h] for h in (0, 1, 0, 2, 1, 3, 0, 1)]
+    plain, fused = _tables(3, 513, heads, 2, 2, True)
+    for f in FIELDS:
+        assert torch.equal(getattr(plain, f), getattr(fused, f)), f
+
+
+def _stub_launches(monkeypatch):
+    launches = collections.Counter()
+
+    class NoLaunch:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launches[self.name] += 1
+            return run
+
+    monkeypatch.setattr(index_tables, "_head_rows_kernel", NoLaunch("head_rows"))
+    monkeypatch.setattr(index_tables, "_block_rows_kernel", NoLaunch("block_rows"))
+    return launches
+
+
+def test_fused_build_op_count(monkeypatch):
+    """The fused build of a 12-head mixed layer dispatches few torch ops (the PyTorch builder
+    ~250): no per-head loops, no host-to-device copies once the plan is cached."""
+    from mi_compile.patterns import vertical_slash
+    launches = _stub_launches(monkeypatch)
+    n = 256
+    q, k = torch.randn(1, 12, n, 32), torch.randn(1, 2, n, 32)
+    ss, sl = normalize_sequences(q, None, None)
+    # the estimate is two Triton launches on the GPU, not part of the table path: precompute it
+    vs_ids = [h for h, p in enumerate(MIX) if p.kind == "vertical_slash"]
+    scores = vertical_slash.estimate_scores_torch(q, k, vs_ids, ss, sl, 0.2)
+    monkeypatch.setattr(vertical_slash, "estimate_scores", lambda *a, **kw: scores)
+
+    def build(tables):
+        return build_index(q, k, MIX, 0.2, ss, sl, unpadded=True, tables=tables)
+
+    build("triton")
+    launches.clear()
+    with OpCounter() as fused:
+        build("triton")
+    with OpCounter() as plain:
+        build("torch")
+    assert launches == {"head_rows": 1, "block_rows": 1}
+    assert fused.counts["lift_fresh"] == 0 and fused.counts["_to_copy"] == 0   # no torch.tensor / .to
+    assert fused.total <= 80, fused.counts
+    assert plain.total > 3 * fused.total
+
+
+def test_plan_and_validation_are_cached(monkeypatch):
+    q, k, v = torch.randn(1, 4, 130, 16), torch.randn(1, 2, 130, 16), torch.randn(1, 2, 130, 16)
+    heads = encode_heads(MIX[:4])
+    checked = []
+    real = sparse_module._check_inputs
+    monkeypatch.setattr(sparse_module, "_check_inputs", lambda *a: (checked.append(1), real(*a)))
+    a = sparse_module.sparse_attention(q, k, v, heads)
+    b = sparse_module.sparse_attention(q, k, v, list(heads))
+    assert torch.equal(a, b) and len(checked) <= 1            # one signature, one check
+    sparse_module.sparse_attention(q[:, :, :129], k[:, :, :129], v[:, :, :129], heads)
+    assert len(checked) == (2 if checked[:1] else 1)          # a new shape is checked again
+    plan = index_module.index_plan(sparse_module._as_patterns(heads), q.device)
+    assert plan is index_module.index_plan(sparse_module._as_patterns(heads), q.device)
+    for _ in range(2):                                         # bad inputs keep failing
+        with pytest.raises(ValueError, match="multiple of KV heads"):
+            sparse_module.sparse_attention(q, torch.randn(1, 3, 130, 16), torch.randn(1, 3, 130, 16), heads)
+
+
+def test_device_ints_inside_capture_are_not_cached(monkeypatch):
+    """While a CUDA graph is being captured a missing constant is written by device fills and
+    not kept (its memory would belong to the graph)."""
+    monkeypatch.setattr(_device, "capturing", lambda device: True)
+    values = (3, 1, 4, 1, 5, 92653)
+    t = _device.device_ints(values, "cpu", torch.int32)
+    assert t.tolist() == list(values) and t.dtype == torch.int32
+    assert (values, "cpu", torch.int32) not in _device._CACHE
+    built = []
+    assert _device.cached("probe", "cpu", lambda: built.append(1) or 7) == 7
+    assert _device.cached("probe", "cpu", lambda: built.append(1) or 7) == 7 and len(built) == 2
+
+
+def test_op_writes_its_output_layout_directly(monkeypatch):
+    """The kernel stores straight into the op's [B, n, Hq, D]-laid-out output (no copy)."""
+    monkeypatch.setenv("MI_COMPILE_CPU_IMPL", "triton")       # the kernels, under the interpreter
+    allocated = []
+    real = op_module._output_like
+    monkeypatch.setattr(op_module, "_output_like", lambda q, v: allocated.append(real(q, v)) or allocated[-1])
+    q, k, v = torch.randn(1, 4, 130, 16), torch.randn(1, 2, 130, 16), torch.randn(1, 2, 130, 16)
+    heads = encode_heads(MIX[:4])
+    out = op_module._sparse_attention_impl(q, k, v, heads, None, None, 0, 0, 0)
+    assert len(allocated) == 1 and out.data_ptr() == allocated[0].data_ptr()
+    assert out.stride() == (130 * 4 * 16, 16, 4 * 16, 1)
+    assert torch.equal(out, sparse_module.sparse_attention(q, k, v, heads, impl="triton"))
+
+
+def test_op_is_not_cudagraph_unsafe():
+    tags = torch.ops.mi_compile.sparse_attention.default.tags
+    assert getattr(torch.Tag, "cudagraph_unsafe", None) not in tags
+
+
+# ---- CUDA-graph options ------------------------------------------------------------------
+
+def test_mode_and_cudagraphs_options_become_inductor_patches():
+    assert BackendOptions.from_user({"mode": "reduce-overhead"}).inductor_patches() == {"triton.cudagraphs": True}
+    assert BackendOptions.from_user({"cudagraphs": True}).inductor_patches() == {"triton.cudagraphs": True}
+    assert BackendOptions.from_user({"cudagraphs": False}).inductor_patches() == {"triton.cudagraphs": False}
+    patches = BackendOptions.from_user({"mode": "max-autotune-no-cudagraphs", "cudagraphs": False}).inductor_patches()
+    assert patches["max_autotune"] and patches["triton.cudagraphs"] is False
+    assert BackendOptions.from_user({"mode": "default"}).inductor_patches() == {}
+    assert BackendOptions.from_user(None).inductor_patches() == {}
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"mode": "fast"}, "option 'mode' must be one of"),
+    ({"mode": 3}, "option 'mode' must be one of"),
+    ({"cudagraphs": "yes"}, "option 'cudagraphs' must be True or False"),
+    ({"mode": "reduce-overhead", "cudagraphs": False}, "contradict"),
+    ({"mode": "max-autotune", "cudagraphs": False}, "contradict"),
+    ({"mode": "max-autotune-no-cudagraphs", "cudagraphs": True}, "contradict"),
+])
+def test_bad_mode_options(options, message):
+    with pytest.raises(OptionsError, match=message):
+        mi_compile.backend({"config": {"default": {"pattern": "dense"}}, **options})
+
+
+def test_backend_accepts_and_forwards_a_mode():
+    dense = {"config": {"default": {"pattern": "dense"}}}
+    assert mi_compile.backend(dense, mode="reduce-overhead").inductor_patches() == {"triton.cudagraphs": True}
+    assert mi_compile.backend({**dense, "mode": "reduce-overhead"}, mode="reduce-overhead").mode == "reduce-overhead"
+    with pytest.raises(OptionsError, match="give it once"):
+        mi_compile.backend({**dense, "mode": "max-autotune"}, mode="reduce-overhead")
+    with pytest.raises(OptionsError, match="contradict"):
+        mi_compile.backend({**dense, "cudagraphs": False}, mode="reduce-overhead")
+    with pytest.raises(OptionsError, match="without it"):
+        mi_compile.MInferenceBackend({**dense, "mode": "reduce-overhead"}, use_inductor=False)
+
+
+def _record_compile_fx(monkeypatch):
+    import torch._inductor.compile_fx as compile_fx_module
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None, **kw):
+        seen.append(dict(config_patches or {}))
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", fake_compile_fx)
+    return seen
+
+
+def test_mode_reaches_inductor_through_every_entry(monkeypatch):
+    """torch.compile(backend="minference", mode=...), options={"mode": ...}, and the object."""
+    seen = _record_compile_fx(monkeypatch)
+    dense = {"config": {"default": {"pattern": "dense"}}}
+
+    def f(x):
+        return torch.nn.functional.relu(x) * 2
+
+    x = torch.randn(8)
+    for kwargs in (dict(backend="minference", mode="reduce-overhead"),
+                   dict(backend="minference", options={**dense, "mode": "reduce-overhead"}),
+                   dict(backend="minference", options={**dense, "cudagraphs": True}),
+                   dict(backend=mi_compile.backend(dense, mode="reduce-overhead")),
+                   dict(backend="minference", options=dense)):
+        torch._dynamo.reset()
+        torch.compile(f, **kwargs)(x)
+    assert seen == [{"triton.cudagraphs": True}] * 4 + [{}]
+
+
+def test_cudagraphs_option_reaches_inductor_config():
+    """A real Inductor compile on the CPU: with CUDA graphs asked for, Inductor records that it
+    skipped them (a CPU graph), which it only does when its config has them on."""
+    from torch._dynamo.utils import counters
+
+    def f(x):
+        return torch.sin(x) + 1
+
+    skips = {}
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        counters.clear()
+        options = {"config": {"default": {"pattern": "dense"}}}
+        if mode != "default":
+            options["mode"] = mode
+        torch.compile(f, backend=mi_compile.backend(options))(torch.randn(16))
+        skips[mode] = counters["inductor"].get("cudagraph_skips", 0)
+    assert skips == {"default": 0, "reduce-overhead": 1}
+
+
+@pytest.mark.slow
+def test_host_overhead_benchmark_dry_run_on_cpu(tmp_path):
+    """``benchmarks/host_overhead.py`` (GPU host-overhead benchmark) runs end to end on the CPU
+    (tiny lengths, reference impl, fused tables under the interpreter), so it does not rot."""
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "host_overhead.py"
+    out = tmp_path / "host_overhead.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["n"] for r in result["rows"]] == [256, 512]
+    assert all(r["ops_per_call"] > 0 and r["host_ms_mean"] > 0 for r in result["rows"])
+    assert result["checks"] and all(c["ok"] for c in result["checks"])
+    model = result["model"]
+    assert model["default"]["rewritten"] == 2 and model["reduce-overhead"]["rewritten"] == 2
+    assert model["reduce-overhead"]["inductor_patches"] == {"triton.cudagraphs": True}
+    assert model["logits_max_abs_diff"] == 0.0
