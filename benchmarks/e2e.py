@@ -37,10 +37,36 @@ Output: one JSON line per measurement as it happens; all rows (rewritten after e
 killed run still leaves them) in $OUT/e2e.json; at the end a table and the goal checks
 (PASS/FAIL with the numbers).
 
+A real model (``--model qwen2.5-coder-1.5b``, any name ``mi_compile.models.load_model`` takes;
+bf16 on the GPU) runs another sweep (:func:`run_model`), at 8K, 16K, 32K, 64K and 128K by default:
+
+* modes ``eager``, ``searched`` (``--config``: the per-head config searched for the model, by
+  default ``mi_compile/configs/<model>_128k.json``), ``minference`` (the default policy, every
+  head vertical_slash(1000, 6096)), ``inductor`` (plain ``torch.compile(model, dynamic=True)``,
+  up to ``--inductor-max``), optionally ``attention_floor`` and ``--configs NAME=PATH`` extras;
+  ``min_seq_len`` 32768 unless ``--min-seq-len`` says otherwise;
+* every compiled mode stays alive side by side (one backend object each), and at each length
+  every mode gets a warm-up call (the first one compiles) before ``--reps`` timed calls in which
+  the modes alternate; the shortest length first, then the longest first, so that a run cut by
+  ``--budget-s`` still has 128K;
+* the input is real text: a Python-source document from the model's tokenizer
+  (``mi_compile.eval.tasks.code_document``), not random ids, so that the vertical-slash estimate
+  sees real attention;
+* lengths past the model's native context run with YaRN. Switching it per length would
+  recompile if the rotary tables or scale are guarded graph constants: a tiny probe
+  (:func:`yarn_switch_probe`) tries that first, and if it recompiles (or would keep stale
+  constants) the sweep runs YaRN for every length, which every row records (``yarn_factor``);
+* goal checks for the searched config: TTFT <= 0.30x eager at 128K, <= 0.55x at 64K,
+  <= 0.80x at 32K, no slower than eager at 8K and 16K (``--tol``), peak memory <= eager's at
+  every length, no recompiles across lengths; the other modes' ratios as information.
+
     # H100, everything (default lengths 8192,32768,65536,131072; ~7 min, see benchmarks/README.md)
     OUT=/tmp/e2e python benchmarks/e2e.py
     python benchmarks/e2e.py --quick            # 8192,32768, reps 1: smoke run on the GPU
     python benchmarks/e2e.py --device cpu --tiny  # 2-layer tiny llama on CPU: control flow only
+    OUT=/tmp/e2e python benchmarks/e2e.py --model qwen2.5-coder-1.5b --budget-s 420   # H200, ~7 min
+    python benchmarks/e2e.py --model tiny:qwen2 --device cpu --no-inductor --modes eager,searched,minference \
+        --config vertical_slash:16:64 --lengths 256,2304    # CPU smoke of the --model sweep (YaRN past 2048)
 """
 from __future__ import annotations
 
@@ -594,18 +620,330 @@ def goal_checks(rec, args, state, modes, lengths, dev):
 
 
 # ----------------------------------------------------------------------------------------------
+# a real model (--model): eager, the searched config, the default policy and plain torch.compile
+# side by side, alternating, on real tokens, YaRN past the native context
+
+MODEL_MODES = ("eager", "searched", "minference", "inductor", "attention_floor")
+MODEL_DEFAULT_MODES = ("eager", "searched", "minference", "inductor")
+MODEL_LENGTHS = (8192, 16384, 32768, 65536, 131072)
+#: the searched config's TTFT goals against eager, per length (model runs)
+MODEL_GOAL_RATIO = {131072: 0.30, 65536: 0.55, 32768: 0.80}
+MODEL_GOAL_NOT_SLOWER = (8192, 16384)
+MODEL_MIN_SEQ_LEN = 32768
+
+
+class CountingInductor:
+    """``backend="inductor"`` (``compile_fx``) that counts its calls, so that plain
+    ``torch.compile``'s recompiles are told apart from the other modes' in one process."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        self.calls += 1
+        return compile_fx(gm, example_inputs)
+
+
+def rotary_path(model) -> str:
+    """Dotted name of the model's (first) ``*RotaryEmbedding`` module."""
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            return name
+    raise ValueError(f"{type(model).__name__} has no *RotaryEmbedding module")
+
+
+def yarn_switch_probe(model, factor: float, native: int) -> dict:
+    """Does switching YaRN on and off (``mi_compile.models.set_yarn``) under ``torch.compile``
+    recompile, or worse, keep the old rotary tables as graph constants?
+
+    Compiles a function that reaches the rotary module through the model, as the decoder's
+    forward does (``model.<path>(x, position_ids)``), with a counting eager backend, calls it
+    native / YaRN / native and compares each output with the eager module's. ``recompiles``:
+    the backend ran again after a switch; ``stale``: an output after a switch differs from
+    eager's (constants baked in). Either means a sweep that switches per length would pay a
+    compile (or be wrong), so the sweep runs YaRN for every length instead. Cheap: one tiny
+    graph, before anything else is compiled (it resets Dynamo)."""
+    from mi_compile.models import set_yarn
+
+    path = rotary_path(model)
+    parts = path.split(".")
+    calls = []
+
+    def get(root):
+        for part in parts:     # a plain attribute walk, as the model's own forward reaches it
+            root = getattr(root, part)
+        return root
+
+    def counting(gm, example_inputs):
+        calls.append(len(gm.graph.nodes))
+        return gm.forward
+
+    def rope(x, pos):
+        return get(model)(x, pos)
+
+    p = next(model.parameters())
+    x = torch.zeros(1, 1, 8, dtype=p.dtype, device=p.device)
+    pos = torch.arange(4096, 4160, device=p.device)[None]
+    torch._dynamo.reset()
+    fn = torch.compile(rope, backend=counting, dynamic=True)
+    seen, stale = [], False
+    try:
+        with torch.no_grad():
+            for f in (None, factor, None):
+                set_yarn(model, f, original=native)
+                got = fn(x, pos)
+                want = get(model)(x, pos)
+                stale |= not all(torch.equal(a, b) for a, b in zip(got, want))
+                seen.append(len(calls))
+    finally:
+        set_yarn(model, None)
+        torch._dynamo.reset()
+    return dict(rotary=path, backend_calls_after=seen, recompiles=seen[1] > seen[0] or seen[2] > seen[1],
+                stale=stale)
+
+
+def model_input(n: int, tok, vocab: int, dev: Dev, seed: int):
+    """``(ids [1, n], what)``: a Python-source document of the tokenizer's (real text, so the
+    vertical-slash estimate sees real attention), or random ids when there is no tokenizer."""
+    if tok is None:
+        ids = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n))
+        return ids.to(dev.device), "random ids (no tokenizer)"
+    from mi_compile.eval.tasks import code_document
+
+    return torch.tensor([code_document(tok, n, seed=seed)], device=dev.device), f"python source (seed {seed})"
+
+
+def make_model_mode(mode: str, model, args):
+    """``(callable, compile counter)`` for a compiled mode of a --model run."""
+    from mi_compile.backend import MInferenceBackend
+    from mi_compile.eval.harness import parse_config_spec
+
+    if mode == "inductor":
+        counter = CountingInductor()
+        return torch.compile(model, backend=counter, dynamic=True), (lambda: counter.calls)
+    if mode == "searched":
+        cfg = parse_config_spec(args.config)[0]
+    elif mode in args.extra_configs:
+        cfg = parse_config_spec(args.extra_configs[mode])[0]
+    else:
+        cfg = {"minference": UNIFORM_CONFIG, "attention_floor": FLOOR_CONFIG}[mode]
+    be = MInferenceBackend({"config": cfg, "min_seq_len": args.min_seq_len}, use_inductor=not args.no_inductor)
+    fn = torch.compile(model, backend=be, dynamic=True)
+    fn._mi_backend = be
+    return fn, (lambda: len(be.reports))
+
+
+def measure_order(lengths):
+    """The shortest length first (every mode compiles there), then the longest first, so that
+    a run cut short by its budget still has the long lengths the goals are about."""
+    first = min(lengths)
+    return [first] + sorted((n for n in lengths if n != first), reverse=True)
+
+
+def run_model(args, dev: Dev, rec: Recorder, model, tok, state):
+    from mi_compile.models import native_context, set_yarn, yarn_factor_for
+
+    native = native_context(model)
+    need = {n: yarn_factor_for(n, native) for n in args.lengths}
+    factors = sorted({f for f in need.values() if f is not None})
+    if args.yarn == "off" or not factors:
+        plan, policy = {n: None for n in args.lengths}, "off" if factors else "not needed (all lengths native)"
+    elif args.yarn == "always":
+        plan, policy = {n: factors[-1] for n in args.lengths}, f"factor {factors[-1]} for every length (--yarn always)"
+    else:
+        probe = yarn_switch_probe(model, factors[-1], native)
+        rec.add(kind="yarn_probe", **probe)
+        if probe["recompiles"] or probe["stale"] or len(factors) > 1:
+            why = "switching recompiles" if probe["recompiles"] else \
+                ("switching leaves stale rotary constants" if probe["stale"] else "several factors")
+            plan = {n: factors[-1] for n in args.lengths}
+            policy = f"factor {factors[-1]} for every length ({why}: yarn_switch_probe)"
+        else:
+            plan, policy = need, "per length (switching does not recompile: yarn_switch_probe)"
+    state["yarn"] = dict(native=native, policy=policy, plan={str(k): v for k, v in plan.items()})
+    rec.meta.update(yarn=state["yarn"])
+    rec.add(kind="yarn", **state["yarn"])
+
+    modes = list(args.modes)
+    from mi_compile.eval.harness import parse_config_spec
+
+    for m in [m for m in modes if m == "searched" or m in args.extra_configs]:
+        try:
+            parse_config_spec(args.config if m == "searched" else args.extra_configs[m])
+        except ValueError as exc:   # e.g. the model's config not shipped yet: say so, run the rest
+            rec.add(kind="prefill", mode=m, skipped=f"no config: {exc}")
+            modes.remove(m)
+    fns, counters, compile_s, after_first, failed = {"eager": model}, {}, {}, {}, {}
+    breaks0 = graph_counters()[1]
+    current = "unset"
+    order = measure_order(args.lengths)
+    vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else \
+        model.config.vocab_size
+    for li, n in enumerate(order):
+        if elapsed() > args.budget_s:
+            for m in modes:
+                rec.add(kind="prefill", mode=m, n=n, skipped=f"time budget --budget-s {args.budget_s} spent")
+            continue
+        if plan[n] != current:
+            set_yarn(model, plan[n], original=native)   # per-length policy: only when it changes
+            current = plan[n]
+        ids, what = model_input(n, tok, vocab, dev, args.doc_seed)
+        active = []
+        for m in modes:
+            if m in failed:
+                rec.add(kind="prefill", mode=m, n=n, skipped=f"mode failed earlier: {failed[m]}")
+            elif m == "inductor" and n > args.inductor_max:
+                rec.add(kind="prefill", mode=m, n=n, skipped=f"n > --inductor-max {args.inductor_max}: plain "
+                        "torch.compile materialises the n x n mask (out of memory at 128K: /work/shared/anchors)")
+            else:
+                active.append(m)
+        rows = {m: dict(kind="prefill", mode=m, n=n, yarn_factor=plan[n], input=what) for m in active}
+        times = {m: [] for m in active}
+        peaks = {m: 0.0 for m in active}
+        with torch.no_grad():
+            for m in list(active):   # warm-up; the first call of a compiled mode compiles it
+                try:
+                    if m not in fns:
+                        fns[m], counters[m] = make_model_mode(m, model, args)
+                    rows[m]["first_s"] = round(timed_call(fns[m], ids, dev), 3)
+                    if m != "eager" and m not in compile_s:
+                        compile_s[m] = rows[m]["compile_s"] = rows[m]["first_s"]
+                except Exception as exc:  # noqa: BLE001 -- an OOM, a compile error: record, go on
+                    rows[m].update(error=err_text(exc), traceback_tail=traceback.format_exc().strip().splitlines()[-6:])
+                    if m not in compile_s and m != "eager":
+                        failed[m] = rows[m]["error"]
+                    active.remove(m)
+                    dev.free()
+            for rep in range(args.reps):   # timed runs, the modes alternating
+                if rep and elapsed() > args.budget_s:
+                    break
+                for m in list(active):
+                    try:
+                        dev.reset_peak()
+                        times[m].append(timed_call(fns[m], ids, dev))
+                        peaks[m] = max(peaks[m], dev.peak_gib() or 0.0)
+                    except Exception as exc:  # noqa: BLE001
+                        rows[m].update(error=err_text(exc))
+                        active.remove(m)
+                        dev.free()
+        graphs, breaks = graph_counters()
+        for m, row in rows.items():
+            if times.get(m):
+                row.update(ttft_s=round(min(times[m]), 4), all_s=[round(t, 4) for t in times[m]],
+                           peak_gib=peaks[m] if dev.cuda else None)
+            if m in counters:
+                calls = counters[m]()
+                row["backend_calls"] = calls
+                if li == 0 or m not in after_first:
+                    after_first.setdefault(m, calls)
+                else:
+                    row["recompiled"] = calls != after_first[m]
+                be = getattr(fns[m], "_mi_backend", None)
+                if be is not None:
+                    row["sites"] = site_summary(be)
+            row["graph_breaks_all_modes"] = breaks - breaks0
+            rec.add(**row)
+        del ids
+        dev.free()
+    for m in modes:
+        if m in counters:
+            state["compiles"][m] = dict(compile_s=compile_s.get(m), backend_calls=counters[m](),
+                                        backend_calls_after_first_length=after_first.get(m),
+                                        recompiled_across_lengths=after_first.get(m) is not None
+                                        and counters[m]() != after_first[m])
+            rec.add(kind="compiles", mode=m, **state["compiles"][m])
+    set_yarn(model, None)
+
+
+def model_goal_checks(rec, args, state, dev):
+    rows = prefill_rows(rec)
+    checks, tol = [], args.tol
+
+    def add(name, ok, detail):
+        checks.append(dict(check=name, status="SKIP" if ok is None else ("PASS" if ok else "FAIL"), detail=detail))
+
+    def ttft(mode, n):
+        return (rows.get((mode, n)) or {}).get("ttft_s")
+
+    def ratio(mode, n, limit, name):
+        e, m = ttft("eager", n), ttft(mode, n)
+        if e is None or m is None:
+            add(name, None, f"no data at {n} (eager {e}, {mode} {m})")
+        else:
+            add(name, m <= limit * e, f"{m:.4f} s vs eager {e:.4f} s = {m / e:.3f}x")
+
+    if "searched" in args.modes:
+        for n, goal in MODEL_GOAL_RATIO.items():
+            ratio("searched", n, goal, f"searched TTFT <= {goal}x eager at {n}")
+        for n in MODEL_GOAL_NOT_SLOWER:
+            ratio("searched", n, 1 + tol, f"searched no slower than eager at {n} (tol {tol:.0%})")
+        name = "searched peak memory <= eager's at every length"
+        pairs = [(n, (rows.get(("searched", n)) or {}).get("peak_gib"), (rows.get(("eager", n)) or {}).get("peak_gib"))
+                 for n in sorted(args.lengths)]
+        pairs = [(n, a, b) for n, a, b in pairs if a and b]
+        if not dev.cuda:
+            add(name, None, "CPU run: no CUDA memory stats")
+        elif not pairs:
+            add(name, None, "no data")
+        else:
+            add(name, all(a <= b for _, a, b in pairs), "; ".join(f"{n}: {a:.2f} vs {b:.2f} GiB" for n, a, b in pairs))
+        c = state["compiles"].get("searched")
+        measured = [n for n in args.lengths if ttft("searched", n) is not None]
+        if c is None or len(measured) < 2:
+            add("searched no recompiles across lengths", None, f"fewer than 2 lengths measured ({len(measured)})")
+        else:
+            add("searched no recompiles across lengths", not c["recompiled_across_lengths"],
+                f"backend calls {c['backend_calls_after_first_length']} after the first length, {c['backend_calls']} "
+                f"after all {len(measured)} (YaRN: {state['yarn']['policy']})")
+    for mode in [m for m in args.modes if m not in ("eager", "searched")]:
+        parts = [f"{n}: {ttft(mode, n) / ttft('eager', n):.3f}x" for n in sorted(args.lengths)
+                 if ttft(mode, n) and ttft("eager", n)]
+        c = state["compiles"].get(mode, {})
+        checks.append(dict(check=f"{mode} vs eager (info)", status="INFO",
+                           detail=(", ".join(parts) or "no data") + f"; compile {c.get('compile_s')} s, recompiled "
+                                  f"across lengths: {c.get('recompiled_across_lengths')}"))
+    checks.append(dict(check="YaRN (info)", status="INFO",
+                       detail=f"native context {state['yarn']['native']}; {state['yarn']['policy']}"))
+    rec.checks = checks
+    rec.save()
+    print("\nGoal checks:")
+    for c in checks:
+        print(f"  {c['status']:<4}  {c['check']}: {c['detail']}")
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", default=None, help="comma-separated prompt lengths (default 8192,32768,65536,131072)")
-    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated subset of {','.join(ALL_MODES)}")
+    p.add_argument("--model", default=None,
+                   help="a real model (mi_compile.models.load_model: qwen2.5-coder-1.5b / qwen, smollm2, tiny:<family>, "
+                        "a .gguf path, a Hugging Face folder), loaded in bf16 (float32 on the CPU); default: the "
+                        "random-weight Llama-3-8B shape")
+    p.add_argument("--config", default=None,
+                   help="--model runs: the searched mode's per-head config (a JSON path or an inline spec such as "
+                        "vertical_slash:100:800); default mi_compile/configs/<model>_128k.json when it exists")
+    p.add_argument("--configs", nargs="*", default=[], metavar="NAME=PATH_OR_SPEC",
+                   help="--model runs: extra compiled modes, each a config (e.g. s32=mi_compile/configs/..._32k.json)")
+    p.add_argument("--yarn", choices=("auto", "always", "off"), default="auto",
+                   help="--model runs, lengths past the native context: auto = YaRN per length if switching does not "
+                        "recompile (probed first), else YaRN for every length; always; off")
+    p.add_argument("--doc-seed", type=int, default=0, help="--model runs: which Python-source document is the input")
+    p.add_argument("--no-inductor", action="store_true",
+                   help="--model runs: minference modes run the rewritten graph without Inductor (CPU smoke runs)")
+    p.add_argument("--lengths", default=None, help="comma-separated prompt lengths (default 8192,32768,65536,131072; "
+                   "--model: 8192,16384,32768,65536,131072; a tiny:<family> model on the CPU: 256,512)")
+    p.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(ALL_MODES)} (default "
+                   f"{','.join(DEFAULT_MODES)}); --model: of {','.join(MODEL_MODES)} and the --configs names "
+                   f"(default {','.join(MODEL_DEFAULT_MODES)})")
     p.add_argument("--reps", type=int, default=None, help="timed runs per (mode, length) after warm-up (default 2)")
     p.add_argument("--inductor-max", type=int, default=32768, help="longest prompt for plain torch.compile")
     p.add_argument("--gen-tokens", type=int, default=32, help="greedy decode steps in the generation check (0: skip it)")
     p.add_argument("--gen-length", type=int, default=None, help="prompt length of the generation check (default 32768)")
-    p.add_argument("--no-gen", action="store_true", help="skip the generation check")
+    p.add_argument("--no-gen", action="store_true", help="skip the generation check (--model runs have none)")
     p.add_argument("--gen-modes", default="eager,minference",
                    help="modes of the generation check (eager,minference; inductor may be added)")
     p.add_argument("--gen-cache", choices=("dynamic", "static"), default="dynamic",
@@ -613,7 +951,8 @@ def parse_args(argv=None):
                         "StaticCache preallocated for prompt + tokens and written in place")
     p.add_argument("--gen-reps", type=int, default=3,
                    help="timed generation runs per compiled mode, each paired with an eager run (default 3)")
-    p.add_argument("--min-seq-len", type=int, default=None, help="backend min_seq_len (default: the backend's)")
+    p.add_argument("--min-seq-len", type=int, default=None,
+                   help=f"backend min_seq_len (default: the backend's; --model runs: {MODEL_MIN_SEQ_LEN})")
     p.add_argument("--tol", type=float, default=0.03, help="noise tolerance of the 'no slower than eager' checks")
     p.add_argument("--budget-s", type=float, default=500.0,
                    help="skip measurements that would start after this many seconds (the run is killed at ~540 s)")
@@ -623,6 +962,36 @@ def parse_args(argv=None):
                    "min_seq_len 0, inductor-max 256, gen at 256 with 4 steps")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     a = p.parse_args(argv)
+    if a.model and a.tiny:
+        p.error("--tiny is the random-weight tiny llama; for a tiny model of another family use --model tiny:<family>")
+    a.extra_configs = {}
+    for spec in a.configs:
+        if "=" not in spec:
+            p.error(f"--configs takes NAME=PATH_OR_SPEC, got {spec!r}")
+        k, v = spec.split("=", 1)
+        a.extra_configs[k] = v
+    if a.model:
+        small = a.model.startswith("tiny:") and a.device == "cpu"
+        a.lengths = [int(x) for x in (a.lengths or ("256,512" if small else ",".join(map(str, MODEL_LENGTHS)))).split(",")
+                     if x]
+        a.reps = a.reps or (1 if small else 2)
+        a.min_seq_len = (0 if small else MODEL_MIN_SEQ_LEN) if a.min_seq_len is None else a.min_seq_len
+        if small:
+            a.inductor_max = min(a.inductor_max, 256)
+        a.modes = [m for m in (a.modes or ",".join(MODEL_DEFAULT_MODES)).split(",") if m]
+        bad = [m for m in a.modes if m not in MODEL_MODES and m not in a.extra_configs]
+        if bad:
+            p.error(f"unknown mode(s) {bad} for --model; known: {MODEL_MODES} and the --configs names")
+        for m in a.extra_configs:
+            if m not in a.modes:
+                a.modes.append(m)
+        if "eager" not in a.modes:
+            a.modes.insert(0, "eager")
+        if "searched" in a.modes and not a.config:
+            from mi_compile.eval.harness import searched_default
+
+            a.config = searched_default(a.model, max(a.lengths))
+        return a
     if a.tiny:
         a.lengths = a.lengths or "256,512"
         a.min_seq_len = 0 if a.min_seq_len is None else a.min_seq_len
@@ -637,7 +1006,7 @@ def parse_args(argv=None):
     a.lengths = [int(x) for x in (a.lengths or "8192,32768,65536,131072").split(",") if x]
     a.reps = a.reps or 2
     a.gen_length = a.gen_length or 32768
-    a.modes = [m for m in a.modes.split(",") if m]
+    a.modes = [m for m in (a.modes or ",".join(DEFAULT_MODES)).split(",") if m]
     bad = [m for m in a.modes if m not in ALL_MODES]
     if bad:
         p.error(f"unknown mode(s) {bad}; known: {ALL_MODES}")
@@ -648,45 +1017,68 @@ def main(argv=None):
     args = parse_args(argv)
     dev = Dev(torch.device(args.device))
     if dev.cuda and not torch.cuda.is_available():
-        sys.exit("no CUDA device; use --device cpu --tiny for a smoke run")
+        sys.exit("no CUDA device; use --device cpu --tiny (or --model tiny:qwen2) for a smoke run")
     import transformers
 
     import mi_compile  # noqa: F401  (registers the op and the backend)
 
-    meta = dict(argv=sys.argv[1:], torch=torch.__version__, transformers=transformers.__version__,
+    meta = dict(argv=sys.argv[1:] if argv is None else list(argv), torch=torch.__version__,
+                transformers=transformers.__version__,
                 device=torch.cuda.get_device_name(dev.device) if dev.cuda else "cpu",
+                model=args.model or ("tiny llama" if args.tiny else "Llama-3-8B shape, random weights"),
                 lengths=args.lengths, modes=args.modes, reps=args.reps, tiny=args.tiny,
-                min_seq_len=args.min_seq_len, inductor_max=args.inductor_max,
-                gen_length=args.gen_length, gen_tokens=args.gen_tokens)
+                min_seq_len=args.min_seq_len, inductor_max=args.inductor_max, budget_s=args.budget_s)
+    if args.model:
+        meta.update(config=args.config, extra_configs=args.extra_configs, inductor_dynamic=True,
+                    minference_inductor=not args.no_inductor, order=measure_order(args.lengths),
+                    calls="model(ids, logits_to_keep=1, use_cache=False) under no_grad; ttft_s = min of --reps timed "
+                          "calls after a warm-up, the modes alternating")
+    else:
+        meta.update(gen_length=args.gen_length, gen_tokens=args.gen_tokens)
     rec = Recorder(args.out, meta)
-    print(json.dumps({"meta": meta}), flush=True)
+    print(json.dumps({"meta": meta}, default=str), flush=True)
 
     t = time.perf_counter()
-    model, cfg = build_model(args, dev)
+    tok = None
+    if args.model:
+        from mi_compile.models import load_model
+
+        model, tok = load_model(args.model, dtype=torch.bfloat16 if dev.cuda else torch.float32, device=dev.device)
+        model.eval()
+    else:
+        model, cfg = build_model(args, dev)
     dev.sync()
     rec.add(kind="model", params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
             init_s=round(time.perf_counter() - t, 1), dtype=str(next(model.parameters()).dtype),
-            weights_gib=dev.peak_gib())
+            weights_gib=dev.peak_gib(), layers=model.config.num_hidden_layers,
+            heads=model.config.num_attention_heads, kv_heads=getattr(model.config, "num_key_value_heads", None))
 
     state = {"compiles": {}}
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        # inductor last: a reference only, slowest to compile; the generation check before it
-        for mode in [m for m in args.modes if m != "inductor"]:
-            run_mode(mode, model, args, dev, rec, args.lengths, state)
-        if not args.no_gen and args.gen_tokens > 0:
-            run_gen(model, args, dev, rec, state)
-        if "inductor" in args.modes:
-            run_mode("inductor", model, args, dev, rec, args.lengths, state)
+        if args.model:
+            run_model(args, dev, rec, model, tok, state)
+        else:
+            # inductor last: a reference only, slowest to compile; the generation check before it
+            for mode in [m for m in args.modes if m != "inductor"]:
+                run_mode(mode, model, args, dev, rec, args.lengths, state)
+            if not args.no_gen and args.gen_tokens > 0:
+                run_gen(model, args, dev, rec, state)
+            if "inductor" in args.modes:
+                run_mode("inductor", model, args, dev, rec, args.lengths, state)
     except (Terminated, KeyboardInterrupt) as exc:
         rec.add(kind="terminated", reason=str(exc) or type(exc).__name__)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    print_table(rec, args.modes, args.lengths)
-    goal_checks(rec, args, state, args.modes, args.lengths, dev)
+    print_table(rec, args.modes, sorted(args.lengths))
+    if args.model:
+        model_goal_checks(rec, args, state, dev)
+    else:
+        goal_checks(rec, args, state, args.modes, args.lengths, dev)
     print(f"\nrows: {rec.path}  (total {elapsed():.0f} s)", flush=True)
     if any(r.get("kind") == "terminated" for r in rec.rows):
         sys.exit(143)
+    return rec
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""The accuracy harness: task generators, scorer, fast masks, report plumbing (fast, pure text /
-small tensors) and, behind ``--runslow``, the generators with the real SmolLM2 tokenizer and a
-smoke run of the harness on the real model."""
+"""The accuracy harness: task generators (noise and Python haystacks), scorers (string match and
+teacher forcing), fast masks, report plumbing (fast: pure text, a byte tokenizer, a tiny model)
+and, behind ``--runslow``, the generators with the real SmolLM2 tokenizer and smoke runs of the
+harness on the real model."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -262,9 +264,10 @@ def test_harness_smoke(smollm2, tmp_path):
         assert {"accuracy", "density", "top1_agreement", "kl_mean"} <= set(s)
         assert 0.0 < s["density"] <= 1.0
     assert rep["summary"]["dense"]["1024"]["top1_agreement"] == 1.0
-    # two natural documents per length, each compared with its own dense run, then averaged
+    # two natural documents per length, each run through every mode in turn (dense first) and
+    # compared with its own dense run, then averaged
     assert [(n["mode"], n["doc_seed"]) for n in rep["natural"]] == [
-        ("dense", 0), ("dense", 1), ("default", 0), ("default", 1)]
+        ("dense", 0), ("default", 0), ("dense", 1), ("default", 1)]
     docs = [n for n in rep["natural"] if n["mode"] == "default"]
     assert rep["summary"]["default"]["1024"]["top1_agreement"] == pytest.approx(
         sum(n["top1_agreement"] for n in docs) / 2)
@@ -276,6 +279,51 @@ def test_harness_smoke(smollm2, tmp_path):
     H.plot(rep, tmp_path / "r.png")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("target", [4096, 16384])
+def test_code_examples_fit_length_with_real_tokenizer(smollm2, target):
+    """The Python-haystack prompts with a real BPE tokenizer: the requested length within 1%
+    (they are assembled from separately tokenized pieces, so the count is of what the model
+    reads), the needle at its depth, the answer tokens decoding to the answer after the prompt,
+    and re-tokenizing the decoded prompt gives about as many tokens (SmolLM2's GPT-2-style
+    pre-tokenizer splits runs of newlines differently at piece boundaries; Qwen2's does not)."""
+    _, tok = smollm2
+    for task in T.TASKS:
+        exs = T.make_examples(tok, task, target, 3, seed=0, haystack="python")
+        for e in exs:
+            assert abs(e.n_tokens - target) <= max(64, 0.01 * target), (task, e.n_tokens)
+            assert abs(e.needle_token_depth - e.depth) <= (0.06 if target < 8192 else 0.03), (task, e.depth,
+                                                                                               e.needle_token_depth)
+            text = tok.decode(e.input_ids)
+            assert text.count(e.needle.strip()) == 1 and "<|im_start|>assistant" in text
+            assert tok.decode(e.input_ids + e.answer_ids).endswith(e.target)
+            assert tok.decode(e.answer_ids).strip() == e.target
+            again = len(tok(text, add_special_tokens=False).input_ids)
+            assert abs(again - e.n_tokens) <= 0.03 * target, (task, again, e.n_tokens)
+        assert [e.depth for e in exs] == pytest.approx([0.05, 0.5, 0.95])
+    doc = T.code_document(tok, target, seed=0)
+    assert len(doc) == target
+
+
+@pytest.mark.slow
+def test_forced_scoring_agrees_with_greedy_on_smollm2(smollm2):
+    """The 1K passkey that dense greedy decoding solves (test_harness_smoke) is also solved
+    under teacher forcing, and a wrong key is not."""
+    model, tok = smollm2
+    torch._dynamo.reset()
+    ex = T.make_examples(tok, "passkey", 1024, 1, seed=0)[0]
+    runner = H.ModeRunner(model, H.Mode("dense", H.DENSE_CONFIG, ""), use_inductor=False)
+    ids = torch.tensor([tok(ex.prompt, add_special_tokens=False).input_ids])
+    out, _ = runner.generate(ids, ex.max_new_tokens)
+    assert T.score(ex, tok.decode(out)) == 1.0
+    p_ids, a_ids = T.prompt_and_answer_ids(tok, ex)
+    v = H.forced_verdict(runner.answer_logits(torch.tensor([p_ids]), a_ids)[0], a_ids)
+    assert v["correct"] and v["logprob_mean"] > -1.0
+    wrong = T.prompt_and_answer_ids(tok, dataclasses.replace(ex, target=" " + str(int(ex.answers[0]) ^ 1)))[1]
+    assert not H.forced_verdict(runner.answer_logits(torch.tensor([p_ids]), wrong)[0], wrong)["correct"]
+    torch._dynamo.reset()
+
+
 def test_main_one_kernel_and_dtype_flags(monkeypatch, tmp_path):
     """--one-kernel sends dense layers through the general kernel for the run only; --dtype
     reaches the model loader; both are recorded in the report's meta."""
@@ -284,17 +332,18 @@ def test_main_one_kernel_and_dtype_flags(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_load(dtype, device):
-        seen["dtype"] = dtype
+    def fake_load(name, dtype, device):
+        seen["dtype"], seen["model"] = dtype, name
         return object(), object()
 
     def fake_run_eval(model, tok, modes, lengths, examples, tasks, **kw):
         seen["wide_during_run"] = KERNEL_CONFIG["wide"]
         seen["meta_extra"] = kw["meta_extra"]
         seen["natural_docs"] = kw["natural_docs"]
+        seen["kw"] = kw
         return {"meta": {"wall_s": 0.0}, "results": [], "natural": [], "summary": {}, "modes": {}}
 
-    monkeypatch.setattr(models, "load_smollm2", fake_load)
+    monkeypatch.setattr(H, "load_model", fake_load)
     monkeypatch.setattr(H, "run_eval", fake_run_eval)
     monkeypatch.setattr(H, "format_table", lambda report: "")
     monkeypatch.setattr(H, "plot", lambda report, path: None)
@@ -306,3 +355,319 @@ def test_main_one_kernel_and_dtype_flags(monkeypatch, tmp_path):
     H.main(["--modes", "dense", "--docs", "3", "--out", str(tmp_path / "r.json")])
     assert seen["dtype"] == torch.float32 and seen["wide_during_run"] == before["wide"]
     assert seen["natural_docs"] == 3
+    # SmolLM2 keeps the first version's tasks and scoring; another model gets the Python haystack,
+    # teacher forcing, the last 512 positions of a Python document and the budget as a deadline
+    assert seen["model"] == "smollm2" and seen["kw"]["haystack"] == "noise" and seen["kw"]["scoring"] is None
+    assert seen["kw"]["natural_last"] is None and seen["kw"]["deadline"] is None
+    H.main(["--model", "qwen", "--modes", "dense", "--lengths", "16384,131072", "--budget-s", "60",
+            "--out", str(tmp_path / "q.json")])
+    kw = seen["kw"]
+    assert seen["model"] == "qwen" and kw["haystack"] == "python" and kw["natural_last"] == 512
+    assert kw["density"] == "first" and kw["yarn"] == "auto" and kw["min_seq_len"] == 0
+    assert kw["deadline"] is not None and kw["meta_extra"]["budget_s"] == 60
+
+
+# ----------------------------------------------------------------------------- Python haystack, teacher forcing
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte (ids 0..255), a two-tag chat template: enough of a tokenizer
+    for the task builders and the harness, with exact, predictable token counts."""
+
+    chat_template = "user/assistant tags"
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        ids = [list(t.encode("utf-8")) for t in text] if isinstance(text, list) else list(text.encode("utf-8"))
+        if return_tensors == "pt":
+            ids = torch.tensor([ids])
+
+        class Out(dict):
+            input_ids = ids
+        out = Out(input_ids=ids)
+        return out
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages) + "<assistant>"
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
+    def convert_tokens_to_ids(self, token):
+        return None
+
+
+class MergingTokenizer(ByteTokenizer):
+    """Bytes, except that ' "' followed by a letter is one token (as some BPE vocabularies do)."""
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        if isinstance(text, list):
+            return {"input_ids": [self(t)["input_ids"] for t in text]}
+        ids, i = [], 0
+        while i < len(text):
+            if text.startswith(' "', i) and i + 2 < len(text) and text[i + 2].isalpha():
+                ids.append(1000 + ord(text[i + 2]))
+                i += 3
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return {"input_ids": ids}
+
+
+SAMPLE = '''"""A module."""
+import os
+
+
+def small(x):
+    return x + 1
+
+
+@decorator
+class Big:
+    """Doc."""
+
+    def a(self):
+        return 1
+
+    def b(self):
+        y = 2
+        return y
+'''
+
+
+def test_split_source_pieces_cover_the_text_at_statement_starts():
+    pieces = T.split_source(SAMPLE, "sample.py", max_lines=4)
+    assert "".join(p.text for p in pieces) == "# file: sample.py\n\n" + SAMPLE
+    assert all(p.text.endswith("\n") for p in pieces)
+    starts = [p.text.splitlines()[0] for p in pieces]
+    assert starts == ["# file: sample.py", "import os", "def small(x):", "@decorator", '    """Doc."""',
+                      "    def a(self):", "    def b(self):"]
+    assert [p.indent for p in pieces] == ["", "", "", "", "    ", "    ", "    "]
+    # an uncut long statement (a literal) is chunked and no needle goes inside it
+    lit = "X = [\n" + "".join(f"    {i},\n" for i in range(30)) + "]\n"
+    chunks = T.split_source(lit, max_lines=5)
+    assert "".join(p.text for p in chunks) == lit and chunks[0].indent == "" and all(
+        p.indent is None for p in chunks[1:])
+    gen = T.synthetic_module(3)
+    assert gen == T.synthetic_module(3) and gen != T.synthetic_module(4)
+    assert "".join(p.text for p in T.split_source(gen)) == gen      # it parses
+
+
+@pytest.mark.parametrize("task", T.TASKS)
+def test_code_draft_needles_and_answer(task):
+    d = T.code_draft(task, 0.3, seed=1, index=2)
+    assert d == T.code_draft(task, 0.3, seed=1, index=2)
+    assert d.answers != T.code_draft(task, 0.3, seed=2, index=2).answers
+    targets = [n for n in d.needles if n.target]
+    assert len(targets) == 1 and targets[0].depth == 0.3 and d.needle == targets[0].text
+    assert len(d.answers) == 1 and d.target == d.answers[0]
+    text = "".join(n.text for n in d.needles)
+    if task == "passkey":
+        assert re.fullmatch(r"PASS_KEY = (\d{5})  # the pass key: remember it\n\n", d.needle).group(1) == d.target
+    elif task == "multikey":
+        found = dict(re.findall(r"(MAGIC_NUMBER_[A-Z]+_[A-Z]+) = (\d{7})", text))
+        asked = re.search(r"(MAGIC_NUMBER_[A-Z]+_[A-Z]+)", d.question).group(1)
+        assert len(found) == 6 and found[asked] == d.target and list(found.values()).count(d.target) == 1
+        words = asked.split("_")[2:]
+        sharing = [k for k in found if k != asked and set(k.split("_")[2:]) & set(words)]
+        assert len(sharing) == 2                  # two distractors share a word with the asked key
+    elif task == "kv":
+        found = dict(re.findall(r'KV_REGISTRY\["([0-9a-f]{8})"\] = "([0-9a-f]{8})"', text))
+        asked = re.search(r'KV_REGISTRY\["([0-9a-f]{8})"\]', d.question).group(1)
+        assert len(found) == 32 and found[asked] == d.target and d.answer_prefix.endswith('"')
+    else:
+        env = {}
+        for n in sorted(d.needles, key=lambda n: n.depth):
+            name, rhs = n.text.strip().split(" = ")
+            env[name] = env[rhs] if rhs in env else rhs
+        asked = re.search(r"variable ([a-z]{5}) hold", d.question).group(1)
+        assert env[asked] == d.target and len(env) == 6 and len(set(env.values())) == 2
+        assert d.needle.startswith(next(k for k, v in env.items() if v == d.target))
+
+
+@pytest.mark.parametrize("task", T.TASKS)
+def test_code_examples_fit_length_and_depth(task):
+    tok = ByteTokenizer()
+    for target in (8192, 32768):        # bytes: about 2K and 9K tokens of a BPE vocabulary
+        exs = T.make_examples(tok, task, target, 3, seed=0, haystack="python")
+        assert [e.input_ids for e in exs] == [e.input_ids for e in T.make_examples(tok, task, target, 3, seed=0,
+                                                                                    haystack="python")]
+        for e in exs:
+            assert e.n_tokens == len(e.input_ids) and abs(e.n_tokens - target) <= 160, (target, e.n_tokens)
+            assert abs(e.needle_token_depth - e.depth) <= (0.1 if target < 16384 else 0.05), (e.depth,
+                                                                                               e.needle_token_depth)
+            text = tok.decode(e.input_ids)
+            assert text.count(e.needle.strip()) == 1 and text.startswith("<user>Below is a long Python source")
+            assert text.endswith("</user><assistant>" + T.code_draft(task, e.depth, 0, e.index).answer_prefix)
+            assert tok.decode(e.answer_ids) == e.target == e.answers[0]
+            assert T.prompt_and_answer_ids(tok, e) == (e.input_ids, e.answer_ids)
+        assert [e.depth for e in exs] == pytest.approx([0.05, 0.5, 0.95])
+    # a prompt too short for every distractor keeps the target needle and fewer distractors
+    short = T.make_code_example(tok, "kv", 1200, 0.5)
+    assert short.needle.strip() in tok.decode(short.input_ids)
+    assert tok.decode(short.input_ids).count("KV_REGISTRY[") < 33
+
+
+def test_code_document_is_exact_and_seeded():
+    tok = ByteTokenizer()
+    a = T.code_document(tok, 3000, seed=1)
+    assert len(a) == 3000 and a == T.code_document(tok, 3000, seed=1) and a != T.code_document(tok, 3000, seed=2)
+    assert T.code_document(tok, 5000, seed=1)[:3000] == a          # a longer document extends the shorter one
+
+
+def test_split_answer_and_noise_targets():
+    tok = MergingTokenizer()
+    drop, ans = T.split_answer(tok, "The value is ", "71d")
+    assert drop == 0 and ans == [ord(c) for c in "71d"]
+    drop, ans = T.split_answer(tok, 'The value is "', "b71d")   # ' "' + 'b' merge: the prefix gives back 2 tokens
+    assert drop == 2 and ans == [1000 + ord("b")] + [ord(c) for c in "71d"]
+    drop, ans = T.split_answer(tok, "The value is", ' "b71d"')    # ' "b' merges across the boundary
+    assert drop == 0 and ans[0] == 1000 + ord("b")
+    drop, ans = T.split_answer(tok, 'key "', "x")                # the prefix's last two bytes merge with x
+    assert drop == 2 and ans == [1000 + ord("x")]
+    # noise-haystack examples: the target follows the answer prefix; its tokens are split off the prompt
+    btok = ByteTokenizer()
+    for task in T.TASKS:
+        ex = T.make_example(btok, task, 2000, 0.5)
+        p_ids, a_ids = T.prompt_and_answer_ids(btok, ex)
+        assert btok.decode(p_ids) == ex.prompt and btok.decode(a_ids) == ex.target
+        assert all(a in ex.target for a in ex.answers)
+
+
+def test_spread_order_prefixes_cover_the_depths():
+    for n in (1, 2, 3, 7, 20, 33):
+        order = H.spread_order(n)
+        assert sorted(order) == list(range(n)) and order[:2] == ([0, n - 1] if n > 1 else [0])
+    depths = T.example_depths(20)
+    first = sorted(depths[i] for i in H.spread_order(20)[:5])
+    assert first[0] == pytest.approx(0.05) and first[-1] == pytest.approx(0.95)
+    assert max(b - a for a, b in zip(first, first[1:])) <= 0.3
+
+
+def test_forced_verdict_on_constructed_logits():
+    answer = [5, 7, 2]
+    logits = torch.full((3, 10), -5.0)
+    logits[torch.arange(3), torch.tensor(answer)] = 5.0
+    v = H.forced_verdict(logits, answer)
+    assert v["correct"] and v["score"] == 1.0 and v["tokens_correct"] == 3 and v["argmax"] == answer
+    assert v["logprob_mean"] == pytest.approx(float(torch.log_softmax(logits[0], -1)[5]), rel=1e-4)
+    logits[2, 3] = 6.0                               # the last token is not the argmax any more
+    v = H.forced_verdict(logits, answer)
+    assert not v["correct"] and v["score"] == 0.0 and v["tokens_correct"] == 2 and v["first_token_correct"]
+    assert v["argmax"] == [5, 7, 3]
+    with pytest.raises(ValueError):
+        H.forced_verdict(logits[:2], answer)
+
+
+def test_a_shape_pairs_and_layer_density_match_the_reference():
+    from mi_compile import HeadPattern
+    from mi_compile.patterns.index import head_selection_mask
+    from mi_compile.sparse import build_sparse_index, selection_density
+
+    for n, sink, local in ((100, 0, 7), (100, 16, 30), (333, 64, 64), (50, 100, 200)):
+        index = build_sparse_index(torch.randn(1, 1, n, 16), torch.randn(1, 1, n, 16),
+                                   [HeadPattern("a_shape", sink=sink, local=local)])
+        assert H.a_shape_pairs(n, sink, local) == int(head_selection_mask(index, 0).sum())
+    heads = [HeadPattern("dense"), HeadPattern("a_shape", sink=16, local=100),
+             HeadPattern("vertical_slash", vertical=30, slash=40), HeadPattern("block_sparse", topk=3)]
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 300, 32, generator=g), torch.randn(1, 2, 300, 32, generator=g)
+    assert H.layer_density(q, k, heads) == pytest.approx(float(selection_density(q, k, heads).mean()))
+    assert H.layer_density(q, k, [HeadPattern("dense")] * 4) == 1.0
+
+
+@pytest.fixture
+def tiny_qwen():
+    from mi_compile.models import tiny_model
+
+    return tiny_model("qwen2", vocab=256, max_position_embeddings=512)
+
+
+def test_teacher_forcing_agrees_with_greedy_decoding(tiny_qwen):
+    """On a tiny model, dense and sparse: forcing the greedy continuation is scored correct,
+    token for token, and changing any one of its tokens is scored wrong from that token on."""
+    torch._dynamo.reset()
+    ids = torch.randint(3, 256, (1, 150), generator=torch.Generator().manual_seed(0))
+    for mode in (H.Mode("dense", H.DENSE_CONFIG, ""), H.Mode("ashape", H.parse_config_spec("a_shape:4:16")[0], "")):
+        runner = H.ModeRunner(tiny_qwen, mode, use_inductor=False)
+        greedy, _ = runner.generate(ids, 6)
+        logits, info = runner.answer_logits(ids, greedy)
+        v = H.forced_verdict(logits, greedy)
+        assert v["correct"] and v["argmax"] == greedy, mode.name
+        assert info["density"] is not None and not info["compiled"]         # compiled by generate
+        for j in (0, 3, 5):
+            wrong = list(greedy)
+            wrong[j] = (wrong[j] + 1) % 256
+            v = H.forced_verdict(runner.answer_logits(ids, wrong)[0], wrong)
+            assert not v["correct"] and v["tokens_correct"] >= j and v["argmax"][:j + 1] == greedy[:j + 1]
+        if mode.name == "ashape":
+            assert info["density"] < 0.5
+    torch._dynamo.reset()
+
+
+def test_run_eval_python_haystack_forced_yarn_budget(tiny_qwen, tmp_path):
+    """A whole run on the tiny model with the byte tokenizer: Python haystack, teacher forcing,
+    a length past the native context (YaRN on, then restored), modes side by side with the same
+    examples, one JSON line per row, the report on disk; then a run whose deadline has passed
+    stops cleanly with what it has."""
+    tok = ByteTokenizer()
+    torch._dynamo.reset()
+    modes, _ = H.resolve_modes(["dense"], {"ashape": "a_shape:8:64"})
+    out = tmp_path / "r.json"
+    rep = H.run_eval(tiny_qwen, tok, modes, [1024], 2, ["passkey", "kv"], haystack="python", natural_last=64,
+                     use_inductor=False, out_path=str(out), log=lambda *a: None, density="first")
+    torch._dynamo.reset()
+    assert rep["meta"]["scoring"] == "forced" and rep["meta"]["yarn"] == {"1024": 4.0}
+    assert rep["meta"]["native_context"] == 512 and "stopped" not in rep["meta"]
+    assert tiny_qwen.config.rope_parameters.get("rope_type", "default") != "yarn"      # restored
+    assert {(r["mode"], r["task"], r["n"]) for r in rep["results"]} == {
+        (m, t, 2) for m in ("dense", "ashape") for t in ("passkey", "kv")}
+    for r in rep["results"]:
+        assert r["density"] is not None and "logprob_mean" in r
+        assert [e["density"] is None for e in r["examples"]] == [False, True]     # density="first"
+        for e in r["examples"]:
+            assert {"correct", "score", "logprob_mean", "tokens_correct", "n_answer_tokens", "output", "answer_ids",
+                    "prefill_s", "decode_s", "yarn", "target"} <= set(e)
+            assert e["yarn"] == 4.0 and abs(e["n_tokens"] - 1024) <= 160
+    dense = {(r["task"], e["index"]): e["n_tokens"] for r in rep["results"] if r["mode"] == "dense"
+             for e in r["examples"]}
+    assert dense == {(r["task"], e["index"]): e["n_tokens"] for r in rep["results"] if r["mode"] == "ashape"
+                     for e in r["examples"]}
+    nat = {n["mode"]: n for n in rep["natural"]}
+    assert nat["dense"]["top1_agreement"] == 1.0 and nat["ashape"]["positions"] == 64
+    assert nat["ashape"]["first_position"] == 1024 - 64
+    assert rep["modes"]["ashape"]["compiles"] and rep["summary"]["ashape"]["1024"]["density"] < 0.5
+    lines = (tmp_path / "r.rows.jsonl").read_text().splitlines()
+    assert len(lines) == 2 + 2 * 2 * 2
+    assert json.loads(out.read_text())["summary"] == json.loads(json.dumps(rep["summary"]))
+    assert "logprob" in H.format_table(rep)
+    # round robin over lengths and tasks: the rows alternate lengths after the documents
+    rr = H.run_eval(tiny_qwen, tok, modes, [1024, 912], 2, ["passkey"], haystack="python", natural_last=64,
+                    use_inductor=False, out_path=str(tmp_path / "o.json"), log=lambda *a: None, order="example")
+    torch._dynamo.reset()
+    rows = [json.loads(x) for x in (tmp_path / "o.rows.jsonl").read_text().splitlines()]
+    seq = [(r["kind"], r["length"], r.get("index")) for r in rows if r["mode"] == "dense"]
+    assert seq == [("natural", 1024, None), ("natural", 912, None), ("example", 1024, 0), ("example", 912, 0),
+                   ("example", 1024, 1), ("example", 912, 1)]
+    assert rr["meta"]["order"] == "example" and rr["meta"]["yarn"] == {"1024": 4.0, "912": 4.0}
+    # a deadline already past: nothing is run, and the report says why
+    stopped = H.run_eval(tiny_qwen, tok, modes, [1024], 2, ["passkey"], haystack="python", use_inductor=False,
+                         out_path=str(tmp_path / "s.json"), log=lambda *a: None, deadline=0.0)
+    torch._dynamo.reset()
+    assert stopped["meta"]["stopped"].startswith("deadline") and stopped["results"] == []
+    assert json.loads((tmp_path / "s.json").read_text())["meta"]["stopped"]
+
+
+def test_searched_defaults_and_shipped_names(monkeypatch, tmp_path):
+    """The searched mode's default config per model, and configs named as shipped in the package."""
+    assert H.searched_default("smollm2", 8192) == H.SEARCHED_DEFAULT
+    monkeypatch.setattr(H, "PACKAGE_CONFIGS", tmp_path)
+    assert H.searched_default("qwen", 131072) == str(tmp_path / "qwen2.5-coder-1.5b_128k.json")   # not there yet
+    (tmp_path / "qwen2.5-coder-1.5b-128k.json").write_text(json.dumps(H.DEFAULT_CONFIG))
+    (tmp_path / "qwen2.5-coder-1.5b_32k.json").write_text(json.dumps(H.DENSE_CONFIG))
+    assert H.searched_default("qwen", 131072) == str(tmp_path / "qwen2.5-coder-1.5b-128k.json")
+    assert H.searched_default("qwen2.5-coder-1.5b", 32768) == str(tmp_path / "qwen2.5-coder-1.5b_32k.json")
+    monkeypatch.setattr(H, "_shipped_configs", lambda: {"q-128k": str(tmp_path / "qwen2.5-coder-1.5b-128k.json")})
+    assert H.parse_config_spec("q-128k")[0] == str(tmp_path / "qwen2.5-coder-1.5b-128k.json")
+    modes, skipped = H.resolve_modes(["searched"], searched_path="q-128k")
+    assert [m.name for m in modes] == ["dense", "searched"] and not skipped

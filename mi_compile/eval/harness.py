@@ -5,27 +5,54 @@ A *mode* is a per-head config given to ``mi_compile.backend({"config": ..., "min
 
 ``dense``     every head dense (the reference: same graph, same op, full causal attention)
 ``default``   ``vertical_slash(1000, 6096)`` everywhere (MInference's default budget)
-``searched``  a config file (default :data:`SEARCHED_DEFAULT`, when it exists)
+``searched``  a config file (``--searched``; by default the project's config for the model, when
+              it exists: :data:`SEARCHED_DEFAULT` for SmolLM2, ``mi_compile/configs/<model>_128k.json``
+              for the others)
 extra         ``--configs name=path`` (a JSON config) or ``name=<inline spec>``, e.g.
               ``vs=vertical_slash:100:500``, ``ashape=a_shape:64:512``, ``bs=block_sparse:8``
 
-Per mode the decoder (``model.model``) is compiled with ``torch.compile(..., dynamic=True)``
-and the backend, after ``torch._dynamo.reset()``. Each prompt is prefilled through the compiled
-decoder (a fresh ``DynamicCache``; the prefill goes through ``torch.ops.mi_compile.sparse_attention``)
-and the answer is decoded greedily, one token at a time, by the eager model on that cache --
-the same computation as the compiled model's decode steps, which the backend leaves dense
-(one query token), without compiling a second graph per mode.
+Every mode's decoder (``model.model``) is compiled once with ``torch.compile(..., dynamic=True)``
+and its own backend object, and all of them stay alive side by side (Dynamo keeps one cache
+entry per backend), so the run goes length by length and, within a length, example by example
+through every mode in turn (dense first): a run stopped early (``budget_s``) has the same
+examples in every mode. Each prompt is prefilled through the compiled decoder (a fresh
+``DynamicCache``; the prefill goes through ``torch.ops.mi_compile.sparse_attention``).
+
+Scoring (``scoring=``):
+
+``forced`` (teacher forcing; the default for the Python haystack)
+    one prefill of the prompt, then the answer's tokens but the last as one short chunk through
+    the eager model on that cache, as cached decode steps run (dense: one chunk continuing a
+    filled cache is never rewritten). The logits at the answer positions only are read: the
+    example is correct when every answer token is the argmax at its position, which is exactly
+    when greedy decoding would write the answer (:func:`forced_verdict`); the mean log-prob of
+    the answer tokens is recorded too. The answer tokens are not part of the sparse prefill, so
+    the vertical-slash estimate (made from the last 64 queries) does not see the answer it is
+    being tested on.
+``greedy`` (the first version; the default for the noise haystack)
+    the answer decoded greedily, one token at a time, by the eager model on that cache, scored
+    by string match (:func:`mi_compile.eval.tasks.score`).
 
 Measured per mode:
 
-* accuracy per task and length (:func:`mi_compile.eval.tasks.score` of the greedy continuation);
+* accuracy per task and length (and, when forced, the answers' mean log-prob);
 * the attention density actually computed: :func:`mi_compile.kernels.op.observe_attention`
-  sees every op call and :func:`mi_compile.sparse.selection_density` counts the (query, key)
-  pairs the layer's patterns select on those very q/k; the mean over layers and heads (a layer
-  the backend left dense counts as 1.0; an all-dense layer is 1.0 without counting);
-* on a natural-text document (:func:`mi_compile.eval.tasks.natural_document`) of each length:
-  top-1 next-token agreement with the dense mode and mean ``KL(dense || mode)`` over the
-  positions after the first ``natural_skip`` tokens.
+  sees every op call and the (query, key) pairs each head's pattern selects on those very q/k
+  are counted (:func:`layer_density`; mean over layers and heads; a layer the backend left
+  dense, or a prompt shorter than ``min_seq_len``, counts as 1.0). ``density="first"`` counts
+  only on the first example of each (mode, task, length) and on the documents, since at 128K
+  the count costs about as much as the prefill;
+* on a document of each length (:func:`mi_compile.eval.tasks.natural_document`, story-like
+  text, or :func:`mi_compile.eval.tasks.code_document`, Python source): top-1 next-token
+  agreement with the dense mode and mean ``KL(dense || mode)`` over the last ``natural_last``
+  positions (or the positions after the first ``natural_skip``); only those positions' logits
+  are computed.
+
+Long contexts: with ``yarn="auto"`` each length past the model's native context runs with
+YaRN (:func:`mi_compile.models.set_yarn` with :func:`mi_compile.models.yarn_factor_for`), which
+recompiles each mode once when it switches. ``deadline`` / ``budget_s`` stop the run cleanly
+before the next example that would not finish in time, and the report (plus one JSON line per
+scored example in ``<out>.rows.jsonl``) is written as the run goes.
 """
 from __future__ import annotations
 
@@ -35,6 +62,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -52,6 +80,10 @@ DENSE_CONFIG = {"format": FORMAT, "default": {"pattern": "dense"}}
 DEFAULT_CONFIG = {"format": FORMAT, "default": {"pattern": "vertical_slash", "vertical": 1000, "slash": 6096}}
 _INLINE_PARAMS = {"dense": (), "a_shape": ("sink", "local"), "vertical_slash": ("vertical", "slash"),
                   "block_sparse": ("topk",)}
+#: ``min_seq_len`` that keeps the op on its dense (SDPA) path at any length.
+ALWAYS_DENSE = 2**31 - 1
+#: Where the per-model configs ship (package data): ``<model>_128k.json``, ``<model>_32k.json``.
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclasses.dataclass
@@ -61,10 +93,22 @@ class Mode:
     source: str           # where it came from, for the report
 
 
+def _shipped_configs() -> dict:
+    try:
+        from mi_compile.config import shipped_configs
+    except ImportError:                                   # an older config.py
+        return {}
+    return shipped_configs()
+
+
 def parse_config_spec(spec: str):
-    """A config path (existing file) or an inline ``pattern:p1:p2`` applied to every head."""
+    """A config path (existing file), the name of a config shipped in the package
+    (``mi_compile/configs/<name>.json``) or an inline ``pattern:p1:p2`` applied to every head."""
     if os.path.exists(spec):
         return str(spec), f"file {spec}"
+    shipped = _shipped_configs()
+    if spec in shipped:
+        return shipped[spec], f"shipped config {spec} ({shipped[spec]})"
     parts = spec.split(":")
     name, args = parts[0], parts[1:]
     if name not in _INLINE_PARAMS:
@@ -75,6 +119,33 @@ def parse_config_spec(spec: str):
         raise ValueError(f"inline config {spec!r}: {name} takes {len(params)} parameter(s) {params}")
     entry = {"pattern": name, **{p: int(a) for p, a in zip(params, args)}}
     return {"format": FORMAT, "default": entry}, f"inline {spec}"
+
+
+def canonical_model_name(name: str) -> str:
+    """``qwen`` -> ``qwen2.5-coder-1.5b`` (the aliases of :func:`mi_compile.models.load_model`)."""
+    try:
+        from mi_compile.models import MODEL_ALIASES
+    except ImportError:                                   # an older models.py
+        MODEL_ALIASES = {"qwen": "qwen2.5-coder-1.5b"}
+    return MODEL_ALIASES.get(name.lower(), name.lower())
+
+
+def searched_default(model_name: str = "smollm2", length: int | None = None) -> str:
+    """The searched mode's config when none is given: :data:`SEARCHED_DEFAULT` for SmolLM2,
+    else the package's config for the model searched at 32K for runs up to 32K (when it
+    exists), else at 128K: ``mi_compile/configs/<model>_32k.json`` / ``<model>_128k.json``
+    (``-32k`` / ``-128k`` spellings too). The 128K path is returned even when it does not
+    exist, so that the skip says which file was looked for."""
+    key = canonical_model_name(model_name)
+    if key == "smollm2":
+        return SEARCHED_DEFAULT
+    suffixes = (["32k"] if length is not None and length <= 32768 else []) + ["128k"]
+    for suffix in suffixes:
+        for sep in ("_", "-"):
+            path = PACKAGE_CONFIGS / f"{key}{sep}{suffix}.json"
+            if path.exists():
+                return str(path)
+    return str(PACKAGE_CONFIGS / f"{key}_128k.json")
 
 
 def resolve_modes(names, extra: Optional[dict] = None, searched_path: Optional[str] = None):
@@ -99,8 +170,11 @@ def resolve_modes(names, extra: Optional[dict] = None, searched_path: Optional[s
             modes.append(Mode(n, DEFAULT_CONFIG, "vertical_slash(1000, 6096) everywhere"))
         elif n == "searched":
             path = searched_path or SEARCHED_DEFAULT
+            shipped = _shipped_configs()
             if os.path.exists(path):
                 modes.append(Mode(n, str(path), f"file {path}"))
+            elif path in shipped:
+                modes.append(Mode(n, shipped[path], f"shipped config {path}"))
             else:
                 skipped[n] = f"{path} does not exist"
         else:
@@ -108,25 +182,90 @@ def resolve_modes(names, extra: Optional[dict] = None, searched_path: Optional[s
     return modes, skipped
 
 
+# ----------------------------------------------------------------------------- density
+
+def a_shape_pairs(n: int, sink: int, local: int) -> int:
+    """Causal (query, key) pairs an ``a_shape(sink, local)`` head selects over ``n`` tokens:
+    row ``i`` keeps ``min(i + 1, local)`` window keys plus the sink keys before the window."""
+    i = torch.arange(n, dtype=torch.int64)
+    window = torch.clamp(i + 1, max=max(local, 0))
+    sinks = torch.clamp(torch.clamp(i - local + 1, min=0), max=max(sink, 0))
+    return int((window + sinks).sum())
+
+
+def layer_density(q, k, heads, key_padding_mask=None) -> float:
+    """Mean over heads of the fraction of the causal square the layer's patterns select on
+    these q/k (what the kernels compute). A-shape heads are counted in closed form and
+    vertical-slash / block-sparse ones by a running count per 64-row block
+    (:func:`mi_compile.eval.fastref.head_pairs`), so no ``n x n`` tensor is built; padded
+    batches go through :func:`mi_compile.sparse.selection_density`."""
+    from mi_compile.kernels.op import padding_to_ranges
+    from mi_compile.sparse import build_sparse_index, selection_density
+
+    from .fastref import head_pairs
+
+    if all(h.kind == "dense" for h in heads):
+        return 1.0
+    if key_padding_mask is not None:
+        start, length = padding_to_ranges(key_padding_mask)
+        return float(selection_density(q, k, heads, start, length).mean())
+    n = q.shape[-2]
+    total = n * (n + 1) / 2
+    index = build_sparse_index(q, k, heads) if any(h.kind in ("vertical_slash", "block_sparse") for h in heads) \
+        else None
+    per_head = []
+    for h, head in enumerate(heads):
+        if head.kind == "dense":
+            per_head.append(1.0)
+        elif head.kind == "a_shape":
+            per_head.append(a_shape_pairs(n, head.sink, head.local) / total)
+        else:
+            per_head.append(float(head_pairs(index, h).double().mean()) / total)
+    return sum(per_head) / len(per_head)
+
+
 # ----------------------------------------------------------------------------- one mode
+
+def forced_verdict(logits: torch.Tensor, answer_ids) -> dict:
+    """Teacher-forced verdict from ``logits`` ``[k, vocab]``, row ``t`` being the next-token
+    logits where answer token ``t`` must come: correct when every answer token is the argmax
+    (exactly when greedy decoding writes the answer), with the answer's log-probs."""
+    answer = torch.as_tensor(list(answer_ids), device=logits.device, dtype=torch.long)
+    if logits.dim() != 2 or logits.shape[0] != answer.numel() or answer.numel() == 0:
+        raise ValueError(f"need logits [k, vocab] for k = {answer.numel()} answer tokens, got {tuple(logits.shape)}")
+    lp = torch.log_softmax(logits.float(), -1)
+    tok_lp = lp.gather(-1, answer[:, None])[:, 0]
+    argmax = lp.argmax(-1)
+    hits = argmax == answer
+    return dict(correct=bool(hits.all()), score=float(hits.all()), tokens_correct=int(hits.sum()),
+                n_answer_tokens=int(answer.numel()), first_token_correct=bool(hits[0]),
+                logprob_mean=float(tok_lp.mean()), logprob_sum=float(tok_lp.sum()), argmax=argmax.tolist())
+
 
 class ModeRunner:
     """The model's decoder compiled with the backend for one mode, plus the density observer."""
 
-    def __init__(self, model, mode: Mode, use_inductor: bool = True):
-        import mi_compile
+    def __init__(self, model, mode: Mode, use_inductor: bool = True, *, reset: bool = True, min_seq_len: int = 0,
+                 dense_sdpa: bool = False):
         from mi_compile.backend import MInferenceBackend
 
-        torch._dynamo.reset()
+        if reset:
+            torch._dynamo.reset()
         self.model, self.mode = model, mode
-        self.backend = MInferenceBackend({"config": mode.config, "min_seq_len": 0}, use_inductor=use_inductor)
+        # dense_sdpa: the all-dense mode takes the op's dense path (SDPA: flash / cuDNN, as the model
+        # runs without the backend) instead of the sparse kernels with every head dense
+        self.min_seq_len = ALWAYS_DENSE if dense_sdpa and mode.config == DENSE_CONFIG else int(min_seq_len)
+        self.backend = MInferenceBackend({"config": mode.config, "min_seq_len": self.min_seq_len},
+                                         use_inductor=use_inductor)
         self.decoder = torch.compile(model.model, backend=self.backend, dynamic=True)
         self.num_layers = model.config.num_hidden_layers
+        self.observe = True                 # count the density on the next prefills
         self._heads: dict[int, list] = {}
         self._density: dict[int, float] = {}
         self.compile_s: Optional[float] = None
+        self.compiles: list[dict] = []      # every prefill that compiled a graph: when and how long
         self.observe_s = 0.0
-        del mi_compile
+        self.busy_s = 0.0                   # prefill and answer time, compiles excluded
 
     # -- density observer
     def _layer_heads(self, layer):
@@ -138,45 +277,54 @@ class ModeRunner:
         return self._heads.get(layer)
 
     def _observe(self, layer, q, k, v, key_padding_mask):
-        from mi_compile.kernels.op import padding_to_ranges
-        from mi_compile.sparse import selection_density
-
-        from .fastref import fast_density
-
+        if not self.observe:
+            return
         t = time.perf_counter()
         heads = self._layer_heads(layer)
         if heads is None:
             raise RuntimeError(f"mode {self.mode.name}: no patterns found for layer {layer} in the backend's reports")
-        if q.shape[-2] == 1 or all(h.kind == "dense" for h in heads):
+        if q.shape[-2] == 1 or q.shape[-2] < self.min_seq_len:
             d = 1.0
-        elif key_padding_mask is None:
-            d = float(fast_density(q, k, heads).mean())      # == selection_density (tested)
         else:
-            start, length = padding_to_ranges(key_padding_mask)
-            d = float(selection_density(q, k, heads, start, length).mean())
+            d = layer_density(q, k, heads, key_padding_mask)
         self._density[layer] = d
         self.observe_s += time.perf_counter() - t
 
-    def prefill(self, ids: torch.Tensor):
+    def prefill(self, ids: torch.Tensor, use_cache: bool = True):
         """Run the compiled decoder on ``ids`` (1 x n): ``(last_hidden_state, cache, info)``;
-        ``info`` has the density (mean over all layers/heads), layers observed, seconds."""
+        ``info`` has the density (mean over all layers/heads; ``None`` when not observed),
+        layers observed, seconds, and whether this call compiled a graph."""
         from transformers import DynamicCache
 
         from mi_compile.kernels.op import observe_attention
 
         self._density = {}
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self.model.config) if use_cache else None
+        graphs = len(self.backend.reports)
         t = time.perf_counter()
         obs0 = self.observe_s
         with torch.no_grad(), observe_attention(self._observe):
-            out = self.decoder(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = self.decoder(input_ids=ids, past_key_values=cache, use_cache=use_cache)
+        if ids.is_cuda:
+            torch.cuda.synchronize(ids.device)
         wall = time.perf_counter() - t
+        compiled = len(self.backend.reports) > graphs
         if self.compile_s is None:
             self.compile_s = wall
-        per_layer = [self._density.get(i, 1.0) for i in range(self.num_layers)]
-        info = dict(density=sum(per_layer) / len(per_layer), layers_observed=len(self._density),
-                    prefill_s=wall - (self.observe_s - obs0), observe_s=self.observe_s - obs0)
-        return out.last_hidden_state, out.past_key_values if out.past_key_values is not None else cache, info
+        if compiled:
+            self.compiles.append(dict(n=int(ids.shape[1]), wall_s=round(wall, 2)))
+        else:
+            self.busy_s += wall
+        if self.observe:
+            per_layer = [self._density.get(i, 1.0) for i in range(self.num_layers)]
+            density = sum(per_layer) / len(per_layer)
+        else:
+            density = None
+        info = dict(density=density, layers_observed=len(self._density),
+                    prefill_s=wall - (self.observe_s - obs0), observe_s=self.observe_s - obs0, compiled=compiled)
+        if use_cache and out.past_key_values is not None:
+            cache = out.past_key_values
+        return out.last_hidden_state, cache, info
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_ids=()):
         """Greedy continuation: prefill through the compiled decoder, then eager decode steps."""
@@ -193,7 +341,27 @@ class ModeRunner:
                 logits = self.model(input_ids=torch.tensor([[nxt]], device=ids.device),
                                     past_key_values=cache, use_cache=True).logits
         info["decode_s"] = time.perf_counter() - t
+        self.busy_s += info["decode_s"]
         return out_ids, info
+
+    def answer_logits(self, ids: torch.Tensor, answer_ids) -> tuple[torch.Tensor, dict]:
+        """Teacher forcing: ``(logits [k, vocab], info)`` at the ``k`` answer positions. One
+        prefill of the prompt through the compiled decoder; the answer's tokens but the last
+        go through the eager model as one chunk on that cache (attending densely, as decode
+        steps do), so only ``k`` positions' logits are ever computed."""
+        answer_ids = list(answer_ids)
+        hidden, cache, info = self.prefill(ids, use_cache=True)
+        t = time.perf_counter()
+        with torch.no_grad():
+            logits = self.model.lm_head(hidden[:, -1:])
+            if len(answer_ids) > 1:
+                chunk = torch.tensor([answer_ids[:-1]], device=ids.device)
+                rest = self.model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=0).logits
+                logits = torch.cat([logits, rest.to(logits.dtype)], 1)
+        del cache, hidden
+        info["decode_s"] = time.perf_counter() - t
+        self.busy_s += info["decode_s"]
+        return logits[0], info
 
 
 # ----------------------------------------------------------------------------- comparisons
@@ -216,79 +384,293 @@ def compare_logits(model, h_ref: torch.Tensor, h: torch.Tensor, skip: int, chunk
 
 # ----------------------------------------------------------------------------- the run
 
-def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS, *, seed: int = 0,
-             natural: bool = True, natural_skip: int = 1024, natural_docs: int = 1, use_inductor: bool = True,
-             out_path: Optional[str] = None, log=print, skipped_modes=None, meta_extra: Optional[dict] = None):
-    """Run every mode over every (task, length) and the natural document; returns the report
-    dict (written to ``out_path`` after each mode, so partial runs keep what they measured).
+def spread_order(n: int) -> list[int]:
+    """``0 .. n-1`` in an order whose every prefix spreads over the range (the ends, then
+    bit-reversed fractions 1/2, 1/4, 3/4, ...): examples are spread over depths by index, so a
+    run cut short still covers them."""
+    def frac(k):
+        if k < 2:
+            return float(k)
+        k, f, x = k - 1, 0.5, 0.0
+        while k:
+            x, k, f = x + f * (k & 1), k >> 1, f / 2
+        return x
 
-    ``natural_docs``: how many natural-text documents per length (seeds ``seed`` ... ``seed +
-    natural_docs - 1``); top-1 / KL are reported per document and as their mean (and minimum),
-    since one document's figure moves by about half a point from one text to the next."""
+    out, seen, k = [], set(), 0
+    while len(out) < n:
+        i = min(n - 1, int(frac(k) * (n - 1) + 0.5))
+        k += 1
+        if i not in seen:
+            seen.add(i)
+            out.append(i)
+    return out
+
+
+class Stop(Exception):
+    """The run's deadline came (``budget_s``/``deadline``) or SIGTERM arrived: stop, keep what was measured."""
+
+
+def _yarn_plan(model, lengths, yarn):
+    """``{length: factor or None}`` and the model's native context, for ``yarn`` = ``"auto"``
+    (YaRN past the native context), ``"off"`` or a fixed factor (every length)."""
+    try:
+        from mi_compile.models import native_context, yarn_factor_for
+    except ImportError:
+        native_context = yarn_factor_for = None
+    native = native_context(model) if native_context else int(model.config.max_position_embeddings)
+    if yarn in (None, "off"):
+        return {L: None for L in lengths}, native
+    if yarn == "auto":
+        if yarn_factor_for is None:
+            return {L: None for L in lengths}, native
+        return {L: yarn_factor_for(L, native) for L in lengths}, native
+    return {L: float(yarn) for L in lengths}, native
+
+
+class _Report:
+    """The report dict, rebuilt from the scored rows and written as the run goes."""
+
+    def __init__(self, meta, out_path, skipped_modes, log):
+        self.data = dict(meta=meta, modes={}, skipped_modes=dict(skipped_modes or {}), results=[], natural=[],
+                         summary={})
+        self.cells: dict[tuple, list] = {}
+        self.out_path = out_path
+        self.rows_path = Path(out_path).with_suffix(".rows.jsonl") if out_path else None
+        self.log = log
+        self._written = 0.0
+        if self.rows_path:
+            self.rows_path.parent.mkdir(parents=True, exist_ok=True)
+            self.rows_path.write_text("")
+
+    def row(self, kind: str, row: dict):
+        if self.rows_path:
+            with open(self.rows_path, "a") as f:
+                f.write(json.dumps(dict(kind=kind, **row), default=str) + "\n")
+
+    def add_example(self, mode, task, L, row):
+        self.cells.setdefault((mode, task, L), []).append(row)
+        self.row("example", dict(mode=mode, task=task, length=L, **row))
+
+    def add_natural(self, row):
+        self.data["natural"].append(row)
+        self.row("natural", row)
+
+    def build(self):
+        results = []
+        for (mode, task, L), rows in self.cells.items():
+            dens = [r["density"] for r in rows if r.get("density") is not None]
+            warm = [r["prefill_s"] for r in rows if not r.get("compiled")] or [r["prefill_s"] for r in rows]
+            cell = dict(mode=mode, task=task, length=L, n=len(rows),
+                        accuracy=sum(r["score"] for r in rows) / max(1, len(rows)),
+                        density=sum(dens) / len(dens) if dens else None,
+                        prefill_s=sum(warm) / len(warm), examples=rows)
+            lps = [r["logprob_mean"] for r in rows if r.get("logprob_mean") is not None]
+            if lps:
+                cell["logprob_mean"] = sum(lps) / len(lps)
+            results.append(cell)
+        self.data["results"] = results
+        self.data["summary"] = summarize(self.data)
+        return self.data
+
+    def write(self, force: bool = False):
+        if not self.out_path or (not force and time.perf_counter() - self._written < 10):
+            return
+        self.build()
+        write_json(self.data, self.out_path)
+        self._written = time.perf_counter()
+
+
+def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS, *, seed: int = 0,
+             natural: bool = True, natural_skip: int = 1024, natural_last: Optional[int] = None,
+             natural_docs: int = 1, use_inductor: bool = True, out_path: Optional[str] = None, log=print,
+             skipped_modes=None, meta_extra: Optional[dict] = None, haystack: str = "noise",
+             scoring: Optional[str] = None, natural_kind: Optional[str] = None, budget_s: Optional[float] = None,
+             deadline: Optional[float] = None, yarn="auto", density: str = "all", min_seq_len: int = 0,
+             dense_sdpa: Optional[bool] = None, order: str = "length"):
+    """Run every mode over every (task, length) and the natural documents; returns the report
+    dict (written to ``out_path`` as the run goes, so partial runs keep what they measured).
+
+    ``haystack``: ``"noise"`` or ``"python"`` (:mod:`.tasks`); ``scoring``: ``"forced"`` or
+    ``"greedy"`` (default: forced for the Python haystack, greedy for the noise one);
+    ``natural_kind``: ``"story"`` or ``"python"`` documents (default: as the haystack);
+    ``natural_last``: compare the last this many positions (default: those after
+    ``natural_skip``); ``natural_docs``: documents per length (seeds ``seed`` ... ``seed +
+    natural_docs - 1``; top-1 / KL reported per document and as their mean and minimum);
+    ``density``: ``"all"``, ``"first"`` or ``"none"`` (see the module doc); ``yarn``: ``"auto"``,
+    ``"off"`` or a factor; ``budget_s`` (from the call) or ``deadline`` (a
+    ``time.perf_counter()`` value): stop before an example that would end after it;
+    ``min_seq_len``: the backend option (0: every prompt goes through the sparse patterns);
+    ``order``: ``"length"`` (length by length; within a length task by task) or ``"example"``
+    (round robin: example ``i`` of every task at every length, then the next, so that a run cut
+    by its deadline has every (task, length) cell with about as many examples); either way the
+    examples of a cell come in :func:`spread_order`, so a cut cell still spans the depths;
+    ``dense_sdpa``: the dense mode runs SDPA inside the op (flash / cuDNN, faster at long
+    lengths) rather than the sparse kernels with every head dense (one kernel's rounding for
+    every mode); default: SDPA for the Python haystack, the kernels for the noise one."""
+    if haystack not in T.HAYSTACKS:
+        raise ValueError(f"unknown haystack {haystack!r}; choose from {T.HAYSTACKS}")
+    scoring = scoring or ("forced" if haystack == "python" else "greedy")
+    dense_sdpa = (haystack == "python") if dense_sdpa is None else bool(dense_sdpa)
+    natural_kind = natural_kind or ("python" if haystack == "python" else "story")
+    if scoring not in ("forced", "greedy") or natural_kind not in ("story", "python") or \
+            density not in ("all", "first", "none") or order not in ("length", "example"):
+        raise ValueError(f"bad scoring {scoring!r} / natural_kind {natural_kind!r} / density {density!r} / "
+                         f"order {order!r}")
+    if natural_docs < 1:
+        raise ValueError(f"natural_docs must be >= 1, got {natural_docs}")
+    if tokenizer is None:
+        raise ValueError("the harness needs a tokenizer (tiny:<family> models have none)")
     device = next(model.parameters()).device
     eos_ids = {tokenizer.eos_token_id} | ({tokenizer.convert_tokens_to_ids("<|endoftext|>")} - {None})
     t0 = time.perf_counter()
-    examples_by = {}
-    for L in lengths:
-        for task in task_names:
-            examples_by[(task, L)] = T.make_examples(tokenizer, task, L, examples, seed=seed)
-    if natural_docs < 1:
-        raise ValueError(f"natural_docs must be >= 1, got {natural_docs}")
-    doc_seeds = list(range(seed, seed + natural_docs))
-    docs = {(L, d): torch.tensor([T.natural_document(tokenizer, L, seed=d)], device=device)
-            for L in lengths for d in doc_seeds} if natural else {}
-    report = dict(
-        meta=dict(model=getattr(model.config, "_name_or_path", "") or model.config.model_type,
-                  device=str(device), dtype=str(next(model.parameters()).dtype), torch=torch.__version__,
-                  python=platform.python_version(), threads=torch.get_num_threads(),
-                  lengths=list(lengths), examples=examples, tasks=list(task_names), seed=seed,
-                  natural_skip=natural_skip, natural_doc_seeds=doc_seeds if natural else [], inductor=use_inductor,
-                  cpu_impl=os.environ.get("MI_COMPILE_CPU_IMPL", "reference"),
-                  started=time.strftime("%Y-%m-%d %H:%M:%S"), **(meta_extra or {})),
-        modes={}, skipped_modes=dict(skipped_modes or {}), results=[], natural=[], summary={})
-    ref_hidden = {}
-    for mode in modes:
-        log(f"== mode {mode.name} ({mode.source})")
-        tm = time.perf_counter()
-        runner = ModeRunner(model, mode, use_inductor=use_inductor)
-        mrep = dict(source=mode.source, config=mode.config if isinstance(mode.config, str) else mode.config)
-        for L in lengths:
-            for d in doc_seeds if natural else ():
-                hidden, _, info = runner.prefill(docs[L, d])
-                if mode.name == "dense":
-                    ref_hidden[L, d] = hidden
-                cmp = compare_logits(model, ref_hidden[L, d], hidden, min(natural_skip, L - 1)) \
-                    if (L, d) in ref_hidden else dict(top1_agreement=None, kl_mean=None, positions=0)
-                row = dict(mode=mode.name, length=L, doc_seed=d, n_tokens=int(docs[L, d].shape[1]),
-                           density=info["density"], prefill_s=info["prefill_s"], **cmp)
-                report["natural"].append(row)
-                log(f"   natural {L} doc {d}: density {row['density']:.3f} top1 {_fmt(row['top1_agreement'], '.4f')} "
-                    f"KL {_fmt(row['kl_mean'], '.5f')} ({info['prefill_s']:.1f}s)")
-            for task in task_names:
-                rows = []
-                for ex in examples_by[(task, L)]:
-                    ids = tokenizer(ex.prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-                    out_ids, info = runner.generate(ids, ex.max_new_tokens, eos_ids)
-                    text = tokenizer.decode(out_ids, skip_special_tokens=True)
-                    s = T.score(ex, text)
-                    rows.append(dict(index=ex.index, depth=ex.depth, needle_token_depth=ex.needle_token_depth,
-                                     n_tokens=ex.n_tokens, answers=ex.answers, output=text, score=s, **info))
-                    log(f"   {task:<9} {L:>6} #{ex.index} depth {ex.depth:.2f} score {s:.2f} "
-                        f"density {info['density']:.3f} prefill {info['prefill_s']:.1f}s  {text.strip()[:60]!r}")
-                report["results"].append(dict(
-                    mode=mode.name, task=task, length=L, n=len(rows),
-                    accuracy=sum(r["score"] for r in rows) / max(1, len(rows)),
-                    density=sum(r["density"] for r in rows) / max(1, len(rows)),
-                    prefill_s=sum(r["prefill_s"] for r in rows) / max(1, len(rows)),
-                    examples=rows))
-        mrep.update(compile_s=runner.compile_s, observe_s=runner.observe_s, wall_s=time.perf_counter() - tm,
-                    sites=_site_summary(runner.backend))
-        report["modes"][mode.name] = mrep
-        report["summary"] = summarize(report)
-        report["meta"]["wall_s"] = time.perf_counter() - t0
+    if deadline is None and budget_s is not None:
+        deadline = t0 + float(budget_s)
+    yarn_by_length, native = _yarn_plan(model, lengths, yarn)
+    doc_seeds = list(range(seed, seed + natural_docs)) if natural else []
+    meta = dict(model=getattr(model.config, "_name_or_path", "") or model.config.model_type,
+                device=str(device), dtype=str(next(model.parameters()).dtype), torch=torch.__version__,
+                python=platform.python_version(), threads=torch.get_num_threads(),
+                lengths=list(lengths), examples=examples, tasks=list(task_names), seed=seed,
+                haystack=haystack, scoring=scoring, natural_kind=natural_kind, natural_skip=natural_skip,
+                natural_last=natural_last, natural_doc_seeds=doc_seeds, inductor=use_inductor,
+                density_policy=density, min_seq_len=min_seq_len, dense_sdpa=dense_sdpa, native_context=native,
+                yarn={str(L): f for L, f in yarn_by_length.items()},
+                cpu_impl=os.environ.get("MI_COMPILE_CPU_IMPL", "reference"),
+                started=time.strftime("%Y-%m-%d %H:%M:%S"), **(meta_extra or {}))
+    rep = _Report(meta, out_path, skipped_modes, log)
+    if haystack == "python" or natural_kind == "python":
+        meta["python_haystack"] = T.code_pool(tokenizer).ensure(T.POOL_SPAN).describe()
+
+    torch._dynamo.reset()
+    runners = [ModeRunner(model, m, use_inductor=use_inductor, reset=False, min_seq_len=min_seq_len,
+                          dense_sdpa=dense_sdpa) for m in modes]
+    for r in runners:
+        rep.data["modes"][r.mode.name] = dict(source=r.mode.source, config=r.mode.config)
+    unit_s: dict[tuple, float] = {}     # seconds of the last (kind, length) unit that compiled nothing
+
+    def check_time(key, what):
+        """Stop before a unit that would end after the deadline (estimated from the last one of the
+        same kind and length, else from the nearest length measured, scaled by length^1.6)."""
+        if deadline is None:
+            return
+        est = unit_s.get(key)
+        if est is None and unit_s:
+            (kind, Lp), t = min(unit_s.items(), key=lambda kv: (kv[0][0] != key[0], abs(kv[0][1] - key[1])))
+            est = t * (key[1] / Lp) ** 1.6
+        if time.perf_counter() + (est or 0.0) > deadline:
+            raise Stop(f"deadline: {what} would end after it (estimate {est or 0:.1f} s)")
+
+    current_yarn = None
+
+    def set_length(L):
+        nonlocal current_yarn
+        factor = yarn_by_length[L]
+        if factor != current_yarn:
+            from mi_compile.models import set_yarn
+
+            set_yarn(model, factor, original=native)
+            current_yarn = factor
+            log(f"== {L}: YaRN {'off' if factor is None else f'factor {factor} (native {native})'}")
+        return factor
+
+    def run_document(L, d):
+        factor = set_length(L)
+        ids = T.natural_document(tokenizer, L, seed=d) if natural_kind == "story" else \
+            T.code_document(tokenizer, L, seed=d)
+        ids = torch.tensor([ids], device=device)
+        start = max(0, L - natural_last) if natural_last else min(natural_skip, L - 1)
+        ref = None
+        compiled = False
+        for r in runners:
+            r.observe = density != "none"
+            # with a cache, as the task prompts are run: one compiled graph serves both
+            hidden, _, info = r.prefill(ids, use_cache=True)
+            tail = hidden[:, start:].clone()
+            del hidden
+            if r.mode.name == "dense":
+                ref = tail
+            cmp = compare_logits(model, ref, tail, 0) if ref is not None else \
+                dict(top1_agreement=None, kl_mean=None, positions=0)
+            row = dict(mode=r.mode.name, length=L, doc_seed=d, n_tokens=int(ids.shape[1]),
+                       density=info["density"], prefill_s=info["prefill_s"], compiled=info["compiled"],
+                       first_position=start, yarn=factor, **cmp)
+            compiled |= info["compiled"]
+            rep.add_natural(row)
+            log(f"   natural {L} doc {d} {r.mode.name:<10} density {_fmt(row['density'], '.3f')} top1 "
+                f"{_fmt(row['top1_agreement'], '.4f')} KL {_fmt(row['kl_mean'], '.5f')} "
+                f"({info['prefill_s']:.1f}s{', compiled' if info['compiled'] else ''})")
+        return compiled
+
+    def run_example(L, task, index):
+        factor = set_length(L)
+        ex = T.make_example_at(tokenizer, task, L, examples, index, seed=seed, haystack=haystack)
+        if scoring == "forced":
+            p_ids, a_ids = T.prompt_and_answer_ids(tokenizer, ex)
+        else:
+            p_ids = tokenizer(ex.prompt, add_special_tokens=False).input_ids if ex.input_ids is None \
+                else ex.input_ids
+        ids = torch.tensor([p_ids], device=device)
+        compiled = False
+        for r in runners:
+            r.observe = density == "all" or (density == "first" and index == order_of_examples[0])
+            row = dict(index=ex.index, depth=ex.depth, needle_token_depth=ex.needle_token_depth,
+                       n_tokens=int(ids.shape[1]), answers=ex.answers, yarn=factor)
+            if scoring == "forced":
+                logits, info = r.answer_logits(ids, a_ids)
+                v = forced_verdict(logits, a_ids)
+                row.update(target=ex.target, answer_ids=a_ids, output=tokenizer.decode(v.pop("argmax")), **v, **info)
+            else:
+                out_ids, info = r.generate(ids, ex.max_new_tokens, eos_ids)
+                text = tokenizer.decode(out_ids, skip_special_tokens=True)
+                row.update(output=text, score=T.score(ex, text), **info)
+            compiled |= info["compiled"]
+            rep.add_example(r.mode.name, task, L, row)
+            log(f"   {task:<9} {L:>6} #{ex.index} depth {ex.depth:.2f} {r.mode.name:<10} score {row['score']:.2f}"
+                + (f" lp {row['logprob_mean']:.2f}" if "logprob_mean" in row else "")
+                + f" density {_fmt(row['density'], '.3f')} prefill {info['prefill_s']:.2f}s"
+                + (" (compiled)" if info["compiled"] else "") + f"  {row['output'].strip()[:40]!r}")
+        return compiled
+
+    # Examples in an order whose every prefix spreads over the depths (a cut run is not all shallow).
+    order_of_examples = spread_order(examples)
+    units = [("document", L, d) for L in lengths for d in doc_seeds]
+    if order == "length":
+        units = [u for L in lengths for u in [("document", L, d) for d in doc_seeds]
+                 + [("example", L, t, i) for t in task_names for i in order_of_examples]]
+    else:   # "example": round robin over lengths and tasks, so a cut run has every cell
+        units += [("example", L, t, i) for i in order_of_examples for L in lengths for t in task_names]
+    meta["order"] = order
+    dyn = torch._dynamo.config
+    saved = (dyn.recompile_limit, dyn.accumulated_recompile_limit)
+    # every mode keeps its own cache entries (and YaRN switches add one each): never fall back to eager
+    dyn.recompile_limit, dyn.accumulated_recompile_limit = max(64, 4 * len(runners)), max(1024, saved[1])
+    try:
+        for unit in units:
+            kind, L = unit[0], unit[1]
+            check_time((kind, L), f"{kind} {unit[2:]} at {L}")
+            tu = time.perf_counter()
+            compiled = run_document(L, unit[2]) if kind == "document" else run_example(L, unit[2], unit[3])
+            if not compiled:
+                unit_s[kind, L] = time.perf_counter() - tu
+            rep.write()
+    except Stop as exc:
+        meta["stopped"] = str(exc)
+        log(f"== stopped: {exc}")
+    finally:
+        dyn.recompile_limit, dyn.accumulated_recompile_limit = saved
+        if current_yarn is not None:
+            from mi_compile.models import set_yarn
+
+            set_yarn(model, None)
+        for r in runners:
+            rep.data["modes"][r.mode.name].update(
+                compile_s=r.compile_s, compiles=r.compiles, observe_s=r.observe_s, busy_s=r.busy_s,
+                sites=_site_summary(r.backend))
+        meta["wall_s"] = time.perf_counter() - t0
+        rep.build()
         if out_path:
-            write_json(report, out_path)
-    return report
+            write_json(rep.data, out_path)
+    return rep.data
 
 
 def _site_summary(backend):
@@ -306,7 +688,10 @@ def summarize(report) -> dict:
     for r in report["results"]:
         s = out.setdefault(r["mode"], {}).setdefault(str(r["length"]), {"tasks": {}, "_d": []})
         s["tasks"][r["task"]] = r["accuracy"]
-        s["_d"] += [e["density"] for e in r["examples"]]
+        if r.get("logprob_mean") is not None:
+            s.setdefault("logprob", {})[r["task"]] = r["logprob_mean"]
+        s.setdefault("n", {})[r["task"]] = r.get("n", len(r["examples"]))
+        s["_d"] += [e["density"] for e in r["examples"] if e.get("density") is not None]
     by_key = {}
     for n in report["natural"]:
         by_key.setdefault((n["mode"], str(n["length"])), []).append(n)
@@ -317,13 +702,20 @@ def summarize(report) -> dict:
         s.update(top1_agreement=sum(top1) / len(top1) if top1 else None,
                  top1_min=min(top1) if top1 else None, top1_max=max(top1) if top1 else None,
                  kl_mean=sum(kl) / len(kl) if kl else None,
-                 natural_density=sum(r["density"] for r in rows) / len(rows), natural_docs=len(rows))
+                 natural_density=_mean([r["density"] for r in rows if r.get("density") is not None]),
+                 natural_docs=len(rows))
     for m in out.values():
         for s in m.values():
             d = s.pop("_d")
             s["density"] = sum(d) / len(d) if d else s.get("natural_density")
             s["accuracy"] = sum(s["tasks"].values()) / len(s["tasks"]) if s["tasks"] else None
+            if s.get("logprob"):
+                s["logprob_mean"] = sum(s["logprob"].values()) / len(s["logprob"])
     return out
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
 
 
 def write_json(report, path):
@@ -341,23 +733,42 @@ def _fmt(x, spec):
 def format_table(report) -> str:
     task_names = report["meta"]["tasks"]
     head = f"{'mode':<10} {'length':>6} " + " ".join(f"{t:>8}" for t in task_names) + \
-        f" {'mean':>6} {'density':>8} {'top1':>7} {'KL':>9}"
+        f" {'mean':>6} {'logprob':>7} {'density':>8} {'top1':>7} {'KL':>9}"
     lines = [head, "-" * len(head)]
+    by_length = {}
     for mode, per_len in report["summary"].items():
         for L, s in per_len.items():
+            by_length.setdefault(int(L), []).append((mode, s))
+    for L in sorted(by_length):
+        for mode, s in by_length[L]:
             lines.append(f"{mode:<10} {L:>6} " + " ".join(f"{_fmt(s['tasks'].get(t), '.2f'):>8}" for t in task_names)
-                         + f" {_fmt(s['accuracy'], '.3f'):>6} {_fmt(s['density'], '.4f'):>8}"
+                         + f" {_fmt(s['accuracy'], '.3f'):>6} {_fmt(s.get('logprob_mean'), '.2f'):>7}"
+                         f" {_fmt(s['density'], '.4f'):>8}"
                          f" {_fmt(s.get('top1_agreement'), '.4f'):>7} {_fmt(s.get('kl_mean'), '.2e'):>9}")
     docs = len(report["meta"].get("natural_doc_seeds") or [0])
     if docs > 1:
         lines.append("natural text, per document: " + "; ".join(
             f"{n['mode']} {n['length']} doc {n['doc_seed']}: top1 {_fmt(n['top1_agreement'], '.4f')} at "
-            f"{n['density']:.3f}" for n in report["natural"] if n["mode"] != "dense"))
-    lines.append(f"(accuracy: fraction of examples solved, vartrack: fraction of variables named; density: "
-                 f"computed fraction of the causal square, mean over layers/heads and examples; top1/KL: natural "
-                 f"text vs dense, positions >= {report['meta']['natural_skip']}"
+            f"{_fmt(n.get('density'), '.3f')}" for n in report["natural"] if n["mode"] != "dense"))
+    meta = report["meta"]
+    counts = sorted({n for m in report["summary"].values() for s in m.values() for n in s.get("n", {}).values()})
+    if meta.get("scoring", "greedy") == "forced":
+        how = "fraction of examples whose every answer token is the argmax (teacher-forced); logprob: mean " \
+              "log-prob of the answer tokens"
+    else:
+        how = "fraction of examples solved by greedy decoding, vartrack: fraction of variables named"
+    lines.append(f"(accuracy: {how}; examples per cell: {', '.join(map(str, counts)) or '-'}; density: computed "
+                 f"fraction of the causal square, mean over layers/heads and the examples counted; top1/KL: "
+                 f"{meta.get('natural_kind', 'story')} document vs dense, {_positions(meta)}"
                  + (f", mean over {docs} documents" if docs > 1 else "") + ")")
+    if meta.get("stopped"):
+        lines.append(f"(run stopped early: {meta['stopped']})")
     return "\n".join(lines)
+
+
+def _positions(meta) -> str:
+    return f"last {meta['natural_last']} positions" if meta.get("natural_last") else \
+        f"positions >= {meta.get('natural_skip', 1024)}"
 
 
 def plot(report, path):
@@ -393,14 +804,16 @@ def plot(report, path):
             if "text" in ax_of and s.get("top1_agreement") is not None:
                 y = s["top1_agreement"]
                 err = [[y - s["top1_min"]], [s["top1_max"] - y]] if s.get("natural_docs", 1) > 1 else None
-                ax_of["text"].errorbar(s["natural_density"], y, yerr=err, capsize=3, **kw)
+                x = s["natural_density"] if s.get("natural_density") is not None else s.get("density")
+                if x is not None:
+                    ax_of["text"].errorbar(x, y, yerr=err, capsize=3, **kw)
     if "tasks" in ax_of:
         ax_of["tasks"].set(xlabel="attention density computed (fraction of the causal square)",
                            ylabel="accuracy (mean over tasks)", title="synthetic tasks", ylim=(-0.05, 1.05))
     if "text" in ax_of:
         docs = len(report["meta"].get("natural_doc_seeds") or [0])
         ax_of["text"].set(xlabel="attention density computed", ylabel="top-1 agreement with dense",
-                          title=f"natural text (positions >= {report['meta']['natural_skip']}"
+                          title=f"natural text ({_positions(report['meta'])}"
                                 + (f"; mean and range over {docs} documents)" if docs > 1 else ")"))
     for ax in ax_of.values():
         ax.grid(alpha=0.3)
@@ -421,7 +834,10 @@ def _csv(s, conv=str):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="benchmarks/accuracy.py",
-                                description="Accuracy / density harness for mi-compile (SmolLM2).")
+                                description="Accuracy / density harness for mi-compile.")
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 (default), qwen2.5-coder-1.5b (alias qwen), a .gguf path or a Hugging Face folder "
+                        "(mi_compile.models.load_model)")
     p.add_argument("--lengths", default="4096", help="comma-separated prompt lengths in tokens (default 4096)")
     p.add_argument("--examples", type=int, default=2, help="examples per task and length (default 2)")
     p.add_argument("--tasks", default=",".join(T.TASKS), help=f"comma-separated, from {','.join(T.TASKS)}")
@@ -431,14 +847,44 @@ def build_parser():
     p.add_argument("--configs", nargs="*", default=[], metavar="NAME=PATH_OR_SPEC",
                    help="extra modes: a config JSON path, or inline pattern:params for every head "
                         "(vertical_slash:V:S, a_shape:SINK:LOCAL, block_sparse:TOPK, dense)")
-    p.add_argument("--searched", default=None, help=f"config for the searched mode (default {SEARCHED_DEFAULT})")
+    p.add_argument("--searched", default=None,
+                   help=f"config for the searched mode (default: {SEARCHED_DEFAULT} for smollm2, "
+                        "mi_compile/configs/<model>_32k.json up to 32K or <model>_128k.json for other models)")
+    p.add_argument("--haystack", choices=("auto",) + T.HAYSTACKS, default="auto",
+                   help="task haystack: noise (the first version) or python (source code); auto: noise for "
+                        "smollm2, python otherwise")
+    p.add_argument("--scoring", choices=("auto", "forced", "greedy"), default="auto",
+                   help="forced: teacher-forced, one prefill per example, correct when every answer token is the "
+                        "argmax; greedy: decode and match strings; auto: forced for the python haystack")
+    p.add_argument("--natural-kind", choices=("auto", "story", "python"), default="auto",
+                   help="natural-text document: story sentences or Python source (auto: as the haystack)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--natural-skip", type=int, default=1024,
                    help="compare next-token distributions only after this many tokens (default 1024)")
+    p.add_argument("--natural-last", type=int, default=None,
+                   help="compare only the last N positions (default: 512 for the python document, else "
+                        "--natural-skip applies; 0: --natural-skip)")
     p.add_argument("--no-natural", action="store_true", help="skip the natural-text comparison")
     p.add_argument("--docs", type=int, default=1,
                    help="natural-text documents per length (seeds --seed, --seed+1, ...; top-1/KL averaged)")
+    p.add_argument("--density", choices=("auto", "all", "first", "none"), default="auto",
+                   help="count the computed density on every example, on the first of each (mode, task, length) "
+                        "and the documents, or never (auto: all up to 16K, else first)")
+    p.add_argument("--yarn", default="auto",
+                   help="RoPE scaling: auto (YaRN past the model's native context), off, or a factor for every length")
+    p.add_argument("--min-seq-len", type=int, default=0,
+                   help="backend min_seq_len (default 0: every prompt through the sparse patterns)")
+    p.add_argument("--dense", choices=("auto", "sdpa", "kernel"), default="auto",
+                   help="how the dense mode attends: sdpa (flash/cuDNN inside the op, faster at long lengths) or "
+                        "kernel (the sparse kernels with every head dense: the same kernel as the other modes); "
+                        "auto: sdpa for the python haystack, kernel for the noise one (the first version's)")
+    p.add_argument("--order", choices=("length", "example"), default="length",
+                   help="length: length by length; example: round robin over lengths and tasks (a run cut by "
+                        "--budget-s then has every cell, with fewer examples)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop cleanly (writing what was measured) before an example that would end later than "
+                        "this many seconds after the start")
     p.add_argument("--no-inductor", action="store_true",
                    help="run the rewritten graph without Inductor (faster to compile; same attention)")
     p.add_argument("--one-kernel", action="store_true",
@@ -456,7 +902,19 @@ def build_parser():
     return p
 
 
+def load_model(name: str, dtype, device):
+    """``(model, tokenizer)`` through :func:`mi_compile.models.load_model`."""
+    from mi_compile import models
+
+    if hasattr(models, "load_model"):
+        return models.load_model(name, dtype=dtype, device=device)
+    if canonical_model_name(name) == "smollm2":         # an older models.py
+        return models.load_smollm2(dtype=dtype, device=device)
+    raise SystemExit(f"this mi_compile.models has no load_model: cannot load {name!r}")
+
+
 def main(argv=None):
+    t_start = time.perf_counter()
     a = build_parser().parse_args(argv)
     if a.replot:
         report = json.loads(Path(a.replot).read_text())
@@ -479,31 +937,55 @@ def main(argv=None):
     for t in task_names:
         if t not in T.TASKS:
             raise SystemExit(f"unknown task {t!r}; choose from {','.join(T.TASKS)}")
-    modes, skipped = resolve_modes(_csv(a.modes), extra, a.searched)
+    lengths = _csv(a.lengths, int)
+    is_smollm2 = canonical_model_name(a.model) == "smollm2"
+    haystack = a.haystack if a.haystack != "auto" else ("noise" if is_smollm2 else "python")
+    scoring = None if a.scoring == "auto" else a.scoring
+    natural_kind = None if a.natural_kind == "auto" else a.natural_kind
+    kind = natural_kind or ("python" if haystack == "python" else "story")
+    natural_last = a.natural_last if a.natural_last is not None else (512 if kind == "python" else None)
+    density = a.density if a.density != "auto" else ("all" if max(lengths, default=0) <= 16384 else "first")
+    yarn = a.yarn if a.yarn in ("auto", "off") else float(a.yarn)
+    searched = a.searched or searched_default(a.model, max(lengths, default=None))
+    modes, skipped = resolve_modes(_csv(a.modes), extra, searched)
     for n, why in skipped.items():
         print(f"mode {n} skipped: {why}", file=sys.stderr)
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if a.device == "auto" else a.device))
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     from mi_compile.kernels.sparse_attention import KERNEL_CONFIG
-    from mi_compile.models import load_smollm2
-    model, tok = load_smollm2(dtype=dtype, device=dev)
+    t = time.perf_counter()
+    model, tok = load_model(a.model, dtype, dev)
+    load_s = time.perf_counter() - t
     saved = dict(KERNEL_CONFIG)
     if a.one_kernel:
         KERNEL_CONFIG["wide"] = False
+
+    def on_sigterm(signum, frame):
+        raise Stop(f"signal {signum}")
+
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        report = run_eval(model, tok, modes, _csv(a.lengths, int), a.examples, task_names, seed=a.seed,
-                          natural=not a.no_natural, natural_skip=a.natural_skip, natural_docs=a.docs,
-                          use_inductor=not a.no_inductor,
-                          out_path=a.out, skipped_modes=skipped,
-                          meta_extra=dict(one_kernel=bool(a.one_kernel), kernel_config=dict(KERNEL_CONFIG)))
+        report = run_eval(model, tok, modes, lengths, a.examples, task_names, seed=a.seed,
+                          natural=not a.no_natural, natural_skip=a.natural_skip, natural_last=natural_last or None,
+                          natural_docs=a.docs, use_inductor=not a.no_inductor,
+                          out_path=a.out, skipped_modes=skipped, haystack=haystack, scoring=scoring,
+                          natural_kind=natural_kind, deadline=t_start + a.budget_s if a.budget_s else None,
+                          yarn=yarn, density=density, min_seq_len=a.min_seq_len,
+                          dense_sdpa=None if a.dense == "auto" else a.dense == "sdpa", order=a.order,
+                          meta_extra=dict(model_name=a.model, load_s=round(load_s, 1), budget_s=a.budget_s,
+                                          one_kernel=bool(a.one_kernel), kernel_config=dict(KERNEL_CONFIG)))
     finally:
+        signal.signal(signal.SIGTERM, old_handler)
         KERNEL_CONFIG.clear()
         KERNEL_CONFIG.update(saved)
     print()
     print(format_table(report))
     png = a.plot or str(Path(a.out).with_suffix(".png"))
-    plot(report, png)
+    try:
+        plot(report, png)
+    except ValueError as exc:       # nothing to draw (e.g. stopped before the first row)
+        print(f"no plot: {exc}")
     print(f"wrote {a.out} and {png} ({report['meta']['wall_s']:.0f} s)")
     return report
 
