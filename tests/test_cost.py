@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mi_compile.kernels import sparse_attention as K  # noqa: E402
-from mi_compile.patterns.cost import computed_density, tile_pairs_per_block  # noqa: E402
+from mi_compile.patterns.cost import computed_density, computed_pairs, tile_pairs_per_block  # noqa: E402
 from mi_compile.patterns.spec import HeadPattern as HP  # noqa: E402
 from mi_compile.sparse import build_sparse_index, selection_density  # noqa: E402
 
@@ -39,14 +39,19 @@ def test_tile_count_matches_kernel_walk(n, padded, monkeypatch):
     assert torch.equal(tile_pairs_per_block(index), walked)
 
 
-def test_computed_density_bounds_selected_density():
+def test_computed_pairs_hold_the_selection_and_dense_is_one():
     n = 321
     q, k = _inputs(n)
     index = build_sparse_index(q, k, MIXED)
-    computed = computed_density(index)
-    selected = selection_density(q, k, MIXED)
-    assert (computed >= selected - 1e-12).all()          # tiles hold every selected pair
+    pairs = computed_pairs(index)
+    causal = n * (n + 1) / 2
+    selected = selection_density(q, k, MIXED) * causal
+    assert (pairs >= selected - 1e-6).all()              # tiles hold every selected pair
     nqb = -(-n // 64)
-    assert computed[0, 0].item() == pytest.approx(nqb * (nqb + 1) / 2 * 64 * 64 / (n * (n + 1) / 2))
+    assert pairs[0, 0].item() == nqb * (nqb + 1) // 2 * 64 * 64
+    density = computed_density(index)
+    assert density[0, 0].item() == 1.0
+    # at a few hundred tokens scattered slash diagonals cost more tiles than dense walks
+    assert density[0, 2].item() > 1.0
     # an isolated slash offset costs a whole 64-key tile per block: nominal 90 offsets, far more computed
-    assert computed[0, 2] > selected[0, 2]
+    assert pairs[0, 2] > selected[0, 2]

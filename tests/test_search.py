@@ -14,7 +14,7 @@ from mi_compile.models import tiny_model
 from mi_compile.patterns.spec import HeadPattern
 from mi_compile.search import (calibration_ids, candidate_patterns, choose, choose_config, dense_probs, random_ids,
                                score_candidates, score_rows, search_config)
-from mi_compile.patterns.cost import computed_density
+from mi_compile.patterns.cost import computed_density, computed_pairs
 from mi_compile.sparse import build_sparse_index, selection_density, selection_mask
 
 
@@ -49,7 +49,8 @@ def test_scores_match_selection_mask_and_density(n):
         mask = selection_mask(q, k, [p] * 4, scale=scale)
         index = build_sparse_index(q, k, [p] * 4, scale=scale)
         assert torch.equal(density[c], computed_density(index)[0]), p
-        assert (density[c] >= selection_density(q, k, [p] * 4, scale=scale)[0] - 1e-12).all(), p
+        assert (computed_pairs(index)[0] >= selection_density(q, k, [p] * 4, scale=scale)[0] * n * (n + 1) / 2
+                - 1e-6).all(), p
         expect = (probs * mask[:, :, rows]).sum(-1).mean(-1)[0].double()
         torch.testing.assert_close(recall[c], expect, atol=1e-6, rtol=0)
     torch.testing.assert_close(recall[-1], torch.ones(4, dtype=torch.float64), atol=1e-5, rtol=0)
@@ -305,8 +306,7 @@ def test_cli_search_and_plot(tmp_path):
     assert main(["search", "--model", "tiny:llama", "--length", "256", "--budget", "0.8", "--sample-queries",
                  "16", "--out", str(out), "--no-progress", "--plot", "--also-budgets", "0.9,1.3"]) == 0
     load_config(out)
-    # same scoring, other budgets; computed densities count whole tiles, so dense is 1 + 64 / n:
-    # 1.25 at 256 tokens
+    # same scoring, other budgets (computed density: dense is 1)
     for b, most in (("0.9", 0.9), ("1.3", 1.3)):
         reported = json.loads((tmp_path / f"cfg_b{b}.report.json").read_text())
         assert reported["budget"] == most and all(h["density"] <= most for h in reported["heads"])

@@ -37,7 +37,7 @@ Measured per mode:
 
 * accuracy per task and length (and, when forced, the answers' mean log-prob);
 * the attention density actually computed: :func:`mi_compile.kernels.op.observe_attention`
-  sees every op call and the (query, key) pairs each head's pattern selects on those very q/k
+  sees every op call and the tiles the kernel walks for each head's pattern on those very q/k
   are counted (:func:`layer_density`; mean over layers and heads; a layer the backend left
   dense, or a prompt shorter than ``min_seq_len``, counts as 1.0). ``density="first"`` counts
   only on the first example of each (mode, task, length) and on the documents, since at 128K
@@ -194,34 +194,21 @@ def a_shape_pairs(n: int, sink: int, local: int) -> int:
 
 
 def layer_density(q, k, heads, key_padding_mask=None) -> float:
-    """Mean over heads of the fraction of the causal square the layer's patterns select on
-    these q/k (what the kernels compute). A-shape heads are counted in closed form and
-    vertical-slash / block-sparse ones by a running count per 64-row block
-    (:func:`mi_compile.eval.fastref.head_pairs`), so no ``n x n`` tensor is built; padded
-    batches go through :func:`mi_compile.sparse.selection_density`."""
+    """Mean over heads of the fraction of the causal square the kernel *computes* for the
+    layer's patterns on these q/k: whole tiles, masked pairs included
+    (:func:`mi_compile.patterns.cost.computed_density`, read from the op's own index, O(n/64)
+    per head), the same measure the pattern search charges. An all-dense layer counts 1.0."""
     from mi_compile.kernels.op import padding_to_ranges
-    from mi_compile.sparse import build_sparse_index, selection_density
-
-    from .fastref import head_pairs
+    from mi_compile.patterns.cost import computed_density
+    from mi_compile.sparse import build_sparse_index
 
     if all(h.kind == "dense" for h in heads):
         return 1.0
+    start = length = None
     if key_padding_mask is not None:
         start, length = padding_to_ranges(key_padding_mask)
-        return float(selection_density(q, k, heads, start, length).mean())
-    n = q.shape[-2]
-    total = n * (n + 1) / 2
-    index = build_sparse_index(q, k, heads) if any(h.kind in ("vertical_slash", "block_sparse") for h in heads) \
-        else None
-    per_head = []
-    for h, head in enumerate(heads):
-        if head.kind == "dense":
-            per_head.append(1.0)
-        elif head.kind == "a_shape":
-            per_head.append(a_shape_pairs(n, head.sink, head.local) / total)
-        else:
-            per_head.append(float(head_pairs(index, h).double().mean()) / total)
-    return sum(per_head) / len(per_head)
+    index = build_sparse_index(q, k, heads, seq_start=start, seq_len=length)
+    return float(computed_density(index).mean())
 
 
 # ----------------------------------------------------------------------------- one mode

@@ -6,10 +6,11 @@ whole ``rows x keys`` rectangle, masked elements included, and an isolated slash
 a full 64-key tile per query block. The *computed density* counts that:
 
     computed_density[b, h] = (pairs of all visited tiles of head h in sequence b)
-                             / (len_b (len_b + 1) / 2)
+                             / (pairs of the tiles a dense head visits in sequence b)
 
-so dense is slightly above 1 (its diagonal tiles are computed whole) and a budget expressed in
-computed density is a budget in kernel time.
+so dense is exactly 1, a budget expressed in computed density is a share of dense's kernel
+work, and at long lengths it is the share of the causal square computed (dense's whole
+diagonal tiles add only 64 / n).
 
 Per 64-row query block ``m`` (``m0 = 64 m < len``) the general kernel
 (:mod:`mi_compile.kernels.sparse_attention`) visits, with ``bn`` / ``bc`` its prefix / column
@@ -63,8 +64,21 @@ def computed_pairs(index: SparseIndex) -> torch.Tensor:
     return tile_pairs_per_block(index).sum(-1)
 
 
+def dense_pairs(seq_len: torch.Tensor, block_n: int | None = None) -> torch.Tensor:
+    """int64 ``[B]``: pairs of the tiles a dense head visits for sequences of ``seq_len``
+    tokens (every prefix tile below each 64-row block, plus its diagonal tile)."""
+    if block_n is None:
+        from ..kernels.sparse_attention import KERNEL_CONFIG
+        block_n = KERNEL_CONFIG["block_n"]
+    length = seq_len.long()
+    nqb = _ceil_div(length, BLOCK)
+    top = int(nqb.max()) if nqb.numel() else 0
+    m0 = torch.arange(top, device=length.device, dtype=torch.int64) * BLOCK
+    keys = _ceil_div(m0, block_n) * block_n + BLOCK
+    live = m0[None, :] < length[:, None]
+    return (keys[None, :] * live).sum(-1) * BLOCK
+
+
 def computed_density(index: SparseIndex) -> torch.Tensor:
-    """float64 ``[B, H]``: :func:`computed_pairs` over each sequence's causal square."""
-    length = index.seq_len.double()
-    causal = (length * (length + 1) / 2).clamp(min=1)[:, None]
-    return computed_pairs(index).double() / causal
+    """float64 ``[B, H]``: :func:`computed_pairs` over what a dense head computes (dense = 1)."""
+    return computed_pairs(index).double() / dense_pairs(index.seq_len).double().clamp(min=1)[:, None]
