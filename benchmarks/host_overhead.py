@@ -29,7 +29,6 @@ for a before/after in one run.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import statistics
@@ -64,9 +63,21 @@ sys.path.insert(0, ARGS.root or os.path.join(HERE, ".."))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import mi_compile  # noqa: E402
+
+
+def _load_op_counter():
+    """This checkout's OpCounter, also when ``--root`` points the imports at an older tree."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "_op_count", os.path.join(HERE, "..", "mi_compile", "debug", "op_count.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.OpCounter
+
+
+OpCounter = _load_op_counter()
 import mi_compile.kernels.op as op_module  # noqa: E402
 from mi_compile.patterns.spec import HeadPattern as HP, encode_heads  # noqa: E402
 
@@ -134,15 +145,6 @@ def full_ms(fn, reps):
         times.append(time.perf_counter() - t)
     return 1e3 * statistics.median(times)
 
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def count_ops(q, k, v):
