@@ -354,3 +354,17 @@ def test_search_smollm2_512(tmp_path):
     assert len(report.heads) == 30 * 9
     assert report.mean_recall > 0.8 and report.mean_density <= 0.5
     assert time.perf_counter() - t0 < 120
+
+
+def test_global_allocation_with_a_recall_floor():
+    """--min-recall with --allocate global: no head is given a candidate below the floor (a
+    head where none reaches it keeps its best one)."""
+    from mi_compile.search.search import allocate_globally, recall_floor
+
+    # candidates (rows) x heads (columns)
+    recall = {0: torch.tensor([[0.30, 0.50, 0.20], [0.92, 0.99, 0.40], [1.0, 1.0, 0.45]], dtype=torch.float64)}
+    density = {0: torch.tensor([[0.05, 0.05, 0.05], [0.30, 0.10, 0.10], [1.0, 1.0, 0.30]], dtype=torch.float64)}
+    assert allocate_globally(recall, density, 0.1) == {0: [0, 1, 1]}        # head 0 sacrificed
+    floored = allocate_globally(recall, density, 0.1, allowed=recall_floor(recall, 0.9))
+    assert floored == {0: [1, 1, 2]}            # >= 0.9 where reachable, else the best candidate
+    assert recall_floor(recall, 0.0) is None

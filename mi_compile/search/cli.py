@@ -76,8 +76,9 @@ def search_main(argv) -> int:
     p.add_argument("--sample-queries", type=int, default=128,
                    help="... plus this many earlier queries drawn with the seed")
     p.add_argument("--min-recall", type=float, default=0.0,
-                   help="heads whose best fitting pattern keeps less than this go dense (0: off; "
-                        "--allocate head only)")
+                   help="--allocate head: heads whose best fitting pattern keeps less than this go dense; "
+                        "--allocate global: a floor on every head's recall (candidates below it are not "
+                        "considered); 0: off")
     p.add_argument("--also-budgets", default="", metavar="B1,B2,...",
                    help="also write the configs chosen at these budgets from the same scoring, as "
                         "<out minus .json>_b<budget>.json (a density/accuracy trade-off costs one search)")

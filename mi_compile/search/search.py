@@ -275,6 +275,9 @@ def choose_config(scored: SearchReport, budget: float, *, min_recall: float = 0.
     where it keeps the most attention mass (:func:`allocate_globally`): heads that are easy to
     approximate get cheap patterns, hard ones (often the first layers) up to dense;
     ``objective`` and ``early_weight`` say what "most" means (:func:`allocation_utility`).
+    ``min_recall`` then is a floor on every head: candidates keeping less are not considered
+    (a head where none reaches it keeps its best-recall candidate), so no head is sacrificed
+    wholesale to pay for the others.
 
     Scoring (capture + recall/density of every candidate) is the expensive part of a search;
     the choice is cheap, so one scored search gives the config of any budget (the CLI's
@@ -293,7 +296,7 @@ def choose_config(scored: SearchReport, budget: float, *, min_recall: float = 0.
     if allocate == "head" and (objective != "mass" or early_weight):
         raise ValueError("objective / early_weight apply to allocate='global' only")
     picks = (allocate_globally(allocation_utility(scored.recall, objective, early_weight, scored.error),
-                               scored.density, budget)
+                               scored.density, budget, allowed=recall_floor(scored.recall, min_recall))
              if allocate == "global" else
              {l: choose(scored.recall[l], scored.density[l], budget, min_recall=min_recall,
                         dense_index=dense_index) for l in scored.recall})
@@ -367,8 +370,23 @@ def allocation_utility(recall: dict[int, torch.Tensor], objective: str = "mass",
     return out
 
 
+def recall_floor(recall: dict[int, torch.Tensor], min_recall: float) -> dict[int, torch.Tensor] | None:
+    """Per layer, bool ``[C, H]``: the candidates whose recall reaches ``min_recall`` (each
+    head's best-recall candidate always counts, so no head is left without one); None for 0."""
+    if min_recall <= 0:
+        return None
+    out = {}
+    for l, r in recall.items():
+        ok = r >= min_recall
+        best = r.argmax(0)
+        ok[best, torch.arange(r.shape[1])] = True
+        out[l] = ok
+    return out
+
+
 def allocate_globally(recall: dict[int, torch.Tensor], density: dict[int, torch.Tensor],
-                      budget: float, iterations: int = 60) -> dict[int, list[int]]:
+                      budget: float, iterations: int = 60,
+                      allowed: dict[int, torch.Tensor] | None = None) -> dict[int, list[int]]:
     """Per layer, the chosen candidate per head, maximising the summed recall of all heads
     under ``mean density <= budget`` (``recall``/``density``: layer -> ``[C, H]``; any other
     per-candidate utility, e.g. :func:`allocation_utility`, can stand in for recall).
@@ -378,11 +396,15 @@ def allocate_globally(recall: dict[int, torch.Tensor], density: dict[int, torch.
     as ``lam`` rises, so a bisection finds the smallest price that fits the budget. This is the
     exact optimum on the convex hull of each head's (density, recall) points, which is what a
     budget shared by many heads needs. If even the sparsest choice exceeds the budget, that
-    choice is returned.
+    choice is returned. ``allowed`` (layer -> bool ``[C, H]``, e.g. :func:`recall_floor`)
+    restricts each head to some candidates.
     """
     layers = sorted(recall)
     R = torch.cat([recall[l].double() for l in layers], 1)          # [C, all heads]
     Dn = torch.cat([density[l].double() for l in layers], 1)
+    if allowed is not None:
+        ok = torch.cat([allowed[l] for l in layers], 1)
+        R = torch.where(ok, R, torch.full_like(R, -1e30))
 
     def pick(lam: float) -> torch.Tensor:
         value = R - lam * Dn
