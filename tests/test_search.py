@@ -347,12 +347,13 @@ def test_search_smollm2_512(tmp_path):
     model, tok = load_smollm2()
     ids = calibration_ids(tok, 512, seed=0)
     assert ids.shape == (1, 512) and torch.equal(ids, calibration_ids(tok, 512, seed=0))
-    config, report = search_config(model, ids, budget=0.5, progress=False)
+    # computed density counts whole tiles: at 512 tokens (8 query blocks) even a window costs much
+    config, report = search_config(model, ids, budget=0.7, progress=False)
     config.save(tmp_path / "s.json")
     loaded = load_config(tmp_path / "s.json")
     loaded.check_model(30, 9)
     assert len(report.heads) == 30 * 9
-    assert report.mean_recall > 0.8 and report.mean_density <= 0.5
+    assert report.mean_recall > 0.8 and report.mean_density <= 0.7
     assert time.perf_counter() - t0 < 120
 
 
