@@ -671,7 +671,7 @@ def test_searched_defaults_and_shipped_names(monkeypatch, tmp_path):
     """The searched mode's default config per model, and configs named as shipped in the package."""
     assert H.searched_default("smollm2", 8192) == H.SEARCHED_DEFAULT
     monkeypatch.setattr(H, "PACKAGE_CONFIGS", tmp_path)
-    assert H.searched_default("qwen", 131072) == str(tmp_path / "qwen2.5-coder-1.5b_128k.json")   # not there yet
+    assert H.searched_default("qwen", 131072) == str(tmp_path / "qwen2.5-coder-1.5b-128k.json")   # not there yet
     (tmp_path / "qwen2.5-coder-1.5b-128k.json").write_text(json.dumps(H.DEFAULT_CONFIG))
     (tmp_path / "qwen2.5-coder-1.5b_32k.json").write_text(json.dumps(H.DENSE_CONFIG))
     assert H.searched_default("qwen", 131072) == str(tmp_path / "qwen2.5-coder-1.5b-128k.json")

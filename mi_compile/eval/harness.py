@@ -6,7 +6,7 @@ A *mode* is a per-head config given to ``mi_compile.backend({"config": ..., "min
 ``dense``     every head dense (the reference: same graph, same op, full causal attention)
 ``default``   ``vertical_slash(1000, 6096)`` everywhere (MInference's default budget)
 ``searched``  a config file (``--searched``; by default the project's config for the model, when
-              it exists: :data:`SEARCHED_DEFAULT` for SmolLM2, ``mi_compile/configs/<model>_128k.json``
+              it exists: :data:`SEARCHED_DEFAULT` for SmolLM2, ``mi_compile/configs/<model>-128k.json``
               for the others)
 extra         ``--configs name=path`` (a JSON config) or ``name=<inline spec>``, e.g.
               ``vs=vertical_slash:100:500``, ``ashape=a_shape:64:512``, ``bs=block_sparse:8``
@@ -82,7 +82,7 @@ _INLINE_PARAMS = {"dense": (), "a_shape": ("sink", "local"), "vertical_slash": (
                   "block_sparse": ("topk",)}
 #: ``min_seq_len`` that keeps the op on its dense (SDPA) path at any length.
 ALWAYS_DENSE = 2**31 - 1
-#: Where the per-model configs ship (package data): ``<model>_128k.json``, ``<model>_32k.json``.
+#: Where the per-model configs ship (package data): ``<model>-128k.json``, ``<model>-32k.json``.
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -133,19 +133,19 @@ def canonical_model_name(name: str) -> str:
 def searched_default(model_name: str = "smollm2", length: int | None = None) -> str:
     """The searched mode's config when none is given: :data:`SEARCHED_DEFAULT` for SmolLM2,
     else the package's config for the model searched at 32K for runs up to 32K (when it
-    exists), else at 128K: ``mi_compile/configs/<model>_32k.json`` / ``<model>_128k.json``
-    (``-32k`` / ``-128k`` spellings too). The 128K path is returned even when it does not
+    exists), else at 128K: ``mi_compile/configs/<model>-32k.json`` / ``<model>-128k.json``
+    (``_32k`` / ``_128k`` spellings too). The 128K path is returned even when it does not
     exist, so that the skip says which file was looked for."""
     key = canonical_model_name(model_name)
     if key == "smollm2":
         return SEARCHED_DEFAULT
     suffixes = (["32k"] if length is not None and length <= 32768 else []) + ["128k"]
     for suffix in suffixes:
-        for sep in ("_", "-"):
+        for sep in ("-", "_"):
             path = PACKAGE_CONFIGS / f"{key}{sep}{suffix}.json"
             if path.exists():
                 return str(path)
-    return str(PACKAGE_CONFIGS / f"{key}_128k.json")
+    return str(PACKAGE_CONFIGS / f"{key}-128k.json")
 
 
 def resolve_modes(names, extra: Optional[dict] = None, searched_path: Optional[str] = None):
@@ -836,7 +836,7 @@ def build_parser():
                         "(vertical_slash:V:S, a_shape:SINK:LOCAL, block_sparse:TOPK, dense)")
     p.add_argument("--searched", default=None,
                    help=f"config for the searched mode (default: {SEARCHED_DEFAULT} for smollm2, "
-                        "mi_compile/configs/<model>_32k.json up to 32K or <model>_128k.json for other models)")
+                        "mi_compile/configs/<model>-32k.json up to 32K or <model>-128k.json for other models)")
     p.add_argument("--haystack", choices=("auto",) + T.HAYSTACKS, default="auto",
                    help="task haystack: noise (the first version) or python (source code); auto: noise for "
                         "smollm2, python otherwise")
