@@ -55,11 +55,27 @@ def _plot(argv):
     return plot_main(argv)
 
 
+USAGE = """usage: python -m mi_compile {demo,explain,search,plot} [options]
+
+  demo      fetch SmolLM2-135M, compile it with backend="minference", answer a long-prompt question
+  explain   trace a model through the backend's passes and print one row per attention call
+  search    search per-head sparse patterns for a model offline
+  plot      plot a search's results
+
+-h after a command lists its options."""
+
+
 def main(argv=None):
+    """Run a verb; no verb or an unknown one prints the usage (exit 2), -h / --help prints it (exit 0)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"demo": None, "explain": _explain, "search": _search, "plot": _plot}
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
     if not argv or argv[0] not in commands:
-        print("usage: python -m mi_compile {demo,explain,search,plot} [options]   (-h after a command for its options)")
+        if argv:
+            print(f"python -m mi_compile: unknown command {argv[0]!r}", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "demo":

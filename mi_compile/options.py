@@ -8,7 +8,8 @@ config          per-head pattern config: a path to a JSON file (our format or MI
                 default policy (every head vertical_slash(1000, 6096)), logged.
 min_seq_len     prompts shorter than this run dense attention inside the op (sparse
                 attention does not pay off on short prompts). Default 65536 (measured, see README).
-dense_layers    layer indices to leave dense (the original SDPA call is kept), e.g. [0, 1].
+dense_layers    layer indices to leave dense (the original SDPA call is kept), e.g. [0, 1];
+                an index past the model's last layer is an error once the graph shows it.
 dump_dir        write each graph before/after the passes (readable code) and the explain
                 table there; the same artifacts always go to TORCH_TRACE / tlparse.
 mode            an Inductor mode, as ``torch.compile(mode=...)`` takes it ("default",
@@ -25,6 +26,9 @@ import os
 from typing import Any, Optional
 
 from .kernels.op import DEFAULT_MIN_SEQ_LEN
+
+
+MAX_MIN_SEQ_LEN = 2**31 - 1   # no prompt is longer; larger values overflow the op's int argument
 
 
 class OptionsError(ValueError):
@@ -80,11 +84,13 @@ class BackendOptions:
         if cfg is not None and not isinstance(cfg, (str, os.PathLike, dict, list)):
             raise OptionsError(f"option 'config' must be a path, a dict or a list, got {type(cfg).__name__}")
         msl = opts.get("min_seq_len", DEFAULT_MIN_SEQ_LEN)
-        if isinstance(msl, bool) or not isinstance(msl, int) or msl < 0:
-            raise OptionsError(f"option 'min_seq_len' must be an int >= 0, got {msl!r}")
+        if isinstance(msl, bool) or not isinstance(msl, int) or not 0 <= msl <= MAX_MIN_SEQ_LEN:
+            raise OptionsError(f"option 'min_seq_len' must be an int >= 0 and <= 2**31 - 1, got {msl!r}")
         dl = opts.get("dense_layers", ())
-        if isinstance(dl, int) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in dl):
-            raise OptionsError(f"option 'dense_layers' must be a list of layer indices >= 0, got {dl!r}")
+        if (not isinstance(dl, (list, tuple, set, frozenset, range))
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in dl)):
+            raise OptionsError(f"option 'dense_layers' must be a list of layer indices >= 0 "
+                               f"(leave it out or give [] for none), got {dl!r}")
         opts["dense_layers"] = tuple(dl)
         dd = opts.get("dump_dir")
         if dd is not None and not isinstance(dd, (str, os.PathLike)):

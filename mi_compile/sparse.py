@@ -69,12 +69,13 @@ def _decode_patterns(heads: tuple) -> tuple:
 def _validate(q, k, v, heads, seq_start, seq_len, check_v=True) -> tuple:
     """Check shapes, dtypes and heads; returns the heads as a tuple of HeadPattern.
 
-    Checked once per distinct signature (shapes, dtypes, head count, sequence-table shapes):
+    Checked once per distinct signature (shapes, dtypes, devices, head count, the sequence
+    tables' shapes, dtypes and devices; never their values, see :func:`_check_sequence_values`):
     a compiled model calls the op with the same few signatures over and over. (The heads
     themselves are checked when first decoded.)"""
     heads = _as_patterns(heads)
     key = (q.shape, k.shape, v.shape if check_v else None, q.dtype, k.dtype, v.dtype if check_v else None,
-           len(heads), None if seq_start is None else seq_start.shape, None if seq_len is None else seq_len.shape)
+           q.device, len(heads), *(None if t is None else (t.shape, t.dtype, t.device) for t in (seq_start, seq_len)))
     if key in _VALIDATED:
         return heads
     _check_inputs(q, k, v, heads, seq_start, seq_len, check_v)
@@ -110,8 +111,50 @@ def _check_inputs(q, k, v, heads, seq_start, seq_len, check_v):
     if len(heads) != Hq:
         raise ValueError(f"got {len(heads)} head patterns for {Hq} query heads")
     for name, t in (("seq_start", seq_start), ("seq_len", seq_len)):
-        if t is not None and (t.dim() != 1 or t.shape[0] != B):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != B:
             raise ValueError(f"{name} must have shape [B] = [{B}], got {tuple(t.shape)}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor (int32), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}; they must be on the same device")
+
+
+def _check_sequence_values(q, seq_start, seq_len) -> None:
+    """Raise ValueError unless every sequence ``[start, start + len)`` lies inside ``[0, n)``.
+
+    The values live on the device, so this costs one host sync; it runs in the public entry
+    points only (never cached: values are not part of a signature). The compiled op derives
+    the ranges from a padding mask itself and skips it. Out-of-range values would make the
+    kernels read and write out of bounds. While a CUDA graph is being captured the check is a
+    ``torch._assert_async`` instead (no sync)."""
+    if seq_start is None and seq_len is None:
+        return
+    n = q.shape[2]
+    start = None if seq_start is None else seq_start.to(torch.int64)
+    length = None if seq_len is None else seq_len.to(torch.int64)
+    if start is None:
+        start = torch.zeros_like(length)
+    if length is None:
+        length = n - start
+    checks = (("seq_start", start, start < 0, "must be >= 0"),
+              ("seq_start", start, start > n, f"must be <= n = {n}"),
+              ("seq_len", length, length < 0, "must be >= 0"),
+              ("seq_start + seq_len", start + length, start + length > n, f"must be <= n = {n}"))
+    bad = torch.stack([c[2] for c in checks])
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        torch._assert_async(~bad.any(), "mi_compile.sparse_attention: seq_start/seq_len out of range "
+                            f"(need 0 <= seq_start, 0 <= seq_len, seq_start + seq_len <= n = {n})")
+        return
+    if not bool(bad.any()):
+        return
+    for name, values, fails, rule in checks:
+        if bool(fails.any()):
+            b = int(fails.nonzero()[0, 0])
+            extra = (f" (seq_start {int(start[b])}, seq_len {int(length[b])})"
+                     if name == "seq_start + seq_len" else "")
+            raise ValueError(f"{name} {rule}; got {int(values[b])} for sequence {b}{extra}")
 
 
 def _scale(q, scale) -> float:
@@ -133,6 +176,7 @@ def build_sparse_index(q, k, heads, *, scale=None, seq_start=None, seq_len=None,
     ``vs_selection=(keys, offsets)`` (int tensors ``[B, Hq, *]``) gives vertical-slash heads an
     explicit selection instead of the estimate (timing on a fixed index)."""
     heads = _validate(q, k, None, heads, seq_start, seq_len, check_v=False)
+    _check_sequence_values(q, seq_start, seq_len)
     return _build(q, k, heads, _scale(q, scale), seq_start, seq_len, vs_selection)
 
 
@@ -145,8 +189,23 @@ def sparse_attention_from_index(q, k, v, index: SparseIndex, *, scale=None, impl
     if _pick_impl(q, impl) == "reference":
         res = reference_attention(q, k, v, index, scale).to(q.dtype)
         return res if out is None else out.copy_(res)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise NotImplementedError(
+            "mi_compile.sparse_attention with impl='triton' is inference-only (the kernels have no "
+            "backward, the output would silently carry no gradient); run it under torch.no_grad() / "
+            "torch.inference_mode(), detach the inputs, or use impl='reference' to differentiate")
     from .kernels.sparse_attention import sparse_attention_from_index as run_kernel
+    if _interpreter_bf16(q):
+        res = run_kernel(q.float(), k.float(), v.float(), index, scale).to(q.dtype)
+        return res if out is None else out.copy_(res)
     return run_kernel(q, k, v, index, scale, out=out)
+
+
+def _interpreter_bf16(q) -> bool:
+    """True for bf16 CPU tensors under ``TRITON_INTERPRET=1``: Triton's interpreter computes
+    bf16 wrongly (values ~1e9), so such calls run the kernels in float32 (bf16 converts to
+    float32 exactly) and cast the result back."""
+    return q.dtype == torch.bfloat16 and not q.is_cuda
 
 
 def _pick_impl(q, impl: str) -> str:
@@ -176,10 +235,23 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (triton on CUDA or under ``TRITON_INTERPRET=1``, else reference). Returns q's dtype, in
     ``out`` when given (q's shape and dtype, last dim contiguous, any layout).
 
-    Sync-free and CUDA-graph capturable on GPU; extra memory O(n) per head (the estimate's
-    float32 buffer is chunked to ~256 MiB). Inputs are validated once per signature, the
-    heads' static tables built once per layer (``mi_compile.patterns.index.index_plan``).
+    Sync-free and CUDA-graph capturable on GPU, except that given ``seq_start``/``seq_len``
+    are range-checked (``0 <= start``, ``0 <= len``, ``start + len <= n``; a ValueError
+    otherwise) with one host sync, or a ``torch._assert_async`` while a CUDA graph is being
+    captured. Extra memory O(n) per head (the estimate's float32 buffer is chunked to ~256
+    MiB). Inputs are validated once per signature, the heads' static tables built once per
+    layer (``mi_compile.patterns.index.index_plan``). The Triton path is inference-only
+    (NotImplementedError when an input requires grad in grad mode); bf16 under Triton's
+    interpreter runs the kernels in float32 and casts back.
     """
+    heads = _validate(q, k, v, heads, seq_start, seq_len)
+    _check_sequence_values(q, seq_start, seq_len)
+    return _sparse_attention(q, k, v, heads, scale, seq_start, seq_len, impl, out)
+
+
+def _sparse_attention(q, k, v, heads, scale, seq_start, seq_len, impl, out):
+    """:func:`sparse_attention` without the value check of ``seq_start`` / ``seq_len`` (a host
+    sync): the compiled op calls this with ranges it derived from a padding mask itself."""
     heads = _validate(q, k, v, heads, seq_start, seq_len)
     impl = _pick_impl(q, impl)
     scale = _scale(q, scale)
@@ -205,7 +277,10 @@ def index_density(index: SparseIndex, q, k, v=None) -> torch.Tensor:
     causal = (length * (length + 1) / 2).clamp(min=1)[:, None]
     if q.is_cuda or _interpreting():
         from .kernels.sparse_attention import count_pairs_per_head
-        pairs = count_pairs_per_head(q, k, k if v is None else v, index)
+        v = k if v is None else v
+        if _interpreter_bf16(q):
+            q, k, v = q.float(), k.float(), v.float()
+        pairs = count_pairs_per_head(q, k, v, index)
     else:
         from .patterns.index import head_selection_mask
         pairs = torch.stack([head_selection_mask(index, h).sum((1, 2)) for h in range(len(index.heads))], 1)

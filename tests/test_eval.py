@@ -262,7 +262,10 @@ def test_harness_smoke(smollm2, tmp_path):
         s = rep["summary"][mode]["1024"]
         assert set(s["tasks"]) == set(T.TASKS)
         assert {"accuracy", "density", "top1_agreement", "kl_mean"} <= set(s)
-        assert 0.0 < s["density"] <= 1.0
+        assert s["density"] > 0.0
+    # computed density counts the tiles walked: dense is 1; at 1K tokens the default policy
+    # (1000 columns, 6096 diagonals) also walks column tiles its diagonals already cover
+    assert rep["summary"]["dense"]["1024"]["density"] == 1.0
     assert rep["summary"]["dense"]["1024"]["top1_agreement"] == 1.0
     # two natural documents per length, each run through every mode in turn (dense first) and
     # compared with its own dense run, then averaged
@@ -273,8 +276,9 @@ def test_harness_smoke(smollm2, tmp_path):
         sum(n["top1_agreement"] for n in docs) / 2)
     assert rep["summary"]["default"]["1024"]["top1_min"] == min(n["top1_agreement"] for n in docs)
     assert "doc 1" in H.format_table(rep)
-    # At 1K the default budget (slash 6096) covers every diagonal: dense in effect.
-    assert rep["summary"]["default"]["1024"]["density"] == pytest.approx(1.0)
+    # At 1K the default budget (slash 6096) covers every diagonal, so it selects every pair,
+    # and its 936 extra columns add tiles on top: more kernel work than dense
+    assert rep["summary"]["default"]["1024"]["density"] > 1.0
     assert rep["summary"]["default"]["1024"]["top1_agreement"] > 0.99
     H.plot(rep, tmp_path / "r.png")
 

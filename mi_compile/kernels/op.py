@@ -129,15 +129,15 @@ def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_le
         raise ValueError(f"mi_compile.sparse_attention is for prefill: query length {n_q} != key length {n_k}")
     if n_q < max(int(min_seq_len), 1):
         return dense_attention(q, k, v, scale, key_padding_mask, window)
-    from ..sparse import sparse_attention  # the Triton kernels and their PyTorch reference
+    from ..sparse import _sparse_attention  # the Triton kernels and their PyTorch reference
 
     seq_start = seq_len = None
     if key_padding_mask is not None:
         seq_start, seq_len = padding_to_ranges(key_padding_mask)
     impl = "triton" if q.is_cuda else _cpu_impl()
-    # heads stay the flat int list: mi_compile.sparse decodes each distinct list once
-    return sparse_attention(q, k, v, heads, scale=scale, seq_start=seq_start, seq_len=seq_len, impl=impl,
-                            out=out)
+    # heads stay the flat int list: mi_compile.sparse decodes each distinct list once. The
+    # ranges come from the padding mask, so they are valid: no value check (a host sync) here.
+    return _sparse_attention(q, k, v, heads, scale, seq_start, seq_len, impl, out)
 
 
 # Registered with torch.library.Library rather than torch.library.custom_op: custom_op wraps

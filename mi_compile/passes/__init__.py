@@ -62,6 +62,20 @@ def _whole_model_layers(gm: torch.fx.GraphModule, sites: list[AttentionSite]) ->
     return None
 
 
+def _check_dense_layers(options, num_layers: int | None) -> None:
+    """Option ``dense_layers`` must name layers the model has (checked once the graph shows
+    the whole decoder stack, the only place the layer count is known): a typo would otherwise
+    silently leave nothing dense."""
+    if num_layers is None:
+        return
+    extra = sorted(i for i in options.dense_layers if i >= num_layers)
+    if extra:
+        from ..options import OptionsError
+
+        raise OptionsError(f"option 'dense_layers' names layer(s) {extra}, the model has {num_layers} "
+                           f"layers (0..{num_layers - 1})")
+
+
 def _structured_trace_on() -> bool:
     try:
         from torch._logging._internal import trace_log
@@ -81,8 +95,10 @@ def run_passes(gm: torch.fx.GraphModule, options, config, graph_id: int = 0, kee
     ClassifyMaskPass()(gm, sites)
     UndoRepeatKVPass()(gm, sites)
     q_heads = {s.q_heads for s in sites if isinstance(s.q_heads, int)}
+    num_layers = _whole_model_layers(gm, sites)
+    _check_dense_layers(options, num_layers)
     if len(q_heads) == 1:
-        config.check_model(_whole_model_layers(gm, sites), q_heads.pop())
+        config.check_model(num_layers, q_heads.pop())
     RewriteAttentionPass(options, config)(gm, sites)
     report = PassReport(graph_id=graph_id, sites=sites, config_source=config.source,
                         default_policy=config.is_default_policy, before_code=before,

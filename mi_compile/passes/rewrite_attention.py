@@ -23,14 +23,52 @@ import operator
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..patterns.spec import HeadPattern, encode_heads
+from ..sparse import MAX_HEAD_DIM, MIN_HEAD_DIM, SUPPORTED_DTYPES
+from .classify_mask import _sym_expr
 from .find_attention import sdpa_arg
 from .site import AttentionSite
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD_DIM = 256
+
+def _example(node):
+    val = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def kernel_limits_reason(site: AttentionSite) -> str:
+    """Why the sparse kernels cannot take this call (head_dim, dtype), or "" if they can.
+
+    Checked at trace time so such a call stays dense instead of failing on the first long
+    prompt inside the op."""
+    d = site.head_dim
+    if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM) or d % 8:
+        return (f"head_dim {d} unsupported by the sparse kernels "
+                f"(need {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, a multiple of 8)")
+    q = _example(sdpa_arg(site.node, "query"))
+    if q is not None and q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} unsupported by the sparse kernels (need float16, bfloat16 or float32)"
+    return ""
+
+
+def lengths_reason(site: AttentionSite) -> str:
+    """Why query and key lengths may differ (then the call is not a prefill), or "".
+
+    ``is_causal=True`` with a shorter query aligns the mask top-left in PyTorch, which the op
+    does not compute; symbolic lengths count as equal only when the shape environment knows
+    they are (the same symbol, as when q and k come from one hidden state)."""
+    q, k = _example(sdpa_arg(site.node, "query")), _example(sdpa_arg(site.node, "key"))
+    if q is None or k is None or q.dim() != 4 or k.dim() != 4:
+        return "query/key shapes unknown"
+    nq, nk = _sym_expr(q.shape[2]), _sym_expr(k.shape[2])
+    if nq == nk or statically_known_true(q.shape[2] == k.shape[2]):   # no guard added
+        return ""
+    if isinstance(nq, int) and isinstance(nk, int):
+        return f"query length {nq} != key length {nk} (not a prefill)"
+    return f"query length {nq} may differ from key length {nk} (not provably a prefill)"
 
 
 # Python's in-place operators (``x += y`` on a tensor mutates it); ``operator.and_`` and the
@@ -88,8 +126,9 @@ class RewriteAttentionPass:
             return site.keep_dense("head counts or head_dim are symbolic")
         if site.q_heads % site.kv_heads:
             return site.keep_dense(f"{site.q_heads} query heads not a multiple of {site.kv_heads} KV heads")
-        if site.head_dim > MAX_HEAD_DIM:
-            return site.keep_dense(f"head_dim {site.head_dim} > {MAX_HEAD_DIM}")
+        reason = kernel_limits_reason(site) or lengths_reason(site)
+        if reason:
+            return site.keep_dense(reason)
         if site.layer is None:
             return site.keep_dense("layer index not found in nn_module_stack")
         if site.layer in self.options.dense_layers:

@@ -51,7 +51,7 @@ def _site_scale(site) -> float | None:
     return None
 
 
-ALWAYS_DENSE = 2**62
+ALWAYS_DENSE = 2**31 - 1   # the largest option min_seq_len: no prompt reaches it
 
 
 def capture_qk(model, input_ids: torch.Tensor, *, min_seq_len: int = ALWAYS_DENSE, **forward_kwargs) -> Capture:
