@@ -21,7 +21,16 @@ def _mask_text(site) -> str:
     return text
 
 
-def format_table(sites, config_source: str = "") -> str:
+def threshold_line(min_seq_len: int, length: int | None = None) -> str:
+    """What ``min_seq_len`` means for the rewritten calls (and for an input of ``length`` tokens)."""
+    line = f"min_seq_len {min_seq_len}: prompts shorter than this run dense attention inside the op"
+    if length is not None:
+        line += (f"; this input ({length} tokens) runs "
+                 + ("the sparse patterns" if length >= max(min_seq_len, 1) else "dense"))
+    return line
+
+
+def format_table(sites, config_source: str = "", threshold: str = "") -> str:
     header = ("layer", "module", "heads", "kv", "mask", "gqa", "action", "patterns / reason")
     rows = []
     for s in sites:
@@ -37,19 +46,24 @@ def format_table(sites, config_source: str = "") -> str:
     lines.extend(fmt.format(*r) for r in rows)
     n_sparse = sum(s.action == "sparse" for s in sites)
     lines.append(f"{len(sites)} attention call(s): {n_sparse} sparse, {len(sites) - n_sparse} dense")
+    if threshold and n_sparse:
+        lines.append(threshold)
     return "\n".join(lines)
 
 
 @dataclasses.dataclass
 class ExplainResult:
     reports: list
+    min_seq_len: int | None = None
+    length: int | None = None        # the traced input's sequence length, when known
 
     @property
     def sites(self):
         return [s for r in self.reports for s in r.sites]
 
     def table(self) -> str:
-        return "\n\n".join(format_table(r.sites, r.config_source) for r in self.reports)
+        threshold = "" if self.min_seq_len is None else threshold_line(self.min_seq_len, self.length)
+        return "\n\n".join(format_table(r.sites, r.config_source, threshold) for r in self.reports)
 
     def __str__(self) -> str:
         return self.table()
@@ -65,4 +79,6 @@ def explain(model, *args, options: dict | None = None, dynamic=None, **kwargs) -
     compiled = torch.compile(model, backend=backend, dynamic=dynamic)
     with torch.no_grad():
         compiled(*args, **kwargs)
-    return ExplainResult(list(backend.reports))
+    ids = args[0] if args else kwargs.get("input_ids")
+    length = int(ids.shape[-1]) if isinstance(ids, torch.Tensor) and ids.dim() >= 1 else None
+    return ExplainResult(list(backend.reports), backend.options.min_seq_len, length)

@@ -34,10 +34,12 @@ def is_sdpa(node: torch.fx.Node) -> bool:
 
 
 def _clean_path(path: str) -> str:
-    """``L['self'].model.layers[3].self_attn`` -> ``model.layers.3.self_attn``."""
+    """``L['self'].model.layers[3].self_attn`` (or, on newer torch, ``L['args'][0].model...``)
+    -> ``model.layers.3.self_attn``: the path as the user's module names it."""
     path = re.sub(r"^L\['self'\]\.?", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"^L\.(?:self|args\.\d+)(?:\.|$)", "", path)
     return path.lstrip(".")
 
 
