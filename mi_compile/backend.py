@@ -56,7 +56,8 @@ class MInferenceBackend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         if any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs) and torch.is_grad_enabled():
-            log.warning("mi_compile: graph needs gradients; sparse attention is inference-only, graph left as is")
+            log.warning("mi_compile: graph needs gradients; sparse attention is inference-only, graph left as is "
+                        "(call the model under torch.no_grad() or torch.inference_mode() for sparse attention)")
             report = None
         else:
             report = run_passes(gm, self.options, self.config, graph_id=next(_graph_ids), keep_code=self.keep_code)

@@ -529,7 +529,12 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | t
     if key in _LOADERS:
         return globals()[_LOADERS[key]](**common, cache_dir=cache_dir, download=download)
     if name.startswith("tiny:"):
-        model = tiny_model(name.split(":", 1)[1])
+        family = name.split(":", 1)[1]
+        try:
+            model = tiny_model(family)
+        except (ValueError, KeyError):
+            raise ValueError(f"unknown model family {family!r} for tiny:<family>; tested: "
+                             + ", ".join(TINY_FAMILIES)) from None
         if attn_implementation != "sdpa":
             model.set_attn_implementation(attn_implementation)
         return model.to(device=device, dtype=dtype), None

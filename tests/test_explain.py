@@ -1,4 +1,5 @@
 """The explain table: module paths as the user names them, and what min_seq_len means for an input."""
+import pytest
 import torch
 
 import mi_compile
@@ -24,3 +25,40 @@ def test_explain_states_the_threshold_for_this_input():
     long = mi_compile.explain(model, ids, options={"min_seq_len": 64}).table()
     assert "this input (96 tokens) runs the sparse patterns" in long
     torch._dynamo.reset()
+
+
+def test_eager_attention_models_are_told_why_nothing_is_sparse(caplog):
+    model = tiny_model("llama")
+    model.set_attn_implementation("eager")
+    with caplog.at_level("WARNING", logger="mi_compile"):
+        result = mi_compile.explain(model, torch.randint(3, 100, (1, 32)))
+    torch._dynamo.reset()
+    assert not result.sites
+    assert any('attn_implementation="sdpa"' in r.getMessage() for r in caplog.records)
+
+
+def test_search_summary_says_when_the_budget_was_exceeded():
+    from mi_compile.search import choose_config
+    from mi_compile.search.search import SearchReport
+    from mi_compile.patterns.spec import HeadPattern
+    cands = [HeadPattern("a_shape", sink=64, local=64), HeadPattern("dense")]
+    scored = SearchReport(model="m", n=256, budget=0.5, seed=0, score_queries=64, sample_queries=0,
+                          candidates=cands, heads=[], skipped_layers={},
+                          recall={0: torch.tensor([[0.9], [1.0]], dtype=torch.float64)},
+                          density={0: torch.tensor([[0.6], [1.0]], dtype=torch.float64)})
+    _, report = choose_config(scored, 0.05, allocate="global")
+    assert "> 0.05 (even the cheapest candidates exceed the budget)" in report.table()
+    _, report = choose_config(scored, 0.7, allocate="global")
+    assert "<= 0.7" in report.table()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--length", "0"], "--length: expected a positive integer, got 0"),
+    (["--dense-layers", "0,x"], "--dense-layers: expected comma-separated layer indices"),
+    (["--model", "tiny:bogus"], "unknown model family 'bogus'"),
+])
+def test_explain_cli_rejects_bad_values_cleanly(args, message, capsys):
+    from mi_compile.__main__ import main
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--model", "tiny:llama", *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -76,6 +76,15 @@ def _check_dense_layers(options, num_layers: int | None) -> None:
                            f"layers (0..{num_layers - 1})")
 
 
+def _has_attention_modules(gm: torch.fx.GraphModule) -> bool:
+    """Whether any node was traced inside a module whose class name ends in ``Attention``."""
+    for node in gm.graph.nodes:
+        for _, mtype in (node.meta.get("nn_module_stack") or {}).values():
+            if getattr(mtype, "__name__", str(mtype)).endswith("Attention"):
+                return True
+    return False
+
+
 def _structured_trace_on() -> bool:
     try:
         from torch._logging._internal import trace_log
@@ -92,6 +101,9 @@ def run_passes(gm: torch.fx.GraphModule, options, config, graph_id: int = 0, kee
         keep_code = bool(options.dump_dir) or _structured_trace_on()
     before = gm.print_readable(print_output=False) if keep_code else ""
     sites = FindAttentionPass()(gm)
+    if not sites and _has_attention_modules(gm):
+        log.warning("mi_compile: graph %d has attention modules but no scaled_dot_product_attention call, so "
+                    "nothing can be made sparse; load the model with attn_implementation=\"sdpa\"", graph_id)
     ClassifyMaskPass()(gm, sites)
     UndoRepeatKVPass()(gm, sites)
     q_heads = {s.q_heads for s in sites if isinstance(s.q_heads, int)}

@@ -111,8 +111,11 @@ class SearchReport:
             lines.append(f"  mean relative squared output error {self.mean_error:.3g} (max "
                          f"{max(h.error for h in self.heads):.3g})")
         if self.allocate == "global":
+            within = self.mean_density <= self.budget + 1e-12
             lines.append(f"  min recall {min((h.recall for h in self.heads), default=0):.4f}; budget shared by all "
-                         f"heads: mean density {self.mean_density:.4f} <= {self.budget:g}")
+                         f"heads: mean density {self.mean_density:.4f} "
+                         + (f"<= {self.budget:g}" if within else
+                            f"> {self.budget:g} (even the cheapest candidates exceed the budget)"))
         else:
             over = sum(h.density > self.budget for h in self.heads)
             lines.append(f"  min recall {min((h.recall for h in self.heads), default=0):.4f}; "
