@@ -51,7 +51,7 @@ Top-level keys (no others are allowed):
     that has no entry of its own. A config needs ``layers`` or ``default`` (or both).
 
 A head entry is an object with ``"pattern"`` and exactly that pattern's parameters, all
-non-negative ints:
+ints in ``0 .. 2**31 - 1``:
 
 =====================  ==============================  =========================================
 ``pattern``            parameters                      meaning
@@ -350,7 +350,13 @@ def _check_size(source: str, name: str, value: Any, layer: Any, head: Any) -> in
 
 
 def _check_score(source: str, value: Any, layer: Any, head: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        try:
+            ok = math.isfinite(float(value))
+        except OverflowError:  # an int too large for a float (JSON allows any size)
+            ok = False
+    if not ok:
         raise _error(source, f"score must be a finite number, got {value!r}", layer, head)
     return float(value)
 
@@ -366,9 +372,9 @@ def _parse_entry(source: str, entry: Any, layer: Any, head: Any, allow_score: bo
     if "pattern" not in entry:
         raise _error(source, f"missing 'pattern' (one of {sorted(PATTERN_IDS)})", layer, head)
     kind = entry["pattern"]
-    if kind not in PATTERN_IDS:
+    if not isinstance(kind, str) or kind not in PATTERN_IDS:
         hint = ""
-        if kind in MINFERENCE_NAMES:
+        if isinstance(kind, str) and kind in MINFERENCE_NAMES:
             hint = f" ({kind!r} is MInference's name; here it is {MINFERENCE_NAMES[kind]!r})"
         raise _error(source, f"unknown pattern {kind!r}; expected one of "
                      f"{sorted(PATTERN_IDS)}{hint}", layer, head)
@@ -480,7 +486,7 @@ def _from_minference(source: str, doc: list) -> SparseConfig:
                 raise _error(source, "expected [pattern, vertical_size, slash_size, score], "
                              f"got {entry!r}", layer, head)
             name, vertical, slash = entry[:3]
-            if name not in MINFERENCE_NAMES:
+            if not isinstance(name, str) or name not in MINFERENCE_NAMES:
                 raise _error(source, f"unknown pattern {name!r}; expected one of "
                              f"{sorted(MINFERENCE_NAMES)}", layer, head)
             vertical = _check_size(source, "vertical_size", vertical, layer, head)

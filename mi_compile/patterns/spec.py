@@ -34,6 +34,8 @@ PATTERN_PARAMS = {
     "block_sparse": ("topk",),
 }
 INTS_PER_HEAD = 4
+# Parameters travel to the kernels as int32 (a value past n means "all of them").
+MAX_PARAM = 2**31 - 1
 
 
 class PatternError(ValueError):
@@ -57,8 +59,8 @@ class HeadPattern:
                 f"unknown pattern {self.kind!r}; expected one of {sorted(PATTERN_IDS)}")
         for name in ("sink", "local", "vertical", "slash", "topk"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise PatternError(f"{self.kind}: {name} must be a non-negative int, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_PARAM:
+                raise PatternError(f"{self.kind}: {name} must be an int in 0..2**31 - 1, got {value!r}")
             if value and name not in PATTERN_PARAMS[self.kind]:
                 raise PatternError(f"{self.kind} takes no parameter {name!r}")
         if self.kind == "a_shape" and self.sink + self.local == 0:
