@@ -15,6 +15,21 @@ import torch  # noqa: E402
 DATA = pathlib.Path(__file__).parent / "data"
 
 
+@pytest.fixture(scope="session")
+def benchmark_module():
+    """``load(name)``: the script ``benchmarks/<name>.py`` imported as a module (the benchmarks
+    are scripts, not a package), for tests of their pure parts."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}",
+                                                      DATA.parent.parent / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
+
+
 @pytest.fixture
 def minference_llama_config():
     return DATA / "Llama_3.1_8B_Instruct_128k_kv_out_v32_fit_o_best_pattern.json"

@@ -2,22 +2,16 @@
 weights, no tokenizer), including YaRN past its native context, and its helpers."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def e2e():
-    spec = importlib.util.spec_from_file_location("e2e_bench", ROOT / "benchmarks" / "e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def e2e(benchmark_module):
+    return benchmark_module("e2e")
 
 
 def test_measure_order_and_args(e2e):

@@ -1,6 +1,5 @@
 """Qwen2.5-Coder-1.5B: joining its split GGUF (fake parts), the device join, YaRN, --model names."""
 import hashlib
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -195,11 +194,8 @@ def test_qwen_spec_matches_the_published_file():
 
 # ---------------------------------------------------------------- the device join
 @pytest.fixture(scope="module")
-def device_model():
-    spec = importlib.util.spec_from_file_location("device_model", ROOT / "benchmarks" / "device_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def device_model(benchmark_module):
+    return benchmark_module("device_model")
 
 
 def test_device_join_in_order_repeated_and_out_of_order(tmp_path, device_model):

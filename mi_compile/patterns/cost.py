@@ -39,13 +39,18 @@ def _ceil_div(x: torch.Tensor, d: int) -> torch.Tensor:
     return (x + (d - 1)) // d
 
 
+def _kernel_width(name: str, value: int | None) -> int:
+    """``value``, or the kernel's configured tile width ``name`` (``block_n`` / ``block_c``)."""
+    if value is not None:
+        return value
+    from ..kernels.sparse_attention import KERNEL_CONFIG
+    return KERNEL_CONFIG[name]
+
+
 def tile_pairs_per_block(index: SparseIndex, block_n: int | None = None,
                          block_c: int | None = None) -> torch.Tensor:
     """int64 ``[B, H, NQB]``: pairs of the tiles visited per 64-row query block (0 past the end)."""
-    if block_n is None or block_c is None:
-        from ..kernels.sparse_attention import KERNEL_CONFIG
-        block_n = KERNEL_CONFIG["block_n"] if block_n is None else block_n
-        block_c = KERNEL_CONFIG["block_c"] if block_c is None else block_c
+    block_n, block_c = _kernel_width("block_n", block_n), _kernel_width("block_c", block_c)
     nqb = index.num_query_blocks
     dev = index.prefix.device
     m0 = torch.arange(nqb, device=dev, dtype=torch.int64) * BLOCK                     # [NQB]
@@ -67,9 +72,7 @@ def computed_pairs(index: SparseIndex) -> torch.Tensor:
 def dense_pairs(seq_len: torch.Tensor, block_n: int | None = None) -> torch.Tensor:
     """int64 ``[B]``: pairs of the tiles a dense head visits for sequences of ``seq_len``
     tokens (every prefix tile below each 64-row block, plus its diagonal tile)."""
-    if block_n is None:
-        from ..kernels.sparse_attention import KERNEL_CONFIG
-        block_n = KERNEL_CONFIG["block_n"]
+    block_n = _kernel_width("block_n", block_n)
     length = seq_len.long()
     nqb = _ceil_div(length, BLOCK)
     top = int(nqb.max()) if nqb.numel() else 0
