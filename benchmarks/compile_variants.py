@@ -47,7 +47,7 @@ def binaries(kernel) -> int:
 
 def drop_specialization_marks():
     """Undo the kernels' ``do_not_specialize`` marks (before their first launch), so that
-    Triton specialises every integer argument again: the "before" of NOTES step 7."""
+    Triton specialises every integer argument again: the "before" of the do_not_specialize comparison in docs/kernels.md."""
     for kern in (K._sparse_attention_kernel, K._wide_attention_kernel):
         for p in kern.params:
             p.do_not_specialize = False

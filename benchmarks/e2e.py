@@ -735,6 +735,41 @@ def make_model_mode(mode: str, model, args):
     return fn, (lambda: len(be.reports))
 
 
+def profile_modes(args, dev: Dev, rec: Recorder, fns: dict, plan: dict, current, native: int, tok, vocab: int):
+    """``--profile``: one more call per listed mode at the longest length, under the profiler
+    (device time per kernel and category) and then with the allocator history (what is live at
+    the peak); text reports to ``--out``, the numbers to the rows."""
+    if not args.profile or not dev.cuda:
+        return
+    from mi_compile.debug import gpu_profile
+    from mi_compile.models import set_yarn
+
+    n = max(args.lengths)
+    if plan[n] != current:
+        set_yarn(fns["eager"], plan[n], original=native)
+    ids, _ = model_input(n, tok, vocab, dev, args.doc_seed)
+    for m in args.profile:
+        if m not in fns or elapsed() > args.budget_s:
+            rec.add(kind="profile", mode=m, n=n, skipped="mode not run" if m not in fns else "time budget spent")
+            continue
+        call = lambda f=fns[m], x=ids: f(x, logits_to_keep=1, use_cache=False)  # noqa: E731
+        with torch.no_grad():
+            try:
+                call()
+                kt = gpu_profile.kernel_times(call)
+                mp = gpu_profile.memory_peak(call, device=dev.device)
+            except Exception as exc:  # noqa: BLE001 -- a profiler failure must not lose the run
+                rec.add(kind="profile", mode=m, n=n, error=err_text(exc))
+                continue
+        text = f"{m} at {n} tokens\n\n{gpu_profile.format_kernel_times(kt)}\n\n{gpu_profile.format_memory_peak(mp)}\n"
+        with open(os.path.join(args.out, f"profile_{m}_{n}.txt"), "w") as f:
+            f.write(text)
+        print(text, flush=True)
+        rec.add(kind="profile", mode=m, n=n, kernels=kt, memory=mp)
+    del ids
+    dev.free()
+
+
 def measure_order(lengths):
     """The shortest length first (every mode compiles there), then the longest first, so that
     a run cut short by its budget still has the long lengths the goals are about."""
@@ -847,6 +882,7 @@ def run_model(args, dev: Dev, rec: Recorder, model, tok, state):
             rec.add(**row)
         del ids
         dev.free()
+    profile_modes(args, dev, rec, fns, plan, current, native, tok, vocab)
     for m in modes:
         if m in counters:
             state["compiles"][m] = dict(compile_s=compile_s.get(m), backend_calls=counters[m](),
@@ -940,6 +976,8 @@ def parse_args(argv=None):
                    f"{','.join(DEFAULT_MODES)}); --model: of {','.join(MODEL_MODES)} and the --configs names "
                    f"(default {','.join(MODEL_DEFAULT_MODES)})")
     p.add_argument("--reps", type=int, default=None, help="timed runs per (mode, length) after warm-up (default 2)")
+    p.add_argument("--profile", default="", help="--model runs on CUDA: comma-separated modes to profile once more at "
+                   "the longest length (kernel time by category, memory live at the peak; profile_<mode>_<n>.txt)")
     p.add_argument("--inductor-max", type=int, default=32768, help="longest prompt for plain torch.compile")
     p.add_argument("--gen-tokens", type=int, default=32, help="greedy decode steps in the generation check (0: skip it)")
     p.add_argument("--gen-length", type=int, default=None, help="prompt length of the generation check (default 32768)")
@@ -964,6 +1002,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.model and a.tiny:
         p.error("--tiny is the random-weight tiny llama; for a tiny model of another family use --model tiny:<family>")
+    a.profile = [m for m in a.profile.split(",") if m]
     a.extra_configs = {}
     for spec in a.configs:
         if "=" not in spec:

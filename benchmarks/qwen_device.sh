@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/qwen_device.sh search     # 128K and 32K searches (scores kept in reports)
 #   bash benchmarks/qwen_device.sh choose B1,B2,...   # configs at these budgets from the 128K scores
+#   bash benchmarks/qwen_device.sh prep|e2e|acc128 [SECONDS]   # one measured lease, three calls
 #
 # Work files live under /root/runs (kept while the machine stays warm); each stage copies what
 # it made to $OUT as one tarball plus its log.
@@ -17,6 +18,12 @@ cd "$(dirname "$0")/.."
 
 SEARCH_ARGS=(--model qwen2.5-coder-1.5b --device cuda --allocate global --objective output
              --early-weight 1 --no-progress)
+# the two 128K configs measured side by side: chosen from the 128K search's saved scores at
+# budgets 0.08 and 0.16 with a recall floor of 0.6 (`search --from-report ... --min-recall 0.6`)
+CFG_FAST=${CFG_FAST:-lease/qwen_128k_b0.08_floor0.6.json}
+CFG_ACCURATE=${CFG_ACCURATE:-lease/qwen_128k_b0.16_floor0.6.json}
+ACC_ARGS=(--model qwen2.5-coder-1.5b --device cuda --order example --docs 1 --no-inductor
+          --tasks passkey,multikey,kv,vartrack --modes dense,searched --searched "$CFG_FAST")
 
 stage=${1:-}
 case "$stage" in
@@ -36,23 +43,59 @@ case "$stage" in
       done
     done
     ;;
-  first)
-    # everything one short lease allows, in one call, each step under the call's deadline
-    # ($2 seconds, default 450): the 128K search (its first model load converts the GGUF),
-    # then eager vs the searched config end to end at 128K
-    deadline=$(( $(date +%s) + ${2:-450} ))
+  freeze)
+    # here, before a lease: a frozen copy of the code (tracked and untracked files, no results)
+    # in lease/src (ignored via .git/info/exclude: `echo /lease/ >> .git/info/exclude`), with
+    # the configs in lease/*.json beside it; device calls carry "lease" and run from lease/src,
+    # so edits made here during the lease do not travel
+    rm -rf lease/src && mkdir -p lease/src/lease
+    git ls-files -co --exclude-standard | grep -v '^benchmarks/results/\|^benchmarks/logs/\|\.png$' \
+      | tar cf - -T - | tar xf - -C lease/src
+    cp lease/*.json lease/src/lease/
+    du -sh lease
+    ;;
+  prep)
+    # one call (deadline $2 s, default 470): gpu_checks.py in the background; the 32K search
+    # (the machine's first model load converts the GGUF); accuracy at 32K and 64K
+    deadline=$(( $(date +%s) + ${2:-470} ))
     left() { echo $(( deadline - $(date +%s) )); }
-    timeout "$(left)" python3 -m mi_compile search "${SEARCH_ARGS[@]}" --length 131072 --budget 0.08 \
-      --out "$RUNS/qwen_131072.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/search_131072.log"
-    tar czf "$OUT/search.tgz" -C "$RUNS" .
-    if [ -f "$RUNS/qwen_131072.json" ] && [ "$(left)" -gt 60 ]; then
-      timeout "$(left)" python3 benchmarks/e2e.py --model qwen2.5-coder-1.5b --config "$RUNS/qwen_131072.json" \
-        --modes eager,searched --lengths 131072 --no-inductor --reps 2 --budget-s "$(( $(left) - 15 ))" \
-        --out "$OUT" 2>&1 | grep -v "it/s\]" | tee "$OUT/e2e_131072.log"
-    fi
+    ( OUT="$RUNS/checks" timeout "$(left)" python3 benchmarks/gpu_checks.py > "$RUNS/gpu_checks.log" 2>&1 ) &
+    checks=$!
+    timeout "$(left)" python3 -m mi_compile search "${SEARCH_ARGS[@]}" --length 32768 --budget 0.2 --min-recall 0.6 \
+      --also-budgets 0.12,0.3 --out "$RUNS/qwen_32768.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/search_32768.log"
+    S32="$RUNS/qwen_32768.json"; [ -f "$S32" ] || S32=vertical_slash:100:800
+    # YaRN factor 4 at both lengths, as in e2e (one compiled graph per mode serves both)
+    timeout "$(left)" python3 benchmarks/accuracy.py "${ACC_ARGS[@]}" --lengths 32768,65536 --yarn 4 --examples 20 \
+      --configs "s16f=$CFG_ACCURATE" "s32=$S32" --budget-s "$(( $(left) - 25 ))" --out "$RUNS/acc_32k_64k.json" 2>&1 \
+      | grep -v "it/s\]" > "$RUNS/acc_32k_64k.log"
+    wait $checks
+    tail -40 "$RUNS/gpu_checks.log"
+    tail -30 "$RUNS/acc_32k_64k.log"
+    tar czf "$OUT/prep.tgz" -C "$RUNS" .
+    ;;
+  e2e)
+    # one call: every mode at 8K-128K with Inductor, one profile at 128K (deadline $2 s, default 500)
+    deadline=$(( $(date +%s) + ${2:-500} ))
+    S32="$RUNS/qwen_32768.json"; extra=(); [ -f "$S32" ] && extra=("s32=$S32")
+    timeout "$(( deadline - $(date +%s) ))" python3 benchmarks/e2e.py --model qwen2.5-coder-1.5b \
+      --config "$CFG_FAST" --configs "s16f=$CFG_ACCURATE" "${extra[@]}" \
+      --modes eager,searched,s16f,minference,attention_floor,inductor --lengths 8192,16384,32768,65536,131072 \
+      --reps 2 --inductor-max 65536 --profile searched,eager --budget-s "$(( deadline - $(date +%s) - 40 ))" --out "$RUNS/e2e" 2>&1 \
+      | grep -v "it/s\]" > "$RUNS/e2e.log"
+    tail -60 "$RUNS/e2e.log"
+    tar czf "$OUT/e2e.tgz" -C "$RUNS" e2e e2e.log
+    ;;
+  acc128)
+    # one call: accuracy at 128K, dense and the two 128K configs (deadline $2 s, default 470)
+    deadline=$(( $(date +%s) + ${2:-470} ))
+    timeout "$(( deadline - $(date +%s) ))" python3 benchmarks/accuracy.py "${ACC_ARGS[@]}" --lengths 131072 \
+      --examples 20 --configs "s16f=$CFG_ACCURATE" --budget-s "$(( deadline - $(date +%s) - 30 ))" --out "$RUNS/acc_128k.json" 2>&1 \
+      | grep -v "it/s\]" > "$RUNS/acc_128k.log"
+    tail -30 "$RUNS/acc_128k.log"
+    tar czf "$OUT/acc128.tgz" -C "$RUNS" acc_128k.json acc_128k.rows.jsonl acc_128k.log $(cd "$RUNS" && ls acc_128k*.png 2>/dev/null)
     ;;
   *)
-    echo "usage: $0 {search|choose B1,B2,...|first [SECONDS]}" >&2
+    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128 [SECONDS]}" >&2
     exit 2
     ;;
 esac

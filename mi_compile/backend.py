@@ -15,6 +15,7 @@ import itertools
 import logging
 
 import torch
+from torch._dynamo.exc import RestartAnalysis
 
 from .kernels import op as _op  # noqa: F401  (registers torch.ops.mi_compile.*)
 from .config import load_config
@@ -55,19 +56,36 @@ class MInferenceBackend:
         return self.options.inductor_patches()
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        """Run the passes on ``gm`` and compile it. Dynamo may call this again for the same frame
+        when compilation restarts its analysis; ``reports`` keeps only graphs actually compiled."""
         if any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs) and torch.is_grad_enabled():
             log.warning("mi_compile: graph needs gradients; sparse attention is inference-only, graph left as is "
                         "(call the model under torch.no_grad() or torch.inference_mode() for sparse attention)")
             report = None
         else:
             report = run_passes(gm, self.options, self.config, graph_id=next(_graph_ids), keep_code=self.keep_code)
-            self.reports.append(report)
-            dump_report(report, self.options.dump_dir)
         if not self.use_inductor:
+            self._record(report)
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs, config_patches=self.inductor_patches())
+        try:
+            compiled = compile_fx(gm, example_inputs, config_patches=self.inductor_patches())
+        except RestartAnalysis:
+            # Dynamo throws this graph away and traces the frame again (e.g. Inductor's float
+            # tensorify pass under dynamic=True), then calls the backend with the new graph: only
+            # that one is compiled, so only it is reported.
+            raise
+        except BaseException:
+            self._record(report)    # a real failure: keep what the passes did for the dump
+            raise
+        self._record(report)
+        return compiled
+
+    def _record(self, report) -> None:
+        if report is not None:
+            self.reports.append(report)
+            dump_report(report, self.options.dump_dir)
 
 
 def backend(options: dict | None = None, *, keep_code: bool | None = None, mode: str | None = None,

@@ -51,7 +51,8 @@ Top-level keys (no others are allowed):
     that has no entry of its own. A config needs ``layers`` or ``default`` (or both).
 
 A head entry is an object with ``"pattern"`` and exactly that pattern's parameters, all
-ints in ``0 .. 2**31 - 1``:
+ints in ``0 .. 2**31 - 1``. The patterns are those of the registry
+(:mod:`mi_compile.patterns.registry`); the built-in ones:
 
 =====================  ==============================  =========================================
 ``pattern``            parameters                      meaning
@@ -104,6 +105,7 @@ import os
 from pathlib import Path
 from typing import Any, Union
 
+from mi_compile.patterns import registry
 from mi_compile.patterns.spec import PATTERN_IDS, PATTERN_PARAMS, HeadPattern, PatternError
 
 __all__ = [
@@ -121,13 +123,9 @@ FORMAT = "mi-compile/v1"
 #: MInference's default budget (also what MInference uses for heads missing from its files).
 DEFAULT_PATTERN = HeadPattern("vertical_slash", vertical=1000, slash=6096)
 
-#: MInference pattern name -> our pattern kind (see the module docstring for the parameters).
-MINFERENCE_NAMES = {
-    "vertical_and_slash": "vertical_slash",
-    "a_shape": "a_shape",
-    "stream_llm": "a_shape",
-    "block_sparse": "block_sparse",
-}
+#: MInference pattern name -> our pattern kind (see the module docstring for the parameters):
+#: a view of the pattern registry (each pattern's ``minference_names``).
+MINFERENCE_NAMES = registry.MINFERENCE_NAMES
 
 _TOP_KEYS = ("format", "model", "num_layers", "num_heads", "default", "layers")
 _WILDCARD = "*"
@@ -492,12 +490,7 @@ def _from_minference(source: str, doc: list) -> SparseConfig:
             vertical = _check_size(source, "vertical_size", vertical, layer, head)
             slash = _check_size(source, "slash_size", slash, layer, head)
             kind = MINFERENCE_NAMES[name]
-            if kind == "vertical_slash":
-                params = {"vertical": vertical, "slash": slash}
-            elif kind == "a_shape":
-                params = {"sink": vertical, "local": slash}
-            else:  # block_sparse: MInference passes vertical_size as the top-k block count
-                params = {"topk": vertical}
+            params = registry.get(kind).from_minference(vertical, slash)
             heads[head] = _make_pattern(source, kind, params, layer, head)
             if len(entry) == 4:
                 scores.setdefault(layer, {})[head] = _check_score(source, entry[3], layer, head)

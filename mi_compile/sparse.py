@@ -24,7 +24,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 __all__ = ["sparse_attention", "selection_mask", "selection_density", "build_sparse_index",
-           "sparse_attention_from_index", "SparseIndex", "HeadPattern"]
+           "sparse_attention_from_index", "check_index", "SparseIndex", "HeadPattern"]
 
 
 def _interpreting() -> bool:
@@ -40,6 +40,11 @@ def _as_patterns(heads) -> tuple:
     """HeadPattern objects, pattern names, or the flat ``int[]`` of :func:`encode_heads`, as a
     tuple of HeadPattern (decoded once per distinct list)."""
     key = tuple(heads)
+    try:
+        hash(key)
+    except TypeError:
+        raise ValueError("heads must be HeadPattern objects, pattern names or an encoded int list; got "
+                         f"unhashable entries ({', '.join(sorted({type(h).__name__ for h in key}))})") from None
     patterns = _PATTERNS.get(key)
     if patterns is None:
         patterns = _decode_patterns(key)
@@ -73,6 +78,9 @@ def _validate(q, k, v, heads, seq_start, seq_len, check_v=True) -> tuple:
     tables' shapes, dtypes and devices; never their values, see :func:`_check_sequence_values`):
     a compiled model calls the op with the same few signatures over and over. (The heads
     themselves are checked when first decoded.)"""
+    _check_tensors(q, k, v, check_v)
+    if isinstance(heads, (str, HeadPattern)) or not hasattr(heads, "__iter__"):
+        raise ValueError(f"heads must be a sequence of HeadPattern (one per query head), got {type(heads).__name__}")
     heads = _as_patterns(heads)
     key = (q.shape, k.shape, v.shape if check_v else None, q.dtype, k.dtype, v.dtype if check_v else None,
            q.device, len(heads), *(None if t is None else (t.shape, t.dtype, t.device) for t in (seq_start, seq_len)))
@@ -83,6 +91,12 @@ def _validate(q, k, v, heads, seq_start, seq_len, check_v=True) -> tuple:
         _VALIDATED.clear()
     _VALIDATED[key] = True
     return heads
+
+
+def _check_tensors(q, k, v, check_v=True) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v))[:3 if check_v else 2]:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
 def _check_inputs(q, k, v, heads, seq_start, seq_len, check_v):
@@ -158,7 +172,35 @@ def _check_sequence_values(q, seq_start, seq_len) -> None:
 
 
 def _scale(q, scale) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    try:
+        value = None if isinstance(scale, (bool, str)) else float(scale)
+    except (TypeError, ValueError, RuntimeError):
+        value = None
+    if value is None or not math.isfinite(value):
+        raise ValueError(f"scale must be a finite number (default 1/sqrt(head_dim)), got {scale!r}")
+    return value
+
+
+def _check_vs_selection(q, vs_selection) -> None:
+    """``vs_selection`` must be ``(keys, offsets)``, integer tensors ``[B, Hq, *]`` on q's device
+    (any values: out-of-range entries are dropped by the builder)."""
+    if vs_selection is None:
+        return
+    if not isinstance(vs_selection, (tuple, list)) or len(vs_selection) != 2:
+        raise ValueError(f"vs_selection must be a pair (keys, offsets) of int tensors [B, Hq, *], "
+                         f"got {type(vs_selection).__name__}")
+    B, H = q.shape[:2]
+    for name, t in zip(("keys", "offsets"), vs_selection):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"vs_selection {name} must be a tensor, got {type(t).__name__}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"vs_selection {name} must be an integer tensor, got {t.dtype}")
+        if t.dim() != 3 or tuple(t.shape[:2]) != (B, H):
+            raise ValueError(f"vs_selection {name} must have shape [B, Hq, *] = [{B}, {H}, *], got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"vs_selection {name} is on {t.device}, q on {q.device}")
 
 
 def _build(q, k, heads: tuple, scale: float, seq_start, seq_len, vs_selection=None) -> SparseIndex:
@@ -177,16 +219,110 @@ def build_sparse_index(q, k, heads, *, scale=None, seq_start=None, seq_len=None,
     explicit selection instead of the estimate (timing on a fixed index)."""
     heads = _validate(q, k, None, heads, seq_start, seq_len, check_v=False)
     _check_sequence_values(q, seq_start, seq_len)
+    _check_vs_selection(q, vs_selection)
     return _build(q, k, heads, _scale(q, scale), seq_start, seq_len, vs_selection)
+
+
+# (table, dtype, shape) of every SparseIndex table, shapes in terms of B, H, n, NQB; a name
+# ends the shape with a free width (>= 1) shared by the tables that name it.
+_INDEX_TABLES = (
+    ("seq_start", torch.int32, ("B",)), ("seq_len", torch.int32, ("B",)),
+    ("prefix", torch.int32, ("H",)), ("sink", torch.int32, ("H",)), ("band", torch.int32, ("H",)),
+    ("group_lo", torch.int32, ("B", "H", "G")), ("group_hi", torch.int32, ("B", "H", "G")),
+    ("groups_upto", torch.int32, ("B", "H", "NQB")),
+    ("tile_start", torch.int32, ("B", "H", "T")), ("tile_end", torch.int32, ("B", "H", "T")),
+    ("tiles_upto", torch.int32, ("B", "H", "NQB")),
+    ("columns", torch.int32, ("B", "H", "V")), ("columns_upto", torch.int32, ("B", "H", "NQB")),
+    ("covered", torch.uint8, ("B", "H", "n+64")),
+    ("blocks", torch.int32, ("B", "H", "NQB", "K")), ("block_count", torch.int32, ("B", "H", "NQB")),
+    ("offsets", torch.int32, ("B", "H", "S")),
+)
+
+
+def check_index(q, k, index) -> None:
+    """Raise ValueError (naming the table) unless ``index`` fits ``q`` / ``k``: its length and
+    heads, and every table's dtype, shape, device and (the kernels compute flat offsets)
+    contiguity. Values are not checked here (that would cost a host sync); the kernels mask
+    every position they derive from a table to its valid range instead."""
+    if not isinstance(index, SparseIndex):
+        raise ValueError(f"index must be a SparseIndex, got {type(index).__name__}")
+    B, H, n, _ = q.shape
+    if index.n != n:
+        raise ValueError(f"index.n is {index.n!r}, q has n = {n} (the index was built for another length)")
+    heads = tuple(index.heads) if isinstance(index.heads, (tuple, list)) else None
+    if heads is None or len(heads) != H or not all(isinstance(h, HeadPattern) for h in heads):
+        got = f"{len(heads)} entries" if heads is not None else type(index.heads).__name__
+        raise ValueError(f"index.heads must hold {H} HeadPattern (one per query head of q), got {got}")
+    sizes = {"B": B, "H": H, "n+64": n + 64, "NQB": index.num_query_blocks}
+    for name, dtype, dims in _INDEX_TABLES:
+        t = getattr(index, name)
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"index.{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise ValueError(f"index.{name} must be {dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"index.{name} is on {t.device}, q on {q.device}; they must be on the same device")
+        if t.dim() != len(dims):
+            raise ValueError(f"index.{name} must have {len(dims)} dims [{', '.join(dims)}], got {tuple(t.shape)}")
+        for size, dim in zip(t.shape, dims):
+            want = sizes.setdefault(dim, size)
+            if size != want or size < 1:
+                shape = ", ".join(f"{d}={sizes[d]}" if d in sizes else d for d in dims)
+                raise ValueError(f"index.{name} has shape {tuple(t.shape)}, expected [{shape}] "
+                                 f"(dim {dim} must be {want} and >= 1)")
+        if not t.is_contiguous():
+            raise ValueError(f"index.{name} must be contiguous (strides {t.stride()})")
+
+
+def _check_reference_values(q, index) -> None:
+    """The reference path scatters the raw selection into tables; negative entries would fail
+    deep inside PyTorch, so they are refused here (the reference is slow anyway: one sync)."""
+    _check_sequence_values(q, index.seq_start, index.seq_len)
+    for name in ("columns", "offsets", "blocks"):
+        t = getattr(index, name)
+        if t.numel() and int(t.min()) < 0:
+            raise ValueError(f"index.{name} must be >= 0 (SENTINEL = 2**30 for unused slots); "
+                             f"got {int(t.min())}")
 
 
 def sparse_attention_from_index(q, k, v, index: SparseIndex, *, scale=None, impl="auto",
                                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attend exactly the pairs ``index`` selects (kernel or reference); see
     :func:`sparse_attention`. ``out`` (q's shape and dtype, last dim contiguous; any other
-    layout) is written in full and returned."""
+    layout) is written in full and returned.
+
+    A hand-made or edited ``index`` is checked against q/k (:func:`check_index`: ValueError
+    naming the table). Its values are trusted only as far as the kernels' bounds contract
+    goes: garbage entries can make a wrong answer but never an out-of-bounds access."""
+    if not isinstance(index, SparseIndex):
+        raise ValueError(f"index must be a SparseIndex, got {type(index).__name__}")
+    if not isinstance(index.heads, (tuple, list)) or not all(isinstance(h, HeadPattern) for h in index.heads):
+        raise ValueError("index.heads must be a tuple of HeadPattern, one per query head")
+    _check_tensors(q, k, v)
+    _check_inputs(q, k, v, tuple(index.heads), None, None, True)   # not cached: a user's index
+    check_index(q, k, index)
+    _check_out(q, out)
+    return _attend_index(q, k, v, index, scale, impl, out, user_index=True)
+
+
+def _check_out(q, out) -> None:
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        got = (f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise ValueError(f"out must have q's shape, dtype and device ({tuple(q.shape)} {q.dtype} on {q.device}), "
+                         f"got {got}")
+    if out.stride(-1) != 1:
+        raise ValueError(f"out must have a contiguous last dim, got strides {out.stride()}")
+
+
+def _attend_index(q, k, v, index, scale, impl, out, user_index=False):
+    """:func:`sparse_attention_from_index` without the checks (the index was built here)."""
     scale = _scale(q, scale)
     if _pick_impl(q, impl) == "reference":
+        if user_index:
+            _check_reference_values(q, index)
         res = reference_attention(q, k, v, index, scale).to(q.dtype)
         return res if out is None else out.copy_(res)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
@@ -256,7 +392,7 @@ def _sparse_attention(q, k, v, heads, scale, seq_start, seq_len, impl, out):
     impl = _pick_impl(q, impl)
     scale = _scale(q, scale)
     index = _build(q, k, heads, scale, seq_start, seq_len)
-    return sparse_attention_from_index(q, k, v, index, scale=scale, impl=impl, out=out)
+    return _attend_index(q, k, v, index, scale, impl, out)
 
 
 def selection_mask(q, k, heads, seq_start=None, seq_len=None, *, scale=None) -> torch.Tensor:
@@ -273,6 +409,8 @@ def index_density(index: SparseIndex, q, k, v=None) -> torch.Tensor:
     attention, O(pairs / 64^2) tile steps, no n x n memory); on plain CPU it sums each head's
     reference mask (n x n per head at a time).
     """
+    _check_tensors(q, k, k if v is None else v)
+    check_index(q, k, index)
     length = index.seq_len.double()
     causal = (length * (length + 1) / 2).clamp(min=1)[:, None]
     if q.is_cuda or _interpreting():

@@ -41,7 +41,7 @@ QWEN_FILE = ROOT / "mi_compile" / "configs" / "qwen2.5-coder-1.5b-128k.json"
 
 # examples per test: (default, --runslow)
 BUDGET = {"reference": (300, 2500), "triton": (100, 500), "config_random": (300, 3000),
-          "config_mutated": (200, 2000)}
+          "config_mutated": (200, 2000), "entry_points": (150, 1500), "index_tables": (100, 1000)}
 
 
 @pytest.fixture
@@ -429,3 +429,196 @@ def test_pattern_parameters_outside_int32_are_pattern_errors(value):
         HeadPattern("block_sparse", topk=value)
     with pytest.raises(ConfigError, match="local"):
         load_config({"default": {"pattern": "a_shape", "sink": 4, "local": value}})
+
+
+# ------------------------------------------------------------------ the other entry points
+
+ARG_WORDS = ("q ", "k ", "q,", "heads", "head patterns", "seq_start", "seq_len", "scale", "head_dim", "dtype",
+             "vs_selection", "batch", "q_len", "KV heads", "n == 0", "index")
+
+
+@st.composite
+def entry_calls(draw):
+    """A call of ``build_sparse_index`` / ``selection_mask`` / ``selection_density`` with
+    arguments near valid ones: each is either valid or broken in one of a few ways."""
+    B, Hkv = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    Hq = Hkv * draw(st.sampled_from([1, 2]))
+    n, D = draw(st.integers(1, 90)), draw(st.sampled_from([16, 32, 16, 12]))
+    q_shape, k_shape = [B, Hq, n, D], [B, Hkv, n, D]
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.float32, torch.float64, torch.int64]))
+    what = draw(st.sampled_from(["ok"] * 6 + ["q_rank", "k_len", "k_heads", "k_dim", "k_dtype", "not_tensor",
+                                 "heads_count", "heads_type", "config_heads", "seq", "scale", "vs_selection"]))
+    if what == "q_rank":
+        q_shape = q_shape[1:]
+    elif what == "k_len":
+        k_shape[2] = n + 1
+    elif what == "k_heads":
+        k_shape[1] = Hq + 1
+    elif what == "k_dim":
+        k_shape[3] = D + 8
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    q = torch.randn(q_shape, generator=g).to(dtype)
+    k = torch.randn(k_shape, generator=g).to(draw(st.sampled_from([dtype, torch.float16])) if what == "k_dtype"
+                                             else dtype)
+    if what == "not_tensor":
+        q = draw(st.sampled_from([None, 3.0, [[1.0]], "q"]))
+    heads = [draw(st.sampled_from([HeadPattern("dense"), HeadPattern("a_shape", sink=4, local=20),
+                                   HeadPattern("vertical_slash", vertical=64, slash=8),
+                                   HeadPattern("block_sparse", topk=1), "dense"])) for _ in range(Hq)]
+    if what == "heads_count":
+        heads = heads + heads[:1] if draw(st.booleans()) else heads[:-1]
+    elif what == "heads_type":
+        heads = draw(st.sampled_from([None, 5, "dense", HeadPattern("dense"), [["dense"]] * Hq, [None] * Hq,
+                                      [1.5] * Hq, ["nope"] * Hq]))
+    elif what == "config_heads":              # heads from a config, asked for a random head count
+        cfg = load_config(_BASES["qwen"])
+        heads = ("config", cfg, draw(st.integers(-1, 20)), draw(st.integers(0, 30)))
+    seq_start = seq_len = None
+    if what == "seq":
+        bad = draw(st.sampled_from(["neg", "past", "float", "shape", "bool", "ok"]))
+        start = torch.tensor([draw(st.integers(0, n)) for _ in range(B)], dtype=torch.int32)
+        length = n - start
+        if bad == "neg":
+            length[0] = -draw(st.integers(1, 10**6))
+        elif bad == "past":
+            length[0] = n + draw(st.integers(1, 2**20))
+        elif bad == "float":
+            length = length.float()
+        elif bad == "shape":
+            length = length[None]
+        elif bad == "bool":
+            start = start > 0
+        seq_start, seq_len = start, length
+    scale = draw(st.sampled_from([None, 0.5, float("nan"), float("inf"), "x", True])) if what == "scale" else None
+    vs_selection = None
+    if what == "vs_selection":
+        vs_selection = draw(st.sampled_from([
+            "ok", "float", "shape", "single", (None, None)]))
+        keys = torch.randint(-5, n + 70, (B, Hq, 6), generator=g)
+        offs = torch.randint(-5, n + 70, (B, Hq, 4), generator=g)
+        vs_selection = {"ok": (keys, offs), "float": (keys.float(), offs), "shape": (keys[0], offs),
+                        "single": keys, (None, None): (None, None)}[vs_selection] \
+            if not isinstance(vs_selection, tuple) else vs_selection
+    fn = draw(st.sampled_from(["build", "mask", "density"]))
+    return dict(q=q, k=k, heads=heads, seq_start=seq_start, seq_len=seq_len, scale=scale,
+                vs_selection=vs_selection, fn=fn, what=what)
+
+
+def _entry_outcome(call):
+    from mi_compile.sparse import SparseIndex, build_sparse_index, selection_density
+    q, k, heads = call["q"], call["k"], call["heads"]
+    try:
+        if isinstance(heads, tuple) and heads and heads[0] == "config":
+            heads = heads[1].heads_for(heads[2], heads[3])
+        kw = dict(seq_start=call["seq_start"], seq_len=call["seq_len"], scale=call["scale"])
+        if call["fn"] == "build" or call["vs_selection"] is not None:
+            res = build_sparse_index(q, k, heads, vs_selection=call["vs_selection"], **kw)
+            assert isinstance(res, SparseIndex) and res.n == q.shape[2]
+        elif call["fn"] == "mask":
+            res = selection_mask(q, k, heads, **kw)
+            B, H, n = q.shape[0], q.shape[1], q.shape[2]
+            assert res.shape == (B, H, n, n) and res.dtype == torch.bool
+            assert not (res & ~torch.ones(n, n, dtype=torch.bool).tril()).any(), "mask not causal"
+        else:
+            res = selection_density(q, k, heads, **kw)
+            assert res.shape == q.shape[:2] and torch.isfinite(res).all()
+            assert ((res >= 0) & (res <= 1 + 1e-9)).all(), f"density {res}"
+    except (ValueError, ConfigError, PatternError) as e:
+        assert str(e), "empty error message"
+        if isinstance(e, ValueError) and not isinstance(e, (ConfigError, PatternError)):
+            assert any(w in str(e) for w in ARG_WORDS), f"error names no argument: {e!r}"
+        return type(e).__name__
+    assert call["what"] in ("ok", "seq", "vs_selection", "config_heads", "scale", "k_dtype"), \
+        f"broken call ({call['what']}) returned a result"
+    return "ok"
+
+
+def test_entry_points_validate_their_arguments(budget):
+    """build_sparse_index / selection_mask / selection_density: a result that checks out or a
+    clean error naming the argument, for near-valid calls with one thing broken."""
+    counts, t0 = Counter(), time.perf_counter()
+
+    @budget("entry_points")
+    @given(entry_calls())
+    def prop(call):
+        counts[_entry_outcome(call)] += 1
+
+    prop()
+    assert counts["ok"] > 0 and counts["ValueError"] > 0
+    _report("entry points", counts, t0)
+
+
+# hand-made / edited index tables through sparse_attention_from_index: shapes, dtypes and
+# devices the host check must refuse (values are the kernels' bounds contract:
+# tests/test_kernel_bounds.py runs those in a subprocess)
+_TABLES = ("seq_start", "seq_len", "prefix", "sink", "band", "group_lo", "group_hi", "groups_upto",
+           "tile_start", "tile_end", "tiles_upto", "columns", "columns_upto", "covered", "blocks",
+           "block_count", "offsets")
+
+
+@st.composite
+def index_edits(draw):
+    table = draw(st.sampled_from(_TABLES + ("n", "heads")))
+    how = draw(st.sampled_from(["dtype", "drop_dim", "add_dim", "grow", "shrink", "strided", "none"]))
+    return table, how, draw(st.sampled_from([torch.int64, torch.int16, torch.uint8, torch.float32, torch.bool]))
+
+
+def _edit(index, table, how, dtype):
+    import dataclasses
+    if table == "n":
+        return dataclasses.replace(index, n=index.n + (1 if how in ("grow", "add_dim") else -1)), True
+    if table == "heads":
+        if how == "none":
+            return index, False
+        heads = index.heads + index.heads[:1] if how == "grow" else index.heads[:-1]
+        return dataclasses.replace(index, heads=heads), True
+    t = getattr(index, table)
+    if how == "dtype":
+        new = t.to(dtype)
+        broken = new.dtype != t.dtype
+    elif how == "drop_dim":
+        new, broken = t[..., 0], True
+    elif how == "add_dim":
+        new, broken = t[..., None], True
+    elif how == "grow":
+        new, broken = torch.cat([t, t[:1]], 0), True
+    elif how == "shrink":
+        new, broken = t[..., :-1], True
+    elif how == "strided":
+        new = torch.stack([t, t], -1)[..., 0]
+        broken = t.numel() > 1 and not new.is_contiguous()
+    else:
+        new, broken = t, False
+    return dataclasses.replace(index, **{table: new}), broken
+
+
+def test_edited_index_tables_are_refused_by_name(budget):
+    """An index whose tables no longer fit q/k: ValueError naming the table (or n / heads),
+    before any kernel; an unchanged one still gives the reference result."""
+    from mi_compile.sparse import build_sparse_index, sparse_attention_from_index
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 70, 16, generator=g) for h in (4, 2, 2))
+    heads = [HeadPattern("vertical_slash", vertical=64, slash=8), HeadPattern("block_sparse", topk=1),
+             HeadPattern("a_shape", sink=4, local=20), HeadPattern("dense")]
+    index = build_sparse_index(q, k, heads, seq_len=torch.tensor([70, 41], dtype=torch.int32))
+    good = sparse_attention_from_index(q, k, v, index, impl="reference")
+    counts, t0 = Counter(), time.perf_counter()
+
+    @budget("index_tables")
+    @given(index_edits())
+    def prop(edit):
+        table, how, dtype = edit
+        bad, broken = _edit(index, table, how, dtype)
+        if not broken:
+            assert torch.equal(sparse_attention_from_index(q, k, v, bad, impl="reference"), good)
+            counts["ok"] += 1
+            return
+        with pytest.raises(ValueError) as exc:
+            sparse_attention_from_index(q, k, v, bad, impl="reference")
+        msg = str(exc.value)
+        assert (f"index.{table}" in msg if table in _TABLES else
+                ("index.n" in msg if table == "n" else "head patterns" in msg)), f"{table}/{how}: {msg}"
+        counts["ValueError"] += 1
+
+    prop()
+    _report("edited index tables", counts, t0)

@@ -70,6 +70,9 @@ from typing import Optional
 
 import torch
 
+from mi_compile.patterns.registry import PATTERN_PARAMS
+from mi_compile.patterns.registry import get as pattern_spec
+
 from . import tasks as T
 
 # 8K; scores averaged over 7 calibration prompts (seeds 0-6); global budget 0.385, objective output,
@@ -78,8 +81,9 @@ SEARCHED_DEFAULT = "benchmarks/configs/smollm2_searched_8k_avg7.json"
 FORMAT = "mi-compile/v1"
 DENSE_CONFIG = {"format": FORMAT, "default": {"pattern": "dense"}}
 DEFAULT_CONFIG = {"format": FORMAT, "default": {"pattern": "vertical_slash", "vertical": 1000, "slash": 6096}}
-_INLINE_PARAMS = {"dense": (), "a_shape": ("sink", "local"), "vertical_slash": ("vertical", "slash"),
-                  "block_sparse": ("topk",)}
+#: Pattern name -> parameter names of an inline config spec (``pattern:p1:p2``): a view of
+#: the pattern registry.
+_INLINE_PARAMS = PATTERN_PARAMS
 #: ``min_seq_len`` that keeps the op on its dense (SDPA) path at any length.
 ALWAYS_DENSE = 2**31 - 1
 #: Where the per-model configs ship (package data): ``<model>-128k.json``, ``<model>-32k.json``.
@@ -202,7 +206,7 @@ def layer_density(q, k, heads, key_padding_mask=None) -> float:
     from mi_compile.patterns.cost import computed_density
     from mi_compile.sparse import build_sparse_index
 
-    if all(h.kind == "dense" for h in heads):
+    if all(pattern_spec(h.kind).full for h in heads):
         return 1.0
     start = length = None
     if key_padding_mask is not None:

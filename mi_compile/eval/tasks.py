@@ -30,7 +30,7 @@ Haystacks (``haystack=``):
         PASS_KEY = 48213  # the pass key: remember it           (passkey)
         MAGIC_NUMBER_AMBER_FALCON = 3417265                      (multikey; distractors share words)
         KV_REGISTRY["9f3a2c1e"] = "b71d0e44"                     (kv: 32 entries, one asked)
-        qzvkt = 48213 ... mbxro = qzvkt ... hwlye = mbxro        (vartrack: ask hwlye)
+        qzvkt = 48213 ... mbxro = qzvkt                          (vartrack: ask mbxro; one hop)
 
     Every answer is one string (a number or a hex string). Prompts are assembled directly as
     token ids from pieces tokenized once per tokenizer (:class:`CodePool`), so a 128K-token
@@ -827,7 +827,9 @@ def _code_kv(rng: random.Random, depth: float, n_pairs: int = 32) -> CodeDraft:
                      f'The value of KV_REGISTRY["{key}"] is "', [value], max_new_tokens=16)
 
 
-def _code_vartrack(rng: random.Random, depth: float, hops: int = 2) -> CodeDraft:
+def _code_vartrack(rng: random.Random, depth: float, hops: int = 1) -> CodeDraft:
+    """One hop by default: with two, the model fails even with dense attention at 128K
+    (0.25 on the H200, docs/results.md), so the task would not separate configs."""
     value, other = _digits(rng, 5), _digits(rng, 5)
     while other == value:
         other = _digits(rng, 5)

@@ -9,7 +9,7 @@ selected head, causal softmax over all keys in float32, then
 
 Why kernels: the reference materialises ``P`` (``[heads, 64, n]`` float32, 1 GiB for 32 heads
 at 128K, so it runs in chunks) and skews a padded copy of it for the diagonal sums; that was
-11-13 ms of the 230 ms vertical-slash op at 128K on the H100 (benchmarks/NOTES.md, step 9).
+11-13 ms of the 230 ms vertical-slash op at 128K on the H100 (docs/kernels.md).
 Here ``P`` only ever exists one 64 x 64 tile at a time, in registers.
 
 Launch 1, :func:`_row_stats_kernel`, grid ``(B * heads, splits)``: each program runs an online

@@ -29,6 +29,14 @@ Layers whose heads are all dense or A-shape (nothing data-dependent) use a secon
 :func:`_wide_attention_kernel`, with 128-row programs (two 64-row warpgroups share each K/V
 tile); ``KERNEL_CONFIG["wide"] = False`` sends them through the general kernel too.
 
+Bounds are part of the contract: whatever the index tables hold, no load or store leaves its
+tensor. The sequence range is clamped into ``[0, n)``, ``prefix`` to ``>= 0``, the counts
+(``tiles_upto``, ``block_count``, ``columns_upto``) to ``[0, width]`` of their table, tile ranges to
+``[0, m0)``, and key blocks / columns outside ``[0, m0)`` are masked away (scalar clamps and
+integer compares folded into the existing masks; valid tables are unaffected). Table shapes
+are the caller's to check (:func:`mi_compile.sparse.check_index` does for the public path);
+the counting-mode tests in ``tests/test_kernel_bounds.py`` run corrupted tables.
+
 ``MODE`` (constexpr): 0 attention; 1 count every visited pair into an ``[B, H, n, n]`` int32
 tensor (tests: no pair twice, none missing); 2 count visited pairs per query block (density);
 3 count the pairs of every visited tile, masked or not, per query block (what a launch costs:
@@ -147,8 +155,9 @@ def _program_rows(seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, str
     bh = tl.program_id(1) * GROUP + tl.program_id(0) % GROUP
     b = bh // num_heads
     h = bh % num_heads
-    seq_start = tl.load(seq_start_ptr + b)
-    length = tl.load(seq_len_ptr + b)
+    # clamped so that [seq_start, seq_start + length) lies inside [0, n) whatever the tables say
+    seq_start = tl.minimum(tl.maximum(tl.load(seq_start_ptr + b), 0), n)
+    length = tl.minimum(tl.maximum(tl.load(seq_len_ptr + b), 0), n - seq_start)
     m0 = m * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -174,7 +183,7 @@ def _program_operands(q_ptr, k_ptr, v_ptr, count_ptr, prefix_ptr, sink_ptr, band
     k_head = k_ptr + b.to(tl.int64) * stride_kb + kv.to(tl.int64) * stride_kh
     v_head = v_ptr + b.to(tl.int64) * stride_vb + kv.to(tl.int64) * stride_vh
     count_head = count_ptr + bh.to(tl.int64) * n * n
-    prefix = tl.load(prefix_ptr + h)
+    prefix = tl.maximum(tl.load(prefix_ptr + h), 0)   # >= 0: every range below starts in [0, m0]
     sink = tl.load(sink_ptr + h)
     band = tl.load(band_ptr + h)
     return row_ok, q_rows, q, k_head, v_head, count_head, prefix, sink, band
@@ -236,20 +245,20 @@ def _sparse_attention_kernel(
         #    Tiles come nearest-the-diagonal first, so only an A-shape head's last tile reaches
         #    past its band (i - j >= local); that one gets the element test, the others the 1D
         #    key mask.
-        num_tiles = tl.load(tiles_upto_ptr + table_row)
+        num_tiles = tl.minimum(tl.maximum(tl.load(tiles_upto_ptr + table_row), 0), max_tiles)
         tile_base = bh.to(tl.int64) * max_tiles
         num_plain = tl.where(band < n, tl.maximum(num_tiles - 1, 0), num_tiles)
         for t in range(num_plain, num_tiles):
-            lo = tl.maximum(m0 + tl.load(tile_start_ptr + tile_base + t), prefix)
             hi = tl.minimum(m0 + tl.load(tile_end_ptr + tile_base + t), m0)
+            lo = tl.minimum(tl.maximum(m0 + tl.load(tile_start_ptr + tile_base + t), prefix), hi)
             key_pos = lo + offs_b
             acc, m_i, l_i, pairs = _visit_tile(
                 acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
                 seq_start, n, key_pos, key_pos < hi, rows, row_ok, sink, band, qk_scale,
                 HEAD_DIM, BLOCK_D, MODE, True)
         for t in range(0, num_plain):
-            lo = tl.maximum(m0 + tl.load(tile_start_ptr + tile_base + t), prefix)
             hi = tl.minimum(m0 + tl.load(tile_end_ptr + tile_base + t), m0)
+            lo = tl.minimum(tl.maximum(m0 + tl.load(tile_start_ptr + tile_base + t), prefix), hi)
             key_pos = lo + offs_b
             acc, m_i, l_i, pairs = _visit_tile(
                 acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
@@ -257,9 +266,10 @@ def _sparse_attention_kernel(
                 HEAD_DIM, BLOCK_D, MODE, False)
 
         # 3. block-sparse key blocks: ascending, the last is the diagonal (left to phase 5)
-        num_blocks = tl.load(block_count_ptr + table_row)
+        num_blocks = tl.minimum(tl.maximum(tl.load(block_count_ptr + table_row), 0), max_blocks)
         for t in range(0, num_blocks - 1):
             key_block = tl.load(blocks_ptr + table_row * max_blocks + t)
+            key_block = tl.where((key_block >= 0) & (key_block < m), key_block, m)   # else: all masked
             key_pos = key_block * BLOCK_M + offs_b
             acc, m_i, l_i, pairs = _visit_tile(
                 acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
@@ -267,17 +277,18 @@ def _sparse_attention_kernel(
                 HEAD_DIM, BLOCK_D, MODE, False)
 
         # 4. extra columns below the block, minus those a group interval covered for it
-        num_columns = tl.load(columns_upto_ptr + table_row)
+        num_columns = tl.minimum(tl.maximum(tl.load(columns_upto_ptr + table_row), 0), max_columns)
         column_base = bh.to(tl.int64) * max_columns
         covered_base = bh.to(tl.int64) * covered_len + m0 + (BLOCK_M - 1)
         offs_c = tl.arange(0, BLOCK_C)
         for c0 in range(0, num_columns, BLOCK_C):
             listed = c0 + offs_c < num_columns
             key_pos = tl.load(columns_ptr + column_base + c0 + offs_c, mask=listed, other=0)
+            listed = listed & (key_pos >= 0) & (key_pos < m0)
             is_covered = tl.load(covered_ptr + covered_base - key_pos, mask=listed, other=1)
             acc, m_i, l_i, pairs = _visit_tile(
                 acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
-                seq_start, n, key_pos, listed & (is_covered == 0), rows, row_ok, sink, band,
+                seq_start, n, key_pos, is_covered == 0, rows, row_ok, sink, band,
                 qk_scale, HEAD_DIM, BLOCK_D, MODE, False)
 
         # 5. the diagonal tile [m0, m0 + 64): selected by every pattern, exact element test

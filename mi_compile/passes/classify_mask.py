@@ -38,7 +38,7 @@ import torch
 import torch.fx
 
 from .find_attention import fake_shape, sdpa_arg
-from .site import AttentionSite, MaskInfo
+from .site import AttentionSite, MaskInfo, bump
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,7 @@ class ClassifyMaskPass:
         counts: dict[str, int] = {}
         for s in sites:
             counts[s.mask.kind] = counts.get(s.mask.kind, 0) + 1
+            bump(f"mask_{s.mask.kind}")
         log.info("mi_compile: %s: %s", self.name, counts)
 
     def classify(self, site: AttentionSite) -> MaskInfo:

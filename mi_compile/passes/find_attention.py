@@ -18,7 +18,7 @@ import re
 import torch
 import torch.fx
 
-from .site import AttentionSite
+from .site import AttentionSite, bump
 
 log = logging.getLogger(__name__)
 
@@ -97,5 +97,6 @@ class FindAttentionPass:
             site.key_source = sdpa_arg(node, "key")
             site.value_source = sdpa_arg(node, "value")
             sites.append(site)
+        bump("attention_found", len(sites))
         log.info("mi_compile: %s found %d attention call(s)", self.name, len(sites))
         return sites

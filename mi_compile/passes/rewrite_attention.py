@@ -29,7 +29,7 @@ from ..patterns.spec import HeadPattern, encode_heads
 from ..sparse import MAX_HEAD_DIM, MIN_HEAD_DIM, SUPPORTED_DTYPES
 from .classify_mask import _sym_expr
 from .find_attention import sdpa_arg
-from .site import AttentionSite
+from .site import AttentionSite, bump
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,8 @@ class RewriteAttentionPass:
             graph.erase_node(node)
             site.node = new
             rewritten += 1
+        bump("rewritten_sparse", rewritten)
+        bump("left_dense", sum(s.action == "dense" for s in sites))
         graph.eliminate_dead_code(is_impure_node=has_side_effects)
         graph.lint()
         gm.recompile()

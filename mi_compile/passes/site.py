@@ -14,6 +14,14 @@ import torch.fx
 from ..patterns.spec import HeadPattern
 
 
+def bump(key: str, by: int = 1) -> None:
+    """Count what a pass did in ``torch._dynamo.utils.counters["mi_compile"]`` (tests assert on
+    these, as Inductor's pattern tests do on theirs; ``counters.clear()`` resets them)."""
+    from torch._dynamo.utils import counters
+
+    counters["mi_compile"][key] += by
+
+
 @dataclasses.dataclass
 class MaskInfo:
     """The meaning of an SDPA call's mask, as far as the classifier could establish it.

@@ -21,7 +21,7 @@ import operator
 import torch.fx
 
 from .find_attention import fake_shape, sdpa_arg
-from .site import AttentionSite
+from .site import AttentionSite, bump
 
 log = logging.getLogger(__name__)
 
@@ -77,4 +77,5 @@ class UndoRepeatKVPass:
                 # K/V reach SDPA with as many heads as Q: true MHA, or a repeat we do not know
                 # (still correct, only slower: the op then reads the repeated copies).
                 site.gqa = "mha"
+        bump("repeat_kv_undone", undone)
         log.info("mi_compile: %s removed repeat_kv at %d of %d site(s)", self.name, undone, len(sites))

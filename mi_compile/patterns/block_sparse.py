@@ -27,9 +27,14 @@ from typing import Sequence
 import torch
 
 from ._device import device_ints
+from .constants import BLOCK, KIND_BS, PHASE_BLOCK_SPARSE, SENTINEL
+from .registry import PatternError, PatternSpec, register
+from .spec import HeadPattern
 
-BLOCK = 64
-SENTINEL = 1 << 30
+#: Search candidates: top-k key blocks as fractions of the number of query blocks, and absolute
+#: block counts for long prompts (both rank 4).
+BS_TOPK = (1 / 16, 1 / 8, 1 / 6, 1 / 4, 1 / 3, 1 / 2)
+BS_TOPK_BLOCKS = (8, 16, 32, 64)
 
 
 def _chunk_size(per_head_bytes: int, budget: int = 1 << 28) -> int:
@@ -183,3 +188,49 @@ def block_sparse_mask(i: torch.Tensor, j: torch.Tensor, blocks: torch.Tensor,
     n_i, n_j = i.shape[1], j.shape[2]
     flat = (qi * (nqb + 1) + kj).expand(B, n_i, n_j).reshape(B, -1)
     return table.view(B, -1).gather(1, flat).view(B, n_i, n_j)
+
+
+class BlockSparseSpec(PatternSpec):
+    """``block_sparse(topk)``: per input, for each 64-query block the ``topk >= 1`` 64-key blocks
+    with the highest mean-pooled score (causal; the diagonal block and block 0 always kept).
+    MInference's ``block_sparse`` entries are ``block_sparse(topk=vertical_size)``.
+    """
+
+    name = "block_sparse"
+    code = 3
+    params = ("topk",)
+    kernel_kind = KIND_BS
+    selection = PHASE_BLOCK_SPARSE
+    per_block = True
+    color = "#59a14f"
+    minference_names = ("block_sparse",)
+
+    def validate(self, head) -> None:
+        if head.topk < 1:
+            raise PatternError("block_sparse needs topk >= 1")
+
+    def from_minference(self, vertical_size: int, slash_size: int) -> dict:
+        return {"topk": vertical_size}     # MInference passes vertical_size as the block count
+
+    def meta_params(self, head) -> tuple:
+        return (head.topk, 0)
+
+    def selection_params(self, head) -> tuple:
+        return (head.topk,)
+
+    def block_mask(self, head, index, h, block_starts, j):
+        blocks, counts = index.blocks[:, h], index.block_count[:, h]
+        nqb = blocks.shape[-2]
+        out = block_sparse_mask(block_starts, j, blocks.reshape(-1, nqb, blocks.shape[-1]), counts.reshape(-1, nqb))
+        return out.view(counts.shape[:-1] + out.shape[1:])
+
+    def candidates(self, n: int) -> list:
+        blocks = math.ceil(n / BLOCK)
+        out = [(4, HeadPattern(self.name, topk=max(2, int(round(frac * blocks))))) for frac in BS_TOPK]
+        return out + [(4, HeadPattern(self.name, topk=topk)) for topk in BS_TOPK_BLOCKS if topk < blocks]
+
+    def label(self, head) -> str:
+        return f"k{head.topk}"
+
+
+SPEC = register(BlockSparseSpec())

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from .index import BLOCK, SparseIndex
+from .constants import BLOCK
+from .index import SparseIndex
 
 
 def _ceil_div(x: torch.Tensor, d: int) -> torch.Tensor:

@@ -50,13 +50,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import a_shape, block_sparse, vertical_slash
+from . import block_sparse, vertical_slash
 from ._device import cached, device_ints
+from .constants import (BLOCK, KIND_A_SHAPE, KIND_BS, KIND_OTHER, KIND_VS, PHASE_BLOCK_SPARSE,  # noqa: F401
+                        PHASE_VERTICAL_SLASH, SENTINEL, WIDE)
+from .registry import get as pattern_spec
 from .spec import HeadPattern
-
-BLOCK = 64
-SENTINEL = 1 << 30   # "no entry" in sorted int32 tables; larger than any position
-WIDE = 1 << 30       # band of heads without a local window
 
 
 @dataclasses.dataclass
@@ -171,16 +170,7 @@ def group_tiles(group_lo: torch.Tensor, group_hi: torch.Tensor, prefix: torch.Te
 
 def max_group_tiles(heads: Sequence[HeadPattern], n: int) -> int:
     """Static bound on the group tiles of any head (see :func:`group_tiles`)."""
-    nqb = math.ceil(n / BLOCK)
-    bound = 1
-    for h in heads:
-        if h.kind == "vertical_slash":
-            groups = min(h.slash, n)
-            # spans add up to <= 64 * offsets and to <= n + 64 per group count
-            bound = max(bound, min(3 * groups, 2 * groups + nqb + 1))
-        elif h.kind == "a_shape":
-            bound = max(bound, nqb + 2)
-    return bound
+    return max([1] + [pattern_spec(h.kind).max_tiles(h, n) for h in dict.fromkeys(heads)])
 
 
 def normalize_sequences(q: torch.Tensor, seq_start: Optional[torch.Tensor],
@@ -197,8 +187,8 @@ def normalize_sequences(q: torch.Tensor, seq_start: Optional[torch.Tensor],
     return seq_start.to(device=q.device, dtype=torch.int32), seq_len.to(device=q.device, dtype=torch.int32)
 
 
-# Head kinds in IndexPlan.meta (read by mi_compile.kernels.index_tables).
-KIND_OTHER, KIND_A_SHAPE, KIND_VS, KIND_BS = 0, 1, 2, 3
+# Head kinds in IndexPlan.meta (read by mi_compile.kernels.index_tables): KIND_* of
+# mi_compile.patterns.constants, each pattern's ``kernel_kind``.
 # per head: kind, prefix, param a, param b, row in its vertical-slash group, block-sparse row,
 # vertical-slash group, heads in that group
 META_WIDTH = 8
@@ -214,6 +204,8 @@ class IndexPlan:
     for the GPU table builder), the head-id index tensors, the heads grouped by parameters,
     and the maxima the table widths follow from. Nothing here depends on the length.
 
+    ``vs_ids`` / ``bs_ids``: the heads whose pattern runs the vertical-slash / block-sparse
+    selection phase; ``as_ids``: the heads with a static slash group ``[0, as_hi]`` (A-shape).
     ``vs_order`` is the order in which the estimate scores the vertical-slash heads; with
     ``grouped`` the heads of one ``(V, S)`` are adjacent in it, so each group's score rows are
     a slice. ``vs_groups`` holds ``(rows, V, S)``: the group's score rows (a slice or an index
@@ -239,16 +231,13 @@ class IndexPlan:
     max_vertical: int
     max_slash: int
     max_topk: int
+    distinct_heads: tuple = ()
 
     def widths(self, n: int) -> dict:
         """Table widths at length ``n`` (the same as the unfused builder's)."""
         nqb = math.ceil(n / BLOCK)
         groups = min(self.max_slash, n)
-        tiles = 1
-        if self.vs_ids:
-            tiles = max(tiles, min(3 * groups, 2 * groups + nqb + 1))
-        if self.as_ids:
-            tiles = max(tiles, nqb + 2)
+        tiles = max_group_tiles(self.distinct_heads or self.heads, n)
         n_cols = vertical_slash.extra_counts(self.max_vertical, self.max_slash, n)[0]
         return {"nqb": nqb, "groups": max(1, groups) if self.vs_ids else 1, "tiles": tiles,
                 "columns": max(1, n_cols) if self.vs_ids else 1,
@@ -256,27 +245,27 @@ class IndexPlan:
 
 
 def _make_plan(heads: tuple, device, grouped: bool) -> IndexPlan:
-    kinds = [h.kind for h in heads]
-    vs_ids = tuple(i for i, kind in enumerate(kinds) if kind == "vertical_slash")
-    bs_ids = tuple(i for i, kind in enumerate(kinds) if kind == "block_sparse")
-    as_ids = tuple(i for i, kind in enumerate(kinds) if kind == "a_shape")
+    specs = [pattern_spec(h.kind) for h in heads]
+    vs_ids = tuple(i for i, s in enumerate(specs) if s.selection == PHASE_VERTICAL_SLASH)
+    bs_ids = tuple(i for i, s in enumerate(specs) if s.selection == PHASE_BLOCK_SPARSE)
+    vs_params = tuple(specs[h].selection_params(heads[h]) for h in vs_ids)
+    bs_topks = tuple(specs[h].selection_params(heads[h])[0] for h in bs_ids)
 
-    prefix, sink, band = [], [], []
-    for head in heads:
-        if head.kind == "dense":
-            prefix.append(WIDE), sink.append(0), band.append(WIDE)
-        elif head.kind == "a_shape":
-            t = a_shape.a_shape_head_tables(head)
-            prefix.append(min(t["prefix"], WIDE)), sink.append(t["sink"]), band.append(min(t["band"], WIDE))
-        elif head.kind == "vertical_slash":
-            prefix.append(min(head.vertical, vertical_slash.FORCED)), sink.append(0), band.append(WIDE)
-        else:
-            prefix.append(0), sink.append(0), band.append(WIDE)
+    prefix, sink, band, static_hi = [], [], [], {}
+    for h, (head, spec) in enumerate(zip(heads, specs)):
+        t = spec.head_tables(head)
+        prefix.append(min(t["prefix"], WIDE)), sink.append(t["sink"]), band.append(min(t["band"], WIDE))
+        if t.get("group") is not None:
+            lo, hi = t["group"]
+            if lo != 0:
+                raise ValueError(f"{head.kind}: a static slash group must start at offset 0, got {t['group']}")
+            static_hi[h] = hi
+    as_ids = tuple(static_hi)
 
     # vertical-slash heads by parameters, in order of first appearance (as select_vertical_slash)
     by_params: dict[tuple[int, int], list[int]] = {}
-    for h in vs_ids:
-        by_params.setdefault((heads[h].vertical, heads[h].slash), []).append(h)
+    for h, p in zip(vs_ids, vs_params):
+        by_params.setdefault(tuple(p), []).append(h)
     vs_order = tuple(h for members in by_params.values() for h in members) if grouped else vs_ids
     position = {h: i for i, h in enumerate(vs_order)}
     vs_groups, vs_place = [], {}
@@ -290,30 +279,27 @@ def _make_plan(heads: tuple, device, grouped: bool) -> IndexPlan:
         vs_place.update({h: (i, g, len(members)) for i, h in enumerate(members)})
     bs_row = {h: i for i, h in enumerate(bs_ids)}
 
-    kind_code = {"dense": KIND_OTHER, "a_shape": KIND_A_SHAPE, "vertical_slash": KIND_VS, "block_sparse": KIND_BS}
     meta = []
-    for h, head in enumerate(heads):
-        a, b = {"a_shape": (head.sink, head.local), "vertical_slash": (head.vertical, head.slash),
-                "block_sparse": (head.topk, 0)}.get(head.kind, (0, 0))
+    for h, (head, spec) in enumerate(zip(heads, specs)):
+        a, b = spec.meta_params(head)
         row, group, size = vs_place.get(h, (0, 0, 1))
-        meta += [kind_code[head.kind], prefix[h], a, b, row, bs_row.get(h, 0), group, size]
+        meta += [spec.kernel_kind, prefix[h], a, b, row, bs_row.get(h, 0), group, size]
 
     def ints32(values):
         return device_ints(values, device, torch.int32)
 
     return IndexPlan(
         heads=heads, vs_ids=vs_ids, vs_order=vs_order, vs_groups=tuple(vs_groups),
-        vs_params=tuple((heads[h].vertical, heads[h].slash) for h in vs_ids),
-        bs_ids=bs_ids, bs_topks=tuple(heads[h].topk for h in bs_ids), as_ids=as_ids,
+        vs_params=vs_params, bs_ids=bs_ids, bs_topks=bs_topks, as_ids=as_ids,
         prefix=ints32(prefix), sink=ints32(sink), band=ints32(band),
         meta=ints32(meta).view(len(heads), META_WIDTH),
         vs_index=device_ints(vs_ids, device) if vs_ids else None,
         bs_index=device_ints(bs_ids, device) if bs_ids else None,
         as_index=device_ints(as_ids, device) if as_ids else None,
-        as_hi=ints32([heads[h].local - 1 for h in as_ids]) if as_ids else None,
-        max_vertical=max([heads[h].vertical for h in vs_ids], default=0),
-        max_slash=max([heads[h].slash for h in vs_ids], default=0),
-        max_topk=max([heads[h].topk for h in bs_ids], default=0))
+        as_hi=ints32([static_hi[h] for h in as_ids]) if as_ids else None,
+        max_vertical=max([v for v, _ in vs_params], default=0),
+        max_slash=max([s for _, s in vs_params], default=0),
+        max_topk=max(bs_topks, default=0), distinct_heads=tuple(dict.fromkeys(heads)))
 
 
 def index_plan(heads: Sequence[HeadPattern], device, grouped: bool = False) -> IndexPlan:
@@ -451,24 +437,29 @@ def head_selection_mask(index: SparseIndex, h: int) -> torch.Tensor:
     j = t[None, None, :] - start                                          # [B, 1, n]
     base = (j >= 0) & (j <= i) & (i < length)
     head = index.heads[h]
-    if head.kind == "dense":
-        return base
-    if head.kind == "a_shape":
-        return base & a_shape.a_shape_mask(i, j, head)
-    # Vertical-slash and block-sparse selections depend on the query only through its 64-row
-    # block (causality aside), so evaluate the pattern once per block and give each row its
-    # block's keys: n/64 pattern rows instead of n (the CPU reference's main cost).
+    spec = pattern_spec(head.kind)
+    if not spec.per_block:
+        own = spec.mask(i, j, head)
+        return base if own is None else base & own
+    # A per-block selection depends on the query only through its 64-row block (causality
+    # aside), so evaluate the pattern once per block and give each row its block's keys: n/64
+    # pattern rows instead of n (the CPU reference's main cost).
     B = index.seq_start.shape[0]
     nqb = -(-n // BLOCK)
     block_starts = (torch.arange(nqb, device=dev) * BLOCK)[None, :, None].expand(B, nqb, 1)
-    if head.kind == "vertical_slash":
-        prefix = min(head.vertical, vertical_slash.FORCED)
-        per_block = vertical_slash.vertical_slash_mask(
-            block_starts, j, prefix, index.columns[:, h], index.offsets[:, h], n)
-    else:
-        per_block = block_sparse.block_sparse_mask(block_starts, j, index.blocks[:, h], index.block_count[:, h])
+    per_block = block_rows(index, h, block_starts, j)
     row_block = (i[..., 0].clamp(min=0) // BLOCK).clamp(max=nqb - 1)                # [B, n]
     return base & per_block[torch.arange(B, device=dev)[:, None], row_block]
+
+
+def block_rows(index: SparseIndex, h, block_starts: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """The reference selection of query blocks for a per-block pattern (vertical-slash,
+    block-sparse): bool ``[B, U, n]`` for head ``h`` (an int), ``[B, heads, U, n]`` for a slice of
+    heads with one pattern; ``block_starts`` ``[B or 1, U, 1]`` and keys ``j`` ``[B or 1, 1, n]``
+    in sequence coordinates (causality and bounds are the caller's). The reference mask, the
+    search's scoring and the eval's pair counts evaluate selections this way."""
+    head = index.heads[h] if isinstance(h, int) else index.heads[h][0]
+    return pattern_spec(head.kind).block_mask(head, index, h, block_starts, j)
 
 
 def selection_mask_from_index(index: SparseIndex) -> torch.Tensor:

@@ -5,7 +5,9 @@ list travels through the FX graph as a flat ``int[]`` (four ints per head, see
 :func:`encode_heads`) because ``torch.library`` op schemas take lists of ints but not Python
 objects; :func:`decode_heads` turns it back.
 
-Patterns (MInference, arXiv 2407.02490, section 3):
+Each pattern is a registered :class:`~mi_compile.patterns.registry.PatternSpec`, defined in its
+own module (its parameters, their validation, index tables, reference mask, search candidates);
+the built-in ones (MInference, arXiv 2407.02490, section 3):
 
 ``dense``
     full causal attention for this head.
@@ -24,22 +26,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Sequence
 
-PATTERN_IDS = {"dense": 0, "a_shape": 1, "vertical_slash": 2, "block_sparse": 3}
-PATTERN_NAMES = {v: k for k, v in PATTERN_IDS.items()}
-# The parameter names of each pattern, in the order they are encoded.
-PATTERN_PARAMS = {
-    "dense": (),
-    "a_shape": ("sink", "local"),
-    "vertical_slash": ("vertical", "slash"),
-    "block_sparse": ("topk",),
-}
-INTS_PER_HEAD = 4
-# Parameters travel to the kernels as int32 (a value past n means "all of them").
-MAX_PARAM = 2**31 - 1
+from .constants import INTS_PER_HEAD, MAX_PARAM
+# Views of the registry (pattern name -> id, id -> name, name -> parameter names in encoding
+# order); registering a pattern updates them.
+from .registry import PATTERN_IDS, PATTERN_NAMES, PATTERN_PARAMS, PatternError
+from .registry import get as _spec_of
 
-
-class PatternError(ValueError):
-    """A head pattern with an unknown name or bad parameters."""
+#: The parameter fields of :class:`HeadPattern` (a pattern's ``params`` are some of them).
+PARAM_FIELDS = ("sink", "local", "vertical", "slash", "topk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,20 +51,13 @@ class HeadPattern:
         if self.kind not in PATTERN_IDS:
             raise PatternError(
                 f"unknown pattern {self.kind!r}; expected one of {sorted(PATTERN_IDS)}")
-        for name in ("sink", "local", "vertical", "slash", "topk"):
+        for name in PARAM_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_PARAM:
                 raise PatternError(f"{self.kind}: {name} must be an int in 0..2**31 - 1, got {value!r}")
             if value and name not in PATTERN_PARAMS[self.kind]:
                 raise PatternError(f"{self.kind} takes no parameter {name!r}")
-        if self.kind == "a_shape" and self.sink + self.local == 0:
-            raise PatternError("a_shape needs sink + local > 0")
-        if self.kind == "a_shape" and self.local == 0:
-            raise PatternError("a_shape needs local >= 1 (a query must see itself)")
-        if self.kind == "vertical_slash" and (self.vertical < 1 or self.slash < 1):
-            raise PatternError("vertical_slash needs vertical >= 1 and slash >= 1")
-        if self.kind == "block_sparse" and self.topk < 1:
-            raise PatternError("block_sparse needs topk >= 1")
+        _spec_of(self.kind).validate(self)
 
     @property
     def params(self) -> dict:
@@ -78,8 +65,8 @@ class HeadPattern:
 
     def describe(self) -> str:
         """Short human form, e.g. ``vertical_slash(1000,6096)``."""
-        if self.kind == "dense":
-            return "dense"
+        if not self.params:
+            return self.kind
         return f"{self.kind}({','.join(str(v) for v in self.params.values())})"
 
     def encode(self) -> list[int]:

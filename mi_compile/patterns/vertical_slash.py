@@ -46,10 +46,19 @@ import torch
 import torch.nn.functional as F
 
 from ._device import device_ints
+from .constants import BLOCK, FORCED, KIND_VS, LAST_QUERIES, PHASE_VERTICAL_SLASH, SENTINEL, WIDE
+from .registry import PatternError, PatternSpec, register, tokens
+from .spec import HeadPattern
 
-LAST_QUERIES = 64
-FORCED = 64
-SENTINEL = 1 << 30
+#: Search candidates: vertical columns as fractions of n (rounded to 64), and slash diagonals as
+#: the 64 forced local ones plus a fraction of n more (rank 1); absolute sizes for long prompts
+#: (rank 3). Extra diagonals are expensive: the kernel computes a 64-wide band for each isolated
+#: one (about 128 / n of the causal square), so the slash budgets stay small and the measured
+#: density decides.
+VS_VERTICAL = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+VS_SLASH_EXTRA = (0.0, 1 / 128, 1 / 64, 1 / 32, 1 / 16)
+VS_VERTICAL_TOKENS = (128, 512, 2048)
+VS_SLASH_EXTRA_TOKENS = (0, 128, 512)
 
 
 def estimate_scores(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int],
@@ -254,3 +263,67 @@ def vertical_slash_mask(i: torch.Tensor, j: torch.Tensor, prefix: int, columns: 
         cum.gather(1, d_lo.expand(B, n_i, n_j).reshape(B, -1))
     on_slash = (hits > 0).view(B, n_i, n_j)
     return (j < prefix) | in_column | on_slash
+
+
+class VerticalSlashSpec(PatternSpec):
+    """``vertical_slash(vertical, slash)``: per input, the ``vertical`` hottest key columns and
+    the ``slash`` hottest diagonals (both ``>= 1``), estimated from the last 64 queries; the
+    first ``min(V, 64)`` columns and ``min(S, 64)`` diagonals are always kept (see the module
+    docstring). MInference's ``vertical_and_slash`` entries map one to one.
+    """
+
+    name = "vertical_slash"
+    code = 2
+    params = ("vertical", "slash")
+    kernel_kind = KIND_VS
+    selection = PHASE_VERTICAL_SLASH
+    per_block = True
+    color = "#f28e2b"
+    minference_names = ("vertical_and_slash",)
+
+    def validate(self, head) -> None:
+        if head.vertical < 1 or head.slash < 1:
+            raise PatternError("vertical_slash needs vertical >= 1 and slash >= 1")
+
+    def from_minference(self, vertical_size: int, slash_size: int) -> dict:
+        return {"vertical": vertical_size, "slash": slash_size}
+
+    def head_tables(self, head) -> dict:
+        return {"prefix": min(head.vertical, FORCED), "sink": 0, "band": WIDE, "group": None}
+
+    def meta_params(self, head) -> tuple:
+        return (head.vertical, head.slash)
+
+    def selection_params(self, head) -> tuple:
+        return (head.vertical, head.slash)
+
+    def max_tiles(self, head, n: int) -> int:
+        groups = min(head.slash, n)
+        # spans add up to <= 64 * offsets and to <= n + 64 per group count
+        return min(3 * groups, 2 * groups + -(-n // BLOCK) + 1)
+
+    def block_mask(self, head, index, h, block_starts, j):
+        cols, offs = index.columns[:, h], index.offsets[:, h]
+        out = vertical_slash_mask(block_starts, j, min(head.vertical, FORCED), cols.reshape(-1, cols.shape[-1]),
+                                  offs.reshape(-1, offs.shape[-1]), index.n)
+        return out.view(cols.shape[:-1] + out.shape[1:])
+
+    def candidates(self, n: int) -> list:
+        out = [(1, HeadPattern(self.name, vertical=tokens(vf, n), slash=BLOCK + int(round(sf * n))))
+               for vf in VS_VERTICAL for sf in VS_SLASH_EXTRA]
+        return out + [(3, HeadPattern(self.name, vertical=vertical, slash=BLOCK + extra))
+                      for vertical in VS_VERTICAL_TOKENS for extra in VS_SLASH_EXTRA_TOKENS
+                      if vertical < n and extra < n]
+
+    def search_selection(self, head, shared: dict, q, k, scale, seq_start, seq_len):
+        # the estimate does not depend on the budget: once per layer
+        if self.name not in shared:
+            shared[self.name] = estimate_scores(q, k, list(range(q.shape[1])), seq_start, seq_len, scale)
+        vert, slash = shared[self.name]
+        return select_vertical_slash(vert, slash, [(head.vertical, head.slash)] * q.shape[1], seq_len)
+
+    def label(self, head) -> str:
+        return f"{head.vertical}/{head.slash}"
+
+
+SPEC = register(VerticalSlashSpec())

@@ -1,7 +1,8 @@
 """Pictures of a per-head config (matplotlib, Agg backend: files only, no display).
 
-* :func:`plot_config`: a layers x heads grid coloured by pattern kind; each cell shows the
-  pattern's budget (A-shape ``sink+local``, vertical-slash ``V/S``, block-sparse ``kK``) and,
+* :func:`plot_config`: a layers x heads grid coloured by pattern kind (each pattern's
+  ``color``); each cell shows the pattern's budget (its ``label``: A-shape ``sink+local``,
+  vertical-slash ``V/S``, block-sparse ``kK``) and,
   when the search's report is given, the head's density (else its recall ``score``).
 * :func:`plot_attention`: one head's dense causal attention (log scale) beside the mask its
   configured pattern selects on the same prompt (via :func:`mi_compile.sparse.selection_mask`).
@@ -14,7 +15,16 @@ from pathlib import Path
 
 import torch
 
-COLORS = {"dense": "#9e9e9e", "a_shape": "#4e79a7", "vertical_slash": "#f28e2b", "block_sparse": "#59a14f"}
+from ..patterns import registry
+
+
+def colors() -> dict:
+    """Pattern name -> plot colour, for every registered pattern."""
+    return {spec.name: spec.color for spec in registry.specs()}
+
+
+#: The colours of the patterns registered at import (:func:`colors` sees later ones too).
+COLORS = colors()
 
 
 def _pyplot():
@@ -25,13 +35,7 @@ def _pyplot():
 
 
 def _budget_text(p) -> str:
-    if p.kind == "dense":
-        return "dense"
-    if p.kind == "a_shape":
-        return f"{p.sink}+{p.local}"
-    if p.kind == "vertical_slash":
-        return f"{p.vertical}/{p.slash}"
-    return f"k{p.topk}"
+    return registry.get(p.kind).label(p)
 
 
 def plot_config(config, out, *, report=None, title: str | None = None) -> Path:
@@ -48,7 +52,8 @@ def plot_config(config, out, *, report=None, title: str | None = None) -> Path:
     if report is not None:
         rep = json.loads(Path(report).read_text()) if not isinstance(report, dict) else report
         density = {(h["layer"], h["head"]): h["density"] for h in rep.get("heads", [])}
-    kinds = list(COLORS)
+    palette = colors()
+    kinds = list(palette)
     grid = torch.zeros(num_layers, num_heads, dtype=torch.long)
     texts = {}
     for layer in range(num_layers):
@@ -67,7 +72,7 @@ def plot_config(config, out, *, report=None, title: str | None = None) -> Path:
     fig_w = max(5.0, 0.9 * num_heads + 2.5)
     fig_h = max(3.0, 0.42 * num_layers + 1.5)
     fig, ax = plt.subplots(figsize=(fig_w, fig_h))
-    ax.imshow(grid.numpy(), cmap=ListedColormap([COLORS[k] for k in kinds]), vmin=-0.5,
+    ax.imshow(grid.numpy(), cmap=ListedColormap([palette[k] for k in kinds]), vmin=-0.5,
               vmax=len(kinds) - 0.5, aspect="auto", interpolation="nearest")
     fs = 6 if num_layers > 20 or num_heads > 12 else 8
     for (layer, h), t in texts.items():
@@ -77,7 +82,7 @@ def plot_config(config, out, *, report=None, title: str | None = None) -> Path:
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
     used = sorted(set(grid.flatten().tolist()))
-    ax.legend(handles=[Patch(color=COLORS[kinds[i]], label=kinds[i]) for i in used],
+    ax.legend(handles=[Patch(color=palette[kinds[i]], label=kinds[i]) for i in used],
               loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     if title is None:
         title = cfg.model or cfg.source

@@ -27,13 +27,12 @@ from typing import Sequence
 
 import torch
 
-from ..patterns import block_sparse, vertical_slash
-from ..patterns.a_shape import a_shape_mask
+from ..patterns import registry
+from ..patterns.constants import BLOCK
 from ..patterns.cost import computed_density
-from ..patterns.index import build_index
+from ..patterns.index import block_rows, build_index
 from ..patterns.spec import HeadPattern
 
-BLOCK = 64
 #: Recalls within this of the best fitting candidate's count as a tie (then lower density wins).
 RECALL_TIE = 1e-4
 #: Heads evaluated together when testing selections at the scored query blocks (bounds the
@@ -100,28 +99,18 @@ def _selected_at_rows(index, pattern: HeadPattern, rows: torch.Tensor, causal_ro
     n = index.n
     dev = rows.device
     j = torch.arange(n, device=dev)
-    if pattern.kind == "dense":
-        return causal_rows
-    if pattern.kind == "a_shape":
-        return causal_rows & a_shape_mask(rows[:, None], j[None, :], pattern)
+    spec = registry.get(pattern.kind)
+    if not spec.per_block:
+        own = spec.mask(rows[:, None], j[None, :], pattern)
+        return causal_rows if own is None else causal_rows & own
     blocks, slot = torch.unique(rows // BLOCK, return_inverse=True)
     starts = (blocks * BLOCK)[None, :, None]                                  # [1, U, 1]
-    B, H = index.columns.shape[:2]
+    B, H = index.seq_start.shape[0], len(index.heads)
     out = torch.empty(B, H, rows.numel(), n, dtype=torch.bool, device=dev)
     for h0 in range(0, H, _HEAD_CHUNK):
         hs = slice(h0, min(H, h0 + _HEAD_CHUNK))
-        c = hs.stop - hs.start
-        if pattern.kind == "vertical_slash":
-            prefix = min(pattern.vertical, vertical_slash.FORCED)
-            per_block = vertical_slash.vertical_slash_mask(
-                starts, j[None, None, :], prefix, index.columns[:, hs].reshape(B * c, -1),
-                index.offsets[:, hs].reshape(B * c, -1), n)
-        else:
-            nqb = index.blocks.shape[2]
-            per_block = block_sparse.block_sparse_mask(
-                starts, j[None, None, :], index.blocks[:, hs].reshape(B * c, nqb, -1),
-                index.block_count[:, hs].reshape(B * c, nqb))
-        out[:, hs] = per_block.view(B, c, -1, n)[:, :, slot] & causal_rows
+        per_block = block_rows(index, hs, starts, j[None, None, :])              # [B, c, U, n]
+        out[:, hs] = per_block[:, :, slot] & causal_rows
         del per_block
     return out
 
@@ -157,16 +146,13 @@ def score_candidates(q: torch.Tensor, k: torch.Tensor, candidates: Sequence[Head
     seq_start = torch.zeros(B, dtype=torch.int32, device=dev)
     seq_len = torch.full((B,), n, dtype=torch.int32, device=dev)
 
-    vert = slash = None
-    if any(p.kind == "vertical_slash" for p in candidates):   # the estimate is budget-free: once
-        vert, slash = vertical_slash.estimate_scores(q, k, list(range(Hq)), seq_start, seq_len, scale)
+    shared: dict = {}     # budget-free work (the vertical-slash estimate), once per layer
     for c, p in enumerate(candidates):
-        selection = None
-        if p.kind == "vertical_slash":
-            selection = vertical_slash.select_vertical_slash(vert, slash, [(p.vertical, p.slash)] * Hq, seq_len)
+        spec = registry.get(p.kind)
+        selection = spec.search_selection(p, shared, q, k, scale, seq_start, seq_len)
         index = build_index(q, k, [p] * Hq, scale, seq_start, seq_len, vs_selection=selection, unpadded=True)
         density[c] = computed_density(index).cpu()
-        if p.kind == "dense":
+        if spec.full:
             recall[c] = _recall(probs, causal_rows).double().cpu()          # error stays 0
             continue
         selected = _selected_at_rows(index, p, rows, causal_rows)

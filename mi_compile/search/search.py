@@ -17,12 +17,15 @@ from typing import Sequence
 import torch
 
 from ..config import SparseConfig
+from ..patterns import registry
 from ..patterns.spec import HeadPattern
 from .candidates import candidate_patterns
 from .capture import capture_qk
 from .score import choose, dense_probs, score_candidates, score_rows
 
-KINDS = ("dense", "a_shape", "vertical_slash", "block_sparse")
+#: The pattern kinds registered at import (summaries use :func:`registry.names`, which sees
+#: later ones too).
+KINDS = registry.names()
 
 
 @dataclasses.dataclass
@@ -67,7 +70,7 @@ class SearchReport:
 
     # ------------------------------------------------------------------ summaries
     def counts(self) -> dict[str, int]:
-        out = {k: 0 for k in KINDS}
+        out = {k: 0 for k in registry.names()}
         for h in self.heads:
             out[h.pattern.kind] += 1
         return out
@@ -101,7 +104,7 @@ class SearchReport:
                  f"  capture {self.capture_s:.1f} s, scoring {self.score_s:.1f} s", ""]
         fmt = "{:<16} {:>6} {:>12} {:>13}"
         lines.append(fmt.format("pattern", "heads", "mean recall", "mean density"))
-        for kind in KINDS:
+        for kind in registry.names():
             hs = [h for h in self.heads if h.pattern.kind == kind]
             if hs:
                 lines.append(fmt.format(kind, len(hs), f"{sum(h.recall for h in hs) / len(hs):.4f}",
@@ -241,7 +244,7 @@ def search_config(model, input_ids: torch.Tensor, *, budget: float = 0.3, score_
     cands = list(candidates) if candidates is not None else candidate_patterns(n)
     if not cands:
         raise ValueError("no candidate patterns")
-    if min_recall > 0 and not any(p.kind == "dense" for p in cands):
+    if min_recall > 0 and not any(registry.get(p.kind).full for p in cands):
         cands.append(HeadPattern("dense"))
     name = name or model_name(model)
 
@@ -288,7 +291,7 @@ def choose_config(scored: SearchReport, budget: float, *, min_recall: float = 0.
     if not 0 < budget:
         raise ValueError(f"budget must be > 0, got {budget}")
     cands = list(scored.candidates)
-    dense_index = next((c for c, p in enumerate(cands) if p.kind == "dense"), None)
+    dense_index = next((c for c, p in enumerate(cands) if registry.get(p.kind).full), None)
     if min_recall > 0 and dense_index is None:
         raise ValueError("min_recall needs a dense candidate among the scored ones")
     heads: list[HeadResult] = []
