@@ -59,6 +59,7 @@ case "$stage" in
     # (the machine's first model load converts the GGUF); accuracy at 32K and 64K
     deadline=$(( $(date +%s) + ${2:-470} ))
     left() { echo $(( deadline - $(date +%s) )); }
+    mkdir -p "$RUNS/checks"
     ( OUT="$RUNS/checks" timeout "$(left)" python3 benchmarks/gpu_checks.py > "$RUNS/gpu_checks.log" 2>&1 ) &
     checks=$!
     timeout "$(left)" python3 -m mi_compile search "${SEARCH_ARGS[@]}" --length 32768 --budget 0.2 --min-recall 0.6 \
