@@ -11,6 +11,7 @@ returns a configured callable for code that prefers an object.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 
@@ -41,6 +42,10 @@ class MInferenceBackend:
             raise OptionsError(f"options mode={self.options.mode!r} / cudagraphs={self.options.cudagraphs!r} "
                                "configure Inductor, but this backend runs without it (use_inductor=False)")
         self.config = load_config(self.options.config)
+        explicit = isinstance(options, BackendOptions) or (isinstance(options, dict) and "min_seq_len" in options)
+        if self.config.min_seq_len is not None and not explicit:
+            # the config knows from which length it pays (measured); the option, when given, wins
+            self.options = dataclasses.replace(self.options, min_seq_len=self.config.min_seq_len)
         if self.config.is_default_policy:
             log.warning("mi_compile: no per-head config given; using the default policy (%s)", self.config.source)
         self.use_inductor = use_inductor

@@ -43,6 +43,10 @@ Top-level keys (no others are allowed):
     :meth:`SparseConfig.check_model` / :meth:`SparseConfig.heads_for` insist that the model has
     exactly this many layers / query heads. ``num_heads`` counts *query* heads (GQA models
     have fewer KV heads; patterns are per query head).
+``min_seq_len``
+    optional int in ``0 .. 2**31 - 1``: prompts shorter than this run dense attention (the
+    length from which the config was measured to pay); the backend option of the same name,
+    when given, wins.
 ``default``
     optional head entry used for every (layer, head) without an explicit entry.
 ``layers``
@@ -127,7 +131,8 @@ DEFAULT_PATTERN = HeadPattern("vertical_slash", vertical=1000, slash=6096)
 #: a view of the pattern registry (each pattern's ``minference_names``).
 MINFERENCE_NAMES = registry.MINFERENCE_NAMES
 
-_TOP_KEYS = ("format", "model", "num_layers", "num_heads", "default", "layers")
+_TOP_KEYS = ("format", "model", "num_layers", "num_heads", "min_seq_len", "default", "layers")
+_MAX_MIN_SEQ_LEN = 2**31 - 1
 _WILDCARD = "*"
 
 ConfigSource = Union[None, str, "os.PathLike[str]", dict, list]
@@ -181,6 +186,9 @@ class SparseConfig:
     layer_defaults: dict[int, HeadPattern] = dataclasses.field(default_factory=dict)
     #: the optional free-text ``"model"`` field.
     model: str | None = None
+    #: the optional ``"min_seq_len"``: the prompt length from which this config was measured to
+    #: pay; the backend uses it when its own option ``min_seq_len`` is not given.
+    min_seq_len: int | None = None
 
     # ------------------------------------------------------------------ resolution
     def _min_heads(self) -> int:
@@ -276,6 +284,8 @@ class SparseConfig:
             out["num_layers"] = self.num_layers
         if self.num_heads is not None:
             out["num_heads"] = self.num_heads
+        if self.min_seq_len is not None:
+            out["min_seq_len"] = self.min_seq_len
         if self.default is not None:
             out["default"] = _entry_json(self.default)
         layers: dict[str, dict] = {}
@@ -428,6 +438,9 @@ def _from_ours(source: str, doc: dict) -> SparseConfig:
         raise _error(source, f"model must be a string, got {type(model).__name__}")
     num_layers = _positive(source, doc, "num_layers")
     num_heads = _positive(source, doc, "num_heads")
+    min_seq_len = doc.get("min_seq_len")
+    if min_seq_len is not None and (not _is_int(min_seq_len) or not 0 <= min_seq_len <= _MAX_MIN_SEQ_LEN):
+        raise _error(source, f"min_seq_len must be an int >= 0 and <= 2**31 - 1, got {min_seq_len!r}")
     default = None
     if doc.get("default") is not None:
         default, _ = _parse_entry(source, doc["default"], "default", None, allow_score=False)
@@ -463,7 +476,7 @@ def _from_ours(source: str, doc: dict) -> SparseConfig:
             layers[layer] = heads
     return SparseConfig(source=source, num_layers=num_layers, num_heads=num_heads,
                         layers=layers, default=default, scores=scores,
-                        layer_defaults=layer_defaults, model=model)
+                        layer_defaults=layer_defaults, model=model, min_seq_len=min_seq_len)
 
 
 def _from_minference(source: str, doc: list) -> SparseConfig:

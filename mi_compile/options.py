@@ -7,7 +7,9 @@ config          per-head pattern config: a path to a JSON file (our format or MI
                 published per-layer lists) or the same data as a dict/list. Default: the
                 default policy (every head vertical_slash(1000, 6096)), logged.
 min_seq_len     prompts shorter than this run dense attention inside the op (sparse
-                attention does not pay off on short prompts). Default 65536 (measured, see README).
+                attention does not pay off on short prompts). Default: the config's own
+                ``min_seq_len`` when it has one (the shipped Qwen2.5-Coder configs: 32768),
+                else 65536 (measured on the Llama-3-8B shape, docs/results.md).
 dense_layers    layer indices to leave dense (the original SDPA call is kept), e.g. [0, 1];
                 an index past the model's last layer is an error once the graph shows it.
 dump_dir        write each graph before/after the passes (readable code) and the explain

@@ -256,3 +256,25 @@ def test_resolution_argument_checks():
     cfg = load_config(None)
     raises(r"layer index must be a non-negative int, got -1", cfg.heads_for, -1, 4)
     raises(r"num_heads must be a positive int, got 0", cfg.heads_for, 0, 0)
+
+
+def test_config_min_seq_len_round_trips_and_is_validated():
+    doc = {"format": "mi-compile/v1", "min_seq_len": 32768, "default": {"pattern": "dense"}}
+    cfg = load_config(doc)
+    assert cfg.min_seq_len == 32768
+    assert load_config(cfg.to_json()).min_seq_len == 32768
+    assert load_config({"default": {"pattern": "dense"}}).min_seq_len is None
+    for bad in (-1, 2**31, 1.5, "32768", True):
+        with pytest.raises(ConfigError, match="min_seq_len must be an int"):
+            load_config({**doc, "min_seq_len": bad})
+
+
+def test_backend_takes_min_seq_len_from_the_config_unless_the_option_is_given():
+    from mi_compile.backend import MInferenceBackend
+
+    doc = {"min_seq_len": 4096, "default": {"pattern": "a_shape", "sink": 64, "local": 64}}
+    assert MInferenceBackend({"config": doc}).options.min_seq_len == 4096
+    assert MInferenceBackend({"config": doc, "min_seq_len": 0}).options.min_seq_len == 0
+    assert MInferenceBackend({"config": {"default": doc["default"]}}).options.min_seq_len == 65536
+    assert load_config("qwen2.5-coder-1.5b-128k").min_seq_len == 32768
+    assert load_config("qwen2.5-coder-1.5b-32k").min_seq_len == 32768

@@ -42,3 +42,10 @@ def test_formatting():
     text = gpu_profile.format_kernel_times(dict(total_ms=10.0, categories={"GEMM": 6.0, "other": 4.0},
                                                 kernels=[dict(name="k", ms=6.0, calls=3, category="GEMM")]))
     assert "60.0%" in text and "x3" in text
+
+
+def test_fused_kernel_named_after_attention_is_inductor_not_dense_attention():
+    name = "triton_poi_fused__to_copy_add_bmm_cat_cos_mul_neg_sin_slice_sparse_attention_transpose_2"
+    assert gpu_profile._category(name) == "Inductor fused (triton_)"
+    assert gpu_profile._category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma") == \
+        "dense attention (flash/cuDNN)"
