@@ -78,7 +78,7 @@ def _load_op_counter():
 
 
 OpCounter = _load_op_counter()
-import mi_compile.kernels.op as op_module  # noqa: E402
+import mi_compile.op as op_module  # noqa: E402
 from mi_compile.patterns.spec import HeadPattern as HP, encode_heads  # noqa: E402
 
 CUDA = ARGS.device == "cuda"

@@ -2,10 +2,9 @@
 
     model = torch.compile(model, backend="minference")
 """
-from .kernels import op as _op  # noqa: F401  (registers torch.ops.mi_compile.sparse_attention)
-from .backend import MInferenceBackend, backend
+from . import op as _op  # noqa: F401  (registers torch.ops.mi_compile.sparse_attention)
+from .backend import MInferenceBackend, backend, explain
 from .config import ConfigError, SparseConfig, load_config
-from .debug.explain import explain
 from .options import BackendOptions, OptionsError
 from .patterns.spec import HeadPattern
 

@@ -38,7 +38,7 @@ def _explain(argv):
 
     import torch
 
-    from .debug.explain import explain
+    from .backend import explain
     from .models import load_model
     from .options import OptionsError
 

@@ -18,9 +18,10 @@ import logging
 import torch
 from torch._dynamo.exc import RestartAnalysis
 
-from .kernels import op as _op  # noqa: F401  (registers torch.ops.mi_compile.*)
+from . import op as _op  # noqa: F401  (registers torch.ops.mi_compile.*)
 from .config import load_config
 from .debug.dump import dump_report
+from .debug.explain import ExplainResult
 from .options import BackendOptions, OptionsError
 from .passes import run_passes
 
@@ -109,3 +110,15 @@ def minference_backend(gm, example_inputs, options: dict | None = None, mode=Non
     """Entry point behind ``backend="minference"``; torch passes ``options=`` (or ``mode=``:
     torch.compile takes one of the two) through."""
     return MInferenceBackend(options, mode=mode)(gm, example_inputs)
+
+
+def explain(model, *args, options: dict | None = None, dynamic=None, **kwargs) -> ExplainResult:
+    """Run ``model(*args, **kwargs)`` once through the backend's passes (no Inductor: fast) and
+    report each attention call site (``print(result)`` gives the explain table)."""
+    backend = MInferenceBackend(options, use_inductor=False, keep_code=True)
+    compiled = torch.compile(model, backend=backend, dynamic=dynamic)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    ids = args[0] if args else kwargs.get("input_ids")
+    length = int(ids.shape[-1]) if isinstance(ids, torch.Tensor) and ids.dim() >= 1 else None
+    return ExplainResult(list(backend.reports), backend.options.min_seq_len, length)

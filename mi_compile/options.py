@@ -27,7 +27,7 @@ import dataclasses
 import os
 from typing import Any, Optional
 
-from .kernels.op import DEFAULT_MIN_SEQ_LEN
+from .op import DEFAULT_MIN_SEQ_LEN
 
 
 MAX_MIN_SEQ_LEN = 2**31 - 1   # no prompt is longer; larger values overflow the op's int argument

@@ -303,7 +303,7 @@ def test_bad_options_are_errors(options, match):
 
 
 def test_padding_mask_with_holes_fails_loudly():
-    from mi_compile.kernels.op import padding_to_ranges
+    from mi_compile.op import padding_to_ranges
     mask = torch.tensor([[1, 1, 0, 1, 1]], dtype=torch.bool)
     with pytest.raises(RuntimeError, match="holes"):
         padding_to_ranges(mask)
@@ -331,7 +331,7 @@ def test_artifacts_go_to_structured_trace(monkeypatch):
 
 def test_observers_see_each_layers_q_and_k_through_the_compiled_model():
     """The pattern search reads real q/k this way: no model-specific patches."""
-    from mi_compile.kernels.op import observe_attention
+    from mi_compile.op import observe_attention
 
     model = tiny_model("qwen2")
     ids, _ = _inputs(1)

@@ -21,11 +21,11 @@ from mi_compile.debug.op_count import OpCounter  # noqa: E402
 
 import mi_compile  # noqa: E402
 import mi_compile.kernels.index_tables as index_tables  # noqa: E402
-import mi_compile.kernels.op as op_module  # noqa: E402
+import mi_compile.op as op_module  # noqa: E402
 import mi_compile.sparse as sparse_module  # noqa: E402
 from mi_compile import OptionsError  # noqa: E402
 from mi_compile.options import BackendOptions  # noqa: E402
-from mi_compile.patterns import _device  # noqa: E402
+from mi_compile.kernels import _device  # noqa: E402
 from mi_compile.patterns import index as index_module  # noqa: E402
 from mi_compile.patterns.index import build_index, normalize_sequences  # noqa: E402
 from mi_compile.patterns.spec import HeadPattern as HP, encode_heads  # noqa: E402

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from mi_compile.config import ConfigError, load_config
-from mi_compile.patterns import a_shape, block_sparse, constants, index as index_module, registry, vertical_slash
-from mi_compile.patterns.constants import BLOCK, KIND_A_SHAPE
+from mi_compile.kernels import constants
+from mi_compile.patterns import a_shape, block_sparse, index as index_module, registry, vertical_slash
+from mi_compile.kernels.constants import BLOCK, KIND_A_SHAPE
 from mi_compile.patterns.index import build_index, head_selection_mask
 from mi_compile.patterns.registry import PatternSpec
 from mi_compile.patterns.spec import PATTERN_IDS, PATTERN_PARAMS, HeadPattern, PatternError, decode_heads, encode_heads

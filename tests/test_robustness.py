@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mi_compile import HeadPattern as HP
 from mi_compile import OptionsError, sparse_attention
 from mi_compile.sparse import build_sparse_index, selection_density, selection_mask
-from mi_compile.debug.explain import explain
+from mi_compile.backend import explain
 
 HEADS = [HP("a_shape", sink=16, local=32), HP("dense")]
 

@@ -1,4 +1,5 @@
-"""Graph dumps and the explain table: see what the backend rewrote, and why not elsewhere."""
-from .explain import explain, format_table
+"""Formatting what the backend did: the explain table, graph dumps, GPU profile reports.
+Nothing here runs the backend (``mi_compile.explain`` does, in :mod:`mi_compile.backend`)."""
+from .explain import ExplainResult, format_table
 
-__all__ = ["explain", "format_table"]
+__all__ = ["ExplainResult", "format_table"]

@@ -4,8 +4,8 @@
     0      model.layers.0.self_attn    9      3   causal          undone  sparse  9x vertical_slash(1000,6096)
     ...
 
-:func:`explain` compiles a model with the backend's passes only (no Inductor: fast), runs it
-once on the given inputs, and returns the reports of every graph Dynamo produced.
+:func:`mi_compile.explain` (in :mod:`mi_compile.backend`) compiles a model with the backend's
+passes only, runs it once and returns an :class:`ExplainResult`; this module only formats.
 """
 from __future__ import annotations
 
@@ -67,18 +67,3 @@ class ExplainResult:
 
     def __str__(self) -> str:
         return self.table()
-
-
-def explain(model, *args, options: dict | None = None, dynamic=None, **kwargs) -> ExplainResult:
-    """Run ``model(*args, **kwargs)`` once through the backend's passes and report each call site."""
-    import torch
-
-    from ..backend import MInferenceBackend
-
-    backend = MInferenceBackend(options, use_inductor=False, keep_code=True)
-    compiled = torch.compile(model, backend=backend, dynamic=dynamic)
-    with torch.no_grad():
-        compiled(*args, **kwargs)
-    ids = args[0] if args else kwargs.get("input_ids")
-    length = int(ids.shape[-1]) if isinstance(ids, torch.Tensor) and ids.dim() >= 1 else None
-    return ExplainResult(list(backend.reports), backend.options.min_seq_len, length)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mi_compile.patterns.constants import BLOCK
+from mi_compile.kernels.constants import BLOCK
 from mi_compile.patterns.index import SparseIndex, block_rows, head_selection_mask
 from mi_compile.patterns.registry import get as pattern_spec
 

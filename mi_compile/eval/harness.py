@@ -36,7 +36,7 @@ Scoring (``scoring=``):
 Measured per mode:
 
 * accuracy per task and length (and, when forced, the answers' mean log-prob);
-* the attention density actually computed: :func:`mi_compile.kernels.op.observe_attention`
+* the attention density actually computed: :func:`mi_compile.op.observe_attention`
   sees every op call and the tiles the kernel walks for each head's pattern on those very q/k
   are counted (:func:`layer_density`; mean over layers and heads; a layer the backend left
   dense, or a prompt shorter than ``min_seq_len``, counts as 1.0). ``density="first"`` counts
@@ -75,9 +75,10 @@ from mi_compile.patterns.registry import get as pattern_spec
 
 from . import tasks as T
 
-# 8K; scores averaged over 7 calibration prompts (seeds 0-6); global budget 0.385, objective output,
-# early weight 1 (benchmarks/NOTES.md, "Accuracy at 8K", step C)
-SEARCHED_DEFAULT = "benchmarks/configs/smollm2_searched_8k_avg7.json"
+# SmolLM2's searched config, shipped in the package: 8K, scores averaged over 7 calibration
+# prompts (seeds 0-6), global budget 0.385, objective output, early weight 1 (docs/kernels.md)
+SEARCHED_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                "smollm2-8k.json")
 FORMAT = "mi-compile/v1"
 DENSE_CONFIG = {"format": FORMAT, "default": {"pattern": "dense"}}
 DEFAULT_CONFIG = {"format": FORMAT, "default": {"pattern": "vertical_slash", "vertical": 1000, "slash": 6096}}
@@ -202,7 +203,7 @@ def layer_density(q, k, heads, key_padding_mask=None) -> float:
     layer's patterns on these q/k: whole tiles, masked pairs included
     (:func:`mi_compile.patterns.cost.computed_density`, read from the op's own index, O(n/64)
     per head), the same measure the pattern search charges. An all-dense layer counts 1.0."""
-    from mi_compile.kernels.op import padding_to_ranges
+    from mi_compile.op import padding_to_ranges
     from mi_compile.patterns.cost import computed_density
     from mi_compile.sparse import build_sparse_index
 
@@ -287,7 +288,7 @@ class ModeRunner:
         layers observed, seconds, and whether this call compiled a graph."""
         from transformers import DynamicCache
 
-        from mi_compile.kernels.op import observe_attention
+        from mi_compile.op import observe_attention
 
         self._density = {}
         cache = DynamicCache(config=self.model.config) if use_cache else None

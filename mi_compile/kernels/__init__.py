@@ -1,2 +1,3 @@
-"""Triton kernels and the torch.library op that calls them (:mod:`.op`)."""
-from . import op  # noqa: F401  registers torch.ops.mi_compile.sparse_attention
+"""Triton kernels: the sparse attention kernels, the vertical-slash estimate and the fused index
+tables, with the index format they read. A leaf: nothing here imports the rest of the package
+(the op that calls them is :mod:`mi_compile.op`)."""

@@ -161,7 +161,7 @@ def estimate_scores_triton(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[
     """Same contract as :func:`~mi_compile.patterns.vertical_slash.estimate_scores_torch`:
     float32 ``vertical, slash`` of shape ``[B, len(head_ids), n]``, ``-inf`` where the key /
     offset does not exist in that sequence."""
-    from ..patterns._device import device_ints
+    from ._device import device_ints
 
     B, Hq, n, D = q.shape
     if q.stride(-1) != 1:

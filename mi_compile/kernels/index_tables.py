@@ -36,8 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..patterns._device import cached
-from ..patterns.index import KIND_A_SHAPE, KIND_BS, KIND_VS, MAX_VS_GROUPS, META_WIDTH, SENTINEL
+from ._device import cached
+from .constants import KIND_A_SHAPE, KIND_BS, KIND_VS, SENTINEL
+from .index_format import MAX_VS_GROUPS, META_WIDTH
 
 # Sizes that change with the prompt are not specialised on (see sparse_attention._LENGTH_ARGS).
 _ROW_ARGS = ["n", "gw", "tiles", "cw", "gw_steps"]
@@ -256,7 +257,7 @@ def _p2(x: int) -> int:
 
 
 def build_tables(plan, B: int, n: int, widths: dict, seq_len: torch.Tensor, vs_raw, bs_raw) -> dict:
-    """Every data-dependent table of :class:`~mi_compile.patterns.index.SparseIndex` (two launches).
+    """Every data-dependent table of :class:`~mi_compile.kernels.index_format.SparseIndex` (two launches).
 
     ``vs_raw = (columns, extra offsets)``: per vertical-slash group of the plan (at most
     ``MAX_VS_GROUPS``), int64 ``[B, heads of the group, count]`` or None, as

@@ -48,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..patterns.index import BLOCK, SparseIndex
+from .constants import BLOCK
+from .index_format import SparseIndex
 
 LOG2E = 1.4426950408889634
 LAST_COMPILE: dict = {}   # resource report of the last launch (benchmarks print it)

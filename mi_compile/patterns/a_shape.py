@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .constants import BLOCK, KIND_A_SHAPE
+from ..kernels.constants import BLOCK, KIND_A_SHAPE
 from .registry import PatternError, PatternSpec, register, tokens
 from .spec import HeadPattern
 

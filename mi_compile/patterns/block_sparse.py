@@ -26,8 +26,8 @@ from typing import Sequence
 
 import torch
 
-from ._device import device_ints
-from .constants import BLOCK, KIND_BS, PHASE_BLOCK_SPARSE, SENTINEL
+from ..kernels._device import device_ints
+from ..kernels.constants import BLOCK, KIND_BS, PHASE_BLOCK_SPARSE, SENTINEL
 from .registry import PatternError, PatternSpec, register
 from .spec import HeadPattern
 

@@ -23,7 +23,7 @@ tile widths (``KERNEL_CONFIG``):
   masked, not skipped);
 * the diagonal tile of 64 keys.
 
-Everything is read from the :class:`~mi_compile.patterns.index.SparseIndex` tables, O(B H n/64),
+Everything is read from the :class:`~mi_compile.kernels.index_format.SparseIndex` tables, O(B H n/64),
 on their device; the kernel's counting mode 3 walks the same loops and the tests compare the
 two. Layers whose heads are all dense / A-shape may run in the 128-row kernel, whose diagonal
 costs a little more; the count stays the 64-row kernel's.
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .constants import BLOCK
+from ..kernels.constants import BLOCK
 from .index import SparseIndex
 
 

@@ -1,7 +1,7 @@
 """Dense heads: full causal attention (no parameters)."""
 from __future__ import annotations
 
-from .constants import WIDE
+from ..kernels.constants import WIDE
 from .registry import PatternSpec, register
 from .spec import HeadPattern
 

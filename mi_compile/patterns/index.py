@@ -1,40 +1,5 @@
-"""The unified sparse index: one structure that drives one kernel launch for all heads.
-
-Every head, whatever its pattern, is described to the kernel by the same tables (sequence
-coordinates; ``NQB = ceil(n / 64)`` query blocks of 64 rows; ``B`` inputs, ``H`` query heads):
-
-``prefix [H]``
-    keys ``[0, prefix)`` are visited for every query block (dense: all keys; A-shape: the
-    sinks; vertical-slash: the forced first ``min(V, 64)`` columns).
-``sink [H]``, ``band [H]``
-    exact per-element test ``j < sink or i - j < band`` (A-shape; other patterns have
-    ``sink = 0`` and a band wider than any sequence), always combined with ``j <= i``.
-``group_lo / group_hi [B, H, G]``, ``groups_upto [B, H, NQB]``
-    merged slash groups ``[s_lo, s_hi]`` ascending by ``s_lo``: query block ``m0`` visits keys
-    ``[max(m0 - s_hi, prefix), m0 + 63 - s_lo]``; only the first ``groups_upto[m]`` groups
-    reach block ``m`` (``s_lo <= m0 + 63``). Vertical-slash groups come from the selected
-    offsets; A-shape has the single group ``[0, local - 1]``.
-``tile_start / tile_end [B, H, T]``, ``tiles_upto [B, H, NQB]``
-    the groups' intervals below the diagonal pre-cut into tiles of <= 64 keys, relative to
-    ``m0``: tile ``t`` is keys ``[max(m0 + tile_start, prefix), m0 + tile_end)``; sorted so that
-    block ``m`` walks exactly the first ``tiles_upto[m]`` (those reaching past the prefix) in
-    one flat loop (see :func:`group_tiles`).
-``columns [B, H, V]``, ``columns_upto [B, H, NQB]``
-    ascending extra key columns (vertical-slash); block ``m`` visits the first
-    ``columns_upto[m]`` of them (``j < m0``; columns in ``[m0, m0 + 64)`` belong to the
-    diagonal tile) ...
-``covered [B, H, n + 64]`` (uint8)
-    ... skipping column ``j`` where ``covered[m0 - j + 63]``: some group interval already
-    holds it for that block. Built once per head from the groups, O(n).
-``blocks [B, H, NQB, K]``, ``block_count [B, H, NQB]``
-    64-aligned key blocks per query block (block-sparse).
-
-The raw selection (``offsets``: the selected slash offsets) is kept for the reference mask,
-which is built from the pattern definitions, not from the tables above; tests compare the two.
-The kernel visits every range only strictly below the query block (keys ``< m0``) and then
-one *diagonal tile* ``[m0, m0 + 64)`` with the exact element test: every pattern selects all of
-it (causally): dense, A-shape (band test), vertical-slash (offset 0 is always kept) and
-block-sparse (the diagonal block is always kept).
+"""Building the unified sparse index (:class:`~mi_compile.kernels.index_format.SparseIndex`,
+its tables defined there) for one layer's heads, one kernel launch for all of them.
 
 All tables are built on the inputs' device with no host synchronisation: sizes depend only on
 shapes and the static head parameters. What depends only on the heads (prefix, sink, band, head
@@ -51,40 +16,12 @@ from typing import Optional, Sequence
 import torch
 
 from . import block_sparse, vertical_slash
-from ._device import cached, device_ints
-from .constants import (BLOCK, KIND_A_SHAPE, KIND_BS, KIND_OTHER, KIND_VS, PHASE_BLOCK_SPARSE,  # noqa: F401
+from ..kernels._device import cached, device_ints
+from ..kernels.constants import (BLOCK, KIND_A_SHAPE, KIND_BS, KIND_OTHER, KIND_VS, PHASE_BLOCK_SPARSE,  # noqa: F401
                         PHASE_VERTICAL_SLASH, SENTINEL, WIDE)
+from ..kernels.index_format import MAX_VS_GROUPS, META_WIDTH, SparseIndex  # noqa: F401
 from .registry import get as pattern_spec
 from .spec import HeadPattern
-
-
-@dataclasses.dataclass
-class SparseIndex:
-    """Everything the kernel reads (see the module docstring for each table)."""
-
-    heads: tuple
-    n: int
-    seq_start: torch.Tensor
-    seq_len: torch.Tensor
-    prefix: torch.Tensor
-    sink: torch.Tensor
-    band: torch.Tensor
-    group_lo: torch.Tensor
-    group_hi: torch.Tensor
-    groups_upto: torch.Tensor
-    tile_start: torch.Tensor
-    tile_end: torch.Tensor
-    tiles_upto: torch.Tensor
-    columns: torch.Tensor
-    columns_upto: torch.Tensor
-    covered: torch.Tensor
-    blocks: torch.Tensor
-    block_count: torch.Tensor
-    offsets: torch.Tensor
-
-    @property
-    def num_query_blocks(self) -> int:
-        return math.ceil(self.n / BLOCK)
 
 
 def merge_offsets(offsets: torch.Tensor, gap: int = BLOCK):
@@ -187,12 +124,6 @@ def normalize_sequences(q: torch.Tensor, seq_start: Optional[torch.Tensor],
     return seq_start.to(device=q.device, dtype=torch.int32), seq_len.to(device=q.device, dtype=torch.int32)
 
 
-# Head kinds in IndexPlan.meta (read by mi_compile.kernels.index_tables): KIND_* of
-# mi_compile.patterns.constants, each pattern's ``kernel_kind``.
-# per head: kind, prefix, param a, param b, row in its vertical-slash group, block-sparse row,
-# vertical-slash group, heads in that group
-META_WIDTH = 8
-MAX_VS_GROUPS = 6   # distinct (V, S) per layer the fused builder takes (MInference's configs: <= 5)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .constants import BLOCK, KIND_OTHER, WIDE
+from ..kernels.constants import BLOCK, KIND_OTHER, WIDE
 
 
 class PatternError(ValueError):
@@ -118,7 +118,7 @@ MINFERENCE_NAMES: dict[str, str] = {}
 
 
 def _check(spec: PatternSpec) -> None:
-    from .constants import INTS_PER_HEAD, KIND_A_SHAPE, KIND_BS, KIND_VS, PHASE_BLOCK_SPARSE, \
+    from ..kernels.constants import INTS_PER_HEAD, KIND_A_SHAPE, KIND_BS, KIND_VS, PHASE_BLOCK_SPARSE, \
         PHASE_VERTICAL_SLASH
     from .spec import PARAM_FIELDS
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Sequence
 
-from .constants import INTS_PER_HEAD, MAX_PARAM
+from ..kernels.constants import INTS_PER_HEAD, MAX_PARAM
 # Views of the registry (pattern name -> id, id -> name, name -> parameter names in encoding
 # order); registering a pattern updates them.
 from .registry import PATTERN_IDS, PATTERN_NAMES, PATTERN_PARAMS, PatternError

@@ -45,8 +45,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._device import device_ints
-from .constants import BLOCK, FORCED, KIND_VS, LAST_QUERIES, PHASE_VERTICAL_SLASH, SENTINEL, WIDE
+from ..kernels._device import device_ints
+from ..kernels.constants import BLOCK, FORCED, KIND_VS, LAST_QUERIES, PHASE_VERTICAL_SLASH, SENTINEL, WIDE
 from .registry import PatternError, PatternSpec, register, tokens
 from .spec import HeadPattern
 

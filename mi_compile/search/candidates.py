@@ -18,7 +18,7 @@ from ..patterns import registry
 from ..patterns.a_shape import A_SHAPE_LOCAL, A_SHAPE_LOCAL_TOKENS, A_SHAPE_SINK  # noqa: F401
 from ..patterns.registry import tokens as _tokens  # noqa: F401
 from ..patterns.block_sparse import BS_TOPK, BS_TOPK_BLOCKS  # noqa: F401
-from ..patterns.constants import BLOCK  # noqa: F401
+from ..kernels.constants import BLOCK  # noqa: F401
 from ..patterns.spec import HeadPattern
 from ..patterns.vertical_slash import (VS_SLASH_EXTRA, VS_SLASH_EXTRA_TOKENS, VS_VERTICAL,  # noqa: F401
                                        VS_VERTICAL_TOKENS)

@@ -2,7 +2,7 @@
 
 The model is compiled with a dense per-head config and the passes only (no Inductor: fast to
 compile). Every attention call then runs ``torch.ops.mi_compile.sparse_attention``, whose
-observers (:func:`mi_compile.kernels.op.observe_attention`) see the call's q ``[B, Hq, n, D]``
+observers (:func:`mi_compile.op.observe_attention`) see the call's q ``[B, Hq, n, D]``
 and k/v ``[B, Hkv, n, D]`` exactly as the sparse kernels would. We keep the first call of each
 layer and read each layer's softmax scale from the rewritten graph. On a GPU the tensors stay
 there in the model's dtype (28 layers of a 1.5B model at 128K tokens: ~15 GB in bf16), so the
@@ -61,7 +61,7 @@ def capture_qk(model, input_ids: torch.Tensor, *, min_seq_len: int = ALWAYS_DENS
     the same q/k whichever path the op then takes.
     """
     from ..backend import MInferenceBackend
-    from ..kernels.op import observe_attention
+    from ..op import observe_attention
 
     qs: dict[int, torch.Tensor] = {}
     ks: dict[int, torch.Tensor] = {}

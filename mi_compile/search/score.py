@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from ..patterns import registry
-from ..patterns.constants import BLOCK
+from ..kernels.constants import BLOCK
 from ..patterns.cost import computed_density
 from ..patterns.index import block_rows, build_index
 from ..patterns.spec import HeadPattern

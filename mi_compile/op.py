@@ -129,7 +129,7 @@ def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_le
         raise ValueError(f"mi_compile.sparse_attention is for prefill: query length {n_q} != key length {n_k}")
     if n_q < max(int(min_seq_len), 1):
         return dense_attention(q, k, v, scale, key_padding_mask, window)
-    from ..sparse import _sparse_attention  # the Triton kernels and their PyTorch reference
+    from .sparse import _sparse_attention  # the Triton kernels and their PyTorch reference
 
     seq_start = seq_len = None
     if key_padding_mask is not None:
