@@ -78,25 +78,19 @@ def corrupt(index, how: str, seed: int):
                  "columns", "columns_upto", "covered", "blocks", "block_count"):
         setattr(ix, name, getattr(index, name).clone())
     every = how == "everything"
-    if how == "columns" or every:
-        ix.columns = _noise(g, ix.columns.shape)
-        ix.columns_upto = torch.randint(0, ix.columns.shape[-1] + 80, ix.columns_upto.shape, generator=g,
-                                        dtype=torch.int32)
-    if how == "column_counts" or every:
-        ix.columns_upto = _noise(g, ix.columns_upto.shape)
-    if how == "blocks" or every:
-        ix.blocks = _noise(g, ix.blocks.shape)
-        ix.block_count = torch.randint(0, ix.blocks.shape[-1] + 5, ix.block_count.shape, generator=g,
-                                       dtype=torch.int32)
-    if how == "block_counts" or every:
-        ix.block_count = _noise(g, ix.block_count.shape)
-    if how == "tiles" or every:
-        ix.tile_start = _noise(g, ix.tile_start.shape)
-        ix.tile_end = _noise(g, ix.tile_end.shape)
-        ix.tiles_upto = torch.randint(0, ix.tile_start.shape[-1] + 5, ix.tiles_upto.shape, generator=g,
-                                      dtype=torch.int32)
-    if how == "tile_counts" or every:
-        ix.tiles_upto = _noise(g, ix.tiles_upto.shape)
+    # (corruption, entry tables filled with garbage, its count table, how far counts overshoot);
+    # "<name>_counts" instead fills only the count table with garbage
+    for name, entries, counts, overshoot in (("columns", ("columns",), "columns_upto", 80),
+                                             ("blocks", ("blocks",), "block_count", 5),
+                                             ("tiles", ("tile_start", "tile_end"), "tiles_upto", 5)):
+        if how == name or every:
+            for table in entries:
+                setattr(ix, table, _noise(g, getattr(ix, table).shape))
+            width = getattr(ix, entries[0]).shape[-1]
+            setattr(ix, counts, torch.randint(0, width + overshoot, getattr(ix, counts).shape, generator=g,
+                                              dtype=torch.int32))
+        if how == name.rstrip("s") + "_counts" or every:
+            setattr(ix, counts, _noise(g, getattr(ix, counts).shape))
     if how == "covered" or every:
         ix.covered = torch.randint(0, 256, ix.covered.shape, generator=g, dtype=torch.int32).to(torch.uint8)
     if how == "prefix_band" or every:
