@@ -111,6 +111,7 @@ from typing import Any, Union
 
 from mi_compile.patterns import registry
 from mi_compile.patterns.spec import PATTERN_IDS, PATTERN_PARAMS, HeadPattern, PatternError
+from mi_compile.options import MAX_MIN_SEQ_LEN
 
 __all__ = [
     "FORMAT",
@@ -132,7 +133,6 @@ DEFAULT_PATTERN = HeadPattern("vertical_slash", vertical=1000, slash=6096)
 MINFERENCE_NAMES = registry.MINFERENCE_NAMES
 
 _TOP_KEYS = ("format", "model", "num_layers", "num_heads", "min_seq_len", "default", "layers")
-_MAX_MIN_SEQ_LEN = 2**31 - 1
 _WILDCARD = "*"
 
 ConfigSource = Union[None, str, "os.PathLike[str]", dict, list]
@@ -439,7 +439,7 @@ def _from_ours(source: str, doc: dict) -> SparseConfig:
     num_layers = _positive(source, doc, "num_layers")
     num_heads = _positive(source, doc, "num_heads")
     min_seq_len = doc.get("min_seq_len")
-    if min_seq_len is not None and (not _is_int(min_seq_len) or not 0 <= min_seq_len <= _MAX_MIN_SEQ_LEN):
+    if min_seq_len is not None and (not _is_int(min_seq_len) or not 0 <= min_seq_len <= MAX_MIN_SEQ_LEN):
         raise _error(source, f"min_seq_len must be an int >= 0 and <= 2**31 - 1, got {min_seq_len!r}")
     default = None
     if doc.get("default") is not None:

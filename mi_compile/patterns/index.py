@@ -285,7 +285,6 @@ def _build_fused(plan: IndexPlan, q, k, scale, seq_start, seq_len, unpadded) -> 
     from ..kernels.index_tables import build_tables
 
     B, H, n, _ = q.shape
-    dev = q.device
     w = plan.widths(n)
     vs_raw = bs_raw = None
     if plan.vs_ids:
