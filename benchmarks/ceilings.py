@@ -8,7 +8,7 @@ query tile folds ``T`` key tiles into an online softmax (QK^T, exp2, PV, as our 
 the key tiles taken at random offsets from a list (like slash groups / gathered blocks) or
 in order (like a dense row), from a K/V buffer that fits in L2 or one that does not.
 
-    python3 benchmarks/ceilings.py            # prints a table, writes $OUT/ceilings.json
+    python3 -m benchmarks.ceilings            # prints a table, writes $OUT/ceilings.json
 
 Rows: rows per program (64: 4 warps, 128: 8 warps), tile order, K/V buffer size, ms,
 TFLOP/s (4 * rows * 64 * D per tile), and the L2 -> SM traffic that implies (K + V tile bytes

@@ -9,7 +9,7 @@ is the first call minus a steady-state call (both calls run the same attention: 
 below the default min_seq_len, so the sparse op runs dense like Inductor's SDPA). The ratio of
 the medians is the figure (goal: <= 1.3x).
 
-    python benchmarks/compile_time.py [--length 512] [--repeats 2] [--device cpu|cuda]
+    python3 -m benchmarks.compile_time [--length 512] [--repeats 2] [--device cpu|cuda]
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ data-dependent patterns -> general kernel, one dense/A-shape only -> wide kernel
 lengths, some not multiples of 16 or 64, and prints the first-call time and how many binaries
 each kernel holds afterwards.
 
-    python3 benchmarks/compile_variants.py        # writes $OUT/compile_variants.json
+    python3 -m benchmarks.compile_variants        # writes $OUT/compile_variants.json
 
 Expected with the marks: one binary per (kernel, dtype), whatever the lengths; without them
 (``NO_MARKS=1`` drops them before the first launch): a new binary whenever a size changes
@@ -17,16 +17,14 @@ class, which in float32 (IEEE dots) costs tens of seconds of ptxas each.
 """
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mi_compile.kernels import sparse_attention as K  # noqa: E402
-from mi_compile.patterns.spec import HeadPattern as HP  # noqa: E402
-from mi_compile.sparse import sparse_attention  # noqa: E402
+from mi_compile.kernels import sparse_attention as K
+from mi_compile.patterns.spec import HeadPattern as HP
+from mi_compile.sparse import sparse_attention
 
 LENGTHS = [int(x) for x in os.environ.get("LENGTHS", "8192,8193,8000,4097,2050").split(",")]
 DTYPES = [getattr(torch, x) for x in os.environ.get("DTYPES", "bfloat16,float32").split(",")]

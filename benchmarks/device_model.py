@@ -3,9 +3,9 @@
 A device call carries at most ~64 MiB (the repository takes ~10), and /root survives between
 calls made within 30 s of each other. So the 1.1 GB GGUF travels as its 22 parts, one per call:
 
-    python3 benchmarks/device_model.py split     # here: .devmodel/part01..22.bin + the gguf wheel
-    python3 benchmarks/device_model.py join      # there, once per call: appends the carried part
-    python3 benchmarks/device_model.py status    # either side: how far the join is
+    python3 -m benchmarks.device_model split     # here: .devmodel/part01..22.bin + the gguf wheel
+    python3 -m benchmarks.device_model join      # there, once per call: appends the carried part
+    python3 -m benchmarks.device_model status    # either side: how far the join is
 
 ``join`` appends every ``.devmodel/partNN.bin`` present to an assembly in the cache
 (``$MI_COMPILE_CACHE`` or ``~/.cache/mi_compile``), in order: a part already in is skipped (the
@@ -23,10 +23,9 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from mi_compile import models  # noqa: E402
-from mi_compile.models import AssemblyError, SplitFile  # noqa: E402
+from mi_compile import models
+from mi_compile.models import AssemblyError, SplitFile
 
 PART_DIR = ROOT / ".devmodel"
 
@@ -138,7 +137,7 @@ class _Limited:
 
 def device_calls(spec: SplitFile, wheel: str) -> list[tuple[list[str], str]]:
     """The device calls, in order, as (carry, command)."""
-    join_cmd = "python3 benchmarks/device_model.py join"
+    join_cmd = "python3 -m benchmarks.device_model join"
     install = f"python3 -m pip install -q --no-index --no-deps --target /root/site .devmodel/{wheel}"
     calls = [([f".devmodel/{spec.part_file(n)}"], join_cmd) for n in range(1, spec.parts)]
     calls.append(([f".devmodel/{spec.part_file(spec.parts)}", f".devmodel/{wheel}"],

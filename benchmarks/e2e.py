@@ -85,8 +85,6 @@ import signal
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a checkout without `pip install -e .` (the GPU machines)
-    sys.path.insert(0, ROOT)
 LLAMA31_CONFIG = os.path.join(ROOT, "tests", "data", "Llama_3.1_8B_Instruct_128k_kv_out_v32_fit_o_best_pattern.json")
 UNIFORM_CONFIG = {"format": "mi-compile/v1", "model": "uniform vertical_slash(1000, 6096) = default policy",
                   "default": {"pattern": "vertical_slash", "vertical": 1000, "slash": 6096}}

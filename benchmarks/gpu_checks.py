@@ -24,8 +24,8 @@ and for each pair:
 Each (head_dim, dtype) runs in its own process so Triton and Inductor compile in parallel.
 Writes ``$OUT/gpu_checks.json`` and prints one table; exits 1 if any check fails.
 
-    OUT=$OUT python3 benchmarks/gpu_checks.py            # on the device
-    python3 benchmarks/gpu_checks.py --one 128 bfloat16  # one pair, in this process
+    OUT=$OUT python3 -m benchmarks.gpu_checks            # on the device
+    python3 -m benchmarks.gpu_checks --one 128 bfloat16  # one pair, in this process
 """
 import argparse
 import json
@@ -38,15 +38,14 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import mi_compile  # noqa: E402
-from mi_compile.kernels import sparse_attention as kernel_module  # noqa: E402
-from mi_compile.kernels.sparse_attention import count_visited_pairs  # noqa: E402
-from mi_compile.models import tiny_model  # noqa: E402
-from mi_compile.patterns.reference import reference_attention  # noqa: E402
-from mi_compile.patterns.spec import HeadPattern as HP  # noqa: E402
-from mi_compile.sparse import (build_sparse_index, selection_mask, sparse_attention,  # noqa: E402
+import mi_compile
+from mi_compile.kernels import sparse_attention as kernel_module
+from mi_compile.kernels.sparse_attention import count_visited_pairs
+from mi_compile.models import tiny_model
+from mi_compile.patterns.reference import reference_attention
+from mi_compile.patterns.spec import HeadPattern as HP
+from mi_compile.sparse import (build_sparse_index, selection_mask, sparse_attention,
                                sparse_attention_from_index)
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -203,7 +202,7 @@ def main():
         path = os.path.join(out_dir, f".gpu_checks_{d}_{t}.json")
         log = open(os.path.join(out_dir, f".gpu_checks_{d}_{t}.log"), "w")
         procs.append((d, t, path, log, subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--one", str(d), t, "--json", path],
+            [sys.executable, "-m", "benchmarks.gpu_checks", "--one", str(d), t, "--json", path],
             stdout=log, stderr=subprocess.STDOUT)))
     results = []
     for d, t, path, log, p in procs:

@@ -18,9 +18,9 @@ plus checks that the fused index builder gives the PyTorch builder's tables bit 
 through the backend, default vs ``options={"mode": "reduce-overhead"}`` (CUDA graphs): host
 and synchronised time per forward, CUDA-graph skips (must be 0), logits equal.
 
-    python3 benchmarks/host_overhead.py                        # GPU, < 3 min on an H200
-    python3 benchmarks/host_overhead.py --device cpu           # dry run: tiny n, reference impl
-    python3 benchmarks/host_overhead.py --baseline DIR         # also time the package in DIR
+    python3 -m benchmarks.host_overhead                        # GPU, < 3 min on an H200
+    python3 -m benchmarks.host_overhead --device cpu           # dry run: tiny n, reference impl
+    python3 -m benchmarks.host_overhead --baseline DIR         # also time the package in DIR
 
 Prints a table and writes ``$OUT/host_overhead.json`` (``--out`` to change). ``--baseline DIR``
 runs (a), (b), (e) again in a subprocess with ``DIR/mi_compile`` (e.g. an earlier checkout)
@@ -59,7 +59,8 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args()
-sys.path.insert(0, ARGS.root or os.path.join(HERE, ".."))
+if ARGS.root:   # measure another checkout of the package (--baseline runs one in a subprocess)
+    sys.path.insert(0, ARGS.root)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -355,7 +356,7 @@ def baseline_rows():
     """(a), (b), (e) of another checkout of the package, in a subprocess (same module name)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "baseline.json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--device", ARGS.device, "--root", ARGS.baseline,
+        cmd = [sys.executable, "-m", "benchmarks.host_overhead", "--device", ARGS.device, "--root", ARGS.baseline,
                "--op-only", "--no-model", "--out", path, "--lengths", ",".join(map(str, LENGTHS))]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

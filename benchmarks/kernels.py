@@ -13,7 +13,6 @@ Prints a table at the end, writes $OUT/kernels.json (rewritten after every size)
 """
 import json
 import os
-import sys
 import time
 import traceback
 
@@ -21,13 +20,12 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mi_compile.kernels import sparse_attention as kernel_module  # noqa: E402
-from mi_compile.patterns import vertical_slash  # noqa: E402
-from mi_compile.patterns.reference import reference_attention  # noqa: E402
-from mi_compile.patterns.spec import HeadPattern as HP  # noqa: E402
-from mi_compile.sparse import (build_sparse_index, index_density, sparse_attention,  # noqa: E402
+from mi_compile.kernels import sparse_attention as kernel_module
+from mi_compile.patterns import vertical_slash
+from mi_compile.patterns.reference import reference_attention
+from mi_compile.patterns.spec import HeadPattern as HP
+from mi_compile.sparse import (build_sparse_index, index_density, sparse_attention,
                                sparse_attention_from_index)
 
 DEV, DT = "cuda", torch.bfloat16
@@ -232,8 +230,7 @@ def load_minference():
     if not MINFERENCE_SDIST:
         return None
     try:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import minference_ref
+        from benchmarks import minference_ref
         t = time.time()
         ops = minference_ref.load(MINFERENCE_SDIST)
         checks.append({"check": "minference_loaded", "value": ops.version, "s": round(time.time() - t, 1)})

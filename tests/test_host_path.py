@@ -270,11 +270,10 @@ def test_cudagraphs_option_reaches_inductor_config():
 def test_host_overhead_benchmark_dry_run_on_cpu(tmp_path):
     """``benchmarks/host_overhead.py`` (GPU host-overhead benchmark) runs end to end on the CPU
     (tiny lengths, reference impl, fused tables under the interpreter), so it does not rot."""
-    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "host_overhead.py"
     out = tmp_path / "host_overhead.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--device", "cpu", "--out", str(out)],
+                          cwd=pathlib.Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [r["n"] for r in result["rows"]] == [256, 512]

@@ -222,11 +222,10 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     import pathlib
     import subprocess
     import sys
-    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_checks.py"
     env = dict(os.environ, GPU_CHECKS_DEVICE="cpu", GPU_CHECKS_N="130", TRITON_INTERPRET="1")
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, str(script), "--one", "80", "float16", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_checks", "--one", "80", "float16", "--json", str(out)],
+                          cwd=pathlib.Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert [r["check"] for r in results] == ["mixed_gqa1", "mixed_gqa4", "mixed_gqa8", "wide",

@@ -255,7 +255,7 @@ def test_device_split_then_join_and_call_sequence(tmp_path, device_model):
     assert [p.read_bytes() for p in parts] == PARTS
     assert dm.join(spec, tmp_path / "devmodel", tmp_path / "cache", print).read_bytes() == WHOLE
     calls = dm.device_calls(models.QWEN_GGUF, "gguf-0.19.0-py3-none-any.whl")
-    assert len(calls) == 22 and calls[0] == ([".devmodel/part01.bin"], "python3 benchmarks/device_model.py join")
+    assert len(calls) == 22 and calls[0] == ([".devmodel/part01.bin"], "python3 -m benchmarks.device_model join")
     assert calls[-1][0] == [".devmodel/part22.bin", ".devmodel/gguf-0.19.0-py3-none-any.whl"]
     assert "pip install -q --no-index --no-deps --target /root/site" in calls[-1][1]
     assert "/.devmodel/" in (ROOT / ".gitignore").read_text().split()

@@ -825,7 +825,7 @@ def _csv(s, conv=str):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="benchmarks/accuracy.py",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy",
                                 description="Accuracy / density harness for mi-compile.")
     p.add_argument("--model", default="smollm2",
                    help="smollm2 (default), qwen2.5-coder-1.5b (alias qwen), a .gguf path or a Hugging Face folder "

@@ -36,21 +36,23 @@ FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here
           "There and back again."]
 
 
+#: Sentence makers ``(rng, a, b) -> str`` (two distinct names); the draws happen in text order.
+SENTENCES = (
+    lambda r, a, b: f"On {r.choice(DAYS)}, {a} {r.choice(VERBS)} {r.choice(THINGS)} near {r.choice(PLACES)}.",
+    lambda r, a, b: f"{a} told {b} that {r.choice(TOPICS)}.",
+    lambda r, a, b: f"The ticket to {r.choice(PLACES)} cost {r.randint(2, 99)} euros and {r.randint(1, 99)} cents.",
+    lambda r, a, b: f"{a} and {b} walked {r.randint(2, 40)} kilometres to {r.choice(PLACES)}.",
+    lambda r, a, b: f"It is well known that {r.choice(TOPICS)}.",
+    lambda r, a, b: f"{a} wrote the number {r.randint(100, 9999)} on {r.choice(THINGS)}.",
+)
+
+
 def _sentence(rng: random.Random) -> str:
-    kind = rng.randrange(7)
+    """One haystack sentence: a made-up fact (6 in 7) or a few filler lines."""
+    kind = rng.randrange(len(SENTENCES) + 1)
     a, b = rng.sample(NAMES, 2)
-    if kind == 0:
-        return f"On {rng.choice(DAYS)}, {a} {rng.choice(VERBS)} {rng.choice(THINGS)} near {rng.choice(PLACES)}."
-    if kind == 1:
-        return f"{a} told {b} that {rng.choice(TOPICS)}."
-    if kind == 2:
-        return f"The ticket to {rng.choice(PLACES)} cost {rng.randint(2, 99)} euros and {rng.randint(1, 99)} cents."
-    if kind == 3:
-        return f"{a} and {b} walked {rng.randint(2, 40)} kilometres to {rng.choice(PLACES)}."
-    if kind == 4:
-        return f"It is well known that {rng.choice(TOPICS)}."
-    if kind == 5:
-        return f"{a} wrote the number {rng.randint(100, 9999)} on {rng.choice(THINGS)}."
+    if kind < len(SENTENCES):
+        return SENTENCES[kind](rng, a, b)
     return " ".join(rng.sample(FILLER, rng.randint(2, 4)))
 
 
