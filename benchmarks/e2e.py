@@ -948,6 +948,150 @@ def model_goal_checks(rec, args, state, dev):
 
 
 # ----------------------------------------------------------------------------------------------
+# tensor parallelism (--tp N under torchrun): eager TP vs compiled TP, TTFT from rank 0
+
+
+def _tp_checkpoint(args, dev: Dev, rank: int) -> str:
+    """A Hugging Face folder ``from_pretrained(tp_plan="auto")`` can shard: ``--model`` when it is
+    one, else the model written once by rank 0 to ``--out`` (random Llama-3-8B shape, --tiny, or
+    whatever ``mi_compile.models.load_model`` makes of ``--model``)."""
+    import torch.distributed as dist
+
+    if args.model and os.path.isfile(os.path.join(os.path.expanduser(args.model), "config.json")):
+        return os.path.expanduser(args.model)
+    name = (args.model or ("tiny" if args.tiny else "llama8b")).replace(":", "_").replace("/", "_")
+    path = os.path.join(args.out, f"tp_checkpoint_{name}")
+    if rank == 0 and not os.path.isfile(os.path.join(path, "config.json")):
+        if args.model:
+            from mi_compile.models import load_model
+
+            model, tok = load_model(args.model, dtype=torch.bfloat16 if dev.cuda else torch.float32)
+            if tok is not None:
+                tok.save_pretrained(path)
+        else:
+            model, _ = build_model(args, dev)      # bf16 straight on rank 0's GPU
+        model.save_pretrained(path)
+        del model
+        dev.free()
+    dist.barrier()
+    return path
+
+
+def _tp_configs(args, model) -> dict:
+    """mode -> per-head config (the whole model's: each rank's backend takes its slice)."""
+    from mi_compile.eval.harness import parse_config_spec
+
+    out = {}
+    for mode in args.modes:
+        if mode == "searched" and args.config:
+            out[mode] = parse_config_spec(args.config)[0]
+        elif mode in args.extra_configs:
+            out[mode] = parse_config_spec(args.extra_configs[mode])[0]
+        elif mode == "minference_llama31":
+            out[mode] = llama31_config(model.config.num_hidden_layers)
+        elif mode in ("minference", "attention_floor"):
+            out[mode] = {"minference": UNIFORM_CONFIG, "attention_floor": FLOOR_CONFIG}[mode]
+    return out
+
+
+def run_tp(args):
+    """``--tp N`` under ``torchrun --nproc-per-node N``: the model loaded with
+    ``from_pretrained(path, tp_plan="auto")`` (each rank holds 1/N of the heads), eager vs
+    ``backend="minference"`` compiled per rank (the backend learns its rank's head slice from
+    the DTensor weights, :mod:`mi_compile.tensor_parallel`). TTFT per call is the slowest rank's
+    (all-reduce max); rank 0 prints and records the rows and the ratios."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from mi_compile.backend import MInferenceBackend
+    from mi_compile.tensor_parallel import tp_option_from_model
+
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world != args.tp:
+        sys.exit(f"--tp {args.tp} runs under torchrun --nproc-per-node {args.tp} (WORLD_SIZE is {world})")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = Dev(torch.device(f"cuda:{local}") if args.device == "cuda" else torch.device(args.device))
+    if dev.cuda:
+        torch.cuda.set_device(dev.device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.cuda else "gloo", device_id=dev.device if dev.cuda else None)
+    path = _tp_checkpoint(args, dev, rank)
+    model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", attn_implementation="sdpa",
+                                                 dtype=torch.bfloat16 if dev.cuda else torch.float32).eval()
+    tok = None
+    if any(f.startswith("tokenizer") for f in os.listdir(path)):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+    meta = dict(argv=sys.argv[1:], tp=args.tp, tp_option=tp_option_from_model(model), checkpoint=path,
+                torch=torch.__version__, device=torch.cuda.get_device_name(dev.device) if dev.cuda else "cpu",
+                lengths=args.lengths, reps=args.reps, min_seq_len=args.min_seq_len,
+                calls="model(ids, logits_to_keep=1, use_cache=False) under no_grad on every rank; ttft_s = min "
+                      "over --reps of the slowest rank's time")
+    rec = Recorder(args.out, meta) if rank == 0 else None
+    say = (lambda **row: rec.add(**row)) if rank == 0 else (lambda **row: None)
+    fns, backends = {"eager": model}, {}
+    for mode, cfg in _tp_configs(args, model).items():
+        opts = {"config": cfg} if args.min_seq_len is None else {"config": cfg, "min_seq_len": args.min_seq_len}
+        backends[mode] = MInferenceBackend(opts, use_inductor=not args.no_inductor)
+        fns[mode] = torch.compile(model, backend=backends[mode], dynamic=True)
+
+    def timed(fn, ids) -> float:
+        dist.barrier()
+        dev.sync()
+        t = time.perf_counter()
+        with torch.no_grad():
+            fn(ids, logits_to_keep=1, use_cache=False)
+        dev.sync()
+        slowest = torch.tensor([time.perf_counter() - t], device=dev.device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        return float(slowest.item())
+
+    ttft = {}
+    for n in sorted(args.lengths):
+        ids, what = model_input(n, tok, model.config.vocab_size, dev, args.doc_seed)
+        for mode, fn in fns.items():
+            if elapsed() > args.budget_s:
+                say(kind="tp_ttft", mode=mode, n=n, skipped="time budget spent")
+                continue
+            dev.reset_peak()
+            try:
+                first = timed(fn, ids)
+                best = min(timed(fn, ids) for _ in range(args.reps))
+            except Exception as exc:  # noqa: BLE001 -- one failure must not lose the other rows
+                say(kind="tp_ttft", mode=mode, n=n, error=err_text(exc))
+                continue
+            ttft[mode, n] = best
+            row = dict(kind="tp_ttft", mode=mode, n=n, input=what, first_call_s=round(first, 3), ttft_s=round(best, 4),
+                       peak_gib=dev.peak_gib())
+            be = backends.get(mode)
+            if be is not None and be.reports:
+                r = be.reports[-1]
+                sites = r.sites
+                row.update(sparse_sites=sum(s.action == "sparse" for s in sites), sites=len(sites),
+                           tp_slice=r.tp.describe(sites[0].q_heads, sites[0].kv_heads) if r.tp and sites else None)
+            say(**row)
+        del ids
+        dev.free()
+    if rank == 0:
+        print(f"\nTP {args.tp}: TTFT (s), slowest rank; ratio = compiled / eager")
+        print(f"{'mode':<22}" + "".join(f"{n:>16}" for n in sorted(args.lengths)))
+        for mode in fns:
+            cells = []
+            for n in sorted(args.lengths):
+                t, e = ttft.get((mode, n)), ttft.get(("eager", n))
+                cells.append("-" if t is None else f"{t:.3f}" + (f" ({t / e:.2f}x)" if e and mode != "eager" else ""))
+            print(f"{mode:<22}" + "".join(f"{c:>16}" for c in cells))
+        rec.checks.extend({"mode": m, "n": n, "ratio_vs_eager_tp": round(t / ttft["eager", n], 3)}
+                          for (m, n), t in ttft.items() if m != "eager" and ("eager", n) in ttft)
+        rec.save()
+        print(f"\nrows: {rec.path}  (total {elapsed():.0f} s)", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -997,7 +1141,12 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="2-layer tiny llama (CPU smoke test): lengths 256,512, "
                    "min_seq_len 0, inductor-max 256, gen at 256 with 4 steps")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--tp", type=int, default=0, metavar="N",
+                   help="tensor parallelism: run under torchrun --nproc-per-node N; the model is loaded with "
+                        "from_pretrained(tp_plan='auto') and eager TP vs compiled TP TTFT is reported (run_tp)")
     a = p.parse_args(argv)
+    if a.tp == 1 or a.tp < 0:
+        p.error("--tp takes the number of ranks, >= 2 (leave it out for one process)")
     if a.model and a.tiny:
         p.error("--tiny is the random-weight tiny llama; for a tiny model of another family use --model tiny:<family>")
     a.profile = [m for m in a.profile.split(",") if m]
@@ -1052,6 +1201,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.tp:
+        return run_tp(args)
     dev = Dev(torch.device(args.device))
     if dev.cuda and not torch.cuda.is_available():
         sys.exit("no CUDA device; use --device cpu --tiny (or --model tiny:qwen2) for a smoke run")

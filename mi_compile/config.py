@@ -52,7 +52,18 @@ Top-level keys (no others are allowed):
 ``layers``
     optional object: layer index (a decimal string, ``"0"``, ``"12"``) -> object: head index
     (decimal string) or ``"*"`` -> head entry. ``"*"`` applies to every head of that layer
-    that has no entry of its own. A config needs ``layers`` or ``default`` (or both).
+    that has no entry of its own. A config needs ``layers``, ``default`` or ``triangle_mix``.
+``triangle_mix``
+    optional layer rule (TriangleMix, arXiv 2507.21526: dense attention in the shallow
+    layers, tri-shape in the deep ones)::
+
+        "triangle_mix": {"dense_layers": 8, "tri_shape": {"sink": 64, "local": 1024, "last": 64}}
+
+    layers ``< dense_layers`` are dense, every head of the layers ``>= dense_layers`` is
+    ``tri_shape(sink, local, last)``. ``dense_layers`` is an int ``>= 0`` (at most
+    ``num_layers`` when that is given); ``tri_shape`` holds exactly the pattern's three
+    parameters (``"pattern": "tri_shape"`` may be given too). :func:`triangle_mix_config`
+    builds such a config in Python.
 
 A head entry is an object with ``"pattern"`` and exactly that pattern's parameters, all
 ints in ``0 .. 2**31 - 1``. The patterns are those of the registry
@@ -65,14 +76,27 @@ ints in ``0 .. 2**31 - 1``. The patterns are those of the registry
 ``"a_shape"``          ``sink``, ``local``             first ``sink`` keys + a ``local`` window
 ``"vertical_slash"``   ``vertical``, ``slash``         top ``vertical`` columns + ``slash`` diagonals
 ``"block_sparse"``     ``topk``                        top ``topk`` 64x64 key blocks per query block
+``"tri_shape"``        ``sink``, ``local``, ``last``   a_shape + dense 64-row query blocks over the
+                                                       last ``last`` queries
+``"xattention"``       ``threshold``, ``stride``,      per query block the fewest key blocks whose
+                       ``max_blocks``                  antidiagonal-estimated mass reaches ``threshold``
+                                                       per mille (at most ``max_blocks``)
+``"flex_prefill"``     ``gamma``, ``tau``,             per input query-aware blocks or vertical-slash
+                       ``min_budget``                  (switch: JS distance < ``tau`` per mille), the
+                                                       fewest reaching ``gamma`` per mille of the mass
+``"vertical_slash_     ``vertical``, ``slash``         vertical_slash, the extra diagonals bought as
+tiled"``                                               whole key blocks (one kernel tile each)
 =====================  ==============================  =========================================
 
 Numbered head entries may also carry ``"score"`` (a number: the recall the offline pattern
 search measured for that head). It is metadata only -- it does not change what runs -- and
 is kept in :attr:`SparseConfig.scores` and written back by :meth:`SparseConfig.to_json`.
 
-Resolution order for (layer L, head H): ``layers[L][H]``, then ``layers[L]["*"]``, then
-``default``; if none exists, :meth:`SparseConfig.heads_for` raises :class:`ConfigError`.
+Resolution order for (layer L, head H): ``layers[L][H]``, then ``layers[L]["*"]``, then the
+``triangle_mix`` rule (which covers every layer, so with it ``default`` is never used), then
+``default``; if none exists, :meth:`SparseConfig.heads_for` raises :class:`ConfigError`. So
+explicit ``layers`` entries win over the rule: a config can keep the rule and pin single
+heads or layers to something else.
 
 MInference format (read unchanged)
 ----------------------------------
@@ -86,6 +110,8 @@ pass uses the two numbers:
 * ``"a_shape"`` / ``"stream_llm"`` -> ``a_shape(sink=vertical_size, local=slash_size)``
   (MInference's streaming kernel takes ``n_init=vertical_size, n_local=slash_size``)
 * ``"block_sparse"`` -> ``block_sparse(topk=vertical_size)`` (``slash_size`` unused)
+* ``"tri_shape"`` -> ``tri_shape(sink=vertical_size, local=slash_size, last=64)`` (the entry
+  has no third number; one 64-row query block of dense rows)
 
 ``num_layers`` is the array length and ``num_heads`` the number of heads per layer; every
 layer must list the same heads ``0..n-1`` (there is no default, so a gap would be an error
@@ -120,7 +146,9 @@ __all__ = [
     "MINFERENCE_NAMES",
     "ConfigError",
     "SparseConfig",
+    "TriangleMix",
     "load_config",
+    "triangle_mix_config",
 ]
 
 FORMAT = "mi-compile/v1"
@@ -132,7 +160,8 @@ DEFAULT_PATTERN = HeadPattern("vertical_slash", vertical=1000, slash=6096)
 #: a view of the pattern registry (each pattern's ``minference_names``).
 MINFERENCE_NAMES = registry.MINFERENCE_NAMES
 
-_TOP_KEYS = ("format", "model", "num_layers", "num_heads", "min_seq_len", "default", "layers")
+_TOP_KEYS = ("format", "model", "num_layers", "num_heads", "min_seq_len", "default", "layers", "triangle_mix")
+_TRIANGLE_MIX = "triangle_mix"
 _WILDCARD = "*"
 
 ConfigSource = Union[None, str, "os.PathLike[str]", dict, list]
@@ -150,7 +179,7 @@ def _where(source: str, layer: Any = None, head: Any = None) -> str:
     """``source: layer L, head H`` -- the prefix of every ConfigError message."""
     loc = []
     if layer is not None:
-        loc.append("default" if layer == "default" else f"layer {layer}")
+        loc.append(layer if layer in ("default", _TRIANGLE_MIX) else f"layer {layer}")
     if head is not None:
         loc.append(f"head {head!r}" if head == _WILDCARD else f"head {head}")
     return f"{source}: {', '.join(loc)}" if loc else source
@@ -162,6 +191,24 @@ def _error(source: str, msg: str, layer: Any = None, head: Any = None) -> Config
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class TriangleMix:
+    """The TriangleMix layer rule: layers ``< dense_layers`` dense, the others ``pattern``
+    (a ``tri_shape`` head pattern) for every head."""
+
+    dense_layers: int
+    pattern: HeadPattern
+
+    def pattern_for(self, layer: int) -> HeadPattern:
+        return _DENSE if layer < self.dense_layers else self.pattern
+
+    def to_json(self) -> dict:
+        return {"dense_layers": self.dense_layers, "tri_shape": dict(self.pattern.params)}
+
+
+_DENSE = HeadPattern("dense")
 
 
 @dataclasses.dataclass
@@ -189,6 +236,8 @@ class SparseConfig:
     #: the optional ``"min_seq_len"``: the prompt length from which this config was measured to
     #: pay; the backend uses it when its own option ``min_seq_len`` is not given.
     min_seq_len: int | None = None
+    #: the optional ``"triangle_mix"`` layer rule (after ``layers``, before ``default``).
+    triangle_mix: TriangleMix | None = None
 
     # ------------------------------------------------------------------ resolution
     def _min_heads(self) -> int:
@@ -223,7 +272,9 @@ class SparseConfig:
                 f"the config has only {self.num_layers} layers (0..{self.num_layers - 1})",
                 layer=layer)
         explicit = self.layers.get(layer, {})
-        fallback = self.layer_defaults.get(layer, self.default)
+        fallback = self.layer_defaults.get(layer)
+        if fallback is None:
+            fallback = self.triangle_mix.pattern_for(layer) if self.triangle_mix else self.default
         out = []
         for head in range(num_heads):
             pattern = explicit.get(head, fallback)
@@ -233,6 +284,19 @@ class SparseConfig:
             out.append(pattern)
         return out
 
+    def check_layers(self, num_layers: int | None) -> None:
+        """Raise :class:`ConfigError` unless the config's layers fit a model of ``num_layers``
+        (None: unknown, nothing to check). Tensor parallelism splits heads, never layers, so
+        this holds on every rank."""
+        if num_layers is None:
+            return
+        if self.num_layers is not None and self.num_layers != num_layers:
+            raise ConfigError(f"config {self.source} has {self.num_layers} layers, the model has {num_layers}")
+        present = set(self.layers) | set(self.layer_defaults)
+        if self.num_layers is None and present and max(present) >= num_layers:
+            raise ConfigError(f"config {self.source} has entries for layer {max(present)}, "
+                              f"the model has {num_layers} layers")
+
     def check_model(self, num_layers: int | None, num_heads: int) -> None:
         """Raise :class:`ConfigError` unless the config fits a model of this shape.
 
@@ -240,16 +304,7 @@ class SparseConfig:
         has 30``); when ``num_layers`` is known it also resolves every layer, so a missing
         entry is reported now rather than when that layer is first compiled.
         """
-        if num_layers is not None:
-            if self.num_layers is not None and self.num_layers != num_layers:
-                raise ConfigError(
-                    f"config {self.source} has {self.num_layers} layers, "
-                    f"the model has {num_layers}")
-            present = set(self.layers) | set(self.layer_defaults)
-            if self.num_layers is None and present and max(present) >= num_layers:
-                raise ConfigError(
-                    f"config {self.source} has entries for layer {max(present)}, "
-                    f"the model has {num_layers} layers")
+        self.check_layers(num_layers)
         self._check_heads(num_heads)
         if num_layers is not None:
             for layer in range(num_layers):
@@ -270,6 +325,9 @@ class SparseConfig:
         extra = []
         if self.layer_defaults:
             extra.append(f"'*' in {len(self.layer_defaults)} layers")
+        if self.triangle_mix is not None:
+            extra.append(f"triangle_mix: layers < {self.triangle_mix.dense_layers} dense, "
+                         f"then {self.triangle_mix.pattern.describe()}")
         if self.default is not None:
             extra.append(f"default {self.default.describe()}")
         return f"config {self.source}: {shape}; " + "; ".join(
@@ -288,6 +346,8 @@ class SparseConfig:
             out["min_seq_len"] = self.min_seq_len
         if self.default is not None:
             out["default"] = _entry_json(self.default)
+        if self.triangle_mix is not None:
+            out[_TRIANGLE_MIX] = self.triangle_mix.to_json()
         layers: dict[str, dict] = {}
         for layer in sorted(set(self.layers) | set(self.layer_defaults)):
             heads: dict[str, dict] = {}
@@ -448,8 +508,11 @@ def _from_ours(source: str, doc: dict) -> SparseConfig:
     if not isinstance(raw_layers, dict):
         raise _error(source, f"layers must be an object (layer -> heads), "
                      f"got {type(raw_layers).__name__}")
-    if not raw_layers and default is None:
-        raise _error(source, "the config has neither 'layers' nor 'default'")
+    mix = None
+    if doc.get(_TRIANGLE_MIX) is not None:
+        mix = _parse_triangle_mix(source, doc[_TRIANGLE_MIX], num_layers)
+    if not raw_layers and default is None and mix is None:
+        raise _error(source, "the config has neither 'layers' nor 'default' (nor 'triangle_mix')")
 
     layers: dict[int, dict[int, HeadPattern]] = {}
     layer_defaults: dict[int, HeadPattern] = {}
@@ -476,7 +539,48 @@ def _from_ours(source: str, doc: dict) -> SparseConfig:
             layers[layer] = heads
     return SparseConfig(source=source, num_layers=num_layers, num_heads=num_heads,
                         layers=layers, default=default, scores=scores,
-                        layer_defaults=layer_defaults, model=model, min_seq_len=min_seq_len)
+                        layer_defaults=layer_defaults, model=model, min_seq_len=min_seq_len,
+                        triangle_mix=mix)
+
+
+def _parse_triangle_mix(source: str, raw: Any, num_layers: int | None) -> TriangleMix:
+    """The ``"triangle_mix"`` object: ``dense_layers`` and the ``tri_shape`` parameters."""
+    if not isinstance(raw, dict):
+        raise _error(source, f'must be an object like {{"dense_layers": 8, "tri_shape": '
+                     f'{{"sink": 64, "local": 1024, "last": 64}}}}, got {type(raw).__name__}', _TRIANGLE_MIX)
+    allowed = ("dense_layers", "tri_shape")
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise _error(source, f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {list(allowed)}",
+                     _TRIANGLE_MIX)
+    missing = [key for key in allowed if key not in raw]
+    if missing:
+        raise _error(source, f"missing {', '.join(map(repr, missing))}", _TRIANGLE_MIX)
+    dense_layers = _check_size(source, "dense_layers", raw["dense_layers"], _TRIANGLE_MIX, None)
+    if num_layers is not None and dense_layers > num_layers:
+        raise _error(source, f"dense_layers is {dense_layers}, more than num_layers={num_layers}", _TRIANGLE_MIX)
+    entry = raw["tri_shape"]
+    if not isinstance(entry, dict):
+        raise _error(source, f"tri_shape must be an object of the pattern's parameters "
+                     f'(sink, local, last), got {type(entry).__name__} {entry!r}', _TRIANGLE_MIX)
+    if entry.get("pattern", "tri_shape") != "tri_shape":
+        raise _error(source, f"tri_shape: the pattern is 'tri_shape', got {entry['pattern']!r}", _TRIANGLE_MIX)
+    pattern, _ = _parse_entry(source, {**entry, "pattern": "tri_shape"}, _TRIANGLE_MIX, None, allow_score=False)
+    return TriangleMix(dense_layers=dense_layers, pattern=pattern)
+
+
+def triangle_mix_config(dense_layers: int, *, sink: int = 64, local: int = 1024, last: int = 64,
+                        num_layers: int | None = None, num_heads: int | None = None) -> SparseConfig:
+    """A TriangleMix config: layers ``< dense_layers`` dense, then every head
+    ``tri_shape(sink, local, last)``; the same as ``load_config({"triangle_mix": ...})`` (and
+    validated the same way)."""
+    doc: dict[str, Any] = {"format": FORMAT, _TRIANGLE_MIX: {
+        "dense_layers": dense_layers, "tri_shape": {"sink": sink, "local": local, "last": last}}}
+    if num_layers is not None:
+        doc["num_layers"] = num_layers
+    if num_heads is not None:
+        doc["num_heads"] = num_heads
+    return load_config(doc)
 
 
 def _from_minference(source: str, doc: list) -> SparseConfig:

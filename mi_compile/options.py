@@ -19,6 +19,11 @@ mode            an Inductor mode, as ``torch.compile(mode=...)`` takes it ("defa
                 ``options`` together, so with the backend's options the mode goes here.
 cudagraphs      True / False: Inductor's ``triton.cudagraphs`` (CUDA-graph the compiled
                 graph; "reduce-overhead" sets it), on its own or to confirm the mode's.
+tp              tensor parallelism: ``{"rank": r, "size": T}`` makes this rank use global
+                query heads ``[r*Hq/T, (r+1)*Hq/T)`` of the whole-model config; ``False``
+                never slices (the config is for the heads the graph shows). Default (None):
+                learned from the graph's DTensor parameters or torch.distributed
+                (:mod:`mi_compile.tensor_parallel`).
 =============== ========================================================================
 """
 from __future__ import annotations
@@ -45,6 +50,7 @@ class BackendOptions:
     dump_dir: Optional[str] = None
     mode: Optional[str] = None
     cudagraphs: Optional[bool] = None
+    tp: Any = None              # None | False | tensor_parallel.TPSlice
 
     def inductor_patches(self) -> dict:
         """The Inductor config patches these options ask for (``compile_fx(config_patches=)``)."""
@@ -100,6 +106,10 @@ class BackendOptions:
         if dd is not None:
             opts["dump_dir"] = os.fspath(dd)
         _check_mode(opts.get("mode"), opts.get("cudagraphs"))
+        if "tp" in opts:
+            from .tensor_parallel import parse_tp_option
+
+            opts["tp"] = parse_tp_option(opts["tp"])
         return cls(**opts)
 
 

@@ -228,6 +228,7 @@ def build_sparse_index(q, k, heads, *, scale=None, seq_start=None, seq_len=None,
 _INDEX_TABLES = (
     ("seq_start", torch.int32, ("B",)), ("seq_len", torch.int32, ("B",)),
     ("prefix", torch.int32, ("H",)), ("sink", torch.int32, ("H",)), ("band", torch.int32, ("H",)),
+    ("last", torch.int32, ("H",)),
     ("group_lo", torch.int32, ("B", "H", "G")), ("group_hi", torch.int32, ("B", "H", "G")),
     ("groups_upto", torch.int32, ("B", "H", "NQB")),
     ("tile_start", torch.int32, ("B", "H", "T")), ("tile_end", torch.int32, ("B", "H", "T")),

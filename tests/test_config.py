@@ -172,13 +172,15 @@ def test_unknown_pattern_name(tmp_path):
     raw[3]["7"][0] = "vertical_and_slashh"
     path = tmp_path / "llama3.json"
     path.write_text(json.dumps(raw))
+    from mi_compile.patterns.registry import MINFERENCE_NAMES, PATTERN_IDS   # every registered name
     raises(rf"^{re.escape(str(path))}: layer 3, head 7: unknown pattern 'vertical_and_slashh'; "
-           r"expected one of \['a_shape', 'block_sparse', 'stream_llm', 'vertical_and_slash'\]$",
+           rf"expected one of {re.escape(str(sorted(MINFERENCE_NAMES)))}$",
            load_config, path)
+    assert {"a_shape", "block_sparse", "stream_llm", "tri_shape", "vertical_and_slash"} <= set(MINFERENCE_NAMES)
     doc = ours()
     doc["layers"]["0"]["2"]["pattern"] = "vertical_and_slash"
     msg = raises(r"^<dict>: layer 0, head 2: unknown pattern 'vertical_and_slash'; expected one "
-                 r"of \['a_shape', 'block_sparse', 'dense', 'vertical_slash'\]", load_config, doc)
+                 rf"of {re.escape(str(sorted(PATTERN_IDS)))}", load_config, doc)
     assert "MInference's name" in msg
 
 

@@ -17,9 +17,11 @@ from mi_compile.patterns import a_shape, block_sparse, index as index_module, re
 from mi_compile.kernels.constants import BLOCK, KIND_A_SHAPE
 from mi_compile.patterns.index import build_index, head_selection_mask
 from mi_compile.patterns.registry import PatternSpec
-from mi_compile.patterns.spec import PATTERN_IDS, PATTERN_PARAMS, HeadPattern, PatternError, decode_heads, encode_heads
+from mi_compile.patterns.spec import (PARAM_FIELDS, PATTERN_IDS, PATTERN_PARAMS, HeadPattern, PatternError, decode_heads,
+                                     encode_heads)
 
-BUILTIN = ("dense", "a_shape", "vertical_slash", "block_sparse")
+BUILTIN = ("dense", "a_shape", "vertical_slash", "block_sparse", "tri_shape", "xattention", "flex_prefill",
+           "vertical_slash_tiled")
 
 
 class LocalWindowSpec(PatternSpec):
@@ -80,10 +82,11 @@ def _tables(index):
 
 def test_toy_pattern_is_a_head_pattern(local_window):
     assert registry.get("local_window") is local_window
-    assert registry.names()[:4] == BUILTIN and registry.names()[-1] == "local_window"
+    assert registry.names()[:len(BUILTIN)] == BUILTIN and registry.names()[-1] == "local_window"
     p = HeadPattern("local_window", local=100)
     assert p.params == {"local": 100} and p.describe() == "local_window(100)"
-    assert PATTERN_IDS["local_window"] == local_window.code == 4
+    others = [code for name, code in PATTERN_IDS.items() if name != "local_window"]
+    assert PATTERN_IDS["local_window"] == local_window.code == max(others) + 1
     assert decode_heads(encode_heads([p, HeadPattern("dense")])) == [p, HeadPattern("dense")]
     with pytest.raises(PatternError, match="local_window needs local >= 1"):
         HeadPattern("local_window")
@@ -198,14 +201,24 @@ BAD = {"a_shape": [({"local": 0}, "a_shape needs sink \\+ local > 0"),
                    ({"sink": 4, "local": 0}, "a_shape needs local >= 1")],
        "vertical_slash": [({"vertical": 0, "slash": 5}, "vertical_slash needs vertical >= 1 and slash >= 1"),
                           ({"vertical": 5}, "vertical_slash needs vertical >= 1 and slash >= 1")],
-       "block_sparse": [({}, "block_sparse needs topk >= 1")]}
+       "block_sparse": [({}, "block_sparse needs topk >= 1")],
+       "tri_shape": [({"sink": 4, "last": 64}, "tri_shape needs local >= 1"),
+                     ({}, "tri_shape needs local >= 1")],
+       "xattention": [({"threshold": 0, "stride": 8, "max_blocks": 4}, "xattention needs threshold in 1..1000"),
+                      ({"threshold": 900, "stride": 3, "max_blocks": 4}, "xattention needs stride in"),
+                      ({"threshold": 900, "stride": 8}, "xattention needs max_blocks >= 1")],
+       "flex_prefill": [({"gamma": 0, "tau": 100}, "flex_prefill needs gamma in 1..1000"),
+                        ({"gamma": 900, "tau": 1001}, "flex_prefill needs tau in 0..1000")],
+       "vertical_slash_tiled": [({"vertical": 0, "slash": 200},
+                                 "vertical_slash_tiled needs vertical >= 1 and slash >= 1")]}
 
 
 def test_builtin_patterns_are_registered_with_stable_ids():
-    assert registry.names()[:4] == BUILTIN
+    assert registry.names()[:len(BUILTIN)] == BUILTIN
     assert {name: PATTERN_IDS[name] for name in BUILTIN} == {n: i for i, n in enumerate(BUILTIN)}
     assert registry.MINFERENCE_NAMES == {"vertical_and_slash": "vertical_slash", "a_shape": "a_shape",
-                                         "stream_llm": "a_shape", "block_sparse": "block_sparse"}
+                                         "stream_llm": "a_shape", "block_sparse": "block_sparse",
+                                         "tri_shape": "tri_shape"}
 
 
 @pytest.mark.parametrize("name", BUILTIN)
@@ -227,7 +240,7 @@ def test_every_pattern_round_trips_its_parameters(name):
         for bad in (-1, 2**31, 1.5, True):
             with pytest.raises(PatternError, match=f"{name}: {param} must be an int in 0..2\\*\\*31 - 1"):
                 HeadPattern(name, **{**p.params, param: bad})
-    for other in ("sink", "local", "vertical", "slash", "topk"):
+    for other in PARAM_FIELDS:
         if other not in spec.params:
             with pytest.raises(PatternError, match=f"{name} takes no parameter '{other}'"):
                 HeadPattern(name, **{**p.params, other: 1})

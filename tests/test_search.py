@@ -86,8 +86,10 @@ def test_planted_a_shape_and_vertical_heads_are_recognised():
     a, v = cands[pick[0]], cands[pick[1]]
     # sinks + a local window: A-shape, or vertical-slash with only its forced sink columns and
     # local diagonals, which walks the same tiles (computed density) and keeps their whole
-    # rectangles, so on equal cost it may win the tie on recall
-    local = a.kind == "a_shape" or (a.kind == "vertical_slash" and a.vertical <= 64 and a.slash <= 64)
+    # rectangles, so on equal cost it may win the tie on recall; flex_prefill, which keeps just the
+    # sink columns and local diagonals that carry the mass, can be cheaper still
+    local = a.kind in ("a_shape", "flex_prefill") or (a.kind == "vertical_slash" and a.vertical <= 64
+                                                      and a.slash <= 64)
     assert local, [(p.describe(), float(r), float(d)) for p, r, d in zip(cands, recall[:, 0], density[:, 0])]
     assert recall[pick[0], 0] > 0.99 and density[pick[0], 0] <= 0.3
     assert v.kind == "vertical_slash" and v.vertical > 64, v

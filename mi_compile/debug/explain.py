@@ -30,7 +30,7 @@ def threshold_line(min_seq_len: int, length: int | None = None) -> str:
     return line
 
 
-def format_table(sites, config_source: str = "", threshold: str = "") -> str:
+def format_table(sites, config_source: str = "", threshold: str = "", tp=None) -> str:
     header = ("layer", "module", "heads", "kv", "mask", "gqa", "action", "patterns / reason")
     rows = []
     for s in sites:
@@ -41,6 +41,11 @@ def format_table(sites, config_source: str = "", threshold: str = "") -> str:
     lines = []
     if config_source:
         lines.append(f"config: {config_source}")
+    if tp is not None:   # this rank's slice of the config (mi_compile.tensor_parallel)
+        local_q = {s.q_heads for s in sites if isinstance(s.q_heads, int)}
+        local_kv = {s.kv_heads for s in sites if isinstance(s.kv_heads, int)}
+        lines.append(tp.describe(local_q.pop() if len(local_q) == 1 else None,
+                                 local_kv.pop() if len(local_kv) == 1 else None))
     fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
     lines.append(fmt.format(*header))
     lines.extend(fmt.format(*r) for r in rows)
@@ -63,7 +68,8 @@ class ExplainResult:
 
     def table(self) -> str:
         threshold = "" if self.min_seq_len is None else threshold_line(self.min_seq_len, self.length)
-        return "\n\n".join(format_table(r.sites, r.config_source, threshold) for r in self.reports)
+        return "\n\n".join(format_table(r.sites, r.config_source, threshold, getattr(r, "tp", None))
+                           for r in self.reports)
 
     def __str__(self) -> str:
         return self.table()

@@ -22,3 +22,7 @@ KIND_OTHER, KIND_A_SHAPE, KIND_VS, KIND_BS = 0, 1, 2, 3
 # Data-dependent selection phases of the index builder (a pattern's ``selection``).
 PHASE_VERTICAL_SLASH = "vertical_slash"   # estimate + top-k columns and slash offsets
 PHASE_BLOCK_SPARSE = "block_sparse"       # pooled block scores + top-k blocks
+PHASE_BLOCK_SELECT = "block_select"       # the spec writes blocks + block_count itself
+                                          # (PatternSpec.select_block_table; e.g. xattention)
+PHASE_TABLE_SELECT = "table_select"       # the spec writes columns, offsets and blocks itself
+                                          # (PatternSpec.select_tables; e.g. flex_prefill)

@@ -9,6 +9,11 @@ coordinates; ``NQB = ceil(n / 64)`` query blocks of 64 rows; ``B`` inputs, ``H``
 ``sink [H]``, ``band [H]``
     exact per-element test ``j < sink or i - j < band`` (A-shape; other patterns have
     ``sink = 0`` and a band wider than any sequence), always combined with ``j <= i``.
+``last [H]``
+    dense rows at the end (tri-shape; 0 for other patterns): query block ``m`` of input ``b``
+    is dense iff ``last > 0`` and ``m0 + 64 > seq_len[b] - last``; the kernel then visits
+    ``[0, m0)`` as its prefix and the diagonal tile without the band test, and none of the
+    group / block / column ranges below (so no pair twice).
 ``group_lo / group_hi [B, H, G]``, ``groups_upto [B, H, NQB]``
     merged slash groups ``[s_lo, s_hi]`` ascending by ``s_lo``: query block ``m0`` visits keys
     ``[max(m0 - s_hi, prefix), m0 + 63 - s_lo]``; only the first ``groups_upto[m]`` groups
@@ -66,6 +71,7 @@ class SparseIndex:
     prefix: torch.Tensor
     sink: torch.Tensor
     band: torch.Tensor
+    last: torch.Tensor
     group_lo: torch.Tensor
     group_hi: torch.Tensor
     groups_upto: torch.Tensor

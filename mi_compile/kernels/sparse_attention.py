@@ -15,6 +15,10 @@ within the ranges below):
 4. gathered extra columns ``< m0``, skipping those a group interval already covered;
 5. the diagonal tile ``[m0, m0 + 64)``, which every pattern selects (causally).
 
+A query block that the head's ``last`` table makes dense (tri-shape: ``last > 0`` and
+``m0 + 64 > len - last``) takes ``prefix = m0`` and ``band = WIDE`` and skips phases 2-4, so
+it visits ``[0, m0)`` and its diagonal tile, every causal key once.
+
 Phases 1-4 only see keys below the block's first row, so they need no causal test (only a 1D
 key mask; A-shape group tiles also test the band per element); only the diagonal tile builds
 the full element mask. The ranges are disjoint by construction (see
@@ -27,7 +31,8 @@ The same program doubles as the padding writer: it zero-fills the padding slots
 
 Layers whose heads are all dense or A-shape (nothing data-dependent) use a second kernel,
 :func:`_wide_attention_kernel`, with 128-row programs (two 64-row warpgroups share each K/V
-tile); ``KERNEL_CONFIG["wide"] = False`` sends them through the general kernel too.
+tile); ``KERNEL_CONFIG["wide"] = False`` sends them through the general kernel too. It has no
+``last`` table: layers with tri-shape heads always take the general kernel.
 
 Bounds are part of the contract: whatever the index tables hold, no load or store leaves its
 tensor. The sequence range is clamped into ``[0, n)``, ``prefix`` to ``>= 0``, the counts
@@ -48,10 +53,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .constants import BLOCK
+from .constants import BLOCK, WIDE
 from .index_format import SparseIndex
 
 LOG2E = 1.4426950408889634
+_WIDE = tl.constexpr(WIDE)   # band of a dense-rows block (no band test)
 LAST_COMPILE: dict = {}   # resource report of the last launch (benchmarks print it)
 # Launch parameters (benchmarks/kernels.py sweeps them). block_n: tile width of the prefix
 # phase; num_warps None = by head dim (4 up to D=128, 8 above). wide*: the 128-row kernel used
@@ -201,7 +207,7 @@ def _store_rows(out_head, q_rows, row_ok, dims, acc, l_i, stride_on, HEAD_DIM: t
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _sparse_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, count_ptr,
-        seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr,
+        seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr, last_ptr,
         tile_start_ptr, tile_end_ptr, tiles_upto_ptr,
         columns_ptr, columns_upto_ptr, covered_ptr,
         blocks_ptr, block_count_ptr,
@@ -224,6 +230,11 @@ def _sparse_attention_kernel(
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh,
             n, num_heads, heads_per_kv, HEAD_DIM)
         table_row = bh.to(tl.int64) * num_q_blocks + m
+        # dense rows at the end (tri-shape): every key below the block, no band, no other range
+        last = tl.load(last_ptr + h)
+        dense_rows = (last > 0) & (m0 + BLOCK_M > length - last)
+        prefix = tl.where(dense_rows, m0, prefix)
+        band = tl.where(dense_rows, _WIDE, band)
 
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30   # finite: masked tiles give p = 0
@@ -247,6 +258,7 @@ def _sparse_attention_kernel(
         #    past its band (i - j >= local); that one gets the element test, the others the 1D
         #    key mask.
         num_tiles = tl.minimum(tl.maximum(tl.load(tiles_upto_ptr + table_row), 0), max_tiles)
+        num_tiles = tl.where(dense_rows, 0, num_tiles)
         tile_base = bh.to(tl.int64) * max_tiles
         num_plain = tl.where(band < n, tl.maximum(num_tiles - 1, 0), num_tiles)
         for t in range(num_plain, num_tiles):
@@ -268,6 +280,7 @@ def _sparse_attention_kernel(
 
         # 3. block-sparse key blocks: ascending, the last is the diagonal (left to phase 5)
         num_blocks = tl.minimum(tl.maximum(tl.load(block_count_ptr + table_row), 0), max_blocks)
+        num_blocks = tl.where(dense_rows, 0, num_blocks)
         for t in range(0, num_blocks - 1):
             key_block = tl.load(blocks_ptr + table_row * max_blocks + t)
             key_block = tl.where((key_block >= 0) & (key_block < m), key_block, m)   # else: all masked
@@ -279,6 +292,7 @@ def _sparse_attention_kernel(
 
         # 4. extra columns below the block, minus those a group interval covered for it
         num_columns = tl.minimum(tl.maximum(tl.load(columns_upto_ptr + table_row), 0), max_columns)
+        num_columns = tl.where(dense_rows, 0, num_columns)
         column_base = bh.to(tl.int64) * max_columns
         covered_base = bh.to(tl.int64) * covered_len + m0 + (BLOCK_M - 1)
         offs_c = tl.arange(0, BLOCK_C)
@@ -404,7 +418,8 @@ def _wide_attention_kernel(
 
 
 def _wide_ok(index: SparseIndex, block_d: int, cfg: dict) -> bool:
-    """Use the 128-row kernel: every head dense or A-shape and the accumulator fits."""
+    """Use the 128-row kernel: every head dense or A-shape (not tri-shape: no ``last`` table
+    there) and the accumulator fits."""
     return bool(cfg.get("wide")) and block_d <= 128 and all(
         h.kind in ("dense", "a_shape") for h in index.heads)
 
@@ -447,7 +462,7 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
     grid = (nqb * group, B * H // group)
     compiled = _sparse_attention_kernel[grid](
         q, k, v, out, counts,
-        index.seq_start, index.seq_len, index.prefix, index.sink, index.band,
+        index.seq_start, index.seq_len, index.prefix, index.sink, index.band, index.last,
         index.tile_start, index.tile_end, index.tiles_upto,
         index.columns, index.columns_upto, index.covered,
         index.blocks, index.block_count,

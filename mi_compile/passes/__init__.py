@@ -4,6 +4,9 @@
 2. :mod:`.classify_mask`    - what its mask means (causal / padding / sliding window / unknown)
 3. :mod:`.undo_repeat_kv`   - K/V once per KV head (native GQA)
 4. :mod:`.rewrite_attention`- the call becomes ``mi_compile::sparse_attention`` or stays dense, with the reason
+
+Before 4, under tensor parallelism, :mod:`mi_compile.tensor_parallel` gives the rewrite this
+rank's slice of the whole-model per-head config.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from .find_attention import FindAttentionPass
 from .rewrite_attention import RewriteAttentionPass
 from .site import AttentionSite, MaskInfo
 from .undo_repeat_kv import UndoRepeatKVPass
+from ..tensor_parallel import TPConfigView, resolve_tp
 
 log = logging.getLogger("mi_compile")
 
@@ -33,6 +37,7 @@ class PassReport:
     default_policy: bool
     before_code: str = ""
     after_code: str = ""
+    tp: object = None        # tensor_parallel.TPSlice when this rank runs a slice of the config
 
     @property
     def rewritten(self) -> int:
@@ -109,12 +114,17 @@ def run_passes(gm: torch.fx.GraphModule, options, config, graph_id: int = 0, kee
     q_heads = {s.q_heads for s in sites if isinstance(s.q_heads, int)}
     num_layers = _whole_model_layers(gm, sites)
     _check_dense_layers(options, num_layers)
+    config.check_layers(num_layers)         # before the head slice: ranks share every layer
+    local_heads = next(iter(q_heads)) if len(q_heads) == 1 else None
+    tp = resolve_tp(gm, getattr(options, "tp", None), local_heads, config) if sites else None
+    if tp is not None:
+        config = TPConfigView(config, tp)    # this rank's heads of the whole-model config
     if len(q_heads) == 1:
         config.check_model(num_layers, q_heads.pop())
     RewriteAttentionPass(options, config)(gm, sites)
     report = PassReport(graph_id=graph_id, sites=sites, config_source=config.source,
                         default_policy=config.is_default_policy, before_code=before,
-                        after_code=gm.print_readable(print_output=False) if keep_code else "")
+                        after_code=gm.print_readable(print_output=False) if keep_code else "", tp=tp)
     log.info("mi_compile: graph %d: %d attention call(s), %d rewritten to sparse, %d left dense",
              graph_id, len(sites), report.rewritten, len(sites) - report.rewritten)
     return report

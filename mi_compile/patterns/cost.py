@@ -23,6 +23,9 @@ tile widths (``KERNEL_CONFIG``):
   masked, not skipped);
 * the diagonal tile of 64 keys.
 
+A block that the ``last`` table makes dense (tri-shape: ``last > 0`` and ``m0 + 64 > len -
+last``) counts as a dense head's block: ``ceil(m0 / bn)`` prefix tiles and the diagonal tile.
+
 Everything is read from the :class:`~mi_compile.kernels.index_format.SparseIndex` tables, O(B H n/64),
 on their device; the kernel's counting mode 3 walks the same loops and the tests compare the
 two. Layers whose heads are all dense / A-shape may run in the 128-row kernel, whose diagonal
@@ -56,10 +59,13 @@ def tile_pairs_per_block(index: SparseIndex, block_n: int | None = None,
     dev = index.prefix.device
     m0 = torch.arange(nqb, device=dev, dtype=torch.int64) * BLOCK                     # [NQB]
     prefix = index.prefix.long()[None, :, None]                                       # [1, H, 1]
+    last = index.last.long()[None, :, None]
+    dense = (last > 0) & (m0[None, None, :] + BLOCK > index.seq_len.long()[:, None, None] - last)  # [B, H, NQB]
+    prefix = torch.where(dense, m0[None, None, :], prefix)
     prefix_keys = _ceil_div(torch.minimum(prefix, m0[None, None, :]), block_n) * block_n
-    group_keys = index.tiles_upto.long() * BLOCK
-    block_keys = (index.block_count.long() - 1).clamp(min=0) * BLOCK
-    column_keys = _ceil_div(index.columns_upto.long(), block_c) * block_c
+    group_keys = index.tiles_upto.long().masked_fill(dense, 0) * BLOCK
+    block_keys = (index.block_count.long() - 1).clamp(min=0).masked_fill(dense, 0) * BLOCK
+    column_keys = _ceil_div(index.columns_upto.long().masked_fill(dense, 0), block_c) * block_c
     keys = prefix_keys + group_keys + block_keys + column_keys + BLOCK                # [B, H, NQB]
     live = m0[None, :] < index.seq_len.long()[:, None]                                 # [B, NQB]
     return keys * BLOCK * live[:, None, :]

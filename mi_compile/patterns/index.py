@@ -18,7 +18,7 @@ import torch
 from . import block_sparse, vertical_slash
 from ..kernels._device import cached, device_ints
 from ..kernels.constants import (BLOCK, KIND_A_SHAPE, KIND_BS, KIND_OTHER, KIND_VS, PHASE_BLOCK_SPARSE,  # noqa: F401
-                        PHASE_VERTICAL_SLASH, SENTINEL, WIDE)
+                        PHASE_BLOCK_SELECT, PHASE_TABLE_SELECT, PHASE_VERTICAL_SLASH, SENTINEL, WIDE)
 from ..kernels.index_format import MAX_VS_GROUPS, META_WIDTH, SparseIndex  # noqa: F401
 from .registry import get as pattern_spec
 from .spec import HeadPattern
@@ -131,16 +131,17 @@ class IndexPlan:
     """What :func:`build_index` needs of a layer's heads before it sees an input.
 
     Built once per (heads, device, estimate order) and cached for the process (see
-    :func:`index_plan`): the per-head tables (``prefix``, ``sink``, ``band``, and ``meta``
-    for the GPU table builder), the head-id index tensors, the heads grouped by parameters,
+    :func:`index_plan`): the per-head tables (``prefix``, ``sink``, ``band``, ``last``, and
+    ``meta`` for the GPU table builder), the head-id index tensors, the heads grouped by parameters,
     and the maxima the table widths follow from. Nothing here depends on the length.
 
     ``vs_ids`` / ``bs_ids``: the heads whose pattern runs the vertical-slash / block-sparse
     selection phase; ``as_ids``: the heads with a static slash group ``[0, as_hi]`` (A-shape).
     ``vs_order`` is the order in which the estimate scores the vertical-slash heads; with
     ``grouped`` the heads of one ``(V, S)`` are adjacent in it, so each group's score rows are
-    a slice. ``vs_groups`` holds ``(rows, V, S)``: the group's score rows (a slice or an index
-    tensor), groups in order of first appearance, heads ascending inside a group.
+    a slice. ``vs_groups`` holds ``(rows, V, S)`` (``(rows, V, S, 64)`` for extra diagonals in
+    whole key blocks): the group's score rows (a slice or an index tensor), groups in order of
+    first appearance, heads ascending inside a group.
     """
 
     heads: tuple
@@ -163,6 +164,10 @@ class IndexPlan:
     max_slash: int
     max_topk: int
     distinct_heads: tuple = ()
+    last: Optional[torch.Tensor] = None
+    #: ``PHASE_BLOCK_SELECT`` / ``PHASE_TABLE_SELECT`` heads by pattern: ``(name, head ids, their
+    #: index tensor)``
+    sel_groups: tuple = ()
 
     def widths(self, n: int) -> dict:
         """Table widths at length ``n`` (the same as the unfused builder's)."""
@@ -172,7 +177,12 @@ class IndexPlan:
         n_cols = vertical_slash.extra_counts(self.max_vertical, self.max_slash, n)[0]
         return {"nqb": nqb, "groups": max(1, groups) if self.vs_ids else 1, "tiles": tiles,
                 "columns": max(1, n_cols) if self.vs_ids else 1,
-                "blocks": max(1, min(self.max_topk, nqb)) if self.bs_ids else 1}
+                "blocks": max(1, min(self.max_topk, nqb) if self.bs_ids else 1, self.select_width(n))}
+
+    def select_width(self, n: int) -> int:
+        """Widest ``blocks`` row of the block / table select heads at length ``n`` (0: none)."""
+        return max([pattern_spec(self.heads[h].kind).block_width(self.heads[h], n)
+                    for _, ids, _ in self.sel_groups for h in ids], default=0)
 
 
 def _make_plan(heads: tuple, device, grouped: bool) -> IndexPlan:
@@ -181,11 +191,17 @@ def _make_plan(heads: tuple, device, grouped: bool) -> IndexPlan:
     bs_ids = tuple(i for i, s in enumerate(specs) if s.selection == PHASE_BLOCK_SPARSE)
     vs_params = tuple(specs[h].selection_params(heads[h]) for h in vs_ids)
     bs_topks = tuple(specs[h].selection_params(heads[h])[0] for h in bs_ids)
+    by_spec: dict[str, list[int]] = {}
+    for h, s in enumerate(specs):
+        if s.selection in (PHASE_BLOCK_SELECT, PHASE_TABLE_SELECT):
+            by_spec.setdefault(s.name, []).append(h)
+    sel_groups = tuple((name, tuple(ids), device_ints(ids, device)) for name, ids in by_spec.items())
 
-    prefix, sink, band, static_hi = [], [], [], {}
+    prefix, sink, band, last, static_hi = [], [], [], [], {}
     for h, (head, spec) in enumerate(zip(heads, specs)):
         t = spec.head_tables(head)
         prefix.append(min(t["prefix"], WIDE)), sink.append(t["sink"]), band.append(min(t["band"], WIDE))
+        last.append(min(t.get("last", 0), WIDE))
         if t.get("group") is not None:
             lo, hi = t["group"]
             if lo != 0:
@@ -194,19 +210,19 @@ def _make_plan(heads: tuple, device, grouped: bool) -> IndexPlan:
     as_ids = tuple(static_hi)
 
     # vertical-slash heads by parameters, in order of first appearance (as select_vertical_slash)
-    by_params: dict[tuple[int, int], list[int]] = {}
+    by_params: dict[tuple, list[int]] = {}
     for h, p in zip(vs_ids, vs_params):
         by_params.setdefault(tuple(p), []).append(h)
     vs_order = tuple(h for members in by_params.values() for h in members) if grouped else vs_ids
     position = {h: i for i, h in enumerate(vs_order)}
     vs_groups, vs_place = [], {}
-    for g, ((v, sl), members) in enumerate(by_params.items()):
+    for g, (params, members) in enumerate(by_params.items()):
         pos = [position[h] for h in members]
         if pos == list(range(pos[0], pos[0] + len(pos))):
             rows = slice(pos[0], pos[0] + len(pos))
         else:
             rows = device_ints(pos, device)
-        vs_groups.append((rows, v, sl))
+        vs_groups.append((rows, *params))
         vs_place.update({h: (i, g, len(members)) for i, h in enumerate(members)})
     bs_row = {h: i for i, h in enumerate(bs_ids)}
 
@@ -222,15 +238,15 @@ def _make_plan(heads: tuple, device, grouped: bool) -> IndexPlan:
     return IndexPlan(
         heads=heads, vs_ids=vs_ids, vs_order=vs_order, vs_groups=tuple(vs_groups),
         vs_params=vs_params, bs_ids=bs_ids, bs_topks=bs_topks, as_ids=as_ids,
-        prefix=ints32(prefix), sink=ints32(sink), band=ints32(band),
+        prefix=ints32(prefix), sink=ints32(sink), band=ints32(band), last=ints32(last),
         meta=ints32(meta).view(len(heads), META_WIDTH),
         vs_index=device_ints(vs_ids, device) if vs_ids else None,
         bs_index=device_ints(bs_ids, device) if bs_ids else None,
         as_index=device_ints(as_ids, device) if as_ids else None,
         as_hi=ints32([static_hi[h] for h in as_ids]) if as_ids else None,
-        max_vertical=max([v for v, _ in vs_params], default=0),
-        max_slash=max([s for _, s in vs_params], default=0),
-        max_topk=max(bs_topks, default=0), distinct_heads=tuple(dict.fromkeys(heads)))
+        max_vertical=max([p[0] for p in vs_params], default=0),
+        max_slash=max([p[1] for p in vs_params], default=0),
+        max_topk=max(bs_topks, default=0), distinct_heads=tuple(dict.fromkeys(heads)), sel_groups=sel_groups)
 
 
 def index_plan(heads: Sequence[HeadPattern], device, grouped: bool = False) -> IndexPlan:
@@ -252,6 +268,8 @@ def _use_fused(plan: IndexPlan, n: int, tables: Optional[str], q: torch.Tensor, 
         raise ValueError(f"tables must be 'triton', 'torch' or None, got {tables!r}")
     if tables == "torch" or vs_selection is not None:
         return False
+    if any(pattern_spec(name).selection == PHASE_TABLE_SELECT for name, _, _ in plan.sel_groups):
+        return False        # explicit per-head columns / offsets: the PyTorch builder's path
     fits = plan.widths(n)["blocks"] <= FUSED_MAX_SORT and len(plan.vs_groups) <= MAX_VS_GROUPS
     return fits and (tables == "triton" or q.is_cuda)
 
@@ -270,6 +288,8 @@ def build_index(q: torch.Tensor, k: torch.Tensor, heads: Sequence[HeadPattern], 
     (:mod:`mi_compile.kernels.index_tables`; the default on CUDA), ``"torch"`` with PyTorch ops
     (the default elsewhere, with ``vs_selection``, and for layers beyond the fused builder's
     limits, ``MAX_VS_GROUPS`` / ``FUSED_MAX_SORT``); both give the same tables, bit for bit.
+    Patterns with ``PHASE_BLOCK_SELECT`` (xattention) write their own block rows after either
+    builder; layers with ``PHASE_TABLE_SELECT`` heads (flex_prefill) always use the PyTorch one.
     """
     heads = tuple(heads)
     n = q.shape[2]
@@ -294,8 +314,22 @@ def _build_fused(plan: IndexPlan, q, k, scale, seq_start, seq_len, unpadded) -> 
     if plan.bs_ids:
         bs_raw, _ = block_sparse.topk_raw(q, k, plan.bs_ids, plan.bs_topks, seq_start, seq_len, scale, unpadded)
     t = build_tables(plan, B, n, w, seq_len, vs_raw, bs_raw)
+    _select_blocks(plan, q, k, scale, seq_start, seq_len, t["blocks"], t["block_count"])
     return SparseIndex(heads=plan.heads, n=n, seq_start=seq_start, seq_len=seq_len,
-                       prefix=plan.prefix, sink=plan.sink, band=plan.band, **t)
+                       prefix=plan.prefix, sink=plan.sink, band=plan.band, last=plan.last, **t)
+
+
+def _select_blocks(plan: IndexPlan, q, k, scale, seq_start, seq_len, blocks, block_count) -> None:
+    """Write the block rows of the ``PHASE_BLOCK_SELECT`` heads (both builders: the fused one
+    leaves them empty, their specs select with PyTorch / their own kernels)."""
+    for name, ids, index in plan.sel_groups:
+        if pattern_spec(name).selection != PHASE_BLOCK_SELECT:
+            continue
+        blk, cnt = pattern_spec(name).select_block_table(q, k, ids, [plan.heads[h] for h in ids],
+                                                         seq_start, seq_len, scale)
+        blocks[:, index] = SENTINEL
+        blocks[:, index, :, :blk.shape[-1]] = blk
+        block_count[:, index] = cnt
 
 
 def _build_torch(plan: IndexPlan, q, k, scale, seq_start, seq_len, vs_selection, unpadded) -> SparseIndex:
@@ -317,19 +351,32 @@ def _build_torch(plan: IndexPlan, q, k, scale, seq_start, seq_len, vs_selection,
             cols, offs = vertical_slash.clean_selection(vs_selection[0].index_select(1, plan.vs_index),
                                                         vs_selection[1].index_select(1, plan.vs_index), n)
             g_width = max(g_width, offs.shape[-1])
+    custom = [(index, pattern_spec(name).select_tables(q, k, ids, [plan.heads[h] for h in ids], seq_start, seq_len,
+                                                       scale))
+              for name, ids, index in plan.sel_groups if pattern_spec(name).selection == PHASE_TABLE_SELECT]
+    g_width = max([g_width] + [sel["offsets"].shape[-1] for _, sel in custom])
     group_lo = torch.full((B, H, g_width), SENTINEL, **as_int)
     group_hi = torch.full((B, H, g_width), SENTINEL, **as_int)
     offsets = torch.full((B, H, g_width), SENTINEL, **as_int)
-    columns = torch.full((B, H, 1 if cols is None else cols.shape[-1]), SENTINEL, **as_int)
+    columns = torch.full((B, H, max([1 if cols is None else cols.shape[-1]] + [sel["columns"].shape[-1]
+                                                                                for _, sel in custom])),
+                         SENTINEL, **as_int)
     covered = torch.zeros(B, H, n + BLOCK, dtype=torch.uint8, device=dev)
     if plan.as_ids:
         group_lo[:, plan.as_index, 0] = 0
         group_hi[:, plan.as_index, 0] = plan.as_hi.clamp(max=n)    # offsets past n reach no key
     if cols is not None:
         ids = plan.vs_index
-        columns[:, ids] = cols
+        columns[:, ids, :cols.shape[-1]] = cols
         offsets[:, ids, :offs.shape[-1]] = offs
         lo, hi = merge_offsets(offs)
+        group_lo[:, ids, :lo.shape[-1]] = lo
+        group_hi[:, ids, :hi.shape[-1]] = hi
+        covered[:, ids] = covered_table(lo, hi, n)
+    for ids, sel in custom:     # explicit selections of PHASE_TABLE_SELECT heads
+        columns[:, ids, :sel["columns"].shape[-1]] = sel["columns"]
+        offsets[:, ids, :sel["offsets"].shape[-1]] = sel["offsets"]
+        lo, hi = merge_offsets(sel["offsets"])
         group_lo[:, ids, :lo.shape[-1]] = lo
         group_hi[:, ids, :hi.shape[-1]] = hi
         covered[:, ids] = covered_table(lo, hi, n)
@@ -339,13 +386,20 @@ def _build_torch(plan: IndexPlan, q, k, scale, seq_start, seq_len, vs_selection,
     if plan.bs_ids:
         blk, cnt = block_sparse.select_blocks(q, k, plan.bs_ids, plan.bs_topks, seq_start, seq_len, scale,
                                               unpadded)
+        if blk.shape[-1] < blocks.shape[-1]:    # a wider block-select head: pad as the fused builder
+            blocks[:, plan.bs_index] = SENTINEL
         blocks[:, plan.bs_index, :, :blk.shape[-1]] = blk
         block_count[:, plan.bs_index] = cnt
+    _select_blocks(plan, q, k, scale, seq_start, seq_len, blocks, block_count)
+    for ids, sel in custom:
+        blocks[:, ids] = SENTINEL
+        blocks[:, ids, :, :sel["blocks"].shape[-1]] = sel["blocks"]
+        block_count[:, ids] = sel["block_count"]
 
     tile_start, tile_end, tiles_upto = group_tiles(group_lo, group_hi, plan.prefix, nqb, w["tiles"])
     return SparseIndex(
         heads=plan.heads, n=n, seq_start=seq_start, seq_len=seq_len,
-        prefix=plan.prefix, sink=plan.sink, band=plan.band,
+        prefix=plan.prefix, sink=plan.sink, band=plan.band, last=plan.last,
         group_lo=group_lo, group_hi=group_hi, groups_upto=count_upto(group_lo, nqb),
         tile_start=tile_start, tile_end=tile_end, tiles_upto=tiles_upto,
         columns=columns, columns_upto=count_upto(columns, nqb, reach=-1), covered=covered,
@@ -369,7 +423,7 @@ def head_selection_mask(index: SparseIndex, h: int) -> torch.Tensor:
     head = index.heads[h]
     spec = pattern_spec(head.kind)
     if not spec.per_block:
-        own = spec.mask(i, j, head)
+        own = spec.mask_at(i, j, head, length)
         return base if own is None else base & own
     # A per-block selection depends on the query only through its 64-row block (causality
     # aside), so evaluate the pattern once per block and give each row its block's keys: n/64

@@ -57,9 +57,11 @@ class PatternSpec:
     # ------------------------------------------------------------------ index
     def head_tables(self, head) -> dict:
         """Static per-head numbers of the unified index: ``prefix`` (keys ``[0, prefix)`` for
-        every block), ``sink`` / ``band`` (the exact test ``j < sink or i - j < band``) and
-        ``group`` (None, or a static slash group ``(0, hi)`` written for every input)."""
-        return {"prefix": 0, "sink": 0, "band": WIDE, "group": None}
+        every block), ``sink`` / ``band`` (the exact test ``j < sink or i - j < band``),
+        ``group`` (None, or a static slash group ``(0, hi)`` written for every input) and,
+        optionally, ``last`` (the query blocks holding any of a sequence's last ``last`` rows
+        see every causal key; absent = 0, none)."""
+        return {"prefix": 0, "sink": 0, "band": WIDE, "group": None, "last": 0}
 
     def meta_params(self, head) -> tuple:
         """``(a, b)``: the two parameters the fused table builder reads for its ``kernel_kind``."""
@@ -74,12 +76,40 @@ class PatternSpec:
         :func:`~mi_compile.patterns.index.group_tiles`)."""
         return 1
 
+    def block_width(self, head, n: int) -> int:
+        """``PHASE_BLOCK_SELECT`` patterns: static width ``K`` of the head's ``blocks`` rows at
+        length ``n`` (at most ``ceil(n / 64)``)."""
+        raise NotImplementedError(f"{self.name} has no block table")
+
+    def select_block_table(self, q, k, head_ids, heads, seq_start, seq_len, scale):
+        """``PHASE_BLOCK_SELECT`` patterns: ``blocks [B, len(head_ids), NQB, K]`` (int32,
+        ascending, SENTINEL-padded, the diagonal block kept, so last) and ``block_count [B,
+        len(head_ids), NQB]`` for the query heads ``head_ids`` (all of this pattern, ``heads``
+        their patterns), ``K = max(block_width)``; on q's device, no host synchronisation."""
+        raise NotImplementedError(f"{self.name} has no block table")
+
+    def select_tables(self, q, k, head_ids, heads, seq_start, seq_len, scale) -> dict:
+        """``PHASE_TABLE_SELECT`` patterns (:meth:`block_width` too): the raw selection of the
+        query heads ``head_ids`` for the kernel's column, slash and block phases, as a dict of
+        ``columns [B, h, *]`` (ascending keys, SENTINEL-padded, no forced prefix), ``offsets
+        [B, h, *]`` (ascending), ``blocks [B, h, NQB, K]`` and ``block_count [B, h, NQB]``;
+        every pair must be selected by at most one of the column / slash and block parts, and
+        the diagonal 64-key tile by one of them. Such layers use the PyTorch table builder."""
+        raise NotImplementedError(f"{self.name} has no table selection")
+
     # ------------------------------------------------------------------ reference
     def mask(self, i, j, head):
         """Reference test of a static pattern for broadcastable sequence positions ``i``
         (query), ``j`` (key): bool, or None for "every key" (causality and bounds are the
         caller's)."""
         raise NotImplementedError(f"{self.name} has no element test (per_block pattern)")
+
+    def mask_at(self, i, j, head, length):
+        """:meth:`mask` for a sequence of ``length`` real tokens (an int or a tensor
+        broadcastable with ``i``): what the reference callers evaluate. Patterns whose
+        selection depends on where the sequence ends (``tri_shape``'s dense last rows)
+        override it; the default ignores ``length``."""
+        return self.mask(i, j, head)
 
     def block_mask(self, head, index, h, block_starts, j):
         """Reference selection of a per-block pattern from the raw selection in ``index``:
@@ -118,8 +148,8 @@ MINFERENCE_NAMES: dict[str, str] = {}
 
 
 def _check(spec: PatternSpec) -> None:
-    from ..kernels.constants import INTS_PER_HEAD, KIND_A_SHAPE, KIND_BS, KIND_VS, PHASE_BLOCK_SPARSE, \
-        PHASE_VERTICAL_SLASH
+    from ..kernels.constants import INTS_PER_HEAD, KIND_A_SHAPE, KIND_BS, KIND_VS, PHASE_BLOCK_SELECT, \
+        PHASE_BLOCK_SPARSE, PHASE_TABLE_SELECT, PHASE_VERTICAL_SLASH
     from .spec import PARAM_FIELDS
 
     if not isinstance(spec.name, str) or not spec.name.isidentifier():
@@ -131,7 +161,8 @@ def _check(spec: PatternSpec) -> None:
         raise PatternError(f"{spec.name}: parameter(s) {unknown} are not HeadPattern fields {PARAM_FIELDS}")
     if spec.kernel_kind not in (KIND_OTHER, KIND_A_SHAPE, KIND_VS, KIND_BS):
         raise PatternError(f"{spec.name}: unknown kernel_kind {spec.kernel_kind!r}")
-    if spec.selection not in (None, PHASE_VERTICAL_SLASH, PHASE_BLOCK_SPARSE):
+    if spec.selection not in (None, PHASE_VERTICAL_SLASH, PHASE_BLOCK_SPARSE, PHASE_BLOCK_SELECT,
+                              PHASE_TABLE_SELECT):
         raise PatternError(f"{spec.name}: unknown selection phase {spec.selection!r}")
 
 

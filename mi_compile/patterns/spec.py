@@ -20,6 +20,18 @@ the built-in ones (MInference, arXiv 2407.02490, section 3):
 ``block_sparse``
     per input, for each 64-query block the ``topk`` 64-key blocks with the highest
     mean-pooled score (causal).
+``tri_shape``
+    A-shape plus dense rows at the end: the 64-row query blocks holding any of the
+    sequence's last ``last`` queries see every causal key (TriangleMix, arXiv 2507.21526;
+    :mod:`mi_compile.patterns.tri_shape`).
+``xattention``
+    per input, for each 64-query block the fewest 64-key blocks whose attention mass,
+    estimated on strided antidiagonals, reaches ``threshold`` per mille (XAttention, ICML
+    2025; :mod:`mi_compile.patterns.xattention`).
+``flex_prefill``
+    per input, query-aware blocks or vertical-slash (chosen by a Jensen-Shannon test on the
+    last queries), each with the fewest keys reaching ``gamma`` per mille of the estimated
+    mass (FlexPrefill, ICLR 2025; :mod:`mi_compile.patterns.flex_prefill`).
 """
 from __future__ import annotations
 
@@ -33,7 +45,8 @@ from .registry import PATTERN_IDS, PATTERN_NAMES, PATTERN_PARAMS, PatternError
 from .registry import get as _spec_of
 
 #: The parameter fields of :class:`HeadPattern` (a pattern's ``params`` are some of them).
-PARAM_FIELDS = ("sink", "local", "vertical", "slash", "topk")
+PARAM_FIELDS = ("sink", "local", "vertical", "slash", "topk", "last", "threshold", "stride", "max_blocks",
+                "gamma", "tau", "min_budget")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +59,13 @@ class HeadPattern:
     vertical: int = 0
     slash: int = 0
     topk: int = 0
+    last: int = 0
+    threshold: int = 0
+    stride: int = 0
+    max_blocks: int = 0
+    gamma: int = 0
+    tau: int = 0
+    min_budget: int = 0
 
     def __post_init__(self):
         if self.kind not in PATTERN_IDS:

@@ -152,33 +152,74 @@ def _top_beyond_forced(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def select_vertical_slash(vertical: torch.Tensor, slash: torch.Tensor,
-                          params: Sequence[tuple[int, int]], seq_len: torch.Tensor):
-    """Turn scores into the selection of each head (``params[h] = (V, S)``).
+                          params: Sequence[tuple], seq_len: torch.Tensor):
+    """Turn scores into the selection of each head (``params[h] = (V, S)``, or ``(V, S, 64)``
+    for a head whose extra diagonals are chosen in whole key blocks, see :func:`tile_scores`).
 
     Returns ``columns [B, Hs, Vx]`` (the non-forced verticals, ascending, SENTINEL-padded) and
     ``offsets [B, Hs, Sx]`` (all kept offsets, forced ones included, ascending, SENTINEL-padded).
     """
     B, Hs, n = vertical.shape
     dev = vertical.device
-    v_width = max(1, max(min(max(v - FORCED, 0), max(n - FORCED, 0)) for v, _ in params))
-    s_width = max(min(s, n) for _, s in params)
+    v_width = max(1, max(min(max(p[0] - FORCED, 0), max(n - FORCED, 0)) for p in params))
+    s_width = max(min(p[1], n) for p in params)
     columns = torch.full((B, Hs, v_width), SENTINEL, device=dev, dtype=torch.int32)
     offsets = torch.full((B, Hs, s_width), SENTINEL, device=dev, dtype=torch.int32)
     # heads with the same parameters are selected together
-    by_params: dict[tuple[int, int], list[int]] = {}
+    by_params: dict[tuple, list[int]] = {}
     for slot, p in enumerate(params):
         by_params.setdefault(tuple(p), []).append(slot)
-    for (v, s), slots in by_params.items():
+    for (v, s, *unit), slots in by_params.items():
         idx = device_ints(slots, dev)
         cols = _top_beyond_forced(vertical[:, idx], v - FORCED).sort(-1).values
         columns[:, idx, :cols.shape[-1]] = cols
         n_forced = min(s, FORCED, n)
         forced = torch.arange(n_forced, device=dev, dtype=torch.int32).expand(B, len(slots), n_forced)
         forced = torch.where(forced < seq_len[:, None, None], forced, SENTINEL)
-        extra = _top_beyond_forced(slash[:, idx], s - FORCED)
+        if unit:
+            extra = _top_tiles(slash[:, idx], s - FORCED) + FORCED
+            extra = torch.where(extra < seq_len[:, None, None], extra, SENTINEL)
+        else:
+            extra = _top_beyond_forced(slash[:, idx], s - FORCED)
         offs = torch.cat([forced, extra], -1).sort(-1).values
         offsets[:, idx, :offs.shape[-1]] = offs
     return columns, offsets
+
+
+def tile_scores(slash: torch.Tensor) -> torch.Tensor:
+    """float32 ``[..., ceil(n / 64) - 1]``: the slash mass each whole key block would catch.
+
+    Entry ``t - 1`` (``t >= 1``) scores offset ``64 t``: for the query block ``[m0, m0 + 64)``
+    that offset's interval is exactly the key block ``m0 / 64 - t``, one kernel tile, whose pairs
+    span the diagonals ``64 t - 63 .. 64 t + 63``, diagonal ``64 t + k`` on ``64 - |k|`` of the 64
+    rows. So the score is the slash scores under that triangle, ``/ 64``; the triangles of all
+    ``t`` sum to one at every offset, so the blocks' scores share the slash mass without double
+    counting, and the top-k of them is the best choice of whole tiles. ``-inf`` where the
+    offset ``64 t`` lies outside the sequence.
+    """
+    lead, n = slash.shape[:-1], slash.shape[-1]
+    count = -(-n // BLOCK)
+    finite = torch.isfinite(slash)
+    mass = torch.where(finite, slash, 0.0).float().reshape(-1, 1, n)
+    k = BLOCK - torch.arange(-(BLOCK - 1), BLOCK, device=slash.device).abs().float()
+    out = F.conv1d(mass, (k / BLOCK).view(1, 1, -1), stride=BLOCK, padding=BLOCK - 1)
+    out = out.view(*lead, -1)[..., 1:count]
+    exists = finite[..., BLOCK::BLOCK][..., :out.shape[-1]]
+    return torch.where(exists, out, float("-inf"))
+
+
+def _top_tiles(slash: torch.Tensor, count: int) -> torch.Tensor:
+    """``[..., count]`` int32, ascending: ``offset - FORCED`` of the offsets ``64 t`` of the
+    ``count`` best whole key blocks (:func:`tile_scores`), then ``n`` where fewer blocks exist
+    than asked (the tail, which the cut at the sequence length drops)."""
+    n = slash.shape[-1]
+    count = min(count, max(n - FORCED, 0))
+    if count <= 0:
+        return slash.new_empty(slash.shape[:-1] + (0,), dtype=torch.int32)
+    scores = tile_scores(slash)
+    pick = min(count, scores.shape[-1])
+    top = torch.topk(scores, pick, dim=-1).indices.sort(-1).values.to(torch.int32) * BLOCK
+    return F.pad(top, (0, count - pick), value=n)
 
 
 def extra_counts(vertical: int, slash: int, n: int) -> tuple[int, int]:
@@ -191,8 +232,9 @@ def extra_counts(vertical: int, slash: int, n: int) -> tuple[int, int]:
 def topk_sorted(vertical: torch.Tensor, slash: torch.Tensor, groups, n: int):
     """The top-k step of :func:`select_vertical_slash`, for a fused table builder.
 
-    ``groups``: ``(rows, V, S)`` per set of heads with the same parameters, ``rows`` their
-    score rows (a slice, or an index tensor). Returns ``columns, offsets``: lists with one int64
+    ``groups``: ``(rows, V, S)`` (or ``(rows, V, S, 64)``: extra diagonals in whole key blocks)
+    per set of heads with the same parameters, ``rows`` their score rows (a slice, or an index
+    tensor). Returns ``columns, offsets``: lists with one int64
     tensor ``[B, heads of the group, count]`` per group (``count`` from :func:`extra_counts`;
     None where it is 0) holding the indices, relative to FORCED, of the group's ``topk``
     columns / offsets beyond the forced ones, ascending. The calls are
@@ -202,12 +244,15 @@ def topk_sorted(vertical: torch.Tensor, slash: torch.Tensor, groups, n: int):
     ``len`` gets its exact selection (:mod:`mi_compile.kernels.index_tables` does, on the GPU).
     """
     columns, offsets = [], []
-    for rows, v, s in groups:
+    for rows, v, s, *unit in groups:
         for scores, count, out in zip((vertical, slash), extra_counts(v, s, n), (columns, offsets)):
             if count <= 0:
                 out.append(None)
-                continue
-            out.append(torch.topk(_beyond_forced(scores, rows), count, dim=-1).indices.sort(-1).values)
+            elif unit and scores is slash:      # whole key blocks, see tile_scores
+                rows_scores = slash[:, rows] if isinstance(rows, slice) else slash.index_select(1, rows)
+                out.append(_top_tiles(rows_scores, count).long())
+            else:
+                out.append(torch.topk(_beyond_forced(scores, rows), count, dim=-1).indices.sort(-1).values)
     return columns, offsets
 
 
@@ -283,7 +328,7 @@ class VerticalSlashSpec(PatternSpec):
 
     def validate(self, head) -> None:
         if head.vertical < 1 or head.slash < 1:
-            raise PatternError("vertical_slash needs vertical >= 1 and slash >= 1")
+            raise PatternError(f"{self.name} needs vertical >= 1 and slash >= 1")
 
     def from_minference(self, vertical_size: int, slash_size: int) -> dict:
         return {"vertical": vertical_size, "slash": slash_size}
@@ -316,11 +361,11 @@ class VerticalSlashSpec(PatternSpec):
                       if vertical < n and extra < n]
 
     def search_selection(self, head, shared: dict, q, k, scale, seq_start, seq_len):
-        # the estimate does not depend on the budget: once per layer
-        if self.name not in shared:
-            shared[self.name] = estimate_scores(q, k, list(range(q.shape[1])), seq_start, seq_len, scale)
-        vert, slash = shared[self.name]
-        return select_vertical_slash(vert, slash, [(head.vertical, head.slash)] * q.shape[1], seq_len)
+        # the estimate does not depend on the budget: once per layer (shared by the variants)
+        if "vertical_slash" not in shared:
+            shared["vertical_slash"] = estimate_scores(q, k, list(range(q.shape[1])), seq_start, seq_len, scale)
+        vert, slash = shared["vertical_slash"]
+        return select_vertical_slash(vert, slash, [self.selection_params(head)] * q.shape[1], seq_len)
 
     def label(self, head) -> str:
         return f"{head.vertical}/{head.slash}"

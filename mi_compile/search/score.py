@@ -101,7 +101,7 @@ def _selected_at_rows(index, pattern: HeadPattern, rows: torch.Tensor, causal_ro
     j = torch.arange(n, device=dev)
     spec = registry.get(pattern.kind)
     if not spec.per_block:
-        own = spec.mask(rows[:, None], j[None, :], pattern)
+        own = spec.mask_at(rows[:, None], j[None, :], pattern, n)   # unpadded: every length is n
         return causal_rows if own is None else causal_rows & own
     blocks, slot = torch.unique(rows // BLOCK, return_inverse=True)
     starts = (blocks * BLOCK)[None, :, None]                                  # [1, U, 1]
