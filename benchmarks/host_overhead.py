@@ -80,6 +80,7 @@ def _load_op_counter():
 
 OpCounter = _load_op_counter()
 import mi_compile.op as op_module  # noqa: E402
+from mi_compile.kernels.dispatch import interpreting  # noqa: E402
 from mi_compile.patterns.spec import HeadPattern as HP, encode_heads  # noqa: E402
 
 CUDA = ARGS.device == "cuda"
@@ -229,7 +230,7 @@ def tables_equal(n, padded=False):
     else:
         ss, sl = normalize_sequences(q, None, None)
     fused = build_index(q, k, HEADS, D ** -0.5, ss, sl, unpadded=not padded,
-                        tables="triton" if (CUDA or _interpreting()) else "torch")
+                        tables="triton" if (CUDA or interpreting()) else "torch")
     plain = build_index(q, k, HEADS, D ** -0.5, ss, sl, unpadded=not padded, tables="torch")
     fields = ["prefix", "sink", "band", "group_lo", "group_hi", "groups_upto", "tile_start", "tile_end",
               "tiles_upto", "columns", "columns_upto", "covered", "blocks", "block_count", "offsets"]
@@ -238,10 +239,6 @@ def tables_equal(n, padded=False):
         log(f"  tables differ: {diff}")
     same_out = torch.equal(sparse_attention_from_index(q, k, v, fused), sparse_attention_from_index(q, k, v, plain))
     return not diff and same_out
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def tiny_config():

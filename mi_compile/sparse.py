@@ -10,11 +10,11 @@ tables are built once (:func:`mi_compile.patterns.index.index_plan`).
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
 
+from .kernels.dispatch import attention_impl
 from .patterns.index import (SparseIndex, build_index, normalize_sequences,
                              selection_mask_from_index)
 from .patterns.reference import reference_attention
@@ -25,10 +25,6 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 __all__ = ["sparse_attention", "selection_mask", "selection_density", "build_sparse_index",
            "sparse_attention_from_index", "check_index", "SparseIndex", "HeadPattern"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 _PATTERNS: dict = {}      # tuple(heads) -> tuple of HeadPattern
@@ -321,7 +317,7 @@ def _check_out(q, out) -> None:
 def _attend_index(q, k, v, index, scale, impl, out, user_index=False):
     """:func:`sparse_attention_from_index` without the checks (the index was built here)."""
     scale = _scale(q, scale)
-    if _pick_impl(q, impl) == "reference":
+    if attention_impl(q, impl) == "reference":
         if user_index:
             _check_reference_values(q, index)
         res = reference_attention(q, k, v, index, scale).to(q.dtype)
@@ -343,18 +339,6 @@ def _interpreter_bf16(q) -> bool:
     bf16 wrongly (values ~1e9), so such calls run the kernels in float32 (bf16 converts to
     float32 exactly) and cast the result back."""
     return q.dtype == torch.bfloat16 and not q.is_cuda
-
-
-def _pick_impl(q, impl: str) -> str:
-    if impl == "triton" and q.is_cuda:
-        return impl
-    if impl not in ("auto", "triton", "reference"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
-    if impl == "auto":
-        return "triton" if (q.is_cuda or _interpreting()) else "reference"
-    if impl == "triton" and not q.is_cuda and not _interpreting():
-        raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1")
-    return impl
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -390,7 +374,7 @@ def _sparse_attention(q, k, v, heads, scale, seq_start, seq_len, impl, out):
     """:func:`sparse_attention` without the value check of ``seq_start`` / ``seq_len`` (a host
     sync): the compiled op calls this with ranges it derived from a padding mask itself."""
     heads = _validate(q, k, v, heads, seq_start, seq_len)
-    impl = _pick_impl(q, impl)
+    impl = attention_impl(q, impl)
     scale = _scale(q, scale)
     index = _build(q, k, heads, scale, seq_start, seq_len)
     return _attend_index(q, k, v, index, scale, impl, out)
@@ -414,7 +398,7 @@ def index_density(index: SparseIndex, q, k, v=None) -> torch.Tensor:
     check_index(q, k, index)
     length = index.seq_len.double()
     causal = (length * (length + 1) / 2).clamp(min=1)[:, None]
-    if q.is_cuda or _interpreting():
+    if attention_impl(q) == "triton":
         from .kernels.sparse_attention import count_pairs_per_head
         v = k if v is None else v
         if _interpreter_bf16(q):

@@ -26,6 +26,33 @@ def benchmark_module():
 
 
 @pytest.fixture
+def tiny_llama_logits():
+    """``(compiled, eager, report) = f(entry)``: a tiny random Llama's logits on 150 tokens,
+    compiled with every head given the config head ``entry`` (``min_seq_len`` 0), and eager;
+    ``report``: what the passes did (every layer rewritten, asserted)."""
+    import mi_compile
+    from mi_compile.models import tiny_model
+
+    def run(entry: dict):
+        torch._dynamo.reset()
+        try:
+            model = tiny_model("llama")
+            ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                eager = model(ids, use_cache=False).logits
+            backend = mi_compile.backend({"config": {"format": "mi-compile/v1", "default": entry},
+                                          "min_seq_len": 0})
+            with torch.no_grad():
+                compiled = torch.compile(model, backend=backend, fullgraph=True)(ids, use_cache=False).logits
+            (report,) = backend.reports
+            assert report.rewritten == model.config.num_hidden_layers
+            return compiled, eager, report
+        finally:
+            torch._dynamo.reset()
+    return run
+
+
+@pytest.fixture
 def minference_llama_config():
     return DATA / "Llama_3.1_8B_Instruct_128k_kv_out_v32_fit_o_best_pattern.json"
 

@@ -176,23 +176,6 @@ def test_gamma_1000_is_dense_attention_in_both_modes():
     torch.testing.assert_close(out, dense_causal_reference(q, k, v, 16 ** -0.5), atol=1e-4, rtol=1e-4)
 
 
-def test_compiled_llama_with_gamma_1000_matches_eager():
-    import mi_compile
-    from mi_compile.models import tiny_model
-
-    torch._dynamo.reset()
-    try:
-        model = tiny_model("llama")
-        ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            ref = model(ids, use_cache=False).logits
-        cfg = {"format": "mi-compile/v1",
-               "default": {"pattern": "flex_prefill", "gamma": 1000, "tau": 100, "min_budget": 0}}
-        backend = mi_compile.backend({"config": cfg, "min_seq_len": 0})
-        with torch.no_grad():
-            out = torch.compile(model, backend=backend, fullgraph=True)(ids, use_cache=False).logits
-        (report,) = backend.reports
-        assert report.rewritten == model.config.num_hidden_layers
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    finally:
-        torch._dynamo.reset()
+def test_compiled_llama_with_gamma_1000_matches_eager(tiny_llama_logits):
+    out, ref, _ = tiny_llama_logits({"pattern": "flex_prefill", "gamma": 1000, "tau": 100, "min_budget": 0})
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -237,24 +237,7 @@ def test_fused_and_torch_tables_agree():
 
 # ---------------------------------------------------------------------- a compiled model
 
-def test_compiled_llama_with_threshold_1000_matches_eager():
-    import mi_compile
-    from mi_compile.models import tiny_model
-
-    torch._dynamo.reset()
-    try:
-        model = tiny_model("llama")
-        ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            ref = model(ids, use_cache=False).logits
-        cfg = {"format": "mi-compile/v1",
-               "default": {"pattern": "xattention", "threshold": 1000, "stride": 8, "max_blocks": 64}}
-        backend = mi_compile.backend({"config": cfg, "min_seq_len": 0})
-        with torch.no_grad():
-            out = torch.compile(model, backend=backend, fullgraph=True)(ids, use_cache=False).logits
-        (report,) = backend.reports
-        assert report.rewritten == model.config.num_hidden_layers
-        assert all(h.kind == "xattention" for s in report.sites for h in s.heads)
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    finally:
-        torch._dynamo.reset()
+def test_compiled_llama_with_threshold_1000_matches_eager(tiny_llama_logits):
+    out, ref, report = tiny_llama_logits({"pattern": "xattention", "threshold": 1000, "stride": 8, "max_blocks": 64})
+    assert all(h.kind == "xattention" for s in report.sites for h in s.heads)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

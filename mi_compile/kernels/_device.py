@@ -40,6 +40,13 @@ def device_ints(values, device, dtype: torch.dtype = torch.int64) -> torch.Tenso
     return t
 
 
+def contiguous_last(*tensors: torch.Tensor):
+    """The tensors with a unit stride in the last dim (copied only where they lack one): what
+    the kernels' tile loads assume. One tensor in, one out; several in, a tuple out."""
+    out = tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+    return out[0] if len(out) == 1 else out
+
+
 def cached(key, device, build):
     """``build()`` once per ``(key, device)``, kept for the process (see the module doc); while a
     CUDA graph is being captured on ``device`` a missing entry is built but not kept. ``build``

@@ -161,13 +161,10 @@ def estimate_scores_triton(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[
     """Same contract as :func:`~mi_compile.patterns.vertical_slash.estimate_scores_torch`:
     float32 ``vertical, slash`` of shape ``[B, len(head_ids), n]``, ``-inf`` where the key /
     offset does not exist in that sequence."""
-    from ._device import device_ints
+    from ._device import contiguous_last, device_ints
 
     B, Hq, n, D = q.shape
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
+    q, k = contiguous_last(q, k)
     dev = q.device
     sel = len(head_ids)
     heads = device_ints(head_ids, dev)

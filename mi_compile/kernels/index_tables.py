@@ -87,6 +87,23 @@ def _pick(g, p0, p1, p2, p3, p4, p5):
     return ptr
 
 
+@triton.jit
+def _program_head(num_heads):
+    """``(row, b, h)``: the (input, head) row this program writes (axis 0 = ``b * H + h``)."""
+    row = tl.program_id(0)
+    return row, row // num_heads, row % num_heads
+
+
+@triton.jit
+def _head_meta(meta_ptr, h):
+    """Head ``h``'s row of ``IndexPlan.meta`` (``META_WIDTH`` = 8 ints): kind, prefix, param a,
+    param b, row in its vertical-slash group, block-sparse row, vertical-slash group, heads in
+    that group. Unused values cost nothing (their loads are dead code)."""
+    p = meta_ptr + h * 8
+    return (tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3), tl.load(p + 4), tl.load(p + 5),
+            tl.load(p + 6), tl.load(p + 7))
+
+
 @triton.jit(do_not_specialize=_ROW_ARGS)
 def _head_rows_kernel(meta_ptr, seq_len_ptr,
                       col0, col1, col2, col3, col4, col5, off0, off1, off2, off3, off4, off5,
@@ -95,15 +112,8 @@ def _head_rows_kernel(meta_ptr, seq_len_ptr,
                       n, num_heads, gw, tiles, cw, gw_steps,
                       GW_P2: tl.constexpr, CW_P2: tl.constexpr, TILE_BLOCK: tl.constexpr,
                       FORCED: tl.constexpr, SENT: tl.constexpr):
-    row = tl.program_id(0)
-    b = row // num_heads
-    h = row % num_heads
-    kind = tl.load(meta_ptr + h * 8)
-    pa = tl.load(meta_ptr + h * 8 + 2)
-    pb = tl.load(meta_ptr + h * 8 + 3)
-    vs_row = tl.load(meta_ptr + h * 8 + 4)
-    vs_group = tl.load(meta_ptr + h * 8 + 6)
-    group_rows = tl.load(meta_ptr + h * 8 + 7)
+    row, b, h = _program_head(num_heads)
+    kind, _, pa, pb, vs_row, _, vs_group, group_rows = _head_meta(meta_ptr, h)
     length = tl.load(seq_len_ptr + b)
     row64 = row.to(tl.int64)
     r = tl.arange(0, GW_P2)
@@ -195,14 +205,9 @@ def _block_rows_kernel(meta_ptr, seq_len_ptr, blk_val_ptr, blk_idx_ptr,
                        block_count_ptr,
                        n, num_heads, gw, tiles, cw, nqb, kw, bs_rows, kw_raw, gw_steps, tile_steps, cw_steps,
                        BM: tl.constexpr, KW_P2: tl.constexpr, SENT: tl.constexpr):
-    row = tl.program_id(0)
+    row, b, h = _program_head(num_heads)
     chunk = tl.program_id(1)
-    b = row // num_heads
-    h = row % num_heads
-    kind = tl.load(meta_ptr + h * 8)
-    prefix = tl.load(meta_ptr + h * 8 + 1)
-    pa = tl.load(meta_ptr + h * 8 + 2)
-    bs_row = tl.load(meta_ptr + h * 8 + 5)
+    kind, prefix, pa, _, _, bs_row, _, _ = _head_meta(meta_ptr, h)
     length = tl.load(seq_len_ptr + b)
     row64 = row.to(tl.int64)
     lo_row = group_lo_ptr + row64 * gw

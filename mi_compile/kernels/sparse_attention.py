@@ -53,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import contiguous_last
 from .constants import BLOCK, WIDE
 from .index_format import SparseIndex
 
@@ -80,11 +81,12 @@ _WIDE_LENGTH_ARGS = ["n", "num_q_blocks", "num_programs"]   # the 128-row kernel
 
 
 @triton.jit
-def _visit_tile(acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
-                seq_start, n, key_pos, key_ok, rows, row_ok, sink, band, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
+def _visit_tile(state, ctx, key_pos, key_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
                 CHECK: tl.constexpr, MASKED: tl.constexpr = True):
     """Fold one tile of keys (sequence positions ``key_pos``) into the running softmax.
+
+    ``state = (acc, m_i, l_i, pairs)``: the running softmax (and the pair count of the
+    counting modes), returned updated; ``ctx``: the program's operands, see :func:`_context`.
 
     ``CHECK=True``: exact element test (causal, sink/band). ``CHECK=False``: the caller
     guarantees every key with ``key_ok`` lies strictly below the block's first row and inside
@@ -95,6 +97,8 @@ def _visit_tile(acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, 
     ``MASKED=False`` (with ``CHECK=False``): the caller guarantees every key of the tile is
     valid, so the 1D key mask is skipped too.
     """
+    acc, m_i, l_i, pairs = state
+    q, k_head, v_head, count_head, stride_kn, stride_vn, seq_start, n, rows, row_ok, sink, band, qk_scale = ctx
     if CHECK:
         keep = key_ok[None, :] & row_ok[:, None] & (key_pos[None, :] <= rows[:, None])
         keep = keep & ((key_pos[None, :] < sink) | (rows[:, None] - key_pos[None, :] < band))
@@ -133,6 +137,46 @@ def _visit_tile(acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, 
     else:
         pairs += rows.shape[0] * key_pos.shape[0]    # the whole tile, masked or not
     return acc, m_i, l_i, pairs
+
+
+@triton.jit
+def _initial_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """An empty running softmax: ``(acc, m_i, l_i, pairs)``; ``m_i`` finite so that a fully
+    masked tile gives ``p = 0``, not NaN."""
+    return (tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30,
+            tl.zeros([BLOCK_M], dtype=tl.float32), tl.sum(tl.zeros([BLOCK_M], dtype=tl.int32), 0))
+
+
+@triton.jit
+def _context(q, k_head, v_head, count_head, stride_kn, stride_vn, seq_start, n, rows, row_ok, sink, band,
+             qk_scale):
+    """The operands every tile of a program reads, as one tuple (:func:`_visit_tile`'s ``ctx``)."""
+    return q, k_head, v_head, count_head, stride_kn, stride_vn, seq_start, n, rows, row_ok, sink, band, qk_scale
+
+
+@triton.jit
+def _visit_range(state, ctx, start, stop, bound, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, MODE: tl.constexpr, CHECK: tl.constexpr, MASKED: tl.constexpr = True):
+    """Keys ``[start, stop)`` in tiles of ``BLOCK_N``, those ``< bound`` valid."""
+    offs = tl.arange(0, BLOCK_N)
+    for k0 in range(start, stop, BLOCK_N):
+        key_pos = k0 + offs
+        state = _visit_tile(state, ctx, key_pos, key_pos < bound, HEAD_DIM, BLOCK_D, MODE, CHECK, MASKED)
+    return state
+
+
+@triton.jit
+def _visit_group_tiles(state, ctx, tile_start_ptr, tile_end_ptr, tile_base, t_lo, t_hi, m0, prefix,
+                       BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
+                       CHECK: tl.constexpr):
+    """Slash-group tiles ``t_lo .. t_hi - 1``: keys ``[max(m0 + start, prefix), min(m0 + end, m0))``."""
+    offs = tl.arange(0, BLOCK_M)
+    for t in range(t_lo, t_hi):
+        hi = tl.minimum(m0 + tl.load(tile_end_ptr + tile_base + t), m0)
+        lo = tl.minimum(tl.maximum(m0 + tl.load(tile_start_ptr + tile_base + t), prefix), hi)
+        key_pos = lo + offs
+        state = _visit_tile(state, ctx, key_pos, key_pos < hi, HEAD_DIM, BLOCK_D, MODE, CHECK)
+    return state
 
 
 @triton.jit
@@ -236,22 +280,15 @@ def _sparse_attention_kernel(
         prefix = tl.where(dense_rows, m0, prefix)
         band = tl.where(dense_rows, _WIDE, band)
 
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30   # finite: masked tiles give p = 0
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        pairs = tl.sum(tl.zeros([BLOCK_M], dtype=tl.int32), 0)
-        offs_n = tl.arange(0, BLOCK_N)
+        state = _initial_state(BLOCK_M, BLOCK_D)
+        ctx = _context(q, k_head, v_head, count_head, stride_kn, stride_vn, seq_start, n, rows, row_ok, sink, band,
+                       qk_scale)
         offs_b = tl.arange(0, BLOCK_M)
 
         # Phases 1-4 visit keys strictly below the block (j < m0 <= every row): no causal test.
         # 1. prefix range [0, min(prefix, m0)): sinks / forced columns / dense; always in pattern
         prefix_end = tl.minimum(prefix, m0)
-        for k0 in range(0, prefix_end, BLOCK_N):
-            key_pos = k0 + offs_n
-            acc, m_i, l_i, pairs = _visit_tile(
-                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
-                seq_start, n, key_pos, key_pos < prefix_end, rows, row_ok, sink, band, qk_scale,
-                HEAD_DIM, BLOCK_D, MODE, False)
+        state = _visit_range(state, ctx, 0, prefix_end, prefix_end, BLOCK_N, HEAD_DIM, BLOCK_D, MODE, False)
 
         # 2. slash-group tiles, one flat loop: keys [max(m0 + start, prefix), min(m0 + end, m0)).
         #    Tiles come nearest-the-diagonal first, so only an A-shape head's last tile reaches
@@ -261,22 +298,10 @@ def _sparse_attention_kernel(
         num_tiles = tl.where(dense_rows, 0, num_tiles)
         tile_base = bh.to(tl.int64) * max_tiles
         num_plain = tl.where(band < n, tl.maximum(num_tiles - 1, 0), num_tiles)
-        for t in range(num_plain, num_tiles):
-            hi = tl.minimum(m0 + tl.load(tile_end_ptr + tile_base + t), m0)
-            lo = tl.minimum(tl.maximum(m0 + tl.load(tile_start_ptr + tile_base + t), prefix), hi)
-            key_pos = lo + offs_b
-            acc, m_i, l_i, pairs = _visit_tile(
-                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
-                seq_start, n, key_pos, key_pos < hi, rows, row_ok, sink, band, qk_scale,
-                HEAD_DIM, BLOCK_D, MODE, True)
-        for t in range(0, num_plain):
-            hi = tl.minimum(m0 + tl.load(tile_end_ptr + tile_base + t), m0)
-            lo = tl.minimum(tl.maximum(m0 + tl.load(tile_start_ptr + tile_base + t), prefix), hi)
-            key_pos = lo + offs_b
-            acc, m_i, l_i, pairs = _visit_tile(
-                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
-                seq_start, n, key_pos, key_pos < hi, rows, row_ok, sink, band, qk_scale,
-                HEAD_DIM, BLOCK_D, MODE, False)
+        state = _visit_group_tiles(state, ctx, tile_start_ptr, tile_end_ptr, tile_base, num_plain, num_tiles, m0,
+                                   prefix, BLOCK_M, HEAD_DIM, BLOCK_D, MODE, True)
+        state = _visit_group_tiles(state, ctx, tile_start_ptr, tile_end_ptr, tile_base, 0, num_plain, m0,
+                                   prefix, BLOCK_M, HEAD_DIM, BLOCK_D, MODE, False)
 
         # 3. block-sparse key blocks: ascending, the last is the diagonal (left to phase 5)
         num_blocks = tl.minimum(tl.maximum(tl.load(block_count_ptr + table_row), 0), max_blocks)
@@ -285,10 +310,7 @@ def _sparse_attention_kernel(
             key_block = tl.load(blocks_ptr + table_row * max_blocks + t)
             key_block = tl.where((key_block >= 0) & (key_block < m), key_block, m)   # else: all masked
             key_pos = key_block * BLOCK_M + offs_b
-            acc, m_i, l_i, pairs = _visit_tile(
-                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
-                seq_start, n, key_pos, key_pos < m0, rows, row_ok, sink, band, qk_scale,
-                HEAD_DIM, BLOCK_D, MODE, False)
+            state = _visit_tile(state, ctx, key_pos, key_pos < m0, HEAD_DIM, BLOCK_D, MODE, False)
 
         # 4. extra columns below the block, minus those a group interval covered for it
         num_columns = tl.minimum(tl.maximum(tl.load(columns_upto_ptr + table_row), 0), max_columns)
@@ -301,17 +323,11 @@ def _sparse_attention_kernel(
             key_pos = tl.load(columns_ptr + column_base + c0 + offs_c, mask=listed, other=0)
             listed = listed & (key_pos >= 0) & (key_pos < m0)
             is_covered = tl.load(covered_ptr + covered_base - key_pos, mask=listed, other=1)
-            acc, m_i, l_i, pairs = _visit_tile(
-                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
-                seq_start, n, key_pos, is_covered == 0, rows, row_ok, sink, band,
-                qk_scale, HEAD_DIM, BLOCK_D, MODE, False)
+            state = _visit_tile(state, ctx, key_pos, is_covered == 0, HEAD_DIM, BLOCK_D, MODE, False)
 
         # 5. the diagonal tile [m0, m0 + 64): selected by every pattern, exact element test
         key_pos = m0 + offs_b
-        acc, m_i, l_i, pairs = _visit_tile(
-            acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
-            seq_start, n, key_pos, key_pos < length, rows, row_ok, sink, band, qk_scale,
-            HEAD_DIM, BLOCK_D, MODE, True)
+        acc, m_i, l_i, pairs = _visit_tile(state, ctx, key_pos, key_pos < length, HEAD_DIM, BLOCK_D, MODE, True)
 
         if MODE == 0:
             _store_rows(out_head, q_rows, row_ok, dims, acc, l_i, stride_on, HEAD_DIM)
@@ -361,55 +377,27 @@ def _wide_attention_kernel(
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh,
             n, num_heads, heads_per_kv, HEAD_DIM)
 
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        pairs = tl.sum(tl.zeros([BLOCK_M], dtype=tl.int32), 0)
-        offs_n = tl.arange(0, BLOCK_N)
+        state = _initial_state(BLOCK_M, BLOCK_D)
+        ctx = _context(q, k_head, v_head, count_head, stride_kn, stride_vn, seq_start, n, rows, row_ok, sink, band,
+                       qk_scale)
 
         # 1. prefix [0, min(prefix, m0)): below every row and inside the pattern
         prefix_end = tl.minimum(prefix, m0)
         prefix_full = (prefix_end // BLOCK_N) * BLOCK_N
-        for k0 in range(0, prefix_full, BLOCK_N):
-            key_pos = k0 + offs_n
-            acc, m_i, l_i, pairs = _visit_tile(
-                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
-                seq_start, n, key_pos, key_pos < prefix_end, rows, row_ok, sink, band,
-                qk_scale, HEAD_DIM, BLOCK_D, MODE, False, False)
-        for k0 in range(prefix_full, prefix_end, BLOCK_N):
-            key_pos = k0 + offs_n
-            acc, m_i, l_i, pairs = _visit_tile(
-                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
-                seq_start, n, key_pos, key_pos < prefix_end, rows, row_ok, sink, band,
-                qk_scale, HEAD_DIM, BLOCK_D, MODE, False)
+        state = _visit_range(state, ctx, 0, prefix_full, prefix_end, BLOCK_N, HEAD_DIM, BLOCK_D, MODE, False, False)
+        state = _visit_range(state, ctx, prefix_full, prefix_end, prefix_end, BLOCK_N, HEAD_DIM, BLOCK_D, MODE, False)
 
         # 2. band edge [lo, edge): exact test; keys >= m0 + BLOCK_M - band are in every row's band
         lo = tl.minimum(tl.maximum(prefix, m0 + 1 - band), m0)
         edge = tl.minimum(m0, tl.maximum(prefix, m0 + BLOCK_M - band))
         edge = tl.maximum(edge, lo)
         edge = m0 - ((m0 - edge) // BLOCK_N) * BLOCK_N     # interior = whole tiles
-        for k0 in range(lo, edge, BLOCK_N):
-            key_pos = k0 + offs_n
-            acc, m_i, l_i, pairs = _visit_tile(
-                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
-                seq_start, n, key_pos, key_pos < edge, rows, row_ok, sink, band,
-                qk_scale, HEAD_DIM, BLOCK_D, MODE, True)
-
+        state = _visit_range(state, ctx, lo, edge, edge, BLOCK_N, HEAD_DIM, BLOCK_D, MODE, True)
         # 3. interior [edge, m0): every pair selected, no mask
-        for k0 in range(edge, m0, BLOCK_N):
-            key_pos = k0 + offs_n
-            acc, m_i, l_i, pairs = _visit_tile(
-                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
-                seq_start, n, key_pos, key_pos < m0, rows, row_ok, sink, band,
-                qk_scale, HEAD_DIM, BLOCK_D, MODE, False, False)
-
+        state = _visit_range(state, ctx, edge, m0, m0, BLOCK_N, HEAD_DIM, BLOCK_D, MODE, False, False)
         # 4. diagonal [m0, m0 + BLOCK_M): exact element test
-        for k0 in range(m0, m0 + BLOCK_M, BLOCK_N):
-            key_pos = k0 + offs_n
-            acc, m_i, l_i, pairs = _visit_tile(
-                acc, m_i, l_i, pairs, q, k_head, v_head, count_head, stride_kn, stride_vn,
-                seq_start, n, key_pos, key_pos < length, rows, row_ok, sink, band,
-                qk_scale, HEAD_DIM, BLOCK_D, MODE, True)
+        acc, m_i, l_i, pairs = _visit_range(state, ctx, m0, m0 + BLOCK_M, length, BLOCK_N, HEAD_DIM, BLOCK_D, MODE,
+                                            True)
 
         if MODE == 0:
             _store_rows(out_head, q_rows, row_ok, dims, acc, l_i, stride_on, HEAD_DIM)
@@ -478,15 +466,11 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
                         spills=getattr(compiled, "n_spills", None), shared=getattr(compiled, "shared", None))
 
 
-def _contiguous_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def sparse_attention_from_index(q, k, v, index: SparseIndex, scale: float,
                                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Run the kernel on an explicit index (inputs assumed validated). Writes every element
     of ``out`` (allocated when None) and returns it."""
-    q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
+    q, k, v = contiguous_last(q, k, v)
     if out is None:
         out = torch.empty_like(q)
     _launch(q, k, v, index, scale, out, index.prefix, mode=0)

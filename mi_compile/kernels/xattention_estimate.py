@@ -103,13 +103,10 @@ def block_mass_triton(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int],
                       seq_len: torch.Tensor, scale: float, stride: int) -> torch.Tensor:
     """Same contract as :func:`~mi_compile.patterns.xattention.block_mass_torch`: float32
     ``[B, len(head_ids), NQB, NQB]``, ``mass[..., m, c]`` for key blocks ``c <= m`` (0 above)."""
-    from ._device import device_ints
+    from ._device import contiguous_last, device_ints
 
     B, Hq, n, D = q.shape
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
+    q, k = contiguous_last(q, k)
     dev = q.device
     sel = len(head_ids)
     nqb = triton.cdiv(n, 64)

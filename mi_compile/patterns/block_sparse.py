@@ -190,6 +190,15 @@ def block_sparse_mask(i: torch.Tensor, j: torch.Tensor, blocks: torch.Tensor,
     return table.view(B, -1).gather(1, flat).view(B, n_i, n_j)
 
 
+def blocks_mask_of(index, h, block_starts, j) -> torch.Tensor:
+    """:meth:`PatternSpec.block_mask` of a head whose selection is its rows of ``index.blocks``
+    / ``index.block_count`` (block-sparse, xattention, flex-prefill's query-aware part)."""
+    blocks, counts = index.blocks[:, h], index.block_count[:, h]
+    nqb = blocks.shape[-2]
+    out = block_sparse_mask(block_starts, j, blocks.reshape(-1, nqb, blocks.shape[-1]), counts.reshape(-1, nqb))
+    return out.view(counts.shape[:-1] + out.shape[1:])
+
+
 class BlockSparseSpec(PatternSpec):
     """``block_sparse(topk)``: per input, for each 64-query block the ``topk >= 1`` 64-key blocks
     with the highest mean-pooled score (causal; the diagonal block and block 0 always kept).
@@ -219,10 +228,7 @@ class BlockSparseSpec(PatternSpec):
         return (head.topk,)
 
     def block_mask(self, head, index, h, block_starts, j):
-        blocks, counts = index.blocks[:, h], index.block_count[:, h]
-        nqb = blocks.shape[-2]
-        out = block_sparse_mask(block_starts, j, blocks.reshape(-1, nqb, blocks.shape[-1]), counts.reshape(-1, nqb))
-        return out.view(counts.shape[:-1] + out.shape[1:])
+        return blocks_mask_of(index, h, block_starts, j)
 
     def candidates(self, n: int) -> list:
         blocks = math.ceil(n / BLOCK)

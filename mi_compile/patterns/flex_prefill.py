@@ -168,15 +168,9 @@ class FlexPrefillSpec(PatternSpec):
                 "block_count": torch.where(aware[..., None], counts, 0)}
 
     def block_mask(self, head, index, h, block_starts, j):
-        cols, offs = index.columns[:, h], index.offsets[:, h]
-        blocks, counts = index.blocks[:, h], index.block_count[:, h]
-        nqb = blocks.shape[-2]
-        slashes = vertical_slash.vertical_slash_mask(block_starts, j, 0, cols.reshape(-1, cols.shape[-1]),
-                                                     offs.reshape(-1, offs.shape[-1]), index.n)
-        in_blocks = block_sparse.block_sparse_mask(block_starts, j, blocks.reshape(-1, nqb, blocks.shape[-1]),
-                                                   counts.reshape(-1, nqb))
-        out = slashes | in_blocks
-        return out.view(counts.shape[:-1] + out.shape[1:])
+        # per input one of the two parts is empty (see select_tables)
+        return (vertical_slash.slashes_mask_of(index, h, block_starts, j, 0)
+                | block_sparse.blocks_mask_of(index, h, block_starts, j))
 
     def candidates(self, n: int) -> list:
         return [(4, HeadPattern(self.name, gamma=g, tau=t, min_budget=FLEX_MIN_BUDGET)) for g, t in FLEX_CANDIDATES]

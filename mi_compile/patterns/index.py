@@ -17,6 +17,7 @@ import torch
 
 from . import block_sparse, vertical_slash
 from ..kernels._device import cached, device_ints
+from ..kernels.dispatch import selection_impl
 from ..kernels.constants import (BLOCK, KIND_A_SHAPE, KIND_BS, KIND_OTHER, KIND_VS, PHASE_BLOCK_SPARSE,  # noqa: F401
                         PHASE_BLOCK_SELECT, PHASE_TABLE_SELECT, PHASE_VERTICAL_SLASH, SENTINEL, WIDE)
 from ..kernels.index_format import MAX_VS_GROUPS, META_WIDTH, SparseIndex  # noqa: F401
@@ -271,7 +272,7 @@ def _use_fused(plan: IndexPlan, n: int, tables: Optional[str], q: torch.Tensor, 
     if any(pattern_spec(name).selection == PHASE_TABLE_SELECT for name, _, _ in plan.sel_groups):
         return False        # explicit per-head columns / offsets: the PyTorch builder's path
     fits = plan.widths(n)["blocks"] <= FUSED_MAX_SORT and len(plan.vs_groups) <= MAX_VS_GROUPS
-    return fits and (tables == "triton" or q.is_cuda)
+    return fits and (tables == "triton" or selection_impl(q) == "triton")
 
 
 def build_index(q: torch.Tensor, k: torch.Tensor, heads: Sequence[HeadPattern], scale: float,

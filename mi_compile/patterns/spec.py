@@ -54,15 +54,21 @@ class HeadPattern:
     """One query head's pattern and its parameters (unused parameters stay 0)."""
 
     kind: str = "dense"
+    # a_shape, tri_shape
     sink: int = 0
     local: int = 0
+    # vertical_slash, vertical_slash_tiled
     vertical: int = 0
     slash: int = 0
+    # block_sparse
     topk: int = 0
+    # tri_shape
     last: int = 0
+    # xattention
     threshold: int = 0
     stride: int = 0
     max_blocks: int = 0
+    # flex_prefill
     gamma: int = 0
     tau: int = 0
     min_budget: int = 0

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels._device import device_ints
+from ..kernels.dispatch import selection_impl
 from ..kernels.constants import BLOCK, FORCED, KIND_VS, LAST_QUERIES, PHASE_VERTICAL_SLASH, SENTINEL, WIDE
 from .registry import PatternError, PatternSpec, register, tokens
 from .spec import HeadPattern
@@ -68,7 +69,7 @@ def estimate_scores(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int],
     :func:`estimate_scores_torch` for the contract). ``impl``: ``"triton"`` (the default on
     CUDA: two fused launches, no ``[heads, 64, n]`` buffer), or ``"torch"`` (the default on the
     CPU, where the Triton interpreter would be far slower)."""
-    impl = impl or ("triton" if q.is_cuda else "torch")
+    impl = impl or selection_impl(q)
     if impl == "triton":
         from ..kernels.estimate import estimate_scores_triton
         return estimate_scores_triton(q, k, head_ids, seq_start, seq_len, scale)
@@ -310,6 +311,15 @@ def vertical_slash_mask(i: torch.Tensor, j: torch.Tensor, prefix: int, columns: 
     return (j < prefix) | in_column | on_slash
 
 
+def slashes_mask_of(index, h, block_starts, j, prefix: int) -> torch.Tensor:
+    """:meth:`PatternSpec.block_mask` of a head whose selection is its rows of ``index.columns``
+    / ``index.offsets`` plus keys below ``prefix`` (vertical-slash and its variants)."""
+    cols, offs = index.columns[:, h], index.offsets[:, h]
+    out = vertical_slash_mask(block_starts, j, prefix, cols.reshape(-1, cols.shape[-1]),
+                              offs.reshape(-1, offs.shape[-1]), index.n)
+    return out.view(cols.shape[:-1] + out.shape[1:])
+
+
 class VerticalSlashSpec(PatternSpec):
     """``vertical_slash(vertical, slash)``: per input, the ``vertical`` hottest key columns and
     the ``slash`` hottest diagonals (both ``>= 1``), estimated from the last 64 queries; the
@@ -348,10 +358,7 @@ class VerticalSlashSpec(PatternSpec):
         return min(3 * groups, 2 * groups + -(-n // BLOCK) + 1)
 
     def block_mask(self, head, index, h, block_starts, j):
-        cols, offs = index.columns[:, h], index.offsets[:, h]
-        out = vertical_slash_mask(block_starts, j, min(head.vertical, FORCED), cols.reshape(-1, cols.shape[-1]),
-                                  offs.reshape(-1, offs.shape[-1]), index.n)
-        return out.view(cols.shape[:-1] + out.shape[1:])
+        return slashes_mask_of(index, h, block_starts, j, min(head.vertical, FORCED))
 
     def candidates(self, n: int) -> list:
         out = [(1, HeadPattern(self.name, vertical=tokens(vf, n), slash=BLOCK + int(round(sf * n))))

@@ -49,7 +49,9 @@ from typing import Optional, Sequence
 import torch
 
 from ..kernels._device import device_ints
+from ..kernels.dispatch import selection_impl
 from ..kernels.constants import BLOCK, KIND_OTHER, PHASE_BLOCK_SELECT, SENTINEL
+from .block_sparse import blocks_mask_of
 from .registry import PatternError, PatternSpec, register
 from .spec import HeadPattern
 
@@ -66,7 +68,7 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int], seq_st
                seq_len: torch.Tensor, scale: float, stride: int, impl: Optional[str] = None) -> torch.Tensor:
     """``mass [B, len(head_ids), NQB, NQB]`` (see the module docstring); ``impl``: ``"triton"``
     (the default on CUDA) or ``"torch"`` (elsewhere)."""
-    impl = impl or ("triton" if q.is_cuda else "torch")
+    impl = impl or selection_impl(q)
     if impl == "triton":
         from ..kernels.xattention_estimate import block_mass_triton
         return block_mass_triton(q, k, head_ids, seq_start, seq_len, scale, stride)
@@ -200,11 +202,7 @@ class XAttentionSpec(PatternSpec):
         return blocks, counts
 
     def block_mask(self, head, index, h, block_starts, j):
-        from .block_sparse import block_sparse_mask
-        blocks, counts = index.blocks[:, h], index.block_count[:, h]
-        nqb = blocks.shape[-2]
-        out = block_sparse_mask(block_starts, j, blocks.reshape(-1, nqb, blocks.shape[-1]), counts.reshape(-1, nqb))
-        return out.view(counts.shape[:-1] + out.shape[1:])
+        return blocks_mask_of(index, h, block_starts, j)
 
     def candidates(self, n: int) -> list:
         blocks = math.ceil(n / BLOCK)

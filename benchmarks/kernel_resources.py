@@ -1,0 +1,133 @@
+"""Compile the attention kernels for a GPU without one: registers, spills, shared memory, SASS.
+
+    python3 -m benchmarks.kernel_resources                  # sm_90, bf16, head_dim 64 and 128
+    python3 -m benchmarks.kernel_resources --arch 90 --head-dims 128 --json out.json
+
+Triton compiles ahead of time for any target it ships a backend for (the NVIDIA one brings
+``ptxas`` and ``cuobjdump``), so a CPU machine can check that a kernel change still compiles
+for the H100/H200, and whether it changes the machine code: the digest covers the SASS
+instructions, so a refactor that leaves it unchanged cannot change speed. Pointers and the
+strides the JIT would see as multiples of 16 get the same ``tt.divisibility`` hint the JIT
+derives (without it the build would show no ``cp.async`` pipelining); launch parameters are
+the kernels' defaults (``KERNEL_CONFIG``). Another triton version (e.g. the GPU machine's) runs
+this from a venv with that version installed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from mi_compile.kernels import sparse_attention as kernels
+from mi_compile.kernels import xattention_estimate
+
+
+def _signature(fn, dtype: str, constexprs: dict, pointers: dict):
+    """Argument types and divisibility hints of a kernel as its launcher passes them: q/k/v/out
+    of ``dtype``, ``pointers`` (name -> element type) where they differ, other pointers int32."""
+    names = fn.arg_names
+    unspecialised = {names[i] if isinstance(i, int) else i for i in (fn.do_not_specialize or ())}
+    sig, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        if name in pointers:
+            sig[name] = f"*{pointers[name]}"
+        elif name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr"):
+            sig[name] = f"*{dtype}"
+        elif name.endswith("_ptr"):
+            sig[name] = "*i32"
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+        if (name.endswith("_ptr") or name.startswith("stride_")) and name not in unspecialised:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def compile_kernel(fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int, arch: int,
+                   pointers: dict | None = None):
+    sig, attrs = _signature(fn, dtype, constexprs, pointers or {})
+    names = fn.arg_names
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def resources(compiled) -> dict:
+    """Registers, stack (spills), static and dynamic shared memory, SASS size and digest."""
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", path],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", path],
+                              capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
+    instructions = [re.sub(r"/\*[0-9a-f]+\*/", "", line).split(";")[0].strip()
+                    for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
+    return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2)),
+            "shared_static": int(found.group(3)), "shared_dynamic": compiled.metadata.shared,
+            "instructions": len(instructions),
+            "sass_md5": hashlib.md5("\n".join(instructions).encode()).hexdigest()}
+
+
+def kernel_builds(head_dim: int, dtype: str):
+    """``(name, fn, constexprs, warps, stages, pointer types)`` of the launches at this head dim:
+    the attention kernels and the XAttention estimate (strides 8 and 16)."""
+    cfg = kernels.KERNEL_CONFIG
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    warps = cfg["num_warps"] or (4 if block_d <= 128 else 8)
+    general = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=cfg["block_n"], BLOCK_C=cfg["block_c"],
+                   MODE=0, GROUP=1)
+    wide = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=128, BLOCK_N=cfg["wide_block_n"], MODE=0, GROUP=1)
+    builds = [("general", kernels._sparse_attention_kernel, general, warps, cfg["num_stages"], {"covered_ptr": "u8"}),
+              ("wide", kernels._wide_attention_kernel, wide, cfg["wide_warps"], cfg["wide_stages"], {})]
+    for stride in (8, 16):
+        rows = 64 // stride
+        unit = max(16, rows)
+        xa = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, S=stride, U=unit, QB=unit // rows, RB=rows)
+        builds.append((f"xattention_estimate_s{stride}", xattention_estimate._block_mass_kernel, xa, 4, 3,
+                       {"out_ptr": "fp32", "head_ids_ptr": "i64"}))
+    return builds
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_resources", description=__doc__.split("\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80")
+    p.add_argument("--head-dims", default="64,128", help="comma-separated head dims")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    rows = []
+    for head_dim in (int(d) for d in args.head_dims.split(",")):
+        for name, fn, constexprs, warps, stages, pointers in kernel_builds(head_dim, args.dtype):
+            row = {"kernel": name, "head_dim": head_dim, "dtype": args.dtype, "arch": args.arch,
+                   "triton": triton.__version__, "num_warps": warps, "num_stages": stages,
+                   **resources(compile_kernel(fn, args.dtype, constexprs, warps, stages, args.arch, pointers))}
+            rows.append(row)
+            print(f"{name:22s} D={head_dim:<4d} {args.dtype} sm_{args.arch} triton {triton.__version__}: "
+                  f"{row['registers']} registers, {row['stack_bytes']} B stack, "
+                  f"{row['shared_dynamic'] // 1024} KiB shared, {row['instructions']} instructions, "
+                  f"sass {row['sass_md5'][:12]}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

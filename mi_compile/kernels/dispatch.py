@@ -1,0 +1,55 @@
+"""Which implementation runs each step of the sparse op: decided here, and only here.
+
+=============  ====================================  ================================================
+step           CUDA tensors                          CPU tensors
+=============  ====================================  ================================================
+attention      the Triton kernels                    ``impl="auto"``: the Triton kernels when
+                                                     ``TRITON_INTERPRET=1`` (the interpreter), else
+                                                     the float32 PyTorch reference; the compiled op:
+                                                     the reference, unless ``MI_COMPILE_CPU_IMPL=triton``
+selection      Triton estimates, fused tables        PyTorch (the interpreter would be far slower)
+=============  ====================================  ================================================
+
+"selection" is everything that builds the index: the vertical-slash and XAttention estimates
+and the fused table builder. Dense-versus-sparse (``min_seq_len``) is the op's own decision
+(:mod:`mi_compile.op`), made before any of these.
+"""
+from __future__ import annotations
+
+import os
+
+ATTENTION_IMPLS = ("auto", "triton", "reference")
+
+
+def interpreting() -> bool:
+    """Triton runs its kernels in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def attention_impl(q, impl: str = "auto") -> str:
+    """``"triton"`` or ``"reference"`` for an attention call on ``q`` asked to run ``impl``."""
+    if impl == "triton" and q.is_cuda:
+        return impl
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    if impl == "auto":
+        return "triton" if (q.is_cuda or interpreting()) else "reference"
+    if impl == "triton" and not q.is_cuda and not interpreting():
+        raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1")
+    return impl
+
+
+def op_attention_impl(q) -> str:
+    """What the compiled op runs: the kernels on CUDA; on the CPU the PyTorch reference, unless
+    ``MI_COMPILE_CPU_IMPL=triton`` asks for the kernels (which then need the interpreter)."""
+    if q.is_cuda:
+        return "triton"
+    impl = os.environ.get("MI_COMPILE_CPU_IMPL", "reference")
+    if impl not in ("reference", "triton"):
+        raise ValueError(f"MI_COMPILE_CPU_IMPL must be 'reference' or 'triton', got {impl!r}")
+    return impl
+
+
+def selection_impl(q) -> str:
+    """``"triton"`` (estimates and fused table builder) on CUDA, ``"torch"`` elsewhere."""
+    return "triton" if q.is_cuda else "torch"
