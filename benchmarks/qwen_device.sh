@@ -5,6 +5,7 @@
 #   bash benchmarks/qwen_device.sh search     # 128K and 32K searches (scores kept in reports)
 #   bash benchmarks/qwen_device.sh choose B1,B2,...   # configs at these budgets from the 128K scores
 #   bash benchmarks/qwen_device.sh prep|e2e|acc128 [SECONDS]   # one measured lease, three calls
+#   bash benchmarks/qwen_device.sh adaptive|adaptive_acc [SECONDS]   # the no-config patterns
 #
 # Work files live under /root/runs (kept while the machine stays warm); each stage copies what
 # it made to $OUT as one tarball plus its log.
@@ -23,6 +24,9 @@ SEARCH_ARGS=(--model qwen2.5-coder-1.5b --device cuda --allocate global --object
 # `search --from-report qwen_131072.report.json --budget 0.16 --min-recall 0.6 ...` into lease/
 CFG_FAST=${CFG_FAST:-mi_compile/configs/qwen2.5-coder-1.5b-128k.json}
 CFG_ACCURATE=${CFG_ACCURATE:-lease/qwen_128k_b0.16_floor0.6.json}
+# the input-adaptive patterns and TriangleMix, as every head's pattern (no searched config)
+ADAPTIVE=("xa=xattention:900:8:2048" "flex=flex_prefill:900:100:1024"
+          "trimix=benchmarks/configs/adaptive/qwen_triangle_mix.json")
 ACC_ARGS=(--model qwen2.5-coder-1.5b --device cuda --order example --docs 1 --no-inductor
           --tasks passkey,multikey,kv,vartrack --modes dense,searched --searched "$CFG_FAST")
 
@@ -97,8 +101,28 @@ case "$stage" in
     tail -30 "$RUNS/acc_128k.log"
     tar czf "$OUT/acc128.tgz" -C "$RUNS" acc_128k.json acc_128k.rows.jsonl acc_128k.log $(cd "$RUNS" && ls acc_128k*.png 2>/dev/null)
     ;;
+  adaptive)
+    # one call: eager, the default policy and the three no-config modes at 32K and 128K, with
+    # Inductor (deadline $2 s, default 560; five compiled modes: ~5 minutes of compiles)
+    deadline=$(( $(date +%s) + ${2:-560} ))
+    timeout "$(( deadline - $(date +%s) ))" python3 -m benchmarks.e2e --model qwen2.5-coder-1.5b \
+      --config "$CFG_FAST" --configs "${ADAPTIVE[@]}" --modes eager,minference,xa,flex,trimix \
+      --lengths 32768,131072 --reps 2 --profile xa,flex \
+      --budget-s "$(( deadline - $(date +%s) - 40 ))" --out "$RUNS/adaptive" 2>&1 | grep -v "it/s\]" > "$RUNS/adaptive.log"
+    tail -60 "$RUNS/adaptive.log"
+    tar czf "$OUT/adaptive.tgz" -C "$RUNS" adaptive adaptive.log
+    ;;
+  adaptive_acc)
+    # one call: accuracy at 128K, dense against the three no-config modes
+    deadline=$(( $(date +%s) + ${2:-560} ))
+    timeout "$(( deadline - $(date +%s) ))" python3 -m benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
+      --modes dense,xa,flex,trimix --configs "${ADAPTIVE[@]}" --examples 20 --budget-s "$(( deadline - $(date +%s) - 30 ))" \
+      --out "$RUNS/acc_adaptive.json" 2>&1 | grep -v "it/s\]" > "$RUNS/acc_adaptive.log"
+    tail -30 "$RUNS/acc_adaptive.log"
+    tar czf "$OUT/acc_adaptive.tgz" -C "$RUNS" acc_adaptive.json acc_adaptive.log
+    ;;
   *)
-    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128 [SECONDS]}" >&2
+    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc [SECONDS]}" >&2
     exit 2
     ;;
 esac

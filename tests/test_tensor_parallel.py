@@ -309,7 +309,7 @@ def test_e2e_tp_option_parses(benchmark_module):
 
 @pytest.mark.slow
 def test_e2e_tp2_cpu_smoke(tmp_path):
-    """``torchrun --nproc-per-node 2 benchmarks/e2e.py --tp 2`` on gloo (passes only): rank 0
+    """``torchrun --nproc-per-node 2 -m benchmarks.e2e --tp 2`` on gloo (passes only): rank 0
     reports TTFT rows with each compiled mode's head slice."""
     import json
 
@@ -317,9 +317,9 @@ def test_e2e_tp2_cpu_smoke(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           os.path.join(root, "benchmarks", "e2e.py"), "--tp", "2", "--device", "cpu", "--tiny", "--lengths", "256",
+           "-m", "benchmarks.e2e", "--tp", "2", "--device", "cpu", "--tiny", "--lengths", "256",
            "--modes", "eager,minference_llama31", "--no-inductor"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = {r["mode"]: r for r in json.load(open(tmp_path / "e2e.json"))["rows"] if r["kind"] == "tp_ttft"}
     assert set(rows) == {"eager", "minference_llama31"} and all("ttft_s" in r for r in rows.values())
