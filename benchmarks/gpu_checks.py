@@ -13,6 +13,8 @@ and for each pair:
   different lengths (the second left-padded), an odd length; against the float32 reference of
   the same selection; the kernel's own walk covers exactly the reference mask, each pair once;
   padded rows are 0; the padded sequence equals the same sequence run alone;
+- ``adaptive_gqa{1,4}``: the same for a layer mixing tri-shape, XAttention, FlexPrefill,
+  vertical-slash in whole blocks, vertical-slash and dense;
 - ``wide``: a layer of only dense / A-shape heads (the 128-row kernel, head_dim <= 128);
 - ``full_selection_vs_sdpa``: every pattern with a selection covering the whole causal square
   equals ``F.scaled_dot_product_attention(is_causal=True)`` in the same dtype;
@@ -61,11 +63,27 @@ START, LENGTH = (0, N // 6), (N, N - N // 6)            # the second sequence is
 MIXED = [HP("dense"), HP("a_shape", sink=64, local=700), HP("vertical_slash", vertical=300, slash=500),
          HP("block_sparse", topk=6), HP("vertical_slash", vertical=40, slash=1500),
          HP("a_shape", sink=0, local=257), HP("block_sparse", topk=1), HP("vertical_slash", vertical=1, slash=3)]
+# the input-adaptive patterns and tri-shape, with vertical-slash and dense beside them
+ADAPTIVE = [HP("tri_shape", sink=64, local=300, last=100), HP("xattention", threshold=900, stride=8, max_blocks=12),
+            HP("flex_prefill", gamma=900, tau=100, min_budget=64), HP("vertical_slash_tiled", vertical=200, slash=400),
+            HP("xattention", threshold=600, stride=16, max_blocks=64), HP("flex_prefill", gamma=950, tau=833,
+                                                                           min_budget=128),
+            HP("vertical_slash", vertical=100, slash=300), HP("dense")]
 WIDE = [HP("dense"), HP("a_shape", sink=128, local=1024), HP("a_shape", sink=0, local=65),
         HP("a_shape", sink=300, local=1)] * 2
+
+
+def full_selection(n: int) -> list:
+    """One head of every pattern with a selection covering the whole causal square at ``n``."""
+    blocks = (n + 63) // 64
+    return [HP("dense"), HP("a_shape", sink=0, local=n), HP("vertical_slash", vertical=1, slash=n),
+            HP("block_sparse", topk=blocks), HP("tri_shape", sink=0, local=n, last=0),
+            HP("xattention", threshold=1000, stride=8, max_blocks=blocks),
+            HP("flex_prefill", gamma=1000, tau=100, min_budget=0), HP("vertical_slash_tiled", vertical=1, slash=n)]
+
+
 # selections that cover the whole causal square at N: each must equal dense attention
-FULL = [HP("dense"), HP("a_shape", sink=0, local=N), HP("vertical_slash", vertical=1, slash=N),
-        HP("block_sparse", topk=(N + 63) // 64)] * 2
+FULL = full_selection(N)
 
 
 def rel_err(out, ref):
@@ -84,16 +102,16 @@ def run_kernel(q, k, v, index):
     return out
 
 
-def check_mixed(D, dtype, ratio):
+def check_mixed(D, dtype, ratio, heads=MIXED):
     start = torch.tensor(START, dtype=torch.int32, device=DEV)
     length = torch.tensor(LENGTH, dtype=torch.int32, device=DEV)
     q, k, v = inputs(100 * D + ratio, 2, HQ // ratio, N, D, dtype)
-    index = build_sparse_index(q, k, MIXED, seq_start=start, seq_len=length)
+    index = build_sparse_index(q, k, heads, seq_start=start, seq_len=length)
     out = run_kernel(q, k, v, index)
     assert kernel_module.LAST_COMPILE.get("kernel") == "general"
     err = rel_err(out, reference_attention(q, k, v, index, D ** -0.5))
     visits = count_visited_pairs(q, k, v, index)
-    mask = selection_mask(q, k, MIXED, start, length)
+    mask = selection_mask(q, k, heads, start, length)
     assert visits.max().item() <= 1, "the kernel computed a pair twice"
     assert torch.equal(visits.bool(), mask), (
         f"the kernel's coverage differs from the reference mask in {(visits.bool() ^ mask).sum().item()} pairs")
@@ -101,7 +119,7 @@ def check_mixed(D, dtype, ratio):
     s = START[1]
     assert torch.equal(out[1, :, :s], torch.zeros_like(out[1, :, :s])), "padded rows must be 0"
     alone_in = tuple(x[1:2, :, s:] for x in (q, k, v))
-    alone = run_kernel(*alone_in, build_sparse_index(alone_in[0], alone_in[1], MIXED))
+    alone = run_kernel(*alone_in, build_sparse_index(alone_in[0], alone_in[1], heads))
     err_alone = rel_err(out[1:2, :, s:], alone)
     assert err < TOL[dtype] and err_alone < TOL[dtype], f"rel err {err:.2e}, padded vs alone {err_alone:.2e}"
     return {"rel_err": round(err, 6), "padded_vs_alone": round(err_alone, 6)}
@@ -137,8 +155,7 @@ def check_backend(D, dtype):
     ids = torch.randint(3, 128, (2, n), generator=g).to(DEV)
     mask = torch.ones(2, n, dtype=torch.long, device=DEV)
     mask[0, :37] = 0                                            # left padding
-    full = [HP("dense"), HP("a_shape", sink=0, local=n), HP("vertical_slash", vertical=1, slash=n),
-            HP("block_sparse", topk=(n + 63) // 64)] * 2
+    full = full_selection(n)
     config = {"format": "mi-compile/v1", "layers": {
         str(layer): {str(h): {"pattern": p.kind, **p.params} for h, p in enumerate(full)} for layer in range(layers)}}
     with torch.no_grad():
@@ -162,6 +179,7 @@ def run_one(D, dtype_name):
     dtype = getattr(torch, dtype_name)
     torch.backends.cuda.matmul.allow_tf32 = False      # the float32 references stay float32
     checks = [(f"mixed_gqa{r}", lambda r=r: check_mixed(D, dtype, r)) for r in (1, 4, 8)]
+    checks += [(f"adaptive_gqa{r}", lambda r=r: check_mixed(D, dtype, r, ADAPTIVE)) for r in (1, 4)]
     checks += [("wide", lambda: check_wide(D, dtype)),
                ("full_selection_vs_sdpa", lambda: check_full_selection(D, dtype)),
                ("backend_tiny_llama", lambda: check_backend(D, dtype))]

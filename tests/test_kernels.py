@@ -228,6 +228,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
                           cwd=pathlib.Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert [r["check"] for r in results] == ["mixed_gqa1", "mixed_gqa4", "mixed_gqa8", "wide",
-                                             "full_selection_vs_sdpa", "backend_tiny_llama"]
+    assert [r["check"] for r in results] == ["mixed_gqa1", "mixed_gqa4", "mixed_gqa8", "adaptive_gqa1",
+                                             "adaptive_gqa4", "wide", "full_selection_vs_sdpa",
+                                             "backend_tiny_llama"]
     assert all(r["ok"] for r in results)
