@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from mi_compile.config import ConfigError, SparseConfig, load_config  # noqa: E402
+from mi_compile.patterns import registry  # noqa: E402
 from mi_compile.patterns.spec import HeadPattern, PatternError  # noqa: E402
 from mi_compile.sparse import selection_mask, sparse_attention  # noqa: E402
 
@@ -75,15 +76,14 @@ def head_patterns(draw, n, invalid):
     low = 0 if invalid else 1
     edges = [v for v in (0, 1, 2, 63, 64, 65, n - 1, n, n + 1, 10**6, 2**31 - 1) if v >= low]
     size = st.one_of(st.sampled_from(edges + ([2**40] if invalid else [])), st.integers(low, n + 70))
-    kind = draw(st.sampled_from(["dense", "a_shape", "vertical_slash", "block_sparse"]))
+    # per-mille fractions and strides have their own ranges (outside them: PatternError)
+    mille = st.one_of(st.sampled_from([1, 500, 900, 999, 1000] + ([0, 1001, 2**31 - 1] if invalid else [])),
+                      st.integers(low, 1000))
+    special = {"threshold": mille, "gamma": mille, "tau": st.one_of(st.sampled_from([0, 833, 1000]), mille),
+               "stride": st.sampled_from([2, 4, 8, 16] + ([0, 3, 32] if invalid else []))}
+    kind = draw(st.sampled_from(registry.names()))          # every registered pattern
     try:
-        if kind == "a_shape":
-            return HeadPattern(kind, sink=draw(size), local=draw(size))
-        if kind == "vertical_slash":
-            return HeadPattern(kind, vertical=draw(size), slash=draw(size))
-        if kind == "block_sparse":
-            return HeadPattern(kind, topk=draw(size))
-        return HeadPattern(kind)
+        return HeadPattern(kind, **{p: draw(special.get(p, size)) for p in registry.get(kind).params})
     except PatternError as e:
         assert str(e), "empty PatternError message"
         return e
@@ -298,17 +298,18 @@ json_values = st.recursive(json_scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4),
     st.dictionaries(st.one_of(st.text(max_size=6), st.sampled_from(
         ["0", "1", "*", "pattern", "layers", "default", "format", "num_heads", "num_layers",
-         "vertical", "slash", "sink", "local", "topk", "score", "model"])), inner, max_size=4)),
+         "vertical", "slash", "sink", "local", "topk", "score", "model", "triangle_mix", "dense_layers",
+         "tri_shape", "last"])), inner, max_size=4)),
     max_leaves=20)
 
 
-_PATTERN_NAMES = st.sampled_from(["dense", "a_shape", "vertical_slash", "block_sparse",
-                                  "vertical_and_slash", "stream_llm", "Dense", ""])
+_PATTERN_NAMES = st.sampled_from(list(registry.names()) + ["vertical_and_slash", "stream_llm", "Dense", ""])
 # head entries close to valid ones: a pattern name and random parameter values
 near_entries = st.fixed_dictionaries(
     {"pattern": _PATTERN_NAMES},
     optional={k: st.one_of(st.integers(-5, 2**32), json_scalars)
-              for k in ("sink", "local", "vertical", "slash", "topk", "score")})
+              for k in ("sink", "local", "vertical", "slash", "topk", "last", "threshold", "stride",
+                        "max_blocks", "gamma", "tau", "min_budget", "score")})
 near_minference = st.tuples(_PATTERN_NAMES, st.one_of(st.integers(-5, 2**32), json_scalars),
                             st.one_of(st.integers(-5, 2**32), json_scalars),
                             st.one_of(st.floats(), json_scalars)).map(list)
