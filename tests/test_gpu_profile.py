@@ -30,6 +30,7 @@ def test_peak_live_set_of_an_empty_trace():
 def test_kernel_categories():
     cat = gpu_profile._category
     assert cat("_sparse_attention_kernel") == "sparse attention kernel"
+    assert cat("_block_mass_kernel") == "xattention estimate" and cat("_scores_kernel") == "vertical-slash estimate"
     assert cat("triton_poi_fused_add_mul_0") == "Inductor fused (triton_)"
     assert cat("sm90_xmma_gemm_bf16bf16_bf16f32") == "GEMM"
     assert cat("void at::native::vectorized_elementwise_kernel") == "other"

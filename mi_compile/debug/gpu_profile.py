@@ -18,6 +18,7 @@ import torch
 CATEGORIES = (
     ("sparse attention kernel", r"_sparse_attention_kernel|_wide_attention_kernel"),
     ("vertical-slash estimate", r"_row_stats_kernel|_scores_kernel"),
+    ("xattention estimate", r"_block_mass_kernel"),
     ("index tables", r"_head_rows_kernel|_block_rows_kernel"),
     ("Inductor fused (triton_)", r"^triton_"),      # before the others: fused names list their ops
     ("dense attention (flash/cuDNN)", r"flash|fmha|cudnn"),
