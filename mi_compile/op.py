@@ -20,7 +20,9 @@ Arguments:
     layer: the decoder layer this call belongs to (-1 if unknown), for observers (see
     :func:`observe_attention`) and error messages.
 Semantics: causal attention restricted to each head's pattern for prefills of at least
-``min_seq_len`` tokens; otherwise exactly the dense attention of the original call.
+``min_seq_len`` tokens; otherwise exactly the dense attention of the original call. Where the
+kernels would run, an unpadded layer whose heads are all dense runs SDPA instead (flash /
+cuDNN: the same pairs, faster than the sparse kernels on dense work).
 """
 from __future__ import annotations
 
@@ -113,6 +115,15 @@ def _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_
     return out.copy_(res)
 
 
+def _every_head_dense(heads) -> bool:
+    """Every head of the flat head table (``INTS_PER_HEAD`` ints each, pattern id first) is dense."""
+    from .kernels.constants import INTS_PER_HEAD
+    from .patterns.registry import PATTERN_IDS
+
+    dense = PATTERN_IDS["dense"]
+    return all(int(heads[i]) == dense for i in range(0, len(heads), INTS_PER_HEAD))
+
+
 def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, out=None):
     """Dense attention below ``min_seq_len``, else the sparse path, written into ``out`` when
     the sparse path runs (the kernel stores straight into the op's output layout)."""
@@ -121,12 +132,16 @@ def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_le
         raise ValueError(f"mi_compile.sparse_attention is for prefill: query length {n_q} != key length {n_k}")
     if n_q < max(int(min_seq_len), 1):
         return dense_attention(q, k, v, scale, key_padding_mask, window)
+    impl = op_attention_impl(q)
+    if impl == "triton" and key_padding_mask is None and not window and _every_head_dense(heads):
+        # a layer of dense heads (TriangleMix's shallow layers, a searched all-dense layer):
+        # flash / cuDNN attention computes the same, faster than the sparse kernels do
+        return dense_attention(q, k, v, scale)
     from .sparse import _sparse_attention  # the Triton kernels and their PyTorch reference
 
     seq_start = seq_len = None
     if key_padding_mask is not None:
         seq_start, seq_len = padding_to_ranges(key_padding_mask)
-    impl = op_attention_impl(q)
     # heads stay the flat int list: mi_compile.sparse decodes each distinct list once. The
     # ranges come from the padding mask, so they are valid: no value check (a host sync) here.
     return _sparse_attention(q, k, v, heads, scale, seq_start, seq_len, impl, out)

@@ -4,7 +4,8 @@
 option          meaning
 =============== ========================================================================
 config          per-head pattern config: a path to a JSON file (our format or MInference's
-                published per-layer lists) or the same data as a dict/list. Default: the
+                published per-layer lists), the same data as a dict/list, or a loaded
+                :class:`~mi_compile.config.SparseConfig` (``triangle_mix_config(...)``). Default: the
                 default policy (every head vertical_slash(1000, 6096)), logged.
 min_seq_len     prompts shorter than this run dense attention inside the op (sparse
                 attention does not pay off on short prompts). Default: the config's own
@@ -89,8 +90,11 @@ class BackendOptions:
             raise OptionsError(f"unknown backend='minference' option(s) {unknown}; known: {sorted(known)}")
         opts = dict(options)
         cfg = opts.get("config")
-        if cfg is not None and not isinstance(cfg, (str, os.PathLike, dict, list)):
-            raise OptionsError(f"option 'config' must be a path, a dict or a list, got {type(cfg).__name__}")
+        from .config import SparseConfig      # not at import time: config.py imports this module
+
+        if cfg is not None and not isinstance(cfg, (str, os.PathLike, dict, list, SparseConfig)):
+            raise OptionsError(f"option 'config' must be a path, a dict, a list or a SparseConfig, "
+                               f"got {type(cfg).__name__}")
         msl = opts.get("min_seq_len", DEFAULT_MIN_SEQ_LEN)
         if isinstance(msl, bool) or not isinstance(msl, int) or not 0 <= msl <= MAX_MIN_SEQ_LEN:
             raise OptionsError(f"option 'min_seq_len' must be an int >= 0 and <= 2**31 - 1, got {msl!r}")

@@ -295,7 +295,7 @@ def test_malformed_config_is_an_error(tmp_path):
     ({"min_seq_length": 5}, r"unknown backend='minference' option\(s\) \['min_seq_length'\]"),
     ({"min_seq_len": -1}, r"'min_seq_len' must be an int >= 0"),
     ({"dense_layers": 3}, r"'dense_layers' must be a list"),
-    ({"config": 3.5}, r"'config' must be a path, a dict or a list"),
+    ({"config": 3.5}, r"'config' must be a path, a dict, a list or a SparseConfig"),
 ])
 def test_bad_options_are_errors(options, match):
     with pytest.raises(mi_compile.OptionsError, match=match):

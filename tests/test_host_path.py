@@ -174,6 +174,26 @@ def test_op_writes_its_output_layout_directly(monkeypatch):
     assert torch.equal(out, sparse_module.sparse_attention(q, k, v, heads, impl="triton"))
 
 
+def test_all_dense_layer_runs_sdpa_not_the_kernels(monkeypatch):
+    """Where the kernels would run, a layer whose heads are all dense (and unpadded) takes
+    SDPA (flash / cuDNN on a GPU): the same answer, faster; one sparse head brings the kernels back."""
+    monkeypatch.setenv("MI_COMPILE_CPU_IMPL", "triton")
+    kernel_calls = []
+    real = sparse_module._sparse_attention
+    monkeypatch.setattr(sparse_module, "_sparse_attention", lambda *a: kernel_calls.append(1) or real(*a))
+    q, k, v = torch.randn(1, 4, 130, 16), torch.randn(1, 2, 130, 16), torch.randn(1, 2, 130, 16)
+    dense = encode_heads([HP("dense")] * 4)
+    out = op_module._sparse_attention_impl(q, k, v, dense, None, None, 0, 0, 0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert kernel_calls == [] and torch.equal(out, sdpa)
+    mixed = encode_heads([HP("dense")] * 3 + [HP("a_shape", sink=4, local=32)])
+    op_module._sparse_attention_impl(q, k, v, mixed, None, None, 0, 0, 0)
+    padded = torch.ones(1, 130, dtype=torch.bool)
+    padded[0, :5] = False
+    op_module._sparse_attention_impl(q, k, v, dense, None, padded, 0, 0, 0)
+    assert kernel_calls == [1, 1]                           # a sparse head, a padded batch: the kernels
+
+
 def test_op_is_not_cudagraph_unsafe():
     tags = torch.ops.mi_compile.sparse_attention.default.tags
     assert getattr(torch.Tag, "cudagraph_unsafe", None) not in tags
