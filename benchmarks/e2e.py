@@ -61,11 +61,11 @@ bf16 on the GPU) runs another sweep (:func:`run_model`), at 8K, 16K, 32K, 64K an
   every length, no recompiles across lengths; the other modes' ratios as information.
 
     # H100, everything (default lengths 8192,32768,65536,131072; ~7 min, see benchmarks/README.md)
-    OUT=/tmp/e2e python benchmarks/e2e.py
-    python benchmarks/e2e.py --quick            # 8192,32768, reps 1: smoke run on the GPU
-    python benchmarks/e2e.py --device cpu --tiny  # 2-layer tiny llama on CPU: control flow only
-    OUT=/tmp/e2e python benchmarks/e2e.py --model qwen2.5-coder-1.5b --budget-s 420   # H200, ~7 min
-    python benchmarks/e2e.py --model tiny:qwen2 --device cpu --no-inductor --modes eager,searched,minference \
+    OUT=/tmp/e2e python3 -m benchmarks.e2e
+    python3 -m benchmarks.e2e --quick            # 8192,32768, reps 1: smoke run on the GPU
+    python3 -m benchmarks.e2e --device cpu --tiny  # 2-layer tiny llama on CPU: control flow only
+    OUT=/tmp/e2e python3 -m benchmarks.e2e --model qwen2.5-coder-1.5b --budget-s 420   # H200, ~7 min
+    python3 -m benchmarks.e2e --model tiny:qwen2 --device cpu --no-inductor --modes eager,searched,minference \
         --config vertical_slash:16:64 --lengths 256,2304    # CPU smoke of the --model sweep (YaRN past 2048)
 """
 from __future__ import annotations

@@ -30,6 +30,15 @@ ADAPTIVE=("xa=xattention:900:8:2048" "flex=flex_prefill:900:100:1024"
 ACC_ARGS=(--model qwen2.5-coder-1.5b --device cuda --order example --docs 1 --no-inductor
           --tasks passkey,multikey,kv,vartrack --modes dense,searched --searched "$CFG_FAST")
 
+# run_until NAME ARGS...: python3 -m ARGS... with --budget-s and --out $RUNS/NAME, stopped at
+# $deadline (the stage's), its progress bars dropped from $RUNS/NAME.log; then the log's tail
+run_until() {
+  local name=$1 margin=$2; shift 2
+  timeout "$(( deadline - $(date +%s) ))" python3 -m "$@" --budget-s "$(( deadline - $(date +%s) - margin ))" \
+    --out "$RUNS/$name" 2>&1 | grep -v "it/s\]" > "$RUNS/$name.log"
+  tail -60 "$RUNS/$name.log"
+}
+
 stage=${1:-}
 case "$stage" in
   search)
@@ -84,11 +93,8 @@ case "$stage" in
     # (deadline $2 s, default 430). Each compiled mode compiles at the first length: 80-90 s for
     # the first with cold caches, 25-65 s for each further one, so keep the modes few.
     deadline=$(( $(date +%s) + ${2:-430} ))
-    timeout "$(( deadline - $(date +%s) ))" python3 benchmarks/e2e.py --model qwen2.5-coder-1.5b \
-      --config "$CFG_FAST" --configs "s16f=$CFG_ACCURATE" --modes eager,searched,s16f \
-      --lengths 32768,65536,131072 --reps 2 --profile searched,eager \
-      --budget-s "$(( deadline - $(date +%s) - 40 ))" --out "$RUNS/e2e" 2>&1 | grep -v "it/s\]" > "$RUNS/e2e.log"
-    tail -60 "$RUNS/e2e.log"
+    run_until e2e 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" --configs "s16f=$CFG_ACCURATE" \
+      --modes eager,searched,s16f --lengths 32768,65536,131072 --reps 2 --profile searched,eager
     tar czf "$OUT/e2e.tgz" -C "$RUNS" e2e e2e.log
     ;;
   acc128)
@@ -105,21 +111,16 @@ case "$stage" in
     # one call: eager, the default policy and the three no-config modes at 32K and 128K, with
     # Inductor (deadline $2 s, default 560; five compiled modes: ~5 minutes of compiles)
     deadline=$(( $(date +%s) + ${2:-560} ))
-    timeout "$(( deadline - $(date +%s) ))" python3 -m benchmarks.e2e --model qwen2.5-coder-1.5b \
-      --config "$CFG_FAST" --configs "${ADAPTIVE[@]}" --modes eager,minference,xa,flex,trimix \
-      --lengths 32768,131072 --reps 2 --profile xa,flex \
-      --budget-s "$(( deadline - $(date +%s) - 40 ))" --out "$RUNS/adaptive" 2>&1 | grep -v "it/s\]" > "$RUNS/adaptive.log"
-    tail -60 "$RUNS/adaptive.log"
+    run_until adaptive 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" --configs "${ADAPTIVE[@]}" \
+      --modes eager,minference,xa,flex,trimix --lengths 32768,131072 --reps 2 --profile xa,flex
     tar czf "$OUT/adaptive.tgz" -C "$RUNS" adaptive adaptive.log
     ;;
   adaptive_acc)
     # one call: accuracy at 128K, dense against the three no-config modes
     deadline=$(( $(date +%s) + ${2:-560} ))
-    timeout "$(( deadline - $(date +%s) ))" python3 -m benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
-      --modes dense,xa,flex,trimix --configs "${ADAPTIVE[@]}" --examples 20 --budget-s "$(( deadline - $(date +%s) - 30 ))" \
-      --out "$RUNS/acc_adaptive.json" 2>&1 | grep -v "it/s\]" > "$RUNS/acc_adaptive.log"
-    tail -30 "$RUNS/acc_adaptive.log"
-    tar czf "$OUT/acc_adaptive.tgz" -C "$RUNS" acc_adaptive.json acc_adaptive.log
+    run_until acc_adaptive.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
+      --modes dense,xa,flex,trimix --configs "${ADAPTIVE[@]}" --examples 20
+    tar czf "$OUT/acc_adaptive.tgz" -C "$RUNS" acc_adaptive.json acc_adaptive.json.log
     ;;
   *)
     echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc [SECONDS]}" >&2
