@@ -87,21 +87,21 @@ def resources(compiled) -> dict:
 
 def kernel_builds(head_dim: int, dtype: str):
     """``(name, fn, constexprs, warps, stages, pointer types)`` of the launches at this head dim:
-    the attention kernels and the XAttention estimate (strides 8 and 16)."""
+    the attention kernels that run at it and the XAttention estimate (strides 8 and 16)."""
     cfg = kernels.KERNEL_CONFIG
     block_d = max(16, triton.next_power_of_2(head_dim))
     warps = cfg["num_warps"] or (4 if block_d <= 128 else 8)
     general = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=cfg["block_n"], BLOCK_C=cfg["block_c"],
                    MODE=0, GROUP=1)
     wide = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=128, BLOCK_N=cfg["wide_block_n"], MODE=0, GROUP=1)
-    builds = [("general", kernels._sparse_attention_kernel, general, warps, cfg["num_stages"], {"covered_ptr": "u8"}),
-              ("wide", kernels._wide_attention_kernel, wide, cfg["wide_warps"], cfg["wide_stages"], {})]
+    builds = [("general", kernels._sparse_attention_kernel, general, warps, cfg["num_stages"], {"covered_ptr": "u8"})]
+    if block_d <= 128:                                     # the 128-row kernel is not launched past 128
+        builds.append(("wide", kernels._wide_attention_kernel, wide, cfg["wide_warps"], cfg["wide_stages"], {}))
     for stride in (8, 16):
-        rows = 64 // stride
-        unit = max(16, rows)
-        xa = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, S=stride, U=unit, QB=unit // rows, RB=rows)
-        builds.append((f"xattention_estimate_s{stride}", xattention_estimate._block_mass_kernel, xa, 4, 3,
-                       {"out_ptr": "fp32", "head_ids_ptr": "i64"}))
+        launch = xattention_estimate.estimate_launch(head_dim, stride)
+        warps_xa, stages_xa = launch.pop("num_warps"), launch.pop("num_stages")
+        builds.append((f"xattention_estimate_s{stride}", xattention_estimate._block_mass_kernel, launch,
+                       warps_xa, stages_xa, {"out_ptr": "fp32", "head_ids_ptr": "i64"}))
     return builds
 
 

@@ -5,7 +5,10 @@
 #   bash benchmarks/qwen_device.sh search     # 128K and 32K searches (scores kept in reports)
 #   bash benchmarks/qwen_device.sh choose B1,B2,...   # configs at these budgets from the 128K scores
 #   bash benchmarks/qwen_device.sh prep|e2e|acc128 [SECONDS]   # one measured lease, three calls
-#   bash benchmarks/qwen_device.sh adaptive|adaptive_acc [SECONDS]   # the no-config patterns
+#   bash benchmarks/qwen_device.sh adaptive|adaptive_acc|adaptive_sweep [SECONDS]   # the no-config patterns
+#   bash benchmarks/qwen_device.sh checks|kernels [SECONDS]   # no model: gpu_checks, the kernel benchmark
+#   bash benchmarks/qwen_device.sh queue STAGE:SECONDS ...   # those stages in turn, outliving the call
+#   bash benchmarks/qwen_device.sh collect   # what the queue has made so far, to $OUT
 #
 # Work files live under /root/runs (kept while the machine stays warm); each stage copies what
 # it made to $OUT as one tarball plus its log.
@@ -27,6 +30,9 @@ CFG_ACCURATE=${CFG_ACCURATE:-lease/qwen_128k_b0.16_floor0.6.json}
 # the input-adaptive patterns and TriangleMix, as every head's pattern (no searched config)
 ADAPTIVE=("xa=xattention:900:8:2048" "flex=flex_prefill:900:100:1024"
           "trimix=benchmarks/configs/adaptive/qwen_triangle_mix.json")
+# the same patterns at other thresholds, for the density/accuracy plot
+ADAPTIVE_SWEEP=("xa80=xattention:800:8:2048" "xa95=xattention:950:8:2048"
+                "flex80=flex_prefill:800:100:1024" "flex95=flex_prefill:950:100:1024")
 ACC_ARGS=(--model qwen2.5-coder-1.5b --device cuda --order example --docs 1 --no-inductor
           --tasks passkey,multikey,kv,vartrack --modes dense,searched --searched "$CFG_FAST")
 
@@ -112,7 +118,7 @@ case "$stage" in
     # Inductor (deadline $2 s, default 560; five compiled modes: ~5 minutes of compiles)
     deadline=$(( $(date +%s) + ${2:-560} ))
     run_until adaptive 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" --configs "${ADAPTIVE[@]}" \
-      --modes eager,minference,xa,flex,trimix --lengths 32768,131072 --reps 2 --profile xa,flex
+      --modes eager,minference,xa,flex,trimix --lengths 16384,32768,131072 --reps 2 --profile xa,flex
     tar czf "$OUT/adaptive.tgz" -C "$RUNS" adaptive adaptive.log
     ;;
   adaptive_acc)
@@ -122,8 +128,53 @@ case "$stage" in
       --modes dense,xa,flex,trimix --configs "${ADAPTIVE[@]}" --examples 20
     tar czf "$OUT/acc_adaptive.tgz" -C "$RUNS" acc_adaptive.json acc_adaptive.json.log
     ;;
+  adaptive_sweep)
+    # one call: accuracy and density at 128K of the adaptive patterns at other thresholds
+    deadline=$(( $(date +%s) + ${2:-560} ))
+    run_until acc_sweep.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
+      --modes dense,xa80,xa95,flex80,flex95 --configs "${ADAPTIVE_SWEEP[@]}" --examples 20
+    tar czf "$OUT/acc_sweep.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_sweep.json*)
+    ;;
+  checks)
+    # the correctness matrix (every head dim, fp16 / bf16, every pattern); no model needed
+    timeout "${2:-300}" python3 -m benchmarks.gpu_checks > "$OUT/gpu_checks.log" 2>&1
+    tail -40 "$OUT/gpu_checks.log"
+    ;;
+  kernels)
+    # the kernel benchmark at 32K and 128K without the launch sweep; no model needed
+    NS=${NS:-32768,131072} SWEEP=0 FLEX=${FLEX:-0} timeout "${2:-240}" python3 -m benchmarks.kernels > "$OUT/kernels.log" 2>&1
+    tail -40 "$OUT/kernels.log"
+    ;;
+  queue)
+    # started in the lease's first call: the stages named (STAGE:SECONDS ...) run one after
+    # another in a new process session, so they outlive the call and the GPU does not wait for
+    # the calls that carry the model; a stage that loads the model waits until the join has
+    # published it and gguf is installed. Each stage writes to $RUNS/out/STAGE; `collect`
+    # brings it back. The code runs from a copy in /root/src (the calls replace the tree).
+    shift
+    rm -rf /root/src && cp -r . /root/src && cd /root/src
+    setsid nohup bash -c '
+      for s in "$@"; do
+        name=${s%%:*}; secs=${s#*:}
+        case $name in
+          checks|kernels) ;;
+          *) until [ -d /root/site/gguf ] && python3 -m benchmarks.device_model status | grep -q "published$"; do
+               sleep 3; done ;;
+        esac
+        echo "== $name $secs s, start $(date +%T)"
+        mkdir -p '"$RUNS"'/out/$name
+        OUT='"$RUNS"'/out/$name bash benchmarks/qwen_device.sh "$name" "$secs"
+        echo "== $name rc=$? end $(date +%T)"
+      done
+      echo "== queue done $(date +%T)"' queue "$@" > "$RUNS/queue.log" 2>&1 < /dev/null &
+    echo "queued: $*"
+    ;;
+  collect)
+    cat "$RUNS/queue.log" 2>/dev/null
+    tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.safetensors' .
+    ;;
   *)
-    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc [SECONDS]}" >&2
+    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|checks|kernels [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
     exit 2
     ;;
 esac

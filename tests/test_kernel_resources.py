@@ -15,14 +15,18 @@ def test_kernels_compile_for_sm90_without_spilling(tmp_path):
     out = tmp_path / "resources.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--head-dims", "64,128",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--head-dims", "64,128,256",
                            "--json", str(out)], cwd=pathlib.Path(__file__).parents[1], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     kernels = ("general", "wide", "xattention_estimate_s8", "xattention_estimate_s16")
-    assert [(r["kernel"], r["head_dim"]) for r in rows] == [(k, d) for d in (64, 128) for k in kernels]
+    expected = [(k, d) for d in (64, 128) for k in kernels] + [(k, 256) for k in kernels if k != "wide"]
+    assert [(r["kernel"], r["head_dim"]) for r in rows] == expected
     for row in rows:
-        assert row["stack_bytes"] == 0, row                     # no spills to local memory
         assert row["registers"] <= 255 and row["instructions"] > 500, row
-        assert row["shared_dynamic"] <= 228 * 1024, row         # an H100/H200 SM's shared memory
+        assert row["shared_dynamic"] <= 227 * 1024, row         # an H100/H200 block's shared memory
+        if row["head_dim"] <= 128 or row["kernel"] != "general":
+            assert row["stack_bytes"] == 0, row                 # no spills to local memory
+        else:           # head dim 256: the general kernel spills a little (16 B on triton 3.6, 144 on 3.9)
+            assert row["stack_bytes"] <= 256, row

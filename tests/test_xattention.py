@@ -93,6 +93,19 @@ def test_triton_estimate_matches_torch(stride, dtype):
     assert (want.triu(1) == 0).all()
 
 
+@pytest.mark.parametrize("stride", X.XA_STRIDES)
+def test_triton_estimate_across_key_tiles(stride):
+    """Small programs (16 or 32 strided rows) so that 333 tokens span several row and key tiles."""
+    from mi_compile.kernels.xattention_estimate import block_mass_triton
+    q, k, _ = inputs(stride, 2, 4, 2, 333, 24, torch.float32)
+    unit = max(16, 64 // stride)
+    got = block_mass_triton(q, k, [1, 2], *PADDED, 0.2, stride, unit=unit)
+    want = X.block_mass(q, k, [1, 2], *PADDED, 0.2, stride, impl="torch")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="multiple of 64 / stride"):
+        block_mass_triton(q, k, [1], *PADDED, 0.2, 2, unit=16)
+
+
 def test_estimate_definition_on_one_block():
     """The antidiagonal logits of one 64-token sequence, by hand."""
     g = torch.Generator().manual_seed(1)

@@ -9,12 +9,14 @@ its logit is ``scale / S * sum_r q[uS + r] . k[wS + S - 1 - r]``; a causal softm
 ``w <= u`` per strided row, then the probabilities summed into 64 x 64 blocks and divided by
 the block's live strided rows: ``mass[m, c]``, summing to 1 over ``c <= m``.
 
-Grid ``(B * heads, programs)``: a program owns ``U = max(16, 64 / S)`` strided rows (``U S / 64``
-query blocks) and loads them as one ``[U, S * BLOCK_D]`` operand (the ``S`` rows of a cell side
-by side), so a strided logit tile is one ``tl.dot`` of width ``S * D``; key tiles are ``U``
-strided columns loaded the same way with the residues reversed. Two passes over the causal
-key tiles: online max / sum of exp, then the normalised tile reduced to its blocks. Query head
-``h`` reads KV head ``h // group`` (native GQA). Output: float32 ``[B, heads, NQB, NQB]``
+Grid ``(B * heads, programs)``: a program owns ``U`` strided rows (``U S / 64`` query blocks;
+``U = 128``, or 64 past head dim 128, so that a tile's operands fit in shared memory) and walks
+the causal key tiles of ``U`` strided columns. A logit tile is ``S`` dots of ``[U, D] x [D, U]``,
+one per residue ``r`` (the query rows ``uS + r`` against the key rows ``wS + S - 1 - r``, both
+plain strided loads): the shapes the tensor cores want, where one dot of width ``S * D`` on
+``U = 16`` rows ran at a tenth of their pace. Two passes over the causal key tiles: online
+max / sum of exp, then the normalised tile reduced to its blocks. Query head ``h`` reads KV
+head ``h // group`` (native GQA). Output: float32 ``[B, heads, NQB, NQB]``
 (``n^2 / 4096`` entries per head: 16 MiB per head at 128K), written where ``c <= m`` and zero
 elsewhere. No host synchronisation (lengths are read on the device).
 """
@@ -32,23 +34,26 @@ _LENGTH_ARGS = ["n", "nqb"]
 
 
 @triton.jit
-def _strided_logits(qv, k_head, start, length, t, stride_kn, qk_scale, u,
+def _strided_logits(q_head, k_head, start, length, u, t, stride_qn, stride_kn, qk_scale,
                     S: tl.constexpr, U: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """log2-scaled strided logits of the program's rows ``u`` against key tile ``t`` (``U``
-    strided columns); -inf where not causal (``w > u``) or the cell lies past the end."""
-    e = tl.arange(0, S * BLOCK_D)
-    r = e // BLOCK_D
-    d = e % BLOCK_D
+    """log2-scaled strided logits ``[U, U]`` of the strided rows ``u`` against key tile ``t``
+    (``U`` strided columns); -inf where not causal (``w > u``) or the cell lies past the end."""
+    d = tl.arange(0, BLOCK_D)
     w = t * U + tl.arange(0, U)
-    kpos = w[:, None] * S + (S - 1 - r)[None, :]
-    ok = (kpos < length) & (d < HEAD_DIM)[None, :]
-    kv = tl.load(k_head + (start + kpos).to(tl.int64) * stride_kn + d[None, :], mask=ok, other=0.0)
-    if qv.dtype == tl.float32:
-        s = tl.dot(qv, tl.trans(kv), input_precision="ieee") * qk_scale
-    else:
-        s = tl.dot(qv, tl.trans(kv)) * qk_scale
+    s = tl.zeros([U, U], dtype=tl.float32)
+    for r in range(S):
+        qpos = u * S + r
+        kpos = w * S + (S - 1 - r)
+        qv = tl.load(q_head + (start + qpos).to(tl.int64)[:, None] * stride_qn + d[None, :],
+                     mask=(qpos < length)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+        kv = tl.load(k_head + (start + kpos).to(tl.int64)[:, None] * stride_kn + d[None, :],
+                     mask=(kpos < length)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+        if qv.dtype == tl.float32:
+            s = tl.dot(qv, tl.trans(kv), s, input_precision="ieee")
+        else:
+            s = tl.dot(qv, tl.trans(kv), s)
     live = (w[None, :] <= u[:, None]) & (w * S < length)[None, :]
-    return tl.where(live, s, float("-inf"))
+    return tl.where(live, s * qk_scale, float("-inf"))
 
 
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
@@ -66,19 +71,14 @@ def _block_mass_kernel(q_ptr, k_ptr, out_ptr, seq_start_ptr, seq_len_ptr, head_i
     length = tl.load(seq_len_ptr + b)
     u = pid_u * U + tl.arange(0, U)
     if pid_u * U * S < length:
-        e = tl.arange(0, S * BLOCK_D)
-        r = e // BLOCK_D
-        d = e % BLOCK_D
-        qpos = u[:, None] * S + r[None, :]
         q_head = q_ptr + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-        qv = tl.load(q_head + (start + qpos).to(tl.int64) * stride_qn + d[None, :],
-                     mask=(qpos < length) & (d < HEAD_DIM)[None, :], other=0.0)
         k_head = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
         # pass 1: row max and sum of exp2 over the causal key tiles (the diagonal one included)
         m_i = tl.zeros([U], dtype=tl.float32) - 1.0e30
         l_i = tl.zeros([U], dtype=tl.float32)
         for t in range(0, pid_u + 1):
-            s = _strided_logits(qv, k_head, start, length, t, stride_kn, qk_scale, u, S, U, BLOCK_D, HEAD_DIM)
+            s = _strided_logits(q_head, k_head, start, length, u, t, stride_qn, stride_kn, qk_scale,
+                                S, U, BLOCK_D, HEAD_DIM)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
             m_i = m_new
@@ -91,7 +91,8 @@ def _block_mass_kernel(q_ptr, k_ptr, out_ptr, seq_start_ptr, seq_len_ptr, head_i
         out_row = out_ptr + pid_bh.to(tl.int64) * nqb * nqb
         # pass 2: probabilities, summed into (query block, key block) cells
         for t in range(0, pid_u + 1):
-            s = _strided_logits(qv, k_head, start, length, t, stride_kn, qk_scale, u, S, U, BLOCK_D, HEAD_DIM)
+            s = _strided_logits(q_head, k_head, start, length, u, t, stride_qn, stride_kn, qk_scale,
+                                S, U, BLOCK_D, HEAD_DIM)
             p = tl.where(row_live[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
             cells = tl.sum(tl.sum(tl.reshape(p, [QB, RB, QB, RB]), 3), 1)          # [QB, QB]
             kc = t * QB + tl.arange(0, QB)
@@ -99,10 +100,23 @@ def _block_mass_kernel(q_ptr, k_ptr, out_ptr, seq_start_ptr, seq_len_ptr, head_i
             tl.store(out_row + mq[:, None].to(tl.int64) * nqb + kc[None, :], cells / live_rows[:, None], mask=ok)
 
 
+def estimate_launch(head_dim: int, stride: int, unit: int | None = None) -> dict:
+    """The kernel's constexprs and launch parameters at this head dim and stride (``unit``: the
+    strided rows per program, by default 128, or 64 past head dim 128)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    rows_per_block = 64 // stride
+    U = unit or (128 if block_d <= 128 else 64)
+    if U % rows_per_block or U < 16:
+        raise ValueError(f"the estimate's unit {U} must be >= 16 and a multiple of 64 / stride = {rows_per_block}")
+    return dict(HEAD_DIM=head_dim, BLOCK_D=block_d, S=stride, U=U, QB=U // rows_per_block, RB=rows_per_block,
+                num_warps=8 if U >= 128 or block_d > 128 else 4, num_stages=2)
+
+
 def block_mass_triton(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int], seq_start: torch.Tensor,
-                      seq_len: torch.Tensor, scale: float, stride: int) -> torch.Tensor:
+                      seq_len: torch.Tensor, scale: float, stride: int, unit: int | None = None) -> torch.Tensor:
     """Same contract as :func:`~mi_compile.patterns.xattention.block_mass_torch`: float32
-    ``[B, len(head_ids), NQB, NQB]``, ``mass[..., m, c]`` for key blocks ``c <= m`` (0 above)."""
+    ``[B, len(head_ids), NQB, NQB]``, ``mass[..., m, c]`` for key blocks ``c <= m`` (0 above).
+    ``unit``: see :func:`estimate_launch`."""
     from ._device import contiguous_last, device_ints
 
     B, Hq, n, D = q.shape
@@ -110,14 +124,10 @@ def block_mass_triton(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int],
     dev = q.device
     sel = len(head_ids)
     nqb = triton.cdiv(n, 64)
-    rows_per_block = 64 // stride
-    U = max(16, rows_per_block)
-    qb = U // rows_per_block
+    launch = estimate_launch(D, stride, unit)
     out = torch.zeros(B, sel, nqb, nqb, device=dev, dtype=torch.float32)
-    block_d = max(16, triton.next_power_of_2(D))
-    _block_mass_kernel[(B * sel, triton.cdiv(nqb, qb))](
+    _block_mass_kernel[(B * sel, triton.cdiv(nqb, launch["QB"]))](
         q, k, out, seq_start.to(device=dev, dtype=torch.int32), seq_len.to(device=dev, dtype=torch.int32),
         device_ints(head_ids, dev), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        n, nqb, sel, Hq // k.shape[1], scale / stride * LOG2E,
-        HEAD_DIM=D, BLOCK_D=block_d, S=stride, U=U, QB=qb, RB=rows_per_block, num_warps=4)
+        n, nqb, sel, Hq // k.shape[1], scale / stride * LOG2E, **launch)
     return out
