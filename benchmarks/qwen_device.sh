@@ -6,6 +6,8 @@
 #   bash benchmarks/qwen_device.sh choose B1,B2,...   # configs at these budgets from the 128K scores
 #   bash benchmarks/qwen_device.sh prep|e2e|acc128 [SECONDS]   # one measured lease, three calls
 #   bash benchmarks/qwen_device.sh adaptive|adaptive_acc|adaptive_sweep [SECONDS]   # the no-config patterns
+#   bash benchmarks/qwen_device.sh xattention [SECONDS]   # the XAttention modes' TTFT and profile
+#   bash benchmarks/qwen_device.sh searched|searched_acc [SECONDS]   # a search over every pattern at 128K
 #   bash benchmarks/qwen_device.sh checks|kernels [SECONDS]   # no model: gpu_checks, the kernel benchmark
 #   bash benchmarks/qwen_device.sh queue STAGE:SECONDS ...   # those stages in turn, outliving the call
 #   bash benchmarks/qwen_device.sh collect   # what the queue has made so far, to $OUT
@@ -135,6 +137,37 @@ case "$stage" in
       --modes dense,xa80,xa95,flex80,flex95 --configs "${ADAPTIVE_SWEEP[@]}" --examples 20
     tar czf "$OUT/acc_sweep.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_sweep.json*)
     ;;
+  xattention)
+    # one call: eager and XAttention at thresholds 0.9 / 0.95 at 32K and 128K with Inductor, with
+    # profiles (the estimate's share of the op)
+    deadline=$(( $(date +%s) + ${2:-400} ))
+    run_until xattention 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" \
+      --configs "${ADAPTIVE[0]}" "${ADAPTIVE_SWEEP[1]}" --modes eager,xa,xa95 --lengths 32768,131072 --reps 2 \
+      --profile xa,xa95
+    tar czf "$OUT/xattention.tgz" -C "$RUNS" xattention xattention.log
+    ;;
+  searched)
+    # one call: the 128K search over every registered pattern's candidates (the adaptive ones and
+    # the tiled diagonals included), configs at budgets 0.08 / 0.12 / 0.16 (recall floor 0.6),
+    # then their TTFT against eager with Inductor
+    deadline=$(( $(date +%s) + ${2:-580} ))
+    timeout "$(( deadline - $(date +%s) ))" python3 -m mi_compile search "${SEARCH_ARGS[@]}" --length 131072 \
+      --budget 0.12 --min-recall 0.6 --also-budgets 0.08,0.16 --out "$RUNS/qwen_131072_all.json" 2>&1 \
+      | grep -v "it/s\]" > "$RUNS/search_all.log"
+    tail -15 "$RUNS/search_all.log"
+    run_until searched 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$RUNS/qwen_131072_all.json" \
+      --configs "s08=$RUNS/qwen_131072_all_b0.08.json" "s16=$RUNS/qwen_131072_all_b0.16.json" \
+      --modes eager,searched,s08,s16 --lengths 32768,131072 --reps 2 --profile searched
+    tar czf "$OUT/searched.tgz" -C "$RUNS" searched searched.log search_all.log $(cd "$RUNS" && ls qwen_131072_all*)
+    ;;
+  searched_acc)
+    # one call: accuracy at 128K of the three searched configs against dense
+    deadline=$(( $(date +%s) + ${2:-560} ))
+    run_until acc_searched.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
+      --modes dense,searched,s08,s16 --searched "$RUNS/qwen_131072_all.json" \
+      --configs "s08=$RUNS/qwen_131072_all_b0.08.json" "s16=$RUNS/qwen_131072_all_b0.16.json" --examples 20
+    tar czf "$OUT/acc_searched.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_searched.json*)
+    ;;
   checks)
     # the correctness matrix (every head dim, fp16 / bf16, every pattern); no model needed
     timeout "${2:-300}" python3 -m benchmarks.gpu_checks > "$OUT/gpu_checks.log" 2>&1
@@ -174,7 +207,7 @@ case "$stage" in
     tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.safetensors' .
     ;;
   *)
-    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|checks|kernels [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
+    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|xattention|searched|searched_acc|checks|kernels [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
     exit 2
     ;;
 esac
