@@ -6,7 +6,7 @@
 #   bash benchmarks/qwen_device.sh choose B1,B2,...   # configs at these budgets from the 128K scores
 #   bash benchmarks/qwen_device.sh prep|e2e|acc128 [SECONDS]   # one measured lease, three calls
 #   bash benchmarks/qwen_device.sh adaptive|adaptive_acc|adaptive_sweep [SECONDS]   # the no-config patterns
-#   bash benchmarks/qwen_device.sh xattention [SECONDS]   # the XAttention modes' TTFT and profile
+#   bash benchmarks/qwen_device.sh adaptive2|adaptive2_acc [SECONDS]   # the next adaptive candidates
 #   bash benchmarks/qwen_device.sh searched|searched_acc [SECONDS]   # a search over every pattern at 128K
 #   bash benchmarks/qwen_device.sh checks|kernels [SECONDS]   # no model: gpu_checks, the kernel benchmark
 #   bash benchmarks/qwen_device.sh queue STAGE:SECONDS ...   # those stages in turn, outliving the call
@@ -35,6 +35,9 @@ ADAPTIVE=("xa=xattention:900:8:2048" "flex=flex_prefill:900:100:1024"
 # the same patterns at other thresholds, for the density/accuracy plot
 ADAPTIVE_SWEEP=("xa80=xattention:800:8:2048" "xa95=xattention:950:8:2048"
                 "flex80=flex_prefill:800:100:1024" "flex95=flex_prefill:950:100:1024")
+# the next candidates: XAttention 0.9 / 0.95, FlexPrefill 0.8, TriangleMix with 512 dense rows
+ADAPTIVE2=("${ADAPTIVE[0]}" "${ADAPTIVE_SWEEP[1]}" "${ADAPTIVE_SWEEP[2]}"
+           "trimix512=benchmarks/configs/adaptive/qwen_triangle_mix_last512.json")
 ACC_ARGS=(--model qwen2.5-coder-1.5b --device cuda --order example --docs 1 --no-inductor
           --tasks passkey,multikey,kv,vartrack --modes dense,searched --searched "$CFG_FAST")
 
@@ -137,14 +140,20 @@ case "$stage" in
       --modes dense,xa80,xa95,flex80,flex95 --configs "${ADAPTIVE_SWEEP[@]}" --examples 20
     tar czf "$OUT/acc_sweep.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_sweep.json*)
     ;;
-  xattention)
-    # one call: eager and XAttention at thresholds 0.9 / 0.95 at 32K and 128K with Inductor, with
-    # profiles (the estimate's share of the op)
-    deadline=$(( $(date +%s) + ${2:-400} ))
-    run_until xattention 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" \
-      --configs "${ADAPTIVE[0]}" "${ADAPTIVE_SWEEP[1]}" --modes eager,xa,xa95 --lengths 32768,131072 --reps 2 \
-      --profile xa,xa95
-    tar czf "$OUT/xattention.tgz" -C "$RUNS" xattention xattention.log
+  adaptive2|adaptive2_acc)
+    # one call each: the candidates the first measured lease pointed at (XAttention 0.9 / 0.95 with
+    # the rewritten estimate, FlexPrefill 0.8, TriangleMix with 512 dense last rows) against eager
+    # at 32K and 128K with Inductor and profiles; then their accuracy against dense at 128K
+    deadline=$(( $(date +%s) + ${2:-560} ))
+    if [ "$stage" = adaptive2 ]; then
+      run_until adaptive2 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" --configs "${ADAPTIVE2[@]}" \
+        --modes eager,xa,xa95,flex80,trimix512 --lengths 32768,131072 --reps 2 --profile xa,xa95
+      tar czf "$OUT/adaptive2.tgz" -C "$RUNS" adaptive2 adaptive2.log
+    else
+      run_until acc_adaptive2.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
+        --modes dense,xa95,flex80,trimix512 --configs "${ADAPTIVE2[@]}" --examples 20
+      tar czf "$OUT/acc_adaptive2.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_adaptive2.json*)
+    fi
     ;;
   searched)
     # one call: the 128K search over every registered pattern's candidates (the adaptive ones and
@@ -207,7 +216,7 @@ case "$stage" in
     tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.safetensors' .
     ;;
   *)
-    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|xattention|searched|searched_acc|checks|kernels [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
+    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|adaptive2|adaptive2_acc|searched|searched_acc|checks|kernels [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
     exit 2
     ;;
 esac
