@@ -22,7 +22,7 @@ from triton.testing import do_bench
 
 
 from mi_compile.kernels import sparse_attention as kernel_module
-from mi_compile.patterns import vertical_slash
+from mi_compile.patterns import vertical_slash, xattention
 from mi_compile.patterns.reference import reference_attention
 from mi_compile.patterns.spec import HeadPattern as HP
 from mi_compile.sparse import (build_sparse_index, index_density, sparse_attention,
@@ -427,6 +427,17 @@ def timings(n, mi=None):
         record(op="ours_bs_index_build", n=n, ms=ms, mem_mib=mem)
     except Exception as e:  # noqa: BLE001
         record(op="ours_bs_index_build", n=n, error=repr(e)[:300])
+    for stride in (8, 16):
+        # the XAttention estimate, every query head in one launch: two passes over the causal
+        # half of the strided logits, 2 * (n / S)^2 / 2 cells of S * D multiply-adds each
+        try:
+            length = torch.full((B,), n, dtype=torch.int32, device=DEV)
+            start = torch.zeros(B, dtype=torch.int32, device=DEV)
+            ms, mem = bench(lambda: xattention.block_mass(q, k, list(range(HQ)), start, length, SCALE, stride))
+            flops = 2 * 2 * B * HQ * (n // stride) ** 2 / 2 * stride * D
+            record(op=f"ours_xa_estimate_s{stride}", n=n, ms=ms, eff_tflops=flops / ms / 1e9, mem_mib=mem)
+        except Exception as e:  # noqa: BLE001
+            record(op=f"ours_xa_estimate_s{stride}", n=n, error=repr(e)[:300])
     if n <= 32768:
         dense = [HP("dense")] * HQ
         index_d = build_sparse_index(q, k, dense)
