@@ -176,6 +176,23 @@ def test_gamma_1000_is_dense_attention_in_both_modes():
     torch.testing.assert_close(out, dense_causal_reference(q, k, v, 16 ** -0.5), atol=1e-4, rtol=1e-4)
 
 
+def test_a_part_holding_every_key_drops_the_other():
+    """min_budget past the length keeps every column and every offset; the kernel then does a
+    dense head's work once (computed density 1), not twice, and the output is dense attention."""
+    from mi_compile.patterns.cost import computed_density
+    q, k, v = inputs(4, 2, 2, 1, 333, 16)
+    heads = [fp(900, 0, 4096), fp(500, 0, 4096)]                   # vertical-slash mode
+    index = build_sparse_index(q, k, heads, seq_start=PADDED[0], seq_len=PADDED[1])
+    assert (index.block_count == 0).all()
+    offs = (index.offsets < SENTINEL).sum(-1)
+    assert (offs == 1).all() and (index.offsets[..., 0] == 0).all()
+    assert torch.equal((index.columns < SENTINEL).sum(-1), PADDED[1][:, None].long().expand(2, 2))
+    torch.testing.assert_close(computed_density(index), torch.ones(2, 2, dtype=torch.float64))
+    out = sparse_attention_from_index(q, k, v, index, impl="triton")
+    torch.testing.assert_close(out, reference_attention(q, k, v, index, 16 ** -0.5), atol=1e-4, rtol=1e-4)
+    assert torch.equal(count_visited_pairs(q, k, v, index).bool(), selection_mask(q, k, heads, *PADDED))
+
+
 def test_compiled_llama_with_gamma_1000_matches_eager(tiny_llama_logits):
     out, ref, _ = tiny_llama_logits({"pattern": "flex_prefill", "gamma": 1000, "tau": 100, "min_budget": 0})
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -26,7 +26,8 @@ fewest blocks (diagonal and sink first) reaching ``G / 1000``, at least ``ceil(M
 Vertical-slash: the fewest keys by ``v`` whose mass reaches ``G / 1000`` (at least ``M``) as
 columns, and the fewest offsets by ``s`` (offset 0 first, always: it holds the diagonal tile;
 at least ``M``) as slashes, computed with MInference's rectangle semantics (see
-:mod:`~mi_compile.patterns.vertical_slash`); no forced prefix. ``G = 1000`` keeps every key,
+:mod:`~mi_compile.patterns.vertical_slash`); no forced prefix. When one part holds every key the
+other is dropped (columns win; offset 0 stays), as the kernel would pay for both. ``G = 1000`` keeps every key,
 offset or causal block: dense attention either way.
 
 Index: ``PHASE_TABLE_SELECT`` (:meth:`FlexPrefillSpec.select_tables`). The variable counts are
@@ -159,6 +160,14 @@ class FlexPrefillSpec(PatternSpec):
         exists = (torch.arange(n, device=dev)[None, :] < seq_len.long()[:, None])[:, None, :].expand_as(v)
         columns = fewest_reaching(v, exists, gammas, minimum)
         offsets = fewest_reaching(s, exists, gammas, minimum, first_forced=True)
+        # one part holding every key makes the other redundant (the kernel would pay for both):
+        # all columns keep only offset 0 (the diagonal tile), all offsets drop the columns
+        live = seq_len.long()[:, None]
+        all_columns = ((columns != SENTINEL).sum(-1) >= live)[..., None]
+        all_offsets = ((offsets != SENTINEL).sum(-1) >= live)[..., None]
+        first = torch.arange(n, device=dev) == 0
+        offsets = torch.where(all_columns & ~first, SENTINEL, offsets)
+        columns = torch.where(all_offsets & ~all_columns, SENTINEL, columns)
         blocks, counts = select_from_mass(block_dist, [h.gamma for h in heads], [nqb] * len(heads), seq_len,
                                           [-(-h.min_budget // BLOCK) for h in heads])
         aware = distance < device_ints([h.tau for h in heads], dev, torch.float32)[None, :] / 1000.0   # [B, h]
