@@ -104,8 +104,9 @@ def flex_estimate(q, k, head_ids, seq_start, seq_len, scale, impl=None):
 
     ids = device_ints(head_ids, dev)
     kv = device_ints([h // group for h in head_ids], dev)
+    # heads are picked from the pooled / gathered rows, never from q itself (a copy of q per layer)
     pooled_k = block_sparse.pooled_blocks(k, seq_start, seq_len, nqb).index_select(1, kv)   # [B, h, nqb, D]
-    pooled_q = block_sparse.pooled_blocks(q.index_select(1, ids), seq_start, seq_len, nqb)
+    pooled_q = block_sparse.pooled_blocks(q, seq_start, seq_len, nqb).index_select(1, ids)
     length = seq_len.long()
     blocks_in_seq = (length + BLOCK - 1) // BLOCK
     c = torch.arange(nqb, device=dev)
@@ -113,7 +114,7 @@ def flex_estimate(q, k, head_ids, seq_start, seq_len, scale, impl=None):
     pos = length[:, None] - LAST_QUERIES + torch.arange(LAST_QUERIES, device=dev)[None, :]
     rows_at = (seq_start.long()[:, None] + pos).clamp(0, n - 1)
     real = (pos >= 0).float()
-    last_q = q.index_select(1, ids).gather(2, rows_at[:, None, :, None].expand(B, len(head_ids), LAST_QUERIES, D))
+    last_q = q.gather(2, rows_at[:, None, :, None].expand(B, Hq, LAST_QUERIES, D)).index_select(1, ids)
     mean_q = (last_q.float() * real[:, None, :, None]).sum(2) / real.sum(1).clamp(min=1)[:, None, None]
     est = torch.einsum("bhd,bhcd->bhc", mean_q, pooled_k) * scale
     est = torch.softmax(est.masked_fill(c[None, None, :] >= blocks_in_seq[:, None, None], float("-inf")), -1)
