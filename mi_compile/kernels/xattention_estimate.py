@@ -13,8 +13,8 @@ Grid ``(B * heads, programs)``: a program owns ``U`` strided rows (``U S / 64`` 
 ``U = 128``, or 64 past head dim 128, so that a tile's operands fit in shared memory) and walks
 the causal key tiles of ``U`` strided columns. A logit tile is ``S`` dots of ``[U, D] x [D, U]``,
 one per residue ``r`` (the query rows ``uS + r`` against the key rows ``wS + S - 1 - r``, both
-plain strided loads): the shapes the tensor cores want, where one dot of width ``S * D`` on
-``U = 16`` rows ran at a tenth of their pace. Two passes over the causal key tiles: online
+plain strided loads): the shapes Hopper's ``wgmma`` takes, which one dot of width ``S * D``
+on 16 rows does not get (docs/kernels.md). Two passes over the causal key tiles: online
 max / sum of exp, then the normalised tile reduced to its blocks. Query head ``h`` reads KV
 head ``h // group`` (native GQA). Output: float32 ``[B, heads, NQB, NQB]``
 (``n^2 / 4096`` entries per head: 16 MiB per head at 128K), written where ``c <= m`` and zero
