@@ -403,11 +403,11 @@ def timings(n, mi=None):
     ours("ours_vs_kernel_on_estimated_index", n, lambda: sparse_attention_from_index(q, k, v, index_v),
          index_v, q, k, v, cudnn_ms)
     del index_v
+    length = torch.full((B,), n, dtype=torch.int32, device=DEV)
+    start = torch.zeros(B, dtype=torch.int32, device=DEV)
     try:
         heads = list(range(HQ))
         params = [(1000, 6096)] * HQ
-        length = torch.full((B,), n, dtype=torch.int32, device=DEV)
-        start = torch.zeros(B, dtype=torch.int32, device=DEV)
 
         def estimate(impl=None):   # impl="torch": the PyTorch definition, the default before step 9
             vert, sl = vertical_slash.estimate_scores(q, k, heads, start, length, SCALE, impl=impl)
@@ -431,8 +431,6 @@ def timings(n, mi=None):
         # the XAttention estimate, every query head in one launch: two passes over the causal
         # half of the strided logits, 2 * (n / S)^2 / 2 cells of S * D multiply-adds each
         try:
-            length = torch.full((B,), n, dtype=torch.int32, device=DEV)
-            start = torch.zeros(B, dtype=torch.int32, device=DEV)
             ms, mem = bench(lambda: xattention.block_mass(q, k, list(range(HQ)), start, length, SCALE, stride))
             flops = 2 * 2 * B * HQ * (n // stride) ** 2 / 2 * stride * D
             record(op=f"ours_xa_estimate_s{stride}", n=n, ms=ms, eff_tflops=flops / ms / 1e9, mem_mib=mem)

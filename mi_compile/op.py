@@ -116,12 +116,11 @@ def _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_
 
 
 def _every_head_dense(heads) -> bool:
-    """Every head of the flat head table (``INTS_PER_HEAD`` ints each, pattern id first) is dense."""
-    from .kernels.constants import INTS_PER_HEAD
-    from .patterns.registry import PATTERN_IDS
+    """Every head of the flat head table is dense (decoded once per distinct table, as the
+    sparse path decodes it)."""
+    from .sparse import _as_patterns
 
-    dense = PATTERN_IDS["dense"]
-    return all(int(heads[i]) == dense for i in range(0, len(heads), INTS_PER_HEAD))
+    return all(h.kind == "dense" for h in _as_patterns(heads))
 
 
 def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, out=None):

@@ -30,10 +30,13 @@ def masked_attention(q, k, v, mask_of_head, scale: float, mask_key=None) -> torc
     for h in range(Hq):
         kv = h // group
         key = mask_key(h) if mask_key is not None else None
-        if key is None or key not in masks:
+        entry = masks.get(key) if key is not None else None
+        if entry is None:
             mask = mask_of_head(h)
-            masks[key] = (mask, mask.any(-1, keepdim=True))
-        mask, live = masks[key] if key is not None else masks.pop(None)
+            entry = (mask, mask.any(-1, keepdim=True))
+            if key is not None:
+                masks[key] = entry
+        mask, live = entry
         o = F.scaled_dot_product_attention(q[:, h:h + 1].float(), k[:, kv:kv + 1].float(), v[:, kv:kv + 1].float(),
                                            attn_mask=mask[:, None], scale=scale)[:, 0]
         out[:, h] = torch.where(live, o, 0.0)          # a row with no key: 0, not the kernels' NaN
