@@ -61,14 +61,14 @@ DEV = os.environ.get("GPU_CHECKS_DEVICE", "cuda")
 HQ, N = 8, int(os.environ.get("GPU_CHECKS_N", "3001"))   # odd length: partial last blocks everywhere
 START, LENGTH = (0, N // 6), (N, N - N // 6)            # the second sequence is left-padded
 MIXED = [HP("dense"), HP("a_shape", sink=64, local=700), HP("vertical_slash", vertical=300, slash=500),
-         HP("block_sparse", topk=6), HP("vertical_slash", vertical=40, slash=1500),
+         HP("block_sparse", topk=6, last=64), HP("vertical_slash", vertical=40, slash=1500),
          HP("a_shape", sink=0, local=257), HP("block_sparse", topk=1), HP("vertical_slash", vertical=1, slash=3)]
-# the input-adaptive patterns and tri-shape, with vertical-slash and dense beside them
+# the input-adaptive patterns and tri-shape, with vertical-slash (dense last rows) and dense beside them
 ADAPTIVE = [HP("tri_shape", sink=64, local=300, last=100), HP("xattention", threshold=900, stride=8, max_blocks=12),
-            HP("flex_prefill", gamma=900, tau=100, min_budget=64), HP("vertical_slash_tiled", vertical=200, slash=400),
+            HP("flex_prefill", gamma=900, tau=100, min_budget=64), HP("vertical_slash_tiled", vertical=200, slash=400, last=64),
             HP("xattention", threshold=600, stride=16, max_blocks=64), HP("flex_prefill", gamma=950, tau=833,
                                                                            min_budget=128),
-            HP("vertical_slash", vertical=100, slash=300), HP("dense")]
+            HP("vertical_slash", vertical=100, slash=300, last=130), HP("dense")]
 WIDE = [HP("dense"), HP("a_shape", sink=128, local=1024), HP("a_shape", sink=0, local=65),
         HP("a_shape", sink=300, local=1)] * 2
 

@@ -137,6 +137,7 @@ from typing import Any, Union
 
 from mi_compile.patterns import registry
 from mi_compile.patterns.spec import PATTERN_IDS, PATTERN_PARAMS, HeadPattern, PatternError
+from mi_compile.kernels.constants import MAX_PARAM
 from mi_compile.options import MAX_MIN_SEQ_LEN
 
 __all__ = [
@@ -361,13 +362,34 @@ class SparseConfig:
             out["layers"] = layers
         return out
 
+    def with_dense_last(self, last: int) -> "SparseConfig":
+        """A copy in which every head whose pattern takes ``last`` (vertical-slash, block-sparse,
+        tri-shape) computes the query blocks holding the prompt's last ``last`` queries densely:
+        the question at the end of a long prompt attends exactly, for about ``last / n`` of the
+        square per head. Other heads are unchanged; ``last = 0`` removes such rows."""
+        if not isinstance(last, int) or isinstance(last, bool) or not 0 <= last <= MAX_PARAM:
+            raise ConfigError(f"{self.source}: dense last rows must be an int in 0..2**31 - 1, got {last!r}")
+
+        def apply(p: HeadPattern | None) -> HeadPattern | None:
+            if p is None or "last" not in PATTERN_PARAMS[p.kind]:
+                return p
+            return dataclasses.replace(p, last=last)
+
+        return dataclasses.replace(
+            self, source=f"{self.source} (last {last} rows dense)", default=apply(self.default),
+            model=None if self.model is None else f"{self.model}; the last {last} queries dense",
+            layers={l: {h: apply(p) for h, p in heads.items()} for l, heads in self.layers.items()},
+            layer_defaults={l: apply(p) for l, p in self.layer_defaults.items()},
+            triangle_mix=self.triangle_mix if self.triangle_mix is None else dataclasses.replace(
+                self.triangle_mix, pattern=apply(self.triangle_mix.pattern)))
+
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`to_json` to ``path``, one head entry per line (diff-friendly)."""
         Path(path).write_text(_dumps(self.to_json()))
 
 
 def _entry_json(pattern: HeadPattern, score: float | None = None) -> dict:
-    entry: dict[str, Any] = {"pattern": pattern.kind, **pattern.params}
+    entry: dict[str, Any] = {"pattern": pattern.kind, **pattern.set_params}
     if score is not None:
         entry["score"] = score
     return entry
@@ -452,11 +474,12 @@ def _parse_entry(source: str, entry: Any, layer: Any, head: Any, allow_score: bo
     if unknown:
         raise _error(source, f"{kind} does not take {', '.join(map(repr, unknown))}; "
                      f"allowed keys: {sorted(allowed)}", layer, head)
-    missing = [n for n in names if n not in entry]
+    optional = registry.get(kind).optional
+    missing = [n for n in names if n not in entry and n not in optional]
     if missing:
         raise _error(source, f"{kind} is missing parameter {', '.join(map(repr, missing))} "
                      f"(needs {list(names)})", layer, head)
-    params = {n: _check_size(source, n, entry[n], layer, head) for n in names}
+    params = {n: _check_size(source, n, entry[n], layer, head) for n in names if n in entry}
     score = _check_score(source, entry["score"], layer, head) if "score" in entry else None
     return _make_pattern(source, kind, params, layer, head), score
 

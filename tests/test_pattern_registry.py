@@ -193,8 +193,10 @@ def test_registry_rejects_clashes(local_window):
 # ---------------------------------------------------------------------- every pattern
 
 def _example(spec):
-    """A valid pattern of ``spec``: its first search candidate at 4K tokens."""
-    return spec.candidates(4096)[0][1]
+    """A valid pattern of ``spec``: its first search candidate at 4K tokens, with every optional
+    parameter set (so the round trips carry it)."""
+    p = spec.candidates(4096)[0][1]
+    return dataclasses.replace(p, **{name: 64 for name in spec.optional})
 
 
 BAD = {"a_shape": [({"local": 0}, "a_shape needs sink \\+ local > 0"),

@@ -70,6 +70,7 @@ from typing import Optional
 
 import torch
 
+from mi_compile.patterns import registry
 from mi_compile.patterns.registry import PATTERN_PARAMS
 from mi_compile.patterns.registry import get as pattern_spec
 
@@ -120,8 +121,10 @@ def parse_config_spec(spec: str):
         raise ValueError(f"config {spec!r} is neither an existing file nor an inline spec "
                          f"({', '.join(f'{k}:' + ':'.join(v) for k, v in _INLINE_PARAMS.items())})")
     params = _INLINE_PARAMS[name]
-    if len(args) != len(params):
-        raise ValueError(f"inline config {spec!r}: {name} takes {len(params)} parameter(s) {params}")
+    required = len(params) - len(registry.get(name).optional)
+    if not required <= len(args) <= len(params):
+        raise ValueError(f"inline config {spec!r}: {name} takes {required}"
+                         f"{'' if required == len(params) else f'-{len(params)}'} parameter(s) {params}")
     entry = {"pattern": name, **{p: int(a) for p, a in zip(params, args)}}
     return {"format": FORMAT, "default": entry}, f"inline {spec}"
 

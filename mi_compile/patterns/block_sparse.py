@@ -207,7 +207,8 @@ class BlockSparseSpec(PatternSpec):
 
     name = "block_sparse"
     code = 3
-    params = ("topk",)
+    params = ("topk", "last")
+    optional = ("last",)
     kernel_kind = KIND_BS
     selection = PHASE_BLOCK_SPARSE
     per_block = True
@@ -220,6 +221,9 @@ class BlockSparseSpec(PatternSpec):
 
     def from_minference(self, vertical_size: int, slash_size: int) -> dict:
         return {"topk": vertical_size}     # MInference passes vertical_size as the block count
+
+    def head_tables(self, head) -> dict:
+        return {**super().head_tables(head), "last": head.last}
 
     def meta_params(self, head) -> tuple:
         return (head.topk, 0)

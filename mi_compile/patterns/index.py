@@ -442,9 +442,22 @@ def block_rows(index: SparseIndex, h, block_starts: torch.Tensor, j: torch.Tenso
     block-sparse): bool ``[B, U, n]`` for head ``h`` (an int), ``[B, heads, U, n]`` for a slice of
     heads with one pattern; ``block_starts`` ``[B or 1, U, 1]`` and keys ``j`` ``[B or 1, 1, n]``
     in sequence coordinates (causality and bounds are the caller's). The reference mask, the
-    search's scoring and the eval's pair counts evaluate selections this way."""
-    head = index.heads[h] if isinstance(h, int) else index.heads[h][0]
-    return pattern_spec(head.kind).block_mask(head, index, h, block_starts, j)
+    search's scoring and the eval's pair counts evaluate selections this way.
+
+    A head with ``last = T > 0`` (the index's ``last`` table) sees every key from the query
+    blocks holding any of its sequence's last ``T`` queries, whatever its pattern selects."""
+    heads = [index.heads[h]] if isinstance(h, int) else index.heads[h]
+    selected = pattern_spec(heads[0].kind).block_mask(heads[0], index, h, block_starts, j)
+    if not any(head.last for head in heads):
+        return selected
+    length = index.seq_len.long()[:, None, None]                                     # [B, 1, 1]
+    last = index.last.long()[h].to(block_starts.device)
+    if isinstance(h, int):
+        dense = (last > 0) & (block_starts + BLOCK > length - last)                     # [B, U, 1]
+    else:
+        last = last[None, :, None, None]
+        dense = (last > 0) & (block_starts[:, None] + BLOCK > length[:, None] - last)   # [B, c, U, 1]
+    return selected | dense
 
 
 def selection_mask_from_index(index: SparseIndex) -> torch.Tensor:

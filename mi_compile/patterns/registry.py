@@ -30,7 +30,9 @@ class PatternSpec:
     (the fused table builder's code path, ``KIND_*``); ``selection`` (the data-dependent
     index phase it runs, ``PHASE_*``, or None for a static pattern); ``per_block`` (the
     reference selection is a function of the 64-row query block: :meth:`block_mask`, else
-    :meth:`mask`); ``full`` (every causal key: dense); ``color``; ``minference_names``.
+    :meth:`mask`); ``full`` (every causal key: dense); ``color``; ``minference_names``;
+    ``optional`` (trailing parameters that default to 0: a config entry may leave them out,
+    and they are not written or shown while 0).
     """
 
     name: str = ""
@@ -42,6 +44,7 @@ class PatternSpec:
     full: bool = False
     color: str = "#bab0ac"
     minference_names: tuple = ()
+    optional: tuple = ()
     #: where this pattern's candidates go in the search's candidate list (lower first)
     candidate_rank: int = 50
 
@@ -159,6 +162,8 @@ def _check(spec: PatternSpec) -> None:
     unknown = [p for p in spec.params if p not in PARAM_FIELDS]
     if unknown:
         raise PatternError(f"{spec.name}: parameter(s) {unknown} are not HeadPattern fields {PARAM_FIELDS}")
+    if tuple(spec.params[len(spec.params) - len(spec.optional):]) != tuple(spec.optional):
+        raise PatternError(f"{spec.name}: optional parameters {spec.optional} must be the last of {spec.params}")
     if spec.kernel_kind not in (KIND_OTHER, KIND_A_SHAPE, KIND_VS, KIND_BS):
         raise PatternError(f"{spec.name}: unknown kernel_kind {spec.kernel_kind!r}")
     if spec.selection not in (None, PHASE_VERTICAL_SLASH, PHASE_BLOCK_SPARSE, PHASE_BLOCK_SELECT,

@@ -89,11 +89,20 @@ class HeadPattern:
     def params(self) -> dict:
         return {name: getattr(self, name) for name in PATTERN_PARAMS[self.kind]}
 
+    @property
+    def set_params(self) -> dict:
+        """:attr:`params` less the optional ones left at 0 (what configs write and describe shows)."""
+        optional = _spec_of(self.kind).optional
+        return {name: v for name, v in self.params.items() if v or name not in optional}
+
     def describe(self) -> str:
-        """Short human form, e.g. ``vertical_slash(1000,6096)``."""
-        if not self.params:
+        """Short human form, e.g. ``vertical_slash(1000,6096)``; a set optional parameter is named:
+        ``vertical_slash(1000,6096,last=64)``."""
+        params = self.set_params
+        if not params:
             return self.kind
-        return f"{self.kind}({','.join(str(v) for v in self.params.values())})"
+        optional = _spec_of(self.kind).optional
+        return f"{self.kind}({','.join(f'{n}={v}' if n in optional else str(v) for n, v in params.items())})"
 
     def encode(self) -> list[int]:
         vals = list(self.params.values())

@@ -1,7 +1,9 @@
 """Vertical-slash heads: hot key columns plus hot diagonals (MInference section 3).
 
-Parameters (``HeadPattern("vertical_slash", vertical=V, slash=S)``): keep ``V`` key columns
-and ``S`` diagonals ("slashes"; offset ``d = i - j``).
+Parameters (``HeadPattern("vertical_slash", vertical=V, slash=S, last=T)``): keep ``V`` key
+columns and ``S`` diagonals ("slashes"; offset ``d = i - j``); optional ``T`` (default 0): the
+64-row query blocks holding any of the sequence's last ``T`` queries see every causal key (the
+question at the end of a prompt attends exactly; see :func:`~mi_compile.patterns.index.block_rows`).
 
 Estimate, per input and head, in the sequence's own coordinates (``len`` real tokens):
 
@@ -324,12 +326,14 @@ class VerticalSlashSpec(PatternSpec):
     """``vertical_slash(vertical, slash)``: per input, the ``vertical`` hottest key columns and
     the ``slash`` hottest diagonals (both ``>= 1``), estimated from the last 64 queries; the
     first ``min(V, 64)`` columns and ``min(S, 64)`` diagonals are always kept (see the module
-    docstring). MInference's ``vertical_and_slash`` entries map one to one.
+    docstring); optional ``last``: dense rows for the last queries. MInference's
+    ``vertical_and_slash`` entries map one to one.
     """
 
     name = "vertical_slash"
     code = 2
-    params = ("vertical", "slash")
+    params = ("vertical", "slash", "last")
+    optional = ("last",)
     kernel_kind = KIND_VS
     selection = PHASE_VERTICAL_SLASH
     per_block = True
@@ -344,7 +348,7 @@ class VerticalSlashSpec(PatternSpec):
         return {"vertical": vertical_size, "slash": slash_size}
 
     def head_tables(self, head) -> dict:
-        return {"prefix": min(head.vertical, FORCED), "sink": 0, "band": WIDE, "group": None}
+        return {"prefix": min(head.vertical, FORCED), "sink": 0, "band": WIDE, "group": None, "last": head.last}
 
     def meta_params(self, head) -> tuple:
         return (head.vertical, head.slash)

@@ -86,9 +86,15 @@ def search_main(argv) -> int:
                    "scoring run there, layer by layer (probabilities in float32)")
     p.add_argument("--yarn", default="auto", help="RoPE scaling past the model's native context: auto "
                    "(YaRN, factor 4 up to 4x native), off, or a factor")
+    p.add_argument("--dense-last", type=int, default=0, metavar="T",
+                   help="in the configs written, the query blocks holding the prompt's last T queries "
+                        "attend densely in every head whose pattern allows it (the question at the end "
+                        "of a long prompt; about T/n of the square per head, not charged in the scores)")
     p.add_argument("--plot", action="store_true", help="also write <out minus .json>.png")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.dense_last < 0:
+        p.error(f"--dense-last: expected a non-negative number of queries, got {a.dense_last}")
     try:
         extra_budgets = [float(b) for b in a.also_budgets.split(",") if b.strip()]
     except ValueError:
@@ -124,6 +130,8 @@ def search_main(argv) -> int:
                                        objective=a.objective, early_weight=a.early_weight)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if a.dense_last:
+        config = config.with_dense_last(a.dense_last)
     config.save(out)
     stem = out.with_suffix("") if out.suffix == ".json" else out
     table = report.table()
@@ -135,7 +143,7 @@ def search_main(argv) -> int:
         cfg_b, rep_b = choose_config(report, b, min_recall=a.min_recall, num_layers=config.num_layers,
                                      allocate=a.allocate, objective=a.objective, early_weight=a.early_weight)
         path_b = Path(f"{stem}_b{b:g}.json")
-        cfg_b.save(path_b)
+        (cfg_b.with_dense_last(a.dense_last) if a.dense_last else cfg_b).save(path_b)
         Path(f"{stem}_b{b:g}.report.json").write_text(json.dumps(rep_b.to_json(), indent=1) + "\n")
         print(f"budget {b:g}: mean recall {rep_b.mean_recall:.4f}, mean density {rep_b.mean_density:.4f} "
               f"-> {path_b}")
