@@ -65,8 +65,8 @@ Top-level keys (no others are allowed):
     parameters (``"pattern": "tri_shape"`` may be given too). :func:`triangle_mix_config`
     builds such a config in Python.
 
-A head entry is an object with ``"pattern"`` and exactly that pattern's parameters, all
-ints in ``0 .. 2**31 - 1``. The patterns are those of the registry
+A head entry is an object with ``"pattern"`` and that pattern's parameters, all ints in
+``0 .. 2**31 - 1``; a parameter in brackets below is optional (0 when left out). The patterns are those of the registry
 (:mod:`mi_compile.patterns.registry`); the built-in ones:
 
 =====================  ==============================  =========================================
@@ -74,8 +74,11 @@ ints in ``0 .. 2**31 - 1``. The patterns are those of the registry
 =====================  ==============================  =========================================
 ``"dense"``            (none)                          full causal attention
 ``"a_shape"``          ``sink``, ``local``             first ``sink`` keys + a ``local`` window
-``"vertical_slash"``   ``vertical``, ``slash``         top ``vertical`` columns + ``slash`` diagonals
-``"block_sparse"``     ``topk``                        top ``topk`` 64x64 key blocks per query block
+``"vertical_slash"``   ``vertical``, ``slash``,        top ``vertical`` columns + ``slash`` diagonals;
+                       [``last``]                      the query blocks over the last ``last``
+                                                       queries dense (the question of a prompt)
+``"block_sparse"``     ``topk``, [``last``]            top ``topk`` 64x64 key blocks per query block
+                                                       (``last``: as for vertical_slash)
 ``"tri_shape"``        ``sink``, ``local``, ``last``   a_shape + dense 64-row query blocks over the
                                                        last ``last`` queries
 ``"xattention"``       ``threshold``, ``stride``,      per query block the fewest key blocks whose
@@ -84,13 +87,16 @@ ints in ``0 .. 2**31 - 1``. The patterns are those of the registry
 ``"flex_prefill"``     ``gamma``, ``tau``,             per input query-aware blocks or vertical-slash
                        ``min_budget``                  (switch: JS distance < ``tau`` per mille), the
                                                        fewest reaching ``gamma`` per mille of the mass
-``"vertical_slash_     ``vertical``, ``slash``         vertical_slash, the extra diagonals bought as
-tiled"``                                               whole key blocks (one kernel tile each)
+``"vertical_slash_     ``vertical``, ``slash``,        vertical_slash, the extra diagonals bought as
+tiled"``               [``last``]                      whole key blocks (one kernel tile each)
 =====================  ==============================  =========================================
 
 Numbered head entries may also carry ``"score"`` (a number: the recall the offline pattern
 search measured for that head). It is metadata only -- it does not change what runs -- and
 is kept in :attr:`SparseConfig.scores` and written back by :meth:`SparseConfig.to_json`.
+
+:meth:`SparseConfig.with_dense_last` sets ``last`` on every head that takes it (``python -m
+mi_compile search --dense-last T`` writes its configs so).
 
 Resolution order for (layer L, head H): ``layers[L][H]``, then ``layers[L]["*"]``, then the
 ``triangle_mix`` rule (which covers every layer, so with it ``default`` is never used), then

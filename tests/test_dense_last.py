@@ -18,16 +18,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from mi_compile.config import ConfigError, load_config  # noqa: E402
 from mi_compile.eval.harness import parse_config_spec  # noqa: E402
-from mi_compile.kernels import sparse_attention as kernel_module  # noqa: E402
-from mi_compile.kernels.sparse_attention import count_tile_pairs_per_block, count_visited_pairs  # noqa: E402
-from mi_compile.patterns.cost import computed_density, tile_pairs_per_block  # noqa: E402
+from mi_compile.patterns.cost import computed_density  # noqa: E402
 from mi_compile.patterns.index import head_selection_mask  # noqa: E402
-from mi_compile.patterns.reference import reference_attention  # noqa: E402
-from mi_compile.patterns.spec import HeadPattern as HP, PatternError  # noqa: E402
-from mi_compile.sparse import build_sparse_index, selection_mask, sparse_attention, \
-    sparse_attention_from_index  # noqa: E402
+from mi_compile.patterns.spec import PATTERN_IDS, HeadPattern as HP, PatternError  # noqa: E402
+from mi_compile.sparse import build_sparse_index, sparse_attention  # noqa: E402
 
-TOL = {torch.float32: 1e-4, torch.float16: 3e-3}
+from kernel_checks import assert_padded_rows_zero, check_kernel, make_inputs, rel_err  # noqa: E402
 
 
 def vs(v, s, last=0):
@@ -42,20 +38,12 @@ def tiled(v, s, last=0):
     return HP("vertical_slash_tiled", vertical=v, slash=s, last=last)
 
 
-def make_inputs(seed, B, Hq, Hkv, n, D, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(B, h, n, D, generator=g).to(dtype) for h in (Hq, Hkv, Hkv))
-
-
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12)).item()
-
-
 def test_parameter_is_optional_everywhere():
     # written and shown only when set; the encoding keeps its place (third int)
     assert vs(100, 200).describe() == "vertical_slash(100,200)"
     assert vs(100, 200, 64).describe() == "vertical_slash(100,200,last=64)"
-    assert bs(4, 128).encode() == [HP.decode(bs(4, 128).encode()).encode()[0], 4, 128, 0]
+    assert bs(4, 128).encode() == [PATTERN_IDS["block_sparse"], 4, 128, 0]
+    assert vs(100, 200).encode() == [PATTERN_IDS["vertical_slash"], 100, 200, 0]
     assert HP.decode(vs(100, 200, 64).encode()) == vs(100, 200, 64)
     # configs written before the parameter existed load unchanged, and round-trip
     old = load_config({"default": {"pattern": "vertical_slash", "vertical": 100, "slash": 200}})
@@ -124,21 +112,6 @@ def test_reference_mask_is_the_plain_selection_plus_dense_blocks(make):
                 assert torch.equal(got[b], brute_force_rows(want[b], int(start[b]), int(length[b]), last)), (last, h, b)
 
 
-def check_kernel(q, k, v, heads, seq_start=None, seq_len=None):
-    index = build_sparse_index(q, k, heads, seq_start=seq_start, seq_len=seq_len)
-    out = torch.full_like(q, float("nan"))
-    sparse_attention_from_index(q, k, v, index, impl="triton", out=out)
-    assert not out.isnan().any(), "kernel left output elements unwritten"
-    assert kernel_module.LAST_COMPILE.get("kernel") == "general"
-    ref = reference_attention(q, k, v, index, q.shape[-1] ** -0.5)
-    assert rel_err(out, ref) < TOL[q.dtype]
-    visits = count_visited_pairs(q, k, v, index)
-    assert visits.max() <= 1, "a pair was computed twice"
-    assert torch.equal(visits.bool(), selection_mask(q, k, heads, seq_start, seq_len)), "coverage differs"
-    assert torch.equal(count_tile_pairs_per_block(q, k, v, index).long(), tile_pairs_per_block(index))
-    return out
-
-
 MIXED = [vs(70, 130, 64), bs(2, 100), tiled(66, 200, 1), vs(66, 70), HP("dense"), bs(1, 2**31 - 1)]
 CASES = [
     # name, heads (cycled), B, Hq, Hkv, n, starts, lengths
@@ -157,10 +130,7 @@ def test_kernel_matches_reference(name, heads, B, Hq, Hkv, n, starts, lengths, d
     length = None if lengths is None else torch.tensor(lengths, dtype=torch.int32)
     out = check_kernel(q, k, v, heads, start, length)
     if start is not None:
-        for b in range(B):
-            pad = torch.ones(n, dtype=torch.bool)
-            pad[int(start[b]):int(start[b]) + int(length[b])] = False
-            assert torch.equal(out[b, :, pad], torch.zeros_like(out[b, :, pad])), "padded rows must be 0"
+        assert_padded_rows_zero(out, start, length)
 
 
 def test_dense_rows_equal_dense_attention_there_and_cost_what_they_compute():

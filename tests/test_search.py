@@ -250,6 +250,19 @@ def test_global_allocation_and_rechoosing_from_a_saved_report(tmp_path):
                  "--objective", "output", "--early-weight", "1", "--out", str(tmp_path / "o.json")]) == 0
     summary = (tmp_path / "o.summary.txt").read_text()
     assert "objective output, early weight 1" in summary and "output error" in summary
+    # --dense-last: the same choice, every head that takes it with its last 64 queries dense
+    # (the main config and the --also-budgets ones)
+    assert main(["search", "--from-report", str(path), "--budget", str(budget), "--allocate", "global",
+                 "--also-budgets", "0.9", "--dense-last", "64", "--out", str(tmp_path / "l.json")]) == 0
+    takes = []
+    for written, plain in ((tmp_path / "l.json", glob_cfg),
+                           (tmp_path / "l_b0.9.json", choose_config(again, 0.9, allocate="global")[0])):
+        got = load_config(written)
+        assert got.layers == plain.with_dense_last(64).layers
+        takes += [p for heads in got.layers.values() for p in heads.values() if "last" in p.params]
+    assert takes and all(p.last == 64 for p in takes)
+    with pytest.raises(SystemExit):
+        main(["search", "--from-report", str(path), "--dense-last", "-1", "--out", str(tmp_path / "x.json")])
 
 
 

@@ -16,30 +16,17 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mi_compile.config import ConfigError, TriangleMix, load_config, triangle_mix_config  # noqa: E402
-from mi_compile.kernels import sparse_attention as kernel_module  # noqa: E402
-from mi_compile.kernels.sparse_attention import count_tile_pairs_per_block, count_visited_pairs  # noqa: E402
 from mi_compile.patterns import registry  # noqa: E402
 from mi_compile.patterns.cost import tile_pairs_per_block  # noqa: E402
 from mi_compile.patterns.index import build_index, head_selection_mask  # noqa: E402
-from mi_compile.patterns.reference import reference_attention  # noqa: E402
 from mi_compile.patterns.spec import HeadPattern as HP, PatternError, decode_heads, encode_heads  # noqa: E402
-from mi_compile.sparse import build_sparse_index, selection_mask, sparse_attention, \
-    sparse_attention_from_index  # noqa: E402
+from mi_compile.sparse import build_sparse_index, sparse_attention  # noqa: E402
 
-TOL = {torch.float32: 1e-4, torch.float16: 3e-3}
+from kernel_checks import assert_padded_rows_zero, check_kernel, make_inputs, rel_err  # noqa: E402
 
 
 def tri(sink, local, last):
     return HP("tri_shape", sink=sink, local=local, last=last)
-
-
-def make_inputs(seed, B, Hq, Hkv, n, D, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(B, h, n, D, generator=g).to(dtype) for h in (Hq, Hkv, Hkv))
-
-
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12)).item()
 
 
 # ---------------------------------------------------------------------- parameters, encoding
@@ -140,21 +127,6 @@ def test_both_table_builders_agree():
 
 # ---------------------------------------------------------------------- kernel
 
-def check_kernel(q, k, v, heads, seq_start=None, seq_len=None):
-    index = build_sparse_index(q, k, heads, seq_start=seq_start, seq_len=seq_len)
-    out = torch.full_like(q, float("nan"))
-    sparse_attention_from_index(q, k, v, index, impl="triton", out=out)
-    assert not out.isnan().any(), "kernel left output elements unwritten"
-    assert kernel_module.LAST_COMPILE.get("kernel") == "general"
-    ref = reference_attention(q, k, v, index, q.shape[-1] ** -0.5)
-    assert rel_err(out, ref) < TOL[q.dtype]
-    visits = count_visited_pairs(q, k, v, index)
-    assert visits.max() <= 1, "a pair was computed twice"
-    assert torch.equal(visits.bool(), selection_mask(q, k, heads, seq_start, seq_len)), "coverage differs"
-    assert torch.equal(count_tile_pairs_per_block(q, k, v, index).long(), tile_pairs_per_block(index))
-    return out
-
-
 CASES = [
     # name, heads (cycled), B, Hq, Hkv, n, starts, lengths
     ("odd", HEADS, 1, 6, 2, 231, None, None),
@@ -173,10 +145,7 @@ def test_kernel_matches_reference(name, heads, B, Hq, Hkv, n, starts, lengths, d
     length = None if lengths is None else torch.tensor(lengths, dtype=torch.int32)
     out = check_kernel(q, k, v, heads, start, length)
     if start is not None:
-        for b in range(B):
-            pad = torch.ones(n, dtype=torch.bool)
-            pad[int(start[b]):int(start[b]) + int(length[b])] = False
-            assert torch.equal(out[b, :, pad], torch.zeros_like(out[b, :, pad])), "padded rows must be 0"
+        assert_padded_rows_zero(out, start, length)
 
 
 def test_mixed_layer_through_the_public_op(monkeypatch):

@@ -10,7 +10,8 @@ coordinates; ``NQB = ceil(n / 64)`` query blocks of 64 rows; ``B`` inputs, ``H``
     exact per-element test ``j < sink or i - j < band`` (A-shape; other patterns have
     ``sink = 0`` and a band wider than any sequence), always combined with ``j <= i``.
 ``last [H]``
-    dense rows at the end (tri-shape; 0 for other patterns): query block ``m`` of input ``b``
+    dense rows at the end (tri-shape, and the optional ``last`` of vertical-slash and
+    block-sparse heads; else 0): query block ``m`` of input ``b``
     is dense iff ``last > 0`` and ``m0 + 64 > seq_len[b] - last``; the kernel then visits
     ``[0, m0)`` as its prefix and the diagonal tile without the band test, and none of the
     group / block / column ranges below (so no pair twice).

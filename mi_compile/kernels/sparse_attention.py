@@ -15,9 +15,10 @@ within the ranges below):
 4. gathered extra columns ``< m0``, skipping those a group interval already covered;
 5. the diagonal tile ``[m0, m0 + 64)``, which every pattern selects (causally).
 
-A query block that the head's ``last`` table makes dense (tri-shape: ``last > 0`` and
-``m0 + 64 > len - last``) takes ``prefix = m0`` and ``band = WIDE`` and skips phases 2-4, so
-it visits ``[0, m0)`` and its diagonal tile, every causal key once.
+A query block that the head's ``last`` table makes dense (tri-shape, and vertical-slash or
+block-sparse heads with ``last`` set: ``last > 0`` and ``m0 + 64 > len - last``) takes
+``prefix = m0`` and ``band = WIDE`` and skips phases 2-4, so it visits ``[0, m0)`` and its
+diagonal tile, every causal key once.
 
 Phases 1-4 only see keys below the block's first row, so they need no causal test (only a 1D
 key mask; A-shape group tiles also test the band per element); only the diagonal tile builds
@@ -32,7 +33,7 @@ The same program doubles as the padding writer: it zero-fills the padding slots
 Layers whose heads are all dense or A-shape (nothing data-dependent) use a second kernel,
 :func:`_wide_attention_kernel`, with 128-row programs (two 64-row warpgroups share each K/V
 tile); ``KERNEL_CONFIG["wide"] = False`` sends them through the general kernel too. It has no
-``last`` table: layers with tri-shape heads always take the general kernel.
+``last`` table: layers with heads that have dense last rows always take the general kernel.
 
 Bounds are part of the contract: whatever the index tables hold, no load or store leaves its
 tensor. The sequence range is clamped into ``[0, n)``, ``prefix`` to ``>= 0``, the counts
@@ -274,7 +275,7 @@ def _sparse_attention_kernel(
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh,
             n, num_heads, heads_per_kv, HEAD_DIM)
         table_row = bh.to(tl.int64) * num_q_blocks + m
-        # dense rows at the end (tri-shape): every key below the block, no band, no other range
+        # dense rows at the end (a head's `last`): every key below the block, no band, no other range
         last = tl.load(last_ptr + h)
         dense_rows = (last > 0) & (m0 + BLOCK_M > length - last)
         prefix = tl.where(dense_rows, m0, prefix)
