@@ -8,7 +8,7 @@
 #   bash benchmarks/qwen_device.sh adaptive|adaptive_acc|adaptive_sweep [SECONDS]   # the no-config patterns
 #   bash benchmarks/qwen_device.sh adaptive2|adaptive2_acc [SECONDS]   # the next adaptive candidates
 #   bash benchmarks/qwen_device.sh searched|searched_acc [SECONDS]   # a search over every pattern at 128K
-#   bash benchmarks/qwen_device.sh yard|yard_acc [SECONDS]   # 128K configs with the last 64 rows dense
+#   bash benchmarks/qwen_device.sh yard|yard_acc|yard_search [SECONDS]   # the 128K config with / without dense last rows
 #   bash benchmarks/qwen_device.sh checks|kernels [SECONDS]   # no model: gpu_checks, the kernel benchmark
 #   bash benchmarks/qwen_device.sh queue STAGE:SECONDS ...   # those stages in turn, outliving the call
 #   bash benchmarks/qwen_device.sh collect   # what the queue has made so far, to $OUT
@@ -156,31 +156,32 @@ case "$stage" in
       tar czf "$OUT/acc_adaptive2.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_adaptive2.json*)
     fi
     ;;
-  yard|yard_acc)
-    # yard: the 128K search over every registered pattern (budgets 0.06 / 0.08, recall floor 0.6)
-    # with the prompt's last 64 queries dense in every head that allows it; the shipped 128K
-    # config as it is and with those rows (SparseConfig.with_dense_last); their TTFT against eager
-    # at 32K-128K with Inductor. yard_acc: accuracy at 128K of the shipped config with and without
-    # the rows and of the cheapest searched one, against dense
+  yard|yard_acc|yard_search)
+    # the shipped 128K config (budget 0.08, the prompt's last 64 queries dense) against the same
+    # without those rows (SparseConfig.with_dense_last(0)). yard: TTFT against eager at 32K-128K
+    # with Inductor (two compiles: ~3 minutes on the H100, where the first took 118 s); yard_acc:
+    # accuracy at 128K against dense; yard_search: the 128K search over every registered pattern
+    # (budgets 0.06 / 0.08 / 0.12, recall floor 0.6, the last 64 rows dense; ~3 minutes)
     deadline=$(( $(date +%s) + ${2:-480} ))
     mkdir -p "$RUNS/cfg"
     python3 -c "import sys; from mi_compile.config import load_config
-load_config(sys.argv[1]).with_dense_last(64).save(sys.argv[2])" "$CFG_FAST" "$RUNS/cfg/s08_last64.json"
-    A08="$RUNS/cfg/all_b0.08_last64.json" A06="$RUNS/cfg/all_b0.08_last64_b0.06.json"
-    if [ "$stage" = yard ]; then
-      timeout "$(( deadline - $(date +%s) ))" python3 -m mi_compile search "${SEARCH_ARGS[@]}" --length 131072 \
-        --budget 0.08 --min-recall 0.6 --also-budgets 0.06,0.12 --dense-last 64 --out "$A08" 2>&1 \
-        | grep -v "it/s\]" > "$RUNS/search_yard.log"
-      tail -15 "$RUNS/search_yard.log"
-      run_until yard 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" \
-        --configs "l64=$RUNS/cfg/s08_last64.json" "a08=$A08" "a06=$A06" --modes eager,searched,l64,a08,a06 \
-        --lengths 32768,65536,131072 --reps 2
-      tar czf "$OUT/yard.tgz" -C "$RUNS" yard yard.log search_yard.log cfg
-    else
-      run_until acc_yard.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
-        --modes dense,searched,l64,a06 --configs "l64=$RUNS/cfg/s08_last64.json" "a06=$A06" --examples 20
-      tar czf "$OUT/acc_yard.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_yard.json*)
-    fi
+load_config(sys.argv[1]).with_dense_last(0).save(sys.argv[2])" "$CFG_FAST" "$RUNS/cfg/s08_nolast.json"
+    case $stage in
+      yard)
+        run_until yard 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" \
+          --configs "nolast=$RUNS/cfg/s08_nolast.json" --modes eager,searched,nolast --lengths 32768,65536,131072 --reps 2
+        tar czf "$OUT/yard.tgz" -C "$RUNS" yard yard.log ;;
+      yard_acc)
+        run_until acc_yard.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
+          --modes dense,searched,nolast --configs "nolast=$RUNS/cfg/s08_nolast.json" --examples 20
+        tar czf "$OUT/acc_yard.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_yard.json*) ;;
+      yard_search)
+        timeout "$(( deadline - $(date +%s) ))" python3 -m mi_compile search "${SEARCH_ARGS[@]}" --length 131072 \
+          --budget 0.08 --min-recall 0.6 --also-budgets 0.06,0.12 --dense-last 64 \
+          --out "$RUNS/cfg/all_b0.08_last64.json" 2>&1 | grep -v "it/s\]" > "$RUNS/search_yard.log"
+        tail -15 "$RUNS/search_yard.log"
+        tar czf "$OUT/yard_search.tgz" -C "$RUNS" search_yard.log cfg ;;
+    esac
     ;;
   searched)
     # one call: the 128K search over every registered pattern's candidates (the adaptive ones and
@@ -243,7 +244,7 @@ load_config(sys.argv[1]).with_dense_last(64).save(sys.argv[2])" "$CFG_FAST" "$RU
     tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.safetensors' .
     ;;
   *)
-    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|adaptive2|adaptive2_acc|searched|searched_acc|yard|yard_acc|checks|kernels [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
+    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|adaptive2|adaptive2_acc|searched|searched_acc|yard|yard_acc|yard_search|checks|kernels [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
     exit 2
     ;;
 esac
