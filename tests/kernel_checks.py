@@ -4,6 +4,8 @@
 what every pattern test wants of it: all of the output written, the reference's values, each
 selected pair visited exactly once and nothing else, and the cost model equal to the walk.
 """
+import zlib
+
 import torch
 
 from mi_compile.kernels import sparse_attention as kernel_module
@@ -48,3 +50,17 @@ def assert_padded_rows_zero(out, seq_start, seq_len):
         pad = torch.ones(n, dtype=torch.bool)
         pad[int(seq_start[b]):int(seq_start[b]) + int(seq_len[b])] = False
         assert torch.equal(out[b, :, pad], torch.zeros_like(out[b, :, pad])), "padded rows must be 0"
+
+
+def check_case(name, heads, B, Hq, Hkv, n, starts, lengths, dtype, head_dim=32):
+    """:func:`check_kernel` on inputs seeded by ``name`` and ``dtype``: ``heads`` cycled over
+    ``Hq`` query heads, ``starts`` / ``lengths`` (lists, or None: unpadded) the batch's
+    sequences, whose padded rows must come out 0."""
+    q, k, v = make_inputs(zlib.crc32(f"{name}{dtype}".encode()), B, Hq, Hkv, n, head_dim, dtype)
+    heads = [heads[h % len(heads)] for h in range(Hq)]
+    start = None if starts is None else torch.tensor(starts, dtype=torch.int32)
+    length = None if lengths is None else torch.tensor(lengths, dtype=torch.int32)
+    out = check_kernel(q, k, v, heads, start, length)
+    if start is not None:
+        assert_padded_rows_zero(out, start, length)
+    return out

@@ -384,3 +384,29 @@ def test_global_allocation_with_a_recall_floor():
     floored = allocate_globally(recall, density, 0.1, allowed=recall_floor(recall, 0.9))
     assert floored == {0: [1, 1, 2]}            # >= 0.9 where reachable, else the best candidate
     assert recall_floor(recall, 0.0) is None
+
+
+def test_estimates_are_charged_like_density():
+    """A pattern whose estimate costs kernel time (XAttention) pays it from the budget: the same
+    scores choose it when it fits with its estimate, and a static pattern when it does not."""
+    from mi_compile.patterns.xattention import XA_ESTIMATE_COST
+    from mi_compile.search import SearchReport
+    from mi_compile.search.search import estimate_costs
+
+    cands = [HeadPattern("a_shape", sink=64, local=1024), HeadPattern("xattention", threshold=900, stride=8,
+                                                                      max_blocks=2048),
+             HeadPattern("vertical_slash", vertical=1000, slash=64), HeadPattern("dense")]
+    cost = estimate_costs(cands, 131072)[:, 0].tolist()
+    assert cost[0] == 0 and cost[1] == XA_ESTIMATE_COST[8] and 0 < cost[2] < cost[1] and cost[3] == 0
+    recall = {0: torch.tensor([[0.70, 0.70], [0.95, 0.95], [0.80, 0.80], [1.0, 1.0]], dtype=torch.float64)}
+    density = {0: torch.tensor([[0.03, 0.03], [0.05, 0.05], [0.06, 0.06], [1.0, 1.0]], dtype=torch.float64)}
+    scored = SearchReport(model="toy", n=131072, budget=0.1, seed=0, score_queries=256, sample_queries=0,
+                          candidates=cands, heads=[], recall=recall, density=density, skipped_layers={})
+    for allocate in ("head", "global"):
+        _, cheap = choose_config(scored, 0.1, allocate=allocate)        # 0.05 + 0.15 does not fit 0.1
+        assert [h.pattern.kind for h in cheap.heads] == ["vertical_slash"] * 2
+        assert cheap.mean_charged == pytest.approx(0.06 + cost[2]) and cheap.mean_charged <= 0.1
+        _, rich = choose_config(scored, 0.25, allocate=allocate)        # now it does
+        assert [h.pattern.kind for h in rich.heads] == ["xattention"] * 2
+        assert rich.mean_density == pytest.approx(0.05) and rich.mean_charged == pytest.approx(0.05 + cost[1])
+        assert "+ estimates" in rich.table()

@@ -9,7 +9,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import json  # noqa: E402
-import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -22,7 +21,7 @@ from mi_compile.patterns.index import build_index, head_selection_mask  # noqa: 
 from mi_compile.patterns.spec import HeadPattern as HP, PatternError, decode_heads, encode_heads  # noqa: E402
 from mi_compile.sparse import build_sparse_index, sparse_attention  # noqa: E402
 
-from kernel_checks import assert_padded_rows_zero, check_kernel, make_inputs, rel_err  # noqa: E402
+from kernel_checks import check_case, check_kernel, make_inputs, rel_err  # noqa: E402
 
 
 def tri(sink, local, last):
@@ -139,13 +138,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("name,heads,B,Hq,Hkv,n,starts,lengths", CASES, ids=[c[0] for c in CASES])
 def test_kernel_matches_reference(name, heads, B, Hq, Hkv, n, starts, lengths, dtype):
-    q, k, v = make_inputs(zlib.crc32(f"{name}{dtype}".encode()), B, Hq, Hkv, n, 32, dtype)
-    heads = [heads[h % len(heads)] for h in range(Hq)]
-    start = None if starts is None else torch.tensor(starts, dtype=torch.int32)
-    length = None if lengths is None else torch.tensor(lengths, dtype=torch.int32)
-    out = check_kernel(q, k, v, heads, start, length)
-    if start is not None:
-        assert_padded_rows_zero(out, start, length)
+    check_case(name, heads, B, Hq, Hkv, n, starts, lengths, dtype)
 
 
 def test_mixed_layer_through_the_public_op(monkeypatch):

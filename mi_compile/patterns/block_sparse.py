@@ -35,6 +35,10 @@ from .spec import HeadPattern
 #: block counts for long prompts (both rank 4).
 BS_TOPK = (1 / 16, 1 / 8, 1 / 6, 1 / 4, 1 / 3, 1 / 2)
 BS_TOPK_BLOCKS = (8, 16, 32, 64)
+#: Pooling, block scores and top-k per head against the head's square at the kernel's pace
+#: (PatternSpec.estimate_cost): the index build took 5.9 ms for 32 heads at 128K on the H100
+#: (the kernel benchmark), ~0.18 ms a head against ~14 ms for a head's whole square.
+BS_ESTIMATE_COST = 0.013
 
 
 def _chunk_size(per_head_bytes: int, budget: int = 1 << 28) -> int:
@@ -221,6 +225,9 @@ class BlockSparseSpec(PatternSpec):
 
     def from_minference(self, vertical_size: int, slash_size: int) -> dict:
         return {"topk": vertical_size}     # MInference passes vertical_size as the block count
+
+    def estimate_cost(self, head, n: int) -> float:
+        return BS_ESTIMATE_COST
 
     def head_tables(self, head) -> dict:
         return {**super().head_tables(head), "last": head.last}

@@ -53,6 +53,10 @@ from .xattention import select_from_mass
 #: Search candidates: ``(gamma, tau)`` per mille, with a one-block floor.
 FLEX_CANDIDATES = ((900, 100), (950, 100), (950, 200))
 FLEX_MIN_BUDGET = BLOCK
+#: Estimate and (PyTorch) table building per head against the head's square at the kernel's
+#: pace (PatternSpec.estimate_cost): ~360 ms of table building and 13 ms of estimate over 336
+#: heads in the H200's 128K profile, ~1.1 ms a head against ~14 ms for a head's whole square.
+FLEX_ESTIMATE_COST = 0.076
 
 
 def fewest_reaching(dist: torch.Tensor, exists: torch.Tensor, gammas: torch.Tensor,
@@ -138,6 +142,9 @@ class FlexPrefillSpec(PatternSpec):
     selection = PHASE_TABLE_SELECT
     per_block = True
     color = "#9c755f"
+
+    def estimate_cost(self, head, n: int) -> float:
+        return FLEX_ESTIMATE_COST
 
     def validate(self, head) -> None:
         if not 1 <= head.gamma <= 1000:

@@ -133,6 +133,13 @@ class PatternSpec:
         None to let the index builder select."""
         return None
 
+    def estimate_cost(self, head, n: int) -> float:
+        """Device time of the head's per-input selection at length ``n``, as the fraction of the
+        causal square the sparse kernel computes in that time: what the search charges on top
+        of the computed density. 0 where it is small against the kernel (a static pattern, or
+        an estimate over the last 64 queries only)."""
+        return 0.0
+
     def label(self, head) -> str:
         """The short budget text of a plot cell."""
         return ",".join(str(v) for v in head.params.values()) or self.name

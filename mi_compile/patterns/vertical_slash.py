@@ -61,6 +61,11 @@ from .spec import HeadPattern
 VS_VERTICAL = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 VS_SLASH_EXTRA = (0.0, 1 / 128, 1 / 64, 1 / 32, 1 / 16)
 VS_VERTICAL_TOKENS = (128, 512, 2048)
+#: Estimate, top-k and tables per head, as a fraction of the head's causal square at the
+#: kernel's pace (PatternSpec.estimate_cost): ~0.15 ms a head in the H200's 128K profile
+#: (11 + 4 + 36 ms over 334 vertical-slash and block-sparse heads) against ~14 ms for a head's
+#: whole square at 128K (docs/kernels.md, "The estimates").
+VS_ESTIMATE_COST = 0.011
 VS_SLASH_EXTRA_TOKENS = (0, 128, 512)
 
 
@@ -346,6 +351,9 @@ class VerticalSlashSpec(PatternSpec):
 
     def from_minference(self, vertical_size: int, slash_size: int) -> dict:
         return {"vertical": vertical_size, "slash": slash_size}
+
+    def estimate_cost(self, head, n: int) -> float:
+        return VS_ESTIMATE_COST
 
     def head_tables(self, head) -> dict:
         return {"prefix": min(head.vertical, FORCED), "sink": 0, "band": WIDE, "group": None, "last": head.last}

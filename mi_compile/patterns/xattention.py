@@ -57,6 +57,13 @@ from .spec import HeadPattern
 
 #: Strides the estimate takes (a strided row holds ``S`` tokens; 64 must be a multiple of S).
 XA_STRIDES = (2, 4, 8, 16)
+#: The estimate's cost per head against the sparse kernel's work, as a fraction of the causal
+#: square (length-independent: both are O(n^2)). Its two passes do ``1 / stride`` of dense
+#: attention's FLOPs at ~0.8x the kernel's pace; measured on the H100 at 128K (32 heads, the
+#: kernel benchmark): 66.1 ms at stride 8 and 38.5 ms at stride 16 against ~441 ms for the whole
+#: square at the kernel's 319 TFLOP/s, i.e. 0.15 and 0.087 (docs/kernels.md).
+XA_ESTIMATE_COST = {8: 0.15, 16: 0.087}
+XA_ESTIMATE_PACE = 1.2            # the other strides: PACE / stride
 #: Search candidates: thresholds (per mille) at stride 8, with the block cap at all blocks.
 XA_THRESHOLDS = (900, 950, 990)
 XA_STRIDE = 8
@@ -165,6 +172,9 @@ class XAttentionSpec(PatternSpec):
     selection = PHASE_BLOCK_SELECT
     per_block = True
     color = "#edc948"
+
+    def estimate_cost(self, head, n: int) -> float:
+        return XA_ESTIMATE_COST.get(head.stride, XA_ESTIMATE_PACE / head.stride)
 
     def validate(self, head) -> None:
         if not 1 <= head.threshold <= 1000:

@@ -6,7 +6,9 @@
 
 Per head, the chosen pattern is the candidate with the highest recall (share of dense
 attention mass kept, :mod:`.score`) whose density (share of the causal square computed) is at
-most ``budget``; see :func:`.score.choose` for ties and the fallbacks.
+most ``budget``; see :func:`.score.choose` for ties and the fallbacks. A pattern whose per-input
+estimate costs kernel time of its own (XAttention's strided logits) is charged that too, in the
+same units (:func:`estimate_costs`), so the budget bounds time and not only the tiles.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ class HeadResult:
     recall: float
     density: float
     error: float | None = None     # relative squared output error (None: not scored)
+    #: the pattern's per-input estimate, charged like density (PatternSpec.estimate_cost)
+    estimate: float = 0.0
 
 
 @dataclasses.dataclass
@@ -84,6 +88,11 @@ class SearchReport:
         return sum(h.density for h in self.heads) / max(1, len(self.heads))
 
     @property
+    def mean_charged(self) -> float:
+        """Mean computed density plus the estimates' cost: what the budget bounds."""
+        return sum(h.density + h.estimate for h in self.heads) / max(1, len(self.heads))
+
+    @property
     def mean_error(self) -> float | None:
         """Mean relative squared output error of the chosen patterns (None: not scored)."""
         errs = [h.error for h in self.heads if h.error is not None]
@@ -113,16 +122,18 @@ class SearchReport:
         if self.mean_error is not None:
             lines.append(f"  mean relative squared output error {self.mean_error:.3g} (max "
                          f"{max(h.error for h in self.heads):.3g})")
+        estimates = self.mean_charged - self.mean_density
+        charged = f" + estimates {estimates:.4f}" if estimates > 0 else ""
         if self.allocate == "global":
-            within = self.mean_density <= self.budget + 1e-12
+            within = self.mean_charged <= self.budget + 1e-12
             lines.append(f"  min recall {min((h.recall for h in self.heads), default=0):.4f}; budget shared by all "
-                         f"heads: mean density {self.mean_density:.4f} "
+                         f"heads: mean density {self.mean_density:.4f}{charged} "
                          + (f"<= {self.budget:g}" if within else
                             f"> {self.budget:g} (even the cheapest candidates exceed the budget)"))
         else:
-            over = sum(h.density > self.budget for h in self.heads)
-            lines.append(f"  min recall {min((h.recall for h in self.heads), default=0):.4f}; "
-                         f"{over} head(s) over budget (no candidate fitted)")
+            over = sum(h.density + h.estimate > self.budget for h in self.heads)
+            lines.append(f"  min recall {min((h.recall for h in self.heads), default=0):.4f}; mean density "
+                         f"{self.mean_density:.4f}{charged}; {over} head(s) over budget (no candidate fitted)")
         by_pattern: dict[str, int] = {}
         for h in self.heads:
             by_pattern[h.pattern.describe()] = by_pattern.get(h.pattern.describe(), 0) + 1
@@ -154,6 +165,7 @@ class SearchReport:
                 "capture_s": round(self.capture_s, 1), "score_s": round(self.score_s, 1),
                 "heads": [{"layer": h.layer, "head": h.head, "pattern": h.pattern.describe(),
                            "recall": round(h.recall, 6), "density": round(h.density, 6),
+                           "estimate": round(h.estimate, 6),
                            **({} if h.error is None else {"error": float(f"{h.error:.4g}")})}
                           for h in self.heads],
                 # every candidate's score, so the choice can be redone without the model
@@ -301,10 +313,12 @@ def choose_config(scored: SearchReport, budget: float, *, min_recall: float = 0.
         raise ValueError(f"allocate must be 'head' or 'global', got {allocate!r}")
     if allocate == "head" and (objective != "mass" or early_weight):
         raise ValueError("objective / early_weight apply to allocate='global' only")
+    estimate = estimate_costs(cands, scored.n)                                   # [C, 1]
+    charged = {l: d + estimate.to(d.dtype) for l, d in scored.density.items()}
     picks = (allocate_globally(allocation_utility(scored.recall, objective, early_weight, scored.error),
-                               scored.density, budget, allowed=recall_floor(scored.recall, min_recall))
+                               charged, budget, allowed=recall_floor(scored.recall, min_recall))
              if allocate == "global" else
-             {l: choose(scored.recall[l], scored.density[l], budget, min_recall=min_recall,
+             {l: choose(scored.recall[l], charged[l], budget, min_recall=min_recall,
                         dense_index=dense_index) for l in scored.recall})
     for layer in sorted(scored.recall):
         rec, den = scored.recall[layer], scored.density[layer]
@@ -315,7 +329,7 @@ def choose_config(scored: SearchReport, budget: float, *, min_recall: float = 0.
             scores[layer][h] = round(float(rec[c, h]), 5)
             err = scored.error.get(layer)
             heads.append(HeadResult(layer, h, cands[c], float(rec[c, h]), float(den[c, h]),
-                                    None if err is None else float(err[c, h])))
+                                    None if err is None else float(err[c, h]), float(estimate[c, 0])))
 
     num_heads = max(h.head for h in heads) + 1
     if not isinstance(num_layers, int) or num_layers <= max(chosen):
@@ -328,10 +342,18 @@ def choose_config(scored: SearchReport, budget: float, *, min_recall: float = 0.
         f", early weight {early_weight:g}" if early_weight else "")
     text = (f"{name}, searched by mi_compile.search at {n} tokens, budget {budget:g} "
             f"({how}), {scored.seeds_text()}: "
-            f"mean recall {report.mean_recall:.4f}, mean density {report.mean_density:.4f}")
+            f"mean recall {report.mean_recall:.4f}, mean density {report.mean_density:.4f}"
+            + (f" (+ estimates {report.mean_charged - report.mean_density:.4f})"
+               if report.mean_charged > report.mean_density else ""))
     config = SparseConfig(source="<search>", num_layers=num_layers, num_heads=num_heads, layers=chosen,
                           default=HeadPattern("dense"), scores=scores, model=text)
     return config, report
+
+
+def estimate_costs(candidates: Sequence[HeadPattern], n: int) -> torch.Tensor:
+    """float64 ``[C, 1]``: each candidate's :meth:`~mi_compile.patterns.registry.PatternSpec.estimate_cost`
+    at length ``n``, added to its computed density wherever the search compares costs."""
+    return torch.tensor([[registry.get(p.kind).estimate_cost(p, n)] for p in candidates], dtype=torch.float64)
 
 
 OBJECTIVES = ("mass", "squared-miss", "output")
