@@ -268,13 +268,13 @@ def _sparse_attention_kernel(
     m, bh, h, seq_start, length, m0, rows, dims, out_head = _program_rows(
         seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, num_q_blocks,
         HEAD_DIM, BLOCK_D, BLOCK_M, MODE, GROUP)
+    table_row = bh.to(tl.int64) * num_q_blocks + m          # this block's row of the per-block tables
 
     if m0 < length:
         row_ok, q_rows, q, k_head, v_head, count_head, prefix, sink, band = _program_operands(
             q_ptr, k_ptr, v_ptr, count_ptr, prefix_ptr, sink_ptr, band_ptr, bh, h, seq_start, length, rows, dims,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh,
             n, num_heads, heads_per_kv, HEAD_DIM)
-        table_row = bh.to(tl.int64) * num_q_blocks + m
         # dense rows at the end (a head's `last`): every key below the block, no band, no other range
         last = tl.load(last_ptr + h)
         dense_rows = (last > 0) & (m0 + BLOCK_M > length - last)
@@ -336,7 +336,7 @@ def _sparse_attention_kernel(
             tl.store(count_ptr + table_row, pairs)
     else:
         if MODE >= 2:
-            tl.store(count_ptr + bh.to(tl.int64) * num_q_blocks + m, 0)
+            tl.store(count_ptr + table_row, 0)
 
 
 

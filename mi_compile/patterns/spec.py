@@ -16,10 +16,11 @@ the built-in ones (MInference, arXiv 2407.02490, section 3):
     ``j`` when ``j < sink`` or ``i - j < local`` (and ``j <= i``).
 ``vertical_slash``
     per input, the ``vertical`` hottest key columns and the ``slash`` hottest diagonals,
-    estimated from the last 64 queries.
+    estimated from the last 64 queries (optional ``last``: the query blocks over the prompt's
+    last ``last`` queries dense, as tri-shape's).
 ``block_sparse``
     per input, for each 64-query block the ``topk`` 64-key blocks with the highest
-    mean-pooled score (causal).
+    mean-pooled score (causal; optional ``last`` as vertical_slash).
 ``tri_shape``
     A-shape plus dense rows at the end: the 64-row query blocks holding any of the
     sequence's last ``last`` queries see every causal key (TriangleMix, arXiv 2507.21526;
@@ -62,7 +63,7 @@ class HeadPattern:
     slash: int = 0
     # block_sparse
     topk: int = 0
-    # tri_shape
+    # tri_shape; optional on vertical_slash(_tiled) and block_sparse
     last: int = 0
     # xattention
     threshold: int = 0
