@@ -142,7 +142,7 @@ class PatternSpec:
 
     def label(self, head) -> str:
         """The short budget text of a plot cell."""
-        return ",".join(str(v) for v in head.params.values()) or self.name
+        return ",".join(str(v) for v in head.set_params.values()) or self.name
 
 
 def tokens(frac: float, n: int, minimum: int = BLOCK) -> int:
