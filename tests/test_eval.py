@@ -648,6 +648,9 @@ def test_run_eval_python_haystack_forced_yarn_budget(tiny_qwen, tmp_path):
                      for e in r["examples"]}
     nat = {n["mode"]: n for n in rep["natural"]}
     assert nat["dense"]["top1_agreement"] == 1.0 and nat["ashape"]["positions"] == 64
+    # no head has dense last rows: every compared position is decided by the patterns
+    assert nat["ashape"]["top1_sparse_rows"] == nat["ashape"]["top1_agreement"]
+    assert nat["ashape"]["sparse_rows"] == 64
     assert nat["ashape"]["first_position"] == 1024 - 64
     assert rep["modes"]["ashape"]["compiles"] and rep["summary"]["ashape"]["1024"]["density"] < 0.5
     lines = (tmp_path / "r.rows.jsonl").read_text().splitlines()
@@ -684,3 +687,11 @@ def test_searched_defaults_and_shipped_names(monkeypatch, tmp_path):
     assert H.parse_config_spec("q-128k")[0] == str(tmp_path / "qwen2.5-coder-1.5b-128k.json")
     modes, skipped = H.resolve_modes(["searched"], searched_path="q-128k")
     assert [m.name for m in modes] == ["dense", "searched"] and not skipped
+
+
+def test_sparse_rows_before_the_dense_last_blocks():
+    assert H.sparse_rows_before(1024, 512, 0) == 512                 # no dense rows: all compared
+    assert H.sparse_rows_before(1024, 512, 64) == 448                # the last block is dense
+    assert H.sparse_rows_before(1000, 488, 64) == 408                # 1000 - 64 = 936: blocks from 896
+    assert H.sparse_rows_before(1024, 512, 1) == 448                 # one row: its whole block
+    assert H.sparse_rows_before(1024, 960, 512) == 0                 # the window is all dense rows

@@ -46,7 +46,9 @@ Measured per mode:
   text, or :func:`mi_compile.eval.tasks.code_document`, Python source): top-1 next-token
   agreement with the dense mode and mean ``KL(dense || mode)`` over the last ``natural_last``
   positions (or the positions after the first ``natural_skip``); only those positions' logits
-  are computed.
+  are computed. Where a head's ``last`` makes the final query blocks dense, ``top1_sparse_rows``
+  is the agreement over the positions before them (``sparse_rows`` of them), which the
+  patterns alone decide.
 
 Long contexts: with ``yarn="auto"`` each length past the model's native context runs with
 YaRN (:func:`mi_compile.models.set_yarn` with :func:`mi_compile.models.yarn_factor_for`), which
@@ -59,7 +61,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import signal
@@ -262,6 +263,12 @@ class ModeRunner:
         self.observe_s = 0.0
         self.busy_s = 0.0                   # prefill and answer time, compiles excluded
 
+    def dense_tail(self) -> int:
+        """The most any head's ``last`` asks for (after the first compile): the prompt's last
+        rows some head computes densely; 0 for none."""
+        return max((h.last for report in self.backend.reports for site in report.sites
+                    if site.action == "sparse" and site.heads for h in site.heads), default=0)
+
     # -- density observer
     def _layer_heads(self, layer):
         if layer not in self._heads:
@@ -375,6 +382,14 @@ def compare_logits(model, h_ref: torch.Tensor, h: torch.Tensor, skip: int, chunk
             kl += float((lr.exp() * (lr - lo)).sum(-1).clamp_min(0).sum())
             count += e - s
     return dict(top1_agreement=agree / max(1, count), kl_mean=kl / max(1, count), positions=count)
+
+
+def sparse_rows_before(n: int, start: int, dense_tail: int) -> int:
+    """How many of the compared positions ``[start, n)`` lie before the 64-row query blocks that
+    a head with ``last = dense_tail`` computes densely (all of them when ``dense_tail`` is 0)."""
+    if dense_tail <= 0:
+        return n - start
+    return max(0, min(n, (n - dense_tail) // 64 * 64) - start)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -586,13 +601,25 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
                 ref = tail
             cmp = compare_logits(model, ref, tail, 0) if ref is not None else \
                 dict(top1_agreement=None, kl_mean=None, positions=0)
+            # the same before the query blocks a head's `last` makes dense (only the patterns
+            # decide those positions)
+            cut = sparse_rows_before(int(ids.shape[1]), start, r.dense_tail())
+            if ref is None or cut == tail.shape[1]:
+                sparse_rows = cmp
+            elif cut == 0:
+                sparse_rows = dict(top1_agreement=None, positions=0)
+            else:
+                sparse_rows = compare_logits(model, ref[:, :cut], tail[:, :cut], 0)
+            cmp.update(top1_sparse_rows=sparse_rows["top1_agreement"], sparse_rows=sparse_rows["positions"])
             row = dict(mode=r.mode.name, length=L, doc_seed=d, n_tokens=int(ids.shape[1]),
                        density=info["density"], prefill_s=info["prefill_s"], compiled=info["compiled"],
                        first_position=start, yarn=factor, **cmp)
             compiled |= info["compiled"]
             rep.add_natural(row)
+            before = "" if row["sparse_rows"] == row["positions"] else \
+                f" (before the dense last rows: {_fmt(row['top1_sparse_rows'], '.4f')} on {row['sparse_rows']})"
             log(f"   natural {L} doc {d} {r.mode.name:<10} density {_fmt(row['density'], '.3f')} top1 "
-                f"{_fmt(row['top1_agreement'], '.4f')} KL {_fmt(row['kl_mean'], '.5f')} "
+                f"{_fmt(row['top1_agreement'], '.4f')}{before} KL {_fmt(row['kl_mean'], '.5f')} "
                 f"({info['prefill_s']:.1f}s{', compiled' if info['compiled'] else ''})")
         return compiled
 
@@ -694,7 +721,8 @@ def summarize(report) -> dict:
         s = out.setdefault(mode, {}).setdefault(L, {"tasks": {}, "_d": []})
         top1 = [r["top1_agreement"] for r in rows if r["top1_agreement"] is not None]
         kl = [r["kl_mean"] for r in rows if r["kl_mean"] is not None]
-        s.update(top1_agreement=sum(top1) / len(top1) if top1 else None,
+        s.update(top1_sparse_rows=_mean([r["top1_sparse_rows"] for r in rows if r.get("top1_sparse_rows") is not None]),
+                 top1_agreement=sum(top1) / len(top1) if top1 else None,
                  top1_min=min(top1) if top1 else None, top1_max=max(top1) if top1 else None,
                  kl_mean=sum(kl) / len(kl) if kl else None,
                  natural_density=_mean([r["density"] for r in rows if r.get("density") is not None]),
