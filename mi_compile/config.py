@@ -66,8 +66,8 @@ Top-level keys (no others are allowed):
     builds such a config in Python.
 
 A head entry is an object with ``"pattern"`` and that pattern's parameters, all ints in
-``0 .. 2**31 - 1``; a parameter in brackets below is optional (0 when left out). The patterns are those of the registry
-(:mod:`mi_compile.patterns.registry`); the built-in ones:
+``0 .. 2**31 - 1``; a parameter in brackets below is optional (0 when left out). The patterns
+are those of the registry (:mod:`mi_compile.patterns.registry`); the built-in ones:
 
 =====================  ==============================  =========================================
 ``pattern``            parameters                      meaning
