@@ -33,6 +33,8 @@ from mi_compile.patterns import registry  # noqa: E402
 from mi_compile.patterns.spec import HeadPattern, PatternError  # noqa: E402
 from mi_compile.sparse import selection_mask, sparse_attention  # noqa: E402
 
+from kernel_checks import rel_err  # noqa: E402
+
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3}      # as in tests/test_kernels.py
 GOOD_HEAD_DIMS = (16, 32, 64, 80)
 BAD_HEAD_DIMS = (12, 60, 300)
@@ -60,10 +62,6 @@ def _settings(n):
 def _report(name, counts, start):
     print(f"\n[fuzz] {name}: {sum(counts.values())} cases in {time.perf_counter() - start:.1f} s "
           f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})")
-
-
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12)).item()
 
 
 # ------------------------------------------------------------------ attention cases

@@ -18,17 +18,7 @@ from mi_compile.patterns.spec import HeadPattern as HP  # noqa: E402
 from mi_compile.sparse import (build_sparse_index, selection_mask,  # noqa: E402
                                sparse_attention, sparse_attention_from_index)
 
-TOL = {torch.float32: 1e-4, torch.float16: 3e-3}
-
-
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12)).item()
-
-
-def make_inputs(seed, B, Hq, Hkv, n, D, dtype):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, h, n, D, generator=g).to(dtype) for h in (Hq, Hkv, Hkv))
-    return q, k, v
+from kernel_checks import TOL, make_inputs, rel_err  # noqa: E402
 
 
 def run_kernel(q, k, v, index):

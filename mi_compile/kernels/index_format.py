@@ -61,6 +61,13 @@ META_WIDTH = 8
 MAX_VS_GROUPS = 6   # distinct (V, S) per layer the fused builder takes (MInference's configs: <= 5)
 
 
+
+def dense_last_block(block_start, seq_len, last):
+    """The ``last`` rule of the format (tensors or ints, broadcast): the 64-row query block
+    starting at ``block_start`` of a sequence of ``seq_len`` tokens is dense when it holds one of
+    the sequence's last ``last`` queries (``last > 0``)."""
+    return (last > 0) & (block_start + BLOCK > seq_len - last)
+
 @dataclasses.dataclass
 class SparseIndex:
     """Everything the kernel reads (see the module docstring for each table)."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.constants import BLOCK
+from ..kernels.index_format import dense_last_block
 from .index import SparseIndex
 
 
@@ -60,7 +61,7 @@ def tile_pairs_per_block(index: SparseIndex, block_n: int | None = None,
     m0 = torch.arange(nqb, device=dev, dtype=torch.int64) * BLOCK                     # [NQB]
     prefix = index.prefix.long()[None, :, None]                                       # [1, H, 1]
     last = index.last.long()[None, :, None]
-    dense = (last > 0) & (m0[None, None, :] + BLOCK > index.seq_len.long()[:, None, None] - last)  # [B, H, NQB]
+    dense = dense_last_block(m0[None, None, :], index.seq_len.long()[:, None, None], last)   # [B, H, NQB]
     prefix = torch.where(dense, m0[None, None, :], prefix)
     prefix_keys = _ceil_div(torch.minimum(prefix, m0[None, None, :]), block_n) * block_n
     group_keys = index.tiles_upto.long().masked_fill(dense, 0) * BLOCK

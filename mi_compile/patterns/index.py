@@ -20,7 +20,7 @@ from ..kernels._device import cached, device_ints
 from ..kernels.dispatch import selection_impl
 from ..kernels.constants import (BLOCK, KIND_A_SHAPE, KIND_BS, KIND_OTHER, KIND_VS, PHASE_BLOCK_SPARSE,  # noqa: F401
                         PHASE_BLOCK_SELECT, PHASE_TABLE_SELECT, PHASE_VERTICAL_SLASH, SENTINEL, WIDE)
-from ..kernels.index_format import MAX_VS_GROUPS, META_WIDTH, SparseIndex  # noqa: F401
+from ..kernels.index_format import MAX_VS_GROUPS, META_WIDTH, SparseIndex, dense_last_block  # noqa: F401
 from .registry import get as pattern_spec
 from .spec import HeadPattern
 
@@ -453,11 +453,8 @@ def block_rows(index: SparseIndex, h, block_starts: torch.Tensor, j: torch.Tenso
     length = index.seq_len.long()[:, None, None]                                     # [B, 1, 1]
     last = index.last.long()[h].to(block_starts.device)
     if isinstance(h, int):
-        dense = (last > 0) & (block_starts + BLOCK > length - last)                     # [B, U, 1]
-    else:
-        last = last[None, :, None, None]
-        dense = (last > 0) & (block_starts[:, None] + BLOCK > length[:, None] - last)   # [B, c, U, 1]
-    return selected | dense
+        return selected | dense_last_block(block_starts, length, last)                  # [B, U, 1]
+    return selected | dense_last_block(block_starts[:, None], length[:, None], last[None, :, None, None])
 
 
 def selection_mask_from_index(index: SparseIndex) -> torch.Tensor:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.constants import BLOCK, KIND_A_SHAPE
+from ..kernels.index_format import dense_last_block
 from .a_shape import A_SHAPE_SINK, a_shape_head_tables, a_shape_mask
 from .registry import PatternError, PatternSpec, register, tokens
 from .spec import HeadPattern
@@ -52,7 +53,7 @@ def dense_rows(i, length, last: int):
     holds one of the last ``last`` queries of a sequence of ``length`` tokens."""
     if last <= 0:
         return torch.zeros_like(torch.as_tensor(i), dtype=torch.bool)
-    return (i // BLOCK) * BLOCK + BLOCK > length - last
+    return dense_last_block((i // BLOCK) * BLOCK, length, last)
 
 
 def tri_shape_mask(i, j, head: HeadPattern, length) -> torch.Tensor:
