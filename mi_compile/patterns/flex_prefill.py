@@ -55,8 +55,8 @@ FLEX_CANDIDATES = ((900, 100), (950, 100), (950, 200))
 FLEX_MIN_BUDGET = BLOCK
 #: Estimate and (PyTorch) table building per head against the head's square at the kernel's
 #: pace (PatternSpec.estimate_cost): ~360 ms of table building and 13 ms of estimate over 336
-#: heads in the H200's 128K profile, ~1.1 ms a head against ~14 ms for a head's whole square.
-FLEX_ESTIMATE_COST = 0.076
+#: heads in the H200's 128K profile, ~1.1 ms a head against ~13.8 ms for a head's whole square.
+FLEX_ESTIMATE_COST = 0.080
 
 
 def fewest_reaching(dist: torch.Tensor, exists: torch.Tensor, gammas: torch.Tensor,
