@@ -162,7 +162,8 @@ case "$stage" in
     # over every pattern with the estimates charged (benchmarks/configs/qwen/; yard_search
     # remakes it on the device). yard: TTFT against eager at 32K-128K with Inductor (two
     # compiles: ~3 minutes on the H100, where the first took 118 s); yard_acc: accuracy at 128K
-    # against dense; yard_search: the 128K search (budgets 0.06 / 0.08 / 0.12; ~3 minutes)
+    # against dense (modes from YARD_ACC_MODES, default dense,searched); yard_search: the 128K
+    # search (budgets 0.06 / 0.08 / 0.12; ~3 minutes)
     deadline=$(( $(date +%s) + ${2:-480} ))
     ALLP=benchmarks/configs/qwen/qwen_128k_all_b0.08_last64.json
     case $stage in
@@ -172,7 +173,7 @@ case "$stage" in
         tar czf "$OUT/yard.tgz" -C "$RUNS" yard yard.log ;;
       yard_acc)
         run_until acc_yard.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
-          --modes dense,searched,allp --configs "allp=$ALLP" --examples 20
+          --modes "${YARD_ACC_MODES:-dense,searched}" --configs "allp=$ALLP" --examples 20
         tar czf "$OUT/acc_yard.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_yard.json*) ;;
       yard_search)
         mkdir -p "$RUNS/cfg"
