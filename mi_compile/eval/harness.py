@@ -91,6 +91,12 @@ _INLINE_PARAMS = PATTERN_PARAMS
 ALWAYS_DENSE = 2**31 - 1
 #: Where the per-model configs ship (package data): ``<model>-128k.json``, ``<model>-32k.json``.
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: The values :func:`run_eval` takes for ``scoring``, ``natural_kind``, ``density`` and
+#: ``order`` (the command line adds ``auto`` to the first three).
+SCORINGS = ("forced", "greedy")
+NATURAL_KINDS = ("story", "python")
+DENSITIES = ("all", "first", "none")
+ORDERS = ("length", "example")
 
 
 @dataclasses.dataclass
@@ -522,8 +528,7 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
     scoring = scoring or ("forced" if haystack == "python" else "greedy")
     dense_sdpa = (haystack == "python") if dense_sdpa is None else bool(dense_sdpa)
     natural_kind = natural_kind or ("python" if haystack == "python" else "story")
-    if scoring not in ("forced", "greedy") or natural_kind not in ("story", "python") or \
-            density not in ("all", "first", "none") or order not in ("length", "example"):
+    if scoring not in SCORINGS or natural_kind not in NATURAL_KINDS or density not in DENSITIES or order not in ORDERS:
         raise ValueError(f"bad scoring {scoring!r} / natural_kind {natural_kind!r} / density {density!r} / "
                          f"order {order!r}")
     if natural_docs < 1:
@@ -876,10 +881,10 @@ def build_parser():
     p.add_argument("--haystack", choices=("auto",) + T.HAYSTACKS, default="auto",
                    help="task haystack: noise (the first version) or python (source code); auto: noise for "
                         "smollm2, python otherwise")
-    p.add_argument("--scoring", choices=("auto", "forced", "greedy"), default="auto",
+    p.add_argument("--scoring", choices=("auto",) + SCORINGS, default="auto",
                    help="forced: teacher-forced, one prefill per example, correct when every answer token is the "
                         "argmax; greedy: decode and match strings; auto: forced for the python haystack")
-    p.add_argument("--natural-kind", choices=("auto", "story", "python"), default="auto",
+    p.add_argument("--natural-kind", choices=("auto",) + NATURAL_KINDS, default="auto",
                    help="natural-text document: story sentences or Python source (auto: as the haystack)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--seed", type=int, default=0)
@@ -891,7 +896,7 @@ def build_parser():
     p.add_argument("--no-natural", action="store_true", help="skip the natural-text comparison")
     p.add_argument("--docs", type=int, default=1,
                    help="natural-text documents per length (seeds --seed, --seed+1, ...; top-1/KL averaged)")
-    p.add_argument("--density", choices=("auto", "all", "first", "none"), default="auto",
+    p.add_argument("--density", choices=("auto",) + DENSITIES, default="auto",
                    help="count the computed density on every example, on the first of each (mode, task, length) "
                         "and the documents, or never (auto: all up to 16K, else first)")
     p.add_argument("--yarn", default="auto",
@@ -902,7 +907,7 @@ def build_parser():
                    help="how the dense mode attends: sdpa (flash/cuDNN inside the op, faster at long lengths) or "
                         "kernel (the sparse kernels with every head dense: the same kernel as the other modes); "
                         "auto: sdpa for the python haystack, kernel for the noise one (the first version's)")
-    p.add_argument("--order", choices=("length", "example"), default="length",
+    p.add_argument("--order", choices=ORDERS, default="length",
                    help="length: length by length; example: round robin over lengths and tasks (a run cut by "
                         "--budget-s then has every cell, with fewer examples)")
     p.add_argument("--budget-s", type=float, default=None,

@@ -28,7 +28,8 @@ import torch
 
 from ..kernels._device import device_ints
 from ..kernels.constants import BLOCK, KIND_BS, PHASE_BLOCK_SPARSE, SENTINEL
-from .registry import PatternError, PatternSpec, register
+from .dense_last import DenseLastSpec
+from .registry import PatternError, register
 from .spec import HeadPattern
 
 #: Search candidates: top-k key blocks as fractions of the number of query blocks, and absolute
@@ -203,19 +204,18 @@ def blocks_mask_of(index, h, block_starts, j) -> torch.Tensor:
     return out.view(counts.shape[:-1] + out.shape[1:])
 
 
-class BlockSparseSpec(PatternSpec):
+class BlockSparseSpec(DenseLastSpec):
     """``block_sparse(topk)``: per input, for each 64-query block the ``topk >= 1`` 64-key blocks
-    with the highest mean-pooled score (causal; the diagonal block and block 0 always kept).
+    with the highest mean-pooled score (causal; the diagonal block and block 0 always kept);
+    optional ``last``: dense rows for the last queries (:mod:`~mi_compile.patterns.dense_last`).
     MInference's ``block_sparse`` entries are ``block_sparse(topk=vertical_size)``.
     """
 
     name = "block_sparse"
     code = 3
     params = ("topk", "last")
-    optional = ("last",)
     kernel_kind = KIND_BS
     selection = PHASE_BLOCK_SPARSE
-    per_block = True
     color = "#59a14f"
     minference_names = ("block_sparse",)
 
@@ -228,9 +228,6 @@ class BlockSparseSpec(PatternSpec):
 
     def estimate_cost(self, head, n: int) -> float:
         return BS_ESTIMATE_COST
-
-    def head_tables(self, head) -> dict:
-        return {**super().head_tables(head), "last": head.last}
 
     def meta_params(self, head) -> tuple:
         return (head.topk, 0)

@@ -45,10 +45,6 @@ from ..kernels.constants import INTS_PER_HEAD, MAX_PARAM
 from .registry import PATTERN_IDS, PATTERN_NAMES, PATTERN_PARAMS, PatternError
 from .registry import get as _spec_of
 
-#: The parameter fields of :class:`HeadPattern` (a pattern's ``params`` are some of them).
-PARAM_FIELDS = ("sink", "local", "vertical", "slash", "topk", "last", "threshold", "stride", "max_blocks",
-                "gamma", "tau", "min_budget")
-
 
 @dataclasses.dataclass(frozen=True)
 class HeadPattern:
@@ -116,6 +112,11 @@ class HeadPattern:
             raise PatternError(f"unknown pattern id {ints[0]}")
         names = PATTERN_PARAMS[kind]
         return HeadPattern(kind, **{n: int(v) for n, v in zip(names, ints[1:1 + len(names)])})
+
+
+#: The parameter fields of :class:`HeadPattern`: every field but ``kind``, in declaration order
+#: (a pattern's ``params`` are some of them).
+PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(HeadPattern) if f.name != "kind")
 
 
 def encode_heads(heads: Iterable[HeadPattern]) -> list[int]:

@@ -49,8 +49,9 @@ import torch.nn.functional as F
 
 from ..kernels._device import device_ints
 from ..kernels.dispatch import selection_impl
-from ..kernels.constants import BLOCK, FORCED, KIND_VS, LAST_QUERIES, PHASE_VERTICAL_SLASH, SENTINEL, WIDE
-from .registry import PatternError, PatternSpec, register, tokens
+from ..kernels.constants import BLOCK, FORCED, KIND_VS, LAST_QUERIES, PHASE_VERTICAL_SLASH, SENTINEL
+from .dense_last import DenseLastSpec
+from .registry import PatternError, register, tokens
 from .spec import HeadPattern
 
 #: Search candidates: vertical columns as fractions of n (rounded to 64), and slash diagonals as
@@ -327,7 +328,7 @@ def slashes_mask_of(index, h, block_starts, j, prefix: int) -> torch.Tensor:
     return out.view(cols.shape[:-1] + out.shape[1:])
 
 
-class VerticalSlashSpec(PatternSpec):
+class VerticalSlashSpec(DenseLastSpec):
     """``vertical_slash(vertical, slash)``: per input, the ``vertical`` hottest key columns and
     the ``slash`` hottest diagonals (both ``>= 1``), estimated from the last 64 queries; the
     first ``min(V, 64)`` columns and ``min(S, 64)`` diagonals are always kept (see the module
@@ -338,10 +339,8 @@ class VerticalSlashSpec(PatternSpec):
     name = "vertical_slash"
     code = 2
     params = ("vertical", "slash", "last")
-    optional = ("last",)
     kernel_kind = KIND_VS
     selection = PHASE_VERTICAL_SLASH
-    per_block = True
     color = "#f28e2b"
     minference_names = ("vertical_and_slash",)
 
@@ -356,7 +355,7 @@ class VerticalSlashSpec(PatternSpec):
         return VS_ESTIMATE_COST
 
     def head_tables(self, head) -> dict:
-        return {"prefix": min(head.vertical, FORCED), "sink": 0, "band": WIDE, "group": None, "last": head.last}
+        return {**super().head_tables(head), "prefix": min(head.vertical, FORCED)}
 
     def meta_params(self, head) -> tuple:
         return (head.vertical, head.slash)
