@@ -9,6 +9,7 @@
 #   bash benchmarks/qwen_device.sh adaptive2|adaptive2_acc [SECONDS]   # the next adaptive candidates
 #   bash benchmarks/qwen_device.sh searched|searched_acc [SECONDS]   # a search over every pattern at 128K
 #   bash benchmarks/qwen_device.sh yard|yard_acc|yard_search [SECONDS]   # the shipped 128K config against the all-pattern one
+#   bash benchmarks/qwen_device.sh chunked|chunked_acc [SECONDS]   # prefills continuing a cache
 #   bash benchmarks/qwen_device.sh checks|kernels [SECONDS]   # no model: gpu_checks, the kernel benchmark
 #   bash benchmarks/qwen_device.sh queue STAGE:SECONDS ...   # those stages in turn, outliving the call
 #   bash benchmarks/qwen_device.sh collect   # what the queue has made so far, to $OUT
@@ -184,6 +185,25 @@ case "$stage" in
         tar czf "$OUT/yard_search.tgz" -C "$RUNS" search_yard.log cfg ;;
     esac
     ;;
+  chunked|chunked_acc)
+    # prefills that continue a cache, with the shipped 128K config: chunked: a 2K-token turn
+    # against a 128K cached context and the 128K prompt in 16K chunks, against eager and the
+    # unchunked prefill (two compiles: the uncached and the cached graph); chunked_acc: SCBench-
+    # style conversations (one shared context, a turn per task) and the tasks' prompts in 16K
+    # chunks at 128K, dense against the shipped config
+    deadline=$(( $(date +%s) + ${2:-480} ))
+    if [ "$stage" = chunked ]; then
+      timeout "$(( deadline - $(date +%s) ))" python3 -m benchmarks.chunked --model qwen2.5-coder-1.5b \
+        --config "$CFG_FAST" --context 131072 --turn 2048 --chunk 16384 --reps 2 --out "$RUNS/chunked" 2>&1 \
+        | grep -v "it/s\]" > "$RUNS/chunked.log"
+      tail -30 "$RUNS/chunked.log"
+      tar czf "$OUT/chunked.tgz" -C "$RUNS" chunked chunked.log
+    else
+      run_until acc_chunked.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
+        --modes dense,searched --examples 20 --conversations 20 --chunks 16384 --turn-tokens 2048
+      tar czf "$OUT/acc_chunked.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_chunked.json*)
+    fi
+    ;;
   searched)
     # one call: the 128K search over every registered pattern's candidates (the adaptive ones and
     # the tiled diagonals included), configs at budgets 0.08 / 0.12 / 0.16 (recall floor 0.6),
@@ -245,7 +265,7 @@ case "$stage" in
     tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.safetensors' .
     ;;
   *)
-    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|adaptive2|adaptive2_acc|searched|searched_acc|yard|yard_acc|yard_search|checks|kernels [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
+    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|adaptive2|adaptive2_acc|searched|searched_acc|yard|yard_acc|yard_search|chunked|chunked_acc|checks|kernels [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
     exit 2
     ;;
 esac

@@ -695,3 +695,52 @@ def test_sparse_rows_before_the_dense_last_blocks():
     assert H.sparse_rows_before(1000, 488, 64) == 408                # 1000 - 64 = 936: blocks from 896
     assert H.sparse_rows_before(1024, 512, 1) == 448                 # one row: its whole block
     assert H.sparse_rows_before(1024, 960, 512) == 0                 # the window is all dense rows
+
+
+@pytest.mark.slow
+def test_conversation_turns_continue_the_context(smollm2):
+    """A multi-turn conversation: the shared context at its length with every task's needle, and
+    each turn's tokens continuing the cache (the previous answer's last token first), ending
+    with the task's answer prefix; its answer ids spell the target."""
+    _, tok = smollm2
+    conv = T.make_conversation(tok, 4096, index=1, turn_tokens=256)
+    assert abs(conv.n_tokens - 4096) <= 41
+    context = tok.decode(conv.context_ids)
+    assert "PASS_KEY = " in context and "KV_REGISTRY[" in context and "MAGIC_NUMBER_" in context
+    assert [t.task for t in conv.turns] == list(T.TASKS)
+    for k, turn in enumerate(conv.turns):
+        text = tok.decode(turn.ids)
+        assert "in the first file" in text and "in the code above" not in text
+        assert 256 < len(turn.ids) < 256 + 120
+        assert tok.decode(turn.answer_ids).strip() == turn.target == turn.answers[0]
+        if k:
+            assert turn.ids[0] == conv.turns[k - 1].answer_ids[-1]
+        assert 0.0 < turn.depth < 1.0
+    assert T.make_conversation(tok, 4096, index=1, turn_tokens=256).turns[2].ids == conv.turns[2].ids
+    with pytest.raises(ValueError, match="tasks must be"):
+        T.make_conversation(tok, 4096, tasks=("passkey", "nope"))
+
+
+@pytest.mark.slow
+def test_harness_conversations_and_chunks(smollm2):
+    """Conversation turns and chunked prefills through the compiled decoder: with a config that
+    selects every pair, the chunked answers equal the unchunked ones and every turn scores as
+    the dense mode's; the cached calls went through the sparse op."""
+    model, tok = smollm2
+    torch._dynamo.reset()
+    modes, _ = H.resolve_modes(["dense", "full"], extra={"full": "a_shape:0:100000"})
+    rep = H.run_eval(model, tok, modes, [1024], 1, ("passkey",), haystack="python", natural=False,
+                     use_inductor=False, conversations=1, turn_tokens=96, chunks=(400,), log=lambda *a: None)
+    torch._dynamo.reset()
+    cells = {(r["mode"], r["task"]): r for r in rep["results"]}
+    assert set(cells) == {(m, t) for m in ("dense", "full") for t in ("passkey", "mt_passkey")} | {
+        ("full@400", "passkey")}
+    assert cells["full@400", "passkey"]["same_answer"] == 1.0
+    for t in ("passkey", "mt_passkey"):
+        assert cells["full", t]["accuracy"] == cells["dense", t]["accuracy"]
+        assert cells["full", t]["logprob_mean"] == pytest.approx(cells["dense", t]["logprob_mean"], abs=1e-3)
+    turn = cells["full", "mt_passkey"]["examples"][0]
+    assert turn["turn"] == 1 and turn["turn_tokens"] > 96 and turn["context_prefill_s"] > 0
+    assert "full@400" in H.format_table(rep) and "mt_passkey" in H.format_table(rep)
+    with pytest.raises(ValueError, match="teacher-forced"):
+        H.run_eval(model, tok, modes, [1024], 1, haystack="noise", conversations=1)

@@ -22,8 +22,7 @@ Scoring (``scoring=``):
 
 ``forced`` (teacher forcing; the default for the Python haystack)
     one prefill of the prompt, then the answer's tokens but the last as one short chunk through
-    the eager model on that cache, as cached decode steps run (dense: one chunk continuing a
-    filled cache is never rewritten). The logits at the answer positions only are read: the
+    the eager model on that cache, as cached decode steps run (the eager model: dense). The logits at the answer positions only are read: the
     example is correct when every answer token is the argmax at its position, which is exactly
     when greedy decoding would write the answer (:func:`forced_verdict`); the mean log-prob of
     the answer tokens is recorded too. The answer tokens are not part of the sparse prefill, so
@@ -32,6 +31,17 @@ Scoring (``scoring=``):
 ``greedy`` (the first version; the default for the noise haystack)
     the answer decoded greedily, one token at a time, by the eager model on that cache, scored
     by string match (:func:`mi_compile.eval.tasks.score`).
+
+Prefills that continue a cache (``conversations``, ``chunks``; teacher-forced):
+
+``mt_<task>``
+    SCBench-style multi-turn: one shared context holding the needles of every task is
+    prefilled once per mode, then one turn per task -- new code (``turn_tokens``) and the
+    task's question -- each prefilled through the compiled decoder on that cache (a query
+    shorter than its keys: the backend's chunk path) and its answer scored as above.
+``<mode>@<size>``
+    the task prompts prefilled in pieces of ``size`` tokens, each continuing the cache;
+    ``same_answer`` is the fraction of examples whose argmax answer equals the unchunked one.
 
 Measured per mode:
 
@@ -298,21 +308,27 @@ class ModeRunner:
         self._density[layer] = d
         self.observe_s += time.perf_counter() - t
 
-    def prefill(self, ids: torch.Tensor, use_cache: bool = True):
+    def prefill(self, ids: torch.Tensor, use_cache: bool = True, *, cache=None, chunk: Optional[int] = None):
         """Run the compiled decoder on ``ids`` (1 x n): ``(last_hidden_state, cache, info)``;
         ``info`` has the density (mean over all layers/heads; ``None`` when not observed),
-        layers observed, seconds, and whether this call compiled a graph."""
+        layers observed, seconds, and whether this call compiled a graph. ``cache``: a filled
+        cache that ``ids`` continue (updated in place); ``chunk``: prefill ``ids`` in pieces of
+        this many tokens, each continuing the cache of the ones before (the hidden states
+        returned are the last piece's)."""
         from transformers import DynamicCache
 
         from mi_compile.op import observe_attention
 
         self._density = {}
-        cache = DynamicCache(config=self.model.config) if use_cache else None
+        if cache is None and (use_cache or chunk):
+            cache = DynamicCache(config=self.model.config)
+        pieces = [ids] if not chunk else list(ids.split(int(chunk), dim=1))
         graphs = len(self.backend.reports)
         t = time.perf_counter()
         obs0 = self.observe_s
         with torch.no_grad(), observe_attention(self._observe):
-            out = self.decoder(input_ids=ids, past_key_values=cache, use_cache=use_cache)
+            for piece in pieces:
+                out = self.decoder(input_ids=piece, past_key_values=cache, use_cache=cache is not None)
         if ids.is_cuda:
             torch.cuda.synchronize(ids.device)
         wall = time.perf_counter() - t
@@ -330,7 +346,7 @@ class ModeRunner:
             density = None
         info = dict(density=density, layers_observed=len(self._density),
                     prefill_s=wall - (self.observe_s - obs0), observe_s=self.observe_s - obs0, compiled=compiled)
-        if use_cache and out.past_key_values is not None:
+        if cache is not None and out.past_key_values is not None:
             cache = out.past_key_values
         return out.last_hidden_state, cache, info
 
@@ -352,13 +368,15 @@ class ModeRunner:
         self.busy_s += info["decode_s"]
         return out_ids, info
 
-    def answer_logits(self, ids: torch.Tensor, answer_ids) -> tuple[torch.Tensor, dict]:
+    def answer_logits(self, ids: torch.Tensor, answer_ids, *, cache=None,
+                      chunk: Optional[int] = None) -> tuple[torch.Tensor, dict]:
         """Teacher forcing: ``(logits [k, vocab], info)`` at the ``k`` answer positions. One
-        prefill of the prompt through the compiled decoder; the answer's tokens but the last
-        go through the eager model as one chunk on that cache (attending densely, as decode
-        steps do), so only ``k`` positions' logits are ever computed."""
+        prefill of the prompt through the compiled decoder (continuing ``cache`` when given,
+        in pieces of ``chunk`` tokens when given); the answer's tokens but the last go through
+        the eager model as one chunk on that cache (attending densely, as decode steps do), so
+        only ``k`` positions' logits are ever computed. A given ``cache`` keeps prompt and answer."""
         answer_ids = list(answer_ids)
-        hidden, cache, info = self.prefill(ids, use_cache=True)
+        hidden, cache, info = self.prefill(ids, use_cache=True, cache=cache, chunk=chunk)
         t = time.perf_counter()
         with torch.no_grad():
             logits = self.model.lm_head(hidden[:, -1:])
@@ -483,6 +501,9 @@ class _Report:
             lps = [r["logprob_mean"] for r in rows if r.get("logprob_mean") is not None]
             if lps:
                 cell["logprob_mean"] = sum(lps) / len(lps)
+            same = [r["same_answer"] for r in rows if r.get("same_answer") is not None]
+            if same:
+                cell["same_answer"] = sum(same) / len(same)
             results.append(cell)
         self.data["results"] = results
         self.data["summary"] = summarize(self.data)
@@ -502,7 +523,8 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
              skipped_modes=None, meta_extra: Optional[dict] = None, haystack: str = "noise",
              scoring: Optional[str] = None, natural_kind: Optional[str] = None, budget_s: Optional[float] = None,
              deadline: Optional[float] = None, yarn="auto", density: str = "all", min_seq_len: int = 0,
-             dense_sdpa: Optional[bool] = None, order: str = "length"):
+             dense_sdpa: Optional[bool] = None, order: str = "length", conversations: int = 0,
+             turn_tokens: int = 2048, chunks=()):
     """Run every mode over every (task, length) and the natural documents; returns the report
     dict (written to ``out_path`` as the run goes, so partial runs keep what they measured).
 
@@ -522,7 +544,14 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
     examples of a cell come in :func:`spread_order`, so a cut cell still spans the depths;
     ``dense_sdpa``: the dense mode runs SDPA inside the op (flash / cuDNN, faster at long
     lengths) rather than the sparse kernels with every head dense (one kernel's rounding for
-    every mode); default: SDPA for the Python haystack, the kernels for the noise one."""
+    every mode); default: SDPA for the Python haystack, the kernels for the noise one;
+    ``conversations``: per length, this many SCBench-style multi-turn conversations
+    (:func:`mi_compile.eval.tasks.make_conversation`: one shared context, then one turn of
+    ``turn_tokens`` new tokens and a question per task, each turn a prefill continuing the
+    cache), scored per turn as tasks ``mt_<task>``; ``chunks``: the task prompts are also
+    prefilled in pieces of each of these sizes by every mode but dense, reported as modes
+    ``<mode>@<size>`` with ``same_answer``, the fraction of examples whose argmax answer equals
+    the unchunked prefill's."""
     if haystack not in T.HAYSTACKS:
         raise ValueError(f"unknown haystack {haystack!r}; choose from {T.HAYSTACKS}")
     scoring = scoring or ("forced" if haystack == "python" else "greedy")
@@ -533,6 +562,11 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
                          f"order {order!r}")
     if natural_docs < 1:
         raise ValueError(f"natural_docs must be >= 1, got {natural_docs}")
+    chunks = sorted({int(c) for c in chunks})
+    if (conversations or chunks) and scoring != "forced":
+        raise ValueError("conversations and chunked prefills are scored teacher-forced (scoring='forced')")
+    if any(c < 1 for c in chunks) or conversations < 0 or turn_tokens < 1:
+        raise ValueError(f"bad chunks {chunks} / conversations {conversations} / turn_tokens {turn_tokens}")
     if tokenizer is None:
         raise ValueError("the harness needs a tokenizer (tiny:<family> models have none)")
     device = next(model.parameters()).device
@@ -549,6 +583,7 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
                 haystack=haystack, scoring=scoring, natural_kind=natural_kind, natural_skip=natural_skip,
                 natural_last=natural_last, natural_doc_seeds=doc_seeds, inductor=use_inductor,
                 density_policy=density, min_seq_len=min_seq_len, dense_sdpa=dense_sdpa, native_context=native,
+                conversations=conversations, turn_tokens=turn_tokens, chunks=chunks,
                 yarn={str(L): f for L, f in yarn_by_length.items()},
                 cpu_impl=os.environ.get("MI_COMPILE_CPU_IMPL", "reference"),
                 started=time.strftime("%Y-%m-%d %H:%M:%S"), **(meta_extra or {}))
@@ -561,6 +596,9 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
                           dense_sdpa=dense_sdpa) for m in modes]
     for r in runners:
         rep.data["modes"][r.mode.name] = dict(source=r.mode.source, config=r.mode.config)
+        for c in chunks if r.mode.name != "dense" else ():
+            rep.data["modes"][f"{r.mode.name}@{c}"] = dict(source=f"{r.mode.name}, prefilled in pieces of {c}",
+                                                          config=r.mode.config)
     unit_s: dict[tuple, float] = {}     # seconds of the last (kind, length) unit that compiled nothing
 
     def check_time(key, what):
@@ -651,11 +689,45 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
                 text = tokenizer.decode(out_ids, skip_special_tokens=True)
                 row.update(output=text, score=T.score(ex, text), **info)
             compiled |= info["compiled"]
-            rep.add_example(r.mode.name, task, L, row)
-            log(f"   {task:<9} {L:>6} #{ex.index} depth {ex.depth:.2f} {r.mode.name:<10} score {row['score']:.2f}"
-                + (f" lp {row['logprob_mean']:.2f}" if "logprob_mean" in row else "")
-                + f" density {_fmt(row['density'], '.3f')} prefill {info['prefill_s']:.2f}s"
-                + (" (compiled)" if info["compiled"] else "") + f"  {row['output'].strip()[:40]!r}")
+            log_example(r.mode.name, task, L, row)
+            for c in chunks if r.mode.name != "dense" and scoring == "forced" else ():
+                r.observe = False
+                logits, info = r.answer_logits(ids, a_ids, chunk=c)
+                v = forced_verdict(logits, a_ids)
+                output = tokenizer.decode(v.pop("argmax"))
+                crow = dict(row, output=output, same_answer=float(output == row["output"]), chunk=c, **v, **info)
+                compiled |= info["compiled"]
+                log_example(f"{r.mode.name}@{c}", task, L, crow)
+        return compiled
+
+    def log_example(mode, task, L, row):
+        rep.add_example(mode, task, L, row)
+        log(f"   {task:<9} {L:>6} #{row['index']} depth {row['depth']:.2f} {mode:<10} score {row['score']:.2f}"
+            + (f" lp {row['logprob_mean']:.2f}" if "logprob_mean" in row else "")
+            + f" density {_fmt(row['density'], '.3f')} prefill {row['prefill_s']:.2f}s"
+            + (" (compiled)" if row["compiled"] else "") + f"  {row['output'].strip()[:40]!r}")
+
+    def run_conversation(L, index):
+        """One shared context prefilled once per mode, then its turns in order on that cache."""
+        factor = set_length(L)
+        conv = T.make_conversation(tokenizer, L, index=index, seed=seed, tasks=task_names, turn_tokens=turn_tokens)
+        context = torch.tensor([conv.context_ids], device=device)
+        compiled = False
+        for r in runners:
+            r.observe = density == "all" or (density == "first" and index == 0)
+            _, cache, info = r.prefill(context, use_cache=True)
+            compiled |= info["compiled"]
+            r.observe = False
+            for k, turn in enumerate(conv.turns):
+                logits, tinfo = r.answer_logits(torch.tensor([turn.ids], device=device), turn.answer_ids, cache=cache)
+                v = forced_verdict(logits, turn.answer_ids)
+                row = dict(index=index, turn=k + 1, depth=turn.depth, n_tokens=conv.n_tokens,
+                           turn_tokens=len(turn.ids), answers=turn.answers, yarn=factor, target=turn.target,
+                           answer_ids=turn.answer_ids, output=tokenizer.decode(v.pop("argmax")),
+                           context_density=info["density"], context_prefill_s=info["prefill_s"], **v, **tinfo)
+                compiled |= tinfo["compiled"]
+                log_example(r.mode.name, f"mt_{turn.task}", L, row)
+            del cache
         return compiled
 
     # Examples in an order whose every prefix spreads over the depths (a cut run is not all shallow).
@@ -663,9 +735,12 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
     units = [("document", L, d) for L in lengths for d in doc_seeds]
     if order == "length":
         units = [u for L in lengths for u in [("document", L, d) for d in doc_seeds]
-                 + [("example", L, t, i) for t in task_names for i in order_of_examples]]
+                 + [("example", L, t, i) for t in task_names for i in order_of_examples]
+                 + [("conversation", L, c) for c in range(conversations)]]
     else:   # "example": round robin over lengths and tasks, so a cut run has every cell
-        units += [("example", L, t, i) for i in order_of_examples for L in lengths for t in task_names]
+        for i in range(max(examples, conversations)):
+            units += [("example", L, t, order_of_examples[i]) for L in lengths for t in task_names if i < examples]
+            units += [("conversation", L, i) for L in lengths if i < conversations]
     meta["order"] = order
     dyn = torch._dynamo.config
     saved = (dyn.recompile_limit, dyn.accumulated_recompile_limit)
@@ -676,7 +751,8 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
             kind, L = unit[0], unit[1]
             check_time((kind, L), f"{kind} {unit[2:]} at {L}")
             tu = time.perf_counter()
-            compiled = run_document(L, unit[2]) if kind == "document" else run_example(L, unit[2], unit[3])
+            compiled = run_document(L, unit[2]) if kind == "document" else \
+                run_conversation(L, unit[2]) if kind == "conversation" else run_example(L, unit[2], unit[3])
             if not compiled:
                 unit_s[kind, L] = time.perf_counter() - tu
             rep.write()
@@ -759,7 +835,8 @@ def _fmt(x, spec):
 
 
 def format_table(report) -> str:
-    task_names = report["meta"]["tasks"]
+    task_names = list(report["meta"]["tasks"])
+    task_names += sorted({r["task"] for r in report["results"]} - set(task_names))   # conversation turns
     head = f"{'mode':<10} {'length':>6} " + " ".join(f"{t:>8}" for t in task_names) + \
         f" {'mean':>6} {'logprob':>7} {'density':>8} {'top1':>7} {'KL':>9}"
     lines = [head, "-" * len(head)]
@@ -778,6 +855,10 @@ def format_table(report) -> str:
         lines.append("natural text, per document: " + "; ".join(
             f"{n['mode']} {n['length']} doc {n['doc_seed']}: top1 {_fmt(n['top1_agreement'], '.4f')} at "
             f"{_fmt(n.get('density'), '.3f')}" for n in report["natural"] if n["mode"] != "dense"))
+    same = [f"{r['mode']} {r['length']} {r['task']}: {r['same_answer']:.2f}" for r in report["results"]
+            if r.get("same_answer") is not None]
+    if same:
+        lines.append("chunked prefill, answers equal to the unchunked prefill's: " + "; ".join(same))
     meta = report["meta"]
     counts = sorted({n for m in report["summary"].values() for s in m.values() for n in s.get("n", {}).values()})
     if meta.get("scoring", "greedy") == "forced":
@@ -910,6 +991,14 @@ def build_parser():
     p.add_argument("--order", choices=ORDERS, default="length",
                    help="length: length by length; example: round robin over lengths and tasks (a run cut by "
                         "--budget-s then has every cell, with fewer examples)")
+    p.add_argument("--conversations", type=int, default=0,
+                   help="SCBench-style multi-turn conversations per length: one shared context holding every "
+                        "task's needles, then one turn per task (new code and its question), each turn a prefill "
+                        "continuing the cache; scored as tasks mt_<task> (default 0)")
+    p.add_argument("--turn-tokens", type=int, default=2048, help="new tokens of code in each conversation turn")
+    p.add_argument("--chunks", default="",
+                   help="comma-separated chunk sizes: every mode but dense also prefills the task prompts in pieces "
+                        "of this many tokens (mode <name>@<size>, with the fraction of answers equal to unchunked)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop cleanly (writing what was measured) before an example that would end later than "
                         "this many seconds after the start")
@@ -1001,6 +1090,7 @@ def main(argv=None):
                           natural_kind=natural_kind, deadline=t_start + a.budget_s if a.budget_s else None,
                           yarn=yarn, density=density, min_seq_len=a.min_seq_len,
                           dense_sdpa=None if a.dense == "auto" else a.dense == "sdpa", order=a.order,
+                          conversations=a.conversations, turn_tokens=a.turn_tokens, chunks=_csv(a.chunks, int),
                           meta_extra=dict(model_name=a.model, load_s=round(load_s, 1), budget_s=a.budget_s,
                                           one_kernel=bool(a.one_kernel), kernel_config=dict(KERNEL_CONFIG)))
     finally:

@@ -885,20 +885,34 @@ def make_code_example(tokenizer, task: str, target_tokens: int, depth: float, se
     drop, answer_ids = split_answer(tokenizer, tail, d.target)
     tail_ids = _ids(tokenizer, tail)
     tail_ids = tail_ids[:len(tail_ids) - drop]
-    needles = list(d.needles)
+    ctx, needle_at = code_context(tokenizer, d.needles, target_tokens - len(head_ids) - len(tail_ids),
+                                  f"{task}/{seed}/{index}", source, what=f"a {task} prompt of {target_tokens} tokens")
+    input_ids = head_ids + ctx + tail_ids
+    return Example(task=task, index=index, seed=seed, target_tokens=int(target_tokens), n_tokens=len(input_ids),
+                   depth=float(depth), needle_token_depth=(needle_at or 0) / max(1, len(ctx)), prompt="",
+                   answers=list(d.answers), max_new_tokens=d.max_new_tokens, needle=d.needle, target=d.target,
+                   haystack="python", input_ids=input_ids, answer_ids=answer_ids)
+
+
+def code_context(tokenizer, needles: Sequence[Needle], context_tokens: int, window: str, source: str = "auto",
+                 what: str = "the prompt") -> tuple[list[int], Optional[int]]:
+    """``(ids, target_at)``: exactly ``context_tokens`` tokens (to within one line) of the Python
+    haystack from the window chosen by ``window`` (a seed string), with ``needles`` inserted at
+    statement boundaries at their depths (optional ones dropped, the last first, when the context
+    is short); ``target_at`` is where the target needle starts (None without one)."""
+    needles = list(needles)
     sizes = [len(x) for x in tokenizer([nd.text for nd in needles], add_special_tokens=False)["input_ids"]]
-    while target_tokens - len(head_ids) - len(tail_ids) - sum(sizes) < max(64, target_tokens // 4) \
+    while context_tokens - sum(sizes) < max(64, context_tokens // 4) \
             and any(nd.optional for nd in needles):   # short prompts: fewer distractors, the last ones first
         k = max(i for i, nd in enumerate(needles) if nd.optional)
         del needles[k], sizes[k]
     order = sorted(range(len(needles)), key=lambda k: needles[k].depth)   # stable: chains keep their order
     needles, sizes = [needles[k] for k in order], [sizes[k] for k in order]
-    budget = target_tokens - len(head_ids) - len(tail_ids) - sum(sizes)
+    budget = context_tokens - sum(sizes)
     if budget < 64:
-        raise ValueError(f"{target_tokens} tokens is too short for a {task} prompt "
-                         f"({target_tokens - budget} tokens without any haystack)")
-    pool = code_pool(tokenizer, source).ensure(POOL_SPAN + target_tokens + 8192)
-    start = random.Random(f"mi-compile-eval/python-window/{task}/{seed}/{index}").choice(pool.window_starts())
+        raise ValueError(f"{what} is too short ({context_tokens - budget} tokens of context without any haystack)")
+    pool = code_pool(tokenizer, source).ensure(POOL_SPAN + context_tokens + 8192)
+    start = random.Random(f"mi-compile-eval/python-window/{window}").choice(pool.window_starts())
     chosen, used, i = [], 0, start
     while used + len(pool.ids[i]) <= budget:
         chosen.append(i)
@@ -928,7 +942,7 @@ def make_code_example(tokenizer, task: str, target_tokens: int, depth: float, se
             ctx += ids
         if c is not None:
             ctx += pool.ids[c]
-    rem = target_tokens - len(head_ids) - len(ctx) - len(tail_ids)
+    rem = context_tokens - len(ctx)
     j = i
     while rem > 0:
         for line in pool.line_ids(j):
@@ -938,11 +952,7 @@ def make_code_example(tokenizer, task: str, target_tokens: int, depth: float, se
             ctx += line
             rem -= len(line)
         j += 1
-    input_ids = head_ids + ctx + tail_ids
-    return Example(task=task, index=index, seed=seed, target_tokens=int(target_tokens), n_tokens=len(input_ids),
-                   depth=float(depth), needle_token_depth=(needle_at or 0) / max(1, len(ctx)), prompt="",
-                   answers=list(d.answers), max_new_tokens=d.max_new_tokens, needle=d.needle, target=d.target,
-                   haystack="python", input_ids=input_ids, answer_ids=answer_ids)
+    return ctx, needle_at
 
 
 def code_document(tokenizer, target_tokens: int, seed: int = 0, source: str = "auto") -> list[int]:
@@ -955,3 +965,95 @@ def code_document(tokenizer, target_tokens: int, seed: int = 0, source: str = "a
         ids += pool.ids[i]
         i += 1
     return ids[:target_tokens]
+
+
+# ----------------------------------------------------------------------------- multi-turn
+
+_TURN_SENTINEL = "<<<mi-compile: turn code goes here>>>"
+_MULTI_TURN_INSTRUCTION = (_CODE_INTRO + "Somewhere in it a pass key is assigned to PASS_KEY, magic numbers to "
+                           "constants named MAGIC_NUMBER_<ADJECTIVE>_<NOUN>, entries of a registry as "
+                           'KV_REGISTRY["<key>"] = "<value>", and some variables are assigned from others. '
+                           "Read all of the code and remember these; questions about it follow.")
+_MULTI_TURN_ACK = "I have read the code and will answer questions about it."
+_TURN_INTRO = "Here is another file of the same project (it changes nothing in the first one)."
+
+
+@dataclasses.dataclass
+class Turn:
+    """One follow-up turn of a :class:`Conversation`: its tokens continue the cache of everything
+    before it (the previous turn's last answer token first, when there is one)."""
+    task: str
+    ids: list[int]
+    answer_ids: list[int]       # teacher-forced after ``ids``; all but the last go into the cache
+    answers: list[str]
+    target: str
+    depth: float                # the asked needle's depth in the shared context
+
+
+@dataclasses.dataclass
+class Conversation:
+    """A shared long context (SCBench-style multi-turn): one prefill of ``context_ids``, then
+    the ``turns`` in order, each a prefill continuing the cache and a teacher-forced answer."""
+    index: int
+    seed: int
+    target_tokens: int
+    context_ids: list[int]
+    turns: list[Turn]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.context_ids)
+
+
+def _render_chat(tokenizer, messages: list[dict], generation: bool) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    text = "".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n\n" for m in messages)
+    return text + ("Assistant: " if generation else "")
+
+
+def _after(full: str, prefix: str, what: str) -> str:
+    if not full.startswith(prefix):
+        raise ValueError(f"the chat template does not render {what} as a continuation of what came before")
+    return full[len(prefix):]
+
+
+def make_conversation(tokenizer, target_tokens: int, index: int = 0, seed: int = 0,
+                      tasks: Sequence[str] = TASKS, turn_tokens: int = 2048, source: str = "auto") -> Conversation:
+    """Conversation ``index``: a Python haystack of ``target_tokens`` tokens (chat template
+    included) holding the needles of every task in ``tasks`` at depths spread over the context,
+    the assistant's acknowledgement, then one turn per task: ``turn_tokens`` of new code (another
+    file, no needle) and the task's question about the first file, with its answer prefix."""
+    if not tasks or any(t not in _CODE_DRAFTS for t in tasks):
+        raise ValueError(f"tasks must be a non-empty subset of {', '.join(TASKS)}, got {list(tasks)}")
+    rng = random.Random(f"mi-compile-eval/multi-turn/{seed}/{index}")
+    depths = example_depths(len(tasks), 0.1, 0.9)
+    rng.shuffle(depths)
+    drafts = [code_draft(t, dep, seed, 1000 + index) for t, dep in zip(tasks, depths)]
+    messages = [{"role": "user", "content": f"{_MULTI_TURN_INSTRUCTION}\n\n```python\n{_SENTINEL}```"},
+                {"role": "assistant", "content": _MULTI_TURN_ACK}]
+    head, rest = _render_chat(tokenizer, messages, False).split(_SENTINEL)
+    rendered = head + _SENTINEL + rest
+    head_ids, rest_ids = _ids(tokenizer, head), _ids(tokenizer, rest)
+    needles = [nd for d in drafts for nd in d.needles]
+    ctx, _ = code_context(tokenizer, needles, target_tokens - len(head_ids) - len(rest_ids),
+                          f"multi-turn/{seed}/{index}", source, what=f"a conversation of {target_tokens} tokens")
+    turns: list[Turn] = []
+    carry: list[int] = []
+    for k, d in enumerate(drafts):
+        question = d.question.replace("in the code above", "in the first file")
+        messages.append({"role": "user", "content": f"{_TURN_INTRO}\n\n```python\n{_TURN_SENTINEL}```\n\n{question}"})
+        prompt = _render_chat(tokenizer, messages, True) + d.answer_prefix
+        before, after = _after(prompt, rendered, f"turn {k + 1}").split(_TURN_SENTINEL)
+        drop, answer_ids = split_answer(tokenizer, after, d.target)
+        after_ids = _ids(tokenizer, after)
+        code = code_document(tokenizer, turn_tokens, seed=(seed * 1000 + index) * 10 + k, source=source) \
+            + _ids(tokenizer, "\n")
+        turns.append(Turn(d.task, carry + _ids(tokenizer, before) + code + after_ids[:len(after_ids) - drop],
+                          answer_ids, list(d.answers), d.target, next(n.depth for n in d.needles if n.target)))
+        messages.append({"role": "assistant", "content": d.answer_prefix + d.target})
+        rendered = _render_chat(tokenizer, messages, False)
+        # the cache holds the answer but its last token: that one, then the end of the assistant's turn
+        closing = _after(rendered, prompt + d.target, f"the answer of turn {k + 1}")
+        carry = answer_ids[-1:] + _ids(tokenizer, closing)
+    return Conversation(index, seed, int(target_tokens), head_ids + ctx + rest_ids, turns)

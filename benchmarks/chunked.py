@@ -1,0 +1,217 @@
+"""Prefills that continue a cache, timed side by side: a follow-up turn against a long cached
+context (multi-turn use), and one long prompt prefilled in chunks (chunked prefill).
+
+    OUT=/tmp/chunked python3 -m benchmarks.chunked --model qwen2.5-coder-1.5b            # GPU, ~3 min
+    python3 -m benchmarks.chunked --model tiny:qwen2 --device cpu --no-inductor --context 512 --turn 128 \\
+        --chunk 256 --config vertical_slash:16:64 --min-seq-len 0                       # CPU smoke run
+
+* ``turn``: the context (``--context`` tokens of Python source) is prefilled once by the eager
+  model into a ``DynamicCache``; then the turn (``--turn`` new tokens) is prefilled on that cache
+  by eager and by each compiled mode in alternation, the cache cropped back to the context after
+  every call (``--reps`` timed calls each after a warm-up that compiles). Goal: the searched
+  config's turn <= 0.5x eager's.
+* ``chunked``: the whole context prefilled by the compiled searched mode at once and in pieces of
+  ``--chunk`` tokens (each continuing the cache), and by eager at once. Goal: chunked <= 1.15x
+  unchunked; the next-token argmax of the two is recorded.
+
+Modes: ``searched`` (``--config``, default the model's shipped 128K config) and
+``--configs NAME=PATH_OR_SPEC`` extras, each ``torch.compile(model, backend=MInferenceBackend,
+dynamic=True)``. Lengths past the model's native context run with YaRN. Rows go to
+``$OUT/chunked.json`` as they are measured, with peak memory per phase.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from benchmarks.e2e import Dev, err_text
+
+
+def _sync_time(fn, dev: Dev) -> float:
+    dev.sync()
+    t = time.perf_counter()
+    fn()
+    dev.sync()
+    return time.perf_counter() - t
+
+
+class Rows:
+    def __init__(self, path: str, meta: dict):
+        self.path, self.data = path, dict(meta=meta, rows=[])
+
+    def add(self, **row):
+        self.data["rows"].append(row)
+        print(json.dumps(row, default=str), flush=True)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path, "w") as f:
+            json.dump(self.data, f, indent=1, default=str)
+
+
+def make_modes(model, args) -> dict:
+    from mi_compile.backend import MInferenceBackend
+    from mi_compile.eval.harness import parse_config_spec
+
+    specs = {"searched": args.config, **dict(s.split("=", 1) for s in args.configs)}
+    fns = {"eager": model}
+    for name, spec in specs.items():
+        be = MInferenceBackend({"config": parse_config_spec(spec)[0], "min_seq_len": args.min_seq_len},
+                               use_inductor=not args.no_inductor)
+        fns[name] = torch.compile(model, backend=be, dynamic=True)
+        fns[name]._mi_backend = be
+    return fns
+
+
+def sites_of(fn) -> dict | None:
+    """How the backend treated the graphs it saw: sparse sites, and why others stayed dense."""
+    be = getattr(fn, "_mi_backend", None)
+    if be is None:
+        return None
+    sites = [s for r in be.reports for s in r.sites]
+    return dict(graphs=len(be.reports), sparse=sum(s.action == "sparse" for s in sites),
+                dense_reasons=sorted({s.reason for s in sites if s.action != "sparse"})[:6])
+
+
+def run_turn(args, dev, rows, model, fns, context, turn):
+    """Each mode prefills ``turn`` on the eager model's cache of ``context`` (cropped back after
+    every call), warm-up first, then ``--reps`` rounds in alternation."""
+    from transformers import DynamicCache
+
+    n = context.shape[1]
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(context, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    times: dict[str, list] = {m: [] for m in fns}
+    peak: dict[str, float] = {}
+
+    def call(fn):
+        with torch.no_grad():
+            out = fn(turn, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.crop(-turn.shape[1])   # back to the context (a negative count: every release takes it)
+        return out
+
+    for m, fn in fns.items():
+        try:
+            dev.reset_peak()
+            wall = _sync_time(lambda: call(fn), dev)
+            peak[m] = dev.peak_gib()
+            rows.add(kind="turn_warmup", mode=m, context=n, turn=turn.shape[1], wall_s=round(wall, 3),
+                     sites=sites_of(fn))
+        except Exception as exc:  # noqa: BLE001 -- one mode's failure must not lose the others
+            rows.add(kind="turn_warmup", mode=m, error=err_text(exc))
+            times.pop(m)
+    for _ in range(args.reps):
+        for m in list(times):
+            times[m].append(_sync_time(lambda: call(fns[m]), dev))
+    eager = min(times["eager"]) if times.get("eager") else None
+    for m, ts in times.items():
+        rows.add(kind="turn", mode=m, context=n, turn=turn.shape[1], turn_s=round(min(ts), 4),
+                 all_s=[round(t, 4) for t in ts], vs_eager=round(min(ts) / eager, 3) if eager else None,
+                 peak_gib=peak.get(m), sites=sites_of(fns[m]))
+    del cache
+    dev.free()
+
+
+def run_chunked(args, dev, rows, model, fns, context):
+    """The context prefilled at once by eager and by each compiled mode, and in ``--chunk``
+    pieces by each compiled mode; total times and the next-token argmax."""
+    from transformers import DynamicCache
+
+    def prefill(fn, chunk=None):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            for piece in ([context] if not chunk else context.split(chunk, dim=1)):
+                out = fn(piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return int(out.logits[0, -1].argmax())
+
+    variants = [(m, None) for m in fns] + [(m, args.chunk) for m in fns if m != "eager"]
+    times: dict[tuple, list] = {}
+    first: dict[tuple, int] = {}
+    for v in variants:
+        try:
+            dev.reset_peak()
+            wall = _sync_time(lambda: first.__setitem__(v, prefill(fns[v[0]], v[1])), dev)
+            rows.add(kind="chunked_warmup", mode=v[0], chunk=v[1], wall_s=round(wall, 3), peak_gib=dev.peak_gib())
+            times[v] = []
+        except Exception as exc:  # noqa: BLE001
+            rows.add(kind="chunked_warmup", mode=v[0], chunk=v[1], error=err_text(exc))
+        dev.free()
+    for _ in range(args.reps):
+        for v in times:
+            times[v].append(_sync_time(lambda: prefill(fns[v[0]], v[1]), dev))
+            dev.free()
+    for (m, c), ts in times.items():
+        whole = times.get((m, None))
+        rows.add(kind="chunked", mode=m, chunk=c, context=context.shape[1], prefill_s=round(min(ts), 4),
+                 vs_unchunked=round(min(ts) / min(whole), 3) if c and whole else None,
+                 vs_eager=round(min(ts) / min(times[("eager", None)]), 3) if times.get(("eager", None)) else None,
+                 next_token=first.get((m, c)), same_next_token=first.get((m, c)) == first.get((m, None)),
+                 sites=sites_of(fns[m]))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.chunked", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="qwen2.5-coder-1.5b", help="a name mi_compile.models.load_model takes")
+    p.add_argument("--config", default=None, help="the searched mode's config (default: the model's shipped 128K one)")
+    p.add_argument("--configs", nargs="*", default=[], metavar="NAME=PATH_OR_SPEC", help="more compiled modes")
+    p.add_argument("--context", type=int, default=131072, help="cached context tokens (default 131072)")
+    p.add_argument("--turn", type=int, default=2048, help="tokens of the follow-up turn (default 2048)")
+    p.add_argument("--chunk", type=int, default=16384, help="chunk size of the chunked prefill (default 16384)")
+    p.add_argument("--phases", default="turn,chunked", help="comma-separated: turn, chunked")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--min-seq-len", type=int, default=32768,
+                   help="backend min_seq_len, compared with the keys' length (default 32768)")
+    p.add_argument("--no-inductor", action="store_true")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args(argv)
+    args.phases = [x for x in args.phases.split(",") if x]
+    if set(args.phases) - {"turn", "chunked"} or min(args.context, args.turn, args.chunk, args.reps) < 1:
+        p.error("bad --phases / lengths / reps")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from mi_compile.eval.harness import searched_default
+    from mi_compile.eval.tasks import code_document
+    from mi_compile.models import load_model, native_context, set_yarn, yarn_factor_for
+
+    dev = Dev(torch.device(args.device))
+    dtype = torch.bfloat16 if dev.cuda else torch.float32
+    model, tok = load_model(args.model, dtype=dtype, device=dev.device)
+    args.config = args.config or searched_default(args.model)
+    native = native_context(model)
+    factor = yarn_factor_for(args.context + args.turn, native)
+    if factor:
+        set_yarn(model, factor, original=native)
+    if tok is not None:
+        context = torch.tensor([code_document(tok, args.context, seed=0)], device=dev.device)
+        turn = torch.tensor([code_document(tok, args.turn, seed=7)], device=dev.device)
+    else:
+        g = torch.Generator().manual_seed(0)
+        vocab = model.config.vocab_size
+        context = torch.randint(0, vocab, (1, args.context), generator=g).to(dev.device)
+        turn = torch.randint(0, vocab, (1, args.turn), generator=g).to(dev.device)
+    meta = dict(model=args.model, device=torch.cuda.get_device_name(dev.device) if dev.cuda else "cpu",
+                torch=torch.__version__, dtype=str(dtype), yarn=factor, config=args.config,
+                extra=args.configs, min_seq_len=args.min_seq_len, inductor=not args.no_inductor,
+                context=args.context, turn=args.turn, chunk=args.chunk, input="python source" if tok else "random ids")
+    rows = Rows(os.path.join(args.out, "chunked.json"), meta)
+    fns = make_modes(model, args)
+    if "turn" in args.phases:
+        run_turn(args, dev, rows, model, fns, context, turn)
+    if "chunked" in args.phases:
+        run_chunked(args, dev, rows, model, fns, context)
+    for r in rows.data["rows"]:
+        if r["kind"] in ("turn", "chunked"):
+            print(f"{r['kind']:<8} {r['mode']:<10} chunk {str(r.get('chunk') or '-'):>6} "
+                  f"{r.get('turn_s', r.get('prefill_s')):.4f} s  vs eager {r.get('vs_eager')}"
+                  + (f"  vs unchunked {r['vs_unchunked']}" if r.get("vs_unchunked") else ""))
+
+
+if __name__ == "__main__":
+    main()
