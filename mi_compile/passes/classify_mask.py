@@ -28,6 +28,31 @@ lengths are bound to a probe length (and a second, long probe looks for sliding 
 A mask that matches is recorded as ``causal``, ``causal+padding``, ``sliding_window`` or
 ``sliding_window+padding`` with the node of the 2D padding mask, which is all the sparse op
 needs (O(batch x n)). Anything else is ``unknown`` with the reason; the call then stays dense.
+
+Prefill chunks that continue a cache (``nq`` new queries over ``nk = past + nq`` keys, as
+``model(chunk, past_key_values=DynamicCache(...))`` runs them). transformers 5.17-5.25 offset
+the query index by the cache length (``s_past`` symbolic, or a constant when Dynamo
+specialised it)::
+
+    keys  = torch.cat([past_keys, k], dim=-2)                      # [b, hkv, s_past + nq, d]
+    q_idx = (torch.arange(nq) + s_past)[None, None, :, None]
+    kv_idx = (torch.arange(s_past + nq) + 0)[None, None, None, :]
+    m = ones & (kv_idx <= q_idx) & padding_bool[b_idx, kv_idx]     # padding: [b, past + nq]
+    sdpa(q, repeat_kv(keys), repeat_kv(values), attn_mask=m.expand(b, -1, nq, s_past + nq))
+
+The probe binds the lengths' symbols twice (a long chunk over a short past and the other way
+round) and compares with the bottom-right-aligned causal mask, query row ``r`` seeing key
+``j`` iff ``j <= (nk - nq) + r`` (``& padding[b, j]``), plus a long probe for sliding
+windows. A match is ``causal_bottom_right`` / ``causal_bottom_right+padding``: the contract of
+``mi_compile::sparse_attention`` for ``nq < nk``. Not matched (the call stays dense, with the
+reason): ``is_causal=True`` with ``nq < nk`` (``causal_top_left``: PyTorch aligns that mask
+top-left, query ``r`` sees keys ``0..r``), a sliding window over a cached prefix, and a static
+cache (``StaticCache``), whose mask offsets the queries by a runtime tensor (the cache's
+``cumulative_length`` / ``cache_position``) over all of its slots, filled or not::
+
+    q_idx = (torch.arange(nq) + cumulative_length)[None, None, :, None]
+    kv_idx = torch.arange(max_cache_len)[None, None, None, :]      # keys beyond the filled part
+    m = kv_idx <= q_idx                                            # ... masked only by causality
 """
 from __future__ import annotations
 
@@ -36,6 +61,8 @@ import operator
 
 import torch
 import torch.fx
+
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .find_attention import fake_shape, sdpa_arg
 from .site import AttentionSite, MaskInfo, bump
@@ -47,8 +74,19 @@ LONG_PROBE_LEN = 1 << 20    # ... and to this (few rows, batch 1) to look for lo
 PROBE_BATCH = 2
 
 
+CHUNK_BINDINGS = ((613, 1499), (1201, 331))  # (query symbols, other symbols): chunk over a long / short past
+
+
 class ProbeError(Exception):
     """The mask sub-graph could not be evaluated on a probe (the reason is the message)."""
+
+
+class RuntimeInputError(ProbeError):
+    """The mask reads an integer tensor input the probe cannot synthesise (``input``: its name)."""
+
+    def __init__(self, message: str, input_name: str):
+        super().__init__(message)
+        self.input_name = input_name
 
 
 def _index_tuple(node: torch.fx.Node):
@@ -109,10 +147,9 @@ def _sym_expr(x):
 class _MaskProbe:
     """Evaluates a mask sub-graph with sampled query rows and synthetic padding."""
 
-    def __init__(self, mask_node: torch.fx.Node, q_len, batch):
+    def __init__(self, mask_node: torch.fx.Node):
         self.mask_node = _strip_expand(mask_node)
         self.nodes = _ancestors(self.mask_node)
-        self.q_len, self.batch = q_len, batch
         self.q_sources, self.kv_sources, self.batch_sources, self.padding_sources = [], [], [], []
         for n in self.nodes:
             role = _index_role(n)
@@ -133,33 +170,44 @@ class _MaskProbe:
     def padding_source(self):
         return self.padding_sources[0] if len(set(self.padding_sources)) == 1 else None
 
-    def run(self, n: int, batch: int, rows: torch.Tensor, padding: torch.Tensor | None,
+    def run(self, nq: int, nk: int, batch: int, rows: torch.Tensor, padding: torch.Tensor | None,
             symbols: dict) -> torch.Tensor:
-        """Evaluate the mask at query ``rows`` (all keys) for a sequence of ``n`` tokens."""
+        """Evaluate the mask at query ``rows`` (of ``nq``; all ``nk`` keys)."""
         env: dict[torch.fx.Node, object] = {}
         for src in self.q_sources:
             env[src] = rows.to(self._device(src))
         for src in self.kv_sources:
-            env[src] = torch.arange(n, device=self._device(src))
+            env[src] = torch.arange(nk, device=self._device(src))
         for src in self.batch_sources:
             env[src] = torch.arange(batch, device=self._device(src))
         if padding is not None:
             for src in self.padding_sources:
                 env[src] = padding.to(self._device(src))
-        return self._eval(self.mask_node, env, n, symbols)
+        return self._eval(self.mask_node, env, nq, nk, symbols)
 
     @staticmethod
     def _device(node):
         val = node.meta.get("example_value")
         return val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
 
-    def _eval(self, target, env, n, symbols):
-        order = [x for x in self.mask_node.graph.nodes if x in set(self.nodes)]
+    def _eval(self, target, env, nq, nk, symbols):
+        # only what the mask needs beyond the replaced nodes (the 2D padding mask's own input,
+        # of a length of its own, is never evaluated)
+        needed, stack = {target}, [target]
+        while stack:
+            cur = stack.pop()
+            if cur in env:
+                continue
+            for inp in cur.all_input_nodes:
+                if inp not in needed:
+                    needed.add(inp)
+                    stack.append(inp)
+        order = [x for x in self.mask_node.graph.nodes if x in needed]
         for node in order:
             if node in env:
                 continue
             if node.op == "placeholder":
-                env[node] = self._placeholder_value(node, n, symbols)
+                env[node] = self._placeholder_value(node, nq, nk, symbols)
             elif node.op in ("call_function", "call_method"):
                 args = torch.fx.node.map_arg(node.args, lambda a: env[a])
                 kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: env[a])
@@ -183,16 +231,22 @@ class _MaskProbe:
         except Exception as e:  # noqa: BLE001
             raise ProbeError(f"size {x} depends on more than the sequence length and batch") from e
 
-    def _placeholder_value(self, node, n, symbols):
+    def _placeholder_value(self, node, nq, nk, symbols):
         val = node.meta.get("example_value")
         if isinstance(val, (torch.SymInt, int)):
             return self._concrete(val, symbols)
         if isinstance(val, torch.Tensor):
             shape = [self._concrete(s, symbols) for s in val.shape]
-            if not val.dtype.is_floating_point and val.dtype != torch.bool and shape and shape[-1] == n:
+            integer = not val.dtype.is_floating_point and val.dtype != torch.bool
+            if integer and nq == nk and shape and shape[-1] == nq:
                 # position_ids / cache_position of a prefill from an empty cache: 0..n-1
-                return torch.arange(n, device=val.device).expand(*shape).clone()
-            raise ProbeError(f"mask depends on input {node.target!r} of shape {tuple(val.shape)}")
+                return torch.arange(nq, device=val.device).expand(*shape).clone()
+            what = f"mask depends on input {node.target!r} of shape {tuple(val.shape)}"
+            if integer:
+                # with a cache, positions are the cache's business (a static cache's
+                # cumulative_length): never guessed
+                raise RuntimeInputError(what, str(node.target))
+            raise ProbeError(what)
         raise ProbeError(f"mask depends on input {node.target!r}")
 
 
@@ -217,8 +271,11 @@ def _synthetic_padding(batch: int, n: int, gen: torch.Generator) -> torch.Tensor
     return pad
 
 
-def _explain(result: torch.Tensor, rows: torch.Tensor, n: int, padding, batch: int) -> tuple[str, int]:
-    """Match a probed mask [B?, 1?, R, n] against causal/padding/window; returns (kind, window)."""
+def _explain(result: torch.Tensor, rows: torch.Tensor, nq: int, nk: int, padding,
+             batch: int) -> tuple[str, int]:
+    """Match a probed mask [B?, 1?, R, nk] against causal/padding/window, bottom-right aligned
+    (query row ``r`` is key position ``nk - nq + r``; for a prefill ``nq == nk``, the usual
+    causal mask); returns (kind, window)."""
     if result.dtype != torch.bool:
         raise ProbeError(f"mask has dtype {result.dtype}, not bool")
     res = result.to("cpu")
@@ -226,24 +283,50 @@ def _explain(result: torch.Tensor, rows: torch.Tensor, n: int, padding, batch: i
         res = res.unsqueeze(0)
     if res.shape[1] != 1:
         raise ProbeError("mask differs between heads")
-    res = res.expand(batch, 1, len(rows), n)[:, 0]
-    q = rows[:, None]
-    kv = torch.arange(n)[None, :]
+    res = res.expand(batch, 1, len(rows), nk)[:, 0]
+    offset = nk - nq
+    q = rows[:, None] + offset
+    kv = torch.arange(nk)[None, :]
     allowed = (kv <= q)[None].expand(batch, -1, -1)
     if padding is not None:
         allowed = allowed & padding[:, None, :]
+    rule = "causal+padding" if not offset else f"causal aligned bottom-right ({nq} queries over {nk} keys)+padding"
     if (res & ~allowed).any():
         b, r, c = (res & ~allowed).nonzero()[0].tolist()
-        raise ProbeError(f"mask lets query {int(rows[r])} see key {c} (batch {b}), which causal+padding forbids")
+        raise ProbeError(f"mask lets query {int(rows[r])} see key {c} (batch {b}), which {rule} forbids")
     missing = allowed & ~res
     window = 0
     if missing.any():
         dist = (q - kv)[None].expand(batch, -1, -1)[missing]
         window = int(dist.min())
         if window <= 0 or not torch.equal(res, allowed & ((q - kv) < window)[None]):
+            if offset:
+                raise ProbeError(f"mask hides keys that {rule} allows, and is not a sliding window")
             raise ProbeError("mask is not causal, padding or a sliding window")
     kind = "sliding_window" if window else "causal"
     return kind, window
+
+
+def _free_symbols(*exprs) -> set:
+    out = set()
+    for e in exprs:
+        e = _sym_expr(e)
+        if not isinstance(e, int):
+            out |= set(e.free_symbols)
+    return out
+
+
+def _known(cond) -> bool:
+    """``cond`` (a bool or SymBool on the fake shapes) holds for every size, without a guard."""
+    try:
+        return bool(statically_known_true(cond))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def lengths_equal(q_len, kv_len) -> bool:
+    """The query and key lengths are provably equal (a prefill), adding no guard."""
+    return _sym_expr(q_len) == _sym_expr(kv_len) or _known(q_len == kv_len)
 
 
 class ClassifyMaskPass:
@@ -271,32 +354,53 @@ class ClassifyMaskPass:
         node = site.node
         mask = sdpa_arg(node, "attn_mask")
         is_causal = bool(sdpa_arg(node, "is_causal", False))
+        qs, ks = fake_shape(sdpa_arg(node, "query")), fake_shape(sdpa_arg(node, "key"))
+        shapes = qs is not None and ks is not None and len(qs) == 4 and len(ks) == 4
         if mask is None:
             if is_causal:
+                if shapes and not lengths_equal(qs[2], ks[2]) and _known(qs[2] < ks[2]):
+                    return MaskInfo("causal_top_left", how="is_causal=True",
+                                    reason=f"is_causal=True with query length {qs[2]} < key length {ks[2]}: "
+                                           "PyTorch aligns that mask top-left (query r sees keys 0..r), "
+                                           "not bottom-right as a cache continuation needs")
                 return MaskInfo("causal", how="is_causal=True")
             return MaskInfo("none", how="no mask, is_causal=False")
         if is_causal:
             return MaskInfo("unknown", reason="both attn_mask and is_causal given")
         if not isinstance(mask, torch.fx.Node):
             return MaskInfo("unknown", reason=f"mask is a constant {type(mask).__name__}")
-        qs, ks = fake_shape(sdpa_arg(node, "query")), fake_shape(sdpa_arg(node, "key"))
-        if qs is None or ks is None or len(qs) != 4:
+        if not shapes:
             return MaskInfo("unknown", reason="query/key shapes unknown")
-        if _sym_expr(qs[2]) != _sym_expr(ks[2]):
-            return MaskInfo("unknown", reason=f"query length {qs[2]} differs from key length {ks[2]} (cached step)")
+        chunk = not lengths_equal(qs[2], ks[2])
+        if chunk and not _known(qs[2] <= ks[2]):
+            return MaskInfo("unknown", reason=f"query length {qs[2]} may exceed key length {ks[2]}")
         try:
+            if chunk:
+                return self._probe_chunk(mask, qs[2], ks[2], qs[0])
             return self._probe(mask, qs[2], qs[0])
+        except RuntimeInputError as e:
+            if chunk:
+                return MaskInfo("unknown", reason=f"static cache: query positions come from runtime tensor "
+                                                  f"{e.input_name!r} (the cache position) and the {ks[2]} keys are "
+                                                  f"the cache's slots, filled or not; the op needs keys that end at "
+                                                  f"the last query (bottom-right causal)")
+            return MaskInfo("unknown", reason=f"mask probe: {e}")
         except ProbeError as e:
             return MaskInfo("unknown", reason=f"mask probe: {e}")
         except Exception as e:  # noqa: BLE001  - any failure to evaluate means "not understood"
             return MaskInfo("unknown", reason=f"mask probe failed: {type(e).__name__}: {e}")
 
-    def _probe(self, mask_node, q_len, batch) -> MaskInfo:
-        probe = _MaskProbe(mask_node, q_len, batch)
+    @staticmethod
+    def _new_probe(mask_node) -> _MaskProbe:
+        probe = _MaskProbe(mask_node)
         if not probe.q_sources or not probe.kv_sources:
             raise ProbeError("no query/key index grid found in the mask sub-graph")
         if len(set(probe.padding_sources)) > 1:
             raise ProbeError("mask reads more than one 2D padding mask")
+        return probe
+
+    def _probe(self, mask_node, q_len, batch) -> MaskInfo:
+        probe = self._new_probe(mask_node)
         gen = torch.Generator().manual_seed(0)
         symbolic = not isinstance(_sym_expr(q_len), int)
         n = PROBE_LEN if symbolic else int(q_len)
@@ -308,8 +412,8 @@ class ClassifyMaskPass:
             symbols[_sym_expr(batch)] = b
         rows = _sample_rows(n, 96 if n > 2048 else n, gen)
         padding = _synthetic_padding(b, n, gen) if probe.padding_source is not None else None
-        result = probe.run(n, b, rows, padding, symbols)
-        kind, window = _explain(result, rows, n, padding, b)
+        result = probe.run(n, n, b, rows, padding, symbols)
+        kind, window = _explain(result, rows, n, n, padding, b)
         how = f"probe at {n} tokens x {len(rows)} rows"
         if symbolic and not window:
             # Long windows (e.g. 4096, 32768) only show on long sequences: a few last rows of a
@@ -321,9 +425,60 @@ class ClassifyMaskPass:
             b_long = 1 if not isinstance(_sym_expr(batch), int) else int(batch)
             rows_long = torch.arange(n_long - 4, n_long)
             pad_long = torch.ones(b_long, n_long, dtype=torch.bool) if padding is not None else None
-            result = probe.run(n_long, b_long, rows_long, pad_long, symbols)
-            kind, window = _explain(result, rows_long, n_long, pad_long, b_long)
+            result = probe.run(n_long, n_long, b_long, rows_long, pad_long, symbols)
+            kind, window = _explain(result, rows_long, n_long, n_long, pad_long, b_long)
             how += f", and at {n_long} tokens x {len(rows_long)} rows"
         if padding is not None:
             kind += "+padding"
         return MaskInfo(kind, window=window, padding_source=probe.padding_source, how=how)
+
+    def _probe_chunk(self, mask_node, q_len, kv_len, batch) -> MaskInfo:
+        """A chunk of ``q_len`` queries over ``kv_len >= q_len`` keys (a cache continuation):
+        the mask must be the bottom-right-aligned causal one (``+ padding``), at every binding
+        of the lengths' symbols probed (two, so an offset that only matches one past length is
+        caught) and, when the lengths are symbolic, on a ~1M-key probe (no sliding window)."""
+        probe = self._new_probe(mask_node)
+        gen = torch.Generator().manual_seed(0)
+        batch_sym = None if isinstance(_sym_expr(batch), int) else _sym_expr(batch)
+        b = PROBE_BATCH if batch_sym is not None else int(batch)
+        q_syms = _free_symbols(q_len) - {batch_sym}
+        other = sorted(_free_symbols(kv_len) - q_syms - {batch_sym}, key=str)
+        bindings = []
+        for q_val, other_val in (CHUNK_BINDINGS if (q_syms or other) else ((None, None),)):
+            symbols = {s: q_val + 2 * i for i, s in enumerate(sorted(q_syms, key=str))}
+            symbols.update({s: other_val + 2 * i for i, s in enumerate(other)})
+            bindings.append(symbols)
+        hows = []
+        for symbols in bindings:
+            if batch_sym is not None:
+                symbols[batch_sym] = b
+            nq, nk = _MaskProbe._concrete(q_len, symbols), _MaskProbe._concrete(kv_len, symbols)
+            if not 0 < nq <= nk:
+                raise ProbeError(f"query length {nq} exceeds key length {nk} at the probe")
+            rows = _sample_rows(nq, 96 if nq > 2048 else nq, gen)
+            padding = _synthetic_padding(b, nk, gen) if probe.padding_source is not None else None
+            result = probe.run(nq, nk, b, rows, padding, symbols)
+            kind, window = _explain(result, rows, nq, nk, padding, b)
+            if window:
+                raise ProbeError(f"sliding window ({window}) over a cached prefix: the op's window is for prefills")
+            hows.append(f"{nq} queries over {nk} keys x {len(rows)} rows")
+        if q_syms or other:
+            # a long key range: sliding windows up to ~1M tokens show here
+            symbols = {s: 64 + 2 * i for i, s in enumerate(sorted(q_syms, key=str))} if other else {}
+            long_syms = other or sorted(q_syms, key=str)
+            symbols.update({s: LONG_PROBE_LEN + 7 + 2 * i for i, s in enumerate(long_syms)})
+            if batch_sym is not None:
+                symbols[batch_sym] = 1
+            b_long = 1 if batch_sym is not None else int(batch)
+            nq, nk = _MaskProbe._concrete(q_len, symbols), _MaskProbe._concrete(kv_len, symbols)
+            if not 0 < nq <= nk:
+                raise ProbeError(f"query length {nq} exceeds key length {nk} at the probe")
+            rows = torch.arange(max(0, nq - 4), nq)
+            pad_long = torch.ones(b_long, nk, dtype=torch.bool) if probe.padding_source is not None else None
+            result = probe.run(nq, nk, b_long, rows, pad_long, symbols)
+            kind, window = _explain(result, rows, nq, nk, pad_long, b_long)
+            if window:
+                raise ProbeError(f"sliding window ({window}) over a cached prefix: the op's window is for prefills")
+            hows.append(f"{nq} queries over {nk} keys x {len(rows)} rows")
+        kind = "causal_bottom_right" + ("+padding" if probe.padding_source is not None else "")
+        return MaskInfo(kind, padding_source=probe.padding_source, how="probe at " + ", ".join(hows))

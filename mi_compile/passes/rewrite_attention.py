@@ -15,6 +15,21 @@ After::
 The repeat_kv and mask nodes lose their last user and are removed by dead-code elimination,
 so neither the repeated K/V nor the n x n mask is ever built. Calls that are not causal
 prefill attention, or that the options keep dense, are left untouched with the reason recorded.
+
+A prefill chunk that continues a ``DynamicCache`` (mask ``causal_bottom_right``, see
+:mod:`.classify_mask`) becomes the same op over the whole cache::
+
+    keys = torch.cat([past_keys, k], dim=-2)                      # [b, hkv, past + nq, d]
+    mask = (kv_idx <= q_idx + past) & padding[b_idx, kv_idx]       # [b, 1, nq, past + nq]
+    out  = sdpa(q, repeat_kv(keys), repeat_kv(values), attn_mask=mask, scale=s)
+->
+    out  = torch.ops.mi_compile.sparse_attention(q, keys, values, heads=[...], scale=s,
+              key_padding_mask=padding[:, :past + nq], window=0, min_seq_len=..., layer=3)
+
+(the op aligns query row ``r`` with key ``nk - nq + r``), unless the op says such a layer's
+heads cannot run a chunk sparse (:func:`mi_compile.op.chunk_dense_reason`). Decode steps
+(one query token), ``is_causal=True`` with ``nq < nk`` (top-left in PyTorch) and static caches
+stay dense, with the reason.
 """
 from __future__ import annotations
 
@@ -101,6 +116,32 @@ def has_side_effects(node: torch.fx.Node) -> bool:
     return node.is_impure()
 
 
+def chunk_dense_reason(heads: list[HeadPattern]) -> str | None:
+    """Why a layer with these heads cannot run a prefill chunk (``nq < nk``) sparse, or None:
+    the op's own answer (:func:`mi_compile.op.chunk_dense_reason`). An op without it does
+    not take chunks at all."""
+    from .. import op
+
+    fn = getattr(op, "chunk_dense_reason", None)
+    if fn is None:
+        return "the sparse op does not take query length < key length (mi_compile.op.chunk_dense_reason missing)"
+    return fn(heads)
+
+
+def _chunk_padding(graph: torch.fx.Graph, site: AttentionSite):
+    """The key padding mask for a chunk, cut to the keys' length: transformers indexes the
+    2D ``attention_mask`` with ``arange(nk)``, so only its first ``nk`` columns count, and
+    under dynamic shapes its length is a symbol of its own. Inserted before the call."""
+    padding = site.mask.padding_source
+    pad, key = _example(padding), _example(site.key_source)
+    if padding is None or pad is None or key is None or pad.dim() != 2:
+        return padding
+    if _sym_expr(pad.shape[1]) == _sym_expr(key.shape[2]) or statically_known_true(pad.shape[1] == key.shape[2]):
+        return padding
+    nk = graph.call_method("size", (site.key_source, 2))
+    return graph.call_method("narrow", (padding, 1, 0, nk))
+
+
 class RewriteAttentionPass:
     name = "rewrite_attention"
 
@@ -115,7 +156,12 @@ class RewriteAttentionPass:
         if site.q_len == "1":
             return site.keep_dense("decode step (one query token)")
         if site.mask is None or site.mask.kind == "unknown":
-            return site.keep_dense(f"mask not understood: {site.mask.reason if site.mask else '?'}")
+            reason = site.mask.reason if site.mask else "?"
+            if reason.startswith("static cache:"):
+                return site.keep_dense(reason)
+            return site.keep_dense(f"mask not understood: {reason}")
+        if site.mask.kind == "causal_top_left":
+            return site.keep_dense(site.mask.reason)
         if site.mask.kind == "none":
             return site.keep_dense("not causal (no mask, is_causal=False)")
         if not isinstance(dropout, (int, float)) or dropout != 0.0:
@@ -126,7 +172,9 @@ class RewriteAttentionPass:
             return site.keep_dense("head counts or head_dim are symbolic")
         if site.q_heads % site.kv_heads:
             return site.keep_dense(f"{site.q_heads} query heads not a multiple of {site.kv_heads} KV heads")
-        reason = kernel_limits_reason(site) or lengths_reason(site)
+        # a chunk's lengths differ by construction (the classifier proved nq <= nk and the
+        # bottom-right mask); anything else must be a prefill
+        reason = kernel_limits_reason(site) or ("" if site.mask.chunk else lengths_reason(site))
         if reason:
             return site.keep_dense(reason)
         if site.layer is None:
@@ -139,6 +187,11 @@ class RewriteAttentionPass:
             site.heads = [HeadPattern("a_shape", sink=0, local=site.mask.window)] * site.q_heads
         else:
             site.heads = self.config.heads_for(site.layer, site.q_heads)
+        if site.mask.chunk:
+            reason = chunk_dense_reason(site.heads)
+            if reason:
+                site.heads = None
+                return site.keep_dense(f"prefill chunk over a cache: {reason}")
         site.action = "sparse"
 
     def __call__(self, gm: torch.fx.GraphModule, sites: list[AttentionSite]) -> int:
@@ -150,11 +203,11 @@ class RewriteAttentionPass:
             if site.action != "sparse":
                 continue
             node = site.node
-            padding = site.mask.padding_source
-            args = (sdpa_arg(node, "query"), site.key_source, site.value_source, encode_heads(site.heads),
-                    sdpa_arg(node, "scale"), padding, int(site.mask.window), int(self.options.min_seq_len),
-                    int(site.layer))
             with graph.inserting_before(node):
+                padding = _chunk_padding(graph, site) if site.mask.chunk else site.mask.padding_source
+                args = (sdpa_arg(node, "query"), site.key_source, site.value_source, encode_heads(site.heads),
+                        sdpa_arg(node, "scale"), padding, int(site.mask.window), int(self.options.min_seq_len),
+                        int(site.layer))
                 new = graph.call_function(torch.ops.mi_compile.sparse_attention.default, args)
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)

@@ -27,6 +27,9 @@ class MaskInfo:
     """The meaning of an SDPA call's mask, as far as the classifier could establish it.
 
     kind: ``causal`` | ``causal+padding`` | ``sliding_window`` | ``sliding_window+padding`` |
+    ``causal_bottom_right`` | ``causal_bottom_right+padding`` (a prefill chunk continuing a
+    cache: ``nq <= nk`` and query row ``r`` sees key ``j`` iff ``j <= nk - nq + r``) |
+    ``causal_top_left`` (``is_causal=True`` with ``nq < nk``: query ``r`` sees keys ``0..r``) |
     ``none`` (no mask, not causal) | ``unknown``.
     """
 
@@ -38,7 +41,12 @@ class MaskInfo:
 
     @property
     def recognised(self) -> bool:
-        return self.kind not in ("unknown", "none")
+        return self.kind not in ("unknown", "none", "causal_top_left")
+
+    @property
+    def chunk(self) -> bool:
+        """A prefill chunk that continues a cache (bottom-right-aligned causal, ``nq <= nk``)."""
+        return self.kind.startswith("causal_bottom_right")
 
 
 @dataclasses.dataclass

@@ -1,0 +1,288 @@
+"""Prefill chunks that continue a cache (``nq`` new queries over ``nk = past + nq`` keys).
+
+Tiny random Llama / Qwen2 models (fp32, CPU) prefill a prompt into a ``DynamicCache``, then a
+continuation chunk runs through ``torch.compile(model, backend="minference")``: the passes
+must classify its mask as bottom-right-aligned causal and rewrite the call to
+``mi_compile::sparse_attention`` (asserted by op target and by the passes' counters), and the
+logits must be eager's (the config's heads cover every key). Beside each positive case a
+negative one stays dense with its reason: ``is_causal=True`` with ``nq < nk`` (top-left in
+PyTorch), a ``StaticCache``, a decode step.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from transformers import DynamicCache, StaticCache
+
+import mi_compile
+from mi_compile import op as mi_op
+from mi_compile.config import load_config
+from mi_compile.models import tiny_model
+from mi_compile.options import BackendOptions
+from mi_compile.passes import run_passes
+from mi_compile.passes.classify_mask import ClassifyMaskPass
+from mi_compile.passes.find_attention import SDPA_TARGETS, FindAttentionPass
+
+SPARSE = torch.ops.mi_compile.sparse_attention.default
+LAYERS = 2
+# a_shape whose local window is longer than every sequence here: every causal key is seen, so
+# the op's sparse path must give eager's logits; min_seq_len 0 sends these short lengths there
+COVER = {"format": "mi-compile/v1", "default": {"pattern": "a_shape", "sink": 4, "local": 4096}}
+OPTS = {"config": COVER, "min_seq_len": 0}
+PAST, CHUNK = 80, 70          # the chunk is longer than one 64-query block: the sparse path runs
+OP_TAKES_CHUNKS = hasattr(mi_op, "chunk_dense_reason")
+needs_chunk_op = pytest.mark.skipif(not OP_TAKES_CHUNKS, reason="the op does not take q_len < kv_len yet")
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+    counters.clear()
+
+
+@pytest.fixture
+def op_takes_chunks(monkeypatch):
+    """Pass-level tests of the rewrite: the op's answer for every layer is "can run sparse"."""
+    monkeypatch.setattr(mi_op, "chunk_dense_reason", lambda heads: None, raising=False)
+
+
+def _tokens(batch, n, seed):
+    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _padding(batch, past, chunk, padded):
+    """``(prompt mask, chunk mask)``: row 0 of the prompt left-padded, or both None."""
+    if not padded:
+        return None, None
+    am = torch.ones(batch, past, dtype=torch.long)
+    am[0, :9] = 0
+    return am, torch.cat([am, torch.ones(batch, chunk, dtype=torch.long)], 1)
+
+
+def _chunk_kwargs(mask):
+    return {} if mask is None else {"attention_mask": mask}
+
+
+def _continue(model, run, batch=1, past=PAST, chunk=CHUNK, padded=False, cache_cls=DynamicCache, seed=0,
+              prefill=None):
+    """Prefill ``past`` tokens into a fresh cache with ``prefill`` (default: eager ``model``),
+    then run the ``chunk`` through ``run``; returns the chunk's logits."""
+    ids1, ids2 = _tokens(batch, past, seed), _tokens(batch, chunk, seed + 1)
+    m1, m2 = _padding(batch, past, chunk, padded)
+    if cache_cls is StaticCache:
+        cache = StaticCache(config=model.config, max_cache_len=past + chunk + 16)
+    else:
+        cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        (model if prefill is None else prefill)(ids1, past_key_values=cache, use_cache=True, **_chunk_kwargs(m1))
+        return run(ids2, past_key_values=cache, use_cache=True, **_chunk_kwargs(m2)).logits
+
+
+def _sparse_nodes(report):
+    return [s for s in report.sites if s.action == "sparse" and s.node.target is SPARSE]
+
+
+def _assert_close(out, ref, valid=None):
+    if valid is not None:
+        out, ref = out[valid], ref[valid]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+# -- classification and rewrite on the graphs transformers traces ---------------------------------
+
+def traced_chunk_graph(family="llama", batch=1, padded=False, dynamic=None, cache_cls=DynamicCache):
+    """The FX graph Dynamo hands a backend for a chunk continuing a cache (no passes run)."""
+    model = tiny_model(family, num_layers=LAYERS)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=capture, dynamic=dynamic)
+    _continue(model, compiled, batch=batch, past=20, chunk=8, padded=padded, cache_cls=cache_cls)
+    assert len(graphs) == 1, "expected one graph (no graph break)"
+    return graphs[0]
+
+
+def _classified(gm):
+    sites = FindAttentionPass()(gm)
+    ClassifyMaskPass()(gm, sites)
+    return sites
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_chunk_mask_is_bottom_right_causal(padded, dynamic):
+    """Concrete (20 cached + 8 new) and symbolic (``arange(s_q) + s_past``) offsets alike."""
+    gm = traced_chunk_graph(batch=2 if padded else 1, padded=padded, dynamic=dynamic)
+    sites = _classified(gm)
+    kind = "causal_bottom_right+padding" if padded else "causal_bottom_right"
+    assert [s.mask.kind for s in sites] == [kind] * LAYERS, [s.mask.reason for s in sites]
+    assert all(s.mask.chunk for s in sites)
+    assert counters["mi_compile"][f"mask_{kind}"] == LAYERS
+    assert all((s.mask.padding_source is not None) == padded for s in sites)
+
+
+def test_chunk_rewrite_fires_by_op_target(op_takes_chunks):
+    gm = traced_chunk_graph(batch=2, padded=True, dynamic=True)
+    report = run_passes(gm, BackendOptions.from_user(OPTS), load_config(COVER))
+    assert len(gm.graph.find_nodes(op="call_function", target=SPARSE)) == LAYERS
+    assert [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS] == []
+    assert report.rewritten == LAYERS
+    assert counters["mi_compile"]["rewritten_sparse"] == LAYERS
+    assert counters["mi_compile"]["left_dense"] == 0
+    # the attention_mask's length is a symbol of its own: cut to the keys' length for the op
+    for node in gm.graph.find_nodes(op="call_function", target=SPARSE):
+        pad = node.args[5]
+        assert pad.op == "call_method" and pad.target == "narrow"
+
+
+def test_chunk_stays_dense_where_the_op_says_so(monkeypatch):
+    monkeypatch.setattr(mi_op, "chunk_dense_reason", lambda heads: "these heads cannot take a chunk",
+                        raising=False)
+    gm = traced_chunk_graph()
+    report = run_passes(gm, BackendOptions.from_user(OPTS), load_config(COVER))
+    assert report.rewritten == 0
+    assert gm.graph.find_nodes(op="call_function", target=SPARSE) == []
+    assert {s.reason for s in report.sites} == {"prefill chunk over a cache: these heads cannot take a chunk"}
+
+
+def test_static_cache_stays_dense_with_its_reason():
+    """StaticCache offsets the queries by a runtime tensor over all of its slots: no contract."""
+    gm = traced_chunk_graph(cache_cls=StaticCache)
+    report = run_passes(gm, BackendOptions.from_user(OPTS), load_config(COVER))
+    assert report.rewritten == 0
+    assert gm.graph.find_nodes(op="call_function", target=SPARSE) == []
+    for site in report.sites:
+        assert site.mask.kind == "unknown"
+        assert site.reason.startswith("static cache: query positions come from runtime tensor"), site.reason
+
+
+class _TopLeft(torch.nn.Module):
+    """An attention whose SDPA gets ``is_causal=True`` with fewer queries than keys."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Identity()])
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(self.layers[0](q), k, v, is_causal=True)
+
+
+def test_is_causal_with_a_shorter_query_stays_dense_top_left():
+    q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 4, 28, 16), torch.randn(1, 4, 28, 16)
+    backend = mi_compile.backend(OPTS)
+    model = _TopLeft()
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True)(q, k, v)
+    (report,) = backend.reports
+    (site,) = report.sites
+    assert site.mask.kind == "causal_top_left" and site.action == "dense"
+    assert "aligns that mask top-left" in site.reason
+    assert counters["mi_compile"]["rewritten_sparse"] == 0
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+# -- end to end: compiled chunk against eager ------------------------------------------------------
+
+@needs_chunk_op
+@pytest.mark.parametrize("family,padded,dynamic", [("llama", False, None), ("llama", True, True),
+                                                   ("qwen2", False, True), ("qwen2", True, None)])
+def test_chunk_is_rewritten_and_matches_eager(family, padded, dynamic):
+    model = tiny_model(family, num_layers=LAYERS)
+    batch = 2 if padded else 1
+    ref = _continue(model, model, batch=batch, padded=padded)
+    backend = mi_compile.backend(OPTS)
+    out = _continue(model, torch.compile(model, backend=backend, fullgraph=True, dynamic=dynamic),
+                    batch=batch, padded=padded)
+    (report,) = backend.reports
+    assert len(_sparse_nodes(report)) == LAYERS, mi_compile.debug.format_table(report.sites)
+    # (Dynamo may trace a dynamic graph twice, restarting its analysis: counters add up)
+    assert counters["mi_compile"]["rewritten_sparse"] >= LAYERS and counters["mi_compile"]["left_dense"] == 0
+    assert {s.mask.kind for s in report.sites} == {"causal_bottom_right+padding" if padded else "causal_bottom_right"}
+    _assert_close(out, ref)
+
+
+@needs_chunk_op
+def test_static_cache_chunk_matches_eager_dense():
+    model = tiny_model("llama", num_layers=LAYERS)
+    ref = _continue(model, model, cache_cls=StaticCache)
+    backend = mi_compile.backend(OPTS)
+    out = _continue(model, torch.compile(model, backend=backend), cache_cls=StaticCache)
+    assert backend.reports and all(r.rewritten == 0 for r in backend.reports)
+    assert all(s.reason.startswith("static cache:") for r in backend.reports for s in r.sites)
+    _assert_close(out, ref)
+
+
+@needs_chunk_op
+def test_prefill_then_chunks_of_other_lengths_one_graph_each():
+    """A compiled prefill from an empty cache and compiled chunks are different graphs (the
+    cache's tensors are inputs of the second); both rewritten, both eager's; chunks of new
+    lengths reuse the dynamic chunk graph."""
+    model = tiny_model("llama", num_layers=LAYERS)
+    backend = mi_compile.backend(OPTS)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for seed, (past, chunk) in enumerate(((80, 70), (96, 66), (70, 90))):
+        ref = _continue(model, model, past=past, chunk=chunk, seed=seed)
+        out = _continue(model, compiled, past=past, chunk=chunk, seed=seed, prefill=compiled)
+        _assert_close(out, ref)
+    kinds = [{s.mask.kind for s in r.sites} for r in backend.reports]
+    assert kinds == [{"causal"}, {"causal_bottom_right"}], kinds
+    assert all(r.rewritten == LAYERS for r in backend.reports)
+
+
+@needs_chunk_op
+def test_decode_step_after_a_chunk_stays_dense():
+    model = tiny_model("llama", num_layers=LAYERS)
+    backend = mi_compile.backend(OPTS)
+    compiled = torch.compile(model, backend=backend)
+    cache_e, cache_c = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    ids, nxt = _tokens(1, PAST, 0), _tokens(1, 1, 1)
+    with torch.no_grad():
+        model(ids, past_key_values=cache_e)
+        model(ids, past_key_values=cache_c)
+        ref = model(nxt, past_key_values=cache_e).logits
+        out = compiled(nxt, past_key_values=cache_c).logits
+    (report,) = backend.reports
+    assert report.rewritten == 0
+    assert {s.reason for s in report.sites} == {"decode step (one query token)"}
+    _assert_close(out, ref)
+
+
+@needs_chunk_op
+def test_generate_turns_over_a_cached_document():
+    """Prefill a document once, then two question turns by ``generate`` on the same cache
+    (each turn's question is a chunk over the cache, then decode steps): greedy tokens equal
+    eager's."""
+    model = tiny_model("llama", num_layers=LAYERS)
+    doc, questions = _tokens(1, 96, 0), [_tokens(1, 66, 1), _tokens(1, 70, 2)]
+    backend = mi_compile.backend(OPTS)
+
+    def turns(compiled: bool):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(doc, past_key_values=cache)
+            if compiled:
+                model.compile(backend=backend, dynamic=True)
+            try:
+                ids, answers = doc, []
+                for q in questions:
+                    ids = torch.cat([ids, q], 1)
+                    ids = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False,
+                                         pad_token_id=0)
+                    answers.append(ids[:, -4:])
+            finally:
+                model._compiled_call_impl = None
+        return answers
+
+    eager, compiled = turns(False), turns(True)
+    assert [a.tolist() for a in compiled] == [a.tolist() for a in eager]
+    chunk_sites = [s for r in backend.reports for s in r.sites if s.mask and s.mask.chunk]
+    assert chunk_sites and all(s.action == "sparse" for s in chunk_sites)
+    assert counters["mi_compile"]["rewritten_sparse"] >= LAYERS
