@@ -11,18 +11,26 @@ whole model one graph with no guards on the length; Inductor still fuses everyth
 The op is sync-free, so the compiled model stays CUDA-graph capturable.
 
 Arguments:
-    q ``[B, Hq, n, D]``, k/v ``[B, Hkv, n, D]`` (Hq % Hkv == 0; K/V are not repeated),
+    q ``[B, Hq, nq, D]``, k/v ``[B, Hkv, nk, D]``, ``nq <= nk`` (Hq % Hkv == 0; K/V are not
+    repeated),
     heads: the layer's per-head patterns, flattened by :func:`mi_compile.patterns.spec.encode_heads`,
     scale: softmax scale (None: 1/sqrt(D)),
-    key_padding_mask: optional ``[B, n]`` bool (True = real token), left or right padding,
+    key_padding_mask: optional ``[B, nk]`` bool (True = real token), left or right padding
+    (``nq < nk``: left padding only, asserted on the device where the sparse path runs),
     window: sliding-window size of the original mask (0 = none), used by the dense path,
-    min_seq_len: below this many tokens the op runs dense attention (sparse does not pay off),
+    min_seq_len: below this many keys the op runs dense attention (sparse does not pay off),
     layer: the decoder layer this call belongs to (-1 if unknown), for observers (see
     :func:`observe_attention`) and error messages.
 Semantics: causal attention restricted to each head's pattern for prefills of at least
 ``min_seq_len`` tokens; otherwise exactly the dense attention of the original call. Where the
 kernels would run, an unpadded layer whose heads are all dense runs SDPA instead (flash /
 cuDNN: the same pairs, faster than the sparse kernels on dense work).
+
+``nq < nk`` is a prefill that continues a cache (chunked prefill, a later turn): query row
+``r`` is key position ``nk - nq + r`` (bottom-right aligned causal) and gets that position's
+row of the whole sequence's sparse prefill (see :func:`mi_compile.sparse.sparse_attention`).
+Such a call runs dense when ``nk < min_seq_len``, when ``nq < 64`` (less than one query block:
+the index costs more than it saves), and for layers :func:`chunk_dense_reason` names.
 """
 from __future__ import annotations
 
@@ -31,10 +39,11 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .kernels.constants import BLOCK
 from .kernels.dispatch import op_attention_impl
 
-# Below this many query tokens the op runs dense attention. Measured on the H100 (README,
-# "Measured"): the 8B model with MInference's per-head Llama-3.1 config breaks even with eager
+# Below this many tokens (keys: the context length) the op runs dense attention. Measured on the
+# H100 (README, "Measured"): the 8B model with MInference's per-head Llama-3.1 config breaks even with eager
 # cuDNN attention at 64K tokens (1.00x) and wins at 128K (0.80x); at 8K-32K sparse loses
 # (1.11x-1.20x), and the vertical-slash kernel alone loses to cuDNN at 32K (0.58x) and wins at
 # 128K (1.24x).
@@ -60,15 +69,17 @@ def padding_to_ranges(key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def dense_attention(q, k, v, scale, key_padding_mask=None, window: int = 0):
-    """The original call's meaning: causal (+ padding, + sliding window) dense attention."""
+    """The original call's meaning: causal (+ padding, + sliding window) dense attention;
+    with ``nq < nk`` bottom-right aligned (query row ``r`` is key position ``nk - nq + r``)."""
     gqa = q.shape[1] != k.shape[1]
-    if key_padding_mask is None and not window:
+    nq, nk = q.shape[-2], k.shape[-2]
+    if key_padding_mask is None and not window and nq == nk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    n = q.shape[-2]
-    i = torch.arange(n, device=q.device)
-    allowed = i[None, :] <= i[:, None]
+    i = torch.arange(nq, device=q.device) + (nk - nq)
+    j = torch.arange(nk, device=q.device)
+    allowed = j[None, :] <= i[:, None]
     if window:
-        allowed = allowed & (i[:, None] - i[None, :] < window)
+        allowed = allowed & (i[:, None] - j[None, :] < window)
     allowed = allowed[None, None]
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask.to(torch.bool)[:, None, None, :]
@@ -78,7 +89,7 @@ def dense_attention(q, k, v, scale, key_padding_mask=None, window: int = 0):
 
 
 def _output_like(q, v) -> torch.Tensor:
-    """The op's output: shape ``[B, Hq, n, Dv]`` laid out as ``[B, n, Hq, Dv]``.
+    """The op's output: shape ``[B, Hq, nq, Dv]`` laid out as ``[B, nq, Hq, Dv]``.
 
     That is the layout the model's next step wants (``out.transpose(1, 2).reshape(b, n, -1)``
     is then free), and the fake implementation promises exactly these strides to Inductor.
@@ -123,13 +134,45 @@ def _every_head_dense(heads) -> bool:
     return all(h.kind == "dense" for h in _as_patterns(heads))
 
 
+def chunk_dense_reason(heads_patterns) -> str | None:
+    """Why a layer with these heads (a sequence of
+    :class:`~mi_compile.patterns.spec.HeadPattern`) cannot run a ``q_len < kv_len`` call (a
+    chunk continuing a cache) sparse, or None when it can; such calls then run dense. Static
+    patterns, vertical-slash and block-sparse can; a pattern whose selection cannot take a
+    chunk (xattention, flex_prefill) says why (``PatternSpec.chunk_reason``)."""
+    from .patterns.index import chunk_reason
+
+    return chunk_reason(tuple(heads_patterns))
+
+
+_CHUNK_REASON: dict = {}      # flat head list -> chunk_dense_reason (few distinct layers)
+
+
+def _chunk_goes_dense(heads, n_q) -> bool:
+    """A chunk runs dense below one query block, or for heads that cannot take one."""
+    if n_q < BLOCK:
+        return True
+    key = tuple(heads)
+    if key not in _CHUNK_REASON:
+        from .sparse import _as_patterns
+
+        if len(_CHUNK_REASON) >= 4096:
+            _CHUNK_REASON.clear()
+        _CHUNK_REASON[key] = chunk_dense_reason(_as_patterns(key))
+    return _CHUNK_REASON[key] is not None
+
+
 def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, out=None):
     """Dense attention below ``min_seq_len``, else the sparse path, written into ``out`` when
-    the sparse path runs (the kernel stores straight into the op's output layout)."""
+    the sparse path runs (the kernel stores straight into the op's output layout).
+
+    ``min_seq_len`` is compared with the key length: a chunk's rows see as many keys as the
+    last rows of a whole prefill of that length, so they save what those rows save."""
     n_q, n_k = q.shape[-2], k.shape[-2]
-    if n_q != n_k:
-        raise ValueError(f"mi_compile.sparse_attention is for prefill: query length {n_q} != key length {n_k}")
-    if n_q < max(int(min_seq_len), 1):
+    if n_q > n_k:
+        raise ValueError(f"mi_compile.sparse_attention (layer {layer}): query length {n_q} > key length {n_k} "
+                         "(a prefill has them equal, a chunk that continues a cache fewer queries)")
+    if n_k < max(int(min_seq_len), 1) or (n_q < n_k and _chunk_goes_dense(heads, n_q)):
         return dense_attention(q, k, v, scale, key_padding_mask, window)
     impl = op_attention_impl(q)
     if impl == "triton" and key_padding_mask is None and not window and _every_head_dense(heads):
@@ -141,6 +184,10 @@ def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_le
     seq_start = seq_len = None
     if key_padding_mask is not None:
         seq_start, seq_len = padding_to_ranges(key_padding_mask)
+        if n_q < n_k:
+            torch._assert_async(((seq_start + seq_len == n_k) | (seq_len == 0)).all(),
+                                "mi_compile.sparse_attention: a chunk (q_len < kv_len) needs left padding "
+                                "only (every input's real tokens must end at kv_len)")
     # heads stay the flat int list: mi_compile.sparse decodes each distinct list once. The
     # ranges come from the padding mask, so they are valid: no value check (a host sync) here.
     return _sparse_attention(q, k, v, heads, scale, seq_start, seq_len, impl, out)

@@ -3,9 +3,11 @@
 ``sparse_attention(q, k, v, heads)`` builds the per-head sparse index on the inputs' device
 (vertical-slash estimate, block-sparse pooling, top-k in PyTorch; on CUDA the tables after the
 top-k in two fused launches; no host synchronisation) and runs one Triton launch for all heads,
-or the float32 PyTorch reference. A compiled model calls it with the same few signatures over
-and over, so inputs are validated and heads decoded once per signature, and each layer's static
-tables are built once (:func:`mi_compile.patterns.index.index_plan`).
+or the float32 PyTorch reference. A q shorter than k/v is a chunk that continues a cache
+(chunked prefill, a later turn): its rows are the last rows of the whole sequence's prefill.
+A compiled model calls it with the same few signatures over and over, so inputs are validated
+and heads decoded once per signature, and each layer's static tables are built once
+(:func:`mi_compile.patterns.index.index_plan`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from .kernels.dispatch import attention_impl
-from .patterns.index import (SparseIndex, build_index, normalize_sequences,
+from .patterns.index import (SparseIndex, build_index, chunk_reason, normalize_sequences,
                              selection_mask_from_index)
 from .patterns.reference import reference_attention
 from .patterns.spec import HeadPattern, PatternError, decode_heads
@@ -97,15 +99,16 @@ def _check_tensors(q, k, v, check_v=True) -> None:
 
 def _check_inputs(q, k, v, heads, seq_start, seq_len, check_v):
     if q.dim() != 4 or k.dim() != 4 or (check_v and v.dim() != 4):
-        raise ValueError(f"expected q [B, Hq, n, D] and k/v [B, Hkv, n, D]; got q {tuple(q.shape)}, "
+        raise ValueError(f"expected q [B, Hq, q_len, D] and k/v [B, Hkv, kv_len, D]; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}" + (f", v {tuple(v.shape)}" if check_v else ""))
     B, Hq, n, D = q.shape
     if check_v and k.shape != v.shape:
         raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
-    if k.shape[2] != n:
-        raise ValueError(f"causal prefill needs q_len == kv_len; got q_len {n}, kv_len {k.shape[2]}")
+    if n > k.shape[2]:
+        raise ValueError(f"q_len {n} > kv_len {k.shape[2]}: a prefill has q_len == kv_len, a chunk that "
+                         "continues a cache q_len < kv_len (its queries are the last q_len positions)")
     if Hq % k.shape[1]:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({k.shape[1]})")
     dtypes = {q.dtype, k.dtype} | ({v.dtype} if check_v else set())
@@ -117,9 +120,13 @@ def _check_inputs(q, k, v, heads, seq_start, seq_len, check_v):
         raise ValueError(f"head_dim {D} unsupported: need {MIN_HEAD_DIM} <= D <= {MAX_HEAD_DIM} "
                          "and D a multiple of 8")
     if n == 0:
-        raise ValueError("empty sequence (n == 0)")
+        raise ValueError("empty sequence (n == 0)" if k.shape[2] == 0 else "empty query chunk (q_len == 0)")
     if len(heads) != Hq:
         raise ValueError(f"got {len(heads)} head patterns for {Hq} query heads")
+    if n < k.shape[2]:
+        reason = chunk_reason(heads)
+        if reason is not None:
+            raise ValueError(f"q_len {n} < kv_len {k.shape[2]} (a chunk) is not supported for these heads: {reason}")
     for name, t in (("seq_start", seq_start), ("seq_len", seq_len)):
         if t is None:
             continue
@@ -131,8 +138,10 @@ def _check_inputs(q, k, v, heads, seq_start, seq_len, check_v):
             raise ValueError(f"{name} is on {t.device}, q on {q.device}; they must be on the same device")
 
 
-def _check_sequence_values(q, seq_start, seq_len) -> None:
-    """Raise ValueError unless every sequence ``[start, start + len)`` lies inside ``[0, n)``.
+def _check_sequence_values(q, seq_start, seq_len, n=None) -> None:
+    """Raise ValueError unless every sequence ``[start, start + len)`` lies inside ``[0, n)``
+    (``n``: the key length, q's length unless given), and, for a chunk (q shorter than ``n``),
+    ends at ``n`` (left padding only; empty sequences aside).
 
     The values live on the device, so this costs one host sync; it runs in the public entry
     points only (never cached: values are not part of a signature). The compiled op derives
@@ -141,7 +150,8 @@ def _check_sequence_values(q, seq_start, seq_len) -> None:
     ``torch._assert_async`` instead (no sync)."""
     if seq_start is None and seq_len is None:
         return
-    n = q.shape[2]
+    n = q.shape[2] if n is None else n
+    chunk = q.shape[2] < n
     start = None if seq_start is None else seq_start.to(torch.int64)
     length = None if seq_len is None else seq_len.to(torch.int64)
     if start is None:
@@ -152,10 +162,14 @@ def _check_sequence_values(q, seq_start, seq_len) -> None:
               ("seq_start", start, start > n, f"must be <= n = {n}"),
               ("seq_len", length, length < 0, "must be >= 0"),
               ("seq_start + seq_len", start + length, start + length > n, f"must be <= n = {n}"))
+    if chunk:
+        checks += (("seq_start + seq_len", start + length, (start + length != n) & (length > 0),
+                    f"must be kv_len = {n} for a chunk (q_len {q.shape[2]} < kv_len: left padding only)"),)
     bad = torch.stack([c[2] for c in checks])
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         torch._assert_async(~bad.any(), "mi_compile.sparse_attention: seq_start/seq_len out of range "
-                            f"(need 0 <= seq_start, 0 <= seq_len, seq_start + seq_len <= n = {n})")
+                            f"(need 0 <= seq_start, 0 <= seq_len, seq_start + seq_len <= n = {n}"
+                            + (", and == n for a chunk: left padding only)" if chunk else ")"))
         return
     if not bool(bad.any()):
         return
@@ -202,7 +216,7 @@ def _check_vs_selection(q, vs_selection) -> None:
 def _build(q, k, heads: tuple, scale: float, seq_start, seq_len, vs_selection=None) -> SparseIndex:
     """The index for validated inputs."""
     unpadded = seq_start is None and seq_len is None
-    seq_start, seq_len = normalize_sequences(q, seq_start, seq_len)
+    seq_start, seq_len = normalize_sequences(q, seq_start, seq_len, k.shape[2])
     with torch.no_grad():
         return build_index(q, k, heads, scale, seq_start, seq_len, vs_selection, unpadded=unpadded)
 
@@ -214,12 +228,12 @@ def build_sparse_index(q, k, heads, *, scale=None, seq_start=None, seq_len=None,
     ``vs_selection=(keys, offsets)`` (int tensors ``[B, Hq, *]``) gives vertical-slash heads an
     explicit selection instead of the estimate (timing on a fixed index)."""
     heads = _validate(q, k, None, heads, seq_start, seq_len, check_v=False)
-    _check_sequence_values(q, seq_start, seq_len)
+    _check_sequence_values(q, seq_start, seq_len, k.shape[2])
     _check_vs_selection(q, vs_selection)
     return _build(q, k, heads, _scale(q, scale), seq_start, seq_len, vs_selection)
 
 
-# (table, dtype, shape) of every SparseIndex table, shapes in terms of B, H, n, NQB; a name
+# (table, dtype, shape) of every SparseIndex table, shapes in terms of B, H, n (keys), NQB; a name
 # ends the shape with a free width (>= 1) shared by the tables that name it.
 _INDEX_TABLES = (
     ("seq_start", torch.int32, ("B",)), ("seq_len", torch.int32, ("B",)),
@@ -237,15 +251,21 @@ _INDEX_TABLES = (
 
 
 def check_index(q, k, index) -> None:
-    """Raise ValueError (naming the table) unless ``index`` fits ``q`` / ``k``: its length and
-    heads, and every table's dtype, shape, device and (the kernels compute flat offsets)
-    contiguity. Values are not checked here (that would cost a host sync); the kernels mask
-    every position they derive from a table to its valid range instead."""
+    """Raise ValueError (naming the table) unless ``index`` fits ``q`` / ``k``: its lengths
+    (keys ``n``, queries ``q_len``) and heads, and every table's dtype, shape, device and (the
+    kernels compute flat offsets) contiguity. Values are not checked here (that would cost a
+    host sync); the kernels mask every position they derive from a table to its valid range
+    instead."""
     if not isinstance(index, SparseIndex):
         raise ValueError(f"index must be a SparseIndex, got {type(index).__name__}")
-    B, H, n, _ = q.shape
+    B, H, nq, _ = q.shape
+    n = k.shape[2]
     if index.n != n:
-        raise ValueError(f"index.n is {index.n!r}, q has n = {n} (the index was built for another length)")
+        have = f"q has n = {n}" if nq == n else f"k has kv_len = {n}"
+        raise ValueError(f"index.n is {index.n!r}, {have} (the index was built for another length)")
+    if index.num_queries != nq:
+        raise ValueError(f"index.q_len is {index.q_len!r}, q has q_len = {nq} (the index was built for "
+                         "another chunk; None means a whole prefill, q_len = n)")
     heads = tuple(index.heads) if isinstance(index.heads, (tuple, list)) else None
     if heads is None or len(heads) != H or not all(isinstance(h, HeadPattern) for h in heads):
         got = f"{len(heads)} entries" if heads is not None else type(index.heads).__name__
@@ -274,7 +294,7 @@ def check_index(q, k, index) -> None:
 def _check_reference_values(q, index) -> None:
     """The reference path scatters the raw selection into tables; negative entries would fail
     deep inside PyTorch, so they are refused here (the reference is slow anyway: one sync)."""
-    _check_sequence_values(q, index.seq_start, index.seq_len)
+    _check_sequence_values(q, index.seq_start, index.seq_len, index.n)
     for name in ("columns", "offsets", "blocks"):
         t = getattr(index, name)
         if t.numel() and int(t.min()) < 0:
@@ -348,25 +368,31 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal sparse attention for a prefill, one pattern per query head.
 
-    q ``[B, Hq, n, D]``, k/v ``[B, Hkv, n, D]`` (``Hq % Hkv == 0``; query head ``h`` reads KV
-    head ``h // (Hq // Hkv)``); ``heads``: ``Hq`` :class:`HeadPattern`; ``scale`` defaults to
-    ``1/sqrt(D)``. ``seq_start``/``seq_len`` (int32 ``[B]``): sequence ``b`` is rows
-    ``[start, start + len)``, treated as if alone (its own positions, sinks and estimate);
-    other output rows are 0. ``impl``: "triton", "reference" (float32 PyTorch) or "auto"
-    (triton on CUDA or under ``TRITON_INTERPRET=1``, else reference). Returns q's dtype, in
-    ``out`` when given (q's shape and dtype, last dim contiguous, any layout).
+    q ``[B, Hq, nq, D]``, k/v ``[B, Hkv, n, D]``, ``nq <= n`` (``Hq % Hkv == 0``; query head
+    ``h`` reads KV head ``h // (Hq // Hkv)``); ``heads``: ``Hq`` :class:`HeadPattern`; ``scale``
+    defaults to ``1/sqrt(D)``. ``seq_start``/``seq_len`` (int32 ``[B]``): sequence ``b`` is key
+    rows ``[start, start + len)``, treated as if alone (its own positions, sinks and estimate);
+    other output rows are 0. ``nq < n`` is a chunk continuing a cache: query row ``r`` is key
+    position ``n - nq + r`` and computes the row of that position in the whole sequence's
+    prefill (bottom-right aligned causal; every pattern defined on the whole sequence;
+    vertical-slash estimated from the chunk's last ``min(64, nq)`` queries, block-sparse from
+    the chunk's pooled query blocks); sequences must then end at ``n`` (left padding only), and
+    heads whose selection cannot take a chunk (xattention, flex_prefill) raise ValueError.
+    ``impl``: "triton", "reference" (float32 PyTorch) or "auto" (triton on CUDA or under
+    ``TRITON_INTERPRET=1``, else reference). Returns q's dtype, in ``out`` when given (q's
+    shape and dtype, last dim contiguous, any layout).
 
     Sync-free and CUDA-graph capturable on GPU, except that given ``seq_start``/``seq_len``
-    are range-checked (``0 <= start``, ``0 <= len``, ``start + len <= n``; a ValueError
-    otherwise) with one host sync, or a ``torch._assert_async`` while a CUDA graph is being
-    captured. Extra memory O(n) per head (the estimate's float32 buffer is chunked to ~256
+    are range-checked (``0 <= start``, ``0 <= len``, ``start + len <= n``, ``== n`` for a
+    chunk; a ValueError otherwise) with one host sync, or a ``torch._assert_async`` while a
+    CUDA graph is being captured. Extra memory O(n) per head (the estimate's float32 buffer is chunked to ~256
     MiB). Inputs are validated once per signature, the heads' static tables built once per
     layer (``mi_compile.patterns.index.index_plan``). The Triton path is inference-only
     (NotImplementedError when an input requires grad in grad mode); bf16 under Triton's
     interpreter runs the kernels in float32 and casts back.
     """
     heads = _validate(q, k, v, heads, seq_start, seq_len)
-    _check_sequence_values(q, seq_start, seq_len)
+    _check_sequence_values(q, seq_start, seq_len, k.shape[2])
     return _sparse_attention(q, k, v, heads, scale, seq_start, seq_len, impl, out)
 
 
@@ -381,14 +407,15 @@ def _sparse_attention(q, k, v, heads, scale, seq_start, seq_len, impl, out):
 
 
 def selection_mask(q, k, heads, seq_start=None, seq_len=None, *, scale=None) -> torch.Tensor:
-    """bool ``[B, Hq, n, n]`` (tensor coordinates): exactly the pairs the kernel computes.
-    Small n only (n x n per head)."""
+    """bool ``[B, Hq, nq, n]`` (tensor coordinates; ``nq < n``: a chunk, query row ``r`` is key
+    position ``n - nq + r``): exactly the pairs the kernel computes. Small n only (nq x n per head)."""
     index = build_sparse_index(q, k, heads, scale=scale, seq_start=seq_start, seq_len=seq_len)
     return selection_mask_from_index(index)
 
 
 def index_density(index: SparseIndex, q, k, v=None) -> torch.Tensor:
-    """float64 ``[B, Hq]``: computed pairs / ``len (len + 1) / 2`` per sequence and head.
+    """float64 ``[B, Hq]``: computed pairs / ``len (len + 1) / 2`` per sequence and head (a
+    chunk: over the causal pairs of its rows).
 
     On CUDA (or under the interpreter) the kernel walks the index in counting mode (no
     attention, O(pairs / 64^2) tile steps, no n x n memory); on plain CPU it sums each head's
@@ -397,7 +424,8 @@ def index_density(index: SparseIndex, q, k, v=None) -> torch.Tensor:
     _check_tensors(q, k, k if v is None else v)
     check_index(q, k, index)
     length = index.seq_len.double()
-    causal = (length * (length + 1) / 2).clamp(min=1)[:, None]
+    before = (length - index.num_queries).clamp(min=0)          # rows before a chunk
+    causal = ((length * (length + 1) - before * (before + 1)) / 2).clamp(min=1)[:, None]
     if attention_impl(q) == "triton":
         from .kernels.sparse_attention import count_pairs_per_head
         v = k if v is None else v

@@ -450,7 +450,7 @@ def entry_calls(draw):
     if what == "q_rank":
         q_shape = q_shape[1:]
     elif what == "k_len":
-        k_shape[2] = n + 1
+        k_shape[2] = n - 1                  # q longer than k (shorter is a chunk: valid)
     elif what == "k_heads":
         k_shape[1] = Hq + 1
     elif what == "k_dim":

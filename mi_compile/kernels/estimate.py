@@ -29,6 +29,10 @@ scores of its key block ``[j0, j0 + 64)``, normalises them with the row statisti
   writer, so there are no atomics and the result does not depend on scheduling; one add
   joins them.
 
+A chunk (q has ``nq < n`` rows, query row ``r`` is key position ``n - nq + r``): the rows of the
+last 64 positions that lie before the chunk take no part (as rows before a sequence's start), so
+the estimate reads the chunk's last ``min(64, nq)`` queries.
+
 Memory: two ``[B, heads, n]`` float32 buffers plus the outputs (16 MiB each for 32 heads at
 128K), nothing ``n x 64``. No host synchronisation: lengths are read on the device.
 """
@@ -46,14 +50,16 @@ ROWS = 64           # queries in the estimate (vertical_slash.LAST_QUERIES)
 BLOCK_N = 64        # keys per tile; the skew below assumes BLOCK_N == ROWS
 BLOCKS_PER_SPLIT = 16
 # Sizes that change with the prompt are not specialised on (see sparse_attention._LENGTH_ARGS).
-_LENGTH_ARGS = ["n", "num_splits", "blocks_per_split"]
+_LENGTH_ARGS = ["n", "num_splits", "blocks_per_split", "q_offset"]
 
 
 @triton.jit
-def _last_queries(q_ptr, seq_start_ptr, seq_len_ptr, head_ids_ptr, pid_bh, num_sel,
+def _last_queries(q_ptr, seq_start_ptr, seq_len_ptr, head_ids_ptr, pid_bh, num_sel, q_offset,
                   stride_qb, stride_qh, stride_qn,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr):
-    """The program's batch row, sequence start/length, KV-relevant head and its last R queries."""
+    """The program's batch row, sequence start/length, KV-relevant head and its last R queries
+    (``query_pos`` -1 for rows before the sequence or before a chunk, q row ``start + p -
+    q_offset``)."""
     b = pid_bh // num_sel
     slot = pid_bh % num_sel
     head = tl.load(head_ids_ptr + slot)
@@ -61,8 +67,9 @@ def _last_queries(q_ptr, seq_start_ptr, seq_len_ptr, head_ids_ptr, pid_bh, num_s
     length = tl.load(seq_len_ptr + b)
     r = tl.arange(0, R)
     query_pos = length - R + r                              # sequence positions of the rows
+    query_pos = tl.where(start + query_pos >= q_offset, query_pos, -1)   # before a chunk: none
     dims = tl.arange(0, BLOCK_D)
-    rows = (start + query_pos).to(tl.int64)
+    rows = (start + query_pos - q_offset).to(tl.int64)
     ok = (query_pos >= 0)[:, None] & (dims[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
                 + rows[:, None] * stride_qn + dims[None, :], mask=ok, other=0.0)
@@ -89,13 +96,13 @@ def _tile_scores(q, k_ptr, b, kv, start, length, key_pos, query_pos, stride_kb, 
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _row_stats_kernel(q_ptr, k_ptr, stats_ptr, seq_start_ptr, seq_len_ptr, head_ids_ptr,
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                      n, num_sel, group, num_splits, blocks_per_split, qk_scale,
+                      n, num_sel, group, num_splits, blocks_per_split, q_offset, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
                       BLOCK_N: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b, head, start, length, query_pos, q = _last_queries(
-        q_ptr, seq_start_ptr, seq_len_ptr, head_ids_ptr, pid_bh, num_sel,
+        q_ptr, seq_start_ptr, seq_len_ptr, head_ids_ptr, pid_bh, num_sel, q_offset,
         stride_qb, stride_qh, stride_qn, HEAD_DIM, BLOCK_D, R)
     kv = head // group
     m_i = tl.zeros([R], dtype=tl.float32) - 1.0e30      # finite: fully masked tiles give 0
@@ -118,13 +125,13 @@ def _row_stats_kernel(q_ptr, k_ptr, stats_ptr, seq_start_ptr, seq_len_ptr, head_
 def _scores_kernel(q_ptr, k_ptr, lse_ptr, vertical_ptr, slash_main_ptr, slash_tail_ptr,
                    seq_start_ptr, seq_len_ptr, head_ids_ptr,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                   n, num_sel, group, qk_scale,
+                   n, num_sel, group, q_offset, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
                    BLOCK_N: tl.constexpr):
     pid_bh = tl.program_id(0)
     j0 = tl.program_id(1) * BLOCK_N
     b, head, start, length, query_pos, q = _last_queries(
-        q_ptr, seq_start_ptr, seq_len_ptr, head_ids_ptr, pid_bh, num_sel,
+        q_ptr, seq_start_ptr, seq_len_ptr, head_ids_ptr, pid_bh, num_sel, q_offset,
         stride_qb, stride_qh, stride_qn, HEAD_DIM, BLOCK_D, R)
     out_row = pid_bh.to(tl.int64) * n
     cols = tl.arange(0, BLOCK_N)
@@ -160,10 +167,11 @@ def estimate_scores_triton(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[
                            seq_start: torch.Tensor, seq_len: torch.Tensor, scale: float):
     """Same contract as :func:`~mi_compile.patterns.vertical_slash.estimate_scores_torch`:
     float32 ``vertical, slash`` of shape ``[B, len(head_ids), n]``, ``-inf`` where the key /
-    offset does not exist in that sequence."""
+    offset does not exist in that sequence (``n``: k's length; a shorter q is a chunk)."""
     from ._device import contiguous_last, device_ints
 
-    B, Hq, n, D = q.shape
+    B, Hq, nq, D = q.shape
+    n = k.shape[2]
     q, k = contiguous_last(q, k)
     dev = q.device
     sel = len(head_ids)
@@ -182,7 +190,7 @@ def estimate_scores_triton(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[
     stats = torch.empty(B * sel, splits, 2, ROWS, device=dev, dtype=torch.float32)
     _row_stats_kernel[(B * sel, splits)](
         q, k, stats, start, length, heads, *strides,
-        n, sel, group, splits, BLOCKS_PER_SPLIT, qk_scale, **meta)
+        n, sel, group, splits, BLOCKS_PER_SPLIT, n - nq, qk_scale, **meta)
     m, l = stats[:, :, 0], stats[:, :, 1]
     m_all = m.amax(1, keepdim=True)
     lse = (m_all.squeeze(1) + torch.log2((l * torch.exp2(m - m_all)).sum(1))).contiguous()
@@ -192,5 +200,5 @@ def estimate_scores_triton(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[
     tail = torch.zeros(B, sel, n, device=dev, dtype=torch.float32)
     _scores_kernel[(B * sel, key_blocks)](
         q, k, lse, vertical, slash, tail, start, length, heads, *strides,
-        n, sel, group, qk_scale, **meta)
+        n, sel, group, n - nq, qk_scale, **meta)
     return vertical, slash.add_(tail)

@@ -42,6 +42,15 @@ one *diagonal tile* ``[m0, m0 + 64)`` with the exact element test: every pattern
 it (causally): dense, A-shape (band test), vertical-slash (offset 0 is always kept) and
 block-sparse (the diagonal block is always kept).
 
+Chunks (``q_len < n``: a prefill that continues a cache): the tables stay those of the whole
+sequence over the ``n`` keys (sequence coordinates, ``NQB = ceil(n / 64)``), and only the rows
+of the chunk are computed. Query row ``r`` of the chunk is key position ``n - q_len + r`` (bottom-
+right aligned causal), i.e. sequence position ``seq_len[b] - q_len + r``: every input's real
+range must end at ``n`` (left padding only), rows before ``seq_start`` see no key. Estimates
+read the chunk's queries only (vertical-slash: its last ``min(64, q_len)`` rows; block-sparse:
+pooled query blocks of the rows present in the chunk), so only the rows of the blocks that
+overlap the chunk are meaningful.
+
 The builders live in :mod:`mi_compile.patterns.index` (PyTorch, the CPU path and reference) and
 :mod:`mi_compile.kernels.index_tables` (two fused launches on CUDA, the same tables bit for bit).
 """
@@ -92,6 +101,18 @@ class SparseIndex:
     blocks: torch.Tensor
     block_count: torch.Tensor
     offsets: torch.Tensor
+    #: query rows (``<= n``; None: ``n``, a whole prefill); fewer: a chunk ending at key ``n``
+    q_len: int | None = None
+
+    @property
+    def num_queries(self) -> int:
+        """The query rows the index drives: ``q_len``, or ``n`` for a whole prefill."""
+        return self.n if self.q_len is None else self.q_len
+
+    @property
+    def q_offset(self) -> int:
+        """Key position of query row 0: ``n - num_queries`` (0 for a whole prefill)."""
+        return self.n - self.num_queries
 
     @property
     def num_query_blocks(self) -> int:

@@ -1,7 +1,8 @@
 """Triton kernel: one launch computes every head of a layer from the unified sparse index.
 
-Grid: ``(NQB, B * Hq)``. Program ``(p, b * Hq + h)`` owns query block ``m = NQB - 1 - p``
-(heaviest blocks first, for load balance) of input ``b``, query head ``h``; it reads KV head
+Grid: ``(NQB, B * Hq)`` (a whole prefill; a chunk launches fewer, see "Chunks" below).
+Program ``(p, b * Hq + h)`` owns query block ``m = NQB - 1 - p`` (heaviest blocks first, for
+load balance) of input ``b``, query head ``h``; it reads KV head
 ``h // (Hq // Hkv)`` directly (native GQA, K/V never repeated). Query block ``m`` covers the
 sequence positions ``[64 m, 64 m + 64)``, i.e. tensor rows ``seq_start[b] + 64 m + r``.
 
@@ -30,6 +31,16 @@ The same program doubles as the padding writer: it zero-fills the padding slots
 ``[64 m, 64 m + 64) ∩ [0, n - len)``, slot ``s`` being row ``s`` if ``s < start`` else
 ``s + len``; so every output element is written exactly once by one launch.
 
+Chunks (``q`` has ``nq < n`` rows: a prefill continuing a cache, see
+:mod:`mi_compile.kernels.index_format`): query row ``r`` is key position ``n - nq + r``, so
+sequence position ``p`` is row ``start + p - (n - nq)`` of q and of the output (``[B, H, nq,
+Dv]``), and only positions ``p >= n - nq - start`` are computed. The grid is
+``min(ceil(nq / 64) + 1, NQB)`` programs per head (a program per row block, the chunk's
+blocks: program ``i`` owns block ``max(ceil(len / 64) - programs, 0) + programs - 1 - i``,
+heaviest first; blocks without a chunk row exit) and the padding slots are those of the
+``nq`` output rows, the program's slot block being ``programs - 1 - i``. With ``nq = n``
+this is the whole-prefill launch above.
+
 Layers whose heads are all dense or A-shape (nothing data-dependent) use a second kernel,
 :func:`_wide_attention_kernel`, with 128-row programs (two 64-row warpgroups share each K/V
 tile); ``KERNEL_CONFIG["wide"] = False`` sends them through the general kernel too. It has no
@@ -43,7 +54,7 @@ integer compares folded into the existing masks; valid tables are unaffected). T
 are the caller's to check (:func:`mi_compile.sparse.check_index` does for the public path);
 the counting-mode tests in ``tests/test_kernel_bounds.py`` run corrupted tables.
 
-``MODE`` (constexpr): 0 attention; 1 count every visited pair into an ``[B, H, n, n]`` int32
+``MODE`` (constexpr): 0 attention; 1 count every visited pair into an ``[B, H, nq, n]`` int32
 tensor (tests: no pair twice, none missing); 2 count visited pairs per query block (density);
 3 count the pairs of every visited tile, masked or not, per query block (what a launch costs:
 :mod:`mi_compile.patterns.cost` predicts it from the index, tests compare the two).
@@ -77,8 +88,9 @@ KERNEL_CONFIG = {"block_n": 64, "block_c": 64, "num_warps": None, "num_stages": 
 # but 98 s per set for float32 IEEE dots on the H100 (benchmarks/NOTES.md, step 7). They
 # only bound loops and masks and scale scalar index loads, so the specialisation bought
 # nothing measurable. Strides stay specialised: their alignment vectorises the tile loads.
-_LENGTH_ARGS = ["n", "num_q_blocks", "max_tiles", "max_columns", "max_blocks", "covered_len"]
-_WIDE_LENGTH_ARGS = ["n", "num_q_blocks", "num_programs"]   # the 128-row kernel has no tables
+_LENGTH_ARGS = ["n", "num_q_blocks", "num_programs", "q_offset", "max_tiles", "max_columns", "max_blocks",
+                "covered_len"]
+_WIDE_LENGTH_ARGS = ["n", "num_q_blocks", "num_programs", "q_offset"]   # the 128-row kernel has no tables
 
 
 @triton.jit
@@ -181,60 +193,77 @@ def _visit_group_tiles(state, ctx, tile_start_ptr, tile_end_ptr, tile_base, t_lo
 
 
 @triton.jit
-def _zero_fill_padding(out_head, slots, dims, seq_start, length, n, stride_on,
+def _zero_fill_padding(out_head, slots, dims, real_lo, real_rows, num_rows, stride_on,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Zero this program's share of the padding rows: slot ``s < n - len`` is row ``s`` (left
-    padding, ``s < start``) or ``s + len`` (right padding), so one launch writes every output row."""
-    pad_rows = tl.where(slots < seq_start, slots, slots + length).to(tl.int64)
-    pad_ok = (slots < n - length)[:, None] & (dims[None, :] < HEAD_DIM)
+    """Zero this program's share of the padding rows: of the ``num_rows`` output rows,
+    ``[real_lo, real_lo + real_rows)`` are the sequence's; slot ``s < num_rows - real_rows`` is row
+    ``s`` (left padding, ``s < real_lo``) or ``s + real_rows`` (right padding), so one launch
+    writes every output row."""
+    pad_rows = tl.where(slots < real_lo, slots, slots + real_rows).to(tl.int64)
+    pad_ok = (slots < num_rows - real_rows)[:, None] & (dims[None, :] < HEAD_DIM)
     tl.store(out_head + pad_rows[:, None] * stride_on + dims[None, :],
              tl.zeros([BLOCK_M, BLOCK_D], dtype=out_head.dtype.element_ty), mask=pad_ok)
 
 
 @triton.jit
 def _program_rows(seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads,
-                  num_programs, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  num_programs, q_offset, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                   MODE: tl.constexpr, GROUP: tl.constexpr):
     """Both kernels' program -> work map: program ``(p, b * H + h)`` owns rows
     ``[m0, m0 + BLOCK_M)`` with ``m = num_programs - 1 - p`` (heaviest first) of input ``b``,
     query head ``h``; in attention mode it also zero-fills its share of the padding rows.
+    A chunk (``q_offset = n - nq > 0``) launches fewer programs than blocks: ``m`` is shifted by
+    ``max(ceil(len / BLOCK_M) - num_programs, 0)`` onto the sequence's last blocks (0 for a
+    whole prefill), the padding slots stay ``num_programs - 1 - p``'s.
 
     With ``GROUP = G > 1`` the grid is ``(num_programs * G, B * H / G)`` and the ``G`` query
     heads of one KV head take consecutive program ids for the same row block, so that the
     programs in flight together read the same K/V tiles (L2 reuse across a GQA group). With
     ``GROUP = 1`` the divisions by the constant fold away."""
-    m = num_programs - 1 - tl.program_id(0) // GROUP
+    slot = num_programs - 1 - tl.program_id(0) // GROUP
     bh = tl.program_id(1) * GROUP + tl.program_id(0) % GROUP
     b = bh // num_heads
     h = bh % num_heads
     # clamped so that [seq_start, seq_start + length) lies inside [0, n) whatever the tables say
     seq_start = tl.minimum(tl.maximum(tl.load(seq_start_ptr + b), 0), n)
     length = tl.minimum(tl.maximum(tl.load(seq_len_ptr + b), 0), n - seq_start)
+    m = slot + tl.maximum((length + BLOCK_M - 1) // BLOCK_M - num_programs, 0)
     m0 = m * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     out_head = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     if MODE == 0:
-        _zero_fill_padding(out_head, rows, dims, seq_start, length, n, stride_on, HEAD_DIM, BLOCK_M, BLOCK_D)
+        # the sequence's output rows [real_lo, real_hi) of the nq = n - q_offset rows
+        real_lo = tl.minimum(tl.maximum(seq_start - q_offset, 0), n - q_offset)
+        real_hi = tl.minimum(tl.maximum(seq_start + length - q_offset, real_lo), n - q_offset)
+        _zero_fill_padding(out_head, slot * BLOCK_M + tl.arange(0, BLOCK_M), dims, real_lo, real_hi - real_lo,
+                           n - q_offset, stride_on, HEAD_DIM, BLOCK_M, BLOCK_D)
+    # from here on output rows are indexed as in a whole prefill (start + p, see _program_operands)
+    out_head = out_head - q_offset.to(tl.int64) * stride_on
     return m, bh, h, seq_start, length, m0, rows, dims, out_head
 
 
 @triton.jit
 def _program_operands(q_ptr, k_ptr, v_ptr, count_ptr, prefix_ptr, sink_ptr, band_ptr, bh, h, seq_start,
                       length, rows, dims, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
-                      stride_vb, stride_vh, n, num_heads, heads_per_kv, HEAD_DIM: tl.constexpr):
-    """The program's query tile, its KV head's K/V base pointers (native GQA: query head ``h``
+                      stride_vb, stride_vh, n, q_offset, num_heads, heads_per_kv, HEAD_DIM: tl.constexpr):
+    """The program's query tile (sequence position ``p`` is q row ``start + p - q_offset``; rows
+    before a chunk are masked) and row indices, its KV head's K/V base pointers (native GQA: query head ``h``
     reads KV head ``h // heads_per_kv``) and the head's prefix / sink / band."""
     b = bh // num_heads
     kv = h // heads_per_kv
-    row_ok = rows < length
+    row_ok = (rows < length) & (rows >= q_offset - seq_start)
+    # row start + p of a whole prefill's q; a chunk's q and output bases are shifted back by
+    # q_offset rows (_program_rows shifts out_head), cheaper than shifting every row index
     q_rows = (seq_start + rows).to(tl.int64)
-    q_head = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q_head = (q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+              - q_offset.to(tl.int64) * stride_qn)
     q = tl.load(q_head + q_rows[:, None] * stride_qn + dims[None, :],
                 mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
     k_head = k_ptr + b.to(tl.int64) * stride_kb + kv.to(tl.int64) * stride_kh
     v_head = v_ptr + b.to(tl.int64) * stride_vb + kv.to(tl.int64) * stride_vh
-    count_head = count_ptr + bh.to(tl.int64) * n * n
+    # MODE 1 counts [nq, n] per head at row seq_start + p - q_offset (_visit_tile adds seq_start + p)
+    count_head = count_ptr + (bh.to(tl.int64) * (n - q_offset) - q_offset) * n
     prefix = tl.maximum(tl.load(prefix_ptr + h), 0)   # >= 0: every range below starts in [0, m0]
     sink = tl.load(sink_ptr + h)
     band = tl.load(band_ptr + h)
@@ -260,21 +289,21 @@ def _sparse_attention_kernel(
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_on,
-        n, num_heads, heads_per_kv, num_q_blocks,
+        n, num_heads, heads_per_kv, num_q_blocks, num_programs, q_offset,
         max_tiles, max_columns, max_blocks, covered_len,
         qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, MODE: tl.constexpr, GROUP: tl.constexpr = 1):
     m, bh, h, seq_start, length, m0, rows, dims, out_head = _program_rows(
-        seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, num_q_blocks,
-        HEAD_DIM, BLOCK_D, BLOCK_M, MODE, GROUP)
+        seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, num_programs,
+        q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, MODE, GROUP)
     table_row = bh.to(tl.int64) * num_q_blocks + m          # this block's row of the per-block tables
 
-    if m0 < length:
+    if (m0 < length) & (m0 + BLOCK_M > q_offset - seq_start):     # the block holds rows of q
         row_ok, q_rows, q, k_head, v_head, count_head, prefix, sink, band = _program_operands(
             q_ptr, k_ptr, v_ptr, count_ptr, prefix_ptr, sink_ptr, band_ptr, bh, h, seq_start, length, rows, dims,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh,
-            n, num_heads, heads_per_kv, HEAD_DIM)
+            n, q_offset, num_heads, heads_per_kv, HEAD_DIM)
         # dense rows at the end (a head's `last`): every key below the block, no band, no other range
         last = tl.load(last_ptr + h)
         dense_rows = (last > 0) & (m0 + BLOCK_M > length - last)
@@ -348,7 +377,7 @@ def _wide_attention_kernel(
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_on,
-        n, num_heads, heads_per_kv, num_programs, num_q_blocks,
+        n, num_heads, heads_per_kv, num_programs, num_q_blocks, q_offset,
         qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, MODE: tl.constexpr, GROUP: tl.constexpr = 1):
@@ -365,18 +394,19 @@ def _wide_attention_kernel(
     3. the interior ``[e, r0)`` is a whole number of unmasked ``BLOCK_N`` tiles;
     4. the diagonal ``[r0, r0 + BLOCK_M)``, exact element test.
 
-    Padding rows are zero-filled as in the general kernel. ``MODE`` 2 stores the pair count
-    of the program at its first 64-row block (the caller zero-fills the table).
+    Padding rows are zero-filled, and chunks (``q_offset > 0``) mapped, as in the general
+    kernel. ``MODE`` 2 stores the pair count of the program at its first 64-row block (the
+    caller zero-fills the table).
     """
     m, bh, h, seq_start, length, m0, rows, dims, out_head = _program_rows(
         seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, num_programs,
-        HEAD_DIM, BLOCK_D, BLOCK_M, MODE, GROUP)
+        q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, MODE, GROUP)
 
-    if m0 < length:
+    if (m0 < length) & (m0 + BLOCK_M > q_offset - seq_start):     # the block holds rows of q
         row_ok, q_rows, q, k_head, v_head, count_head, prefix, sink, band = _program_operands(
             q_ptr, k_ptr, v_ptr, count_ptr, prefix_ptr, sink_ptr, band_ptr, bh, h, seq_start, length, rows, dims,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh,
-            n, num_heads, heads_per_kv, HEAD_DIM)
+            n, q_offset, num_heads, heads_per_kv, HEAD_DIM)
 
         state = _initial_state(BLOCK_M, BLOCK_D)
         ctx = _context(q, k_head, v_head, count_head, stride_kn, stride_vn, seq_start, n, rows, row_ok, sink, band,
@@ -420,8 +450,17 @@ def _head_group(num_heads: int, num_kv_heads: int, cfg: dict) -> int:
     return num_heads // num_kv_heads if cfg.get("group_heads") else 1
 
 
+def _programs(nq: int, n: int, rows: int) -> int:
+    """Programs per head of ``rows``-row blocks: every block of a whole prefill (``nq = n``), or
+    those a chunk of ``nq`` rows can overlap (its last row is the sequence's last)."""
+    blocks = triton.cdiv(n, rows)
+    return blocks if nq == n else min(triton.cdiv(nq, rows) + 1, blocks)
+
+
 def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
-    B, H, n, D = q.shape
+    B, H, nq, D = q.shape
+    n = k.shape[2]
+    q_offset = n - nq
     nqb = index.num_query_blocks
     block_d = max(16, triton.next_power_of_2(D))
     cfg = dict(KERNEL_CONFIG)
@@ -432,12 +471,12 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
               out.stride(0), out.stride(1), out.stride(2))
     if _wide_ok(index, block_d, cfg):
         wide_m = 2 * BLOCK
-        programs = triton.cdiv(n, wide_m)
+        programs = _programs(nq, n, wide_m)
         compiled = _wide_attention_kernel[(programs * group, B * H // group)](
             q, k, v, out, counts,
             index.seq_start, index.seq_len, index.prefix, index.sink, index.band,
             *common,
-            n, H, H // k.shape[1], programs, nqb,
+            n, H, H // k.shape[1], programs, nqb, q_offset,
             scale * LOG2E,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=wide_m, BLOCK_N=cfg["wide_block_n"], MODE=mode, GROUP=group,
                 num_warps=cfg["wide_warps"], num_stages=cfg["wide_stages"])
@@ -448,7 +487,8 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
     # One warpgroup per 64-row block: 8 warps measured 2x slower at D=128 (H100, calls 1-2 of
     # benchmarks/NOTES.md); D=256 needs 8 to hold its 64x256 float32 accumulator.
     num_warps = cfg["num_warps"] or (4 if block_d <= 128 else 8)
-    grid = (nqb * group, B * H // group)
+    programs = _programs(nq, n, BLOCK)
+    grid = (programs * group, B * H // group)
     compiled = _sparse_attention_kernel[grid](
         q, k, v, out, counts,
         index.seq_start, index.seq_len, index.prefix, index.sink, index.band, index.last,
@@ -456,7 +496,7 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
         index.columns, index.columns_upto, index.covered,
         index.blocks, index.block_count,
         *common,
-        n, H, H // k.shape[1], nqb,
+        n, H, H // k.shape[1], nqb, programs, q_offset,
         index.tile_start.shape[-1], index.columns.shape[-1], index.blocks.shape[-1],
         index.covered.shape[-1],
         scale * LOG2E,
@@ -479,9 +519,9 @@ def sparse_attention_from_index(q, k, v, index: SparseIndex, scale: float,
 
 
 def count_visited_pairs(q, k, v, index: SparseIndex) -> torch.Tensor:
-    """int32 ``[B, H, n, n]`` (tensor coordinates): how often the kernel visits each pair."""
-    B, H, n, _ = q.shape
-    counts = torch.zeros(B, H, n, n, dtype=torch.int32, device=q.device)
+    """int32 ``[B, H, nq, n]`` (tensor coordinates): how often the kernel visits each pair."""
+    B, H, nq, _ = q.shape
+    counts = torch.zeros(B, H, nq, k.shape[2], dtype=torch.int32, device=q.device)
     _launch(q, k, v, index, 1.0, q, counts, mode=1)
     return counts
 

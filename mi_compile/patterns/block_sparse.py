@@ -6,7 +6,9 @@ Selection, per input and head, in the sequence's own coordinates (first real tok
 ``len`` real tokens, blocks of 64 tokens, the last block possibly partial):
 
 1. mean-pool queries and keys over each 64-token block (a partial last block is averaged
-   over its real tokens only);
+   over its real tokens only; a chunk, ``q_len < kv_len``, has only its own queries: the
+   selection is for the chunk's query blocks, a block partly before the chunk pools its
+   present rows);
 2. block score ``s[m, c] = scale * pooled_q[m] . pooled_k[c]`` for key blocks ``c <= m``
    (causal); key block ``m`` (the diagonal, score +inf) and key block 0 (score float32 max)
    are always kept (with ``K = 1`` only the diagonal);
@@ -47,18 +49,32 @@ def _chunk_size(per_head_bytes: int, budget: int = 1 << 28) -> int:
 
 
 def pooled_blocks(x: torch.Tensor, seq_start: torch.Tensor, seq_len: torch.Tensor,
-                  num_blocks: int, unpadded: bool = False) -> torch.Tensor:
+                  num_blocks: int, unpadded: bool = False, row_offset: int = 0) -> torch.Tensor:
     """Mean of each 64-token block of every sequence, float32 ``[B, H, num_blocks, D]``.
 
     ``x`` is ``[B, H, n, D]`` in tensor coordinates; sequence ``b``'s token ``t`` is row
-    ``seq_start[b] + t``. Rows past the sequence's end do not count. Works on chunks of heads
-    so the float32 temporaries stay bounded (O(n) per head).
+    ``seq_start[b] + t - row_offset``. Rows past the sequence's end do not count, nor (a chunk
+    of queries, ``row_offset = kv_len - q_len``) tokens before the tensor's first row: a block
+    partly before the chunk pools its present rows, one wholly before it is 0. Works on chunks
+    of heads so the float32 temporaries stay bounded (O(n) per head).
 
-    ``unpadded=True`` (the caller knows ``seq_start = 0`` and ``seq_len = n`` for every input):
-    pool by a reshape of the tensor itself, reading ``x`` once with float32 accumulation and
-    no gathered float32 copy.
+    ``unpadded=True`` (the caller knows ``seq_start = 0`` and ``seq_len = n + row_offset`` for
+    every input): pool by a reshape of the tensor itself, reading ``x`` once with float32
+    accumulation and no gathered float32 copy.
     """
     B, H, n, D = x.shape
+    if unpadded and row_offset:
+        # the chunk's rows are positions [row_offset, row_offset + n): shift them onto the
+        # 64-token grid with zero rows in front, pool the blocks from the chunk's first one
+        lead, first = row_offset % BLOCK, row_offset // BLOCK
+        blocks = num_blocks - first
+        padded = torch.nn.functional.pad(x, (0, 0, lead, blocks * BLOCK - lead - n))
+        pos = torch.arange(blocks * BLOCK, device=x.device)
+        counts = ((pos >= lead) & (pos < lead + n)).view(blocks, BLOCK).sum(-1).clamp(min=1)
+        out = torch.zeros(B, H, num_blocks, D, device=x.device, dtype=torch.float32)
+        torch.sum(padded.view(B, H, blocks, BLOCK, D), 3, dtype=torch.float32, out=out[:, :, first:])
+        out[:, :, first:].div_(counts[:, None].float())
+        return out
     if unpadded and n == num_blocks * BLOCK:
         return x.reshape(B, H, num_blocks, BLOCK, D).sum(3, dtype=torch.float32).div_(BLOCK)
     if unpadded:
@@ -72,8 +88,9 @@ def pooled_blocks(x: torch.Tensor, seq_start: torch.Tensor, seq_len: torch.Tenso
             out[:, :, full] = x[:, :, full * BLOCK:].sum(2, dtype=torch.float32) / (n - full * BLOCK)
         return out
     pos = torch.arange(num_blocks * BLOCK, device=x.device)
-    rows = (seq_start.long()[:, None] + pos[None, :]).clamp(0, n - 1)          # [B, nb*64]
-    real = (pos[None, :] < seq_len.long()[:, None])                            # [B, nb*64]
+    rows = seq_start.long()[:, None] + pos[None, :] - row_offset              # [B, nb*64]
+    real = (pos[None, :] < seq_len.long()[:, None]) & (rows >= 0) & (rows < n)   # [B, nb*64]
+    rows = rows.clamp(0, n - 1)
     counts = real.view(B, num_blocks, BLOCK).sum(-1).clamp(min=1).float()     # [B, nb]
     out = torch.empty(B, H, num_blocks, D, device=x.device, dtype=torch.float32)
     step = _chunk_size(B * num_blocks * BLOCK * D * 4)
@@ -102,7 +119,7 @@ def topk_raw(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int], topks: S
     and each chunk's ``K``. What stays to be done per head (keep ranks ``< K_h``, finite scores
     and live rows, sort) is :func:`select_blocks`' and the GPU table builder's.
     """
-    nqb = math.ceil(q.shape[2] / BLOCK)
+    nqb = math.ceil(k.shape[2] / BLOCK)
     chunks = topk_chunks(len(head_ids), q.shape[0], nqb)
     kmax = max(min(t, nqb) for t in topks)
     if len(chunks) == 1:
@@ -114,7 +131,8 @@ def topk_raw(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int], topks: S
 
 
 def _topk_into(q, k, head_ids, topks, seq_start, seq_len, scale, unpadded, out, chunks):
-    B, Hq, n, D = q.shape
+    B, Hq, nq, D = q.shape
+    n = k.shape[2]
     group = Hq // k.shape[1]
     nqb = math.ceil(n / BLOCK)
     dev = q.device
@@ -128,7 +146,7 @@ def _topk_into(q, k, head_ids, topks, seq_start, seq_len, scale, unpadded, out, 
             q_chunk = q[:, ids[0]:ids[0] + len(ids)]                         # no copy
         else:
             q_chunk = q.index_select(1, device_ints(ids, dev))
-        pooled_q = pooled_blocks(q_chunk, seq_start, seq_len, nqb, unpadded)   # [B, c, nqb, D]
+        pooled_q = pooled_blocks(q_chunk, seq_start, seq_len, nqb, unpadded, n - nq)   # [B, c, nqb, D]
         kv_ids = device_ints([h // group for h in ids], dev)
         c = len(ids)
         # torch.matmul's own bmm on the same layouts (same result), in fewer dispatches
@@ -158,7 +176,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int], top
     Returns ``blocks [B, len(head_ids), NQB, Kmax]`` (int32, ascending, SENTINEL-padded) and
     ``block_count [B, len(head_ids), NQB]`` (int32). No host synchronisation.
     """
-    B, _, n, _ = q.shape
+    B, n = q.shape[0], k.shape[2]
     nqb = math.ceil(n / BLOCK)
     dev = q.device
     kmax = max(min(t, nqb) for t in topks)

@@ -54,7 +54,8 @@ def _kernel_width(name: str, value: int | None) -> int:
 
 def tile_pairs_per_block(index: SparseIndex, block_n: int | None = None,
                          block_c: int | None = None) -> torch.Tensor:
-    """int64 ``[B, H, NQB]``: pairs of the tiles visited per 64-row query block (0 past the end)."""
+    """int64 ``[B, H, NQB]``: pairs of the tiles visited per 64-row query block (0 past the end,
+    and, for a chunk, in the blocks before it)."""
     block_n, block_c = _kernel_width("block_n", block_n), _kernel_width("block_c", block_c)
     nqb = index.num_query_blocks
     dev = index.prefix.device
@@ -69,6 +70,8 @@ def tile_pairs_per_block(index: SparseIndex, block_n: int | None = None,
     column_keys = _ceil_div(index.columns_upto.long().masked_fill(dense, 0), block_c) * block_c
     keys = prefix_keys + group_keys + block_keys + column_keys + BLOCK                # [B, H, NQB]
     live = m0[None, :] < index.seq_len.long()[:, None]                                 # [B, NQB]
+    if index.q_offset:      # a chunk: only the blocks holding its rows (sequence positions)
+        live &= m0[None, :] + BLOCK > index.q_offset - index.seq_start.long()[:, None]
     return keys * BLOCK * live[:, None, :]
 
 

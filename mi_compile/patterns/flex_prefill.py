@@ -155,6 +155,10 @@ class FlexPrefillSpec(PatternSpec):
     def block_width(self, head, n: int) -> int:
         return math.ceil(n / BLOCK)
 
+    def chunk_reason(self, head) -> str:
+        return ("its estimate (flex_estimate: pooled query blocks and the last queries of the whole "
+                "prompt) takes no query offset, so a chunk is not supported")
+
     def max_tiles(self, head, n: int) -> int:
         return 2 * n + -(-n // BLOCK) + 1        # vertical_slash's bound with up to n offsets
 

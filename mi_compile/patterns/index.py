@@ -6,6 +6,10 @@ shapes and the static head parameters. What depends only on the heads (prefix, s
 ids, parameter groups) is built once per layer (:class:`IndexPlan`). On CUDA the tables after
 the top-k are written by two fused launches (:mod:`mi_compile.kernels.index_tables`); the
 PyTorch builder here is the CPU path and gives the same tables bit for bit.
+
+A chunk (``q_len < kv_len``, see :mod:`mi_compile.kernels.index_format`) gets the tables of the
+whole sequence over the keys, from the chunk's queries; :func:`chunk_reason` names the heads
+that cannot run one.
 """
 from __future__ import annotations
 
@@ -112,9 +116,10 @@ def max_group_tiles(heads: Sequence[HeadPattern], n: int) -> int:
 
 
 def normalize_sequences(q: torch.Tensor, seq_start: Optional[torch.Tensor],
-                        seq_len: Optional[torch.Tensor]):
-    """int32 ``seq_start``, ``seq_len`` of shape ``[B]`` on q's device (defaults: 0 and n)."""
-    B, n = q.shape[0], q.shape[2]
+                        seq_len: Optional[torch.Tensor], n: Optional[int] = None):
+    """int32 ``seq_start``, ``seq_len`` of shape ``[B]`` on q's device (defaults: 0 and n, the
+    key length: q's length unless given)."""
+    B, n = q.shape[0], q.shape[2] if n is None else n
     if seq_start is None and seq_len is None:   # the zeros are shared (read only)
         return (cached(("zero_starts", B), q.device, lambda: torch.zeros(B, dtype=torch.int32, device=q.device)),
                 torch.full((B,), n, dtype=torch.int32, device=q.device))
@@ -169,6 +174,8 @@ class IndexPlan:
     #: ``PHASE_BLOCK_SELECT`` / ``PHASE_TABLE_SELECT`` heads by pattern: ``(name, head ids, their
     #: index tensor)``
     sel_groups: tuple = ()
+    #: why these heads cannot run a chunk (``q_len < kv_len``), None if they can (:func:`chunk_reason`)
+    chunk_reason: Optional[str] = None
 
     def widths(self, n: int) -> dict:
         """Table widths at length ``n`` (the same as the unfused builder's)."""
@@ -247,7 +254,19 @@ def _make_plan(heads: tuple, device, grouped: bool) -> IndexPlan:
         as_hi=ints32([static_hi[h] for h in as_ids]) if as_ids else None,
         max_vertical=max([p[0] for p in vs_params], default=0),
         max_slash=max([p[1] for p in vs_params], default=0),
-        max_topk=max(bs_topks, default=0), distinct_heads=tuple(dict.fromkeys(heads)), sel_groups=sel_groups)
+        max_topk=max(bs_topks, default=0), distinct_heads=tuple(dict.fromkeys(heads)), sel_groups=sel_groups,
+        chunk_reason=chunk_reason(heads))
+
+
+def chunk_reason(heads: Sequence[HeadPattern]) -> Optional[str]:
+    """Why a layer with ``heads`` cannot compute a chunk (``q_len < kv_len``) sparse: the first
+    head whose pattern says so (:meth:`~mi_compile.patterns.registry.PatternSpec.chunk_reason`),
+    with its index; None when every head can."""
+    for h, head in enumerate(heads):
+        reason = pattern_spec(head.kind).chunk_reason(head)
+        if reason is not None:
+            return f"head {h} ({head.describe()}): {reason}"
+    return None
 
 
 def index_plan(heads: Sequence[HeadPattern], device, grouped: bool = False) -> IndexPlan:
@@ -293,8 +312,11 @@ def build_index(q: torch.Tensor, k: torch.Tensor, heads: Sequence[HeadPattern], 
     builder; layers with ``PHASE_TABLE_SELECT`` heads (flex_prefill) always use the PyTorch one.
     """
     heads = tuple(heads)
-    n = q.shape[2]
+    n = k.shape[2]
     plan = index_plan(heads, q.device, grouped=q.is_cuda)
+    if q.shape[2] != n and plan.chunk_reason is not None:
+        raise ValueError(f"q_len {q.shape[2]} < kv_len {n} (a chunk) is not supported for this layer: "
+                         f"{plan.chunk_reason}")
     if _use_fused(plan, n, tables, q, vs_selection):
         return _build_fused(plan, q, k, scale, seq_start, seq_len, unpadded)
     return _build_torch(plan, q, k, scale, seq_start, seq_len, vs_selection, unpadded)
@@ -305,7 +327,8 @@ def _build_fused(plan: IndexPlan, q, k, scale, seq_start, seq_len, unpadded) -> 
     two launches of :func:`mi_compile.kernels.index_tables.build_tables`."""
     from ..kernels.index_tables import build_tables
 
-    B, H, n, _ = q.shape
+    B, H, nq, _ = q.shape
+    n = k.shape[2]
     w = plan.widths(n)
     vs_raw = bs_raw = None
     if plan.vs_ids:
@@ -317,7 +340,7 @@ def _build_fused(plan: IndexPlan, q, k, scale, seq_start, seq_len, unpadded) -> 
     t = build_tables(plan, B, n, w, seq_len, vs_raw, bs_raw)
     _select_blocks(plan, q, k, scale, seq_start, seq_len, t["blocks"], t["block_count"])
     return SparseIndex(heads=plan.heads, n=n, seq_start=seq_start, seq_len=seq_len,
-                       prefix=plan.prefix, sink=plan.sink, band=plan.band, last=plan.last, **t)
+                       prefix=plan.prefix, sink=plan.sink, band=plan.band, last=plan.last, q_len=nq, **t)
 
 
 def _select_blocks(plan: IndexPlan, q, k, scale, seq_start, seq_len, blocks, block_count) -> None:
@@ -335,7 +358,8 @@ def _select_blocks(plan: IndexPlan, q, k, scale, seq_start, seq_len, blocks, blo
 
 def _build_torch(plan: IndexPlan, q, k, scale, seq_start, seq_len, vs_selection, unpadded) -> SparseIndex:
     """The tables with PyTorch ops (CPU, and explicit selections)."""
-    B, H, n, _ = q.shape
+    B, H, nq, _ = q.shape
+    n = k.shape[2]
     dev = q.device
     w = plan.widths(n)
     nqb = w["nqb"]
@@ -404,11 +428,12 @@ def _build_torch(plan: IndexPlan, q, k, scale, seq_start, seq_len, vs_selection,
         group_lo=group_lo, group_hi=group_hi, groups_upto=count_upto(group_lo, nqb),
         tile_start=tile_start, tile_end=tile_end, tiles_upto=tiles_upto,
         columns=columns, columns_upto=count_upto(columns, nqb, reach=-1), covered=covered,
-        blocks=blocks, block_count=block_count, offsets=offsets)
+        blocks=blocks, block_count=block_count, offsets=offsets, q_len=nq)
 
 
 def head_selection_mask(index: SparseIndex, h: int) -> torch.Tensor:
-    """Reference selection of query head ``h``: bool ``[B, n, n]`` in tensor coordinates.
+    """Reference selection of query head ``h``: bool ``[B, q_len, n]`` in tensor coordinates
+    (query row ``r`` is key position ``n - q_len + r``; ``q_len = n`` for a whole prefill).
 
     Built from the pattern definitions and the raw selection (columns, offsets, blocks), never
     from the kernel's range tables, so it checks them.
@@ -418,9 +443,10 @@ def head_selection_mask(index: SparseIndex, h: int) -> torch.Tensor:
     start = index.seq_start.long()[:, None, None]
     length = index.seq_len.long()[:, None, None]
     t = torch.arange(n, device=dev)
-    i = t[None, :, None] - start                                          # [B, n, 1]
+    rows = torch.arange(index.num_queries, device=dev) + index.q_offset
+    i = rows[None, :, None] - start                                       # [B, q_len, 1]
     j = t[None, None, :] - start                                          # [B, 1, n]
-    base = (j >= 0) & (j <= i) & (i < length)
+    base = (j >= 0) & (j <= i) & (i < length) & (i >= 0)
     head = index.heads[h]
     spec = pattern_spec(head.kind)
     if not spec.per_block:
@@ -458,5 +484,5 @@ def block_rows(index: SparseIndex, h, block_starts: torch.Tensor, j: torch.Tenso
 
 
 def selection_mask_from_index(index: SparseIndex) -> torch.Tensor:
-    """bool ``[B, H, n, n]``: every head's :func:`head_selection_mask` (small n only)."""
+    """bool ``[B, H, q_len, n]``: every head's :func:`head_selection_mask` (small n only)."""
     return torch.stack([head_selection_mask(index, h) for h in range(len(index.heads))], 1)

@@ -2,8 +2,8 @@
 
 Used by ``sparse_attention(..., impl="reference")`` (CPU default) and by the tests. It builds
 each head's selection with :func:`~mi_compile.patterns.index.head_selection_mask` (an
-``[B, n, n]`` bool mask per head, once for heads of equal input-independent patterns), so it
-is meant for moderate ``n`` only.
+``[B, nq, n]`` bool mask per head, ``nq < n`` for a chunk; once for heads of equal
+input-independent patterns), so it is meant for moderate ``n`` only.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from .registry import get as pattern_spec
 def masked_attention(q, k, v, mask_of_head, scale: float, mask_key=None) -> torch.Tensor:
     """``softmax(scale * q k^T masked) v`` in float32; rows with no key give 0.
 
-    ``mask_of_head(h)`` returns bool ``[B, n, n]``; query head ``h`` reads KV head
-    ``h // (Hq // Hkv)``. ``mask_key(h)``: a hashable that is equal for heads whose masks are
-    equal (``None``: build every head's), so such a mask is built once. Each head is one
+    ``mask_of_head(h)`` returns bool ``[B, nq, nk]`` (q's and k's lengths); query head ``h``
+    reads KV head ``h // (Hq // Hkv)``. ``mask_key(h)``: a hashable that is equal for heads
+    whose masks are equal (``None``: build every head's), so such a mask is built once. Each head is one
     float32 ``scaled_dot_product_attention`` with the boolean mask (PyTorch's fused CPU kernel
     where it has one: no ``n x n`` float32 score matrix of our own).
     """

@@ -100,6 +100,18 @@ class PatternSpec:
         the diagonal 64-key tile by one of them. Such layers use the PyTorch table builder."""
         raise NotImplementedError(f"{self.name} has no table selection")
 
+    def chunk_reason(self, head) -> Optional[str]:
+        """Why a head of this pattern cannot compute a chunk sparse (``q_len < kv_len``: the rows
+        of a prefill that continues a cache; see :mod:`mi_compile.kernels.index_format`), or
+        None when it can. Static patterns are defined by position, and the vertical-slash and
+        block-sparse selections from the chunk's own queries; a pattern whose selection writes
+        its own tables (``PHASE_BLOCK_SELECT`` / ``PHASE_TABLE_SELECT``) must say that it
+        handles a chunk by overriding this."""
+        from ..kernels.constants import PHASE_BLOCK_SPARSE, PHASE_VERTICAL_SLASH
+        if self.selection in (None, PHASE_VERTICAL_SLASH, PHASE_BLOCK_SPARSE):
+            return None
+        return f"its selection ({self.selection}) is defined for a whole prefill only"
+
     # ------------------------------------------------------------------ reference
     def mask(self, i, j, head):
         """Reference test of a static pattern for broadcastable sequence positions ``i``

@@ -7,7 +7,9 @@ question at the end of a prompt attends exactly; see :func:`~mi_compile.patterns
 
 Estimate, per input and head, in the sequence's own coordinates (``len`` real tokens):
 
-1. take the last ``min(64, len)`` queries, at positions ``p = len - 64 + r``;
+1. take the last ``min(64, len)`` queries, at positions ``p = len - 64 + r`` (a chunk,
+   ``q_len < kv_len``: those of them in the chunk, its last ``min(64, q_len)`` rows, which are
+   the sequence's last queries: the whole prompt's estimate when ``q_len >= 64``);
 2. scores ``scale * q_p . k_j`` over all keys, causal (``j <= p``), softmax per query in
    float32;
 3. vertical score of key ``j`` = sum over those queries of the probability of ``j``;
@@ -93,17 +95,20 @@ def estimate_scores_torch(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[i
 
     Returns ``vertical, slash``: float32 ``[B, len(head_ids), n]`` in sequence coordinates
     (``vertical[..., j]`` for key ``j``, ``slash[..., d]`` for offset ``d``), ``-inf`` where the
-    key / offset does not exist in that sequence.
+    key / offset does not exist in that sequence. ``n`` is k's length; a shorter q is a chunk
+    ending at key ``n`` (query row ``r`` is key ``n - q_len + r``): rows before it do not count.
     """
-    B, Hq, n, D = q.shape
+    B, Hq, nq, D = q.shape
+    n = k.shape[2]
     group = Hq // k.shape[1]
     dev = q.device
     start = seq_start.long()
     length = seq_len.long()
     r = torch.arange(LAST_QUERIES, device=dev)
     query_pos = length[:, None] - LAST_QUERIES + r[None, :]                    # [B, 64] (seq)
-    query_rows = (start[:, None] + query_pos).clamp(0, n - 1)                 # tensor rows
-    rows_real = query_pos >= 0
+    query_rows = start[:, None] + query_pos - (n - nq)                        # rows of q
+    rows_real = (query_pos >= 0) & (query_rows >= 0)
+    query_rows = query_rows.clamp(0, nq - 1)
     t = torch.arange(n, device=dev)
     key_pos = t[None, :] - start[:, None]                                      # [B, n] (seq)
     allowed = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= query_pos[:, :, None])

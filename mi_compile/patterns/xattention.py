@@ -187,6 +187,10 @@ class XAttentionSpec(PatternSpec):
     def block_width(self, head, n: int) -> int:
         return max(1, min(head.max_blocks, math.ceil(n / BLOCK)))
 
+    def chunk_reason(self, head) -> str:
+        return ("the antidiagonal estimate (block_mass, and its Triton kernel) scores strided "
+                "query cells of the whole prompt; it takes no query offset, so a chunk is not supported")
+
     def select_block_table(self, q, k, head_ids, heads, seq_start, seq_len, scale):
         n = q.shape[2]
         by_stride: dict[int, list[int]] = {}
