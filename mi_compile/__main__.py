@@ -26,6 +26,9 @@ def _explain(argv):
     p.add_argument("--batch", type=_positive_int, default=1)
     p.add_argument("--padded", action="store_true", help="pass a left-padded attention_mask")
     p.add_argument("--use-cache", action="store_true", help="call the model with use_cache=True")
+    p.add_argument("--past", type=_positive_int, default=None, metavar="N",
+                   help="first prefill N tokens into a DynamicCache (eagerly), then explain the --length "
+                        "tokens as a chunk that continues it")
     p.add_argument("--config", default=None, help="per-head config JSON (default: the default policy)")
     p.add_argument("--min-seq-len", type=int, default=None)
     p.add_argument("--dense-layers", default="", help="comma-separated layer indices to keep dense")
@@ -48,11 +51,20 @@ def _explain(argv):
         p.error(str(exc))
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (a.batch, a.length), generator=torch.Generator().manual_seed(0))
-    kwargs = {"use_cache": a.use_cache}
+    kwargs = {"use_cache": a.use_cache or a.past is not None}
     if a.padded:
-        am = torch.ones_like(ids)
-        am[0, : a.length // 8] = 0
+        am = torch.ones(a.batch, (a.past or 0) + a.length, dtype=torch.long)
+        am[0, : am.shape[1] // 8] = 0
         kwargs["attention_mask"] = am
+    if a.past is not None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        past = torch.randint(0, vocab, (a.batch, a.past), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            model(past, past_key_values=cache, use_cache=True,
+                  **({"attention_mask": kwargs["attention_mask"][:, : a.past]} if a.padded else {}))
+        kwargs["past_key_values"] = cache
     options = {"config": a.config, "dump_dir": a.dump_dir, "dense_layers": dense_layers}
     if a.min_seq_len is not None:
         options["min_seq_len"] = a.min_seq_len

@@ -18,6 +18,7 @@ from transformers import DynamicCache, StaticCache
 
 import mi_compile
 from mi_compile import op as mi_op
+from mi_compile.backend import MInferenceBackend
 from mi_compile.config import load_config
 from mi_compile.models import tiny_model
 from mi_compile.options import BackendOptions
@@ -189,6 +190,41 @@ def test_is_causal_with_a_shorter_query_stays_dense_top_left():
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
+class _ExplicitMask(torch.nn.Module):
+    """SDPA under a mask built the way transformers builds one, query row 0 at key ``offset``
+    (``None``: bottom-right, ``nk - nq``); 0 is a static-cache prefill (transformers 5.17:
+    causal aligned top-left over every slot of the cache)."""
+
+    def __init__(self, offset):
+        super().__init__()
+        self.offset = offset
+        self.layers = torch.nn.ModuleList([torch.nn.Identity()])
+
+    def forward(self, q, k, v):
+        nq, nk = q.shape[2], k.shape[2]
+        off = nk - nq if self.offset is None else self.offset
+        q_idx = (torch.arange(nq) + off)[None, None, :, None]
+        kv_idx = (torch.arange(nk) + 0)[None, None, None, :]
+        mask = (kv_idx <= q_idx).expand(q.shape[0], -1, nq, nk)
+        return F.scaled_dot_product_attention(self.layers[0](q), k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("offset,kind", [(None, "causal_bottom_right"), (0, "unknown"), (3, "unknown")])
+def test_explicit_masks_over_more_keys(offset, kind):
+    """Bottom-right is the chunk; top-left is reported as a static cache; another offset is
+    not understood."""
+    q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 4, 28, 16), torch.randn(1, 4, 28, 16)
+    backend = MInferenceBackend(OPTS, use_inductor=False)
+    with torch.no_grad():
+        torch.compile(_ExplicitMask(offset), backend=backend, fullgraph=True)(q, k, v)
+    (site,) = backend.reports[0].sites
+    assert site.mask.kind == kind, site.mask.reason
+    if offset == 0:
+        assert site.reason.startswith("static cache: the mask is causal aligned top-left"), site.reason
+    elif offset == 3:
+        assert site.reason.startswith("mask not understood: mask probe:"), site.reason
+
+
 # -- end to end: compiled chunk against eager ------------------------------------------------------
 
 @needs_chunk_op
@@ -283,6 +319,25 @@ def test_generate_turns_over_a_cached_document():
 
     eager, compiled = turns(False), turns(True)
     assert [a.tolist() for a in compiled] == [a.tolist() for a in eager]
-    chunk_sites = [s for r in backend.reports for s in r.sites if s.mask and s.mask.chunk]
+    chunk_sites = [s for r in backend.reports for s in r.sites if s.mask and s.mask.chunk and s.q_len != "1"]
     assert chunk_sites and all(s.action == "sparse" for s in chunk_sites)
     assert counters["mi_compile"]["rewritten_sparse"] >= LAYERS
+
+
+def test_explain_tells_what_a_chunk_is():
+    model = tiny_model("qwen2", num_layers=LAYERS)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(_tokens(1, 20, 0), past_key_values=cache)
+    table = mi_compile.explain(model, _tokens(1, 8, 1), past_key_values=cache, options=OPTS).table()
+    assert "causal_bottom_right" in table
+    assert "a prefill chunk that continues a cache" in table
+
+
+def test_explain_cli_past(capsys):
+    from mi_compile.__main__ import main
+
+    main(["explain", "--model", "tiny:llama", "--length", "8", "--past", "20", "--padded", "--batch", "2",
+          "--min-seq-len", "0"])
+    out = capsys.readouterr().out
+    assert "causal_bottom_right+padding" in out and "a prefill chunk that continues a cache" in out

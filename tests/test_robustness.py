@@ -211,7 +211,9 @@ def test_causal_query_shorter_than_key_stays_dense():
     _, k, v = inputs(128, 16)
     site = _site(q, k, v)
     assert site.action == "dense"
-    assert site.reason == "query length 32 != key length 128 (not a prefill)"
+    assert site.mask.kind == "causal_top_left"
+    assert site.reason.startswith("is_causal=True with query length 32 < key length 128: PyTorch aligns that "
+                                  "mask top-left")
     torch._dynamo.reset()
     from mi_compile.backend import MInferenceBackend
     out = torch.compile(_OneLayer(), backend=MInferenceBackend({"min_seq_len": 0}, use_inductor=False))(q, k, v)

@@ -4,6 +4,11 @@
     0      model.layers.0.self_attn    9      3   causal          undone  sparse  9x vertical_slash(1000,6096)
     ...
 
+A chunk continuing a cache shows mask ``causal_bottom_right`` (and a line saying what that
+is); a call left dense says why, e.g. ``decode step (one query token)``, ``static cache: ...``,
+``is_causal=True with query length 8 < key length 28: PyTorch aligns that mask top-left ...``
+or ``prefill chunk over a cache: <the op's reason>``.
+
 :func:`mi_compile.explain` (in :mod:`mi_compile.backend`) compiles a model with the backend's
 passes only, runs it once and returns an :class:`ExplainResult`; this module only formats.
 """
@@ -51,6 +56,9 @@ def format_table(sites, config_source: str = "", threshold: str = "", tp=None) -
     lines.extend(fmt.format(*r) for r in rows)
     n_sparse = sum(s.action == "sparse" for s in sites)
     lines.append(f"{len(sites)} attention call(s): {n_sparse} sparse, {len(sites) - n_sparse} dense")
+    if any(s.mask is not None and s.mask.chunk for s in sites):
+        lines.append("causal_bottom_right: a prefill chunk that continues a cache (nq new queries over nk "
+                     "cached + new keys, query r at key nk - nq + r)")
     if threshold and n_sparse:
         lines.append(threshold)
     return "\n".join(lines)

@@ -53,6 +53,9 @@ cache (``StaticCache``), whose mask offsets the queries by a runtime tensor (the
     q_idx = (torch.arange(nq) + cumulative_length)[None, None, :, None]
     kv_idx = torch.arange(max_cache_len)[None, None, None, :]      # keys beyond the filled part
     m = kv_idx <= q_idx                                            # ... masked only by causality
+
+(transformers 5.17's static-cache prefill has no offset: causal aligned top-left over all the
+slots, which the probe recognises and reports as a static cache too.)
 """
 from __future__ import annotations
 
@@ -79,6 +82,11 @@ CHUNK_BINDINGS = ((613, 1499), (1201, 331))  # (query symbols, other symbols): c
 
 class ProbeError(Exception):
     """The mask sub-graph could not be evaluated on a probe (the reason is the message)."""
+
+
+class TopLeftError(ProbeError):
+    """A mask over more keys than queries that is causal aligned top-left (query ``r`` sees
+    keys ``0..r``): a static cache's prefill, keys past the filled part masked by causality."""
 
 
 class RuntimeInputError(ProbeError):
@@ -272,10 +280,10 @@ def _synthetic_padding(batch: int, n: int, gen: torch.Generator) -> torch.Tensor
 
 
 def _explain(result: torch.Tensor, rows: torch.Tensor, nq: int, nk: int, padding,
-             batch: int) -> tuple[str, int]:
+             batch: int, offset: int | None = None) -> tuple[str, int]:
     """Match a probed mask [B?, 1?, R, nk] against causal/padding/window, bottom-right aligned
     (query row ``r`` is key position ``nk - nq + r``; for a prefill ``nq == nk``, the usual
-    causal mask); returns (kind, window)."""
+    causal mask) unless ``offset`` says where row 0 is; returns (kind, window)."""
     if result.dtype != torch.bool:
         raise ProbeError(f"mask has dtype {result.dtype}, not bool")
     res = result.to("cpu")
@@ -284,7 +292,7 @@ def _explain(result: torch.Tensor, rows: torch.Tensor, nq: int, nk: int, padding
     if res.shape[1] != 1:
         raise ProbeError("mask differs between heads")
     res = res.expand(batch, 1, len(rows), nk)[:, 0]
-    offset = nk - nq
+    offset = nk - nq if offset is None else offset
     q = rows[:, None] + offset
     kv = torch.arange(nk)[None, :]
     allowed = (kv <= q)[None].expand(batch, -1, -1)
@@ -372,12 +380,18 @@ class ClassifyMaskPass:
         if not shapes:
             return MaskInfo("unknown", reason="query/key shapes unknown")
         chunk = not lengths_equal(qs[2], ks[2])
-        if chunk and not _known(qs[2] <= ks[2]):
-            return MaskInfo("unknown", reason=f"query length {qs[2]} may exceed key length {ks[2]}")
         try:
             if chunk:
-                return self._probe_chunk(mask, qs[2], ks[2], qs[0])
+                info = self._probe_chunk(mask, qs[2], ks[2], qs[0])
+                if not _known(qs[2] <= ks[2]):
+                    return MaskInfo("unknown", reason=f"query length {qs[2]} may exceed key length {ks[2]}")
+                return info
             return self._probe(mask, qs[2], qs[0])
+        except TopLeftError:
+            return MaskInfo("unknown", reason=f"static cache: the mask is causal aligned top-left over the {ks[2]} "
+                                              f"keys (query r sees keys 0..r; the slots past the filled part are "
+                                              f"masked only by causality); the op needs keys that end at the last "
+                                              f"query (bottom-right causal)")
         except RuntimeInputError as e:
             if chunk:
                 return MaskInfo("unknown", reason=f"static cache: query positions come from runtime tensor "
@@ -458,7 +472,16 @@ class ClassifyMaskPass:
             rows = _sample_rows(nq, 96 if nq > 2048 else nq, gen)
             padding = _synthetic_padding(b, nk, gen) if probe.padding_source is not None else None
             result = probe.run(nq, nk, b, rows, padding, symbols)
-            kind, window = _explain(result, rows, nq, nk, padding, b)
+            try:
+                kind, window = _explain(result, rows, nq, nk, padding, b)
+            except ProbeError as e:
+                try:
+                    _, top_left_window = _explain(result, rows, nq, nk, padding, b, offset=0)
+                except ProbeError:
+                    raise e from None
+                if not top_left_window:
+                    raise TopLeftError("causal aligned top-left") from None
+                raise
             if window:
                 raise ProbeError(f"sliding window ({window}) over a cached prefix: the op's window is for prefills")
             hows.append(f"{nq} queries over {nk} keys x {len(rows)} rows")
