@@ -18,6 +18,10 @@ and for each pair:
 - ``wide``: a layer of only dense / A-shape heads (the 128-row kernel, head_dim <= 128);
 - ``full_selection_vs_sdpa``: every pattern with a selection covering the whole causal square
   equals ``F.scaled_dot_product_attention(is_causal=True)`` in the same dtype;
+- ``chunk_gqa{1,4}``: a chunk of 700 queries continuing a cache of the mixed layer (``nq < nk``,
+  bottom-right causal, the padded batch): against its reference, its walk exactly its selection,
+  its rows equal to the whole prefill's where the selection does not depend on the chunk;
+- ``backend_chunk``: a tiny Llama's chunk continuing a ``DynamicCache`` through the backend;
 - ``backend_tiny_llama``: a 2-layer random-weight ``LlamaForCausalLM`` with that head_dim under
   ``torch.compile(backend="minference")`` (per-head config of full-coverage patterns, so the
   answer must equal dense attention's), a padded batch: every attention call rewritten, and
@@ -174,6 +178,64 @@ def check_backend(D, dtype):
             "eager_vs_fp32": round(err_eager, 6)}
 
 
+def check_chunk(D, dtype, ratio):
+    """A chunk continuing a cache (``nq < nk``, bottom-right causal) of the mixed layer, batch of
+    2 with the second left-padded: against the float32 reference of the chunk's own index, its
+    walk exactly the chunk's selection, and its rows equal to the whole prefill's last rows."""
+    nq = max(64, N * 7 // 30)      # 700 of 3001
+    start = torch.tensor(START, dtype=torch.int32, device=DEV)
+    length = torch.tensor(LENGTH, dtype=torch.int32, device=DEV)
+    q, k, v = inputs(300 * D + ratio, 2, HQ // ratio, N, D, dtype)
+    qc = q[:, :, N - nq:].contiguous()
+    index = build_sparse_index(qc, k, MIXED, seq_start=start, seq_len=length)
+    out = run_kernel(qc, k, v, index)
+    err = rel_err(out, reference_attention(qc, k, v, index, D ** -0.5))
+    visits = count_visited_pairs(qc, k, v, index)
+    mask = selection_mask(qc, k, MIXED, start, length)
+    assert visits.max().item() <= 1 and torch.equal(visits.bool(), mask), "the chunk's walk differs from its selection"
+    # the patterns whose selection of these rows does not depend on the chunk's pooled blocks
+    same = [h for h, p in enumerate(MIXED) if p.kind != "block_sparse"]
+    whole = run_kernel(q, k, v, build_sparse_index(q, k, MIXED, seq_start=start, seq_len=length))
+    err_whole = rel_err(out[:, same], whole[:, same, N - nq:])
+    assert err < TOL[dtype] and err_whole < TOL[dtype], f"rel err {err:.2e}, chunk vs whole prefill {err_whole:.2e}"
+    return {"rel_err": round(err, 6), "chunk_vs_whole": round(err_whole, 6)}
+
+
+def check_backend_chunk(D, dtype):
+    """A tiny Llama prefilled into a DynamicCache, then a chunk continuing it through the
+    backend (full-coverage config): the chunk's attention calls rewritten, its logits as close to
+    the float32 model's as eager's are (within 2x)."""
+    from transformers import DynamicCache
+
+    torch._dynamo.reset()
+    layers, n, nq = 2, 600, 200
+    model = tiny_model("llama", num_layers=layers, num_heads=HQ, num_kv_heads=2, head_dim=D,
+                       vocab=128, max_position_embeddings=1024).to(DEV)
+    ids = torch.randint(3, 128, (1, n + nq), generator=torch.Generator().manual_seed(D)).to(DEV)
+    full = full_selection(n + nq)
+    config = {"format": "mi-compile/v1", "default": {"pattern": "dense"}, "layers": {
+        str(layer): {str(h): {"pattern": p.kind, **p.params} for h, p in enumerate(full) if p.kind not in (
+            "xattention", "flex_prefill")} for layer in range(layers)}}
+
+    def chunk_logits(m):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(ids[:, :n], past_key_values=cache, use_cache=True)
+            return m(ids[:, n:], past_key_values=cache, use_cache=True).logits
+
+    ref32 = chunk_logits(model)
+    model = model.to(dtype)
+    eager = chunk_logits(model)
+    backend = mi_compile.backend({"config": config, "min_seq_len": 0})
+    out = chunk_logits(torch.compile(model, backend=backend, dynamic=True))
+    rewritten = max(r.rewritten for r in backend.reports)
+    assert rewritten == layers, mi_compile.debug.format_table(backend.reports[-1].sites)
+    err, err_eager = rel_err(out, ref32), rel_err(eager, ref32)
+    assert torch.isfinite(out).all() and err <= 2 * err_eager + 1e-4, (
+        f"compiled vs float32 {err:.2e}, eager {dtype} vs float32 {err_eager:.2e}")
+    return {"rewritten": rewritten, "compiled_vs_fp32": round(err, 6), "eager_vs_fp32": round(err_eager, 6)}
+
+
 def run_one(D, dtype_name):
     """All checks of one (head_dim, dtype); returns a list of result dicts."""
     dtype = getattr(torch, dtype_name)
@@ -183,6 +245,8 @@ def run_one(D, dtype_name):
     checks += [("wide", lambda: check_wide(D, dtype)),
                ("full_selection_vs_sdpa", lambda: check_full_selection(D, dtype)),
                ("backend_tiny_llama", lambda: check_backend(D, dtype))]
+    checks += [(f"chunk_gqa{r}", lambda r=r: check_chunk(D, dtype, r)) for r in (1, 4)]
+    checks += [("backend_chunk", lambda: check_backend_chunk(D, dtype))]
     results = []
     for name, fn in checks:
         t = time.time()
