@@ -1,7 +1,8 @@
 """FX graph passes, one concern per file, run in this order by :func:`run_passes`:
 
 1. :mod:`.find_attention`   - every SDPA call and its decoder layer
-2. :mod:`.classify_mask`    - what its mask means (causal / padding / sliding window / unknown)
+2. :mod:`.classify_mask`    - what its mask means (causal / padding / sliding window / unknown;
+   bottom-right causal for a prefill chunk that continues a cache)
 3. :mod:`.undo_repeat_kv`   - K/V once per KV head (native GQA)
 4. :mod:`.rewrite_attention`- the call becomes ``mi_compile::sparse_attention`` or stays dense, with the reason
 
