@@ -30,7 +30,8 @@ cuDNN: the same pairs, faster than the sparse kernels on dense work).
 ``r`` is key position ``nk - nq + r`` (bottom-right aligned causal) and gets that position's
 row of the whole sequence's sparse prefill (see :func:`mi_compile.sparse.sparse_attention`).
 Such a call runs dense when ``nk < min_seq_len``, when ``nq < 64`` (less than one query block:
-the index costs more than it saves), and for layers :func:`chunk_dense_reason` names.
+the index costs more than it saves), and for layers :func:`chunk_dense_reason` names (none of
+the registered patterns: every one takes a chunk).
 """
 from __future__ import annotations
 
@@ -137,9 +138,10 @@ def _every_head_dense(heads) -> bool:
 def chunk_dense_reason(heads_patterns) -> str | None:
     """Why a layer with these heads (a sequence of
     :class:`~mi_compile.patterns.spec.HeadPattern`) cannot run a ``q_len < kv_len`` call (a
-    chunk continuing a cache) sparse, or None when it can; such calls then run dense. Static
-    patterns, vertical-slash and block-sparse can; a pattern whose selection cannot take a
-    chunk (xattention, flex_prefill) says why (``PatternSpec.chunk_reason``)."""
+    chunk continuing a cache) sparse, or None when it can; such calls then run dense. Every
+    registered pattern can (static patterns by position, the selecting ones from the chunk's
+    own queries); a pattern whose selection could not take a chunk would say why
+    (``PatternSpec.chunk_reason``)."""
     from .patterns.index import chunk_reason
 
     return chunk_reason(tuple(heads_patterns))

@@ -375,9 +375,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     other output rows are 0. ``nq < n`` is a chunk continuing a cache: query row ``r`` is key
     position ``n - nq + r`` and computes the row of that position in the whole sequence's
     prefill (bottom-right aligned causal; every pattern defined on the whole sequence;
-    vertical-slash estimated from the chunk's last ``min(64, nq)`` queries, block-sparse from
-    the chunk's pooled query blocks); sequences must then end at ``n`` (left padding only), and
-    heads whose selection cannot take a chunk (xattention, flex_prefill) raise ValueError.
+    vertical-slash estimated from the chunk's last ``min(64, nq)`` queries, block-sparse and
+    xattention from the chunk's own query blocks, flex_prefill from both); sequences must then
+    end at ``n`` (left padding only).
     ``impl``: "triton", "reference" (float32 PyTorch) or "auto" (triton on CUDA or under
     ``TRITON_INTERPRET=1``, else reference). Returns q's dtype, in ``out`` when given (q's
     shape and dtype, last dim contiguous, any layout).

@@ -3,8 +3,12 @@
 Query row ``r`` of a chunk of ``nq`` rows is key position ``nk - nq + r`` (bottom-right aligned
 causal) and must come out as that row of the whole sequence's prefill: every pattern is defined
 on the whole sequence (vertical-slash estimated from the chunk's last ``min(64, nq)`` queries,
-the whole prompt's estimate when ``nq >= 64``). Both the float32 reference and the Triton
-kernels (under TRITON_INTERPRET=1) are checked; small shapes, the interpreter is slow.
+the whole prompt's estimate when ``nq >= 64``). The selecting patterns estimate from what the
+chunk has: block-sparse and XAttention score the chunk's own query blocks (a block cut by the
+chunk's start from its rows present), FlexPrefill reads the chunk's last queries and pools its
+blocks; so a block wholly in the chunk selects as in the whole prefill. Both the float32
+reference and the Triton kernels (under TRITON_INTERPRET=1) are checked; small shapes, the
+interpreter is slow.
 """
 import functools
 import os
@@ -16,7 +20,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mi_compile.kernels.sparse_attention import count_tile_pairs_per_block, count_visited_pairs  # noqa: E402
+from mi_compile.patterns import xattention as X  # noqa: E402
 from mi_compile.patterns.block_sparse import pooled_blocks  # noqa: E402
+from mi_compile.patterns.flex_prefill import FlexPrefillSpec, flex_estimate, js_distance  # noqa: E402
 from mi_compile.op import chunk_dense_reason, dense_attention, sparse_attention_op  # noqa: E402
 from mi_compile.patterns.cost import tile_pairs_per_block  # noqa: E402
 from mi_compile.patterns.reference import reference_attention  # noqa: E402
@@ -40,7 +46,17 @@ SETS = {
     "block_sparse": [HP("block_sparse", topk=2), HP("block_sparse", topk=1, last=64)],
     "mixed_gqa": [HP("dense"), HP("a_shape", sink=4, local=40), HP("vertical_slash", vertical=68, slash=70, last=64),
                   HP("block_sparse", topk=2)],
+    # selections that depend on the chunk's rows (peaked inputs, so they drop blocks / keys):
+    # flex_prefill tau=0 is always vertical-slash, tau=1000 always query-aware
+    "xattention": [HP("xattention", threshold=800, stride=8, max_blocks=8),
+                   HP("xattention", threshold=900, stride=4, max_blocks=3)],
+    "flex_prefill": [HP("flex_prefill", gamma=800, tau=0, min_budget=0),
+                     HP("flex_prefill", gamma=850, tau=1000, min_budget=64)],
+    "mixed_select": [HP("xattention", threshold=800, stride=8, max_blocks=8), HP("a_shape", sink=4, local=40),
+                     HP("flex_prefill", gamma=850, tau=1000, min_budget=0),
+                     HP("vertical_slash", vertical=68, slash=70, last=64)],
 }
+PEAKED = {"xattention", "flex_prefill", "mixed_select"}
 CHUNKS = [(64, 256), (100, 300), (1, 256), (130, 300)]     # (nq, nk)
 TOL = 1e-5
 
@@ -51,9 +67,35 @@ def heads_of(name):
 
 
 @functools.lru_cache(maxsize=None)
-def inputs(nk, batch=B):
-    return make_inputs(1000 + nk + batch, batch, HQ, HKV, nk, D)
+def inputs(nk, batch=B, peaked=False):
+    """q, k, v; ``peaked``: a few hot keys (positions 0-3, 100-107, 230-233) take most of the
+    attention, so the XAttention / FlexPrefill selections drop blocks and keys."""
+    q, k, v = make_inputs(1000 + nk + batch, batch, HQ, HKV, nk, D)
+    if peaked:
+        hot = [*range(4), *range(100, 108), *range(230, 234)]
+        q, k = q.clone(), k.clone()
+        q[..., 0] += 8.0
+        k[:, :, [h for h in hot if h < nk], 0] += 8.0
+    return q, k, v
 
+
+def inputs_of(name, nk, batch=B):
+    return inputs(nk, batch, name in PEAKED)
+
+
+def whole_prefill_rows(head, nq, nk):
+    """The first chunk row (unpadded: key position ``nk - nq + r``) from which the definition
+    makes the chunk's selection the whole prefill's (``nq``: none)."""
+    first_whole_block = -(nk - nq) % 64          # rows before the first block wholly in the chunk
+    if head.kind.startswith("vertical_slash"):
+        return 0 if nq >= 64 else nq              # its estimate: the last 64 queries
+    if head.kind == "xattention":
+        return first_whole_block                  # a block cut by the chunk's start: its rows present
+    if head.kind == "flex_prefill":
+        if nq < 64:
+            return nq
+        return 0 if head.tau == 0 else first_whole_block    # vertical-slash / query-aware blocks
+    return 0
 
 def run(q, k, v, heads, impl, seq_start=None, seq_len=None):
     """Output of the public path; the kernel's with every element poisoned first."""
@@ -68,7 +110,7 @@ def run(q, k, v, heads, impl, seq_start=None, seq_len=None):
 
 @functools.lru_cache(maxsize=None)
 def full_prefill(name, nk, impl):
-    q, k, v = inputs(nk)
+    q, k, v = inputs_of(name, nk)
     return run(q, k, v, heads_of(name), impl)
 
 
@@ -86,20 +128,21 @@ def bottom_right_sdpa(q, k, v, key_padding_mask=None):
 @pytest.mark.parametrize("nq,nk", CHUNKS, ids=[f"{a}of{b}" for a, b in CHUNKS])
 @pytest.mark.parametrize("name", list(SETS))
 def test_chunk_rows_equal_full_prefill(name, nq, nk, impl):
-    q, k, v = inputs(nk)
+    """The rows the definition makes the whole prefill's are; every row is the reference's
+    on the chunk's own index (where the chunk estimates from fewer rows, its own selection)."""
+    q, k, v = inputs_of(name, nk)
     heads = heads_of(name)
-    out = run(q[:, :, nk - nq:], k, v, heads, impl)
+    qc = q[:, :, nk - nq:]
+    out = run(qc, k, v, heads, impl)
     assert out.shape == (B, HQ, nq, D)
     full = full_prefill(name, nk, impl)[:, :, nk - nq:]
-    own_estimate = nq < 64 and name in ("vertical_slash", "mixed_gqa")
     for h, head in enumerate(heads):
-        if own_estimate and head.kind.startswith("vertical_slash"):
-            continue        # fewer than 64 queries: its own estimate (test_short_chunk_vertical_slash)
-        err = rel_err(out[:, h], full[:, h])
-        assert err < TOL, f"head {h} ({head.describe()}): rel err {err:.2e} against the whole prefill"
-    if impl == "reference":
-        ref = reference_attention(q[:, :, nk - nq:], k, v, build_sparse_index(q[:, :, nk - nq:], k, heads), D ** -0.5)
-        assert rel_err(out, ref) < TOL
+        r0 = whole_prefill_rows(head, nq, nk)
+        if r0 < nq:
+            err = rel_err(out[:, h, r0:], full[:, h, r0:])
+            assert err < TOL, f"head {h} ({head.describe()}): rel err {err:.2e} against the whole prefill"
+    ref = reference_attention(qc, k, v, build_sparse_index(qc, k, heads), D ** -0.5)
+    assert rel_err(out, ref) < TOL
 
 
 @pytest.mark.parametrize("nq", [1, 40])
@@ -143,10 +186,16 @@ def _estimate_of_rows(q, k, first):
 @pytest.mark.parametrize("name,heads", [("dense", [HP("dense")]),
                                         ("a_shape_all", [HP("a_shape", sink=0, local=10**6)]),
                                         ("mixed_all", [HP("dense"), HP("tri_shape", sink=1, local=1, last=10**6),
-                                                       HP("block_sparse", topk=100)])])
+                                                       HP("block_sparse", topk=100)]),
+                                        ("select_all", [HP("xattention", threshold=1000, stride=8, max_blocks=8),
+                                                        HP("flex_prefill", gamma=1000, tau=0, min_budget=0),
+                                                        HP("xattention", threshold=1000, stride=16, max_blocks=5),
+                                                        HP("flex_prefill", gamma=1000, tau=1000, min_budget=0)])])
 def test_full_selection_equals_sdpa_bottom_right(name, heads, impl):
+    """Every causal pair selected (threshold / gamma 1000: every block, key and offset; the
+    chunk's first block cut by its start): dense bottom-right attention."""
     nk, nq = 300, 130
-    q, k, v = inputs(nk)
+    q, k, v = inputs(nk, B, name == "select_all")
     heads = [heads[h % len(heads)] for h in range(HQ)]
     out = run(q[:, :, nk - nq:], k, v, heads, impl)
     ref = bottom_right_sdpa(q[:, :, nk - nq:], k, v)
@@ -191,12 +240,13 @@ def test_kernel_visits_exactly_the_chunk_selection(nq, nk):
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_left_padded_chunk(impl):
+@pytest.mark.parametrize("name", ["mixed_gqa", "mixed_select"])
+def test_left_padded_chunk(name, impl):
     """Input 0 unpadded, input 1 left-padded: 230 real keys (the chunk's rows all real), input 2:
     100 real keys (the chunk's first 30 rows are padding: 0). Each equals its sequence alone."""
     nk, nq = 300, 130
-    q, k, v = inputs(nk, 3)
-    heads = heads_of("mixed_gqa")
+    q, k, v = inputs_of(name, nk, 3)
+    heads = heads_of(name)
     lengths = [300, 230, 100]
     start = torch.tensor([nk - n for n in lengths], dtype=torch.int32)
     length = torch.tensor(lengths, dtype=torch.int32)
@@ -250,8 +300,8 @@ def test_fused_tables_of_a_chunk():
 
 
 def test_op_chunk(monkeypatch):
-    """The compiled op's runtime: sparse for a chunk of >= 64 rows (left padding), dense below
-    64 rows and for heads that cannot take a chunk, errors for q_len > kv_len and right padding."""
+    """The compiled op's runtime: sparse for a chunk of >= 64 rows (left padding; XAttention and
+    FlexPrefill heads too), dense below 64 rows, errors for q_len > kv_len and right padding."""
     nk, nq = 300, 100
     q, k, v = inputs(nk, 2)
     heads = heads_of("mixed_gqa")
@@ -267,12 +317,19 @@ def test_op_chunk(monkeypatch):
     monkeypatch.setenv("MI_COMPILE_CPU_IMPL", "triton")                  # the kernels, in the op's layout
     assert rel_err(sparse_attention_op(qc, k, v, flat, None, mask, 0, 1, 0), want) < TOL
     monkeypatch.delenv("MI_COMPILE_CPU_IMPL")
-    # short chunk and a head without chunk support: dense, bottom-right aligned
+    # short chunk: dense, bottom-right aligned
     short = q[:, :, nk - 32:]
     assert rel_err(sparse_attention_op(short, k, v, flat, None, mask, 0, 1, 0),
                    bottom_right_sdpa(short, k, v, mask)) < TOL
-    xa = encode_heads([HP("xattention", threshold=900, stride=8, max_blocks=8)] * HQ)
-    assert rel_err(sparse_attention_op(qc, k, v, xa, None, None, 0, 1, 0), bottom_right_sdpa(qc, k, v)) < TOL
+    # XAttention / FlexPrefill heads in a GQA layer: sparse too
+    qp, kp, vp = inputs(nk, 2, True)
+    select = heads_of("mixed_select")
+    got = sparse_attention_op(qp[:, :, nk - nq:], kp, vp, encode_heads(select), None, mask, 0, 1, 0)
+    want_select = sparse_attention(qp[:, :, nk - nq:], kp, vp, select, impl="reference",
+                                   seq_start=torch.tensor([0, 70], dtype=torch.int32),
+                                   seq_len=torch.tensor([300, 230], dtype=torch.int32))
+    assert rel_err(got, want_select) < TOL
+    assert rel_err(got, bottom_right_sdpa(qp[:, :, nk - nq:], kp, vp, mask)) > 1e-3
     assert rel_err(dense_attention(qc, k, v, None, window=50),
                    _windowed(qc, k, v, 50)) < TOL
     # nq == nk unchanged (the whole prefill)
@@ -305,20 +362,166 @@ def test_validation():
     with pytest.raises(ValueError, match="left padding only"):
         sparse_attention(qc, k, v, heads, seq_start=torch.tensor([0], dtype=torch.int32),
                          seq_len=torch.tensor([200], dtype=torch.int32))
-    with pytest.raises(ValueError, match="xattention"):
-        selection_mask(qc, k, [HP("xattention", threshold=900, stride=8, max_blocks=8)] * HQ)
+    assert selection_mask(qc, k, heads_of("mixed_select")).shape == (B, HQ, 100, nk)
     # an index of the whole prefill does not fit a chunk
     with pytest.raises(ValueError, match="q_len"):
         sparse_attention_from_index(qc, k, v, build_sparse_index(q, k, heads))
 
 
 def test_chunk_dense_reason():
+    """Every pattern takes a chunk."""
     assert chunk_dense_reason([HP("dense"), HP("a_shape", sink=4, local=64),
                                HP("tri_shape", sink=4, local=64, last=64),
                                HP("vertical_slash", vertical=100, slash=200, last=64),
-                               HP("vertical_slash_tiled", vertical=100, slash=200), HP("block_sparse", topk=4)]) is None
+                               HP("vertical_slash_tiled", vertical=100, slash=200), HP("block_sparse", topk=4),
+                               HP("xattention", threshold=900, stride=8, max_blocks=8),
+                               HP("flex_prefill", gamma=900, tau=100, min_budget=64)]) is None
     assert chunk_dense_reason([]) is None
-    reason = chunk_dense_reason([HP("dense"), HP("xattention", threshold=900, stride=8, max_blocks=8)])
-    assert reason is not None and "head 1" in reason and "xattention" in reason
-    reason = chunk_dense_reason((HP("flex_prefill", gamma=900, tau=100, min_budget=64),))
-    assert reason is not None and "flex_prefill" in reason
+    assert chunk_dense_reason((HP("flex_prefill", gamma=900, tau=100, min_budget=64),)) is None
+
+
+# ---------------------------------------------------------------------- XAttention, FlexPrefill
+
+PADDED = (torch.tensor([0, 90], dtype=torch.int32), torch.tensor([300, 210], dtype=torch.int32))
+
+
+def whole_range(nk):
+    """seq_start, seq_len of one unpadded input of ``nk`` keys."""
+    return torch.tensor([0], dtype=torch.int32), torch.tensor([nk], dtype=torch.int32)
+
+
+def _mass_by_definition(q, k, q_offset, seq_start, seq_len, head_ids, scale, S):
+    """XAttention's block mass of a chunk, by its definition: per sequence, queries before the
+    chunk (q row ``r`` is key position ``q_offset + r``) and past the end are zero vectors;
+    a strided row holding a chunk row is live; its causal softmax over the existing cells is
+    summed into key blocks, averaged over the live rows of its query block."""
+    nk = k.shape[2]
+    nqb = -(-nk // 64)
+    out = torch.zeros(q.shape[0], len(head_ids), nqb, nqb)
+    for b in range(q.shape[0]):
+        s0, n = int(seq_start[b]), int(seq_len[b])
+        cells = -(-n // 64) * 64 // S
+        first = q_offset - s0                                  # the chunk's first position
+        qs = torch.zeros(q.shape[1], cells * S, D)
+        for p in range(max(first, 0), n):
+            qs[:, p] = q[b, :, s0 + p - q_offset]
+        ks = torch.zeros(k.shape[1], cells * S, D)
+        ks[:, :n] = k[b, :, s0:s0 + n]
+        u = torch.arange(cells)
+        live = (u * S + S > first) & (u * S < n)
+        for slot, h in enumerate(head_ids):
+            qq = qs[h].view(cells, S, D)
+            kk = ks[h // (HQ // HKV)].view(cells, S, D).flip(1)   # cell w, slot r: key wS + S - 1 - r
+            z = torch.einsum("urd,wrd->uw", qq, kk) * scale / S
+            z = z.masked_fill((u[None, :] > u[:, None]) | (u[None, :] * S >= n), float("-inf"))
+            p = torch.softmax(z, -1)
+            for m in range(cells * S // 64):
+                rows = [x for x in range(m * 64 // S, (m + 1) * 64 // S) if live[x]]
+                if rows:
+                    out[b, slot, m, :cells * S // 64] = p[rows].view(len(rows), -1, 64 // S).sum((0, 2)) / len(rows)
+    return out
+
+
+@pytest.mark.parametrize("stride", [4, 8])
+def test_xattention_mass_of_a_chunk(stride):
+    """The chunk's block mass: its definition (PyTorch), the Triton estimate (several programs,
+    some before the chunk) equal to it, and the whole prompt's mass in every block wholly in
+    the chunk; blocks before it hold nothing."""
+    from mi_compile.kernels.xattention_estimate import block_mass_triton
+    nk, scale = 300, 0.3
+    q, k, _ = inputs(nk, 2, True)
+    full = X.block_mass_torch(q, k, [0, 3], *PADDED, scale, stride)
+    for nq in (130, 100, 30, 1):
+        qc = q[:, :, nk - nq:]
+        got = X.block_mass_torch(qc, k, [0, 3], *PADDED, scale, stride)
+        assert torch.allclose(got, _mass_by_definition(qc, k, nk - nq, *PADDED, [0, 3], scale, stride), atol=1e-6)
+        tri = block_mass_triton(qc, k, [0, 3], *PADDED, scale, stride, unit=max(16, 64 // stride))
+        assert torch.allclose(tri, got, atol=1e-5)
+        for b in range(2):
+            first = nk - nq - int(PADDED[0][b])
+            whole = -(-first // 64)
+            assert torch.allclose(got[b, :, whole:], full[b, :, whole:], atol=1e-6)
+            assert torch.equal(got[b, :, :first // 64], torch.zeros_like(got[b, :, :first // 64]))
+    # a chunk on a block boundary: every block of it is the whole prompt's (default launch)
+    nk, nq = 256, 128
+    q, k, _ = inputs(nk, 1, True)
+    full = X.block_mass(q, k, [1, 2], *whole_range(nk), scale, stride, impl="triton")
+    got = X.block_mass(q[:, :, nk - nq:], k, [1, 2], *whole_range(nk), scale, stride, impl="triton")
+    assert torch.allclose(got[:, :, 2:], full[:, :, 2:], atol=1e-6)
+    assert torch.equal(got[:, :, :2], torch.zeros_like(got[:, :, :2]))
+
+
+def test_xattention_selection_of_a_chunk():
+    """The chunk's block rows: none before it, the whole prefill's in every block wholly in it."""
+    nk, nq = 300, 100                            # positions 200..299: block 3 cut, block 4 whole
+    q, k, _ = inputs(nk, 2, True)
+    heads = heads_of("xattention")
+    start, length = PADDED
+    index = build_sparse_index(q[:, :, nk - nq:], k, heads, seq_start=start, seq_len=length)
+    full = build_sparse_index(q, k, heads, seq_start=start, seq_len=length)
+    for b in range(2):
+        first = nk - nq - int(start[b])
+        whole = -(-first // 64)
+        assert torch.equal(index.blocks[b, :, whole:], full.blocks[b, :, whole:])
+        assert torch.equal(index.block_count[b, :, whole:], full.block_count[b, :, whole:])
+        assert not index.block_count[b, :, :first // 64].any()
+    assert (index.block_count[0, 0, 4] < 5).all()        # the threshold drops blocks (head 0: at most 8)
+
+
+def test_flex_prefill_estimate_of_a_chunk():
+    """FlexPrefill's estimate of a chunk: with >= 64 queries the whole prompt's (last queries,
+    switch, and the query-aware blocks wholly in the chunk), Triton as PyTorch; with fewer, from
+    the chunk's rows by definition; blocks before the chunk select nothing."""
+    nk, scale, ids = 300, D ** -0.5, [0, 3]
+    q, k, _ = inputs(nk, 2, True)
+    full = flex_estimate(q, k, ids, *PADDED, scale, impl="torch")
+    for nq in (130, 100, 30):
+        qc = q[:, :, nk - nq:]
+        got = flex_estimate(qc, k, ids, *PADDED, scale, impl="torch")
+        tri = flex_estimate(qc, k, ids, *PADDED, scale, impl="triton")
+        for g, t in zip(got, tri):
+            assert torch.allclose(g, t, atol=1e-5)
+        if nq >= 64:
+            for g, f in zip(got[:3], full[:3]):
+                assert torch.allclose(g, f, atol=1e-6)
+        for b in range(2):
+            first = nk - nq - int(PADDED[0][b])
+            whole = -(-first // 64)
+            assert torch.allclose(got[3][b, :, whole:], full[3][b, :, whole:], atol=1e-6)
+        heads = [HP("flex_prefill", gamma=850, tau=1000, min_budget=0)] * 2
+        sel = FlexPrefillSpec().select_tables(qc, k, ids, heads, *PADDED, scale)
+        for b in range(2):
+            before = (nk - nq - int(PADDED[0][b])) // 64
+            blocks = -(-int(PADDED[1][b]) // 64)
+            counts = sel["block_count"][b]
+            assert not counts[:, :before].any() and counts[:, before:blocks].all() and not counts[:, blocks:].any()
+    # fewer than 64 queries: the estimate of the chunk's own rows (one unpadded input)
+    nq = 30
+    q, k, _ = inputs(nk, 1, True)
+    qc = q[:, :, nk - nq:]
+    v, s, distance, _ = flex_estimate(qc, k, ids, *whole_range(nk), scale, impl="torch")
+    vert, slash = _estimate_of_rows(q, k, nk - nq)
+    assert torch.allclose(v, vert[:, ids] / nq, atol=1e-6) and torch.allclose(s, slash[:, ids] / nq, atol=1e-6)
+    pooled_k = pooled_blocks(k, *whole_range(nk), 5)[:, [h // (HQ // HKV) for h in ids]]
+    est = torch.softmax(torch.einsum("bhd,bhcd->bhc", qc[:, ids].mean(2), pooled_k) * scale, -1)
+    true_blocks = torch.nn.functional.pad(v, (0, 20)).view(1, 2, 5, 64).sum(-1)
+    assert torch.allclose(distance, js_distance(true_blocks, est), atol=1e-6)
+
+
+def test_triton_estimates_build_the_chunk_index(monkeypatch):
+    """The index of a padded chunk with the Triton estimates (as on CUDA: XAttention's block
+    mass, the last queries' softmax) is the PyTorch estimates' index."""
+    import dataclasses
+
+    from mi_compile.patterns import vertical_slash
+    nk, nq = 300, 130
+    q, k, _ = inputs(nk, 2, True)
+    heads = heads_of("mixed_select")
+    qc = q[:, :, nk - nq:]
+    want = build_sparse_index(qc, k, heads, seq_start=PADDED[0], seq_len=PADDED[1])
+    monkeypatch.setattr(X, "selection_impl", lambda q: "triton")
+    monkeypatch.setattr(vertical_slash, "selection_impl", lambda q: "triton")
+    got = build_sparse_index(qc, k, heads, seq_start=PADDED[0], seq_len=PADDED[1])
+    for field in dataclasses.fields(want):
+        a, b = getattr(got, field.name), getattr(want, field.name)
+        assert torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b, field.name

@@ -48,8 +48,9 @@ of the chunk are computed. Query row ``r`` of the chunk is key position ``n - q_
 right aligned causal), i.e. sequence position ``seq_len[b] - q_len + r``: every input's real
 range must end at ``n`` (left padding only), rows before ``seq_start`` see no key. Estimates
 read the chunk's queries only (vertical-slash: its last ``min(64, q_len)`` rows; block-sparse:
-pooled query blocks of the rows present in the chunk), so only the rows of the blocks that
-overlap the chunk are meaningful.
+pooled query blocks of the rows present in the chunk; xattention: the antidiagonals of the rows
+present in the chunk; flex_prefill: both), so only the rows of the blocks that overlap the
+chunk are meaningful (xattention and flex_prefill leave the blocks before it empty).
 
 The builders live in :mod:`mi_compile.patterns.index` (PyTorch, the CPU path and reference) and
 :mod:`mi_compile.kernels.index_tables` (two fused launches on CUDA, the same tables bit for bit).

@@ -19,6 +19,14 @@ max / sum of exp, then the normalised tile reduced to its blocks. Query head ``h
 head ``h // group`` (native GQA). Output: float32 ``[B, heads, NQB, NQB]``
 (``n^2 / 4096`` entries per head: 16 MiB per head at 128K), written where ``c <= m`` and zero
 elsewhere. No host synchronisation (lengths are read on the device).
+
+A chunk (q has ``nq < n`` rows, query row ``r`` is key position ``n - nq + r``): query
+position ``p`` is q row ``start + p - (n - nq)``, positions before the chunk load as zeros and
+a strided row is live when it holds a chunk row (``uS + S > n - nq - start``). The grid is
+``min(ceil(nq / (U S)) + 1, ceil(NQB / QB))`` programs per head, the last ones of the
+sequence (program ``i`` owns unit ``max(ceil(len / (U S)) - programs, 0) + i``; a unit wholly
+before the chunk exits), so a chunk costs its rows' share; with ``nq = n`` this is the whole
+prefill's grid.
 """
 from __future__ import annotations
 
@@ -30,22 +38,24 @@ import triton.language as tl
 
 from .sparse_attention import LOG2E
 
-_LENGTH_ARGS = ["n", "nqb"]
+_LENGTH_ARGS = ["n", "nqb", "q_offset"]
 
 
 @triton.jit
-def _strided_logits(q_head, k_head, start, length, u, t, stride_qn, stride_kn, qk_scale,
+def _strided_logits(q_head, k_head, start, q_lo, length, u, t, stride_qn, stride_kn, qk_scale,
                     S: tl.constexpr, U: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     """log2-scaled strided logits ``[U, U]`` of the strided rows ``u`` against key tile ``t``
-    (``U`` strided columns); -inf where not causal (``w > u``) or the cell lies past the end."""
+    (``U`` strided columns); -inf where not causal (``w > u``) or the cell lies past the end.
+    Query position ``p`` is q row ``p - q_lo`` (``q_lo``: the position of q's first row,
+    ``-start`` for a whole prefill); those before ``q_lo`` load as zeros."""
     d = tl.arange(0, BLOCK_D)
     w = t * U + tl.arange(0, U)
     s = tl.zeros([U, U], dtype=tl.float32)
     for r in range(S):
         qpos = u * S + r
         kpos = w * S + (S - 1 - r)
-        qv = tl.load(q_head + (start + qpos).to(tl.int64)[:, None] * stride_qn + d[None, :],
-                     mask=(qpos < length)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+        qv = tl.load(q_head + (qpos - q_lo).to(tl.int64)[:, None] * stride_qn + d[None, :],
+                     mask=((qpos < length) & (qpos >= q_lo))[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
         kv = tl.load(k_head + (start + kpos).to(tl.int64)[:, None] * stride_kn + d[None, :],
                      mask=(kpos < length)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
         if qv.dtype == tl.float32:
@@ -59,39 +69,44 @@ def _strided_logits(q_head, k_head, start, length, u, t, stride_qn, stride_kn, q
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _block_mass_kernel(q_ptr, k_ptr, out_ptr, seq_start_ptr, seq_len_ptr, head_ids_ptr,
                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                       n, nqb, num_sel, group, qk_scale,
+                       n, nqb, num_sel, group, q_offset, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, S: tl.constexpr,
                        U: tl.constexpr, QB: tl.constexpr, RB: tl.constexpr):
     pid_bh = tl.program_id(0)
-    pid_u = tl.program_id(1)
     b = pid_bh // num_sel
     head = tl.load(head_ids_ptr + pid_bh % num_sel)
     kvh = head // group
     start = tl.load(seq_start_ptr + b)
     length = tl.load(seq_len_ptr + b)
+    # the last programs of the sequence (all of them for a whole prefill); q_lo: the position
+    # of q's first row (a chunk's first position, <= 0 for a whole prefill)
+    programs = tl.num_programs(1)
+    pid_u = tl.maximum(tl.cdiv(length, U * S) - programs, 0) + tl.program_id(1)
+    q_lo = q_offset - start
     u = pid_u * U + tl.arange(0, U)
-    if pid_u * U * S < length:
+    if (pid_u * U * S < length) & ((pid_u + 1) * U * S > q_lo):
         q_head = q_ptr + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
         k_head = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
         # pass 1: row max and sum of exp2 over the causal key tiles (the diagonal one included)
         m_i = tl.zeros([U], dtype=tl.float32) - 1.0e30
         l_i = tl.zeros([U], dtype=tl.float32)
         for t in range(0, pid_u + 1):
-            s = _strided_logits(q_head, k_head, start, length, u, t, stride_qn, stride_kn, qk_scale,
+            s = _strided_logits(q_head, k_head, start, q_lo, length, u, t, stride_qn, stride_kn, qk_scale,
                                 S, U, BLOCK_D, HEAD_DIM)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
             m_i = m_new
         lse = m_i + tl.math.log2(tl.maximum(l_i, 1.0e-30))
-        row_live = u * S < length
-        # live strided rows of each of the program's query blocks
+        row_live = (u * S < length) & (u * S + S > q_lo)
+        # live strided rows of each of the program's query blocks (those holding a chunk row)
         mq = pid_u * QB + tl.arange(0, QB)
-        rows_left = (length + S - 1) // S - mq * RB
-        live_rows = tl.minimum(tl.maximum(rows_left, 1), RB).to(tl.float32)
+        rows_hi = tl.minimum((length + S - 1) // S, mq * RB + RB)
+        rows_lo = tl.maximum(tl.maximum(q_lo, 0) // S, mq * RB)
+        live_rows = tl.maximum(rows_hi - rows_lo, 1).to(tl.float32)
         out_row = out_ptr + pid_bh.to(tl.int64) * nqb * nqb
         # pass 2: probabilities, summed into (query block, key block) cells
         for t in range(0, pid_u + 1):
-            s = _strided_logits(q_head, k_head, start, length, u, t, stride_qn, stride_kn, qk_scale,
+            s = _strided_logits(q_head, k_head, start, q_lo, length, u, t, stride_qn, stride_kn, qk_scale,
                                 S, U, BLOCK_D, HEAD_DIM)
             p = tl.where(row_live[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
             cells = tl.sum(tl.sum(tl.reshape(p, [QB, RB, QB, RB]), 3), 1)          # [QB, QB]
@@ -116,18 +131,23 @@ def block_mass_triton(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int],
                       seq_len: torch.Tensor, scale: float, stride: int, unit: int | None = None) -> torch.Tensor:
     """Same contract as :func:`~mi_compile.patterns.xattention.block_mass_torch`: float32
     ``[B, len(head_ids), NQB, NQB]``, ``mass[..., m, c]`` for key blocks ``c <= m`` (0 above).
+    ``n``: k's length; a shorter q is a chunk ending at key ``n`` (its blocks only).
     ``unit``: see :func:`estimate_launch`."""
     from ._device import contiguous_last, device_ints
 
-    B, Hq, n, D = q.shape
+    B, Hq, nq, D = q.shape
+    n = k.shape[2]
     q, k = contiguous_last(q, k)
     dev = q.device
     sel = len(head_ids)
     nqb = triton.cdiv(n, 64)
     launch = estimate_launch(D, stride, unit)
     out = torch.zeros(B, sel, nqb, nqb, device=dev, dtype=torch.float32)
-    _block_mass_kernel[(B * sel, triton.cdiv(nqb, launch["QB"]))](
+    # the units (U strided rows, U S positions) holding the chunk's rows: at most one more
+    # than its length spans; all of them for a whole prefill
+    programs = min(triton.cdiv(nq, launch["U"] * stride) + 1, triton.cdiv(nqb, launch["QB"]))
+    _block_mass_kernel[(B * sel, programs)](
         q, k, out, seq_start.to(device=dev, dtype=torch.int32), seq_len.to(device=dev, dtype=torch.int32),
         device_ints(head_ids, dev), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        n, nqb, sel, Hq // k.shape[1], scale / stride * LOG2E, **launch)
+        n, nqb, sel, Hq // k.shape[1], n - nq, scale / stride * LOG2E, **launch)
     return out

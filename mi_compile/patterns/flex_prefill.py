@@ -30,6 +30,14 @@ at least ``M``) as slashes, computed with MInference's rectangle semantics (see
 other is dropped (columns win; offset 0 stays), as the kernel would pay for both. ``G = 1000`` keeps every key,
 offset or causal block: dense attention either way.
 
+A chunk (``q_len < kv_len``, a prefill that continues a cache: query row ``r`` is sequence
+position ``len - q_len + r``) estimates from what it has, as vertical-slash and block-sparse
+do: the last queries are the chunk's last ``min(64, q_len)`` rows (the sequence's last
+queries: the whole prompt's ``v``, ``s``, ``a``, ``e`` and switch when ``q_len >= 64``), and the
+query-aware blocks pool the chunk's own query blocks (a block cut by the chunk's start pools
+its rows present; blocks wholly before the chunk select nothing). So with ``q_len >= 64`` the
+chunk's rows select as the whole prompt's, except in a query-aware block cut by its start.
+
 Index: ``PHASE_TABLE_SELECT`` (:meth:`FlexPrefillSpec.select_tables`). The variable counts are
 masked slots of static widths: ``columns`` and ``offsets`` ``n`` wide, ``blocks`` ``NQB`` wide
 (``n^2 / 4096`` int32 per head: 16 MiB at 128K); per input only one part is non-empty. Such
@@ -48,7 +56,7 @@ from ..kernels.constants import BLOCK, KIND_OTHER, LAST_QUERIES, PHASE_TABLE_SEL
 from . import block_sparse, vertical_slash
 from .registry import PatternError, PatternSpec, register
 from .spec import HeadPattern
-from .xattention import select_from_mass
+from .xattention import chunk_first_position, select_from_mass
 
 #: Search candidates: ``(gamma, tau)`` per mille, with a one-block floor.
 FLEX_CANDIDATES = ((900, 100), (950, 100), (950, 200))
@@ -94,8 +102,10 @@ def js_distance(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 def flex_estimate(q, k, head_ids, seq_start, seq_len, scale, impl=None):
     """The estimate of the module docstring: ``v, s`` (``[B, h, n]`` distributions), the switch
     distance ``D [B, h]`` and the query-aware block distributions ``[B, h, NQB, NQB]``. ``impl``:
-    that of the last queries' softmax (``"triton"``, the CUDA default, or ``"torch"``)."""
-    B, Hq, n, D = q.shape
+    that of the last queries' softmax (``"triton"``, the CUDA default, or ``"torch"``). ``n`` is
+    k's length; a shorter q is a chunk ending at key ``n`` (see the module docstring)."""
+    B, Hq, nq, D = q.shape
+    n = k.shape[2]
     group = Hq // k.shape[1]
     dev = q.device
     nqb = math.ceil(n / BLOCK)
@@ -110,14 +120,15 @@ def flex_estimate(q, k, head_ids, seq_start, seq_len, scale, impl=None):
     kv = device_ints([h // group for h in head_ids], dev)
     # heads are picked from the pooled / gathered rows, never from q itself (a copy of q per layer)
     pooled_k = block_sparse.pooled_blocks(k, seq_start, seq_len, nqb).index_select(1, kv)   # [B, h, nqb, D]
-    pooled_q = block_sparse.pooled_blocks(q, seq_start, seq_len, nqb).index_select(1, ids)
+    pooled_q = block_sparse.pooled_blocks(q, seq_start, seq_len, nqb, row_offset=n - nq).index_select(1, ids)
     length = seq_len.long()
     blocks_in_seq = (length + BLOCK - 1) // BLOCK
     c = torch.arange(nqb, device=dev)
-    # mean of the estimate's query rows (positions len - 64 .. len - 1 that exist)
+    # mean of the estimate's query rows (positions len - 64 .. len - 1 that exist, in the chunk)
     pos = length[:, None] - LAST_QUERIES + torch.arange(LAST_QUERIES, device=dev)[None, :]
-    rows_at = (seq_start.long()[:, None] + pos).clamp(0, n - 1)
-    real = (pos >= 0).float()
+    rows_at = seq_start.long()[:, None] + pos - (n - nq)                      # rows of q
+    real = ((pos >= 0) & (rows_at >= 0)).float()
+    rows_at = rows_at.clamp(0, nq - 1)
     last_q = q.gather(2, rows_at[:, None, :, None].expand(B, Hq, LAST_QUERIES, D)).index_select(1, ids)
     mean_q = (last_q.float() * real[:, None, :, None]).sum(2) / real.sum(1).clamp(min=1)[:, None, None]
     est = torch.einsum("bhd,bhcd->bhc", mean_q, pooled_k) * scale
@@ -155,15 +166,14 @@ class FlexPrefillSpec(PatternSpec):
     def block_width(self, head, n: int) -> int:
         return math.ceil(n / BLOCK)
 
-    def chunk_reason(self, head) -> str:
-        return ("its estimate (flex_estimate: pooled query blocks and the last queries of the whole "
-                "prompt) takes no query offset, so a chunk is not supported")
+    def chunk_reason(self, head) -> None:
+        return None         # a chunk estimates from its own queries (see the module docstring)
 
     def max_tiles(self, head, n: int) -> int:
         return 2 * n + -(-n // BLOCK) + 1        # vertical_slash's bound with up to n offsets
 
     def select_tables(self, q, k, head_ids, heads, seq_start, seq_len, scale) -> dict:
-        B, _, n, _ = q.shape
+        nq, n = q.shape[2], k.shape[2]
         dev = q.device
         nqb = math.ceil(n / BLOCK)
         v, s, distance, block_dist = flex_estimate(q, k, head_ids, seq_start, seq_len, scale)
@@ -180,8 +190,9 @@ class FlexPrefillSpec(PatternSpec):
         first = torch.arange(n, device=dev) == 0
         offsets = torch.where(all_columns & ~first, SENTINEL, offsets)
         columns = torch.where(all_offsets & ~all_columns, SENTINEL, columns)
+        chunk_first = chunk_first_position(seq_start, n, nq) if nq < n else None
         blocks, counts = select_from_mass(block_dist, [h.gamma for h in heads], [nqb] * len(heads), seq_len,
-                                          [-(-h.min_budget // BLOCK) for h in heads])
+                                          [-(-h.min_budget // BLOCK) for h in heads], chunk_first)
         aware = distance < device_ints([h.tau for h in heads], dev, torch.float32)[None, :] / 1000.0   # [B, h]
         return {"columns": torch.where(aware[..., None], SENTINEL, columns),
                 "offsets": torch.where(aware[..., None], SENTINEL, offsets),

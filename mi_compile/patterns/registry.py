@@ -106,7 +106,7 @@ class PatternSpec:
         None when it can. Static patterns are defined by position, and the vertical-slash and
         block-sparse selections from the chunk's own queries; a pattern whose selection writes
         its own tables (``PHASE_BLOCK_SELECT`` / ``PHASE_TABLE_SELECT``) must say that it
-        handles a chunk by overriding this."""
+        handles a chunk by overriding this (xattention and flex_prefill do)."""
         from ..kernels.constants import PHASE_BLOCK_SPARSE, PHASE_VERTICAL_SLASH
         if self.selection in (None, PHASE_VERTICAL_SLASH, PHASE_BLOCK_SPARSE):
             return None

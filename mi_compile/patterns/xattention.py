@@ -20,6 +20,15 @@ past the end count as zero vectors):
    distribution over the causal key blocks ``c <= m`` (summing to 1): a cheap proxy of
    query block ``m``'s attention mass per key block at ``1 / S`` of the dense scoring cost.
 
+A chunk (``q_len < kv_len``, a prefill that continues a cache: query row ``r`` is sequence
+position ``len - q_len + r``) scores its query blocks from its own rows: queries before the
+chunk count as zero vectors (as tokens past the end), a strided row is live when it holds a
+chunk row (``uS + S > len - q_len``) and exists (``uS < len``), and ``mass[m, :]`` averages
+the live strided rows of block ``m``. So a block wholly in the chunk gets the whole prompt's
+mass (its cells, their softmax over all keys, its rows: all the same), and a block cut by the
+chunk's start the mass of the rows present; blocks wholly before the chunk hold no row and
+select nothing (count 0).
+
 Selection, per query block ``m`` of the sequence: order the causal key blocks by ``mass``
 descending, the diagonal block ``m`` first and the sink block ``0`` second (always kept);
 keep the shortest prefix of that order whose mass reaches ``T / 1000`` (``T = 1000``: every
@@ -84,12 +93,15 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int], seq_st
     raise ValueError(f"estimate impl must be 'triton' or 'torch', got {impl!r}")
 
 
-def _sequence_rows(x: torch.Tensor, h: int, seq_start, seq_len, padded: int) -> torch.Tensor:
-    """Head ``h`` of ``x`` in sequence coordinates, float32 ``[B, padded, D]``, zero past the end."""
+def _sequence_rows(x: torch.Tensor, h: int, seq_start, seq_len, padded: int, row_offset: int = 0) -> torch.Tensor:
+    """Head ``h`` of ``x`` in sequence coordinates, float32 ``[B, padded, D]``, zero past the end
+    and (a chunk of queries, ``row_offset = kv_len - q_len``: token ``t`` is row ``start + t -
+    row_offset``) before the tensor's first row."""
     B, _, n, D = x.shape
     pos = torch.arange(padded, device=x.device)
-    rows = (seq_start.long()[:, None] + pos[None, :]).clamp(0, n - 1)
-    real = pos[None, :] < seq_len.long()[:, None]
+    rows = seq_start.long()[:, None] + pos[None, :] - row_offset
+    real = (pos[None, :] < seq_len.long()[:, None]) & (rows >= 0) & (rows < n)
+    rows = rows.clamp(0, n - 1)
     out = x[:, h].gather(1, rows[..., None].expand(B, padded, D)).float()
     return out * real[..., None]
 
@@ -98,8 +110,10 @@ def block_mass_torch(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int], 
                      seq_len: torch.Tensor, scale: float, stride: int) -> torch.Tensor:
     """The XAttention estimate in PyTorch, float32 ``[B, len(head_ids), NQB, NQB]``: entry
     ``[b, h, m, c]`` is query block ``m``'s estimated mass in key block ``c`` (``c <= m``; 0
-    above the diagonal and in blocks past the sequence end). One head at a time."""
-    B, Hq, n, D = q.shape
+    above the diagonal, in blocks past the sequence end and, for a chunk (q shorter than k),
+    in blocks before it). One head at a time."""
+    B, Hq, nq, D = q.shape
+    n = k.shape[2]
     group = Hq // k.shape[1]
     dev = q.device
     nqb = math.ceil(n / BLOCK)
@@ -110,27 +124,39 @@ def block_mass_torch(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int], 
     u = torch.arange(cells, device=dev)
     cell_live = (u[None, :] * S) < length[:, None]                            # [B, cells]
     allowed = (u[None, None, :] <= u[None, :, None]) & cell_live[:, None, :]   # [B, u, w]
-    rows_live = cell_live.view(B, nqb, per_block).sum(-1).clamp(min=1).float()  # [B, nqb]
+    first = chunk_first_position(seq_start, n, nq)                            # [B] (seq)
+    row_live = cell_live & (u[None, :] * S + S > first[:, None])              # holds a chunk row
+    rows_live = row_live.view(B, nqb, per_block).sum(-1).clamp(min=1).float()  # [B, nqb]
     out = torch.empty(B, len(head_ids), nqb, nqb, device=dev, dtype=torch.float32)
     for slot, h in enumerate(head_ids):
-        qs = _sequence_rows(q, h, seq_start, seq_len, nqb * BLOCK).view(B, cells, S * D)
+        qs = _sequence_rows(q, h, seq_start, seq_len, nqb * BLOCK, n - nq).view(B, cells, S * D)
         ks = _sequence_rows(k, h // group, seq_start, seq_len, nqb * BLOCK).view(B, cells, S, D)
         ks = ks.flip(2).reshape(B, cells, S * D)          # slot r holds key wS + S - 1 - r
         z = torch.matmul(qs, ks.transpose(1, 2)) * (scale / S)
         p = torch.softmax(z.masked_fill_(~allowed, float("-inf")), dim=-1)
-        p = p * cell_live[:, :, None]
+        p = p * row_live[:, :, None]
         mass = p.view(B, nqb, per_block, nqb, per_block).sum((2, 4))
         out[:, slot] = mass / rows_live[:, :, None]
     return out
 
 
+def chunk_first_position(seq_start: torch.Tensor, n: int, nq: int) -> torch.Tensor:
+    """int64 ``[B]``: the sequence position of q's first row, ``n - nq - seq_start`` (a chunk of
+    ``nq`` queries ending at key ``n``; ``<= 0`` for a whole prefill). Blocks ending at or
+    before it hold no query row."""
+    return (n - nq) - seq_start.long()
+
+
 def select_from_mass(mass: torch.Tensor, thresholds: Sequence[int], widths: Sequence[int],
-                     seq_len: torch.Tensor, minimum: Optional[Sequence[int]] = None):
+                     seq_len: torch.Tensor, minimum: Optional[Sequence[int]] = None,
+                     first_position: Optional[torch.Tensor] = None):
     """Blocks and counts from ``mass [B, Hs, NQB, NQB]`` (one ``threshold`` per mille and one
     width ``K`` per head slot): per query block the fewest key blocks, diagonal and sink first,
     then by mass, whose mass reaches the threshold, at least ``minimum`` (per head slot, blocks;
-    default none) and at most ``K``. Returns ``blocks [B, Hs, NQB,
-    max K]`` (int32, ascending, SENTINEL-padded) and ``block_count [B, Hs, NQB]`` (int32)."""
+    default none) and at most ``K``. ``first_position`` (``[B]``, a chunk: see
+    :func:`chunk_first_position`): query blocks wholly before it select nothing. Returns ``blocks
+    [B, Hs, NQB, max K]`` (int32, ascending, SENTINEL-padded) and ``block_count [B, Hs, NQB]``
+    (int32)."""
     B, Hs, nqb, _ = mass.shape
     dev = mass.device
     width = max(widths)
@@ -154,7 +180,10 @@ def select_from_mass(mass: torch.Tensor, thresholds: Sequence[int], widths: Sequ
     count = keep.sum(-1)
     count = torch.minimum(count, device_ints(widths, dev)[None, :, None])
     blocks_in_seq = (seq_len.long() + BLOCK - 1) // BLOCK
-    count = torch.where(m[None, None, :] < blocks_in_seq[:, None, None], count, 0)
+    live = m[None, :] < blocks_in_seq[:, None]                                 # [B, m]
+    if first_position is not None:                  # a chunk: the blocks holding its rows
+        live &= (m[None, :] + 1) * BLOCK > first_position[:, None]
+    count = torch.where(live[:, None, :], count, 0)
     top = order[..., :width]
     blocks = torch.where(rank[:width] < count[..., None], top, SENTINEL).to(torch.int32).sort(-1).values
     return blocks, count.to(torch.int32)
@@ -187,12 +216,12 @@ class XAttentionSpec(PatternSpec):
     def block_width(self, head, n: int) -> int:
         return max(1, min(head.max_blocks, math.ceil(n / BLOCK)))
 
-    def chunk_reason(self, head) -> str:
-        return ("the antidiagonal estimate (block_mass, and its Triton kernel) scores strided "
-                "query cells of the whole prompt; it takes no query offset, so a chunk is not supported")
+    def chunk_reason(self, head) -> None:
+        return None         # a chunk scores its own query blocks (see the module docstring)
 
     def select_block_table(self, q, k, head_ids, heads, seq_start, seq_len, scale):
-        n = q.shape[2]
+        n = k.shape[2]
+        first = chunk_first_position(seq_start, n, q.shape[2]) if q.shape[2] < n else None
         by_stride: dict[int, list[int]] = {}
         for slot, head in enumerate(heads):
             by_stride.setdefault(head.stride, []).append(slot)
@@ -208,7 +237,8 @@ class XAttentionSpec(PatternSpec):
                 slots = all_slots[c0:c0 + step]
                 mass = block_mass(q, k, [head_ids[s] for s in slots], seq_start, seq_len, scale, stride)
                 blk, cnt = select_from_mass(mass, [heads[s].threshold for s in slots],
-                                            [self.block_width(heads[s], n) for s in slots], seq_len)
+                                            [self.block_width(heads[s], n) for s in slots], seq_len,
+                                            first_position=first)
                 del mass
                 idx = device_ints(slots, q.device)
                 blocks[:, idx, :, :blk.shape[-1]] = blk
