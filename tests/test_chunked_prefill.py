@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mi_compile.kernels.sparse_attention import count_tile_pairs_per_block, count_visited_pairs  # noqa: E402
+from mi_compile.kernels.constants import SENTINEL  # noqa: E402
 from mi_compile.patterns import xattention as X  # noqa: E402
 from mi_compile.patterns.block_sparse import pooled_blocks  # noqa: E402
 from mi_compile.patterns.flex_prefill import FlexPrefillSpec, flex_estimate, js_distance  # noqa: E402
@@ -525,3 +526,88 @@ def test_triton_estimates_build_the_chunk_index(monkeypatch):
     for field in dataclasses.fields(want):
         a, b = getattr(got, field.name), getattr(want, field.name)
         assert torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b, field.name
+
+
+def _old_block_sparse_rows(qc, k, topks, start, length, scale):
+    """The chunk's block-sparse tables as scored before a chunk scored only its own query blocks:
+    every ``NQB x NQB`` block pair pooled, masked and top-k'd, then the live rows (blocks
+    before the chunk cleared: they hold no chunk row)."""
+    nq, nk = qc.shape[2], k.shape[2]
+    nqb = -(-nk // 64)
+    pooled_q = pooled_blocks(qc, start, length, nqb, row_offset=nk - nq)
+    pooled_k = pooled_blocks(k, start, length, nqb)[:, [h // (HQ // HKV) for h in range(HQ)]]
+    scores = torch.bmm(pooled_q.view(-1, nqb, D), pooled_k.reshape(-1, nqb, D).transpose(1, 2)).view(-1, HQ, nqb, nqb)
+    scores.masked_fill_(torch.ones(nqb, nqb, dtype=torch.bool).triu(1), float("-inf"))
+    scores[..., 0] = torch.finfo(torch.float32).max
+    scores.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
+    kmax = max(min(t, nqb) for t in topks)
+    val, idx = torch.topk(scores, kmax, dim=-1)
+    m = torch.arange(nqb)
+    first = ((nk - nq) - start.long()).clamp(min=0) // 64
+    held = (m[None, :] >= first[:, None]) & (m[None, :] < (length.long()[:, None] + 63) // 64)
+    rank_ok = torch.arange(kmax)[None, :] < torch.tensor([min(t, nqb) for t in topks])[:, None]
+    keep = (val > float("-inf")) & held[:, None, :, None] & rank_ok[None, :, None, :]
+    return torch.where(keep, idx, SENTINEL).to(torch.int32).sort(-1).values, keep.sum(-1).to(torch.int32)
+
+
+def _old_flex_rows(qc, k, heads, start, length, scale):
+    """FlexPrefill's chunk tables from the whole ``NQB x NQB`` block distributions."""
+    nq, nk = qc.shape[2], k.shape[2]
+    ids = list(range(HQ))
+    _, _, distance, block_dist = flex_estimate(qc, k, ids, start, length, scale)
+    blocks, counts = X.select_from_mass(block_dist, [h.gamma for h in heads], [-(-nk // 64)] * HQ, length,
+                                        [-(-h.min_budget // 64) for h in heads],
+                                        X.chunk_first_position(start, nk, nq))
+    aware = distance < torch.tensor([h.tau for h in heads], dtype=torch.float32)[None, :] / 1000.0
+    return torch.where(aware[..., None, None], blocks, SENTINEL), torch.where(aware[..., None], counts, 0)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("nq,nk", [(1, 300), (64, 300), (100, 300), (130, 300), (64, 256), (130, 700)],
+                         ids=lambda x: str(x))
+def test_chunk_scores_only_its_query_blocks(nq, nk, padded):
+    """A chunk scores and selects only the query blocks that can hold its rows; its tables (every
+    row: blocks, block_count) are those of scoring every block pair, the rows before the chunk
+    and past the sequence empty. Block-sparse through both table builders (PyTorch, fused
+    Triton), FlexPrefill query-aware and XAttention heads as their specs select."""
+    from mi_compile.patterns.block_sparse import chunk_rows
+    from mi_compile.patterns.index import build_index
+    batch = 3 if padded else 1
+    lengths = [nk, nk - 70, 100][:batch]
+    start = torch.tensor([nk - n for n in lengths], dtype=torch.int32)
+    length = torch.tensor(lengths, dtype=torch.int32)
+    scale = D ** -0.5
+    q, k, _ = inputs(nk, batch, True)
+    qc = q[:, :, nk - nq:]
+    rows, held = chunk_rows(start, nk, nq)
+    assert rows.shape == (batch, min(-(-nq // 64) + 1, -(-nk // 64)))
+
+    topks = [3, 4, 2, 5]
+    heads = [HP("block_sparse", topk=t) for t in topks]
+    want_blocks, want_counts = _old_block_sparse_rows(qc, k, topks, start, length, scale)
+    for tables in ("torch", "triton"):
+        for unpadded in ((False, True) if not padded else (False,)):
+            index = build_index(qc, k, heads, scale, start, length, unpadded=unpadded, tables=tables)
+            kw = want_blocks.shape[-1]
+            assert torch.equal(index.block_count, want_counts), (tables, unpadded)
+            assert torch.equal(index.blocks[..., :kw], want_blocks), (tables, unpadded)
+            assert (index.blocks[..., kw:] == SENTINEL).all()
+    assert want_counts.any()
+
+    flex = [HP("flex_prefill", gamma=g, tau=1000, min_budget=m) for g, m in ((850, 0), (700, 64), (950, 0), (800, 128))]
+    sel = FlexPrefillSpec().select_tables(qc, k, list(range(HQ)), flex, start, length, scale)
+    want_blocks, want_counts = _old_flex_rows(qc, k, flex, start, length, scale)
+    assert torch.equal(sel["block_count"], want_counts) and torch.equal(sel["blocks"], want_blocks)
+    index = build_index(qc, k, flex, scale, start, length)
+    assert torch.equal(index.block_count, want_counts) and torch.equal(index.blocks, want_blocks)
+
+    xa = [HP("xattention", threshold=800, stride=8, max_blocks=8),
+          HP("xattention", threshold=900, stride=4, max_blocks=3)] * 2
+    mass = X.block_mass(qc, k, list(range(HQ)), start, length, scale, 8, impl="torch")
+    mass4 = X.block_mass(qc, k, list(range(HQ)), start, length, scale, 4, impl="torch")
+    mass[:, 1::2] = mass4[:, 1::2]
+    want_blocks, want_counts = X.select_from_mass(mass, [h.threshold for h in xa],
+                                                  [min(h.max_blocks, -(-nk // 64)) for h in xa], length,
+                                                  first_position=X.chunk_first_position(start, nk, nq))
+    got_blocks, got_counts = X.XAttentionSpec().select_block_table(qc, k, list(range(HQ)), xa, start, length, scale)
+    assert torch.equal(got_counts, want_counts) and torch.equal(got_blocks, want_blocks)

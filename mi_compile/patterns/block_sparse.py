@@ -109,6 +109,20 @@ def topk_chunks(num_heads: int, batch: int, nqb: int) -> list[tuple[int, int]]:
     return [(p0, min(p0 + step, num_heads)) for p0 in range(0, num_heads, step)]
 
 
+def chunk_rows(seq_start: torch.Tensor, n: int, nq: int):
+    """The query blocks that can hold a chunk's rows (``nq < n`` queries ending at key ``n``):
+    ``rows`` int64 ``[B, R]``, ``R = min(ceil(nq / 64) + 1, NQB)`` (static), ascending and
+    distinct, from the chunk's first block ``(n - nq - seq_start) // 64`` (0 when the chunk
+    starts before the sequence), moved back to ``NQB - R`` near the end; ``held`` bool ``[B, R]``:
+    the row is at or after the chunk's first block (rows past the sequence's end are the
+    callers' ``live`` rows). No host synchronisation."""
+    nqb = math.ceil(n / BLOCK)
+    R = min(-(-nq // BLOCK) + 1, nqb)
+    first = ((n - nq) - seq_start.long()).clamp(min=0) // BLOCK                 # [B]
+    rows = first.clamp(max=nqb - R)[:, None] + torch.arange(R, device=seq_start.device)[None, :]
+    return rows, rows >= first[:, None]
+
+
 def topk_raw(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int], topks: Sequence[int],
              seq_start: torch.Tensor, seq_len: torch.Tensor, scale: float, unpadded: bool):
     """The scoring and top-k step of :func:`select_blocks`.
@@ -118,15 +132,24 @@ def topk_raw(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int], topks: S
     :K]`` (float32 / int64 ``[B, len(head_ids), NQB, Kmax]``). Returns ``(values, indices)``
     and each chunk's ``K``. What stays to be done per head (keep ranks ``< K_h``, finite scores
     and live rows, sort) is :func:`select_blocks`' and the GPU table builder's.
+
+    A chunk (q shorter than k) scores only the :func:`chunk_rows` query blocks (``R x NQB``
+    scores per head, not ``NQB x NQB``): those rows get the whole scoring's top-k, every other
+    row (and a row wholly before the chunk) ``-inf`` values (index 0), so it selects nothing.
     """
     nqb = math.ceil(k.shape[2] / BLOCK)
     chunks = topk_chunks(len(head_ids), q.shape[0], nqb)
     kmax = max(min(t, nqb) for t in topks)
-    if len(chunks) == 1:
+    chunk = q.shape[2] < k.shape[2]
+    if len(chunks) == 1 and not chunk:
         return _topk_into(q, k, head_ids, topks, seq_start, seq_len, scale, unpadded, None, chunks)
     shape = (q.shape[0], len(head_ids), nqb, kmax)
-    values = torch.empty(shape, device=q.device, dtype=torch.float32)
-    indices = torch.empty(shape, device=q.device, dtype=torch.int64)
+    if chunk:
+        values = torch.full(shape, float("-inf"), device=q.device, dtype=torch.float32)
+        indices = torch.zeros(shape, device=q.device, dtype=torch.int64)
+    else:
+        values = torch.empty(shape, device=q.device, dtype=torch.float32)
+        indices = torch.empty(shape, device=q.device, dtype=torch.int64)
     return _topk_into(q, k, head_ids, topks, seq_start, seq_len, scale, unpadded, (values, indices), chunks)
 
 
@@ -137,8 +160,16 @@ def _topk_into(q, k, head_ids, topks, seq_start, seq_len, scale, unpadded, out, 
     nqb = math.ceil(n / BLOCK)
     dev = q.device
     pooled_k = pooled_blocks(k, seq_start, seq_len, nqb, unpadded)            # [B, Hkv, nqb, D]
-    # key blocks above the diagonal can never be chosen
-    upper = torch.ones(nqb, nqb, dtype=torch.bool, device=dev).triu_(1)
+    if nq < n:      # a chunk: only the query blocks that can hold its rows
+        rows, held = chunk_rows(seq_start, n, nq)                            # [B, R]
+        R = rows.shape[1]
+        # per row: key blocks after the row's block, and every block of a row before the chunk
+        upper = (torch.arange(nqb, device=dev)[None, None, :] > rows[:, :, None]) | ~held[:, :, None]
+        upper = upper[:, None]                                               # [B, 1, R, nqb]
+    else:
+        rows, R = None, nqb
+        # key blocks above the diagonal can never be chosen
+        upper = torch.ones(nqb, nqb, dtype=torch.bool, device=dev).triu_(1)
     widths = []
     for p0, p1 in chunks:
         ids = list(head_ids[p0:p1])
@@ -149,21 +180,34 @@ def _topk_into(q, k, head_ids, topks, seq_start, seq_len, scale, unpadded, out, 
         pooled_q = pooled_blocks(q_chunk, seq_start, seq_len, nqb, unpadded, n - nq)   # [B, c, nqb, D]
         kv_ids = device_ints([h // group for h in ids], dev)
         c = len(ids)
+        if rows is not None:
+            pooled_q = pooled_q.gather(2, rows[:, None, :, None].expand(B, c, R, D))   # [B, c, R, D]
         # torch.matmul's own bmm on the same layouts (same result), in fewer dispatches
-        scores = torch.bmm(pooled_q.view(B * c, nqb, D),
-                           pooled_k.index_select(1, kv_ids).view(B * c, nqb, D).transpose(1, 2)).view(B, c, nqb, nqb)
+        scores = torch.bmm(pooled_q.reshape(B * c, R, D),
+                           pooled_k.index_select(1, kv_ids).view(B * c, nqb, D).transpose(1, 2)).view(B, c, R, nqb)
         if scale <= 0:          # a positive scale does not change the ranking
             scores = scores * scale
         # non-causal -inf, key block 0 float32 max, the diagonal +inf (it wins even at K = 1)
-        scores.masked_fill_(upper, float("-inf"))
-        scores[..., 0].fill_(torch.finfo(torch.float32).max)
-        scores.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
+        if rows is None:
+            scores.masked_fill_(upper, float("-inf"))
+            scores[..., 0].fill_(torch.finfo(torch.float32).max)
+            scores.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
+        else:
+            scores[..., 0].fill_(torch.finfo(torch.float32).max)
+            scores.scatter_(-1, rows[:, None, :, None].expand(B, c, R, 1), float("inf"))
+            scores.masked_fill_(upper, float("-inf"))         # rows before the chunk: nothing
         # one top-k for the chunk at its largest K; heads with a smaller K keep a prefix of it
         width = max(min(t, nqb) for t in topks[p0:p1])
         widths.append(width)
         if out is None:                  # one chunk: its top-k is the whole result
             return torch.topk(scores, width, dim=-1), widths
-        torch.topk(scores, width, dim=-1, out=(out[0][:, p0:p1, :, :width], out[1][:, p0:p1, :, :width]))
+        if rows is None:
+            torch.topk(scores, width, dim=-1, out=(out[0][:, p0:p1, :, :width], out[1][:, p0:p1, :, :width]))
+        else:
+            val, idx = torch.topk(scores, width, dim=-1)                     # [B, c, R, width]
+            at = rows[:, None, :, None].expand(B, c, R, width)
+            out[0][:, p0:p1, :, :width].scatter_(2, at, val)
+            out[1][:, p0:p1, :, :width].scatter_(2, at, idx)
     return out, widths
 
 

@@ -99,16 +99,19 @@ def js_distance(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return (0.5 * kl(a) + 0.5 * kl(e)).clamp(min=0).sqrt()
 
 
-def flex_estimate(q, k, head_ids, seq_start, seq_len, scale, impl=None):
+def flex_estimate(q, k, head_ids, seq_start, seq_len, scale, impl=None, rows=None):
     """The estimate of the module docstring: ``v, s`` (``[B, h, n]`` distributions), the switch
     distance ``D [B, h]`` and the query-aware block distributions ``[B, h, NQB, NQB]``. ``impl``:
     that of the last queries' softmax (``"triton"``, the CUDA default, or ``"torch"``). ``n`` is
-    k's length; a shorter q is a chunk ending at key ``n`` (see the module docstring)."""
+    k's length; a shorter q is a chunk ending at key ``n`` (see the module docstring).
+    ``rows`` (int64 ``[B, R]``, a chunk's :func:`~mi_compile.patterns.block_sparse.chunk_rows`):
+    the block distributions of those query blocks only, ``[B, h, R, NQB]``."""
     B, Hq, nq, D = q.shape
     n = k.shape[2]
     group = Hq // k.shape[1]
     dev = q.device
     nqb = math.ceil(n / BLOCK)
+    query_blocks = rows
     vert, slash = vertical_slash.estimate_scores(q, k, head_ids, seq_start, seq_len, scale, impl)
     vert = torch.nan_to_num(vert, neginf=0.0).clamp(min=0)
     slash = torch.nan_to_num(slash, neginf=0.0).clamp(min=0)
@@ -135,8 +138,14 @@ def flex_estimate(q, k, head_ids, seq_start, seq_len, scale, impl=None):
     est = torch.softmax(est.masked_fill(c[None, None, :] >= blocks_in_seq[:, None, None], float("-inf")), -1)
     distance = js_distance(true_blocks, est)
 
+    if query_blocks is None:
+        upper = torch.ones(nqb, nqb, dtype=torch.bool, device=dev).triu(1)
+    else:       # the chunk's query blocks only
+        R = query_blocks.shape[1]
+        pooled_q = pooled_q.gather(2, query_blocks[:, None, :, None].expand(B, len(head_ids), R, D))
+        upper = (c[None, None, :] > query_blocks[:, :, None])[:, None]        # [B, 1, R, c]
     scores = torch.matmul(pooled_q, pooled_k.transpose(-1, -2)) * scale       # [B, h, m, c]
-    scores = scores.masked_fill(torch.ones(nqb, nqb, dtype=torch.bool, device=dev).triu(1), float("-inf"))
+    scores = scores.masked_fill(upper, float("-inf"))
     return v, s, distance, torch.softmax(scores, -1)
 
 
@@ -176,7 +185,9 @@ class FlexPrefillSpec(PatternSpec):
         nq, n = q.shape[2], k.shape[2]
         dev = q.device
         nqb = math.ceil(n / BLOCK)
-        v, s, distance, block_dist = flex_estimate(q, k, head_ids, seq_start, seq_len, scale)
+        # a chunk: only the query blocks that can hold its rows (R of NQB) are scored and selected
+        rows = block_sparse.chunk_rows(seq_start, n, nq)[0] if nq < n else None
+        v, s, distance, block_dist = flex_estimate(q, k, head_ids, seq_start, seq_len, scale, rows=rows)
         gammas = device_ints([h.gamma for h in heads], dev, torch.float32) / 1000.0
         minimum = device_ints([h.min_budget for h in heads], dev)
         exists = (torch.arange(n, device=dev)[None, :] < seq_len.long()[:, None])[:, None, :].expand_as(v)
@@ -192,7 +203,7 @@ class FlexPrefillSpec(PatternSpec):
         columns = torch.where(all_offsets & ~all_columns, SENTINEL, columns)
         chunk_first = chunk_first_position(seq_start, n, nq) if nq < n else None
         blocks, counts = select_from_mass(block_dist, [h.gamma for h in heads], [nqb] * len(heads), seq_len,
-                                          [-(-h.min_budget // BLOCK) for h in heads], chunk_first)
+                                          [-(-h.min_budget // BLOCK) for h in heads], chunk_first, rows)
         aware = distance < device_ints([h.tau for h in heads], dev, torch.float32)[None, :] / 1000.0   # [B, h]
         return {"columns": torch.where(aware[..., None], SENTINEL, columns),
                 "offsets": torch.where(aware[..., None], SENTINEL, offsets),

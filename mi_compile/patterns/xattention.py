@@ -40,7 +40,8 @@ xattention_estimate`, every head of the layer at once, native GQA), :func:`block
 on the CPU (the definition the kernel is tested against). The selection is PyTorch ops on
 the device (sort, cumsum, compare; no host synchronisation). Memory: ``mass`` is float32
 ``[B, heads, NQB, NQB]`` (``n^2 / 4096`` per head, 16 MiB at 128K) and the sort adds ~5 times
-that, so heads go in chunks of ~256 MiB (all of a layer's heads at once up to ~32K tokens);
+that, so heads go in chunks of ~256 MiB (all of a layer's heads at once up to ~32K tokens; a
+chunk sorts only the ``R`` rows of :func:`~mi_compile.patterns.block_sparse.chunk_rows`);
 the torch estimate holds one head's ``[n / S, n / S]`` strided logits at a time. The static
 width ``K = min(max_blocks, NQB)``: a cap, not all ``NQB``, because the kernel's ``blocks``
 table is ``[B, H, NQB, K]`` int32 (``K = NQB`` is 16 MiB per head at 128K).
@@ -60,7 +61,7 @@ import torch
 from ..kernels._device import device_ints
 from ..kernels.dispatch import selection_impl
 from ..kernels.constants import BLOCK, KIND_OTHER, PHASE_BLOCK_SELECT, SENTINEL
-from .block_sparse import blocks_mask_of
+from .block_sparse import blocks_mask_of, chunk_rows
 from .registry import PatternError, PatternSpec, register
 from .spec import HeadPattern
 
@@ -149,44 +150,59 @@ def chunk_first_position(seq_start: torch.Tensor, n: int, nq: int) -> torch.Tens
 
 def select_from_mass(mass: torch.Tensor, thresholds: Sequence[int], widths: Sequence[int],
                      seq_len: torch.Tensor, minimum: Optional[Sequence[int]] = None,
-                     first_position: Optional[torch.Tensor] = None):
+                     first_position: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None):
     """Blocks and counts from ``mass [B, Hs, NQB, NQB]`` (one ``threshold`` per mille and one
     width ``K`` per head slot): per query block the fewest key blocks, diagonal and sink first,
     then by mass, whose mass reaches the threshold, at least ``minimum`` (per head slot, blocks;
     default none) and at most ``K``. ``first_position`` (``[B]``, a chunk: see
-    :func:`chunk_first_position`): query blocks wholly before it select nothing. Returns ``blocks
-    [B, Hs, NQB, max K]`` (int32, ascending, SENTINEL-padded) and ``block_count [B, Hs, NQB]``
-    (int32)."""
-    B, Hs, nqb, _ = mass.shape
+    :func:`chunk_first_position`): query blocks wholly before it select nothing. ``rows``
+    (int64 ``[B, R]``, distinct per input; a chunk's
+    :func:`~mi_compile.patterns.block_sparse.chunk_rows`): ``mass`` is ``[B, Hs, R, NQB]``, its
+    row ``r`` query block ``rows[b, r]``; each selects as that row of the whole ``mass`` would,
+    every other query block nothing. Returns ``blocks [B, Hs, NQB, max K]`` (int32, ascending,
+    SENTINEL-padded) and ``block_count [B, Hs, NQB]`` (int32)."""
+    B, Hs, _, nqb = mass.shape
     dev = mass.device
     width = max(widths)
-    m = torch.arange(nqb, device=dev)
-    causal = m[None, :] <= m[:, None]                                          # [m, c]
+    # the query block of each mass row: [1, NQB] (every block) or [B, R]
+    m = torch.arange(nqb, device=dev)[None, :] if rows is None else rows
+    R = m.shape[1]
+    causal = torch.arange(nqb, device=dev)[None, None, :] <= m[:, :, None]    # [B|1, m, c]
     # sort key: the diagonal (3), then the sink (2), then the mass (in [0, 1]); -1 not causal
-    key = mass.masked_fill(~causal, -1.0)
-    key[..., 0] = torch.where(causal[:, 0], 2.0, -1.0)
-    key.diagonal(dim1=-2, dim2=-1).fill_(3.0)
+    key = mass.masked_fill(~causal[:, None], -1.0)
+    key[..., 0] = torch.where(causal[:, None, :, 0], 2.0, -1.0)
+    if rows is None:
+        key.diagonal(dim1=-2, dim2=-1).fill_(3.0)
+    else:
+        key.scatter_(-1, rows[:, None, :, None].expand(B, Hs, R, 1), 3.0)
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices                # [B, Hs, m, rank]
-    ranked = mass.masked_fill(~causal, 0.0).gather(-1, order)
+    ranked = mass.masked_fill(~causal[:, None], 0.0).gather(-1, order)
     before = ranked.cumsum(-1) - ranked                                        # mass of the better ranks
     thr = device_ints(thresholds, dev, torch.float32)[None, :, None, None] / 1000.0
-    forced = torch.where(m > 0, 2, 1)[None, None, :]                           # diagonal (+ sink)
+    forced = torch.where(m > 0, 2, 1)[:, None, :]                              # diagonal (+ sink)
     if minimum is not None:
         forced = torch.maximum(forced, device_ints(minimum, dev)[None, :, None])
     rank = torch.arange(nqb, device=dev)
     full = device_ints([t >= 1000 for t in thresholds], dev, torch.bool)[None, :, None, None]
     keep = (rank < forced[..., None]) | (before < thr) | full
-    keep &= rank <= m[:, None]                                                 # causal ranks only
+    keep &= rank <= m[:, None, :, None]                                        # causal ranks only
     count = keep.sum(-1)
     count = torch.minimum(count, device_ints(widths, dev)[None, :, None])
     blocks_in_seq = (seq_len.long() + BLOCK - 1) // BLOCK
-    live = m[None, :] < blocks_in_seq[:, None]                                 # [B, m]
+    live = m < blocks_in_seq[:, None]                                          # [B, m]
     if first_position is not None:                  # a chunk: the blocks holding its rows
-        live &= (m[None, :] + 1) * BLOCK > first_position[:, None]
+        live &= (m + 1) * BLOCK > first_position[:, None]
     count = torch.where(live[:, None, :], count, 0)
     top = order[..., :width]
     blocks = torch.where(rank[:width] < count[..., None], top, SENTINEL).to(torch.int32).sort(-1).values
-    return blocks, count.to(torch.int32)
+    if rows is None:
+        return blocks, count.to(torch.int32)
+    at = rows[:, None, :, None].expand(B, Hs, R, 1)
+    all_blocks = torch.full((B, Hs, nqb, width), SENTINEL, device=dev, dtype=torch.int32)
+    all_blocks.scatter_(2, at.expand(B, Hs, R, width), blocks)
+    all_counts = torch.zeros(B, Hs, nqb, device=dev, dtype=torch.int32)
+    all_counts.scatter_(2, at[..., 0], count.to(torch.int32))
+    return all_blocks, all_counts
 
 
 class XAttentionSpec(PatternSpec):
@@ -222,6 +238,8 @@ class XAttentionSpec(PatternSpec):
     def select_block_table(self, q, k, head_ids, heads, seq_start, seq_len, scale):
         n = k.shape[2]
         first = chunk_first_position(seq_start, n, q.shape[2]) if q.shape[2] < n else None
+        # a chunk selects only the query blocks that can hold its rows (R of NQB)
+        rows = chunk_rows(seq_start, n, q.shape[2])[0] if first is not None else None
         by_stride: dict[int, list[int]] = {}
         for slot, head in enumerate(heads):
             by_stride.setdefault(head.stride, []).append(slot)
@@ -236,9 +254,11 @@ class XAttentionSpec(PatternSpec):
             for c0 in range(0, len(all_slots), step):
                 slots = all_slots[c0:c0 + step]
                 mass = block_mass(q, k, [head_ids[s] for s in slots], seq_start, seq_len, scale, stride)
+                if rows is not None:
+                    mass = mass.gather(2, rows[:, None, :, None].expand(-1, len(slots), -1, nqb))
                 blk, cnt = select_from_mass(mass, [heads[s].threshold for s in slots],
                                             [self.block_width(heads[s], n) for s in slots], seq_len,
-                                            first_position=first)
+                                            first_position=first, rows=rows)
                 del mass
                 idx = device_ints(slots, q.device)
                 blocks[:, idx, :, :blk.shape[-1]] = blk
