@@ -16,6 +16,9 @@ and for each pair:
 - ``adaptive_gqa{1,4}``: the same for a layer mixing tri-shape, XAttention, FlexPrefill,
   vertical-slash in whole blocks, vertical-slash and dense;
 - ``wide``: a layer of only dense / A-shape heads (the 128-row kernel, head_dim <= 128);
+- ``hopper_wide``: the opt-in Gluon kernel (``MI_COMPILE_HOPPER=1``; sm_90 with Gluon, head_dim
+  64 / 128, else recorded as skipped with the reason): the WIDE layer padded with GQA, a
+  dense-only layer through strided K/V views, a chunk; against the float32 reference;
 - ``full_selection_vs_sdpa``: every pattern with a selection covering the whole causal square
   equals ``F.scaled_dot_product_attention(is_causal=True)`` in the same dtype;
 - ``chunk_gqa{1,4}``: a chunk of 700 queries continuing a cache of the mixed layer (``nq < nk``,
@@ -140,6 +143,58 @@ def check_wide(D, dtype):
     return {"rel_err": round(err, 6), "kernel": kernel}
 
 
+class Skipped(Exception):
+    """A check that does not apply here (recorded with its reason, not as a failure)."""
+
+
+def check_hopper_wide(D, dtype):
+    """The opt-in Gluon kernel (``MI_COMPILE_HOPPER=1``, sm_90, head_dim 64 / 128): the WIDE
+    layer as a padded batch of 2 over 2 KV heads, a dense-only layer over 2 KV heads with K/V
+    read through views of ``[B, n, Hkv, D]`` storage (4D TMA strides), and a chunk of the WIDE layer continuing a
+    cache; each against the float32 reference, every element written, padded rows 0, the
+    kernel recorded as hopper_wide, and within the tolerance of the Triton wide kernel."""
+    from mi_compile.kernels import hopper_wide
+    if DEV != "cuda":
+        raise Skipped(f"device {DEV}")
+    if D not in hopper_wide.CONFIG:
+        raise Skipped(f"head_dim {D}: the kernel takes {sorted(hopper_wide.CONFIG)}")
+    why = hopper_wide.unavailable_reason()
+    if why:
+        raise Skipped(why)
+    start = torch.tensor(START, dtype=torch.int32, device=DEV)
+    length = torch.tensor(LENGTH, dtype=torch.int32, device=DEV)
+    nq = max(64, N * 7 // 30)
+    q, k, v = inputs(11 * D, 2, 2, N, D, dtype)
+    kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in inputs(13 * D, 1, 2, N, D, dtype)[1:])
+    cases = {"wide_padded_gqa4": (q, k, v, WIDE, start, length),
+             "dense_gqa4_strided": (q[:1], kt, vt, [HP("dense")] * HQ, None, None),
+             "wide_chunk": (q[:, :, N - nq:].contiguous(), k, v, WIDE, start, length)}
+    result = {}
+    saved = os.environ.get(hopper_wide.ENV)
+    try:
+        for name, (qx, kx, vx, heads, st, ln) in cases.items():
+            index = build_sparse_index(qx, kx, heads, seq_start=st, seq_len=ln)
+            os.environ[hopper_wide.ENV] = "1"
+            out = run_kernel(qx, kx, vx, index)
+            kernel = kernel_module.LAST_COMPILE.get("kernel")
+            assert kernel == "hopper_wide", f"{name}: ran {kernel}"
+            os.environ.pop(hopper_wide.ENV)
+            triton_out = run_kernel(qx, kx, vx, index)
+            ref = reference_attention(qx, kx, vx, index, D ** -0.5)
+            err, err_triton = rel_err(out, ref), rel_err(triton_out, ref)
+            assert err < TOL[dtype], f"{name}: rel err {err:.2e} (Triton wide kernel {err_triton:.2e})"
+            if st is not None and qx.shape[2] == N:
+                s = START[1]
+                assert torch.equal(out[1, :, :s], torch.zeros_like(out[1, :, :s])), f"{name}: padded rows must be 0"
+            result[name] = round(err, 6)
+            result[name + "_triton"] = round(err_triton, 6)
+    finally:
+        os.environ.pop(hopper_wide.ENV, None)
+        if saved is not None:
+            os.environ[hopper_wide.ENV] = saved
+    return {"kernel": "hopper_wide", **result}
+
+
 def check_full_selection(D, dtype):
     q, k, v = inputs(3 * D, 1, 2, N, D, dtype)
     out = sparse_attention(q, k, v, FULL)
@@ -244,7 +299,8 @@ def run_one(D, dtype_name):
     checks += [(f"adaptive_gqa{r}", lambda r=r: check_mixed(D, dtype, r, ADAPTIVE)) for r in (1, 4)]
     checks += [("wide", lambda: check_wide(D, dtype)),
                ("full_selection_vs_sdpa", lambda: check_full_selection(D, dtype)),
-               ("backend_tiny_llama", lambda: check_backend(D, dtype))]
+               ("backend_tiny_llama", lambda: check_backend(D, dtype)),
+               ("hopper_wide", lambda: check_hopper_wide(D, dtype))]
     checks += [(f"chunk_gqa{r}", lambda r=r: check_chunk(D, dtype, r)) for r in (1, 4)]
     checks += [("backend_chunk", lambda: check_backend_chunk(D, dtype))]
     results = []
@@ -252,6 +308,8 @@ def run_one(D, dtype_name):
         t = time.time()
         try:
             results.append({"head_dim": D, "dtype": dtype_name, "check": name, "ok": True, **fn()})
+        except Skipped as e:
+            results.append({"head_dim": D, "dtype": dtype_name, "check": name, "ok": True, "skipped": str(e)})
         except Exception as e:  # noqa: BLE001  (report every failure, go on with the rest)
             traceback.print_exc()
             results.append({"head_dim": D, "dtype": dtype_name, "check": name, "ok": False,

@@ -2,6 +2,7 @@
 
     python3 -m benchmarks.kernel_resources                  # sm_90, bf16, head_dim 64 and 128
     python3 -m benchmarks.kernel_resources --arch 90 --head-dims 128 --json out.json
+    PYTHONPATH=/tmp/t36 python3 -m benchmarks.kernel_resources --hopper   # the Gluon kernel (triton 3.6)
 
 Triton compiles ahead of time for any target it ships a backend for (the NVIDIA one brings
 ``ptxas`` and ``cuobjdump``), so a CPU machine can check that a kernel change still compiles
@@ -105,15 +106,72 @@ def kernel_builds(head_dim: int, dtype: str):
     return builds
 
 
+def sass_opcodes(compiled, opcodes=("HGMMA", "UTMALDG")) -> dict:
+    """How often each opcode (the part before the first ``.``) occurs in the SASS."""
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", path],
+                              capture_output=True, text=True, check=True).stdout
+    found = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    return {op: found.count(op) for op in opcodes}
+
+
+def compile_hopper(head_dim: int, dtype: str, arch: int = 90):
+    """The Gluon kernel of :mod:`mi_compile.kernels.hopper_wide` at its launch configuration
+    (``CONFIG[head_dim]``), K/V as the launcher's TMA descriptors; needs a triton with Gluon's
+    Hopper API (3.6: ``PYTHONPATH=/tmp/t36``)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from mi_compile.kernels import hopper_wide
+    if hopper_wide.GLUON_ERROR:
+        raise RuntimeError(hopper_wide.GLUON_ERROR)
+    fn = hopper_wide.hopper_wide_kernel
+    cfg = hopper_wide.CONFIG[head_dim]
+    gl = hopper_wide.gl
+    layout = hopper_wide.kv_layout({"bf16": gl.bfloat16, "fp16": gl.float16}[dtype], cfg["block_n"], head_dim)
+    descriptor = f"tensordesc<{dtype}[1, 1, {cfg['block_n']}, {head_dim}],{layout!r}>"
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_N=cfg["block_n"], STAGES=cfg["stages"])
+    sig, attrs = _signature(fn, dtype, constexprs, {})
+    for name in ("k_desc", "v_desc"):
+        sig[name] = descriptor
+    names = fn.arg_names
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                         attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": hopper_wide.NUM_WARPS})
+    return compiled, cfg
+
+
+def hopper_main(args) -> list:
+    """``--hopper``: the Gluon kernel for fp16 and bf16 at the head dims."""
+    rows = []
+    for head_dim in (int(d) for d in args.head_dims.split(",")):
+        for dtype in ("bf16", "fp16"):
+            compiled, cfg = compile_hopper(head_dim, dtype, args.arch)
+            row = {"kernel": "hopper_wide", "head_dim": head_dim, "dtype": dtype, "arch": args.arch,
+                   "triton": triton.__version__, "num_warps": 8, "block_n": cfg["block_n"],
+                   "stages": cfg["stages"], **resources(compiled), **sass_opcodes(compiled)}
+            rows.append(row)
+            print(f"hopper_wide D={head_dim:<4d} {dtype} sm_{args.arch} triton {triton.__version__} "
+                  f"(BLOCK_N {cfg['block_n']}, {cfg['stages']} stages): {row['registers']} registers, "
+                  f"{row['stack_bytes']} B stack, {row['shared_dynamic'] // 1024} KiB shared, "
+                  f"{row['instructions']} instructions, HGMMA x{row['HGMMA']}, UTMALDG x{row['UTMALDG']}, "
+                  f"sass {row['sass_md5'][:12]}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_resources", description=__doc__.split("\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80")
     p.add_argument("--head-dims", default="64,128", help="comma-separated head dims")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--hopper", action="store_true",
+                   help="the Gluon Hopper kernel instead (fp16 and bf16; triton with Gluon, e.g. PYTHONPATH=/tmp/t36)")
     args = p.parse_args(argv)
-    rows = []
-    for head_dim in (int(d) for d in args.head_dims.split(",")):
+    rows = hopper_main(args) if args.hopper else []
+    for head_dim in (int(d) for d in args.head_dims.split(",") if not args.hopper):
         for name, fn, constexprs, warps, stages, pointers in kernel_builds(head_dim, args.dtype):
             row = {"kernel": name, "head_dim": head_dim, "dtype": args.dtype, "arch": args.arch,
                    "triton": triton.__version__, "num_warps": warps, "num_stages": stages,

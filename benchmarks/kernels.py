@@ -225,6 +225,31 @@ def ours(name, n, fn, index, q, k, v, cudnn_ms, **extra):
         traceback.print_exc()
 
 
+def hopper_rows(n, q, k, v, cudnn_ms, index_a):
+    """The opt-in Gluon kernel (``MI_COMPILE_HOPPER=1``) on the dense and the A-shape 128+4096
+    layers, each next to the Triton wide kernel on the same index; a row ``skipped`` with the
+    reason where it cannot run (not sm_90, no Gluon)."""
+    from mi_compile.kernels import hopper_wide
+    why = hopper_wide.unavailable_reason()
+    if why:
+        record(op="hopper_wide", n=n, skipped=why)
+        return
+    index_d = build_sparse_index(q, k, [HP("dense")] * HQ)
+    try:
+        for layer, index in (("dense", index_d), ("ashape_128_4096", index_a)):
+            outs = []
+            for opt_in, name in (("0", "triton_wide"), ("1", "hopper_wide")):
+                os.environ[hopper_wide.ENV] = opt_in
+                ours(f"{name}_{layer}_kernel", n, lambda index=index: sparse_attention_from_index(q, k, v, index),
+                     index, q, k, v, cudnn_ms)
+                rows[-1]["compile"] = dict(kernel_module.LAST_COMPILE)
+                outs.append(sparse_attention_from_index(q, k, v, index))
+            rows[-1]["rel_err_vs_triton_wide"] = rel_err(outs[1], outs[0])
+            del outs
+    finally:
+        os.environ.pop(hopper_wide.ENV, None)
+
+
 def load_minference():
     """MInference's kernels from its sdist, or None (the reason is recorded as a check)."""
     if not MINFERENCE_SDIST:
@@ -385,6 +410,7 @@ def timings(n, mi=None):
     ours("ours_ashape_128_4096", n, lambda: sparse_attention(q, k, v, A_SHAPE), index_a, q, k, v, cudnn_ms)
     ours("ours_ashape_128_4096_kernel", n, lambda: sparse_attention_from_index(q, k, v, index_a), index_a,
          q, k, v, cudnn_ms)
+    hopper_rows(n, q, k, v, cudnn_ms, index_a)
     del index_a
     index_s = build_sparse_index(q, k, VS, vs_selection=structured_selection(n))
     ours("ours_vs_structured_kernel", n, lambda: sparse_attention_from_index(q, k, v, index_s), index_s,
@@ -482,6 +508,8 @@ def main():
                                                     fmt(r.get("mem_mib"), "%.0f")))
         elif "error" in r:
             log("%-36s %7d ERROR %s" % (r["op"], r["n"], r["error"][:100]))
+        elif "skipped" in r:
+            log("%-36s %7d skipped: %s" % (r["op"], r["n"], r["skipped"]))
         elif r.get("op") == "sweep":
             log("sweep", r)
 

@@ -1,0 +1,334 @@
+"""Hopper (sm_90) kernel in Gluon for the layers the wide Triton kernel serves (opt-in).
+
+Same contract as :func:`mi_compile.kernels.sparse_attention._wide_attention_kernel`: every
+head dense or A-shape (``prefix``, ``sink``, ``band`` of the :class:`SparseIndex`; contiguous key
+ranges per query block, nothing data-dependent), unpadded or padded inputs (``seq_start`` /
+``seq_len``), native GQA (query head ``h`` reads KV head ``h // (Hq / Hkv)``), a chunk that
+continues a cache (``nq < n``: query row ``r`` is key position ``n - nq + r``), head dim 64 or
+128, fp16 / bf16. Every output element is written once by one launch, padding rows zero.
+
+Program ``(p, b * Hq + h)`` owns 128 query rows ``[m0, m0 + 128)`` (heaviest first, the chunk
+mapping of the wide kernel); its 8 warps are two warpgroups of 64 rows that share each K/V tile.
+Per program:
+
+* Q is loaded once (masked rows zero) into shared memory;
+* the key tiles of the four ranges of the wide kernel form one flat sequence (prefix
+  ``[0, min(prefix, m0))``, band edge ``[lo, edge)`` with the element test, interior
+  ``[edge, m0)`` without masks, diagonal ``[m0, m0 + 128)`` with the causal test), so the loads
+  of the next ranges' tiles are in flight while the current range computes;
+* K and V tiles come by TMA (4D descriptors over ``[B, Hkv, n, D]``, any 16-byte aligned
+  strides; rows past ``n`` read zeros) into a ``STAGES``-deep shared-memory ring, each slot with
+  its own K and V mbarrier, so QK^T starts as soon as K has landed;
+* S = Q K^T and O += P V are ``warpgroup_mma`` (wgmma), P taken from registers; the softmax is
+  online in float32 with ``exp2`` and the log2(e)-prescaled scale, as in the Triton kernels;
+* a slot is refilled (tile ``t + STAGES``) right after both warpgroups finished tile ``t``
+  (one CTA barrier per tile).
+
+Only tiles that need it apply a mask (the last partial prefix tile: keys ``< bound``; band edge
+and diagonal: ``j <= i`` and ``j < sink or i - j < band``; all: keys ``< bound``).
+
+This module imports Gluon lazily (:func:`available`): with a triton without Gluon or without
+the Hopper pieces, or on another device, the caller keeps the Triton wide kernel.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+from .constants import WIDE
+
+LOG2E = 1.4426950408889634
+ENV = "MI_COMPILE_HOPPER"
+BLOCK_M = 128          # query rows per program: two warpgroups of 64
+NUM_WARPS = 8
+# Key tile width and ring depth per head dim (the compile-time resource report,
+# benchmarks/kernel_resources.py --hopper, picks them: no spills, shared memory in budget).
+CONFIG = {64: {"block_n": 128, "stages": 3}, 128: {"block_n": 128, "stages": 2}}
+_LENGTH_ARGS = ["n", "num_programs", "q_offset"]
+
+
+def unavailable_reason(device=None) -> str | None:
+    """Why the Gluon kernel cannot run here (None: it can): no Gluon API, no CUDA, not sm_90."""
+    if GLUON_ERROR is not None:
+        return GLUON_ERROR
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    major, minor = _capability(torch.device(device) if device is not None else torch.device("cuda"))
+    if (major, minor) != (9, 0):
+        return f"device is sm_{major}{minor}, the kernel is for sm_90"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int):
+    return torch.cuda.get_device_capability(index)
+
+
+def _capability(device: torch.device):
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _tma_strides(t) -> list:
+    """The strides a K/V descriptor gets: the tensor's, a size-1 dim's (never stepped) set to
+    ``shape[-1]`` elements so that it meets TMA's 16-byte rule whatever torch reports."""
+    return [t.shape[-1] if size == 1 and i < t.dim() - 1 else stride
+            for i, (size, stride) in enumerate(zip(t.shape, t.stride()))]
+
+
+def enabled() -> bool:
+    """The opt-in: ``MI_COMPILE_HOPPER=1``."""
+    return os.environ.get(ENV, "") == "1"
+
+
+def usable(q, k, v, out) -> bool:
+    """The Gluon kernel takes these tensors: opted in, sm_90 with Gluon, fp16 / bf16, head dim
+    64 or 128, and the TMA rules (16-byte aligned base and strides, unit last stride). Host
+    metadata only (no device sync)."""
+    if not enabled() or q.device.type != "cuda":
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype == out.dtype):
+        return False
+    D = q.shape[-1]
+    if D not in CONFIG or k.shape[-1] != D or v.shape[-1] != D:
+        return False
+    for t in (k, v):
+        strides = _tma_strides(t)
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s <= 0 or (s * t.element_size()) % 16 for s in strides[:-1]):
+            return False
+    if q.stride(-1) != 1 or out.stride(-1) != 1:
+        return False
+    return unavailable_reason(q.device) is None
+
+
+try:   # Gluon (triton >= 3.5 ships it; the kernel is written against the 3.6 API)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia import hopper
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    for _owner, _names in ((hopper, ("warpgroup_mma", "warpgroup_mma_wait", "fence_async_shared")),
+                           (tma, ("async_copy_global_to_shared",)),
+                           (mbarrier, ("init", "expect", "wait", "invalidate", "MBarrierLayout")),
+                           (gl, ("NVMMADistributedLayout", "NVMMASharedLayout", "DotOperandLayout",
+                                 "allocate_shared_memory", "thread_barrier"))):
+        for _name in _names:
+            getattr(_owner, _name)
+    GLUON_ERROR = None
+except (ImportError, AttributeError) as _exc:     # no Gluon, or an API without these pieces
+    GLUON_ERROR = f"triton {triton.__version__} lacks the Gluon Hopper API ({_exc})"
+
+if GLUON_ERROR is None:
+    warpgroup_mma, warpgroup_mma_wait = hopper.warpgroup_mma, hopper.warpgroup_mma_wait
+    fence_async_shared = hopper.fence_async_shared
+    _wide = gl.constexpr(WIDE)
+
+    @gluon.jit
+    def _tile(t, n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band,
+              BLOCK_N: gl.constexpr):
+        """Tile ``t`` of the program's flat sequence: first key, key bound, mask flag and the
+        sink / band of its element test (``WIDE``: no band test)."""
+        in_edge = t >= n_pre
+        in_int = t >= n_pre + n_edge
+        in_diag = t >= n_pre + n_edge + n_int
+        k0 = gl.where(in_diag, m0 + (t - n_pre - n_edge - n_int) * BLOCK_N,
+                      gl.where(in_int, edge + (t - n_pre - n_edge) * BLOCK_N,
+                               gl.where(in_edge, lo + (t - n_pre) * BLOCK_N, t * BLOCK_N)))
+        bound = gl.where(in_diag, length, gl.where(in_int, m0, gl.where(in_edge, edge, prefix_end)))
+        check = (in_edge & (t < n_pre + n_edge)) | in_diag
+        masked = check | ((t < n_pre) & (k0 + BLOCK_N > prefix_end))
+        tile_sink = gl.where(check, sink, _wide)
+        tile_band = gl.where(check, band, _wide)
+        return k0, bound, masked, tile_sink, tile_band
+
+    @gluon.jit
+    def _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, tile, n_tiles, b, kv, seq_start,
+               n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band,
+               STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Start the TMA loads of K and V tile ``tile`` (if it exists) into its ring slot."""
+        k0, bound, masked, tile_sink, tile_band = _tile(tile, n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length,
+                                                        sink, band, BLOCK_N)
+        slot = tile % STAGES
+        live = tile < n_tiles
+        row = seq_start + k0
+        mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes, pred=live)
+        tma.async_copy_global_to_shared(k_desc, [b, kv, row, 0], k_bar.index(slot), k_ring.index(slot), pred=live)
+        mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes, pred=live)
+        tma.async_copy_global_to_shared(v_desc, [b, kv, row, 0], v_bar.index(slot), v_ring.index(slot), pred=live)
+
+    @gluon.jit(do_not_specialize=_LENGTH_ARGS)
+    def hopper_wide_kernel(
+            q_ptr, k_desc, v_desc, out_ptr,
+            seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr,
+            stride_qb, stride_qh, stride_qn,
+            stride_ob, stride_oh, stride_on,
+            n, num_heads, heads_per_kv, num_programs, q_offset,
+            qk_scale,
+            HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        BLOCK_M: gl.constexpr = 128
+        dtype: gl.constexpr = q_ptr.dtype.element_ty
+        # registers: S and O accumulators of wgmma (8 warps = two warpgroups over the 128 rows)
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        io_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8],
+                                                   threads_per_warp=[32 // (HEAD_DIM // 8), HEAD_DIM // 8],
+                                                   warps_per_cta=[8, 1], order=[1, 0])
+        s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+        s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+        o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
+        io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
+        io_cols: gl.constexpr = gl.SliceLayout(0, io_layout)
+
+        # program -> rows (as _program_rows of the Triton kernels, GROUP = 1)
+        slot_block = num_programs - 1 - gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // num_heads
+        h = bh % num_heads
+        kv = h // heads_per_kv
+        seq_start = gl.minimum(gl.maximum(gl.load(seq_start_ptr + b), 0), n)
+        length = gl.minimum(gl.maximum(gl.load(seq_len_ptr + b), 0), n - seq_start)
+        m0 = (slot_block + gl.maximum((length + BLOCK_M - 1) // BLOCK_M - num_programs, 0)) * BLOCK_M
+        out_head = out_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+
+        # padding rows of this program's slot block: zero (every output element written once)
+        nq = n - q_offset
+        real_lo = gl.minimum(gl.maximum(seq_start - q_offset, 0), nq)
+        real_hi = gl.minimum(gl.maximum(seq_start + length - q_offset, real_lo), nq)
+        slots = slot_block * BLOCK_M + gl.arange(0, BLOCK_M, layout=io_rows)
+        io_dims = gl.arange(0, HEAD_DIM, layout=io_cols)
+        pad_rows = gl.where(slots < real_lo, slots, slots + (real_hi - real_lo)).to(gl.int64)
+        pad_ok = gl.expand_dims(slots < nq - (real_hi - real_lo), 1) & gl.expand_dims(io_dims < HEAD_DIM, 0)
+        gl.store(out_head + gl.expand_dims(pad_rows * stride_on, 1) + gl.expand_dims(io_dims, 0),
+                 gl.zeros([BLOCK_M, HEAD_DIM], dtype, io_layout), mask=pad_ok)
+
+        if (m0 < length) & (m0 + BLOCK_M > q_offset - seq_start):     # the block holds rows of q
+            # Q: rows seq_start + p - q_offset of q, rows outside the sequence / before a chunk zero
+            q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+            q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_smem_layout)
+            io_pos = m0 + gl.arange(0, BLOCK_M, layout=io_rows)
+            io_ok = (io_pos < length) & (io_pos >= q_offset - seq_start)
+            q_head = (q_ptr + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh
+                      - q_offset.to(gl.int64) * stride_qn)
+            q_rows = (seq_start + io_pos).to(gl.int64)
+            q_tile = gl.load(q_head + gl.expand_dims(q_rows * stride_qn, 1) + gl.expand_dims(io_dims, 0),
+                             mask=gl.expand_dims(io_ok, 1) & gl.expand_dims(io_dims < HEAD_DIM, 0), other=0.0)
+            q_smem.store(q_tile)
+            fence_async_shared()
+            gl.thread_barrier()
+
+            # K / V ring (TMA destinations are [1, 1, BLOCK_N, D] boxes of the 4D descriptors)
+            k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+            v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+            k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(STAGES):
+                mbarrier.init(k_bar.index(i), count=1)
+                mbarrier.init(v_bar.index(i), count=1)
+
+            prefix = gl.maximum(gl.load(prefix_ptr + h), 0)
+            sink = gl.load(sink_ptr + h)
+            band = gl.load(band_ptr + h)
+            # the wide kernel's ranges (see _wide_attention_kernel), counted in BLOCK_N tiles
+            prefix_end = gl.minimum(prefix, m0)
+            lo = gl.minimum(gl.maximum(prefix, m0 + 1 - band), m0)
+            edge = gl.maximum(gl.minimum(m0, gl.maximum(prefix, m0 + BLOCK_M - band)), lo)
+            edge = m0 - ((m0 - edge) // BLOCK_N) * BLOCK_N
+            n_pre = (prefix_end + BLOCK_N - 1) // BLOCK_N
+            n_edge = (edge - lo + BLOCK_N - 1) // BLOCK_N
+            n_int = (m0 - edge) // BLOCK_N
+            n_tiles = n_pre + n_edge + n_int + BLOCK_M // BLOCK_N
+
+            for i in gl.static_range(STAGES):
+                _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, i, n_tiles, b, kv, seq_start,
+                       n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, STAGES, BLOCK_N)
+
+            rows = m0 + gl.arange(0, BLOCK_M, layout=s_rows)
+            cols = gl.arange(0, BLOCK_N, layout=s_cols)
+            m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, s_rows)
+            l_i = gl.zeros([BLOCK_M], gl.float32, s_rows)
+            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+            for t in range(n_tiles):
+                k0, bound, masked, tile_sink, tile_band = _tile(t, n_pre, n_edge, n_int, prefix_end, lo, edge, m0,
+                                                                length, sink, band, BLOCK_N)
+                slot = t % STAGES
+                phase = (t // STAGES) & 1
+                k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
+                v_tile = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
+
+                mbarrier.wait(k_bar.index(slot), phase)
+                s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                                  use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+                s = s * qk_scale
+                if masked:
+                    keys = k0 + cols
+                    keep = gl.expand_dims(keys < bound, 0) & (gl.expand_dims(keys, 0) <= gl.expand_dims(rows, 1))
+                    keep = keep & (gl.expand_dims(keys < tile_sink, 0)
+                                   | (gl.expand_dims(rows, 1) - gl.expand_dims(keys, 0) < tile_band))
+                    s = gl.where(keep, s, float("-inf"))
+                m_new = gl.maximum(m_i, gl.max(s, 1))
+                alpha = gl.exp2(m_i - m_new)
+                p = gl.exp2(s - gl.expand_dims(m_new, 1))
+                l_i = l_i * alpha + gl.sum(p, 1)
+                m_i = m_new
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+                mbarrier.wait(v_bar.index(slot), phase)
+                acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                # both warpgroups are done with this slot: refill it with tile t + STAGES
+                gl.thread_barrier()
+                _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t + STAGES, n_tiles, b, kv, seq_start,
+                       n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, STAGES, BLOCK_N)
+
+            for i in gl.static_range(STAGES):
+                mbarrier.invalidate(k_bar.index(i))
+                mbarrier.invalidate(v_bar.index(i))
+
+            # normalise and store the real rows (output row start + p - q_offset)
+            l_o = gl.convert_layout(l_i, o_rows)
+            out = acc / gl.expand_dims(gl.where(l_o > 0, l_o, 1.0), 1)
+            o_pos = m0 + gl.arange(0, BLOCK_M, layout=o_rows)
+            o_dims = gl.arange(0, HEAD_DIM, layout=o_cols)
+            o_ok = (o_pos < length) & (o_pos >= q_offset - seq_start)
+            o_rows_ix = (seq_start + o_pos).to(gl.int64) - q_offset
+            gl.store(out_head + gl.expand_dims(o_rows_ix * stride_on, 1) + gl.expand_dims(o_dims, 0),
+                     out.to(dtype), mask=gl.expand_dims(o_ok, 1) & gl.expand_dims(o_dims < HEAD_DIM, 0))
+
+
+def kv_layout(dtype, block_n: int, head_dim: int):
+    """Shared layout of a ``[1, 1, block_n, head_dim]`` K or V box (TMA destination, wgmma operand)."""
+    return gl.NVMMASharedLayout.get_default_for([1, 1, block_n, head_dim], dtype)
+
+
+def gl_dtype(dtype: torch.dtype):
+    return {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[dtype]
+
+
+def launch(q, k, v, index, scale: float, out, programs: int):
+    """Attention of the layer into ``out`` (``programs`` 128-row programs per head, as the wide
+    kernel's launch computes them). Returns the compiled kernel (for the resource report)."""
+    if GLUON_ERROR is not None:
+        raise RuntimeError(GLUON_ERROR)
+    B, H, nq, D = q.shape
+    n = k.shape[2]
+    cfg = CONFIG[D]
+    layout = kv_layout(gl_dtype(q.dtype), cfg["block_n"], D)
+    box = [1, 1, cfg["block_n"], D]
+    k_desc = TensorDescriptor(k, list(k.shape), _tma_strides(k), box, layout)
+    v_desc = TensorDescriptor(v, list(v.shape), _tma_strides(v), box, layout)
+    return hopper_wide_kernel[(programs, B * H)](
+        q, k_desc, v_desc, out,
+        index.seq_start, index.seq_len, index.prefix, index.sink, index.band,
+        q.stride(0), q.stride(1), q.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        n, H, H // k.shape[1], programs, n - nq,
+        scale * LOG2E,
+        HEAD_DIM=D, BLOCK_N=cfg["block_n"], STAGES=cfg["stages"], num_warps=NUM_WARPS)
