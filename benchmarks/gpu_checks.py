@@ -2,7 +2,7 @@
 
 The CPU tests run the kernels under ``TRITON_INTERPRET=1`` in fp32/fp16 at small shapes, and
 ``benchmarks/kernels.py`` checks bf16 at the benchmark's shape (head_dim 128). This script runs
-the rest of issue 3's matrix on the GPU, where the compiled kernels (not the interpreter) run:
+the rest of the correctness matrix on the GPU, where the compiled kernels (not the interpreter) run:
 
   head_dim 64, 80, 96, 128, 256  x  fp16, bf16
 

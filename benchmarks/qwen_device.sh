@@ -10,7 +10,7 @@
 #   bash benchmarks/qwen_device.sh searched|searched_acc [SECONDS]   # a search over every pattern at 128K
 #   bash benchmarks/qwen_device.sh yard|yard_acc|yard_search [SECONDS]   # the shipped 128K config against the all-pattern one
 #   bash benchmarks/qwen_device.sh chunked|chunked_acc [SECONDS]   # prefills continuing a cache
-#   bash benchmarks/qwen_device.sh checks|kernels [SECONDS]   # no model: gpu_checks, the kernel benchmark
+#   bash benchmarks/qwen_device.sh checks|kernels|hopper [SECONDS]   # no model: gpu_checks, the kernel benchmark, the Gluon kernel
 #   bash benchmarks/qwen_device.sh queue STAGE:SECONDS ...   # those stages in turn, outliving the call
 #   bash benchmarks/qwen_device.sh collect   # what the queue has made so far, to $OUT
 #
@@ -232,6 +232,14 @@ case "$stage" in
     timeout "${2:-300}" python3 -m benchmarks.gpu_checks > "$OUT/gpu_checks.log" 2>&1
     tail -40 "$OUT/gpu_checks.log"
     ;;
+  hopper)
+    # the Gluon Hopper kernel (opt-in MI_COMPILE_HOPPER=1): its correctness check and its rows in
+    # the kernel benchmark next to the Triton wide kernel and cuDNN; no model needed
+    timeout "$(( ${2:-300} / 2 ))" python3 -m benchmarks.gpu_checks --head-dims 64,128 > "$OUT/gpu_checks_hopper.log" 2>&1
+    grep -i "hopper\|passed" "$OUT/gpu_checks_hopper.log" | tail -20
+    NS=32768,131072 SWEEP=0 FLEX=0 timeout "$(( ${2:-300} / 2 ))" python3 -m benchmarks.kernels > "$OUT/kernels_hopper.log" 2>&1
+    grep -i "wide\|cudnn" "$OUT/kernels_hopper.log" | tail -20
+    ;;
   kernels)
     # the kernel benchmark at 32K and 128K without the launch sweep; no model needed
     NS=${NS:-32768,131072} SWEEP=0 FLEX=${FLEX:-0} timeout "${2:-240}" python3 -m benchmarks.kernels > "$OUT/kernels.log" 2>&1
@@ -249,7 +257,7 @@ case "$stage" in
       for s in "$@"; do
         name=${s%%:*}; secs=${s#*:}
         case $name in
-          checks|kernels) ;;
+          checks|kernels|hopper) ;;
           *) until [ -d /root/site/gguf ] && python3 -m benchmarks.device_model status | grep -q "published$"; do
                sleep 3; done ;;
         esac
@@ -266,7 +274,7 @@ case "$stage" in
     tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.safetensors' .
     ;;
   *)
-    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|adaptive2|adaptive2_acc|searched|searched_acc|yard|yard_acc|yard_search|chunked|chunked_acc|checks|kernels [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
+    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|adaptive2|adaptive2_acc|searched|searched_acc|yard|yard_acc|yard_search|chunked|chunked_acc|checks|kernels|hopper [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
     exit 2
     ;;
 esac
