@@ -66,17 +66,21 @@ def compile_kernel(fn, dtype: str, constexprs: dict, num_warps: int, num_stages:
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def resources(compiled) -> dict:
-    """Registers, stack (spills), static and dynamic shared memory, SASS size and digest."""
+def _cuobjdump(compiled, *flags) -> list[str]:
+    """``cuobjdump <flag>`` of the compiled cubin, one output per flag (the tool ships with
+    triton's NVIDIA backend)."""
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", path],
-                               capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", path],
-                              capture_output=True, text=True, check=True).stdout
+        return [subprocess.run([os.path.join(tools, "cuobjdump"), flag, path],
+                               capture_output=True, text=True, check=True).stdout for flag in flags]
+
+
+def resources(compiled) -> dict:
+    """Registers, stack (spills), static and dynamic shared memory, SASS size and digest."""
+    usage, sass = _cuobjdump(compiled, "-res-usage", "-sass")
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
     instructions = [re.sub(r"/\*[0-9a-f]+\*/", "", line).split(";")[0].strip()
                     for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
@@ -108,13 +112,7 @@ def kernel_builds(head_dim: int, dtype: str):
 
 def sass_opcodes(compiled, opcodes=("HGMMA", "UTMALDG")) -> dict:
     """How often each opcode (the part before the first ``.``) occurs in the SASS."""
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", path],
-                              capture_output=True, text=True, check=True).stdout
+    (sass,) = _cuobjdump(compiled, "-sass")
     found = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
     return {op: found.count(op) for op in opcodes}
 
