@@ -127,14 +127,6 @@ def _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_
     return out.copy_(res)
 
 
-def _every_head_dense(heads) -> bool:
-    """Every head of the flat head table is dense (decoded once per distinct table, as the
-    sparse path decodes it)."""
-    from .sparse import _as_patterns
-
-    return all(h.kind == "dense" for h in _as_patterns(heads))
-
-
 def chunk_dense_reason(heads_patterns) -> str | None:
     """Why a layer with these heads (a sequence of
     :class:`~mi_compile.patterns.spec.HeadPattern`) cannot run a ``q_len < kv_len`` call (a
@@ -147,21 +139,23 @@ def chunk_dense_reason(heads_patterns) -> str | None:
     return chunk_reason(tuple(heads_patterns))
 
 
-_CHUNK_REASON: dict = {}      # flat head list -> chunk_dense_reason (few distinct layers)
+_LAYER_FACTS: dict = {}      # flat head table -> (every head dense, chunk_dense_reason)
 
 
-def _chunk_goes_dense(heads, n_q) -> bool:
-    """A chunk runs dense below one query block, or for heads that cannot take one."""
-    if n_q < BLOCK:
-        return True
+def _layer_facts(heads) -> tuple:
+    """``(every head dense, why a chunk runs dense or None)`` of a flat head table, worked out
+    once per distinct table (a model has a few), from the decode the sparse path shares."""
     key = tuple(heads)
-    if key not in _CHUNK_REASON:
+    facts = _LAYER_FACTS.get(key)
+    if facts is None:
         from .sparse import _as_patterns
 
-        if len(_CHUNK_REASON) >= 4096:
-            _CHUNK_REASON.clear()
-        _CHUNK_REASON[key] = chunk_dense_reason(_as_patterns(key))
-    return _CHUNK_REASON[key] is not None
+        patterns = _as_patterns(key)
+        facts = (all(h.kind == "dense" for h in patterns), chunk_dense_reason(patterns))
+        if len(_LAYER_FACTS) >= 4096:
+            _LAYER_FACTS.clear()
+        _LAYER_FACTS[key] = facts
+    return facts
 
 
 def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, out=None):
@@ -174,10 +168,11 @@ def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_le
     if n_q > n_k:
         raise ValueError(f"mi_compile.sparse_attention (layer {layer}): query length {n_q} > key length {n_k} "
                          "(a prefill has them equal, a chunk that continues a cache fewer queries)")
-    if n_k < max(int(min_seq_len), 1) or (n_q < n_k and _chunk_goes_dense(heads, n_q)):
+    # a chunk runs dense below one query block, or for heads that cannot take one
+    if n_k < max(int(min_seq_len), 1) or (n_q < n_k and (n_q < BLOCK or _layer_facts(heads)[1] is not None)):
         return dense_attention(q, k, v, scale, key_padding_mask, window)
     impl = op_attention_impl(q)
-    if impl == "triton" and key_padding_mask is None and not window and _every_head_dense(heads):
+    if impl == "triton" and key_padding_mask is None and not window and _layer_facts(heads)[0]:
         # a layer of dense heads (TriangleMix's shallow layers, a searched all-dense layer):
         # flash / cuDNN attention computes the same, faster than the sparse kernels do
         return dense_attention(q, k, v, scale)

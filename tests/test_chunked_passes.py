@@ -33,8 +33,6 @@ LAYERS = 2
 COVER = {"format": "mi-compile/v1", "default": {"pattern": "a_shape", "sink": 4, "local": 4096}}
 OPTS = {"config": COVER, "min_seq_len": 0}
 PAST, CHUNK = 80, 70          # the chunk is longer than one 64-query block: the sparse path runs
-OP_TAKES_CHUNKS = hasattr(mi_op, "chunk_dense_reason")
-needs_chunk_op = pytest.mark.skipif(not OP_TAKES_CHUNKS, reason="the op does not take q_len < kv_len yet")
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +47,7 @@ def _fresh():
 @pytest.fixture
 def op_takes_chunks(monkeypatch):
     """Pass-level tests of the rewrite: the op's answer for every layer is "can run sparse"."""
-    monkeypatch.setattr(mi_op, "chunk_dense_reason", lambda heads: None, raising=False)
+    monkeypatch.setattr(mi_op, "chunk_dense_reason", lambda heads: None)
 
 
 def _tokens(batch, n, seed):
@@ -145,8 +143,7 @@ def test_chunk_rewrite_fires_by_op_target(op_takes_chunks):
 
 
 def test_chunk_stays_dense_where_the_op_says_so(monkeypatch):
-    monkeypatch.setattr(mi_op, "chunk_dense_reason", lambda heads: "these heads cannot take a chunk",
-                        raising=False)
+    monkeypatch.setattr(mi_op, "chunk_dense_reason", lambda heads: "these heads cannot take a chunk")
     gm = traced_chunk_graph()
     report = run_passes(gm, BackendOptions.from_user(OPTS), load_config(COVER))
     assert report.rewritten == 0
@@ -227,7 +224,6 @@ def test_explicit_masks_over_more_keys(offset, kind):
 
 # -- end to end: compiled chunk against eager ------------------------------------------------------
 
-@needs_chunk_op
 @pytest.mark.parametrize("family,padded,dynamic", [("llama", False, None), ("llama", True, True),
                                                    ("qwen2", False, True), ("qwen2", True, None)])
 def test_chunk_is_rewritten_and_matches_eager(family, padded, dynamic):
@@ -245,7 +241,6 @@ def test_chunk_is_rewritten_and_matches_eager(family, padded, dynamic):
     _assert_close(out, ref)
 
 
-@needs_chunk_op
 def test_static_cache_chunk_matches_eager_dense():
     model = tiny_model("llama", num_layers=LAYERS)
     ref = _continue(model, model, cache_cls=StaticCache)
@@ -256,7 +251,6 @@ def test_static_cache_chunk_matches_eager_dense():
     _assert_close(out, ref)
 
 
-@needs_chunk_op
 def test_prefill_then_chunks_of_other_lengths_one_graph_each():
     """A compiled prefill from an empty cache and compiled chunks are different graphs (the
     cache's tensors are inputs of the second); both rewritten, both eager's; chunks of new
@@ -273,7 +267,6 @@ def test_prefill_then_chunks_of_other_lengths_one_graph_each():
     assert all(r.rewritten == LAYERS for r in backend.reports)
 
 
-@needs_chunk_op
 def test_decode_step_after_a_chunk_stays_dense():
     model = tiny_model("llama", num_layers=LAYERS)
     backend = mi_compile.backend(OPTS)
@@ -291,7 +284,6 @@ def test_decode_step_after_a_chunk_stays_dense():
     _assert_close(out, ref)
 
 
-@needs_chunk_op
 def test_generate_turns_over_a_cached_document():
     """Prefill a document once, then two question turns by ``generate`` on the same cache
     (each turn's question is a chunk over the cache, then decode steps): greedy tokens equal

@@ -10,6 +10,10 @@ attention      the Triton kernels                    ``impl="auto"``: the Triton
 selection      Triton estimates, fused tables        PyTorch (the interpreter would be far slower)
 =============  ====================================  ================================================
 
+On sm_90 the layers whose heads are all dense or A-shape may take the Gluon kernel of
+:mod:`mi_compile.kernels.hopper_wide` instead of the Triton one: opt-in only
+(``MI_COMPILE_HOPPER=1``, :func:`hopper_opt_in`) until it is measured on a GPU.
+
 "selection" is everything that builds the index: the vertical-slash and XAttention estimates
 and the fused table builder. Dense-versus-sparse (``min_seq_len``) is the op's own decision
 (:mod:`mi_compile.op`), made before any of these.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import os
 
 ATTENTION_IMPLS = ("auto", "triton", "reference")
+HOPPER_ENV = "MI_COMPILE_HOPPER"
 
 
 def interpreting() -> bool:
@@ -53,3 +58,9 @@ def op_attention_impl(q) -> str:
 def selection_impl(q) -> str:
     """``"triton"`` (estimates and fused table builder) on CUDA, ``"torch"`` elsewhere."""
     return "triton" if q.is_cuda else "torch"
+
+
+def hopper_opt_in() -> bool:
+    """The Gluon Hopper kernel was asked for (``MI_COMPILE_HOPPER=1``; read at each launch, so a
+    benchmark can set it per run). Whether it can run is :func:`mi_compile.kernels.hopper_wide.usable`'s."""
+    return os.environ.get(HOPPER_ENV, "") == "1"

@@ -33,15 +33,15 @@ the Hopper pieces, or on another device, the caller keeps the Triton wide kernel
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
 from .constants import WIDE
+from .dispatch import HOPPER_ENV, hopper_opt_in
 
 LOG2E = 1.4426950408889634
-ENV = "MI_COMPILE_HOPPER"
+ENV = HOPPER_ENV
 BLOCK_M = 128          # query rows per program: two warpgroups of 64
 NUM_WARPS = 8
 # Key tile width and ring depth per head dim (the compile-time resource report,
@@ -78,16 +78,11 @@ def _tma_strides(t) -> list:
             for i, (size, stride) in enumerate(zip(t.shape, t.stride()))]
 
 
-def enabled() -> bool:
-    """The opt-in: ``MI_COMPILE_HOPPER=1``."""
-    return os.environ.get(ENV, "") == "1"
-
-
 def usable(q, k, v, out) -> bool:
     """The Gluon kernel takes these tensors: opted in, sm_90 with Gluon, fp16 / bf16, head dim
     64 or 128, and the TMA rules (16-byte aligned base and strides, unit last stride). Host
     metadata only (no device sync)."""
-    if not enabled() or q.device.type != "cuda":
+    if not hopper_opt_in() or q.device.type != "cuda":
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype == out.dtype):
         return False

@@ -61,14 +61,13 @@ tensor (tests: no pair twice, none missing); 2 count visited pairs per query blo
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ._device import contiguous_last
 from .constants import BLOCK, WIDE
+from .dispatch import hopper_opt_in
 from .index_format import SparseIndex
 
 LOG2E = 1.4426950408889634
@@ -488,8 +487,7 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
     if _wide_ok(index, block_d, cfg):
         wide_m = 2 * BLOCK
         programs = _programs(nq, n, wide_m)
-        if mode == 0 and os.environ.get("MI_COMPILE_HOPPER") == "1" and _hopper_wide(q, k, v, index, scale, out,
-                                                                                    programs):
+        if mode == 0 and hopper_opt_in() and _hopper_wide(q, k, v, index, scale, out, programs):
             return
         compiled = _wide_attention_kernel[(programs * group, B * H // group)](
             q, k, v, out, counts,

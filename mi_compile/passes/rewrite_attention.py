@@ -40,6 +40,7 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .. import op
 from ..patterns.spec import HeadPattern, encode_heads
 from ..sparse import MAX_HEAD_DIM, MIN_HEAD_DIM, SUPPORTED_DTYPES
 from .classify_mask import _sym_expr
@@ -116,18 +117,6 @@ def has_side_effects(node: torch.fx.Node) -> bool:
     return node.is_impure()
 
 
-def chunk_dense_reason(heads: list[HeadPattern]) -> str | None:
-    """Why a layer with these heads cannot run a prefill chunk (``nq < nk``) sparse, or None:
-    the op's own answer (:func:`mi_compile.op.chunk_dense_reason`). An op without it does
-    not take chunks at all."""
-    from .. import op
-
-    fn = getattr(op, "chunk_dense_reason", None)
-    if fn is None:
-        return "the sparse op does not take query length < key length (mi_compile.op.chunk_dense_reason missing)"
-    return fn(heads)
-
-
 def _chunk_padding(graph: torch.fx.Graph, site: AttentionSite):
     """The key padding mask for a chunk, cut to the keys' length: transformers indexes the
     2D ``attention_mask`` with ``arange(nk)``, so only its first ``nk`` columns count, and
@@ -188,7 +177,7 @@ class RewriteAttentionPass:
         else:
             site.heads = self.config.heads_for(site.layer, site.q_heads)
         if site.mask.chunk:
-            reason = chunk_dense_reason(site.heads)
+            reason = op.chunk_dense_reason(site.heads)
             if reason:
                 site.heads = None
                 return site.keep_dense(f"prefill chunk over a cache: {reason}")
