@@ -111,8 +111,38 @@ def run_turn(args, dev, rows, model, fns, context, turn):
         rows.add(kind="turn", mode=m, context=n, turn=turn.shape[1], turn_s=round(min(ts), 4),
                  all_s=[round(t, 4) for t in ts], vs_eager=round(min(ts) / eager, 3) if eager else None,
                  peak_gib=peak.get(m), sites=sites_of(fns[m]))
+    if args.profile and dev.cuda:
+        profile_turn(args, dev, rows, fns, call, times)
     del cache
     dev.free()
+
+
+def profile_turn(args, dev, rows, fns, call, times):
+    """Where a turn's time goes, per mode: host seconds until the call returns (the GPU idle
+    at the start, so a host-bound call returns about when the GPU is done) against the
+    synchronised time, and the device time per kernel category (``--profile``)."""
+    from mi_compile.debug import gpu_profile
+
+    for m in times:
+        host = []
+        for _ in range(max(args.reps, 2)):
+            dev.sync()
+            t = time.perf_counter()
+            call(fns[m])
+            host.append(time.perf_counter() - t)
+            dev.sync()
+        try:
+            kt = gpu_profile.kernel_times(lambda f=fns[m]: call(f))
+        except Exception as exc:  # noqa: BLE001 -- a profiler failure must not lose the run
+            rows.add(kind="turn_profile", mode=m, error=err_text(exc))
+            continue
+        text = f"{m}: a {args.turn}-token turn after {args.context} cached tokens\n\n" \
+               f"{gpu_profile.format_kernel_times(kt)}\n"
+        with open(os.path.join(args.out, f"profile_turn_{m}.txt"), "w") as f:
+            f.write(text)
+        print(text, flush=True)
+        rows.add(kind="turn_profile", mode=m, host_s=round(min(host), 4), turn_s=round(min(times[m]), 4),
+                 kernels=kt)
 
 
 def run_chunked(args, dev, rows, model, fns, context):
@@ -165,6 +195,8 @@ def parse_args(argv=None):
     p.add_argument("--min-seq-len", type=int, default=32768,
                    help="backend min_seq_len, compared with the keys' length (default 32768)")
     p.add_argument("--no-inductor", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed turns: each mode's host time and device time per kernel (GPU)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)

@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--baseline", default=None, help="folder holding another mi_compile package to time as well")
     p.add_argument("--profile", action="store_true",
                    help="host time of each phase of one call and a cProfile of the call, at the first length")
+    p.add_argument("--query-len", type=int, default=0,
+                   help="queries per call (a chunk continuing a cache: the last rows against all n keys; "
+                        "default n)")
     p.add_argument("--root", default=None, help=argparse.SUPPRESS)        # import mi_compile from here
     p.add_argument("--op-only", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -112,8 +115,10 @@ def reps_for(n):
 
 
 def inputs(n, seed=0):
+    """q ``[B, HQ, nq, D]`` (nq = ``--query-len`` or n), k/v ``[B, HKV, n, D]``."""
     g = torch.Generator(device=DEV).manual_seed(seed)
-    return tuple(torch.randn(B, h, n, D, device=DEV, dtype=DT, generator=g) for h in (HQ, HKV, HKV))
+    nq = min(ARGS.query_len, n) if ARGS.query_len else n
+    return tuple(torch.randn(B, h, m, D, device=DEV, dtype=DT, generator=g) for h, m in ((HQ, nq), (HKV, n), (HKV, n)))
 
 
 def op_call(q, k, v):
@@ -121,6 +126,8 @@ def op_call(q, k, v):
 
 
 def dense_call(q, k, v):
+    if q.shape[-2] < k.shape[-2]:     # a chunk: the bottom-right causal mask
+        return op_module.dense_attention(q, k, v, None)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
@@ -183,7 +190,7 @@ def bench_length(n):
     for _ in range(3):                       # compile the kernels, fill the caches
         out = op_call(q, k, v)
     sync()
-    row = {"n": n, "reps": reps}
+    row = {"n": n, "query_len": q.shape[-2], "reps": reps}
     row["ops_per_call"], row["top_ops"] = count_ops(q, k, v)
     row["host_ms_mean"], row["host_ms_median"] = host_ms(lambda: op_call(q, k, v), reps)
     row["full_ms"] = full_ms(lambda: op_call(q, k, v), reps)
@@ -308,6 +315,9 @@ def profile(n):
     reps = 50 if CUDA else 2
     for _ in range(3):
         op_call(q, k, v)
+    if q.shape[-2] < n:     # a chunk: the whole call only, and the cProfile below
+        phases = {"op call": lambda: op_call(q, k, v), "dense attention": lambda: dense_call(q, k, v)}
+        return profile_phases(q, k, v, n, phases, reps)
     ss, sl = normalize_sequences(q, None, None)
     plan = index_plan(tuple(HEADS), q.device, grouped=CUDA)
     index = build_sparse_index(q, k, ENC)
@@ -331,6 +341,15 @@ def profile(n):
         "attention launch": lambda: sparse_attention_from_index(q, k, v, index),
         "torch.empty x1": lambda: torch.empty(B, HQ, n + 64, device=DEV, dtype=torch.int32),
     }
+    return profile_phases(q, k, v, n, phases, reps)
+
+
+def profile_phases(q, k, v, n, phases, reps):
+    """Host ms of each phase alone, then the op call under cProfile."""
+    import cProfile
+    import io
+    import pstats
+
     result = {}
     for name, fn in phases.items():
         fn()
@@ -346,7 +365,7 @@ def profile(n):
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
     log(text.getvalue())
-    return {"n": n, "phases_host_ms": result, "cprofile_top": text.getvalue()[-6000:]}
+    return {"n": n, "query_len": q.shape[-2], "phases_host_ms": result, "cprofile_top": text.getvalue()[-6000:]}
 
 
 def baseline_rows():

@@ -10,7 +10,8 @@
 #   bash benchmarks/qwen_device.sh searched|searched_acc [SECONDS]   # a search over every pattern at 128K
 #   bash benchmarks/qwen_device.sh yard|yard_acc|yard_search [SECONDS]   # the shipped 128K config against the all-pattern one
 #   bash benchmarks/qwen_device.sh chunked|chunked_acc [SECONDS]   # prefills continuing a cache
-#   bash benchmarks/qwen_device.sh checks|kernels|hopper [SECONDS]   # no model: gpu_checks, the kernel benchmark, the Gluon kernel
+#   bash benchmarks/qwen_device.sh checks|kernels|hopper|host [SECONDS]   # no model: gpu_checks, the kernel benchmark,
+#                                                  # the Gluon kernel, the op's host time (a 2K chunk at 128K)
 #   bash benchmarks/qwen_device.sh queue STAGE:SECONDS ...   # those stages in turn, outliving the call
 #   bash benchmarks/qwen_device.sh collect   # what the queue has made so far, to $OUT
 #
@@ -195,7 +196,7 @@ case "$stage" in
     deadline=$(( $(date +%s) + ${2:-480} ))
     if [ "$stage" = chunked ]; then
       timeout "$(( deadline - $(date +%s) ))" python3 -m benchmarks.chunked --model qwen2.5-coder-1.5b \
-        --config "$CFG_FAST" --context 129024 --turn 2048 --chunk 16384 --reps 2 --out "$RUNS/chunked" 2>&1 \
+        --config "$CFG_FAST" --context 129024 --turn 2048 --chunk 16384 --reps 2 --profile --out "$RUNS/chunked" 2>&1 \
         | grep -v "it/s\]" > "$RUNS/chunked.log"
       tail -30 "$RUNS/chunked.log"
       tar czf "$OUT/chunked.tgz" -C "$RUNS" chunked chunked.log
@@ -240,6 +241,15 @@ case "$stage" in
     NS=32768,131072 SWEEP=0 FLEX=0 timeout "$(( ${2:-300} / 2 ))" python3 -m benchmarks.kernels > "$OUT/kernels_hopper.log" 2>&1
     grep -i "wide\|cudnn" "$OUT/kernels_hopper.log" | tail -20
     ;;
+  host)
+    # the op's host time for a 2K chunk against 128K keys and for whole prompts (cProfile of
+    # the chunk's call); no model needed
+    timeout "$(( ${2:-240} / 2 ))" python3 -m benchmarks.host_overhead --lengths 131072,32768 --query-len 2048 --profile \
+      --no-model --out "$OUT/host_chunk.json" > "$OUT/host_chunk.log" 2>&1
+    timeout "$(( ${2:-240} / 2 ))" python3 -m benchmarks.host_overhead --lengths 131072 --no-model \
+      --out "$OUT/host_whole.json" > "$OUT/host_whole.log" 2>&1
+    grep -v "^  " "$OUT/host_chunk.log" | tail -30; tail -5 "$OUT/host_whole.log"
+    ;;
   kernels)
     # the kernel benchmark at 32K and 128K without the launch sweep; no model needed
     NS=${NS:-32768,131072} SWEEP=0 FLEX=${FLEX:-0} timeout "${2:-240}" python3 -m benchmarks.kernels > "$OUT/kernels.log" 2>&1
@@ -257,7 +267,7 @@ case "$stage" in
       for s in "$@"; do
         name=${s%%:*}; secs=${s#*:}
         case $name in
-          checks|kernels|hopper) ;;
+          checks|kernels|hopper|host) ;;
           *) until [ -d /root/site/gguf ] && python3 -m benchmarks.device_model status | grep -q "published$"; do
                sleep 3; done ;;
         esac
@@ -274,7 +284,7 @@ case "$stage" in
     tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.safetensors' .
     ;;
   *)
-    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|adaptive2|adaptive2_acc|searched|searched_acc|yard|yard_acc|yard_search|chunked|chunked_acc|checks|kernels|hopper [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
+    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|adaptive2|adaptive2_acc|searched|searched_acc|yard|yard_acc|yard_search|chunked|chunked_acc|checks|kernels|hopper|host [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
     exit 2
     ;;
 esac
