@@ -16,9 +16,10 @@ and for each pair:
 - ``adaptive_gqa{1,4}``: the same for a layer mixing tri-shape, XAttention, FlexPrefill,
   vertical-slash in whole blocks, vertical-slash and dense;
 - ``wide``: a layer of only dense / A-shape heads (the 128-row kernel, head_dim <= 128);
-- ``hopper_wide``: the opt-in Gluon kernel (``MI_COMPILE_HOPPER=1``; sm_90 with Gluon, head_dim
-  64 / 128, else recorded as skipped with the reason): the WIDE layer padded with GQA, a
-  dense-only layer through strided K/V views, a chunk; against the float32 reference;
+- ``hopper_wide``, ``hopper_ws``: the opt-in Gluon kernels (``MI_COMPILE_HOPPER=1`` / ``=ws``;
+  sm_90 with Gluon, head_dim 64 / 128, else recorded as skipped with the reason): the WIDE
+  layer padded with GQA, a dense-only layer through strided K/V views, a chunk; against the
+  float32 reference;
 - ``full_selection_vs_sdpa``: every pattern with a selection covering the whole causal square
   equals ``F.scaled_dot_product_attention(is_causal=True)`` in the same dtype;
 - ``chunk_gqa{1,4}``: a chunk of 700 queries continuing a cache of the mixed layer (``nq < nk``,
@@ -147,17 +148,18 @@ class Skipped(Exception):
     """A check that does not apply here (recorded with its reason, not as a failure)."""
 
 
-def check_hopper_wide(D, dtype):
-    """The opt-in Gluon kernel (``MI_COMPILE_HOPPER=1``, sm_90, head_dim 64 / 128): the WIDE
+def check_hopper(D, dtype, variant):
+    """An opt-in Gluon kernel (``MI_COMPILE_HOPPER=1`` for ``"wide"``, ``=ws`` for ``"ws"``;
+    sm_90, head_dim 64 / 128): the WIDE
     layer as a padded batch of 2 over 2 KV heads, a dense-only layer over 2 KV heads with K/V
     read through views of ``[B, n, Hkv, D]`` storage (4D TMA strides), and a chunk of the WIDE layer continuing a
     cache; each against the float32 reference, every element written, padded rows 0, the
-    kernel recorded as hopper_wide, and within the tolerance of the Triton wide kernel."""
+    kernel recorded as ``hopper_<variant>``, and within the tolerance of the Triton wide kernel."""
     from mi_compile.kernels import hopper_wide
     if DEV != "cuda":
         raise Skipped(f"device {DEV}")
-    if D not in hopper_wide.CONFIG:
-        raise Skipped(f"head_dim {D}: the kernel takes {sorted(hopper_wide.CONFIG)}")
+    if D not in hopper_wide.HEAD_DIMS:
+        raise Skipped(f"head_dim {D}: the kernel takes {list(hopper_wide.HEAD_DIMS)}")
     why = hopper_wide.unavailable_reason()
     if why:
         raise Skipped(why)
@@ -174,10 +176,10 @@ def check_hopper_wide(D, dtype):
     try:
         for name, (qx, kx, vx, heads, st, ln) in cases.items():
             index = build_sparse_index(qx, kx, heads, seq_start=st, seq_len=ln)
-            os.environ[hopper_wide.ENV] = "1"
+            os.environ[hopper_wide.ENV] = variant
             out = run_kernel(qx, kx, vx, index)
             kernel = kernel_module.LAST_COMPILE.get("kernel")
-            assert kernel == "hopper_wide", f"{name}: ran {kernel}"
+            assert kernel == f"hopper_{variant}", f"{name}: ran {kernel}"
             os.environ.pop(hopper_wide.ENV)
             triton_out = run_kernel(qx, kx, vx, index)
             ref = reference_attention(qx, kx, vx, index, D ** -0.5)
@@ -192,7 +194,7 @@ def check_hopper_wide(D, dtype):
         os.environ.pop(hopper_wide.ENV, None)
         if saved is not None:
             os.environ[hopper_wide.ENV] = saved
-    return {"kernel": "hopper_wide", **result}
+    return {"kernel": f"hopper_{variant}", **result}
 
 
 def check_full_selection(D, dtype):
@@ -300,7 +302,8 @@ def run_one(D, dtype_name):
     checks += [("wide", lambda: check_wide(D, dtype)),
                ("full_selection_vs_sdpa", lambda: check_full_selection(D, dtype)),
                ("backend_tiny_llama", lambda: check_backend(D, dtype)),
-               ("hopper_wide", lambda: check_hopper_wide(D, dtype))]
+               ("hopper_wide", lambda: check_hopper(D, dtype, "wide")),
+               ("hopper_ws", lambda: check_hopper(D, dtype, "ws"))]
     checks += [(f"chunk_gqa{r}", lambda r=r: check_chunk(D, dtype, r)) for r in (1, 4)]
     checks += [("backend_chunk", lambda: check_backend_chunk(D, dtype))]
     results = []

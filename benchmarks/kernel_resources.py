@@ -117,7 +117,7 @@ def sass_opcodes(compiled, opcodes=("HGMMA", "UTMALDG")) -> dict:
     return {op: found.count(op) for op in opcodes}
 
 
-def compile_hopper(head_dim: int, dtype: str, arch: int = 90):
+def compile_hopper(head_dim: int, dtype: str, arch: int = 90, variant: str = "wide"):
     """The Gluon kernel of :mod:`mi_compile.kernels.hopper_wide` at its launch configuration
     (``CONFIG[head_dim]``), K/V as the launcher's TMA descriptors; needs a triton with Gluon's
     Hopper API (3.6: ``PYTHONPATH=/tmp/t36``)."""
@@ -125,8 +125,8 @@ def compile_hopper(head_dim: int, dtype: str, arch: int = 90):
     from mi_compile.kernels import hopper_wide
     if hopper_wide.GLUON_ERROR:
         raise RuntimeError(hopper_wide.GLUON_ERROR)
-    fn = hopper_wide.hopper_wide_kernel
-    cfg = hopper_wide.CONFIG[head_dim]
+    fn, warps = hopper_wide.KERNELS[variant]
+    cfg = hopper_wide.CONFIGS[variant][head_dim]
     gl = hopper_wide.gl
     layout = hopper_wide.kv_layout({"bf16": gl.bfloat16, "fp16": gl.float16}[dtype], cfg["block_n"], head_dim)
     descriptor = f"tensordesc<{dtype}[1, 1, {cfg['block_n']}, {head_dim}],{layout!r}>"
@@ -137,25 +137,32 @@ def compile_hopper(head_dim: int, dtype: str, arch: int = 90):
     names = fn.arg_names
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                          attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": hopper_wide.NUM_WARPS})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
     return compiled, cfg
 
 
 def hopper_main(args) -> list:
-    """``--hopper``: the Gluon kernel for fp16 and bf16 at the head dims."""
+    """``--hopper``: the Gluon kernels (both variants) for fp16 and bf16 at the head dims.
+    With warp specialisation the registers reported are the launch's; each partition's budget
+    is set by ``setmaxnreg`` (the row's ``setmaxnreg``)."""
+    from mi_compile.kernels import hopper_wide
     rows = []
-    for head_dim in (int(d) for d in args.head_dims.split(",")):
-        for dtype in ("bf16", "fp16"):
-            compiled, cfg = compile_hopper(head_dim, dtype, args.arch)
-            row = {"kernel": "hopper_wide", "head_dim": head_dim, "dtype": dtype, "arch": args.arch,
-                   "triton": triton.__version__, "num_warps": 8, "block_n": cfg["block_n"],
-                   "stages": cfg["stages"], **resources(compiled), **sass_opcodes(compiled)}
-            rows.append(row)
-            print(f"hopper_wide D={head_dim:<4d} {dtype} sm_{args.arch} triton {triton.__version__} "
-                  f"(BLOCK_N {cfg['block_n']}, {cfg['stages']} stages): {row['registers']} registers, "
-                  f"{row['stack_bytes']} B stack, {row['shared_dynamic'] // 1024} KiB shared, "
-                  f"{row['instructions']} instructions, HGMMA x{row['HGMMA']}, UTMALDG x{row['UTMALDG']}, "
-                  f"sass {row['sass_md5'][:12]}", flush=True)
+    builds = [(variant, int(d), dtype) for variant in hopper_wide.CONFIGS for d in args.head_dims.split(",")
+              for dtype in ("bf16", "fp16")]
+    for variant, head_dim, dtype in builds:
+        compiled, cfg = compile_hopper(head_dim, dtype, args.arch, variant)
+        row = {"kernel": f"hopper_{variant}", "head_dim": head_dim, "dtype": dtype, "arch": args.arch,
+               "triton": triton.__version__, "num_warps": compiled.metadata.num_warps,
+               "block_n": cfg["block_n"], "stages": cfg["stages"], **resources(compiled),
+               **sass_opcodes(compiled),
+               "setmaxnreg": sorted(set(map(int, re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
+                                                            compiled.asm["ptx"]))))}
+        rows.append(row)
+        print(f"{row['kernel']:<12s} D={head_dim:<4d} {dtype} sm_{args.arch} triton {triton.__version__} "
+              f"(BLOCK_N {cfg['block_n']}, {cfg['stages']} stages): {row['registers']} registers, "
+              f"{row['stack_bytes']} B stack, {row['shared_dynamic'] // 1024} KiB shared, "
+              f"{row['instructions']} instructions, HGMMA x{row['HGMMA']}, UTMALDG x{row['UTMALDG']}, "
+              f"sass {row['sass_md5'][:12]}", flush=True)
     return rows
 
 

@@ -226,9 +226,9 @@ def ours(name, n, fn, index, q, k, v, cudnn_ms, **extra):
 
 
 def hopper_rows(n, q, k, v, cudnn_ms, index_a):
-    """The opt-in Gluon kernel (``MI_COMPILE_HOPPER=1``) on the dense and the A-shape 128+4096
-    layers, each next to the Triton wide kernel on the same index; a row ``skipped`` with the
-    reason where it cannot run (not sm_90, no Gluon)."""
+    """The opt-in Gluon kernels (``MI_COMPILE_HOPPER=1``: "wide", ``=ws``: warp-specialised) on
+    the dense and the A-shape 128+4096 layers, each next to the Triton wide kernel on the same
+    index; a row ``skipped`` with the reason where they cannot run (not sm_90, no Gluon)."""
     from mi_compile.kernels import hopper_wide
     why = hopper_wide.unavailable_reason()
     if why:
@@ -238,13 +238,14 @@ def hopper_rows(n, q, k, v, cudnn_ms, index_a):
     try:
         for layer, index in (("dense", index_d), ("ashape_128_4096", index_a)):
             outs = []
-            for opt_in, name in (("0", "triton_wide"), ("1", "hopper_wide")):
+            for opt_in, name in (("0", "triton_wide"), ("1", "hopper_wide"), ("ws", "hopper_ws")):
                 os.environ[hopper_wide.ENV] = opt_in
                 ours(f"{name}_{layer}_kernel", n, lambda index=index: sparse_attention_from_index(q, k, v, index),
                      index, q, k, v, cudnn_ms)
                 rows[-1]["compile"] = dict(kernel_module.LAST_COMPILE)
                 outs.append(sparse_attention_from_index(q, k, v, index))
-            rows[-1]["rel_err_vs_triton_wide"] = rel_err(outs[1], outs[0])
+            rows[-2]["rel_err_vs_triton_wide"] = rel_err(outs[1], outs[0])
+            rows[-1]["rel_err_vs_triton_wide"] = rel_err(outs[2], outs[0])
             del outs
     finally:
         os.environ.pop(hopper_wide.ENV, None)

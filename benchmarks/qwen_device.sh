@@ -239,7 +239,7 @@ case "$stage" in
     timeout "$(( ${2:-300} / 2 ))" python3 -m benchmarks.gpu_checks --head-dims 64,128 > "$OUT/gpu_checks_hopper.log" 2>&1
     grep -i "hopper\|passed" "$OUT/gpu_checks_hopper.log" | tail -20
     NS=32768,131072 SWEEP=0 FLEX=0 timeout "$(( ${2:-300} / 2 ))" python3 -m benchmarks.kernels > "$OUT/kernels_hopper.log" 2>&1
-    grep -i "wide\|cudnn" "$OUT/kernels_hopper.log" | tail -20
+    grep -i "wide\|hopper\|cudnn" "$OUT/kernels_hopper.log" | tail -24
     ;;
   host)
     # the op's host time for a 2K chunk against 128K keys and for whole prompts (cProfile of

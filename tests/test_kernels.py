@@ -220,7 +220,31 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     results = json.loads(out.read_text())
     assert [r["check"] for r in results] == ["mixed_gqa1", "mixed_gqa4", "mixed_gqa8", "adaptive_gqa1",
                                              "adaptive_gqa4", "wide", "full_selection_vs_sdpa",
-                                             "backend_tiny_llama", "hopper_wide", "chunk_gqa1", "chunk_gqa4",
-                                             "backend_chunk"]
-    assert next(r for r in results if r["check"] == "hopper_wide").get("skipped")   # no sm_90 here
+                                             "backend_tiny_llama", "hopper_wide", "hopper_ws", "chunk_gqa1",
+                                             "chunk_gqa4", "backend_chunk"]
+    assert all(r.get("skipped") for r in results if r["check"].startswith("hopper_"))   # no sm_90 here
     assert all(r["ok"] for r in results)
+
+
+@pytest.mark.parametrize("value,variant", [("", None), ("0", None), ("1", "wide"), ("wide", "wide"), ("ws", "ws")])
+def test_hopper_opt_in_names_the_variant(monkeypatch, value, variant):
+    from mi_compile.kernels.dispatch import HOPPER_ENV, hopper_opt_in
+    monkeypatch.setenv(HOPPER_ENV, value)
+    assert hopper_opt_in() == variant
+
+
+def test_hopper_opt_in_rejects_an_unknown_value(monkeypatch):
+    from mi_compile.kernels.dispatch import HOPPER_ENV, hopper_opt_in
+    monkeypatch.setenv(HOPPER_ENV, "fa3")
+    with pytest.raises(ValueError, match="MI_COMPILE_HOPPER must be one of"):
+        hopper_opt_in()
+
+
+def test_hopper_kernels_stay_off_on_cpu_tensors(monkeypatch):
+    """Opted in, CPU tensors still run the Triton / reference path (the Gluon kernels are sm_90)."""
+    from mi_compile.kernels import hopper_wide
+    from mi_compile.kernels.dispatch import HOPPER_ENV
+    monkeypatch.setenv(HOPPER_ENV, "ws")
+    q = torch.randn(1, 2, 128, 64, dtype=torch.float16)
+    assert not hopper_wide.usable(q, q, q, q)
+    assert hopper_wide.unavailable_reason() is not None

@@ -10,9 +10,10 @@ attention      the Triton kernels                    ``impl="auto"``: the Triton
 selection      Triton estimates, fused tables        PyTorch (the interpreter would be far slower)
 =============  ====================================  ================================================
 
-On sm_90 the layers whose heads are all dense or A-shape may take the Gluon kernel of
+On sm_90 the layers whose heads are all dense or A-shape may take a Gluon kernel of
 :mod:`mi_compile.kernels.hopper_wide` instead of the Triton one: opt-in only
-(``MI_COMPILE_HOPPER=1``, :func:`hopper_opt_in`) until it is measured on a GPU.
+(``MI_COMPILE_HOPPER=1`` or ``=ws``, :func:`hopper_opt_in`) until one beats the Triton kernel
+by enough to be the default.
 
 "selection" is everything that builds the index: the vertical-slash and XAttention estimates
 and the fused table builder. Dense-versus-sparse (``min_seq_len``) is the op's own decision
@@ -60,7 +61,16 @@ def selection_impl(q) -> str:
     return "triton" if q.is_cuda else "torch"
 
 
-def hopper_opt_in() -> bool:
-    """The Gluon Hopper kernel was asked for (``MI_COMPILE_HOPPER=1``; read at each launch, so a
-    benchmark can set it per run). Whether it can run is :func:`mi_compile.kernels.hopper_wide.usable`'s."""
-    return os.environ.get(HOPPER_ENV, "") == "1"
+HOPPER_VARIANTS = {"1": "wide", "wide": "wide", "ws": "ws"}
+
+
+def hopper_opt_in() -> str | None:
+    """Which Gluon Hopper kernel was asked for: ``"wide"`` (``MI_COMPILE_HOPPER=1``), ``"ws"``
+    (``=ws``, the warp-specialised one) or None. Read at each launch, so a benchmark can set it
+    per run; whether it can run is :func:`mi_compile.kernels.hopper_wide.usable`'s."""
+    value = os.environ.get(HOPPER_ENV, "")
+    if value in ("", "0"):
+        return None
+    if value not in HOPPER_VARIANTS:
+        raise ValueError(f"{HOPPER_ENV} must be one of {sorted(HOPPER_VARIANTS)} or 0, got {value!r}")
+    return HOPPER_VARIANTS[value]

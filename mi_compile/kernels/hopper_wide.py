@@ -27,6 +27,13 @@ Per program:
 Only tiles that need it apply a mask (the last partial prefix tile: keys ``< bound``; band edge
 and diagonal: ``j <= i`` and ``j < sink or i - j < band``; all: keys ``< bound``).
 
+``hopper_wide_ws_kernel`` (``MI_COMPILE_HOPPER=ws``) does the same work warp-specialised
+(``gl.warp_specialize``): the launch's 4 warps and a second warpgroup each own 64 of the 128
+rows and run their own tile loops, and one producer warp issues the TMA loads; a slot goes back
+to the producer when both consumers arrived on its ``free`` mbarrier. No CTA barrier per tile,
+and one warpgroup's softmax can overlap the other's wgmma. Registers per partition by
+``setmaxnreg`` (232 / 232 / 40), so the ring is one slot deeper.
+
 This module imports Gluon lazily (:func:`available`): with a triton without Gluon or without
 the Hopper pieces, or on another device, the caller keeps the Triton wide kernel.
 """
@@ -44,9 +51,13 @@ LOG2E = 1.4426950408889634
 ENV = HOPPER_ENV
 BLOCK_M = 128          # query rows per program: two warpgroups of 64
 NUM_WARPS = 8
-# Key tile width and ring depth per head dim (the compile-time resource report,
+# Key tile width and ring depth per variant and head dim (the compile-time resource report,
 # benchmarks/kernel_resources.py --hopper, picks them: no spills, shared memory in budget).
-CONFIG = {64: {"block_n": 128, "stages": 3}, 128: {"block_n": 128, "stages": 2}}
+# "ws" has the registers of a warpgroup per 64 rows and a producer warp, so its ring is deeper
+# (head dim 128: 3 x 64 KiB of K/V + 32 KiB of Q = 225 KiB of the 227 KiB).
+CONFIGS = {"wide": {64: {"block_n": 128, "stages": 3}, 128: {"block_n": 128, "stages": 2}},
+           "ws": {64: {"block_n": 128, "stages": 4}, 128: {"block_n": 128, "stages": 3}}}
+HEAD_DIMS = (64, 128)
 _LENGTH_ARGS = ["n", "num_programs", "q_offset"]
 
 
@@ -79,7 +90,7 @@ def _tma_strides(t) -> list:
 
 
 def usable(q, k, v, out) -> bool:
-    """The Gluon kernel takes these tensors: opted in, sm_90 with Gluon, fp16 / bf16, head dim
+    """A Gluon kernel takes these tensors: opted in, sm_90 with Gluon, fp16 / bf16, head dim
     64 or 128, and the TMA rules (16-byte aligned base and strides, unit last stride). Host
     metadata only (no device sync)."""
     if not hopper_opt_in() or q.device.type != "cuda":
@@ -87,7 +98,7 @@ def usable(q, k, v, out) -> bool:
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype == out.dtype):
         return False
     D = q.shape[-1]
-    if D not in CONFIG or k.shape[-1] != D or v.shape[-1] != D:
+    if D not in HEAD_DIMS or k.shape[-1] != D or v.shape[-1] != D:
         return False
     for t in (k, v):
         strides = _tma_strides(t)
@@ -297,6 +308,196 @@ if GLUON_ERROR is None:
             gl.store(out_head + gl.expand_dims(o_rows_ix * stride_on, 1) + gl.expand_dims(o_dims, 0),
                      out.to(dtype), mask=gl.expand_dims(o_ok, 1) & gl.expand_dims(o_dims < HEAD_DIM, 0))
 
+    # Partition functions take no constexpr arguments (warp_specialize passes worker arguments as
+    # IR values): ring depth, key tile and head dim come from the shared buffers' shapes.
+    @gluon.jit
+    def _ws_produce(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, free_bar, n_tiles, b, kv, seq_start,
+                    n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band):
+        """The producer warp: tile ``t``'s K and V by TMA into slot ``t % STAGES`` once both
+        consumers released that slot's previous tile (``free_bar``)."""
+        STAGES: gl.constexpr = k_ring.shape[0]
+        BLOCK_N: gl.constexpr = k_ring.shape[3]
+        for t in range(n_tiles):
+            slot = t % STAGES
+            mbarrier.wait(free_bar.index(slot), ((t // STAGES) + 1) & 1, pred=t >= STAGES)
+            _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t, n_tiles, b, kv, seq_start,
+                   n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, STAGES, BLOCK_N)
+
+    @gluon.jit
+    def _ws_consume(q_smem, k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
+                    n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, seq_start, q_offset,
+                    qk_scale, ROW0: gl.constexpr):
+        """One consumer warpgroup: rows ``m0 + ROW0 + [0, 64)`` over the program's whole tile
+        sequence, online softmax, then its rows of the output. Each slot is released to the
+        producer (``free_bar``, one arrival per consumer) once its P V wgmma is done."""
+        ROWS: gl.constexpr = 64
+        STAGES: gl.constexpr = k_ring.shape[0]
+        BLOCK_N: gl.constexpr = k_ring.shape[3]
+        HEAD_DIM: gl.constexpr = k_ring.shape[4]
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+        s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+        o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
+        q_half = q_smem.slice(ROW0, ROWS, dim=0)
+        rows = m0 + ROW0 + gl.arange(0, ROWS, layout=s_rows)
+        cols = gl.arange(0, BLOCK_N, layout=s_cols)
+        m_i = gl.full([ROWS], -1.0e30, gl.float32, s_rows)
+        l_i = gl.zeros([ROWS], gl.float32, s_rows)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+        for t in range(n_tiles):
+            k0, bound, masked, tile_sink, tile_band = _tile(t, n_pre, n_edge, n_int, prefix_end, lo, edge, m0,
+                                                            length, sink, band, BLOCK_N)
+            slot = t % STAGES
+            phase = (t // STAGES) & 1
+            k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
+            v_tile = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
+            mbarrier.wait(k_bar.index(slot), phase)
+            s = warpgroup_mma(q_half, k_tile.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
+                              use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            s = s * qk_scale
+            if masked:
+                keys = k0 + cols
+                keep = gl.expand_dims(keys < bound, 0) & (gl.expand_dims(keys, 0) <= gl.expand_dims(rows, 1))
+                keep = keep & (gl.expand_dims(keys < tile_sink, 0)
+                               | (gl.expand_dims(rows, 1) - gl.expand_dims(keys, 0) < tile_band))
+                s = gl.where(keep, s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - gl.expand_dims(m_new, 1))
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.wait(v_bar.index(slot), phase)
+            acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(free_bar.index(slot), count=1)
+        l_o = gl.convert_layout(l_i, o_rows)
+        out = acc / gl.expand_dims(gl.where(l_o > 0, l_o, 1.0), 1)
+        o_pos = m0 + ROW0 + gl.arange(0, ROWS, layout=o_rows)
+        o_dims = gl.arange(0, HEAD_DIM, layout=o_cols)
+        o_ok = (o_pos < length) & (o_pos >= q_offset - seq_start)
+        o_rows_ix = (seq_start + o_pos).to(gl.int64) - q_offset
+        gl.store(out_head + gl.expand_dims(o_rows_ix * stride_on, 1) + gl.expand_dims(o_dims, 0),
+                 out.to(dtype), mask=gl.expand_dims(o_ok, 1) & gl.expand_dims(o_dims < HEAD_DIM, 0))
+
+    @gluon.jit
+    def _ws_consume_first(q_smem, k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
+                          n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, seq_start, q_offset,
+                          qk_scale):
+        _ws_consume(q_smem, k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
+                    n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, seq_start, q_offset,
+                    qk_scale, 0)
+
+    @gluon.jit
+    def _ws_consume_second(q_smem, k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
+                           n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, seq_start, q_offset,
+                           qk_scale):
+        _ws_consume(q_smem, k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
+                    n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, seq_start, q_offset,
+                    qk_scale, 64)
+
+    @gluon.jit(do_not_specialize=_LENGTH_ARGS)
+    def hopper_wide_ws_kernel(
+            q_ptr, k_desc, v_desc, out_ptr,
+            seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr,
+            stride_qb, stride_qh, stride_qn,
+            stride_ob, stride_oh, stride_on,
+            n, num_heads, heads_per_kv, num_programs, q_offset,
+            qk_scale,
+            HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """:func:`hopper_wide_kernel`'s work, warp-specialised: the 4 warps of the launch and a
+        second warpgroup each own 64 of the program's 128 rows (:func:`_ws_consume`), a fifth
+        warp loads K / V (:func:`_ws_produce`). The two consumers run their own loops, so one's
+        softmax overlaps the other's wgmma, and no CTA barrier per tile remains."""
+        BLOCK_M: gl.constexpr = 128
+        dtype: gl.constexpr = q_ptr.dtype.element_ty
+        io_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8],
+                                                   threads_per_warp=[32 // (HEAD_DIM // 8), HEAD_DIM // 8],
+                                                   warps_per_cta=[4, 1], order=[1, 0])
+        io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
+        io_cols: gl.constexpr = gl.SliceLayout(0, io_layout)
+
+        slot_block = num_programs - 1 - gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // num_heads
+        h = bh % num_heads
+        kv = h // heads_per_kv
+        seq_start = gl.minimum(gl.maximum(gl.load(seq_start_ptr + b), 0), n)
+        length = gl.minimum(gl.maximum(gl.load(seq_len_ptr + b), 0), n - seq_start)
+        m0 = (slot_block + gl.maximum((length + BLOCK_M - 1) // BLOCK_M - num_programs, 0)) * BLOCK_M
+        out_head = out_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+
+        nq = n - q_offset
+        real_lo = gl.minimum(gl.maximum(seq_start - q_offset, 0), nq)
+        real_hi = gl.minimum(gl.maximum(seq_start + length - q_offset, real_lo), nq)
+        slots = slot_block * BLOCK_M + gl.arange(0, BLOCK_M, layout=io_rows)
+        io_dims = gl.arange(0, HEAD_DIM, layout=io_cols)
+        pad_rows = gl.where(slots < real_lo, slots, slots + (real_hi - real_lo)).to(gl.int64)
+        pad_ok = gl.expand_dims(slots < nq - (real_hi - real_lo), 1) & gl.expand_dims(io_dims < HEAD_DIM, 0)
+        gl.store(out_head + gl.expand_dims(pad_rows * stride_on, 1) + gl.expand_dims(io_dims, 0),
+                 gl.zeros([BLOCK_M, HEAD_DIM], dtype, io_layout), mask=pad_ok)
+
+        if (m0 < length) & (m0 + BLOCK_M > q_offset - seq_start):
+            q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+            q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_smem_layout)
+            io_pos = m0 + gl.arange(0, BLOCK_M, layout=io_rows)
+            io_ok = (io_pos < length) & (io_pos >= q_offset - seq_start)
+            q_head = (q_ptr + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh
+                      - q_offset.to(gl.int64) * stride_qn)
+            q_rows = (seq_start + io_pos).to(gl.int64)
+            q_tile = gl.load(q_head + gl.expand_dims(q_rows * stride_qn, 1) + gl.expand_dims(io_dims, 0),
+                             mask=gl.expand_dims(io_ok, 1) & gl.expand_dims(io_dims < HEAD_DIM, 0), other=0.0)
+            q_smem.store(q_tile)
+            fence_async_shared()
+
+            k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+            v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+            k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            free_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(STAGES):
+                mbarrier.init(k_bar.index(i), count=1)
+                mbarrier.init(v_bar.index(i), count=1)
+                mbarrier.init(free_bar.index(i), count=2)
+            gl.thread_barrier()
+
+            prefix = gl.maximum(gl.load(prefix_ptr + h), 0)
+            sink = gl.load(sink_ptr + h)
+            band = gl.load(band_ptr + h)
+            prefix_end = gl.minimum(prefix, m0)
+            lo = gl.minimum(gl.maximum(prefix, m0 + 1 - band), m0)
+            edge = gl.maximum(gl.minimum(m0, gl.maximum(prefix, m0 + BLOCK_M - band)), lo)
+            edge = m0 - ((m0 - edge) // BLOCK_N) * BLOCK_N
+            n_pre = (prefix_end + BLOCK_N - 1) // BLOCK_N
+            n_edge = (edge - lo + BLOCK_N - 1) // BLOCK_N
+            n_int = (m0 - edge) // BLOCK_N
+            n_tiles = n_pre + n_edge + n_int + BLOCK_M // BLOCK_N
+
+            consume = (q_smem, k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
+                       n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, seq_start, q_offset,
+                       qk_scale)
+            gl.warp_specialize([
+                (_ws_consume_first, consume),
+                (_ws_consume_second, consume),
+                (_ws_produce, (k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, free_bar, n_tiles, b, kv, seq_start,
+                               n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band)),
+            ], [4, 1], [232, 40])
+            for i in gl.static_range(STAGES):
+                mbarrier.invalidate(k_bar.index(i))
+                mbarrier.invalidate(v_bar.index(i))
+                mbarrier.invalidate(free_bar.index(i))
+
+    # variant -> (kernel, warps of the launch)
+    KERNELS = {"wide": (hopper_wide_kernel, NUM_WARPS), "ws": (hopper_wide_ws_kernel, 4)}
+
 
 def kv_layout(dtype, block_n: int, head_dim: int):
     """Shared layout of a ``[1, 1, block_n, head_dim]`` K or V box (TMA destination, wgmma operand)."""
@@ -307,23 +508,25 @@ def gl_dtype(dtype: torch.dtype):
     return {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[dtype]
 
 
-def launch(q, k, v, index, scale: float, out, programs: int):
+def launch(q, k, v, index, scale: float, out, programs: int, variant: str = "wide"):
     """Attention of the layer into ``out`` (``programs`` 128-row programs per head, as the wide
-    kernel's launch computes them). Returns the compiled kernel (for the resource report)."""
+    kernel's launch computes them) by the ``variant`` kernel (``"wide"``: 8 warps in lock-step;
+    ``"ws"``: warp-specialised). Returns the compiled kernel (for the resource report)."""
     if GLUON_ERROR is not None:
         raise RuntimeError(GLUON_ERROR)
     B, H, nq, D = q.shape
     n = k.shape[2]
-    cfg = CONFIG[D]
+    kernel, warps = KERNELS[variant]
+    cfg = CONFIGS[variant][D]
     layout = kv_layout(gl_dtype(q.dtype), cfg["block_n"], D)
     box = [1, 1, cfg["block_n"], D]
     k_desc = TensorDescriptor(k, list(k.shape), _tma_strides(k), box, layout)
     v_desc = TensorDescriptor(v, list(v.shape), _tma_strides(v), box, layout)
-    return hopper_wide_kernel[(programs, B * H)](
+    return kernel[(programs, B * H)](
         q, k_desc, v_desc, out,
         index.seq_start, index.seq_len, index.prefix, index.sink, index.band,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         n, H, H // k.shape[1], programs, n - nq,
         scale * LOG2E,
-        HEAD_DIM=D, BLOCK_N=cfg["block_n"], STAGES=cfg["stages"], num_warps=NUM_WARPS)
+        HEAD_DIM=D, BLOCK_N=cfg["block_n"], STAGES=cfg["stages"], num_warps=warps)

@@ -458,16 +458,16 @@ def _programs(nq: int, n: int, rows: int) -> int:
     return blocks if nq == n else min(triton.cdiv(nq, rows) + 1, blocks)
 
 
-def _hopper_wide(q, k, v, index: SparseIndex, scale: float, out, programs: int) -> bool:
-    """Opt-in (``MI_COMPILE_HOPPER=1``): the wide layer through the Gluon kernel of
+def _hopper_wide(q, k, v, index: SparseIndex, scale: float, out, programs: int, variant: str) -> bool:
+    """Opt-in (``MI_COMPILE_HOPPER=1`` or ``=ws``): the wide layer through the ``variant`` Gluon kernel of
     :mod:`mi_compile.kernels.hopper_wide` when it takes it (sm_90, Gluon's Hopper API, fp16 /
     bf16, head dim 64 / 128, TMA-aligned K/V); False leaves it to the Triton wide kernel. The
     module is imported here only, so a triton without Gluon never loads it otherwise."""
     from . import hopper_wide
     if not hopper_wide.usable(q, k, v, out):
         return False
-    compiled = hopper_wide.launch(q, k, v, index, scale, out, programs)
-    LAST_COMPILE.update(kernel="hopper_wide", mode=0, regs=getattr(compiled, "n_regs", None),
+    compiled = hopper_wide.launch(q, k, v, index, scale, out, programs, variant)
+    LAST_COMPILE.update(kernel=f"hopper_{variant}", mode=0, regs=getattr(compiled, "n_regs", None),
                         spills=getattr(compiled, "n_spills", None), shared=getattr(compiled, "shared", None))
     return True
 
@@ -487,7 +487,8 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
     if _wide_ok(index, block_d, cfg):
         wide_m = 2 * BLOCK
         programs = _programs(nq, n, wide_m)
-        if mode == 0 and hopper_opt_in() and _hopper_wide(q, k, v, index, scale, out, programs):
+        hopper = hopper_opt_in() if mode == 0 else None
+        if hopper and _hopper_wide(q, k, v, index, scale, out, programs, hopper):
             return
         compiled = _wide_attention_kernel[(programs * group, B * H // group)](
             q, k, v, out, counts,
