@@ -31,8 +31,9 @@ and diagonal: ``j <= i`` and ``j < sink or i - j < band``; all: keys ``< bound``
 (``gl.warp_specialize``): the launch's 4 warps and a second warpgroup each own 64 of the 128
 rows and run their own tile loops, and one producer warp issues the TMA loads; a slot goes back
 to the producer when both consumers arrived on its ``free`` mbarrier. No CTA barrier per tile,
-and one warpgroup's softmax can overlap the other's wgmma. Registers per partition by
-``setmaxnreg`` (232 / 232 / 40), so the ring is one slot deeper.
+so one warpgroup's softmax can overlap the other's wgmma; inside a warpgroup, tile t's softmax
+runs while tile t-1's P V wgmma is in flight. Registers per partition by ``setmaxnreg`` (232 /
+232 / 40), so the ring is one slot deeper.
 
 This module imports Gluon lazily (:func:`available`): with a triton without Gluon or without
 the Hopper pieces, or on another device, the caller keeps the Triton wide kernel.
@@ -308,6 +309,25 @@ if GLUON_ERROR is None:
             gl.store(out_head + gl.expand_dims(o_rows_ix * stride_on, 1) + gl.expand_dims(o_dims, 0),
                      out.to(dtype), mask=gl.expand_dims(o_ok, 1) & gl.expand_dims(o_dims < HEAD_DIM, 0))
 
+    @gluon.jit
+    def _softmax_step(s, t, m_i, l_i, rows, cols, qk_scale, n_pre, n_edge, n_int, prefix_end, lo, edge, m0,
+                      length, sink, band, BLOCK_N: gl.constexpr):
+        """Tile ``t``'s scores ``s`` -> (P, the rescale factor of O, running max, running sum):
+        scaled, masked where the tile needs it, online softmax in float32 with ``exp2``."""
+        k0, bound, masked, tile_sink, tile_band = _tile(t, n_pre, n_edge, n_int, prefix_end, lo, edge, m0,
+                                                        length, sink, band, BLOCK_N)
+        s = s * qk_scale
+        if masked:
+            keys = k0 + cols
+            keep = gl.expand_dims(keys < bound, 0) & (gl.expand_dims(keys, 0) <= gl.expand_dims(rows, 1))
+            keep = keep & (gl.expand_dims(keys < tile_sink, 0)
+                           | (gl.expand_dims(rows, 1) - gl.expand_dims(keys, 0) < tile_band))
+            s = gl.where(keep, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - gl.expand_dims(m_new, 1))
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
     # Partition functions take no constexpr arguments (warp_specialize passes worker arguments as
     # IR values): ring depth, key tile and head dim come from the shared buffers' shapes.
     @gluon.jit
@@ -350,35 +370,37 @@ if GLUON_ERROR is None:
         m_i = gl.full([ROWS], -1.0e30, gl.float32, s_rows)
         l_i = gl.zeros([ROWS], gl.float32, s_rows)
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-        for t in range(n_tiles):
-            k0, bound, masked, tile_sink, tile_band = _tile(t, n_pre, n_edge, n_int, prefix_end, lo, edge, m0,
-                                                            length, sink, band, BLOCK_N)
+        # Software pipeline (FA3's intra-warpgroup overlap): iteration t >= 1 issues S_t = Q K_t^T
+        # and O += P_{t-1} V_{t-1}, waits for S_t only, and runs tile t's softmax while the P V
+        # wgmma is still in flight; then waits for it, frees slot t-1 and rescales O.
+        mbarrier.wait(k_bar.index(0), 0)
+        s = warpgroup_mma(q_half, k_ring.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                          gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        p, alpha, m_i, l_i = _softmax_step(s, 0, m_i, l_i, rows, cols, qk_scale, n_pre, n_edge, n_int,
+                                           prefix_end, lo, edge, m0, length, sink, band, BLOCK_N)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.wait(v_bar.index(0), 0)
+        for t in range(1, n_tiles):
             slot = t % STAGES
-            phase = (t // STAGES) & 1
-            k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
-            v_tile = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
-            mbarrier.wait(k_bar.index(slot), phase)
-            s = warpgroup_mma(q_half, k_tile.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
-                              use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-            s = s * qk_scale
-            if masked:
-                keys = k0 + cols
-                keep = gl.expand_dims(keys < bound, 0) & (gl.expand_dims(keys, 0) <= gl.expand_dims(rows, 1))
-                keep = keep & (gl.expand_dims(keys < tile_sink, 0)
-                               | (gl.expand_dims(rows, 1) - gl.expand_dims(keys, 0) < tile_band))
-                s = gl.where(keep, s, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, 1))
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s - gl.expand_dims(m_new, 1))
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
+            prev = (t - 1) % STAGES
+            mbarrier.wait(k_bar.index(slot), (t // STAGES) & 1)
+            s = warpgroup_mma(q_half, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                              gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+            acc = warpgroup_mma(p_op, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+            p, alpha, m_i, l_i = _softmax_step(s, t, m_i, l_i, rows, cols, qk_scale, n_pre, n_edge, n_int,
+                                               prefix_end, lo, edge, m0, length, sink, band, BLOCK_N)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(free_bar.index(prev), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
-            mbarrier.wait(v_bar.index(slot), phase)
-            acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(free_bar.index(slot), count=1)
+            mbarrier.wait(v_bar.index(slot), (t // STAGES) & 1)
+        # the last tile's P V
+        last = (n_tiles - 1) % STAGES
+        acc = warpgroup_mma(p_op, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(free_bar.index(last), count=1)
         l_o = gl.convert_layout(l_i, o_rows)
         out = acc / gl.expand_dims(gl.where(l_o > 0, l_o, 1.0), 1)
         o_pos = m0 + ROW0 + gl.arange(0, ROWS, layout=o_rows)
