@@ -20,6 +20,8 @@ and for each pair:
   sm_90 with Gluon, head_dim 64 / 128, else recorded as skipped with the reason): the WIDE
   layer padded with GQA, a dense-only layer through strided K/V views, a chunk; against the
   float32 reference;
+- ``hopper_sparse``: the opt-in Gluon kernel for any index (same conditions): the MIXED and
+  ADAPTIVE layers padded with GQA 4 and a chunk of MIXED, against the float32 reference;
 - ``full_selection_vs_sdpa``: every pattern with a selection covering the whole causal square
   equals ``F.scaled_dot_product_attention(is_causal=True)`` in the same dtype;
 - ``chunk_gqa{1,4}``: a chunk of 700 queries continuing a cache of the mixed layer (``nq < nk``,
@@ -197,6 +199,52 @@ def check_hopper(D, dtype, variant):
     return {"kernel": f"hopper_{variant}", **result}
 
 
+def check_hopper_sparse(D, dtype):
+    """The opt-in Gluon kernel for any index (``MI_COMPILE_HOPPER=1``, sm_90, head_dim 64 / 128):
+    the MIXED and ADAPTIVE layers as padded batches over 2 KV heads, and a chunk of the MIXED
+    layer continuing a cache; each against the float32 reference of its index, every element
+    written, padded rows 0, the kernel recorded as hopper_sparse, and within the tolerance of
+    the Triton general kernel."""
+    from mi_compile.kernels import hopper_sparse
+    if DEV != "cuda":
+        raise Skipped(f"device {DEV}")
+    if D not in hopper_sparse.CONFIG:
+        raise Skipped(f"head_dim {D}: the kernel takes {sorted(hopper_sparse.CONFIG)}")
+    why = hopper_sparse.unavailable_reason()
+    if why:
+        raise Skipped(why)
+    start = torch.tensor(START, dtype=torch.int32, device=DEV)
+    length = torch.tensor(LENGTH, dtype=torch.int32, device=DEV)
+    nq = max(64, N * 7 // 30)
+    q, k, v = inputs(17 * D, 2, 2, N, D, dtype)
+    cases = {"mixed_padded_gqa4": (q, MIXED), "adaptive_padded_gqa4": (q, ADAPTIVE),
+             "mixed_chunk": (q[:, :, N - nq:].contiguous(), MIXED)}
+    result = {}
+    saved = os.environ.get(hopper_sparse.hopper_wide.ENV)
+    try:
+        for name, (qx, heads) in cases.items():
+            index = build_sparse_index(qx, k, heads, seq_start=start, seq_len=length)
+            os.environ[hopper_sparse.hopper_wide.ENV] = "1"
+            out = run_kernel(qx, k, v, index)
+            kernel = kernel_module.LAST_COMPILE.get("kernel")
+            assert kernel == "hopper_sparse", f"{name}: ran {kernel}"
+            os.environ.pop(hopper_sparse.hopper_wide.ENV)
+            triton_out = run_kernel(qx, k, v, index)
+            ref = reference_attention(qx, k, v, index, D ** -0.5)
+            err, err_triton = rel_err(out, ref), rel_err(triton_out, ref)
+            assert err < TOL[dtype], f"{name}: rel err {err:.2e} (Triton general kernel {err_triton:.2e})"
+            if qx.shape[2] == N:
+                s = START[1]
+                assert torch.equal(out[1, :, :s], torch.zeros_like(out[1, :, :s])), f"{name}: padded rows must be 0"
+            result[name] = round(err, 6)
+            result[name + "_triton"] = round(err_triton, 6)
+    finally:
+        os.environ.pop(hopper_sparse.hopper_wide.ENV, None)
+        if saved is not None:
+            os.environ[hopper_sparse.hopper_wide.ENV] = saved
+    return {"kernel": "hopper_sparse", **result}
+
+
 def check_full_selection(D, dtype):
     q, k, v = inputs(3 * D, 1, 2, N, D, dtype)
     out = sparse_attention(q, k, v, FULL)
@@ -303,7 +351,8 @@ def run_one(D, dtype_name):
                ("full_selection_vs_sdpa", lambda: check_full_selection(D, dtype)),
                ("backend_tiny_llama", lambda: check_backend(D, dtype)),
                ("hopper_wide", lambda: check_hopper(D, dtype, "wide")),
-               ("hopper_ws", lambda: check_hopper(D, dtype, "ws"))]
+               ("hopper_ws", lambda: check_hopper(D, dtype, "ws")),
+               ("hopper_sparse", lambda: check_hopper_sparse(D, dtype))]
     checks += [(f"chunk_gqa{r}", lambda r=r: check_chunk(D, dtype, r)) for r in (1, 4)]
     checks += [("backend_chunk", lambda: check_backend_chunk(D, dtype))]
     results = []

@@ -118,19 +118,26 @@ def sass_opcodes(compiled, opcodes=("HGMMA", "UTMALDG")) -> dict:
 
 
 def compile_hopper(head_dim: int, dtype: str, arch: int = 90, variant: str = "wide"):
-    """The Gluon kernel of :mod:`mi_compile.kernels.hopper_wide` at its launch configuration
-    (``CONFIG[head_dim]``), K/V as the launcher's TMA descriptors; needs a triton with Gluon's
-    Hopper API (3.6: ``PYTHONPATH=/tmp/t36``)."""
+    """A Gluon kernel at its launch configuration, K/V as the launcher's TMA descriptors:
+    ``variant`` ``"wide"`` / ``"ws"`` of :mod:`mi_compile.kernels.hopper_wide`, ``"sparse"``
+    of :mod:`mi_compile.kernels.hopper_sparse`; needs a triton with Gluon's Hopper API (3.6:
+    ``PYTHONPATH=/tmp/t36``)."""
     from triton.experimental.gluon._runtime import GluonASTSource
-    from mi_compile.kernels import hopper_wide
+    from mi_compile.kernels import hopper_sparse, hopper_wide
     if hopper_wide.GLUON_ERROR:
         raise RuntimeError(hopper_wide.GLUON_ERROR)
-    fn, warps = hopper_wide.KERNELS[variant]
-    cfg = hopper_wide.CONFIGS[variant][head_dim]
+    if variant == "sparse":
+        fn, warps = hopper_sparse.hopper_sparse_kernel, hopper_sparse.NUM_WARPS
+        cfg = {"block_n": 64, **hopper_sparse.CONFIG[head_dim]}
+    else:
+        fn, warps = hopper_wide.KERNELS[variant]
+        cfg = hopper_wide.CONFIGS[variant][head_dim]
     gl = hopper_wide.gl
     layout = hopper_wide.kv_layout({"bf16": gl.bfloat16, "fp16": gl.float16}[dtype], cfg["block_n"], head_dim)
     descriptor = f"tensordesc<{dtype}[1, 1, {cfg['block_n']}, {head_dim}],{layout!r}>"
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_N=cfg["block_n"], STAGES=cfg["stages"])
+    constexprs = dict(HEAD_DIM=head_dim, STAGES=cfg["stages"])
+    if variant != "sparse":
+        constexprs["BLOCK_N"] = cfg["block_n"]
     sig, attrs = _signature(fn, dtype, constexprs, {})
     for name in ("k_desc", "v_desc"):
         sig[name] = descriptor
@@ -147,8 +154,8 @@ def hopper_main(args) -> list:
     is set by ``setmaxnreg`` (the row's ``setmaxnreg``)."""
     from mi_compile.kernels import hopper_wide
     rows = []
-    builds = [(variant, int(d), dtype) for variant in hopper_wide.CONFIGS for d in args.head_dims.split(",")
-              for dtype in ("bf16", "fp16")]
+    builds = [(variant, int(d), dtype) for variant in (*hopper_wide.CONFIGS, "sparse")
+              for d in args.head_dims.split(",") for dtype in ("bf16", "fp16")]
     for variant, head_dim, dtype in builds:
         compiled, cfg = compile_hopper(head_dim, dtype, args.arch, variant)
         row = {"kernel": f"hopper_{variant}", "head_dim": head_dim, "dtype": dtype, "arch": args.arch,

@@ -251,6 +251,26 @@ def hopper_rows(n, q, k, v, cudnn_ms, index_a):
         os.environ.pop(hopper_wide.ENV, None)
 
 
+def hopper_sparse_row(label, n, q, k, v, cudnn_ms, index):
+    """The opt-in Gluon kernel for any index (``MI_COMPILE_HOPPER=1``) on ``index``, recorded as
+    ``hopper_sparse_<label>_kernel`` with its difference from the Triton general kernel's output
+    (the row before it, same index); skipped with the reason where it cannot run."""
+    from mi_compile.kernels import hopper_sparse
+    why = hopper_sparse.unavailable_reason()
+    if why:
+        record(op=f"hopper_sparse_{label}_kernel", n=n, skipped=why)
+        return
+    triton_out = sparse_attention_from_index(q, k, v, index)
+    try:
+        os.environ[hopper_sparse.hopper_wide.ENV] = "1"
+        ours(f"hopper_sparse_{label}_kernel", n, lambda: sparse_attention_from_index(q, k, v, index), index,
+             q, k, v, cudnn_ms)
+        rows[-1]["compile"] = dict(kernel_module.LAST_COMPILE)
+        rows[-1]["rel_err_vs_triton"] = rel_err(sparse_attention_from_index(q, k, v, index), triton_out)
+    finally:
+        os.environ.pop(hopper_sparse.hopper_wide.ENV, None)
+
+
 def load_minference():
     """MInference's kernels from its sdist, or None (the reason is recorded as a check)."""
     if not MINFERENCE_SDIST:
@@ -416,6 +436,7 @@ def timings(n, mi=None):
     index_s = build_sparse_index(q, k, VS, vs_selection=structured_selection(n))
     ours("ours_vs_structured_kernel", n, lambda: sparse_attention_from_index(q, k, v, index_s), index_s,
          q, k, v, cudnn_ms)
+    hopper_sparse_row("vs_structured", n, q, k, v, cudnn_ms, index_s)
     selection = structured_selection(n)
 
     def vs_full_structured():
@@ -429,6 +450,7 @@ def timings(n, mi=None):
     ours("ours_vs_1000_6096_full_op", n, lambda: sparse_attention(q, k, v, VS), index_v, q, k, v, cudnn_ms)
     ours("ours_vs_kernel_on_estimated_index", n, lambda: sparse_attention_from_index(q, k, v, index_v),
          index_v, q, k, v, cudnn_ms)
+    hopper_sparse_row("vs_estimated", n, q, k, v, cudnn_ms, index_v)
     del index_v
     length = torch.full((B,), n, dtype=torch.int32, device=DEV)
     start = torch.zeros(B, dtype=torch.int32, device=DEV)
@@ -473,6 +495,7 @@ def timings(n, mi=None):
     ours("ours_bs_top100_full_op", n, lambda: sparse_attention(q, k, v, BS), index_b, q, k, v, cudnn_ms)
     ours("ours_bs_top100_kernel", n, lambda: sparse_attention_from_index(q, k, v, index_b), index_b,
          q, k, v, cudnn_ms)
+    hopper_sparse_row("bs_top100", n, q, k, v, cudnn_ms, index_b)
     del index_b
     if mi is not None:
         minference_timings(mi, n, q, k, v, cudnn_ms)

@@ -458,15 +458,21 @@ def _programs(nq: int, n: int, rows: int) -> int:
     return blocks if nq == n else min(triton.cdiv(nq, rows) + 1, blocks)
 
 
-def _hopper_wide(q, k, v, index: SparseIndex, scale: float, out, programs: int, variant: str) -> bool:
-    """Opt-in (``MI_COMPILE_HOPPER=1`` or ``=ws``): the wide layer through the ``variant`` Gluon kernel of
-    :mod:`mi_compile.kernels.hopper_wide` when it takes it (sm_90, Gluon's Hopper API, fp16 /
-    bf16, head dim 64 / 128, TMA-aligned K/V); False leaves it to the Triton wide kernel. The
-    module is imported here only, so a triton without Gluon never loads it otherwise."""
+def _hopper(q, k, v, index: SparseIndex, scale: float, out, programs: int, variant: str) -> bool:
+    """Opt-in (``MI_COMPILE_HOPPER=1`` or ``=ws``): the layer through a Gluon kernel when one
+    takes it (sm_90, Gluon's Hopper API, fp16 / bf16, head dim 64 / 128, TMA-aligned K/V):
+    ``variant`` ``"wide"`` / ``"ws"`` the wide layers' kernels of
+    :mod:`mi_compile.kernels.hopper_wide`, ``"sparse"`` any index
+    (:mod:`mi_compile.kernels.hopper_sparse`). False leaves the layer to the Triton kernels.
+    The modules are imported here only, so a triton without Gluon never loads them otherwise."""
     from . import hopper_wide
     if not hopper_wide.usable(q, k, v, out):
         return False
-    compiled = hopper_wide.launch(q, k, v, index, scale, out, programs, variant)
+    if variant == "sparse":
+        from . import hopper_sparse
+        compiled = hopper_sparse.launch(q, k, v, index, scale, out, programs)
+    else:
+        compiled = hopper_wide.launch(q, k, v, index, scale, out, programs, variant)
     LAST_COMPILE.update(kernel=f"hopper_{variant}", mode=0, regs=getattr(compiled, "n_regs", None),
                         spills=getattr(compiled, "n_spills", None), shared=getattr(compiled, "shared", None))
     return True
@@ -488,7 +494,7 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
         wide_m = 2 * BLOCK
         programs = _programs(nq, n, wide_m)
         hopper = hopper_opt_in() if mode == 0 else None
-        if hopper and _hopper_wide(q, k, v, index, scale, out, programs, hopper):
+        if hopper and _hopper(q, k, v, index, scale, out, programs, hopper):
             return
         compiled = _wide_attention_kernel[(programs * group, B * H // group)](
             q, k, v, out, counts,
@@ -506,6 +512,8 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
     # benchmarks/NOTES.md); D=256 needs 8 to hold its 64x256 float32 accumulator.
     num_warps = cfg["num_warps"] or (4 if block_d <= 128 else 8)
     programs = _programs(nq, n, BLOCK)
+    if mode == 0 and hopper_opt_in() and _hopper(q, k, v, index, scale, out, programs, "sparse"):
+        return
     grid = (programs * group, B * H // group)
     compiled = _sparse_attention_kernel[grid](
         q, k, v, out, counts,

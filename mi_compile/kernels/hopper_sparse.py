@@ -1,0 +1,303 @@
+"""Hopper (sm_90) kernel in Gluon for any layer's index (opt-in, ``MI_COMPILE_HOPPER``).
+
+Same contract as :func:`mi_compile.kernels.sparse_attention._sparse_attention_kernel` in
+attention mode: program ``(p, b * Hq + h)`` owns the 64 query rows of one block (heaviest
+first, the chunk mapping of the Triton kernels), walks the block's entries of the
+:class:`SparseIndex` and writes its rows (padding rows zero). Every selected pair is computed
+once. Head dim 64 or 128, fp16 / bf16, native GQA, padded inputs, a chunk continuing a cache.
+
+The walk is the Triton kernel's five phases, split by how their keys arrive:
+
+* **ranges by TMA**, one flat tile sequence through a ``STAGES``-deep shared-memory ring (K
+  and V each with an mbarrier per slot, loads issued ``STAGES`` tiles ahead):
+  the prefix ``[0, min(prefix, m0))`` in 64-key tiles; the slash-group tiles (64-key windows
+  ``[max(m0 + start, prefix), min(m0 + end, m0))`` starting anywhere: TMA takes any row); the
+  block-sparse key blocks below the diagonal; the diagonal block ``[m0, m0 + 64)``;
+* **gathered columns** (vertical-slash's columns that no slash window covered for this
+  block), 64 at a time: loaded row by row into registers, written to shared memory, then the
+  same two wgmma as a range tile. Hopper's TMA has no row gather (Blackwell's has).
+
+S = Q K^T and O += P V are ``warpgroup_mma`` (one warpgroup: 64 rows x 64 keys), P from
+registers, online softmax in float32 with ``exp2``. Masks as the Triton kernel's: the key
+bound on every tile, the element test (causal, sink / band) on the diagonal and on the one
+slash window of an A-shape head that reaches past its band, the covered test on columns.
+"""
+from __future__ import annotations
+
+from .constants import BLOCK, WIDE
+from . import hopper_wide
+from .hopper_wide import GLUON_ERROR, LOG2E, _tma_strides, gl_dtype, kv_layout
+
+NUM_WARPS = 4           # one warpgroup per 64-row block
+# ring depth per head dim (64-key tiles; the columns' K / V buffers come on top):
+# head dim 128: Q 16 KiB + 4 x 32 KiB + 32 KiB = 176 KiB; head dim 64: 88 KiB
+CONFIG = {64: {"stages": 4}, 128: {"stages": 4}}
+_LENGTH_ARGS = ["n", "num_q_blocks", "num_programs", "q_offset", "max_tiles", "max_columns", "max_blocks",
+                "covered_len"]
+
+usable = hopper_wide.usable
+unavailable_reason = hopper_wide.unavailable_reason
+
+if GLUON_ERROR is None:
+    from .hopper_wide import (TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma,
+                              warpgroup_mma_wait)
+
+    _wide = gl.constexpr(WIDE)
+
+    @gluon.jit
+    def _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                    tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base):
+        """Tile ``t`` of the TMA sequence (prefix tiles, slash windows, key blocks, the
+        diagonal): its first key, its key bound and whether it takes the element test."""
+        BLOCK_N: gl.constexpr = 64
+        in_grp = (t >= n_pre) & (t < n_pre + n_grp)
+        in_blk = (t >= n_pre + n_grp) & (t < n_pre + n_grp + n_blk)
+        in_diag = t >= n_pre + n_grp + n_blk
+        g = t - n_pre
+        hi = gl.minimum(m0 + gl.load(tile_end_ptr + tile_base + g, mask=in_grp, other=0), m0)
+        lo = gl.minimum(gl.maximum(m0 + gl.load(tile_start_ptr + tile_base + g, mask=in_grp, other=0), prefix), hi)
+        key_block = gl.load(blocks_ptr + block_base + (t - n_pre - n_grp), mask=in_blk, other=0)
+        key_block = gl.where((key_block >= 0) & (key_block < m), key_block, m)      # else: all masked
+        k0 = gl.where(in_diag, m0, gl.where(in_blk, key_block * BLOCK_N, gl.where(in_grp, lo, t * BLOCK_N)))
+        bound = gl.where(in_diag, length, gl.where(in_blk, gl.where(key_block < m, m0, 0),
+                                                   gl.where(in_grp, hi, prefix_end)))
+        check = in_diag | (in_grp & (g >= n_plain))
+        return k0, bound, check
+
+    @gluon.jit
+    def _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t, n_tiles, b, kv, seq_start,
+               n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+               tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES: gl.constexpr):
+        """Start the TMA loads of K and V tile ``t`` (if it exists) into its ring slot."""
+        k0, bound, check = _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                                       tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base)
+        slot = t % STAGES
+        live = t < n_tiles
+        row = seq_start + k0
+        mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes, pred=live)
+        tma.async_copy_global_to_shared(k_desc, [b, kv, row, 0], k_bar.index(slot), k_ring.index(slot), pred=live)
+        mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes, pred=live)
+        tma.async_copy_global_to_shared(v_desc, [b, kv, row, 0], v_bar.index(slot), v_ring.index(slot), pred=live)
+
+    @gluon.jit
+    def _fold(q_smem, k_tile, v_tile, acc, m_i, l_i, keep, qk_scale, s_layout: gl.constexpr,
+              p_layout: gl.constexpr, o_rows: gl.constexpr, v_bar, v_phase, WAIT_V: gl.constexpr):
+        """One tile into the running softmax: S = Q K^T (wgmma), ``keep``-masked, online
+        softmax, O += P V (wgmma; with ``WAIT_V`` after V's mbarrier phase ``v_phase``)."""
+        ROWS: gl.constexpr = q_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_tile.shape[0]
+        s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        s = gl.where(keep, s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p, 1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+        p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+        if WAIT_V:
+            mbarrier.wait(v_bar, v_phase)
+        acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        return acc, m_new, l_i
+
+    @gluon.jit(do_not_specialize=_LENGTH_ARGS)
+    def hopper_sparse_kernel(
+            q_ptr, k_ptr, v_ptr, k_desc, v_desc, out_ptr,
+            seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr, last_ptr,
+            tile_start_ptr, tile_end_ptr, tiles_upto_ptr,
+            columns_ptr, columns_upto_ptr, covered_ptr,
+            blocks_ptr, block_count_ptr,
+            stride_qb, stride_qh, stride_qn,
+            stride_kb, stride_kh, stride_kn,
+            stride_vb, stride_vh, stride_vn,
+            stride_ob, stride_oh, stride_on,
+            n, num_heads, heads_per_kv, num_q_blocks, num_programs, q_offset,
+            max_tiles, max_columns, max_blocks, covered_len,
+            qk_scale,
+            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+        BLOCK_M: gl.constexpr = 64
+        BLOCK_N: gl.constexpr = 64
+        dtype: gl.constexpr = q_ptr.dtype.element_ty
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        io_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8],
+                                                   threads_per_warp=[32 // (HEAD_DIM // 8), HEAD_DIM // 8],
+                                                   warps_per_cta=[4, 1], order=[1, 0])
+        s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+        s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+        o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
+        io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
+        io_cols: gl.constexpr = gl.SliceLayout(0, io_layout)
+
+        # program -> rows (as _program_rows of the Triton kernels, GROUP = 1)
+        slot_block = num_programs - 1 - gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // num_heads
+        h = bh % num_heads
+        kv = h // heads_per_kv
+        seq_start = gl.minimum(gl.maximum(gl.load(seq_start_ptr + b), 0), n)
+        length = gl.minimum(gl.maximum(gl.load(seq_len_ptr + b), 0), n - seq_start)
+        m = slot_block + gl.maximum((length + BLOCK_M - 1) // BLOCK_M - num_programs, 0)
+        m0 = m * BLOCK_M
+        out_head = out_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+        table_row = bh.to(gl.int64) * num_q_blocks + m
+
+        # padding rows of this program's slot block: zero (every output element written once)
+        nq = n - q_offset
+        real_lo = gl.minimum(gl.maximum(seq_start - q_offset, 0), nq)
+        real_hi = gl.minimum(gl.maximum(seq_start + length - q_offset, real_lo), nq)
+        slots = slot_block * BLOCK_M + gl.arange(0, BLOCK_M, layout=io_rows)
+        io_dims = gl.arange(0, HEAD_DIM, layout=io_cols)
+        pad_rows = gl.where(slots < real_lo, slots, slots + (real_hi - real_lo)).to(gl.int64)
+        pad_ok = gl.expand_dims(slots < nq - (real_hi - real_lo), 1) & gl.expand_dims(io_dims < HEAD_DIM, 0)
+        gl.store(out_head + gl.expand_dims(pad_rows * stride_on, 1) + gl.expand_dims(io_dims, 0),
+                 gl.zeros([BLOCK_M, HEAD_DIM], dtype, io_layout), mask=pad_ok)
+
+        if (m0 < length) & (m0 + BLOCK_M > q_offset - seq_start):     # the block holds rows of q
+            q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+            q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_smem_layout)
+            io_pos = m0 + gl.arange(0, BLOCK_M, layout=io_rows)
+            io_ok = (io_pos < length) & (io_pos >= q_offset - seq_start)
+            q_head = (q_ptr + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh
+                      - q_offset.to(gl.int64) * stride_qn)
+            q_tile = gl.load(q_head + gl.expand_dims((seq_start + io_pos).to(gl.int64) * stride_qn, 1)
+                             + gl.expand_dims(io_dims, 0),
+                             mask=gl.expand_dims(io_ok, 1) & gl.expand_dims(io_dims < HEAD_DIM, 0), other=0.0)
+            q_smem.store(q_tile)
+
+            k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+            v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+            k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(STAGES):
+                mbarrier.init(k_bar.index(i), count=1)
+                mbarrier.init(v_bar.index(i), count=1)
+            fence_async_shared()
+            gl.thread_barrier()
+
+            # the head's ranges; a block over the prompt's last `last` rows is dense (every key
+            # below it, no band, no table entry)
+            prefix = gl.maximum(gl.load(prefix_ptr + h), 0)
+            sink = gl.load(sink_ptr + h)
+            band = gl.load(band_ptr + h)
+            last = gl.load(last_ptr + h)
+            dense_rows = (last > 0) & (m0 + BLOCK_M > length - last)
+            prefix = gl.where(dense_rows, m0, prefix)
+            band = gl.where(dense_rows, _wide, band)
+            prefix_end = gl.minimum(prefix, m0)
+            n_pre = (prefix_end + BLOCK_N - 1) // BLOCK_N
+            n_grp = gl.minimum(gl.maximum(gl.load(tiles_upto_ptr + table_row), 0), max_tiles)
+            n_grp = gl.where(dense_rows, 0, n_grp)
+            n_plain = gl.where(band < n, gl.maximum(n_grp - 1, 0), n_grp)
+            n_blk = gl.minimum(gl.maximum(gl.load(block_count_ptr + table_row), 0), max_blocks)
+            n_blk = gl.maximum(gl.where(dense_rows, 0, n_blk) - 1, 0)    # the last block is the diagonal
+            n_tiles = n_pre + n_grp + n_blk + 1
+            tile_base = bh.to(gl.int64) * max_tiles
+            block_base = table_row * max_blocks
+
+            for i in gl.static_range(STAGES):
+                _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, i, n_tiles, b, kv, seq_start,
+                       n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                       tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES)
+
+            rows = m0 + gl.arange(0, BLOCK_M, layout=s_rows)
+            cols = gl.arange(0, BLOCK_N, layout=s_cols)
+            m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, s_rows)
+            l_i = gl.zeros([BLOCK_M], gl.float32, s_rows)
+            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+            for t in range(n_tiles):
+                k0, bound, check = _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                                               tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base)
+                slot = t % STAGES
+                phase = (t // STAGES) & 1
+                keys = k0 + cols
+                keep = gl.expand_dims(keys < bound, 0) & gl.expand_dims(rows < length, 1)
+                if check:
+                    keep = keep & (gl.expand_dims(keys, 0) <= gl.expand_dims(rows, 1))
+                    keep = keep & (gl.expand_dims(keys < sink, 0)
+                                   | (gl.expand_dims(rows, 1) - gl.expand_dims(keys, 0) < band))
+                mbarrier.wait(k_bar.index(slot), phase)
+                acc, m_i, l_i = _fold(q_smem, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]),
+                                      v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]), acc, m_i, l_i, keep, qk_scale,
+                                      s_layout, p_layout, o_rows, v_bar.index(slot), phase, True)
+                gl.thread_barrier()       # every warp is done with the slot: refill it
+                _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t + STAGES, n_tiles, b, kv, seq_start,
+                       n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                       tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES)
+            for i in gl.static_range(STAGES):
+                mbarrier.invalidate(k_bar.index(i))
+                mbarrier.invalidate(v_bar.index(i))
+
+            # gathered columns below the block, minus those a slash window covered for it
+            n_col = gl.minimum(gl.maximum(gl.load(columns_upto_ptr + table_row), 0), max_columns)
+            n_col = gl.where(dense_rows, 0, n_col)
+            if n_col > 0:
+                c_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+                kc_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], c_layout)
+                vc_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], c_layout)
+                column_base = bh.to(gl.int64) * max_columns
+                covered_base = bh.to(gl.int64) * covered_len + m0 + (BLOCK_M - 1)
+                k_head = k_ptr + b.to(gl.int64) * stride_kb + kv.to(gl.int64) * stride_kh
+                v_head = v_ptr + b.to(gl.int64) * stride_vb + kv.to(gl.int64) * stride_vh
+                offs_c = gl.arange(0, BLOCK_N, layout=io_rows)
+                for c0 in range(0, n_col, BLOCK_N):
+                    listed = c0 + offs_c < n_col
+                    key_pos = gl.load(columns_ptr + column_base + c0 + offs_c, mask=listed, other=0)
+                    listed = listed & (key_pos >= 0) & (key_pos < m0)
+                    covered = gl.load(covered_ptr + covered_base - key_pos, mask=listed, other=1)
+                    take = listed & (covered == 0)
+                    key_rows = gl.expand_dims((seq_start + key_pos).to(gl.int64), 1)
+                    load_ok = gl.expand_dims(take, 1) & gl.expand_dims(io_dims < HEAD_DIM, 0)
+                    k_tile = gl.load(k_head + key_rows * stride_kn + gl.expand_dims(io_dims, 0), mask=load_ok, other=0.0)
+                    v_tile = gl.load(v_head + key_rows * stride_vn + gl.expand_dims(io_dims, 0), mask=load_ok, other=0.0)
+                    gl.thread_barrier()   # the previous columns' wgmma are done in every warp
+                    kc_smem.store(k_tile)
+                    vc_smem.store(v_tile)
+                    fence_async_shared()
+                    gl.thread_barrier()
+                    keep = gl.expand_dims(gl.convert_layout(take, s_cols), 0) & gl.expand_dims(rows < length, 1)
+                    acc, m_i, l_i = _fold(q_smem, kc_smem, vc_smem, acc, m_i, l_i, keep, qk_scale,
+                                          s_layout, p_layout, o_rows, v_bar.index(0), 0, False)
+
+            # normalise and store the real rows (output row start + p - q_offset)
+            l_o = gl.convert_layout(l_i, o_rows)
+            out = acc / gl.expand_dims(gl.where(l_o > 0, l_o, 1.0), 1)
+            o_pos = m0 + gl.arange(0, BLOCK_M, layout=o_rows)
+            o_dims = gl.arange(0, HEAD_DIM, layout=o_cols)
+            o_ok = (o_pos < length) & (o_pos >= q_offset - seq_start)
+            o_rows_ix = (seq_start + o_pos).to(gl.int64) - q_offset
+            gl.store(out_head + gl.expand_dims(o_rows_ix * stride_on, 1) + gl.expand_dims(o_dims, 0),
+                     out.to(dtype), mask=gl.expand_dims(o_ok, 1) & gl.expand_dims(o_dims < HEAD_DIM, 0))
+
+
+def launch(q, k, v, index, scale: float, out, programs: int):
+    """Attention of the layer into ``out`` from ``index`` (``programs`` 64-row programs per
+    head, as the general Triton kernel's launch computes them). Returns the compiled kernel."""
+    if GLUON_ERROR is not None:
+        raise RuntimeError(GLUON_ERROR)
+    B, H, nq, D = q.shape
+    n = k.shape[2]
+    layout = kv_layout(gl_dtype(q.dtype), BLOCK, D)
+    box = [1, 1, BLOCK, D]
+    k_desc = TensorDescriptor(k, list(k.shape), _tma_strides(k), box, layout)
+    v_desc = TensorDescriptor(v, list(v.shape), _tma_strides(v), box, layout)
+    return hopper_sparse_kernel[(programs, B * H)](
+        q, k, v, k_desc, v_desc, out,
+        index.seq_start, index.seq_len, index.prefix, index.sink, index.band, index.last,
+        index.tile_start, index.tile_end, index.tiles_upto,
+        index.columns, index.columns_upto, index.covered,
+        index.blocks, index.block_count,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        n, H, H // k.shape[1], index.num_query_blocks, programs, n - nq,
+        index.tile_start.shape[-1], index.columns.shape[-1], index.blocks.shape[-1], index.covered.shape[-1],
+        scale * LOG2E,
+        HEAD_DIM=D, STAGES=CONFIG[D]["stages"], num_warps=NUM_WARPS)
