@@ -10,10 +10,11 @@ attention      the Triton kernels                    ``impl="auto"``: the Triton
 selection      Triton estimates, fused tables        PyTorch (the interpreter would be far slower)
 =============  ====================================  ================================================
 
-On sm_90 the layers whose heads are all dense or A-shape may take a Gluon kernel of
-:mod:`mi_compile.kernels.hopper_wide` instead of the Triton one: opt-in only
-(``MI_COMPILE_HOPPER=1`` or ``=ws``, :func:`hopper_opt_in`) until one beats the Triton kernel
-by enough to be the default.
+On sm_90 the attention may run in Gluon instead of Triton, opt-in only (``MI_COMPILE_HOPPER=1``
+or ``=ws``, :func:`hopper_opt_in`) until it beats the Triton kernels by enough to be the
+default: layers whose heads are all dense or A-shape by a kernel of
+:mod:`mi_compile.kernels.hopper_wide` (``ws``: its warp-specialised one), any other layer by
+:mod:`mi_compile.kernels.hopper_sparse`.
 
 "selection" is everything that builds the index: the vertical-slash and XAttention estimates
 and the fused table builder. Dense-versus-sparse (``min_seq_len``) is the op's own decision
