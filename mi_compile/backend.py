@@ -121,4 +121,5 @@ def explain(model, *args, options: dict | None = None, dynamic=None, **kwargs) -
         compiled(*args, **kwargs)
     ids = args[0] if args else kwargs.get("input_ids")
     length = int(ids.shape[-1]) if isinstance(ids, torch.Tensor) and ids.dim() >= 1 else None
-    return ExplainResult(list(backend.reports), backend.options.min_seq_len, length)
+    device = ids.device if isinstance(ids, torch.Tensor) else None
+    return ExplainResult(list(backend.reports), backend.options.min_seq_len, length, device)

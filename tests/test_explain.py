@@ -62,3 +62,25 @@ def test_explain_cli_rejects_bad_values_cleanly(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["explain", "--model", "tiny:llama", *args])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_explain_says_which_kernels_run_on_the_input_device(monkeypatch):
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 96))
+    monkeypatch.delenv("MI_COMPILE_CPU_IMPL", raising=False)
+    table = mi_compile.explain(model, ids, options={"min_seq_len": 64}).table()
+    torch._dynamo.reset()
+    assert "kernels: the float32 PyTorch reference of each selection (CPU)" in table
+
+
+def test_kernels_line_on_cuda_names_the_opt_in_and_why_gluon_cannot_run(monkeypatch):
+    from mi_compile.kernels import hopper_wide
+    from mi_compile.kernels.dispatch import kernels_line
+    monkeypatch.delenv("MI_COMPILE_HOPPER", raising=False)
+    assert "MI_COMPILE_HOPPER=1 opts into the Gluon Hopper kernels" in kernels_line("cuda")
+    monkeypatch.setenv("MI_COMPILE_HOPPER", "ws")
+    line = kernels_line("cuda")
+    if hopper_wide.unavailable_reason("cuda"):       # no GPU / not sm_90 / no Gluon: Triton, and why
+        assert line.startswith("kernels: Triton (MI_COMPILE_HOPPER=ws asked for Gluon, not available: ")
+    else:
+        assert "hopper_ws for layers of dense / A-shape heads, hopper_sparse for the others" in line

@@ -69,6 +69,7 @@ class ExplainResult:
     reports: list
     min_seq_len: int | None = None
     length: int | None = None        # the traced input's sequence length, when known
+    device: object = None            # the traced input's device: the table says which kernels run there
 
     @property
     def sites(self):
@@ -76,8 +77,12 @@ class ExplainResult:
 
     def table(self) -> str:
         threshold = "" if self.min_seq_len is None else threshold_line(self.min_seq_len, self.length)
-        return "\n\n".join(format_table(r.sites, r.config_source, threshold, getattr(r, "tp", None))
+        text = "\n\n".join(format_table(r.sites, r.config_source, threshold, getattr(r, "tp", None))
                            for r in self.reports)
+        if self.device is not None and any(s.action == "sparse" for s in self.sites):
+            from ..kernels.dispatch import kernels_line
+            text += "\n" + kernels_line(self.device)
+        return text
 
     def __str__(self) -> str:
         return self.table()

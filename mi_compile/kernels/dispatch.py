@@ -65,6 +65,29 @@ def selection_impl(q) -> str:
 HOPPER_VARIANTS = {"1": "wide", "wide": "wide", "ws": "ws"}
 
 
+def kernels_line(device) -> str:
+    """Which attention kernels the sparse op runs on ``device``, in words (the explain table's
+    ``kernels:`` line): the decision of :func:`op_attention_impl` and :func:`hopper_opt_in`, and
+    for the Gluon kernels whether they can run here (else why the Triton kernels stay)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        if os.environ.get("MI_COMPILE_CPU_IMPL", "reference") == "triton":
+            return "kernels: the Triton kernels in the CPU interpreter (MI_COMPILE_CPU_IMPL=triton)"
+        return "kernels: the float32 PyTorch reference of each selection (CPU)"
+    variant = hopper_opt_in()
+    if variant is None:
+        return f"kernels: Triton ({HOPPER_ENV}=1 opts into the Gluon Hopper kernels on sm_90)"
+    from . import hopper_wide
+    why = hopper_wide.unavailable_reason(device)
+    if why:
+        return f"kernels: Triton ({HOPPER_ENV}={os.environ[HOPPER_ENV]} asked for Gluon, not available: {why})"
+    wide = "hopper_ws" if variant == "ws" else "hopper_wide"
+    return (f"kernels: Gluon on sm_90: {wide} for layers of dense / A-shape heads, hopper_sparse for the others "
+            "(head dim 64 / 128, fp16 / bf16, TMA-aligned K / V; otherwise Triton)")
+
+
 def hopper_opt_in() -> str | None:
     """Which Gluon Hopper kernel was asked for: ``"wide"`` (``MI_COMPILE_HOPPER=1``), ``"ws"``
     (``=ws``, the warp-specialised one) or None. Read at each launch, so a benchmark can set it
