@@ -10,6 +10,7 @@
 #   bash benchmarks/qwen_device.sh searched|searched_acc [SECONDS]   # a search over every pattern at 128K
 #   bash benchmarks/qwen_device.sh yard|yard_acc|yard_search [SECONDS]   # the shipped 128K config against the all-pattern one
 #   bash benchmarks/qwen_device.sh chunked|chunked_acc [SECONDS]   # prefills continuing a cache
+#   bash benchmarks/qwen_device.sh yard_gluon [SECONDS]   # the shipped config, Triton vs Gluon kernels
 #   bash benchmarks/qwen_device.sh checks|kernels|hopper|host [SECONDS]   # no model: gpu_checks, the kernel benchmark,
 #                                                  # the Gluon kernel, the op's host time (a 2K chunk at 128K)
 #   bash benchmarks/qwen_device.sh queue STAGE:SECONDS ...   # those stages in turn, outliving the call
@@ -186,6 +187,15 @@ case "$stage" in
         tar czf "$OUT/yard_search.tgz" -C "$RUNS" search_yard.log cfg ;;
     esac
     ;;
+  yard_gluon)
+    # the shipped 128K config with the Triton kernels against the same compiled model with the
+    # Gluon Hopper kernels (searched@gluon: MI_COMPILE_HOPPER=1 around each call), eager beside
+    # them, at 32K and 128K; one compile (~1-2 minutes); a profile of each at 128K
+    deadline=$(( $(date +%s) + ${2:-420} ))
+    run_until yard_gluon 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" \
+      --modes eager,searched,searched@gluon --lengths 32768,131072 --reps 2 --profile searched,searched@gluon
+    tar czf "$OUT/yard_gluon.tgz" -C "$RUNS" yard_gluon yard_gluon.log
+    ;;
   chunked|chunked_acc)
     # prefills that continue a cache, with the shipped 128K config: chunked: a 2K-token turn
     # after 126K cached tokens (128K in all: YaRN factor 4) and that context in 16K chunks
@@ -286,7 +296,7 @@ case "$stage" in
     tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.safetensors' .
     ;;
   *)
-    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|adaptive2|adaptive2_acc|searched|searched_acc|yard|yard_acc|yard_search|chunked|chunked_acc|checks|kernels|hopper|host [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
+    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|adaptive2|adaptive2_acc|searched|searched_acc|yard|yard_acc|yard_search|yard_gluon|chunked|chunked_acc|checks|kernels|hopper|host [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
     exit 2
     ;;
 esac

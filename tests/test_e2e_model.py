@@ -65,3 +65,19 @@ def test_model_sweep_smoke_tiny_qwen2_cpu(e2e, tmp_path):
     assert checks["searched no recompiles across lengths"] == "PASS"
     assert checks["searched TTFT <= 0.3x eager at 131072"] == "SKIP"
     assert rec.rows
+
+
+def test_gluon_modes_share_the_compiled_model_and_set_the_opt_in(e2e, monkeypatch):
+    """``<mode>@gluon``: accepted for any known mode, the same compiled callable with
+    MI_COMPILE_HOPPER=1 set for each call only; an unknown base mode is refused."""
+    a = e2e.parse_args(["--model", "qwen", "--modes", "eager,searched,searched@gluon", "--config", "dense"])
+    assert a.modes == ["eager", "searched", "searched@gluon"]
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--model", "qwen", "--modes", "eager,nothing@gluon"])
+    monkeypatch.delenv("MI_COMPILE_HOPPER", raising=False)
+    seen = []
+    base = lambda *args, **kwargs: seen.append(__import__("os").environ.get("MI_COMPILE_HOPPER"))  # noqa: E731
+    fns, counters = {"searched": base}, {"searched": lambda: 1}
+    fn, counter = e2e.make_model_mode("searched@gluon", None, a, fns, counters)
+    fn()
+    assert seen == ["1"] and "MI_COMPILE_HOPPER" not in __import__("os").environ and counter() == 1
