@@ -713,18 +713,27 @@ def model_input(n: int, tok, vocab: int, dev: Dev, seed: int):
     return torch.tensor([code_document(tok, n, seed=seed)], device=dev.device), f"python source (seed {seed})"
 
 
-GLUON_SUFFIX = "@gluon"
+# mode suffix -> MI_COMPILE_HOPPER value: the Gluon Hopper kernels, the first or the overlapped ones
+GLUON_SUFFIXES = {"@gluon": "1", "@gluon_ws": "ws"}
 
 
-def with_gluon(fn):
-    """``fn`` with the Gluon Hopper kernels opted in (``MI_COMPILE_HOPPER=1``) for the length of
-    each call: the op reads the variable at every launch, so a ``<mode>@gluon`` mode shares
+def gluon_base(mode: str):
+    """``(base mode, MI_COMPILE_HOPPER value)`` of a ``<mode>@gluon[_ws]`` mode, else ``(mode, None)``."""
+    for suffix, value in GLUON_SUFFIXES.items():
+        if mode.endswith(suffix):
+            return mode[:-len(suffix)], value
+    return mode, None
+
+
+def with_gluon(fn, value: str = "1"):
+    """``fn`` with the Gluon Hopper kernels opted in (``MI_COMPILE_HOPPER=value``) for the length
+    of each call: the op reads the variable at every launch, so a ``<mode>@gluon`` mode shares
     ``<mode>``'s compiled graph and differs only in the attention kernels."""
     from mi_compile.kernels.dispatch import HOPPER_ENV
 
     def call(*args, **kwargs):
         saved = os.environ.get(HOPPER_ENV)
-        os.environ[HOPPER_ENV] = "1"
+        os.environ[HOPPER_ENV] = value
         try:
             return fn(*args, **kwargs)
         finally:
@@ -737,17 +746,17 @@ def with_gluon(fn):
 
 
 def make_model_mode(mode: str, model, args, fns=None, counters=None):
-    """``(callable, compile counter)`` for a compiled mode of a --model run; ``<mode>@gluon``
-    wraps ``<mode>``'s (made first if ``fns`` lacks it) in :func:`with_gluon`."""
-    if mode.endswith(GLUON_SUFFIX):
-        base = mode[:-len(GLUON_SUFFIX)]
+    """``(callable, compile counter)`` for a compiled mode of a --model run; ``<mode>@gluon`` /
+    ``@gluon_ws`` wraps ``<mode>``'s (made first if ``fns`` lacks it) in :func:`with_gluon`."""
+    base, gluon = gluon_base(mode)
+    if gluon:
         if fns is None or base not in fns:
             fn, counter = make_model_mode(base, model, args)
             if fns is not None:
                 fns[base], counters[base] = fn, counter
         else:
             fn, counter = fns[base], counters[base]
-        return with_gluon(fn), counter
+        return with_gluon(fn, gluon), counter
     from mi_compile.backend import MInferenceBackend
     from mi_compile.eval.harness import parse_config_spec
 
@@ -1149,8 +1158,8 @@ def parse_args(argv=None):
                    "--model: 8192,16384,32768,65536,131072; a tiny:<family> model on the CPU: 256,512)")
     p.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(ALL_MODES)} (default "
                    f"{','.join(DEFAULT_MODES)}); --model: of {','.join(MODEL_MODES)} and the --configs names "
-                   f"(default {','.join(MODEL_DEFAULT_MODES)}), each also as <mode>@gluon: the same compiled "
-                   "model with the Gluon Hopper kernels (MI_COMPILE_HOPPER=1)")
+                   f"(default {','.join(MODEL_DEFAULT_MODES)}), each also as <mode>@gluon / <mode>@gluon_ws: the "
+                   "same compiled model with the Gluon Hopper kernels (MI_COMPILE_HOPPER=1 / ws)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per (mode, length) after warm-up (default 2)")
     p.add_argument("--profile", default="", help="--model runs on CUDA: comma-separated modes to profile once more at "
                    "the longest length (kernel time by category, memory live at the peak; profile_<mode>_<n>.txt)")
@@ -1199,7 +1208,7 @@ def parse_args(argv=None):
         if small:
             a.inductor_max = min(a.inductor_max, 256)
         a.modes = [m for m in (a.modes or ",".join(MODEL_DEFAULT_MODES)).split(",") if m]
-        bad = [m for m in a.modes if m.removesuffix(GLUON_SUFFIX) not in (*MODEL_MODES, *a.extra_configs)]
+        bad = [m for m in a.modes if gluon_base(m)[0] not in (*MODEL_MODES, *a.extra_configs)]
         if bad:
             p.error(f"unknown mode(s) {bad} for --model; known: {MODEL_MODES} and the --configs names")
         for m in a.extra_configs:

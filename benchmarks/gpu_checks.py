@@ -20,8 +20,9 @@ and for each pair:
   sm_90 with Gluon, head_dim 64 / 128, else recorded as skipped with the reason): the WIDE
   layer padded with GQA, a dense-only layer through strided K/V views, a chunk; against the
   float32 reference;
-- ``hopper_sparse``: the opt-in Gluon kernel for any index (same conditions): the MIXED and
-  ADAPTIVE layers padded with GQA 4 and a chunk of MIXED, against the float32 reference;
+- ``hopper_sparse``, ``hopper_sparse_pipe``: the opt-in Gluon kernel for any index, plain and
+  software-pipelined (``=1`` / ``=ws``, same conditions): the MIXED and ADAPTIVE layers padded
+  with GQA 4 and a chunk of MIXED, against the float32 reference;
 - ``full_selection_vs_sdpa``: every pattern with a selection covering the whole causal square
   equals ``F.scaled_dot_product_attention(is_causal=True)`` in the same dtype;
 - ``chunk_gqa{1,4}``: a chunk of 700 queries continuing a cache of the mixed layer (``nq < nk``,
@@ -209,13 +210,15 @@ def check_hopper(D, dtype, variant):
     return {"kernel": f"hopper_{variant}", **result}
 
 
-def check_hopper_sparse(D, dtype):
-    """The opt-in Gluon kernel for any index (``MI_COMPILE_HOPPER=1``, sm_90, head_dim 64 / 128):
+def check_hopper_sparse(D, dtype, pipeline=False):
+    """The opt-in Gluon kernel for any index (``MI_COMPILE_HOPPER=1``; ``pipeline``: its
+    software-pipelined schedule, ``=ws``; sm_90, head_dim 64 / 128):
     the MIXED and ADAPTIVE layers as padded batches over 2 KV heads, and a chunk of the MIXED
     layer continuing a cache; each against the float32 reference of its index, every element
-    written, padded rows 0, the kernel recorded as hopper_sparse, and within the tolerance of
-    the Triton general kernel."""
+    written, padded rows 0, the kernel recorded as hopper_sparse(_pipe), and within the
+    tolerance of the Triton general kernel."""
     from mi_compile.kernels import hopper_sparse
+    variant, opt_in = ("hopper_sparse_pipe", "ws") if pipeline else ("hopper_sparse", "1")
     if DEV != "cuda":
         raise Skipped(f"device {DEV}")
     if D not in hopper_sparse.CONFIG:
@@ -234,10 +237,10 @@ def check_hopper_sparse(D, dtype):
     try:
         for name, (qx, heads) in cases.items():
             index = build_sparse_index(qx, k, heads, seq_start=start, seq_len=length)
-            os.environ[hopper_sparse.hopper_wide.ENV] = "1"
+            os.environ[hopper_sparse.hopper_wide.ENV] = opt_in
             out = run_kernel(qx, k, v, index)
             kernel = kernel_module.LAST_COMPILE.get("kernel")
-            assert kernel == "hopper_sparse", f"{name}: ran {kernel}"
+            assert kernel == variant, f"{name}: ran {kernel}"
             os.environ.pop(hopper_sparse.hopper_wide.ENV)
             triton_out = run_kernel(qx, k, v, index)
             ref = reference_attention(qx, k, v, index, D ** -0.5)
@@ -257,7 +260,7 @@ def check_hopper_sparse(D, dtype):
         os.environ.pop(hopper_sparse.hopper_wide.ENV, None)
         if saved is not None:
             os.environ[hopper_sparse.hopper_wide.ENV] = saved
-    return {"kernel": "hopper_sparse", **result}
+    return {"kernel": variant, **result}
 
 
 def check_full_selection(D, dtype):
@@ -367,7 +370,8 @@ def run_one(D, dtype_name):
                ("backend_tiny_llama", lambda: check_backend(D, dtype)),
                ("hopper_wide", lambda: check_hopper(D, dtype, "wide")),
                ("hopper_ws", lambda: check_hopper(D, dtype, "ws")),
-               ("hopper_sparse", lambda: check_hopper_sparse(D, dtype))]
+               ("hopper_sparse", lambda: check_hopper_sparse(D, dtype)),
+               ("hopper_sparse_pipe", lambda: check_hopper_sparse(D, dtype, pipeline=True))]
     checks += [(f"chunk_gqa{r}", lambda r=r: check_chunk(D, dtype, r)) for r in (1, 4)]
     checks += [("backend_chunk", lambda: check_backend_chunk(D, dtype))]
     results = []

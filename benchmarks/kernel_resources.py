@@ -126,7 +126,7 @@ def compile_hopper(head_dim: int, dtype: str, arch: int = 90, variant: str = "wi
     from mi_compile.kernels import hopper_sparse, hopper_wide
     if hopper_wide.GLUON_ERROR:
         raise RuntimeError(hopper_wide.GLUON_ERROR)
-    if variant == "sparse":
+    if variant in ("sparse", "sparse_pipe"):
         fn, warps = hopper_sparse.hopper_sparse_kernel, hopper_sparse.NUM_WARPS
         cfg = {"block_n": 64, **hopper_sparse.CONFIG[head_dim]}
     else:
@@ -136,7 +136,9 @@ def compile_hopper(head_dim: int, dtype: str, arch: int = 90, variant: str = "wi
     layout = hopper_wide.kv_layout({"bf16": gl.bfloat16, "fp16": gl.float16}[dtype], cfg["block_n"], head_dim)
     descriptor = f"tensordesc<{dtype}[1, 1, {cfg['block_n']}, {head_dim}],{layout!r}>"
     constexprs = dict(HEAD_DIM=head_dim, STAGES=cfg["stages"])
-    if variant != "sparse":
+    if variant.startswith("sparse"):
+        constexprs["PIPELINE"] = variant == "sparse_pipe"
+    else:
         constexprs["BLOCK_N"] = cfg["block_n"]
     sig, attrs = _signature(fn, dtype, constexprs, {})
     for name in ("k_desc", "v_desc"):
@@ -154,7 +156,7 @@ def hopper_main(args) -> list:
     is set by ``setmaxnreg`` (the row's ``setmaxnreg``)."""
     from mi_compile.kernels import hopper_wide
     rows = []
-    builds = [(variant, int(d), dtype) for variant in (*hopper_wide.CONFIGS, "sparse")
+    builds = [(variant, int(d), dtype) for variant in (*hopper_wide.CONFIGS, "sparse", "sparse_pipe")
               for d in args.head_dims.split(",") for dtype in ("bf16", "fp16")]
     for variant, head_dim, dtype in builds:
         compiled, cfg = compile_hopper(head_dim, dtype, args.arch, variant)

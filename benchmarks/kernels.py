@@ -252,9 +252,10 @@ def hopper_rows(n, q, k, v, cudnn_ms, index_a):
 
 
 def hopper_sparse_row(label, n, q, k, v, cudnn_ms, index):
-    """The opt-in Gluon kernel for any index (``MI_COMPILE_HOPPER=1``) on ``index``, recorded as
-    ``hopper_sparse_<label>_kernel`` with its difference from the Triton general kernel's output
-    (the row before it, same index); skipped with the reason where it cannot run."""
+    """The opt-in Gluon kernel for any index on ``index``, plain (``MI_COMPILE_HOPPER=1``) and
+    software-pipelined (``=ws``), recorded as ``hopper_sparse[_pipe]_<label>_kernel`` with its
+    difference from the Triton general kernel's output (same index); skipped with the reason
+    where it cannot run."""
     from mi_compile.kernels import hopper_sparse
     why = hopper_sparse.unavailable_reason()
     if why:
@@ -262,11 +263,12 @@ def hopper_sparse_row(label, n, q, k, v, cudnn_ms, index):
         return
     triton_out = sparse_attention_from_index(q, k, v, index)
     try:
-        os.environ[hopper_sparse.hopper_wide.ENV] = "1"
-        ours(f"hopper_sparse_{label}_kernel", n, lambda: sparse_attention_from_index(q, k, v, index), index,
-             q, k, v, cudnn_ms)
-        rows[-1]["compile"] = dict(kernel_module.LAST_COMPILE)
-        rows[-1]["rel_err_vs_triton"] = rel_err(sparse_attention_from_index(q, k, v, index), triton_out)
+        for opt_in, name in (("1", "hopper_sparse"), ("ws", "hopper_sparse_pipe")):
+            os.environ[hopper_sparse.hopper_wide.ENV] = opt_in
+            ours(f"{name}_{label}_kernel", n, lambda: sparse_attention_from_index(q, k, v, index), index,
+                 q, k, v, cudnn_ms)
+            rows[-1]["compile"] = dict(kernel_module.LAST_COMPILE)
+            rows[-1]["rel_err_vs_triton"] = rel_err(sparse_attention_from_index(q, k, v, index), triton_out)
     finally:
         os.environ.pop(hopper_sparse.hopper_wide.ENV, None)
 

@@ -189,11 +189,12 @@ case "$stage" in
     ;;
   yard_gluon)
     # the shipped 128K config with the Triton kernels against the same compiled model with the
-    # Gluon Hopper kernels (searched@gluon: MI_COMPILE_HOPPER=1 around each call), eager beside
-    # them, at 32K and 128K; one compile (~1-2 minutes); a profile of each at 128K
+    # Gluon Hopper kernels (searched@gluon / @gluon_ws: MI_COMPILE_HOPPER=1 / ws around each
+    # call), eager beside them, at 32K and 128K; one compile (~1-2 minutes); profiles at 128K
     deadline=$(( $(date +%s) + ${2:-420} ))
     run_until yard_gluon 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" \
-      --modes eager,searched,searched@gluon --lengths 32768,131072 --reps 2 --profile searched,searched@gluon
+      --modes eager,searched,searched@gluon,searched@gluon_ws --lengths 32768,131072 --reps 2 \
+      --profile searched,searched@gluon,searched@gluon_ws
     tar czf "$OUT/yard_gluon.tgz" -C "$RUNS" yard_gluon yard_gluon.log
     ;;
   chunked|chunked_acc)

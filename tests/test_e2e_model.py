@@ -70,8 +70,9 @@ def test_model_sweep_smoke_tiny_qwen2_cpu(e2e, tmp_path):
 def test_gluon_modes_share_the_compiled_model_and_set_the_opt_in(e2e, monkeypatch):
     """``<mode>@gluon``: accepted for any known mode, the same compiled callable with
     MI_COMPILE_HOPPER=1 set for each call only; an unknown base mode is refused."""
-    a = e2e.parse_args(["--model", "qwen", "--modes", "eager,searched,searched@gluon", "--config", "dense"])
-    assert a.modes == ["eager", "searched", "searched@gluon"]
+    a = e2e.parse_args(["--model", "qwen", "--modes", "eager,searched,searched@gluon,searched@gluon_ws",
+                        "--config", "dense"])
+    assert a.modes == ["eager", "searched", "searched@gluon", "searched@gluon_ws"]
     with pytest.raises(SystemExit):
         e2e.parse_args(["--model", "qwen", "--modes", "eager,nothing@gluon"])
     monkeypatch.delenv("MI_COMPILE_HOPPER", raising=False)
@@ -80,4 +81,5 @@ def test_gluon_modes_share_the_compiled_model_and_set_the_opt_in(e2e, monkeypatc
     fns, counters = {"searched": base}, {"searched": lambda: 1}
     fn, counter = e2e.make_model_mode("searched@gluon", None, a, fns, counters)
     fn()
-    assert seen == ["1"] and "MI_COMPILE_HOPPER" not in __import__("os").environ and counter() == 1
+    e2e.make_model_mode("searched@gluon_ws", None, a, fns, counters)[0]()
+    assert seen == ["1", "ws"] and "MI_COMPILE_HOPPER" not in __import__("os").environ and counter() == 1

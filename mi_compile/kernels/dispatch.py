@@ -13,8 +13,9 @@ selection      Triton estimates, fused tables        PyTorch (the interpreter wo
 On sm_90 the attention may run in Gluon instead of Triton, opt-in only (``MI_COMPILE_HOPPER=1``
 or ``=ws``, :func:`hopper_opt_in`) until it beats the Triton kernels by enough to be the
 default: layers whose heads are all dense or A-shape by a kernel of
-:mod:`mi_compile.kernels.hopper_wide` (``ws``: its warp-specialised one), any other layer by
-:mod:`mi_compile.kernels.hopper_sparse`.
+:mod:`mi_compile.kernels.hopper_wide`, any other layer by :mod:`mi_compile.kernels.hopper_sparse`;
+``ws`` picks the overlapped schedules (the warp-specialised wide kernel, the software-pipelined
+sparse one).
 
 "selection" is everything that builds the index: the vertical-slash and XAttention estimates
 and the fused table builder. Dense-versus-sparse (``min_seq_len``) is the op's own decision
@@ -83,14 +84,14 @@ def kernels_line(device) -> str:
     why = hopper_wide.unavailable_reason(device)
     if why:
         return f"kernels: Triton ({HOPPER_ENV}={os.environ[HOPPER_ENV]} asked for Gluon, not available: {why})"
-    wide = "hopper_ws" if variant == "ws" else "hopper_wide"
-    return (f"kernels: Gluon on sm_90: {wide} for layers of dense / A-shape heads, hopper_sparse for the others "
+    wide, sparse = ("hopper_ws", "hopper_sparse_pipe") if variant == "ws" else ("hopper_wide", "hopper_sparse")
+    return (f"kernels: Gluon on sm_90: {wide} for layers of dense / A-shape heads, {sparse} for the others "
             "(head dim 64 / 128, fp16 / bf16, TMA-aligned K / V; otherwise Triton)")
 
 
 def hopper_opt_in() -> str | None:
-    """Which Gluon Hopper kernel was asked for: ``"wide"`` (``MI_COMPILE_HOPPER=1``), ``"ws"``
-    (``=ws``, the warp-specialised one) or None. Read at each launch, so a benchmark can set it
+    """Which Gluon Hopper kernels were asked for: ``"wide"`` (``MI_COMPILE_HOPPER=1``: the first
+    ones), ``"ws"`` (``=ws``: the overlapped schedules) or None. Read at each launch, so a benchmark can set it
     per run; whether it can run is :func:`mi_compile.kernels.hopper_wide.usable`'s."""
     value = os.environ.get(HOPPER_ENV, "")
     if value in ("", "0"):

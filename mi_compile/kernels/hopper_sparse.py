@@ -80,6 +80,27 @@ if GLUON_ERROR is None:
         tma.async_copy_global_to_shared(v_desc, [b, kv, row, 0], v_bar.index(slot), v_ring.index(slot), pred=live)
 
     @gluon.jit
+    def _tile_keep(k0, bound, check, rows, cols, length, sink, band):
+        """The pairs of a range tile the walk computes: keys below ``bound`` for real rows; with
+        ``check`` also the element test (causal, sink / band)."""
+        keys = k0 + cols
+        keep = gl.expand_dims(keys < bound, 0) & gl.expand_dims(rows < length, 1)
+        if check:
+            keep = keep & (gl.expand_dims(keys, 0) <= gl.expand_dims(rows, 1))
+            keep = keep & (gl.expand_dims(keys < sink, 0) | (gl.expand_dims(rows, 1) - gl.expand_dims(keys, 0) < band))
+        return keep
+
+    @gluon.jit
+    def _softmax_step(s, keep, m_i, l_i, qk_scale):
+        """Scores -> (P, the rescale factor of O, running max, running sum): ``keep``-masked,
+        online softmax in float32 with ``exp2``."""
+        s = gl.where(keep, s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - gl.expand_dims(m_new, 1))
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+    @gluon.jit
     def _fold(q_smem, k_tile, v_tile, acc, m_i, l_i, keep, qk_scale, s_layout: gl.constexpr,
               p_layout: gl.constexpr, o_rows: gl.constexpr, v_bar, v_phase, WAIT_V: gl.constexpr):
         """One tile into the running softmax: S = Q K^T (wgmma), ``keep``-masked, online
@@ -89,11 +110,7 @@ if GLUON_ERROR is None:
         s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
                           use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        s = gl.where(keep, s * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s - gl.expand_dims(m_new, 1))
-        l_i = l_i * alpha + gl.sum(p, 1)
+        p, alpha, m_new, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
         p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
         if WAIT_V:
@@ -116,7 +133,7 @@ if GLUON_ERROR is None:
             n, num_heads, heads_per_kv, num_q_blocks, num_programs, q_offset,
             max_tiles, max_columns, max_blocks, covered_len,
             qk_scale,
-            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PIPELINE: gl.constexpr):
         BLOCK_M: gl.constexpr = 64
         BLOCK_N: gl.constexpr = 64
         dtype: gl.constexpr = q_ptr.dtype.element_ty
@@ -211,25 +228,61 @@ if GLUON_ERROR is None:
             m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, s_rows)
             l_i = gl.zeros([BLOCK_M], gl.float32, s_rows)
             acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-            for t in range(n_tiles):
-                k0, bound, check = _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+            if PIPELINE:
+                # FA3's intra-warpgroup overlap: iteration t >= 1 issues S_t = Q K_t^T and
+                # O += P_{t-1} V_{t-1}, waits for S_t alone, runs tile t's softmax while the P V
+                # wgmma is in flight, then waits for it and refills tile t-1's slot
+                k0, bound, check = _range_tile(0, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
                                                tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base)
-                slot = t % STAGES
-                phase = (t // STAGES) & 1
-                keys = k0 + cols
-                keep = gl.expand_dims(keys < bound, 0) & gl.expand_dims(rows < length, 1)
-                if check:
-                    keep = keep & (gl.expand_dims(keys, 0) <= gl.expand_dims(rows, 1))
-                    keep = keep & (gl.expand_dims(keys < sink, 0)
-                                   | (gl.expand_dims(rows, 1) - gl.expand_dims(keys, 0) < band))
-                mbarrier.wait(k_bar.index(slot), phase)
-                acc, m_i, l_i = _fold(q_smem, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]),
-                                      v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]), acc, m_i, l_i, keep, qk_scale,
-                                      s_layout, p_layout, o_rows, v_bar.index(slot), phase, True)
-                gl.thread_barrier()       # every warp is done with the slot: refill it
-                _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t + STAGES, n_tiles, b, kv, seq_start,
-                       n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
-                       tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES)
+                keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
+                mbarrier.wait(k_bar.index(0), 0)
+                s = warpgroup_mma(q_smem, k_ring.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                                  gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+                p, alpha, m_i, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                mbarrier.wait(v_bar.index(0), 0)
+                for t in range(1, n_tiles):
+                    slot = t % STAGES
+                    prev = (t - 1) % STAGES
+                    k0, bound, check = _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0,
+                                                   length, tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr,
+                                                   block_base)
+                    keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
+                    mbarrier.wait(k_bar.index(slot), (t // STAGES) & 1)
+                    s = warpgroup_mma(q_smem, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                                      is_async=True)
+                    acc = warpgroup_mma(p_op, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+                    s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+                    p, alpha, m_i, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                    gl.thread_barrier()       # every warp is done with tile t-1's slot: refill it
+                    _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t - 1 + STAGES, n_tiles, b, kv, seq_start,
+                           n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                           tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES)
+                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+                    p_op = gl.convert_layout(p.to(dtype), p_layout)
+                    mbarrier.wait(v_bar.index(slot), (t // STAGES) & 1)
+                last_slot = (n_tiles - 1) % STAGES
+                acc = warpgroup_mma(p_op, v_ring.index(last_slot).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            else:
+                for t in range(n_tiles):
+                    k0, bound, check = _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0,
+                                                   length, tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr,
+                                                   block_base)
+                    slot = t % STAGES
+                    phase = (t // STAGES) & 1
+                    keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
+                    mbarrier.wait(k_bar.index(slot), phase)
+                    acc, m_i, l_i = _fold(q_smem, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]),
+                                          v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]), acc, m_i, l_i, keep,
+                                          qk_scale, s_layout, p_layout, o_rows, v_bar.index(slot), phase, True)
+                    gl.thread_barrier()       # every warp is done with the slot: refill it
+                    _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t + STAGES, n_tiles, b, kv, seq_start,
+                           n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                           tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES)
             for i in gl.static_range(STAGES):
                 mbarrier.invalidate(k_bar.index(i))
                 mbarrier.invalidate(v_bar.index(i))
@@ -276,9 +329,10 @@ if GLUON_ERROR is None:
                      out.to(dtype), mask=gl.expand_dims(o_ok, 1) & gl.expand_dims(o_dims < HEAD_DIM, 0))
 
 
-def launch(q, k, v, index, scale: float, out, programs: int):
+def launch(q, k, v, index, scale: float, out, programs: int, pipeline: bool = False):
     """Attention of the layer into ``out`` from ``index`` (``programs`` 64-row programs per
-    head, as the general Triton kernel's launch computes them). Returns the compiled kernel."""
+    head, as the general Triton kernel's launch computes them); ``pipeline``: the range tiles
+    software-pipelined (FA3's intra-warpgroup overlap). Returns the compiled kernel."""
     if GLUON_ERROR is not None:
         raise RuntimeError(GLUON_ERROR)
     B, H, nq, D = q.shape
@@ -300,4 +354,4 @@ def launch(q, k, v, index, scale: float, out, programs: int):
         n, H, H // k.shape[1], index.num_query_blocks, programs, n - nq,
         index.tile_start.shape[-1], index.columns.shape[-1], index.blocks.shape[-1], index.covered.shape[-1],
         scale * LOG2E,
-        HEAD_DIM=D, STAGES=CONFIG[D]["stages"], num_warps=NUM_WARPS)
+        HEAD_DIM=D, STAGES=CONFIG[D]["stages"], PIPELINE=pipeline, num_warps=NUM_WARPS)

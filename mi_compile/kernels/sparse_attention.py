@@ -462,15 +462,15 @@ def _hopper(q, k, v, index: SparseIndex, scale: float, out, programs: int, varia
     """Opt-in (``MI_COMPILE_HOPPER=1`` or ``=ws``): the layer through a Gluon kernel when one
     takes it (sm_90, Gluon's Hopper API, fp16 / bf16, head dim 64 / 128, TMA-aligned K/V):
     ``variant`` ``"wide"`` / ``"ws"`` the wide layers' kernels of
-    :mod:`mi_compile.kernels.hopper_wide`, ``"sparse"`` any index
-    (:mod:`mi_compile.kernels.hopper_sparse`). False leaves the layer to the Triton kernels.
+    :mod:`mi_compile.kernels.hopper_wide`, ``"sparse"`` / ``"sparse_pipe"`` (software-pipelined)
+    any index (:mod:`mi_compile.kernels.hopper_sparse`). False leaves the layer to the Triton kernels.
     The modules are imported here only, so a triton without Gluon never loads them otherwise."""
     from . import hopper_wide
     if not hopper_wide.usable(q, k, v, out):
         return False
-    if variant == "sparse":
+    if variant in ("sparse", "sparse_pipe"):
         from . import hopper_sparse
-        compiled = hopper_sparse.launch(q, k, v, index, scale, out, programs)
+        compiled = hopper_sparse.launch(q, k, v, index, scale, out, programs, pipeline=variant == "sparse_pipe")
     else:
         compiled = hopper_wide.launch(q, k, v, index, scale, out, programs, variant)
     LAST_COMPILE.update(kernel=f"hopper_{variant}", mode=0, regs=getattr(compiled, "n_regs", None),
@@ -512,7 +512,8 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
     # benchmarks/NOTES.md); D=256 needs 8 to hold its 64x256 float32 accumulator.
     num_warps = cfg["num_warps"] or (4 if block_d <= 128 else 8)
     programs = _programs(nq, n, BLOCK)
-    if mode == 0 and hopper_opt_in() and _hopper(q, k, v, index, scale, out, programs, "sparse"):
+    hopper = hopper_opt_in() if mode == 0 else None
+    if hopper and _hopper(q, k, v, index, scale, out, programs, "sparse_pipe" if hopper == "ws" else "sparse"):
         return
     grid = (programs * group, B * H // group)
     compiled = _sparse_attention_kernel[grid](
