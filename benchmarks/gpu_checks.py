@@ -158,21 +158,59 @@ class Skipped(Exception):
     """A check that does not apply here (recorded with its reason, not as a failure)."""
 
 
-def check_hopper(D, dtype, variant):
-    """An opt-in Gluon kernel (``MI_COMPILE_HOPPER=1`` for ``"wide"``, ``=ws`` for ``"ws"``;
-    sm_90, head_dim 64 / 128): the WIDE
-    layer as a padded batch of 2 over 2 KV heads, a dense-only layer over 2 KV heads with K/V
-    read through views of ``[B, n, Hkv, D]`` storage (4D TMA strides), and a chunk of the WIDE layer continuing a
-    cache; each against the float32 reference, every element written, padded rows 0, the
-    kernel recorded as ``hopper_<variant>``, and within the tolerance of the Triton wide kernel."""
+def _gluon_ready(D):
+    """Skip unless a Gluon kernel can run here at this head dim."""
     from mi_compile.kernels import hopper_wide
     if DEV != "cuda":
         raise Skipped(f"device {DEV}")
     if D not in hopper_wide.HEAD_DIMS:
-        raise Skipped(f"head_dim {D}: the kernel takes {list(hopper_wide.HEAD_DIMS)}")
+        raise Skipped(f"head_dim {D}: the kernels take {list(hopper_wide.HEAD_DIMS)}")
     why = hopper_wide.unavailable_reason()
     if why:
         raise Skipped(why)
+
+
+def _gluon_against_triton(cases, opt_in, kernel_name, D, dtype):
+    """Each case ``name -> (q, k, v, heads, seq_start, seq_len)`` run with
+    ``MI_COMPILE_HOPPER=opt_in`` (must run ``kernel_name``) and without (the Triton kernels), both
+    against the float32 reference of the index: within the tolerance, the worst row within
+    rounding of the Triton kernels' worst row (whose coverage check_mixed / check_wide prove
+    exact: a pair left out or doubled moves its row), padded rows 0, every element written."""
+    from mi_compile.kernels.dispatch import HOPPER_ENV
+    result = {}
+    saved = os.environ.get(HOPPER_ENV)
+    try:
+        for name, (qx, kx, vx, heads, st, ln) in cases.items():
+            index = build_sparse_index(qx, kx, heads, seq_start=st, seq_len=ln)
+            os.environ[HOPPER_ENV] = opt_in
+            out = run_kernel(qx, kx, vx, index)
+            kernel = kernel_module.LAST_COMPILE.get("kernel")
+            assert kernel == kernel_name, f"{name}: ran {kernel}"
+            os.environ.pop(HOPPER_ENV)
+            triton_out = run_kernel(qx, kx, vx, index)
+            ref = reference_attention(qx, kx, vx, index, D ** -0.5)
+            err, err_triton = rel_err(out, ref), rel_err(triton_out, ref)
+            assert err < TOL[dtype], f"{name}: rel err {err:.2e} (Triton kernels {err_triton:.2e})"
+            row, row_triton = worst_row_err(out, ref), worst_row_err(triton_out, ref)
+            assert row <= 2 * row_triton + 1e-3, f"{name}: worst row {row:.2e} (Triton {row_triton:.2e})"
+            if st is not None and qx.shape[2] == N:
+                s = START[1]
+                assert torch.equal(out[1, :, :s], torch.zeros_like(out[1, :, :s])), f"{name}: padded rows must be 0"
+            result.update({name: round(err, 6), name + "_triton": round(err_triton, 6),
+                           name + "_worst_row": round(row, 6)})
+    finally:
+        os.environ.pop(HOPPER_ENV, None)
+        if saved is not None:
+            os.environ[HOPPER_ENV] = saved
+    return {"kernel": kernel_name, **result}
+
+
+def check_hopper(D, dtype, variant):
+    """A Gluon kernel for the wide layers (``MI_COMPILE_HOPPER=1`` for ``"wide"``, ``=ws`` for
+    ``"ws"``; sm_90, head_dim 64 / 128): the WIDE layer as a padded batch of 2 over 2 KV heads,
+    a dense-only layer with K/V read through views of ``[B, n, Hkv, D]`` storage (4D TMA
+    strides), and a chunk of the WIDE layer continuing a cache (:func:`_gluon_against_triton`)."""
+    _gluon_ready(D)
     start = torch.tensor(START, dtype=torch.int32, device=DEV)
     length = torch.tensor(LENGTH, dtype=torch.int32, device=DEV)
     nq = max(64, N * 7 // 30)
@@ -181,86 +219,24 @@ def check_hopper(D, dtype, variant):
     cases = {"wide_padded_gqa4": (q, k, v, WIDE, start, length),
              "dense_gqa4_strided": (q[:1], kt, vt, [HP("dense")] * HQ, None, None),
              "wide_chunk": (q[:, :, N - nq:].contiguous(), k, v, WIDE, start, length)}
-    result = {}
-    saved = os.environ.get(hopper_wide.ENV)
-    try:
-        for name, (qx, kx, vx, heads, st, ln) in cases.items():
-            index = build_sparse_index(qx, kx, heads, seq_start=st, seq_len=ln)
-            os.environ[hopper_wide.ENV] = variant
-            out = run_kernel(qx, kx, vx, index)
-            kernel = kernel_module.LAST_COMPILE.get("kernel")
-            assert kernel == f"hopper_{variant}", f"{name}: ran {kernel}"
-            os.environ.pop(hopper_wide.ENV)
-            triton_out = run_kernel(qx, kx, vx, index)
-            ref = reference_attention(qx, kx, vx, index, D ** -0.5)
-            err, err_triton = rel_err(out, ref), rel_err(triton_out, ref)
-            assert err < TOL[dtype], f"{name}: rel err {err:.2e} (Triton wide kernel {err_triton:.2e})"
-            row, row_triton = worst_row_err(out, ref), worst_row_err(triton_out, ref)
-            assert row <= 2 * row_triton + 1e-3, f"{name}: worst row {row:.2e} (Triton {row_triton:.2e})"
-            result[name + "_worst_row"] = round(row, 6)
-            if st is not None and qx.shape[2] == N:
-                s = START[1]
-                assert torch.equal(out[1, :, :s], torch.zeros_like(out[1, :, :s])), f"{name}: padded rows must be 0"
-            result[name] = round(err, 6)
-            result[name + "_triton"] = round(err_triton, 6)
-    finally:
-        os.environ.pop(hopper_wide.ENV, None)
-        if saved is not None:
-            os.environ[hopper_wide.ENV] = saved
-    return {"kernel": f"hopper_{variant}", **result}
+    return _gluon_against_triton(cases, "1" if variant == "wide" else variant, f"hopper_{variant}", D, dtype)
 
 
 def check_hopper_sparse(D, dtype, pipeline=False):
-    """The opt-in Gluon kernel for any index (``MI_COMPILE_HOPPER=1``; ``pipeline``: its
-    software-pipelined schedule, ``=ws``; sm_90, head_dim 64 / 128):
-    the MIXED and ADAPTIVE layers as padded batches over 2 KV heads, and a chunk of the MIXED
-    layer continuing a cache; each against the float32 reference of its index, every element
-    written, padded rows 0, the kernel recorded as hopper_sparse(_pipe), and within the
-    tolerance of the Triton general kernel."""
-    from mi_compile.kernels import hopper_sparse
-    variant, opt_in = ("hopper_sparse_pipe", "ws") if pipeline else ("hopper_sparse", "1")
-    if DEV != "cuda":
-        raise Skipped(f"device {DEV}")
-    if D not in hopper_sparse.CONFIG:
-        raise Skipped(f"head_dim {D}: the kernel takes {sorted(hopper_sparse.CONFIG)}")
-    why = hopper_sparse.unavailable_reason()
-    if why:
-        raise Skipped(why)
+    """The Gluon kernel for any index (``MI_COMPILE_HOPPER=1``; ``pipeline``: its
+    software-pipelined schedule, ``=ws``; sm_90, head_dim 64 / 128): the MIXED and ADAPTIVE
+    layers as padded batches over 2 KV heads, and a chunk of the MIXED layer continuing a cache
+    (:func:`_gluon_against_triton`)."""
+    _gluon_ready(D)
     start = torch.tensor(START, dtype=torch.int32, device=DEV)
     length = torch.tensor(LENGTH, dtype=torch.int32, device=DEV)
     nq = max(64, N * 7 // 30)
     q, k, v = inputs(17 * D, 2, 2, N, D, dtype)
-    cases = {"mixed_padded_gqa4": (q, MIXED), "adaptive_padded_gqa4": (q, ADAPTIVE),
-             "mixed_chunk": (q[:, :, N - nq:].contiguous(), MIXED)}
-    result = {}
-    saved = os.environ.get(hopper_sparse.hopper_wide.ENV)
-    try:
-        for name, (qx, heads) in cases.items():
-            index = build_sparse_index(qx, k, heads, seq_start=start, seq_len=length)
-            os.environ[hopper_sparse.hopper_wide.ENV] = opt_in
-            out = run_kernel(qx, k, v, index)
-            kernel = kernel_module.LAST_COMPILE.get("kernel")
-            assert kernel == variant, f"{name}: ran {kernel}"
-            os.environ.pop(hopper_sparse.hopper_wide.ENV)
-            triton_out = run_kernel(qx, k, v, index)
-            ref = reference_attention(qx, k, v, index, D ** -0.5)
-            err, err_triton = rel_err(out, ref), rel_err(triton_out, ref)
-            assert err < TOL[dtype], f"{name}: rel err {err:.2e} (Triton general kernel {err_triton:.2e})"
-            # the Triton kernel's coverage is checked exactly (check_mixed); the Gluon kernel's
-            # worst row must stay within rounding of the Triton kernel's worst row
-            row, row_triton = worst_row_err(out, ref), worst_row_err(triton_out, ref)
-            assert row <= 2 * row_triton + 1e-3, f"{name}: worst row {row:.2e} (Triton {row_triton:.2e})"
-            result[name + "_worst_row"] = round(row, 6)
-            if qx.shape[2] == N:
-                s = START[1]
-                assert torch.equal(out[1, :, :s], torch.zeros_like(out[1, :, :s])), f"{name}: padded rows must be 0"
-            result[name] = round(err, 6)
-            result[name + "_triton"] = round(err_triton, 6)
-    finally:
-        os.environ.pop(hopper_sparse.hopper_wide.ENV, None)
-        if saved is not None:
-            os.environ[hopper_sparse.hopper_wide.ENV] = saved
-    return {"kernel": variant, **result}
+    cases = {"mixed_padded_gqa4": (q, k, v, MIXED, start, length),
+             "adaptive_padded_gqa4": (q, k, v, ADAPTIVE, start, length),
+             "mixed_chunk": (q[:, :, N - nq:].contiguous(), k, v, MIXED, start, length)}
+    return _gluon_against_triton(cases, "ws" if pipeline else "1",
+                                 "hopper_sparse_pipe" if pipeline else "hopper_sparse", D, dtype)
 
 
 def check_full_selection(D, dtype):

@@ -39,8 +39,8 @@ usable = hopper_wide.usable
 unavailable_reason = hopper_wide.unavailable_reason
 
 if GLUON_ERROR is None:
-    from .hopper_wide import (TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma,
-                              warpgroup_mma_wait)
+    from .hopper_wide import (TensorDescriptor, _program_block, _query_tile, _store_rows, fence_async_shared, gl,
+                              gluon, io_layout_for, mbarrier, mma_layout, tma, warpgroup_mma, warpgroup_mma_wait)
 
     _wide = gl.constexpr(WIDE)
 
@@ -137,56 +137,26 @@ if GLUON_ERROR is None:
         BLOCK_M: gl.constexpr = 64
         BLOCK_N: gl.constexpr = 64
         dtype: gl.constexpr = q_ptr.dtype.element_ty
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
+        s_layout: gl.constexpr = mma_layout(4, BLOCK_N)
+        o_layout: gl.constexpr = mma_layout(4, HEAD_DIM)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        io_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8],
-                                                   threads_per_warp=[32 // (HEAD_DIM // 8), HEAD_DIM // 8],
-                                                   warps_per_cta=[4, 1], order=[1, 0])
+        io_layout: gl.constexpr = io_layout_for(4, HEAD_DIM)
         s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
         s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
         o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-        o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
         io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
         io_cols: gl.constexpr = gl.SliceLayout(0, io_layout)
 
-        # program -> rows (as _program_rows of the Triton kernels, GROUP = 1)
-        slot_block = num_programs - 1 - gl.program_id(0)
-        bh = gl.program_id(1)
-        b = bh // num_heads
-        h = bh % num_heads
-        kv = h // heads_per_kv
-        seq_start = gl.minimum(gl.maximum(gl.load(seq_start_ptr + b), 0), n)
-        length = gl.minimum(gl.maximum(gl.load(seq_len_ptr + b), 0), n - seq_start)
-        m = slot_block + gl.maximum((length + BLOCK_M - 1) // BLOCK_M - num_programs, 0)
+        b, h, kv, seq_start, length, m, out_head = _program_block(
+            seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, heads_per_kv,
+            num_programs, q_offset, io_layout, BLOCK_M, HEAD_DIM)
         m0 = m * BLOCK_M
-        out_head = out_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+        bh = b * num_heads + h
         table_row = bh.to(gl.int64) * num_q_blocks + m
 
-        # padding rows of this program's slot block: zero (every output element written once)
-        nq = n - q_offset
-        real_lo = gl.minimum(gl.maximum(seq_start - q_offset, 0), nq)
-        real_hi = gl.minimum(gl.maximum(seq_start + length - q_offset, real_lo), nq)
-        slots = slot_block * BLOCK_M + gl.arange(0, BLOCK_M, layout=io_rows)
-        io_dims = gl.arange(0, HEAD_DIM, layout=io_cols)
-        pad_rows = gl.where(slots < real_lo, slots, slots + (real_hi - real_lo)).to(gl.int64)
-        pad_ok = gl.expand_dims(slots < nq - (real_hi - real_lo), 1) & gl.expand_dims(io_dims < HEAD_DIM, 0)
-        gl.store(out_head + gl.expand_dims(pad_rows * stride_on, 1) + gl.expand_dims(io_dims, 0),
-                 gl.zeros([BLOCK_M, HEAD_DIM], dtype, io_layout), mask=pad_ok)
-
         if (m0 < length) & (m0 + BLOCK_M > q_offset - seq_start):     # the block holds rows of q
-            q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
-            q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_smem_layout)
-            io_pos = m0 + gl.arange(0, BLOCK_M, layout=io_rows)
-            io_ok = (io_pos < length) & (io_pos >= q_offset - seq_start)
-            q_head = (q_ptr + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh
-                      - q_offset.to(gl.int64) * stride_qn)
-            q_tile = gl.load(q_head + gl.expand_dims((seq_start + io_pos).to(gl.int64) * stride_qn, 1)
-                             + gl.expand_dims(io_dims, 0),
-                             mask=gl.expand_dims(io_ok, 1) & gl.expand_dims(io_dims < HEAD_DIM, 0), other=0.0)
-            q_smem.store(q_tile)
+            q_smem = _query_tile(q_ptr, b, h, seq_start, length, m0, q_offset, stride_qb, stride_qh, stride_qn,
+                                 io_layout, BLOCK_M, HEAD_DIM)
 
             k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
             v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
@@ -299,6 +269,7 @@ if GLUON_ERROR is None:
                 k_head = k_ptr + b.to(gl.int64) * stride_kb + kv.to(gl.int64) * stride_kh
                 v_head = v_ptr + b.to(gl.int64) * stride_vb + kv.to(gl.int64) * stride_vh
                 offs_c = gl.arange(0, BLOCK_N, layout=io_rows)
+                io_dims = gl.arange(0, HEAD_DIM, layout=io_cols)
                 for c0 in range(0, n_col, BLOCK_N):
                     listed = c0 + offs_c < n_col
                     key_pos = gl.load(columns_ptr + column_base + c0 + offs_c, mask=listed, other=0)
@@ -318,15 +289,7 @@ if GLUON_ERROR is None:
                     acc, m_i, l_i = _fold(q_smem, kc_smem, vc_smem, acc, m_i, l_i, keep, qk_scale,
                                           s_layout, p_layout, o_rows, v_bar.index(0), 0, False)
 
-            # normalise and store the real rows (output row start + p - q_offset)
-            l_o = gl.convert_layout(l_i, o_rows)
-            out = acc / gl.expand_dims(gl.where(l_o > 0, l_o, 1.0), 1)
-            o_pos = m0 + gl.arange(0, BLOCK_M, layout=o_rows)
-            o_dims = gl.arange(0, HEAD_DIM, layout=o_cols)
-            o_ok = (o_pos < length) & (o_pos >= q_offset - seq_start)
-            o_rows_ix = (seq_start + o_pos).to(gl.int64) - q_offset
-            gl.store(out_head + gl.expand_dims(o_rows_ix * stride_on, 1) + gl.expand_dims(o_dims, 0),
-                     out.to(dtype), mask=gl.expand_dims(o_ok, 1) & gl.expand_dims(o_dims < HEAD_DIM, 0))
+            _store_rows(acc, l_i, out_head, stride_on, m0, seq_start, length, q_offset, o_layout)
 
 
 def launch(q, k, v, index, scale: float, out, programs: int, pipeline: bool = False):

@@ -132,6 +132,102 @@ if GLUON_ERROR is None:
     fence_async_shared = hopper.fence_async_shared
     _wide = gl.constexpr(WIDE)
 
+    @gluon.constexpr_function
+    def mma_layout(warps, cols):
+        """Registers of a wgmma accumulator with ``cols`` columns over ``warps`` warps (16 rows each)."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, cols, 16])
+
+    @gluon.constexpr_function
+    def io_layout_for(warps, head_dim):
+        """Registers of a [rows, head_dim] tile loaded or stored row by row (16-byte vectors)."""
+        return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (head_dim // 8), head_dim // 8],
+                                warps_per_cta=[warps, 1], order=[1, 0])
+
+    @gluon.jit
+    def _program_block(seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads,
+                       heads_per_kv, num_programs, q_offset, io_layout: gl.constexpr, BLOCK_M: gl.constexpr,
+                       HEAD_DIM: gl.constexpr):
+        """Program ``(p, b * Hq + h)`` -> ``(b, h, kv, seq_start, length, m, out_head)``: it owns
+        query block ``m`` of ``BLOCK_M`` rows (heaviest first; a chunk's programs shifted onto its
+        blocks: ``_program_rows`` of the Triton kernels with GROUP = 1) and writes its share of
+        the padding rows as zeros (every output element is written once)."""
+        io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
+        io_cols: gl.constexpr = gl.SliceLayout(0, io_layout)
+        slot_block = num_programs - 1 - gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // num_heads
+        h = bh % num_heads
+        seq_start = gl.minimum(gl.maximum(gl.load(seq_start_ptr + b), 0), n)
+        length = gl.minimum(gl.maximum(gl.load(seq_len_ptr + b), 0), n - seq_start)
+        m = slot_block + gl.maximum((length + BLOCK_M - 1) // BLOCK_M - num_programs, 0)
+        out_head = out_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+        nq = n - q_offset
+        real_lo = gl.minimum(gl.maximum(seq_start - q_offset, 0), nq)
+        real_hi = gl.minimum(gl.maximum(seq_start + length - q_offset, real_lo), nq)
+        slots = slot_block * BLOCK_M + gl.arange(0, BLOCK_M, layout=io_rows)
+        io_dims = gl.arange(0, HEAD_DIM, layout=io_cols)
+        pad_rows = gl.where(slots < real_lo, slots, slots + (real_hi - real_lo)).to(gl.int64)
+        pad_ok = gl.expand_dims(slots < nq - (real_hi - real_lo), 1) & gl.expand_dims(io_dims < HEAD_DIM, 0)
+        gl.store(out_head + gl.expand_dims(pad_rows * stride_on, 1) + gl.expand_dims(io_dims, 0),
+                 gl.zeros([BLOCK_M, HEAD_DIM], out_ptr.dtype.element_ty, io_layout), mask=pad_ok)
+        return b, h, h // heads_per_kv, seq_start, length, m, out_head
+
+    @gluon.jit
+    def _query_tile(q_ptr, b, h, seq_start, length, m0, q_offset, stride_qb, stride_qh, stride_qn,
+                    io_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """The block's query rows (sequence position ``p`` is q row ``seq_start + p - q_offset``;
+        rows outside the sequence or before a chunk zero) in an NVMMA-swizzled shared tile,
+        fenced for wgmma (the caller's CTA barrier publishes it)."""
+        dtype: gl.constexpr = q_ptr.dtype.element_ty
+        io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
+        io_cols: gl.constexpr = gl.SliceLayout(0, io_layout)
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype))
+        io_pos = m0 + gl.arange(0, BLOCK_M, layout=io_rows)
+        io_dims = gl.arange(0, HEAD_DIM, layout=io_cols)
+        io_ok = (io_pos < length) & (io_pos >= q_offset - seq_start)
+        q_head = q_ptr + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh - q_offset.to(gl.int64) * stride_qn
+        q_tile = gl.load(q_head + gl.expand_dims((seq_start + io_pos).to(gl.int64) * stride_qn, 1)
+                         + gl.expand_dims(io_dims, 0),
+                         mask=gl.expand_dims(io_ok, 1) & gl.expand_dims(io_dims < HEAD_DIM, 0), other=0.0)
+        q_smem.store(q_tile)
+        fence_async_shared()
+        return q_smem
+
+    @gluon.jit
+    def _store_rows(acc, l_i, out_head, stride_on, row0, seq_start, length, q_offset, o_layout: gl.constexpr):
+        """Normalise the running softmax and store the real rows of ``row0 + [0, ROWS)`` (output
+        row ``seq_start + p - q_offset``)."""
+        ROWS: gl.constexpr = acc.shape[0]
+        HEAD_DIM: gl.constexpr = acc.shape[1]
+        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+        o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
+        l_o = gl.convert_layout(l_i, o_rows)
+        out = acc / gl.expand_dims(gl.where(l_o > 0, l_o, 1.0), 1)
+        o_pos = row0 + gl.arange(0, ROWS, layout=o_rows)
+        o_dims = gl.arange(0, HEAD_DIM, layout=o_cols)
+        o_ok = (o_pos < length) & (o_pos >= q_offset - seq_start)
+        o_rows_ix = (seq_start + o_pos).to(gl.int64) - q_offset
+        gl.store(out_head + gl.expand_dims(o_rows_ix * stride_on, 1) + gl.expand_dims(o_dims, 0),
+                 out.to(out_head.dtype.element_ty), mask=gl.expand_dims(o_ok, 1) & gl.expand_dims(o_dims < HEAD_DIM, 0))
+
+    @gluon.jit
+    def _wide_ranges(prefix_ptr, sink_ptr, band_ptr, h, m0, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Head ``h``'s key ranges for rows ``[m0, m0 + BLOCK_M)``, those of the wide Triton kernel
+        (prefix, band edge, interior, diagonal) counted in ``BLOCK_N`` tiles: ``(sink, band,
+        prefix_end, lo, edge, n_pre, n_edge, n_int, n_tiles)``, the arguments of :func:`_tile`."""
+        prefix = gl.maximum(gl.load(prefix_ptr + h), 0)
+        sink = gl.load(sink_ptr + h)
+        band = gl.load(band_ptr + h)
+        prefix_end = gl.minimum(prefix, m0)
+        lo = gl.minimum(gl.maximum(prefix, m0 + 1 - band), m0)
+        edge = gl.maximum(gl.minimum(m0, gl.maximum(prefix, m0 + BLOCK_M - band)), lo)
+        edge = m0 - ((m0 - edge) // BLOCK_N) * BLOCK_N
+        n_pre = (prefix_end + BLOCK_N - 1) // BLOCK_N
+        n_edge = (edge - lo + BLOCK_N - 1) // BLOCK_N
+        n_int = (m0 - edge) // BLOCK_N
+        return sink, band, prefix_end, lo, edge, n_pre, n_edge, n_int, n_pre + n_edge + n_int + BLOCK_M // BLOCK_N
+
     @gluon.jit
     def _tile(t, n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band,
               BLOCK_N: gl.constexpr):
@@ -177,56 +273,22 @@ if GLUON_ERROR is None:
         BLOCK_M: gl.constexpr = 128
         dtype: gl.constexpr = q_ptr.dtype.element_ty
         # registers: S and O accumulators of wgmma (8 warps = two warpgroups over the 128 rows)
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
+        s_layout: gl.constexpr = mma_layout(8, BLOCK_N)
+        o_layout: gl.constexpr = mma_layout(8, HEAD_DIM)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        io_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8],
-                                                   threads_per_warp=[32 // (HEAD_DIM // 8), HEAD_DIM // 8],
-                                                   warps_per_cta=[8, 1], order=[1, 0])
+        io_layout: gl.constexpr = io_layout_for(8, HEAD_DIM)
         s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
         s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
         o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-        o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
-        io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
-        io_cols: gl.constexpr = gl.SliceLayout(0, io_layout)
 
-        # program -> rows (as _program_rows of the Triton kernels, GROUP = 1)
-        slot_block = num_programs - 1 - gl.program_id(0)
-        bh = gl.program_id(1)
-        b = bh // num_heads
-        h = bh % num_heads
-        kv = h // heads_per_kv
-        seq_start = gl.minimum(gl.maximum(gl.load(seq_start_ptr + b), 0), n)
-        length = gl.minimum(gl.maximum(gl.load(seq_len_ptr + b), 0), n - seq_start)
-        m0 = (slot_block + gl.maximum((length + BLOCK_M - 1) // BLOCK_M - num_programs, 0)) * BLOCK_M
-        out_head = out_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-
-        # padding rows of this program's slot block: zero (every output element written once)
-        nq = n - q_offset
-        real_lo = gl.minimum(gl.maximum(seq_start - q_offset, 0), nq)
-        real_hi = gl.minimum(gl.maximum(seq_start + length - q_offset, real_lo), nq)
-        slots = slot_block * BLOCK_M + gl.arange(0, BLOCK_M, layout=io_rows)
-        io_dims = gl.arange(0, HEAD_DIM, layout=io_cols)
-        pad_rows = gl.where(slots < real_lo, slots, slots + (real_hi - real_lo)).to(gl.int64)
-        pad_ok = gl.expand_dims(slots < nq - (real_hi - real_lo), 1) & gl.expand_dims(io_dims < HEAD_DIM, 0)
-        gl.store(out_head + gl.expand_dims(pad_rows * stride_on, 1) + gl.expand_dims(io_dims, 0),
-                 gl.zeros([BLOCK_M, HEAD_DIM], dtype, io_layout), mask=pad_ok)
+        b, h, kv, seq_start, length, m, out_head = _program_block(
+            seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, heads_per_kv,
+            num_programs, q_offset, io_layout, BLOCK_M, HEAD_DIM)
+        m0 = m * BLOCK_M
 
         if (m0 < length) & (m0 + BLOCK_M > q_offset - seq_start):     # the block holds rows of q
-            # Q: rows seq_start + p - q_offset of q, rows outside the sequence / before a chunk zero
-            q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
-            q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_smem_layout)
-            io_pos = m0 + gl.arange(0, BLOCK_M, layout=io_rows)
-            io_ok = (io_pos < length) & (io_pos >= q_offset - seq_start)
-            q_head = (q_ptr + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh
-                      - q_offset.to(gl.int64) * stride_qn)
-            q_rows = (seq_start + io_pos).to(gl.int64)
-            q_tile = gl.load(q_head + gl.expand_dims(q_rows * stride_qn, 1) + gl.expand_dims(io_dims, 0),
-                             mask=gl.expand_dims(io_ok, 1) & gl.expand_dims(io_dims < HEAD_DIM, 0), other=0.0)
-            q_smem.store(q_tile)
-            fence_async_shared()
+            q_smem = _query_tile(q_ptr, b, h, seq_start, length, m0, q_offset, stride_qb, stride_qh, stride_qn,
+                                 io_layout, BLOCK_M, HEAD_DIM)
             gl.thread_barrier()
 
             # K / V ring (TMA destinations are [1, 1, BLOCK_N, D] boxes of the 4D descriptors)
@@ -238,18 +300,8 @@ if GLUON_ERROR is None:
                 mbarrier.init(k_bar.index(i), count=1)
                 mbarrier.init(v_bar.index(i), count=1)
 
-            prefix = gl.maximum(gl.load(prefix_ptr + h), 0)
-            sink = gl.load(sink_ptr + h)
-            band = gl.load(band_ptr + h)
-            # the wide kernel's ranges (see _wide_attention_kernel), counted in BLOCK_N tiles
-            prefix_end = gl.minimum(prefix, m0)
-            lo = gl.minimum(gl.maximum(prefix, m0 + 1 - band), m0)
-            edge = gl.maximum(gl.minimum(m0, gl.maximum(prefix, m0 + BLOCK_M - band)), lo)
-            edge = m0 - ((m0 - edge) // BLOCK_N) * BLOCK_N
-            n_pre = (prefix_end + BLOCK_N - 1) // BLOCK_N
-            n_edge = (edge - lo + BLOCK_N - 1) // BLOCK_N
-            n_int = (m0 - edge) // BLOCK_N
-            n_tiles = n_pre + n_edge + n_int + BLOCK_M // BLOCK_N
+            sink, band, prefix_end, lo, edge, n_pre, n_edge, n_int, n_tiles = _wide_ranges(
+                prefix_ptr, sink_ptr, band_ptr, h, m0, BLOCK_M, BLOCK_N)
 
             for i in gl.static_range(STAGES):
                 _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, i, n_tiles, b, kv, seq_start,
@@ -261,8 +313,6 @@ if GLUON_ERROR is None:
             l_i = gl.zeros([BLOCK_M], gl.float32, s_rows)
             acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
             for t in range(n_tiles):
-                k0, bound, masked, tile_sink, tile_band = _tile(t, n_pre, n_edge, n_int, prefix_end, lo, edge, m0,
-                                                                length, sink, band, BLOCK_N)
                 slot = t % STAGES
                 phase = (t // STAGES) & 1
                 k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
@@ -272,18 +322,8 @@ if GLUON_ERROR is None:
                 s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
                                   use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-                s = s * qk_scale
-                if masked:
-                    keys = k0 + cols
-                    keep = gl.expand_dims(keys < bound, 0) & (gl.expand_dims(keys, 0) <= gl.expand_dims(rows, 1))
-                    keep = keep & (gl.expand_dims(keys < tile_sink, 0)
-                                   | (gl.expand_dims(rows, 1) - gl.expand_dims(keys, 0) < tile_band))
-                    s = gl.where(keep, s, float("-inf"))
-                m_new = gl.maximum(m_i, gl.max(s, 1))
-                alpha = gl.exp2(m_i - m_new)
-                p = gl.exp2(s - gl.expand_dims(m_new, 1))
-                l_i = l_i * alpha + gl.sum(p, 1)
-                m_i = m_new
+                p, alpha, m_i, l_i = _softmax_step(s, t, m_i, l_i, rows, cols, qk_scale, n_pre, n_edge, n_int,
+                                                   prefix_end, lo, edge, m0, length, sink, band, BLOCK_N)
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
 
@@ -299,15 +339,7 @@ if GLUON_ERROR is None:
                 mbarrier.invalidate(k_bar.index(i))
                 mbarrier.invalidate(v_bar.index(i))
 
-            # normalise and store the real rows (output row start + p - q_offset)
-            l_o = gl.convert_layout(l_i, o_rows)
-            out = acc / gl.expand_dims(gl.where(l_o > 0, l_o, 1.0), 1)
-            o_pos = m0 + gl.arange(0, BLOCK_M, layout=o_rows)
-            o_dims = gl.arange(0, HEAD_DIM, layout=o_cols)
-            o_ok = (o_pos < length) & (o_pos >= q_offset - seq_start)
-            o_rows_ix = (seq_start + o_pos).to(gl.int64) - q_offset
-            gl.store(out_head + gl.expand_dims(o_rows_ix * stride_on, 1) + gl.expand_dims(o_dims, 0),
-                     out.to(dtype), mask=gl.expand_dims(o_ok, 1) & gl.expand_dims(o_dims < HEAD_DIM, 0))
+            _store_rows(acc, l_i, out_head, stride_on, m0, seq_start, length, q_offset, o_layout)
 
     @gluon.jit
     def _softmax_step(s, t, m_i, l_i, rows, cols, qk_scale, n_pre, n_edge, n_int, prefix_end, lo, edge, m0,
@@ -355,15 +387,12 @@ if GLUON_ERROR is None:
         BLOCK_N: gl.constexpr = k_ring.shape[3]
         HEAD_DIM: gl.constexpr = k_ring.shape[4]
         dtype: gl.constexpr = q_smem.dtype
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
+        s_layout: gl.constexpr = mma_layout(4, BLOCK_N)
+        o_layout: gl.constexpr = mma_layout(4, HEAD_DIM)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
         s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
         o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-        o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
         q_half = q_smem.slice(ROW0, ROWS, dim=0)
         rows = m0 + ROW0 + gl.arange(0, ROWS, layout=s_rows)
         cols = gl.arange(0, BLOCK_N, layout=s_cols)
@@ -401,14 +430,7 @@ if GLUON_ERROR is None:
         acc = warpgroup_mma(p_op, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(free_bar.index(last), count=1)
-        l_o = gl.convert_layout(l_i, o_rows)
-        out = acc / gl.expand_dims(gl.where(l_o > 0, l_o, 1.0), 1)
-        o_pos = m0 + ROW0 + gl.arange(0, ROWS, layout=o_rows)
-        o_dims = gl.arange(0, HEAD_DIM, layout=o_cols)
-        o_ok = (o_pos < length) & (o_pos >= q_offset - seq_start)
-        o_rows_ix = (seq_start + o_pos).to(gl.int64) - q_offset
-        gl.store(out_head + gl.expand_dims(o_rows_ix * stride_on, 1) + gl.expand_dims(o_dims, 0),
-                 out.to(dtype), mask=gl.expand_dims(o_ok, 1) & gl.expand_dims(o_dims < HEAD_DIM, 0))
+        _store_rows(acc, l_i, out_head, stride_on, m0 + ROW0, seq_start, length, q_offset, o_layout)
 
     @gluon.jit
     def _ws_consume_first(q_smem, k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
@@ -441,44 +463,16 @@ if GLUON_ERROR is None:
         softmax overlaps the other's wgmma, and no CTA barrier per tile remains."""
         BLOCK_M: gl.constexpr = 128
         dtype: gl.constexpr = q_ptr.dtype.element_ty
-        io_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8],
-                                                   threads_per_warp=[32 // (HEAD_DIM // 8), HEAD_DIM // 8],
-                                                   warps_per_cta=[4, 1], order=[1, 0])
-        io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
-        io_cols: gl.constexpr = gl.SliceLayout(0, io_layout)
+        io_layout: gl.constexpr = io_layout_for(4, HEAD_DIM)
 
-        slot_block = num_programs - 1 - gl.program_id(0)
-        bh = gl.program_id(1)
-        b = bh // num_heads
-        h = bh % num_heads
-        kv = h // heads_per_kv
-        seq_start = gl.minimum(gl.maximum(gl.load(seq_start_ptr + b), 0), n)
-        length = gl.minimum(gl.maximum(gl.load(seq_len_ptr + b), 0), n - seq_start)
-        m0 = (slot_block + gl.maximum((length + BLOCK_M - 1) // BLOCK_M - num_programs, 0)) * BLOCK_M
-        out_head = out_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-
-        nq = n - q_offset
-        real_lo = gl.minimum(gl.maximum(seq_start - q_offset, 0), nq)
-        real_hi = gl.minimum(gl.maximum(seq_start + length - q_offset, real_lo), nq)
-        slots = slot_block * BLOCK_M + gl.arange(0, BLOCK_M, layout=io_rows)
-        io_dims = gl.arange(0, HEAD_DIM, layout=io_cols)
-        pad_rows = gl.where(slots < real_lo, slots, slots + (real_hi - real_lo)).to(gl.int64)
-        pad_ok = gl.expand_dims(slots < nq - (real_hi - real_lo), 1) & gl.expand_dims(io_dims < HEAD_DIM, 0)
-        gl.store(out_head + gl.expand_dims(pad_rows * stride_on, 1) + gl.expand_dims(io_dims, 0),
-                 gl.zeros([BLOCK_M, HEAD_DIM], dtype, io_layout), mask=pad_ok)
+        b, h, kv, seq_start, length, m, out_head = _program_block(
+            seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, heads_per_kv,
+            num_programs, q_offset, io_layout, BLOCK_M, HEAD_DIM)
+        m0 = m * BLOCK_M
 
         if (m0 < length) & (m0 + BLOCK_M > q_offset - seq_start):
-            q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
-            q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_smem_layout)
-            io_pos = m0 + gl.arange(0, BLOCK_M, layout=io_rows)
-            io_ok = (io_pos < length) & (io_pos >= q_offset - seq_start)
-            q_head = (q_ptr + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh
-                      - q_offset.to(gl.int64) * stride_qn)
-            q_rows = (seq_start + io_pos).to(gl.int64)
-            q_tile = gl.load(q_head + gl.expand_dims(q_rows * stride_qn, 1) + gl.expand_dims(io_dims, 0),
-                             mask=gl.expand_dims(io_ok, 1) & gl.expand_dims(io_dims < HEAD_DIM, 0), other=0.0)
-            q_smem.store(q_tile)
-            fence_async_shared()
+            q_smem = _query_tile(q_ptr, b, h, seq_start, length, m0, q_offset, stride_qb, stride_qh, stride_qn,
+                                 io_layout, BLOCK_M, HEAD_DIM)
 
             k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
             v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
@@ -491,17 +485,8 @@ if GLUON_ERROR is None:
                 mbarrier.init(free_bar.index(i), count=2)
             gl.thread_barrier()
 
-            prefix = gl.maximum(gl.load(prefix_ptr + h), 0)
-            sink = gl.load(sink_ptr + h)
-            band = gl.load(band_ptr + h)
-            prefix_end = gl.minimum(prefix, m0)
-            lo = gl.minimum(gl.maximum(prefix, m0 + 1 - band), m0)
-            edge = gl.maximum(gl.minimum(m0, gl.maximum(prefix, m0 + BLOCK_M - band)), lo)
-            edge = m0 - ((m0 - edge) // BLOCK_N) * BLOCK_N
-            n_pre = (prefix_end + BLOCK_N - 1) // BLOCK_N
-            n_edge = (edge - lo + BLOCK_N - 1) // BLOCK_N
-            n_int = (m0 - edge) // BLOCK_N
-            n_tiles = n_pre + n_edge + n_int + BLOCK_M // BLOCK_N
+            sink, band, prefix_end, lo, edge, n_pre, n_edge, n_int, n_tiles = _wide_ranges(
+                prefix_ptr, sink_ptr, band_ptr, h, m0, BLOCK_M, BLOCK_N)
 
             consume = (q_smem, k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
                        n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, seq_start, q_offset,
