@@ -40,7 +40,7 @@ unavailable_reason = hopper_wide.unavailable_reason
 
 if GLUON_ERROR is None:
     from .hopper_wide import (TensorDescriptor, _program_block, _query_tile, _store_rows, fence_async_shared, gl,
-                              gluon, io_layout_for, mbarrier, mma_layout, tma, warpgroup_mma, warpgroup_mma_wait)
+                              gluon, kernel_layouts, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 
     _wide = gl.constexpr(WIDE)
 
@@ -101,18 +101,18 @@ if GLUON_ERROR is None:
         return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
     @gluon.jit
-    def _fold(q_smem, k_tile, v_tile, acc, m_i, l_i, keep, qk_scale, s_layout: gl.constexpr,
-              p_layout: gl.constexpr, o_rows: gl.constexpr, v_bar, v_phase, WAIT_V: gl.constexpr):
+    def _fold(q_smem, k_tile, v_tile, acc, m_i, l_i, keep, qk_scale, L: gl.constexpr, v_bar, v_phase,
+              WAIT_V: gl.constexpr):
         """One tile into the running softmax: S = Q K^T (wgmma), ``keep``-masked, online
         softmax, O += P V (wgmma; with ``WAIT_V`` after V's mbarrier phase ``v_phase``)."""
         ROWS: gl.constexpr = q_smem.shape[0]
         BLOCK_N: gl.constexpr = k_tile.shape[0]
-        s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
+        s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, L.s),
                           use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         p, alpha, m_new, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
-        p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, L.o_rows), 1)
+        p_op = gl.convert_layout(p.to(q_smem.dtype), L.p)
         if WAIT_V:
             mbarrier.wait(v_bar, v_phase)
         acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
@@ -137,26 +137,18 @@ if GLUON_ERROR is None:
         BLOCK_M: gl.constexpr = 64
         BLOCK_N: gl.constexpr = 64
         dtype: gl.constexpr = q_ptr.dtype.element_ty
-        s_layout: gl.constexpr = mma_layout(4, BLOCK_N)
-        o_layout: gl.constexpr = mma_layout(4, HEAD_DIM)
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        io_layout: gl.constexpr = io_layout_for(4, HEAD_DIM)
-        s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-        s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
-        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-        io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
-        io_cols: gl.constexpr = gl.SliceLayout(0, io_layout)
+        L: gl.constexpr = kernel_layouts(4, BLOCK_N, HEAD_DIM)
 
         b, h, kv, seq_start, length, m, out_head = _program_block(
             seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, heads_per_kv,
-            num_programs, q_offset, io_layout, BLOCK_M, HEAD_DIM)
+            num_programs, q_offset, L, BLOCK_M, HEAD_DIM)
         m0 = m * BLOCK_M
         bh = b * num_heads + h
         table_row = bh.to(gl.int64) * num_q_blocks + m
 
         if (m0 < length) & (m0 + BLOCK_M > q_offset - seq_start):     # the block holds rows of q
             q_smem = _query_tile(q_ptr, b, h, seq_start, length, m0, q_offset, stride_qb, stride_qh, stride_qn,
-                                 io_layout, BLOCK_M, HEAD_DIM)
+                                 L, BLOCK_M, HEAD_DIM)
 
             k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
             v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
@@ -193,11 +185,11 @@ if GLUON_ERROR is None:
                        n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
                        tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES)
 
-            rows = m0 + gl.arange(0, BLOCK_M, layout=s_rows)
-            cols = gl.arange(0, BLOCK_N, layout=s_cols)
-            m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, s_rows)
-            l_i = gl.zeros([BLOCK_M], gl.float32, s_rows)
-            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+            rows = m0 + gl.arange(0, BLOCK_M, layout=L.s_rows)
+            cols = gl.arange(0, BLOCK_N, layout=L.s_cols)
+            m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, L.s_rows)
+            l_i = gl.zeros([BLOCK_M], gl.float32, L.s_rows)
+            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, L.o)
             if PIPELINE:
                 # FA3's intra-warpgroup overlap: iteration t >= 1 issues S_t = Q K_t^T and
                 # O += P_{t-1} V_{t-1}, waits for S_t alone, runs tile t's softmax while the P V
@@ -207,10 +199,10 @@ if GLUON_ERROR is None:
                 keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
                 mbarrier.wait(k_bar.index(0), 0)
                 s = warpgroup_mma(q_smem, k_ring.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                                  gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+                                  gl.zeros([BLOCK_M, BLOCK_N], gl.float32, L.s), use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
                 p, alpha, m_i, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                p_op = gl.convert_layout(p.to(dtype), L.p)
                 mbarrier.wait(v_bar.index(0), 0)
                 for t in range(1, n_tiles):
                     slot = t % STAGES
@@ -221,7 +213,7 @@ if GLUON_ERROR is None:
                     keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
                     mbarrier.wait(k_bar.index(slot), (t // STAGES) & 1)
                     s = warpgroup_mma(q_smem, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, L.s), use_acc=False,
                                       is_async=True)
                     acc = warpgroup_mma(p_op, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
                     s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
@@ -231,8 +223,8 @@ if GLUON_ERROR is None:
                     _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t - 1 + STAGES, n_tiles, b, kv, seq_start,
                            n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
                            tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES)
-                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
-                    p_op = gl.convert_layout(p.to(dtype), p_layout)
+                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, L.o_rows), 1)
+                    p_op = gl.convert_layout(p.to(dtype), L.p)
                     mbarrier.wait(v_bar.index(slot), (t // STAGES) & 1)
                 last_slot = (n_tiles - 1) % STAGES
                 acc = warpgroup_mma(p_op, v_ring.index(last_slot).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
@@ -248,7 +240,7 @@ if GLUON_ERROR is None:
                     mbarrier.wait(k_bar.index(slot), phase)
                     acc, m_i, l_i = _fold(q_smem, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]),
                                           v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]), acc, m_i, l_i, keep,
-                                          qk_scale, s_layout, p_layout, o_rows, v_bar.index(slot), phase, True)
+                                          qk_scale, L, v_bar.index(slot), phase, True)
                     gl.thread_barrier()       # every warp is done with the slot: refill it
                     _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t + STAGES, n_tiles, b, kv, seq_start,
                            n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
@@ -268,8 +260,8 @@ if GLUON_ERROR is None:
                 covered_base = bh.to(gl.int64) * covered_len + m0 + (BLOCK_M - 1)
                 k_head = k_ptr + b.to(gl.int64) * stride_kb + kv.to(gl.int64) * stride_kh
                 v_head = v_ptr + b.to(gl.int64) * stride_vb + kv.to(gl.int64) * stride_vh
-                offs_c = gl.arange(0, BLOCK_N, layout=io_rows)
-                io_dims = gl.arange(0, HEAD_DIM, layout=io_cols)
+                offs_c = gl.arange(0, BLOCK_N, layout=L.io_rows)
+                io_dims = gl.arange(0, HEAD_DIM, layout=L.io_cols)
                 for c0 in range(0, n_col, BLOCK_N):
                     listed = c0 + offs_c < n_col
                     key_pos = gl.load(columns_ptr + column_base + c0 + offs_c, mask=listed, other=0)
@@ -285,11 +277,11 @@ if GLUON_ERROR is None:
                     vc_smem.store(v_tile)
                     fence_async_shared()
                     gl.thread_barrier()
-                    keep = gl.expand_dims(gl.convert_layout(take, s_cols), 0) & gl.expand_dims(rows < length, 1)
+                    keep = gl.expand_dims(gl.convert_layout(take, L.s_cols), 0) & gl.expand_dims(rows < length, 1)
                     acc, m_i, l_i = _fold(q_smem, kc_smem, vc_smem, acc, m_i, l_i, keep, qk_scale,
-                                          s_layout, p_layout, o_rows, v_bar.index(0), 0, False)
+                                          L, v_bar.index(0), 0, False)
 
-            _store_rows(acc, l_i, out_head, stride_on, m0, seq_start, length, q_offset, o_layout)
+            _store_rows(acc, l_i, out_head, stride_on, m0, seq_start, length, q_offset, L)
 
 
 def launch(q, k, v, index, scale: float, out, programs: int, pipeline: bool = False):

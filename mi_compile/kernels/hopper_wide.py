@@ -41,6 +41,7 @@ the Hopper pieces, or on another device, the caller keeps the Triton wide kernel
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 import triton
@@ -133,26 +134,29 @@ if GLUON_ERROR is None:
     _wide = gl.constexpr(WIDE)
 
     @gluon.constexpr_function
-    def mma_layout(warps, cols):
-        """Registers of a wgmma accumulator with ``cols`` columns over ``warps`` warps (16 rows each)."""
-        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, cols, 16])
-
-    @gluon.constexpr_function
-    def io_layout_for(warps, head_dim):
-        """Registers of a [rows, head_dim] tile loaded or stored row by row (16-byte vectors)."""
-        return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (head_dim // 8), head_dim // 8],
-                                warps_per_cta=[warps, 1], order=[1, 0])
+    def kernel_layouts(warps, block_n, head_dim):
+        """The register layouts of a kernel whose ``warps`` warps (16 rows each) hold the scores
+        ``[rows, block_n]`` and the output ``[rows, head_dim]`` as wgmma accumulators: ``s``,
+        ``o``, ``p`` (P as wgmma's register operand), ``io`` (tiles loaded or stored row by row
+        in 16-byte vectors) and their row / column slices (``s_rows``, ``o_cols``, ...)."""
+        s = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, block_n, 16])
+        o = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, head_dim, 16])
+        io = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (head_dim // 8), head_dim // 8],
+                              warps_per_cta=[warps, 1], order=[1, 0])
+        layouts = dict(s=s, o=o, io=io, p=gl.DotOperandLayout(operand_index=0, parent=o, k_width=2),
+                       s_rows=gl.SliceLayout(1, s), s_cols=gl.SliceLayout(0, s), o_rows=gl.SliceLayout(1, o),
+                       o_cols=gl.SliceLayout(0, o), io_rows=gl.SliceLayout(1, io), io_cols=gl.SliceLayout(0, io))
+        # constexpr attributes: they pass into @gluon.jit helpers as layouts do
+        return types.SimpleNamespace(**{name: gl.constexpr(layout) for name, layout in layouts.items()})
 
     @gluon.jit
     def _program_block(seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads,
-                       heads_per_kv, num_programs, q_offset, io_layout: gl.constexpr, BLOCK_M: gl.constexpr,
+                       heads_per_kv, num_programs, q_offset, L: gl.constexpr, BLOCK_M: gl.constexpr,
                        HEAD_DIM: gl.constexpr):
         """Program ``(p, b * Hq + h)`` -> ``(b, h, kv, seq_start, length, m, out_head)``: it owns
         query block ``m`` of ``BLOCK_M`` rows (heaviest first; a chunk's programs shifted onto its
         blocks: ``_program_rows`` of the Triton kernels with GROUP = 1) and writes its share of
         the padding rows as zeros (every output element is written once)."""
-        io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
-        io_cols: gl.constexpr = gl.SliceLayout(0, io_layout)
         slot_block = num_programs - 1 - gl.program_id(0)
         bh = gl.program_id(1)
         b = bh // num_heads
@@ -164,27 +168,25 @@ if GLUON_ERROR is None:
         nq = n - q_offset
         real_lo = gl.minimum(gl.maximum(seq_start - q_offset, 0), nq)
         real_hi = gl.minimum(gl.maximum(seq_start + length - q_offset, real_lo), nq)
-        slots = slot_block * BLOCK_M + gl.arange(0, BLOCK_M, layout=io_rows)
-        io_dims = gl.arange(0, HEAD_DIM, layout=io_cols)
+        slots = slot_block * BLOCK_M + gl.arange(0, BLOCK_M, layout=L.io_rows)
+        io_dims = gl.arange(0, HEAD_DIM, layout=L.io_cols)
         pad_rows = gl.where(slots < real_lo, slots, slots + (real_hi - real_lo)).to(gl.int64)
         pad_ok = gl.expand_dims(slots < nq - (real_hi - real_lo), 1) & gl.expand_dims(io_dims < HEAD_DIM, 0)
         gl.store(out_head + gl.expand_dims(pad_rows * stride_on, 1) + gl.expand_dims(io_dims, 0),
-                 gl.zeros([BLOCK_M, HEAD_DIM], out_ptr.dtype.element_ty, io_layout), mask=pad_ok)
+                 gl.zeros([BLOCK_M, HEAD_DIM], out_ptr.dtype.element_ty, L.io), mask=pad_ok)
         return b, h, h // heads_per_kv, seq_start, length, m, out_head
 
     @gluon.jit
     def _query_tile(q_ptr, b, h, seq_start, length, m0, q_offset, stride_qb, stride_qh, stride_qn,
-                    io_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
+                    L: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
         """The block's query rows (sequence position ``p`` is q row ``seq_start + p - q_offset``;
         rows outside the sequence or before a chunk zero) in an NVMMA-swizzled shared tile,
         fenced for wgmma (the caller's CTA barrier publishes it)."""
         dtype: gl.constexpr = q_ptr.dtype.element_ty
-        io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
-        io_cols: gl.constexpr = gl.SliceLayout(0, io_layout)
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM],
                                            gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype))
-        io_pos = m0 + gl.arange(0, BLOCK_M, layout=io_rows)
-        io_dims = gl.arange(0, HEAD_DIM, layout=io_cols)
+        io_pos = m0 + gl.arange(0, BLOCK_M, layout=L.io_rows)
+        io_dims = gl.arange(0, HEAD_DIM, layout=L.io_cols)
         io_ok = (io_pos < length) & (io_pos >= q_offset - seq_start)
         q_head = q_ptr + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh - q_offset.to(gl.int64) * stride_qn
         q_tile = gl.load(q_head + gl.expand_dims((seq_start + io_pos).to(gl.int64) * stride_qn, 1)
@@ -195,17 +197,15 @@ if GLUON_ERROR is None:
         return q_smem
 
     @gluon.jit
-    def _store_rows(acc, l_i, out_head, stride_on, row0, seq_start, length, q_offset, o_layout: gl.constexpr):
+    def _store_rows(acc, l_i, out_head, stride_on, row0, seq_start, length, q_offset, L: gl.constexpr):
         """Normalise the running softmax and store the real rows of ``row0 + [0, ROWS)`` (output
         row ``seq_start + p - q_offset``)."""
         ROWS: gl.constexpr = acc.shape[0]
         HEAD_DIM: gl.constexpr = acc.shape[1]
-        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-        o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
-        l_o = gl.convert_layout(l_i, o_rows)
+        l_o = gl.convert_layout(l_i, L.o_rows)
         out = acc / gl.expand_dims(gl.where(l_o > 0, l_o, 1.0), 1)
-        o_pos = row0 + gl.arange(0, ROWS, layout=o_rows)
-        o_dims = gl.arange(0, HEAD_DIM, layout=o_cols)
+        o_pos = row0 + gl.arange(0, ROWS, layout=L.o_rows)
+        o_dims = gl.arange(0, HEAD_DIM, layout=L.o_cols)
         o_ok = (o_pos < length) & (o_pos >= q_offset - seq_start)
         o_rows_ix = (seq_start + o_pos).to(gl.int64) - q_offset
         gl.store(out_head + gl.expand_dims(o_rows_ix * stride_on, 1) + gl.expand_dims(o_dims, 0),
@@ -273,22 +273,16 @@ if GLUON_ERROR is None:
         BLOCK_M: gl.constexpr = 128
         dtype: gl.constexpr = q_ptr.dtype.element_ty
         # registers: S and O accumulators of wgmma (8 warps = two warpgroups over the 128 rows)
-        s_layout: gl.constexpr = mma_layout(8, BLOCK_N)
-        o_layout: gl.constexpr = mma_layout(8, HEAD_DIM)
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        io_layout: gl.constexpr = io_layout_for(8, HEAD_DIM)
-        s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-        s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
-        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+        L: gl.constexpr = kernel_layouts(8, BLOCK_N, HEAD_DIM)
 
         b, h, kv, seq_start, length, m, out_head = _program_block(
             seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, heads_per_kv,
-            num_programs, q_offset, io_layout, BLOCK_M, HEAD_DIM)
+            num_programs, q_offset, L, BLOCK_M, HEAD_DIM)
         m0 = m * BLOCK_M
 
         if (m0 < length) & (m0 + BLOCK_M > q_offset - seq_start):     # the block holds rows of q
             q_smem = _query_tile(q_ptr, b, h, seq_start, length, m0, q_offset, stride_qb, stride_qh, stride_qn,
-                                 io_layout, BLOCK_M, HEAD_DIM)
+                                 L, BLOCK_M, HEAD_DIM)
             gl.thread_barrier()
 
             # K / V ring (TMA destinations are [1, 1, BLOCK_N, D] boxes of the 4D descriptors)
@@ -307,11 +301,11 @@ if GLUON_ERROR is None:
                 _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, i, n_tiles, b, kv, seq_start,
                        n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, STAGES, BLOCK_N)
 
-            rows = m0 + gl.arange(0, BLOCK_M, layout=s_rows)
-            cols = gl.arange(0, BLOCK_N, layout=s_cols)
-            m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, s_rows)
-            l_i = gl.zeros([BLOCK_M], gl.float32, s_rows)
-            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+            rows = m0 + gl.arange(0, BLOCK_M, layout=L.s_rows)
+            cols = gl.arange(0, BLOCK_N, layout=L.s_cols)
+            m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, L.s_rows)
+            l_i = gl.zeros([BLOCK_M], gl.float32, L.s_rows)
+            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, L.o)
             for t in range(n_tiles):
                 slot = t % STAGES
                 phase = (t // STAGES) & 1
@@ -319,13 +313,13 @@ if GLUON_ERROR is None:
                 v_tile = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
 
                 mbarrier.wait(k_bar.index(slot), phase)
-                s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, L.s),
                                   use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
                 p, alpha, m_i, l_i = _softmax_step(s, t, m_i, l_i, rows, cols, qk_scale, n_pre, n_edge, n_int,
                                                    prefix_end, lo, edge, m0, length, sink, band, BLOCK_N)
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, L.o_rows), 1)
+                p_op = gl.convert_layout(p.to(dtype), L.p)
 
                 mbarrier.wait(v_bar.index(slot), phase)
                 acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
@@ -339,7 +333,7 @@ if GLUON_ERROR is None:
                 mbarrier.invalidate(k_bar.index(i))
                 mbarrier.invalidate(v_bar.index(i))
 
-            _store_rows(acc, l_i, out_head, stride_on, m0, seq_start, length, q_offset, o_layout)
+            _store_rows(acc, l_i, out_head, stride_on, m0, seq_start, length, q_offset, L)
 
     @gluon.jit
     def _softmax_step(s, t, m_i, l_i, rows, cols, qk_scale, n_pre, n_edge, n_int, prefix_end, lo, edge, m0,
@@ -387,50 +381,45 @@ if GLUON_ERROR is None:
         BLOCK_N: gl.constexpr = k_ring.shape[3]
         HEAD_DIM: gl.constexpr = k_ring.shape[4]
         dtype: gl.constexpr = q_smem.dtype
-        s_layout: gl.constexpr = mma_layout(4, BLOCK_N)
-        o_layout: gl.constexpr = mma_layout(4, HEAD_DIM)
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-        s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
-        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+        L: gl.constexpr = kernel_layouts(4, BLOCK_N, HEAD_DIM)
         q_half = q_smem.slice(ROW0, ROWS, dim=0)
-        rows = m0 + ROW0 + gl.arange(0, ROWS, layout=s_rows)
-        cols = gl.arange(0, BLOCK_N, layout=s_cols)
-        m_i = gl.full([ROWS], -1.0e30, gl.float32, s_rows)
-        l_i = gl.zeros([ROWS], gl.float32, s_rows)
-        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+        rows = m0 + ROW0 + gl.arange(0, ROWS, layout=L.s_rows)
+        cols = gl.arange(0, BLOCK_N, layout=L.s_cols)
+        m_i = gl.full([ROWS], -1.0e30, gl.float32, L.s_rows)
+        l_i = gl.zeros([ROWS], gl.float32, L.s_rows)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, L.o)
         # Software pipeline (FA3's intra-warpgroup overlap): iteration t >= 1 issues S_t = Q K_t^T
         # and O += P_{t-1} V_{t-1}, waits for S_t only, and runs tile t's softmax while the P V
         # wgmma is still in flight; then waits for it, frees slot t-1 and rescales O.
         mbarrier.wait(k_bar.index(0), 0)
         s = warpgroup_mma(q_half, k_ring.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                          gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+                          gl.zeros([ROWS, BLOCK_N], gl.float32, L.s), use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         p, alpha, m_i, l_i = _softmax_step(s, 0, m_i, l_i, rows, cols, qk_scale, n_pre, n_edge, n_int,
                                            prefix_end, lo, edge, m0, length, sink, band, BLOCK_N)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        p_op = gl.convert_layout(p.to(dtype), L.p)
         mbarrier.wait(v_bar.index(0), 0)
         for t in range(1, n_tiles):
             slot = t % STAGES
             prev = (t - 1) % STAGES
             mbarrier.wait(k_bar.index(slot), (t // STAGES) & 1)
             s = warpgroup_mma(q_half, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                              gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+                              gl.zeros([ROWS, BLOCK_N], gl.float32, L.s), use_acc=False, is_async=True)
             acc = warpgroup_mma(p_op, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
             p, alpha, m_i, l_i = _softmax_step(s, t, m_i, l_i, rows, cols, qk_scale, n_pre, n_edge, n_int,
                                                prefix_end, lo, edge, m0, length, sink, band, BLOCK_N)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(free_bar.index(prev), count=1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, L.o_rows), 1)
+            p_op = gl.convert_layout(p.to(dtype), L.p)
             mbarrier.wait(v_bar.index(slot), (t // STAGES) & 1)
         # the last tile's P V
         last = (n_tiles - 1) % STAGES
         acc = warpgroup_mma(p_op, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(free_bar.index(last), count=1)
-        _store_rows(acc, l_i, out_head, stride_on, m0 + ROW0, seq_start, length, q_offset, o_layout)
+        _store_rows(acc, l_i, out_head, stride_on, m0 + ROW0, seq_start, length, q_offset, L)
 
     @gluon.jit
     def _ws_consume_first(q_smem, k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
@@ -463,16 +452,16 @@ if GLUON_ERROR is None:
         softmax overlaps the other's wgmma, and no CTA barrier per tile remains."""
         BLOCK_M: gl.constexpr = 128
         dtype: gl.constexpr = q_ptr.dtype.element_ty
-        io_layout: gl.constexpr = io_layout_for(4, HEAD_DIM)
+        L: gl.constexpr = kernel_layouts(4, BLOCK_N, HEAD_DIM)
 
         b, h, kv, seq_start, length, m, out_head = _program_block(
             seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, heads_per_kv,
-            num_programs, q_offset, io_layout, BLOCK_M, HEAD_DIM)
+            num_programs, q_offset, L, BLOCK_M, HEAD_DIM)
         m0 = m * BLOCK_M
 
         if (m0 < length) & (m0 + BLOCK_M > q_offset - seq_start):
             q_smem = _query_tile(q_ptr, b, h, seq_start, length, m0, q_offset, stride_qb, stride_qh, stride_qn,
-                                 io_layout, BLOCK_M, HEAD_DIM)
+                                 L, BLOCK_M, HEAD_DIM)
 
             k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
             v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
