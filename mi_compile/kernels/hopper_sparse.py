@@ -39,8 +39,8 @@ usable = hopper_wide.usable
 unavailable_reason = hopper_wide.unavailable_reason
 
 if GLUON_ERROR is None:
-    from .hopper_wide import (TensorDescriptor, _program_block, _query_tile, _store_rows, fence_async_shared, gl,
-                              gluon, kernel_layouts, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    from .hopper_wide import (TensorDescriptor, _kv_ring, _program_block, _query_tile, _store_rows, fence_async_shared,
+                              gl, gluon, kernel_layouts, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 
     _wide = gl.constexpr(WIDE)
 
@@ -150,13 +150,7 @@ if GLUON_ERROR is None:
             q_smem = _query_tile(q_ptr, b, h, seq_start, length, m0, q_offset, stride_qb, stride_qh, stride_qn,
                                  L, BLOCK_M, HEAD_DIM)
 
-            k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-            v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
-            k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(STAGES):
-                mbarrier.init(k_bar.index(i), count=1)
-                mbarrier.init(v_bar.index(i), count=1)
+            k_ring, v_ring, k_bar, v_bar = _kv_ring(k_desc, v_desc, STAGES, BLOCK_N, HEAD_DIM)
             fence_async_shared()
             gl.thread_barrier()
 

@@ -212,6 +212,20 @@ if GLUON_ERROR is None:
                  out.to(out_head.dtype.element_ty), mask=gl.expand_dims(o_ok, 1) & gl.expand_dims(o_dims < HEAD_DIM, 0))
 
     @gluon.jit
+    def _kv_ring(k_desc, v_desc, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """The K / V ring in shared memory (``STAGES`` slots, each a ``[1, 1, BLOCK_N, HEAD_DIM]``
+        TMA box of the 4D descriptors) and one initialised mbarrier per slot for each."""
+        dtype: gl.constexpr = k_desc.block_type.element_ty
+        k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bar.index(i), count=1)
+            mbarrier.init(v_bar.index(i), count=1)
+        return k_ring, v_ring, k_bar, v_bar
+
+    @gluon.jit
     def _wide_ranges(prefix_ptr, sink_ptr, band_ptr, h, m0, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
         """Head ``h``'s key ranges for rows ``[m0, m0 + BLOCK_M)``, those of the wide Triton kernel
         (prefix, band edge, interior, diagonal) counted in ``BLOCK_N`` tiles: ``(sink, band,
@@ -286,13 +300,7 @@ if GLUON_ERROR is None:
             gl.thread_barrier()
 
             # K / V ring (TMA destinations are [1, 1, BLOCK_N, D] boxes of the 4D descriptors)
-            k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-            v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
-            k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(STAGES):
-                mbarrier.init(k_bar.index(i), count=1)
-                mbarrier.init(v_bar.index(i), count=1)
+            k_ring, v_ring, k_bar, v_bar = _kv_ring(k_desc, v_desc, STAGES, BLOCK_N, HEAD_DIM)
 
             sink, band, prefix_end, lo, edge, n_pre, n_edge, n_int, n_tiles = _wide_ranges(
                 prefix_ptr, sink_ptr, band_ptr, h, m0, BLOCK_M, BLOCK_N)
@@ -463,14 +471,9 @@ if GLUON_ERROR is None:
             q_smem = _query_tile(q_ptr, b, h, seq_start, length, m0, q_offset, stride_qb, stride_qh, stride_qn,
                                  L, BLOCK_M, HEAD_DIM)
 
-            k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-            v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
-            k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            k_ring, v_ring, k_bar, v_bar = _kv_ring(k_desc, v_desc, STAGES, BLOCK_N, HEAD_DIM)
             free_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(STAGES):
-                mbarrier.init(k_bar.index(i), count=1)
-                mbarrier.init(v_bar.index(i), count=1)
                 mbarrier.init(free_bar.index(i), count=2)
             gl.thread_barrier()
 
