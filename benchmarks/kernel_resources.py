@@ -139,7 +139,7 @@ def compile_hopper(head_dim: int, dtype: str, arch: int = 90, variant: str = "wi
     if variant.startswith("sparse"):
         constexprs["PIPELINE"] = variant == "sparse_pipe"
     else:
-        constexprs["BLOCK_N"] = cfg["block_n"]
+        constexprs.update(BLOCK_N=cfg["block_n"], WARP_SPECIALIZE=variant == "ws")
     sig, attrs = _signature(fn, dtype, constexprs, {})
     for name in ("k_desc", "v_desc"):
         sig[name] = descriptor

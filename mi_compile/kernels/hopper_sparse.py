@@ -39,8 +39,9 @@ usable = hopper_wide.usable
 unavailable_reason = hopper_wide.unavailable_reason
 
 if GLUON_ERROR is None:
-    from .hopper_wide import (TensorDescriptor, _kv_ring, _program_block, _query_tile, _store_rows, fence_async_shared,
-                              gl, gluon, kernel_layouts, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    from .hopper_wide import (TensorDescriptor, _kv_ring, _load_tile, _program_block, _query_tile, _store_rows,
+                              fence_async_shared, gl, gluon, kernel_layouts, mbarrier, tma, warpgroup_mma,
+                              warpgroup_mma_wait)
 
     _wide = gl.constexpr(WIDE)
 
@@ -71,13 +72,7 @@ if GLUON_ERROR is None:
         """Start the TMA loads of K and V tile ``t`` (if it exists) into its ring slot."""
         k0, bound, check = _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
                                        tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base)
-        slot = t % STAGES
-        live = t < n_tiles
-        row = seq_start + k0
-        mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes, pred=live)
-        tma.async_copy_global_to_shared(k_desc, [b, kv, row, 0], k_bar.index(slot), k_ring.index(slot), pred=live)
-        mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes, pred=live)
-        tma.async_copy_global_to_shared(v_desc, [b, kv, row, 0], v_bar.index(slot), v_ring.index(slot), pred=live)
+        _load_tile(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t % STAGES, b, kv, seq_start + k0, t < n_tiles)
 
     @gluon.jit
     def _tile_keep(k0, bound, check, rows, cols, length, sink, band):

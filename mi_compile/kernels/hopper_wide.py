@@ -27,7 +27,7 @@ Per program:
 Only tiles that need it apply a mask (the last partial prefix tile: keys ``< bound``; band edge
 and diagonal: ``j <= i`` and ``j < sink or i - j < band``; all: keys ``< bound``).
 
-``hopper_wide_ws_kernel`` (``MI_COMPILE_HOPPER=ws``) does the same work warp-specialised
+With ``WARP_SPECIALIZE`` (``MI_COMPILE_HOPPER=ws``) the kernel does the same work warp-specialised
 (``gl.warp_specialize``): the launch's 4 warps and a second warpgroup each own 64 of the 128
 rows and run their own tile loops, and one producer warp issues the TMA loads; a slot goes back
 to the producer when both consumers arrived on its ``free`` mbarrier. No CTA barrier per tile,
@@ -267,9 +267,13 @@ if GLUON_ERROR is None:
         """Start the TMA loads of K and V tile ``tile`` (if it exists) into its ring slot."""
         k0, bound, masked, tile_sink, tile_band = _tile(tile, n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length,
                                                         sink, band, BLOCK_N)
-        slot = tile % STAGES
-        live = tile < n_tiles
-        row = seq_start + k0
+        _load_tile(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, tile % STAGES, b, kv, seq_start + k0,
+                   tile < n_tiles)
+
+    @gluon.jit
+    def _load_tile(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, slot, b, kv, row, live):
+        """TMA loads of the K and V rows ``[row, row + BLOCK_N)`` of KV head ``kv`` into ring slot
+        ``slot``, each completing on its own mbarrier (predicated on ``live``)."""
         mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes, pred=live)
         tma.async_copy_global_to_shared(k_desc, [b, kv, row, 0], k_bar.index(slot), k_ring.index(slot), pred=live)
         mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes, pred=live)
@@ -283,11 +287,16 @@ if GLUON_ERROR is None:
             stride_ob, stride_oh, stride_on,
             n, num_heads, heads_per_kv, num_programs, q_offset,
             qk_scale,
-            HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+            HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+            WARP_SPECIALIZE: gl.constexpr):
+        """The module docstring's kernel: with ``WARP_SPECIALIZE`` the 4 warps of the launch and
+        a second warpgroup each own 64 of the program's 128 rows (:func:`_ws_consume`), a fifth
+        warp loads K / V (:func:`_ws_produce`); without, the launch's 8 warps (two warpgroups)
+        run one loop in lock-step."""
         BLOCK_M: gl.constexpr = 128
         dtype: gl.constexpr = q_ptr.dtype.element_ty
-        # registers: S and O accumulators of wgmma (8 warps = two warpgroups over the 128 rows)
-        L: gl.constexpr = kernel_layouts(8, BLOCK_N, HEAD_DIM)
+        # registers: S and O accumulators of wgmma, laid out over the warps of one partition
+        L: gl.constexpr = kernel_layouts(gl.num_warps(), BLOCK_N, HEAD_DIM)
 
         b, h, kv, seq_start, length, m, out_head = _program_block(
             seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, heads_per_kv,
@@ -297,51 +306,78 @@ if GLUON_ERROR is None:
         if (m0 < length) & (m0 + BLOCK_M > q_offset - seq_start):     # the block holds rows of q
             q_smem = _query_tile(q_ptr, b, h, seq_start, length, m0, q_offset, stride_qb, stride_qh, stride_qn,
                                  L, BLOCK_M, HEAD_DIM)
-            gl.thread_barrier()
-
             # K / V ring (TMA destinations are [1, 1, BLOCK_N, D] boxes of the 4D descriptors)
             k_ring, v_ring, k_bar, v_bar = _kv_ring(k_desc, v_desc, STAGES, BLOCK_N, HEAD_DIM)
-
             sink, band, prefix_end, lo, edge, n_pre, n_edge, n_int, n_tiles = _wide_ranges(
                 prefix_ptr, sink_ptr, band_ptr, h, m0, BLOCK_M, BLOCK_N)
 
-            for i in gl.static_range(STAGES):
-                _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, i, n_tiles, b, kv, seq_start,
-                       n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, STAGES, BLOCK_N)
-
-            rows = m0 + gl.arange(0, BLOCK_M, layout=L.s_rows)
-            cols = gl.arange(0, BLOCK_N, layout=L.s_cols)
-            m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, L.s_rows)
-            l_i = gl.zeros([BLOCK_M], gl.float32, L.s_rows)
-            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, L.o)
-            for t in range(n_tiles):
-                slot = t % STAGES
-                phase = (t // STAGES) & 1
-                k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
-                v_tile = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
-
-                mbarrier.wait(k_bar.index(slot), phase)
-                s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, L.s),
-                                  use_acc=False, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-                p, alpha, m_i, l_i = _softmax_step(s, t, m_i, l_i, rows, cols, qk_scale, n_pre, n_edge, n_int,
-                                                   prefix_end, lo, edge, m0, length, sink, band, BLOCK_N)
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, L.o_rows), 1)
-                p_op = gl.convert_layout(p.to(dtype), L.p)
-
-                mbarrier.wait(v_bar.index(slot), phase)
-                acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                # both warpgroups are done with this slot: refill it with tile t + STAGES
+            if WARP_SPECIALIZE:
+                # a slot returns to the producer once both consumers arrived on its free mbarrier
+                free_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+                for i in gl.static_range(STAGES):
+                    mbarrier.init(free_bar.index(i), count=2)
                 gl.thread_barrier()
-                _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t + STAGES, n_tiles, b, kv, seq_start,
-                       n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, STAGES, BLOCK_N)
-
+                shared = (k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
+                          n_pre, n_edge, n_int, prefix_end, lo, edge, m0)
+                rest = (length, sink, band, seq_start, q_offset, qk_scale)
+                gl.warp_specialize([
+                    (_ws_consume, (q_smem.slice(0, 64, dim=0), ) + shared + (m0, ) + rest),
+                    (_ws_consume, (q_smem.slice(64, 64, dim=0), ) + shared + (m0 + 64, ) + rest),
+                    (_ws_produce, (k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, free_bar, n_tiles, b, kv, seq_start,
+                                   n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band)),
+                ], [4, 1], [232, 40])
+                for i in gl.static_range(STAGES):
+                    mbarrier.invalidate(free_bar.index(i))
+            else:
+                gl.thread_barrier()
+                _wide_lockstep(q_smem, k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, out_head, stride_on, b, kv,
+                               seq_start, length, m0, q_offset, qk_scale, sink, band, prefix_end, lo, edge,
+                               n_pre, n_edge, n_int, n_tiles, L, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES)
             for i in gl.static_range(STAGES):
                 mbarrier.invalidate(k_bar.index(i))
                 mbarrier.invalidate(v_bar.index(i))
 
-            _store_rows(acc, l_i, out_head, stride_on, m0, seq_start, length, q_offset, L)
+    @gluon.jit
+    def _wide_lockstep(q_smem, k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, out_head, stride_on, b, kv,
+                       seq_start, length, m0, q_offset, qk_scale, sink, band, prefix_end, lo, edge,
+                       n_pre, n_edge, n_int, n_tiles, L: gl.constexpr, BLOCK_M: gl.constexpr,
+                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+        """The 8 warps' loop: each tile's S, softmax and P V, then one CTA barrier before its
+        slot is refilled with tile ``t + STAGES``."""
+        dtype: gl.constexpr = q_smem.dtype
+        for i in gl.static_range(STAGES):
+            _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, i, n_tiles, b, kv, seq_start,
+                   n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, STAGES, BLOCK_N)
+
+        rows = m0 + gl.arange(0, BLOCK_M, layout=L.s_rows)
+        cols = gl.arange(0, BLOCK_N, layout=L.s_cols)
+        m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, L.s_rows)
+        l_i = gl.zeros([BLOCK_M], gl.float32, L.s_rows)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, L.o)
+        for t in range(n_tiles):
+            slot = t % STAGES
+            phase = (t // STAGES) & 1
+            k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
+            v_tile = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
+
+            mbarrier.wait(k_bar.index(slot), phase)
+            s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, L.s),
+                              use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            p, alpha, m_i, l_i = _softmax_step(s, t, m_i, l_i, rows, cols, qk_scale, n_pre, n_edge, n_int,
+                                               prefix_end, lo, edge, m0, length, sink, band, BLOCK_N)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, L.o_rows), 1)
+            p_op = gl.convert_layout(p.to(dtype), L.p)
+
+            mbarrier.wait(v_bar.index(slot), phase)
+            acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            # both warpgroups are done with this slot: refill it with tile t + STAGES
+            gl.thread_barrier()
+            _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t + STAGES, n_tiles, b, kv, seq_start,
+                   n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, STAGES, BLOCK_N)
+
+        _store_rows(acc, l_i, out_head, stride_on, m0, seq_start, length, q_offset, L)
 
     @gluon.jit
     def _softmax_step(s, t, m_i, l_i, rows, cols, qk_scale, n_pre, n_edge, n_int, prefix_end, lo, edge, m0,
@@ -378,20 +414,19 @@ if GLUON_ERROR is None:
                    n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, STAGES, BLOCK_N)
 
     @gluon.jit
-    def _ws_consume(q_smem, k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
-                    n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, seq_start, q_offset,
-                    qk_scale, ROW0: gl.constexpr):
-        """One consumer warpgroup: rows ``m0 + ROW0 + [0, 64)`` over the program's whole tile
+    def _ws_consume(q_half, k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
+                    n_pre, n_edge, n_int, prefix_end, lo, edge, m0, row0, length, sink, band, seq_start, q_offset,
+                    qk_scale):
+        """One consumer warpgroup: rows ``row0 + [0, 64)`` (``q_half``) over the program's whole tile
         sequence, online softmax, then its rows of the output. Each slot is released to the
         producer (``free_bar``, one arrival per consumer) once its P V wgmma is done."""
         ROWS: gl.constexpr = 64
         STAGES: gl.constexpr = k_ring.shape[0]
         BLOCK_N: gl.constexpr = k_ring.shape[3]
         HEAD_DIM: gl.constexpr = k_ring.shape[4]
-        dtype: gl.constexpr = q_smem.dtype
+        dtype: gl.constexpr = q_half.dtype
         L: gl.constexpr = kernel_layouts(4, BLOCK_N, HEAD_DIM)
-        q_half = q_smem.slice(ROW0, ROWS, dim=0)
-        rows = m0 + ROW0 + gl.arange(0, ROWS, layout=L.s_rows)
+        rows = row0 + gl.arange(0, ROWS, layout=L.s_rows)
         cols = gl.arange(0, BLOCK_N, layout=L.s_cols)
         m_i = gl.full([ROWS], -1.0e30, gl.float32, L.s_rows)
         l_i = gl.zeros([ROWS], gl.float32, L.s_rows)
@@ -427,75 +462,10 @@ if GLUON_ERROR is None:
         acc = warpgroup_mma(p_op, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(free_bar.index(last), count=1)
-        _store_rows(acc, l_i, out_head, stride_on, m0 + ROW0, seq_start, length, q_offset, L)
-
-    @gluon.jit
-    def _ws_consume_first(q_smem, k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
-                          n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, seq_start, q_offset,
-                          qk_scale):
-        _ws_consume(q_smem, k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
-                    n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, seq_start, q_offset,
-                    qk_scale, 0)
-
-    @gluon.jit
-    def _ws_consume_second(q_smem, k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
-                           n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, seq_start, q_offset,
-                           qk_scale):
-        _ws_consume(q_smem, k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
-                    n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, seq_start, q_offset,
-                    qk_scale, 64)
-
-    @gluon.jit(do_not_specialize=_LENGTH_ARGS)
-    def hopper_wide_ws_kernel(
-            q_ptr, k_desc, v_desc, out_ptr,
-            seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr,
-            stride_qb, stride_qh, stride_qn,
-            stride_ob, stride_oh, stride_on,
-            n, num_heads, heads_per_kv, num_programs, q_offset,
-            qk_scale,
-            HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """:func:`hopper_wide_kernel`'s work, warp-specialised: the 4 warps of the launch and a
-        second warpgroup each own 64 of the program's 128 rows (:func:`_ws_consume`), a fifth
-        warp loads K / V (:func:`_ws_produce`). The two consumers run their own loops, so one's
-        softmax overlaps the other's wgmma, and no CTA barrier per tile remains."""
-        BLOCK_M: gl.constexpr = 128
-        dtype: gl.constexpr = q_ptr.dtype.element_ty
-        L: gl.constexpr = kernel_layouts(4, BLOCK_N, HEAD_DIM)
-
-        b, h, kv, seq_start, length, m, out_head = _program_block(
-            seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, heads_per_kv,
-            num_programs, q_offset, L, BLOCK_M, HEAD_DIM)
-        m0 = m * BLOCK_M
-
-        if (m0 < length) & (m0 + BLOCK_M > q_offset - seq_start):
-            q_smem = _query_tile(q_ptr, b, h, seq_start, length, m0, q_offset, stride_qb, stride_qh, stride_qn,
-                                 L, BLOCK_M, HEAD_DIM)
-
-            k_ring, v_ring, k_bar, v_bar = _kv_ring(k_desc, v_desc, STAGES, BLOCK_N, HEAD_DIM)
-            free_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(STAGES):
-                mbarrier.init(free_bar.index(i), count=2)
-            gl.thread_barrier()
-
-            sink, band, prefix_end, lo, edge, n_pre, n_edge, n_int, n_tiles = _wide_ranges(
-                prefix_ptr, sink_ptr, band_ptr, h, m0, BLOCK_M, BLOCK_N)
-
-            consume = (q_smem, k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
-                       n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, seq_start, q_offset,
-                       qk_scale)
-            gl.warp_specialize([
-                (_ws_consume_first, consume),
-                (_ws_consume_second, consume),
-                (_ws_produce, (k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, free_bar, n_tiles, b, kv, seq_start,
-                               n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band)),
-            ], [4, 1], [232, 40])
-            for i in gl.static_range(STAGES):
-                mbarrier.invalidate(k_bar.index(i))
-                mbarrier.invalidate(v_bar.index(i))
-                mbarrier.invalidate(free_bar.index(i))
+        _store_rows(acc, l_i, out_head, stride_on, row0, seq_start, length, q_offset, L)
 
     # variant -> (kernel, warps of the launch)
-    KERNELS = {"wide": (hopper_wide_kernel, NUM_WARPS), "ws": (hopper_wide_ws_kernel, 4)}
+    KERNELS = {"wide": (hopper_wide_kernel, NUM_WARPS), "ws": (hopper_wide_kernel, 4)}
 
 
 def kv_layout(dtype, block_n: int, head_dim: int):
@@ -528,4 +498,5 @@ def launch(q, k, v, index, scale: float, out, programs: int, variant: str = "wid
         out.stride(0), out.stride(1), out.stride(2),
         n, H, H // k.shape[1], programs, n - nq,
         scale * LOG2E,
-        HEAD_DIM=D, BLOCK_N=cfg["block_n"], STAGES=cfg["stages"], num_warps=warps)
+        HEAD_DIM=D, BLOCK_N=cfg["block_n"], STAGES=cfg["stages"], WARP_SPECIALIZE=variant == "ws",
+        num_warps=warps)
