@@ -109,6 +109,14 @@ def topk_chunks(num_heads: int, batch: int, nqb: int) -> list[tuple[int, int]]:
     return [(p0, min(p0 + step, num_heads)) for p0 in range(0, num_heads, step)]
 
 
+def layer_geometry(q: torch.Tensor, k: torch.Tensor):
+    """``(B, Hq, nq, D, n, group, NQB)`` of a layer's q ``[B, Hq, nq, D]`` and k ``[B, Hkv, n, D]``:
+    ``group`` query heads per KV head, ``NQB`` blocks of ``BLOCK`` keys."""
+    B, Hq, nq, D = q.shape
+    n = k.shape[2]
+    return B, Hq, nq, D, n, Hq // k.shape[1], math.ceil(n / BLOCK)
+
+
 def chunk_rows(seq_start: torch.Tensor, n: int, nq: int):
     """The query blocks that can hold a chunk's rows (``nq < n`` queries ending at key ``n``):
     ``rows`` int64 ``[B, R]``, ``R = min(ceil(nq / 64) + 1, NQB)`` (static), ascending and

@@ -106,11 +106,8 @@ def flex_estimate(q, k, head_ids, seq_start, seq_len, scale, impl=None, rows=Non
     k's length; a shorter q is a chunk ending at key ``n`` (see the module docstring).
     ``rows`` (int64 ``[B, R]``, a chunk's :func:`~mi_compile.patterns.block_sparse.chunk_rows`):
     the block distributions of those query blocks only, ``[B, h, R, NQB]``."""
-    B, Hq, nq, D = q.shape
-    n = k.shape[2]
-    group = Hq // k.shape[1]
+    B, Hq, nq, D, n, group, nqb = block_sparse.layer_geometry(q, k)
     dev = q.device
-    nqb = math.ceil(n / BLOCK)
     query_blocks = rows
     vert, slash = vertical_slash.estimate_scores(q, k, head_ids, seq_start, seq_len, scale, impl)
     vert = torch.nan_to_num(vert, neginf=0.0).clamp(min=0)

@@ -61,7 +61,7 @@ import torch
 from ..kernels._device import device_ints
 from ..kernels.dispatch import selection_impl
 from ..kernels.constants import BLOCK, KIND_OTHER, PHASE_BLOCK_SELECT, SENTINEL
-from .block_sparse import blocks_mask_of, chunk_rows
+from .block_sparse import blocks_mask_of, chunk_rows, layer_geometry
 from .registry import PatternError, PatternSpec, register
 from .spec import HeadPattern
 
@@ -113,11 +113,8 @@ def block_mass_torch(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[int], 
     ``[b, h, m, c]`` is query block ``m``'s estimated mass in key block ``c`` (``c <= m``; 0
     above the diagonal, in blocks past the sequence end and, for a chunk (q shorter than k),
     in blocks before it). One head at a time."""
-    B, Hq, nq, D = q.shape
-    n = k.shape[2]
-    group = Hq // k.shape[1]
+    B, Hq, nq, D, n, group, nqb = layer_geometry(q, k)
     dev = q.device
-    nqb = math.ceil(n / BLOCK)
     S = stride
     cells = nqb * BLOCK // S                              # strided rows / columns
     per_block = BLOCK // S
