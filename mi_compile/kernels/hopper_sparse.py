@@ -39,9 +39,9 @@ usable = hopper_wide.usable
 unavailable_reason = hopper_wide.unavailable_reason
 
 if GLUON_ERROR is None:
-    from .hopper_wide import (TensorDescriptor, _kv_ring, _load_tile, _program_block, _query_tile, _store_rows,
-                              fence_async_shared, gl, gluon, kernel_layouts, mbarrier, tma, warpgroup_mma,
-                              warpgroup_mma_wait)
+    from .hopper_wide import (TensorDescriptor, _kv_ring, _load_tile, _program_block, _pv, _query_tile, _rescale,
+                              _ring_tile, _scores, _scores_beside_pv, _store_rows, fence_async_shared, gl, gluon,
+                              kernel_layouts, mbarrier, warpgroup_mma_wait)
 
     _wide = gl.constexpr(WIDE)
 
@@ -100,18 +100,12 @@ if GLUON_ERROR is None:
               WAIT_V: gl.constexpr):
         """One tile into the running softmax: S = Q K^T (wgmma), ``keep``-masked, online
         softmax, O += P V (wgmma; with ``WAIT_V`` after V's mbarrier phase ``v_phase``)."""
-        ROWS: gl.constexpr = q_smem.shape[0]
-        BLOCK_N: gl.constexpr = k_tile.shape[0]
-        s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, L.s),
-                          use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        s = _scores(q_smem, k_tile, L)
         p, alpha, m_new, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, L.o_rows), 1)
-        p_op = gl.convert_layout(p.to(q_smem.dtype), L.p)
+        acc, p_op = _rescale(acc, alpha, p, L, q_smem.dtype)
         if WAIT_V:
             mbarrier.wait(v_bar, v_phase)
-        acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        acc = _pv(p_op, v_tile, acc)
         return acc, m_new, l_i
 
     @gluon.jit(do_not_specialize=_LENGTH_ARGS)
@@ -187,9 +181,7 @@ if GLUON_ERROR is None:
                                                tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base)
                 keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
                 mbarrier.wait(k_bar.index(0), 0)
-                s = warpgroup_mma(q_smem, k_ring.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                                  gl.zeros([BLOCK_M, BLOCK_N], gl.float32, L.s), use_acc=False, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+                s = _scores(q_smem, _ring_tile(k_ring, 0), L)
                 p, alpha, m_i, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
                 p_op = gl.convert_layout(p.to(dtype), L.p)
                 mbarrier.wait(v_bar.index(0), 0)
@@ -201,23 +193,18 @@ if GLUON_ERROR is None:
                                                    block_base)
                     keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
                     mbarrier.wait(k_bar.index(slot), (t // STAGES) & 1)
-                    s = warpgroup_mma(q_smem, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, L.s), use_acc=False,
-                                      is_async=True)
-                    acc = warpgroup_mma(p_op, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-                    s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+                    s, acc = _scores_beside_pv(q_smem, _ring_tile(k_ring, slot), p_op, _ring_tile(v_ring, prev),
+                                               acc, L)
                     p, alpha, m_i, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                     gl.thread_barrier()       # every warp is done with tile t-1's slot: refill it
                     _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t - 1 + STAGES, n_tiles, b, kv, seq_start,
                            n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
                            tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES)
-                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, L.o_rows), 1)
-                    p_op = gl.convert_layout(p.to(dtype), L.p)
+                    acc, p_op = _rescale(acc, alpha, p, L, dtype)
                     mbarrier.wait(v_bar.index(slot), (t // STAGES) & 1)
                 last_slot = (n_tiles - 1) % STAGES
-                acc = warpgroup_mma(p_op, v_ring.index(last_slot).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                acc = _pv(p_op, _ring_tile(v_ring, last_slot), acc)
             else:
                 for t in range(n_tiles):
                     k0, bound, check = _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0,
@@ -227,9 +214,8 @@ if GLUON_ERROR is None:
                     phase = (t // STAGES) & 1
                     keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
                     mbarrier.wait(k_bar.index(slot), phase)
-                    acc, m_i, l_i = _fold(q_smem, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]),
-                                          v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]), acc, m_i, l_i, keep,
-                                          qk_scale, L, v_bar.index(slot), phase, True)
+                    acc, m_i, l_i = _fold(q_smem, _ring_tile(k_ring, slot), _ring_tile(v_ring, slot), acc, m_i, l_i,
+                                          keep, qk_scale, L, v_bar.index(slot), phase, True)
                     gl.thread_barrier()       # every warp is done with the slot: refill it
                     _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t + STAGES, n_tiles, b, kv, seq_start,
                            n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,

@@ -212,6 +212,46 @@ if GLUON_ERROR is None:
                  out.to(out_head.dtype.element_ty), mask=gl.expand_dims(o_ok, 1) & gl.expand_dims(o_dims < HEAD_DIM, 0))
 
     @gluon.jit
+    def _ring_tile(ring, slot):
+        """Slot ``slot`` of a K / V ring as a ``[BLOCK_N, HEAD_DIM]`` wgmma operand."""
+        BLOCK_N: gl.constexpr = ring.shape[3]
+        HEAD_DIM: gl.constexpr = ring.shape[4]
+        return ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
+
+    @gluon.jit
+    def _scores(q_smem, k_tile, L: gl.constexpr):
+        """S = Q K^T (wgmma), waited for."""
+        ROWS: gl.constexpr = q_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_tile.shape[0]
+        s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, L.s),
+                          use_acc=False, is_async=True)
+        return warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+
+    @gluon.jit
+    def _scores_beside_pv(q_smem, k_tile, p_op, v_tile, acc, L: gl.constexpr):
+        """FA3's intra-warpgroup overlap: S_t = Q K_t^T and O += P_{t-1} V_{t-1} issued together,
+        S_t waited for alone; the P V wgmma stays in flight through the softmax that follows."""
+        ROWS: gl.constexpr = q_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_tile.shape[0]
+        s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, L.s),
+                          use_acc=False, is_async=True)
+        acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+        return s, acc
+
+    @gluon.jit
+    def _pv(p_op, v_tile, acc):
+        """O += P V (wgmma, P from registers), waited for."""
+        acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+        return warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+
+    @gluon.jit
+    def _rescale(acc, alpha, p, L: gl.constexpr, dtype: gl.constexpr):
+        """O scaled by ``alpha`` (the running max moved), and P as the next P V's register operand."""
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, L.o_rows), 1)
+        return acc, gl.convert_layout(p.to(dtype), L.p)
+
+    @gluon.jit
     def _kv_ring(k_desc, v_desc, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
         """The K / V ring in shared memory (``STAGES`` slots, each a ``[1, 1, BLOCK_N, HEAD_DIM]``
         TMA box of the 4D descriptors) and one initialised mbarrier per slot for each."""
@@ -294,7 +334,6 @@ if GLUON_ERROR is None:
         warp loads K / V (:func:`_ws_produce`); without, the launch's 8 warps (two warpgroups)
         run one loop in lock-step."""
         BLOCK_M: gl.constexpr = 128
-        dtype: gl.constexpr = q_ptr.dtype.element_ty
         # registers: S and O accumulators of wgmma, laid out over the warps of one partition
         L: gl.constexpr = kernel_layouts(gl.num_warps(), BLOCK_N, HEAD_DIM)
 
@@ -357,21 +396,13 @@ if GLUON_ERROR is None:
         for t in range(n_tiles):
             slot = t % STAGES
             phase = (t // STAGES) & 1
-            k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
-            v_tile = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
-
             mbarrier.wait(k_bar.index(slot), phase)
-            s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, L.s),
-                              use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            s = _scores(q_smem, _ring_tile(k_ring, slot), L)
             p, alpha, m_i, l_i = _softmax_step(s, t, m_i, l_i, rows, cols, qk_scale, n_pre, n_edge, n_int,
                                                prefix_end, lo, edge, m0, length, sink, band, BLOCK_N)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, L.o_rows), 1)
-            p_op = gl.convert_layout(p.to(dtype), L.p)
-
+            acc, p_op = _rescale(acc, alpha, p, L, dtype)
             mbarrier.wait(v_bar.index(slot), phase)
-            acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            acc = _pv(p_op, _ring_tile(v_ring, slot), acc)
             # both warpgroups are done with this slot: refill it with tile t + STAGES
             gl.thread_barrier()
             _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t + STAGES, n_tiles, b, kv, seq_start,
@@ -435,9 +466,7 @@ if GLUON_ERROR is None:
         # and O += P_{t-1} V_{t-1}, waits for S_t only, and runs tile t's softmax while the P V
         # wgmma is still in flight; then waits for it, frees slot t-1 and rescales O.
         mbarrier.wait(k_bar.index(0), 0)
-        s = warpgroup_mma(q_half, k_ring.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                          gl.zeros([ROWS, BLOCK_N], gl.float32, L.s), use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        s = _scores(q_half, _ring_tile(k_ring, 0), L)
         p, alpha, m_i, l_i = _softmax_step(s, 0, m_i, l_i, rows, cols, qk_scale, n_pre, n_edge, n_int,
                                            prefix_end, lo, edge, m0, length, sink, band, BLOCK_N)
         p_op = gl.convert_layout(p.to(dtype), L.p)
@@ -446,21 +475,16 @@ if GLUON_ERROR is None:
             slot = t % STAGES
             prev = (t - 1) % STAGES
             mbarrier.wait(k_bar.index(slot), (t // STAGES) & 1)
-            s = warpgroup_mma(q_half, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                              gl.zeros([ROWS, BLOCK_N], gl.float32, L.s), use_acc=False, is_async=True)
-            acc = warpgroup_mma(p_op, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+            s, acc = _scores_beside_pv(q_half, _ring_tile(k_ring, slot), p_op, _ring_tile(v_ring, prev), acc, L)
             p, alpha, m_i, l_i = _softmax_step(s, t, m_i, l_i, rows, cols, qk_scale, n_pre, n_edge, n_int,
                                                prefix_end, lo, edge, m0, length, sink, band, BLOCK_N)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(free_bar.index(prev), count=1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, L.o_rows), 1)
-            p_op = gl.convert_layout(p.to(dtype), L.p)
+            acc, p_op = _rescale(acc, alpha, p, L, dtype)
             mbarrier.wait(v_bar.index(slot), (t // STAGES) & 1)
         # the last tile's P V
         last = (n_tiles - 1) % STAGES
-        acc = warpgroup_mma(p_op, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        acc = _pv(p_op, _ring_tile(v_ring, last), acc)
         mbarrier.arrive(free_bar.index(last), count=1)
         _store_rows(acc, l_i, out_head, stride_on, row0, seq_start, length, q_offset, L)
 
