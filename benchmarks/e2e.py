@@ -713,8 +713,9 @@ def model_input(n: int, tok, vocab: int, dev: Dev, seed: int):
     return torch.tensor([code_document(tok, n, seed=seed)], device=dev.device), f"python source (seed {seed})"
 
 
-# mode suffix -> MI_COMPILE_HOPPER value: the Gluon Hopper kernels, the first or the overlapped ones
-GLUON_SUFFIXES = {"@gluon": "1", "@gluon_ws": "ws"}
+# mode suffix -> MI_COMPILE_HOPPER value: the Gluon Hopper kernels for dense / A-shape layers (the
+# first or the warp-specialised one), or for every layer (with the Gluon kernel for any index)
+GLUON_SUFFIXES = {"@gluon": "1", "@gluon_ws": "ws", "@gluon_all": "ws_sparse"}
 
 
 def gluon_base(mode: str):
@@ -747,7 +748,7 @@ def with_gluon(fn, value: str = "1"):
 
 def make_model_mode(mode: str, model, args, fns=None, counters=None):
     """``(callable, compile counter)`` for a compiled mode of a --model run; ``<mode>@gluon`` /
-    ``@gluon_ws`` wraps ``<mode>``'s (made first if ``fns`` lacks it) in :func:`with_gluon`."""
+    ``@gluon_ws`` / ``@gluon_all`` wraps ``<mode>``'s (made first if ``fns`` lacks it) in :func:`with_gluon`."""
     base, gluon = gluon_base(mode)
     if gluon:
         if fns is None or base not in fns:
@@ -1158,8 +1159,8 @@ def parse_args(argv=None):
                    "--model: 8192,16384,32768,65536,131072; a tiny:<family> model on the CPU: 256,512)")
     p.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(ALL_MODES)} (default "
                    f"{','.join(DEFAULT_MODES)}); --model: of {','.join(MODEL_MODES)} and the --configs names "
-                   f"(default {','.join(MODEL_DEFAULT_MODES)}), each also as <mode>@gluon / <mode>@gluon_ws: the "
-                   "same compiled model with the Gluon Hopper kernels (MI_COMPILE_HOPPER=1 / ws)")
+                   f"(default {','.join(MODEL_DEFAULT_MODES)}), each also as <mode>@gluon / @gluon_ws / @gluon_all: "
+                   "the same compiled model with the Gluon Hopper kernels (MI_COMPILE_HOPPER=1 / ws / ws_sparse)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per (mode, length) after warm-up (default 2)")
     p.add_argument("--profile", default="", help="--model runs on CUDA: comma-separated modes to profile once more at "
                    "the longest length (kernel time by category, memory live at the peak; profile_<mode>_<n>.txt)")

@@ -21,7 +21,7 @@ and for each pair:
   layer padded with GQA, a dense-only layer through strided K/V views, a chunk; against the
   float32 reference;
 - ``hopper_sparse``, ``hopper_sparse_pipe``: the opt-in Gluon kernel for any index, plain and
-  software-pipelined (``=1`` / ``=ws``, same conditions): the MIXED and ADAPTIVE layers padded
+  software-pipelined (``=sparse`` / ``=ws_sparse``, same conditions): the MIXED and ADAPTIVE layers padded
   with GQA 4 and a chunk of MIXED, against the float32 reference;
 - ``full_selection_vs_sdpa``: every pattern with a selection covering the whole causal square
   equals ``F.scaled_dot_product_attention(is_causal=True)`` in the same dtype;
@@ -223,8 +223,8 @@ def check_hopper(D, dtype, variant):
 
 
 def check_hopper_sparse(D, dtype, pipeline=False):
-    """The Gluon kernel for any index (``MI_COMPILE_HOPPER=1``; ``pipeline``: its
-    software-pipelined schedule, ``=ws``; sm_90, head_dim 64 / 128): the MIXED and ADAPTIVE
+    """The Gluon kernel for any index (``MI_COMPILE_HOPPER=sparse``; ``pipeline``: its
+    software-pipelined schedule, ``=ws_sparse``; sm_90, head_dim 64 / 128): the MIXED and ADAPTIVE
     layers as padded batches over 2 KV heads, and a chunk of the MIXED layer continuing a cache
     (:func:`_gluon_against_triton`)."""
     _gluon_ready(D)
@@ -235,7 +235,7 @@ def check_hopper_sparse(D, dtype, pipeline=False):
     cases = {"mixed_padded_gqa4": (q, k, v, MIXED, start, length),
              "adaptive_padded_gqa4": (q, k, v, ADAPTIVE, start, length),
              "mixed_chunk": (q[:, :, N - nq:].contiguous(), k, v, MIXED, start, length)}
-    return _gluon_against_triton(cases, "ws" if pipeline else "1",
+    return _gluon_against_triton(cases, "ws_sparse" if pipeline else "sparse",
                                  "hopper_sparse_pipe" if pipeline else "hopper_sparse", D, dtype)
 
 
@@ -335,8 +335,9 @@ def check_backend_chunk(D, dtype):
     return {"rewritten": rewritten, "compiled_vs_fp32": round(err, 6), "eager_vs_fp32": round(err_eager, 6)}
 
 
-def run_one(D, dtype_name):
-    """All checks of one (head_dim, dtype); returns a list of result dicts."""
+def run_one(D, dtype_name, only=()):
+    """The checks of one (head_dim, dtype), those whose names start with one of ``only`` if
+    given; returns a list of result dicts."""
     dtype = getattr(torch, dtype_name)
     torch.backends.cuda.matmul.allow_tf32 = False      # the float32 references stay float32
     checks = [(f"mixed_gqa{r}", lambda r=r: check_mixed(D, dtype, r)) for r in (1, 4, 8)]
@@ -350,6 +351,8 @@ def run_one(D, dtype_name):
                ("hopper_sparse_pipe", lambda: check_hopper_sparse(D, dtype, pipeline=True))]
     checks += [(f"chunk_gqa{r}", lambda r=r: check_chunk(D, dtype, r)) for r in (1, 4)]
     checks += [("backend_chunk", lambda: check_backend_chunk(D, dtype))]
+    if only:
+        checks = [(name, fn) for name, fn in checks if name.startswith(tuple(only))]
     results = []
     for name, fn in checks:
         t = time.time()
@@ -373,9 +376,11 @@ def main():
     ap.add_argument("--json", help="with --one: write the results there")
     ap.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)))
     ap.add_argument("--dtypes", default=",".join(DTYPES))
+    ap.add_argument("--checks", default="", help="comma-separated name prefixes: only those checks (e.g. hopper)")
     args = ap.parse_args()
+    only = [c for c in args.checks.split(",") if c]
     if args.one:
-        results = run_one(int(args.one[0]), args.one[1])
+        results = run_one(int(args.one[0]), args.one[1], only)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f)
@@ -389,7 +394,8 @@ def main():
         path = os.path.join(out_dir, f".gpu_checks_{d}_{t}.json")
         log = open(os.path.join(out_dir, f".gpu_checks_{d}_{t}.log"), "w")
         procs.append((d, t, path, log, subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.gpu_checks", "--one", str(d), t, "--json", path],
+            [sys.executable, "-m", "benchmarks.gpu_checks", "--one", str(d), t, "--json", path,
+             "--checks", args.checks],
             stdout=log, stderr=subprocess.STDOUT)))
     results = []
     for d, t, path, log, p in procs:
@@ -407,6 +413,9 @@ def main():
         os.remove(log.name)
         if p.returncode != 0:
             print(f"--- log of head_dim {d} {t} (exit {p.returncode}) ---\n{text[-4000:]}")
+        # each pair's verdicts as soon as it is done (a stage's timeout keeps what finished)
+        pair = [r for r in results if (r["head_dim"], r["dtype"]) == (d, t)]
+        print(f"head_dim {d} {t}: {sum(r['ok'] for r in pair)} of {len(pair)} passed", flush=True)
     meta = {"device": torch.cuda.get_device_name() if DEV == "cuda" else DEV, "torch": torch.__version__,
             "triton": __import__("triton").__version__, "wall_s": round(time.time() - t0, 1)}
     with open(os.path.join(out_dir, "gpu_checks.json"), "w") as f:

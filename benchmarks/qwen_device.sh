@@ -248,7 +248,8 @@ case "$stage" in
     # the Gluon Hopper kernels (opt-in MI_COMPILE_HOPPER): their correctness checks, and their rows
     # in the kernel benchmark next to the Triton kernels and cuDNN (128K first); no model needed
     deadline=$(( $(date +%s) + ${2:-300} ))
-    timeout "$(( ${2:-300} / 3 ))" python3 -m benchmarks.gpu_checks --head-dims 64,128 > "$OUT/gpu_checks_hopper.log" 2>&1
+    timeout "$(( ${2:-300} / 2 ))" python3 -m benchmarks.gpu_checks --head-dims 64,128 --checks hopper \
+      > "$OUT/gpu_checks_hopper.log" 2>&1
     grep -i "hopper\|passed" "$OUT/gpu_checks_hopper.log" | tail -20
     NS=${NS:-131072,32768} SWEEP=0 FLEX=0 timeout "$(( deadline - $(date +%s) ))" python3 -m benchmarks.kernels \
       > "$OUT/kernels_hopper.log" 2>&1

@@ -83,4 +83,6 @@ def test_kernels_line_on_cuda_names_the_opt_in_and_why_gluon_cannot_run(monkeypa
     if hopper_wide.unavailable_reason("cuda"):       # no GPU / not sm_90 / no Gluon: Triton, and why
         assert line.startswith("kernels: Triton (MI_COMPILE_HOPPER=ws asked for Gluon, not available: ")
     else:
-        assert "hopper_ws for layers of dense / A-shape heads, hopper_sparse_pipe for the others" in line
+        assert "hopper_ws for layers of dense / A-shape heads, Triton for the others" in line
+        monkeypatch.setenv("MI_COMPILE_HOPPER", "ws_sparse")
+        assert "hopper_sparse_pipe for the others" in kernels_line("cuda")

@@ -226,11 +226,16 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert all(r["ok"] for r in results)
 
 
-@pytest.mark.parametrize("value,variant", [("", None), ("0", None), ("1", "wide"), ("wide", "wide"), ("ws", "ws")])
-def test_hopper_opt_in_names_the_variant(monkeypatch, value, variant):
+@pytest.mark.parametrize("value,wide,sparse", [("", None, None), ("0", None, None), ("1", "wide", None),
+                                              ("wide", "wide", None), ("ws", "ws", None), ("sparse", "wide", "sparse"),
+                                              ("ws_sparse", "ws", "sparse_pipe")])
+def test_hopper_opt_in_names_the_kernels(monkeypatch, value, wide, sparse):
+    """=1 / =ws take the Gluon kernels for dense / A-shape layers only (Triton keeps any other
+    index); =sparse / =ws_sparse send every layer to Gluon."""
     from mi_compile.kernels.dispatch import HOPPER_ENV, hopper_opt_in
     monkeypatch.setenv(HOPPER_ENV, value)
-    assert hopper_opt_in() == variant
+    choice = hopper_opt_in()
+    assert (choice is None) if wide is None else (choice.wide, choice.sparse) == (wide, sparse)
 
 
 def test_hopper_opt_in_rejects_an_unknown_value(monkeypatch):

@@ -10,12 +10,12 @@ attention      the Triton kernels                    ``impl="auto"``: the Triton
 selection      Triton estimates, fused tables        PyTorch (the interpreter would be far slower)
 =============  ====================================  ================================================
 
-On sm_90 the attention may run in Gluon instead of Triton, opt-in only (``MI_COMPILE_HOPPER=1``
-or ``=ws``, :func:`hopper_opt_in`) until it beats the Triton kernels by enough to be the
-default: layers whose heads are all dense or A-shape by a kernel of
-:mod:`mi_compile.kernels.hopper_wide`, any other layer by :mod:`mi_compile.kernels.hopper_sparse`;
-``ws`` picks the overlapped schedules (the warp-specialised wide kernel, the software-pipelined
-sparse one).
+On sm_90 the attention may run in Gluon instead of Triton, opt-in only (``MI_COMPILE_HOPPER``,
+:func:`hopper_opt_in`): ``=1`` / ``=ws`` run layers whose heads are all dense or A-shape by a
+kernel of :mod:`mi_compile.kernels.hopper_wide` (the lock-step or the warp-specialised one) and
+leave every other layer to Triton, whose general kernel outran the Gluon one for any index
+(docs/kernels.md); ``=sparse`` / ``=ws_sparse`` also send those layers to
+:mod:`mi_compile.kernels.hopper_sparse` (plain / software-pipelined), to measure it.
 
 "selection" is everything that builds the index: the vertical-slash and XAttention estimates
 and the fused table builder. Dense-versus-sparse (``min_seq_len``) is the op's own decision
@@ -24,6 +24,7 @@ and the fused table builder. Dense-versus-sparse (``min_seq_len``) is the op's o
 from __future__ import annotations
 
 import os
+from typing import NamedTuple, Optional
 
 ATTENTION_IMPLS = ("auto", "triton", "reference")
 HOPPER_ENV = "MI_COMPILE_HOPPER"
@@ -63,7 +64,16 @@ def selection_impl(q) -> str:
     return "triton" if q.is_cuda else "torch"
 
 
-HOPPER_VARIANTS = {"1": "wide", "wide": "wide", "ws": "ws"}
+class HopperChoice(NamedTuple):
+    """The Gluon kernels asked for: ``wide`` (``"wide"`` or ``"ws"``) for layers of dense /
+    A-shape heads, ``sparse`` (``"sparse"``, ``"sparse_pipe"`` or None: Triton) for the others."""
+    wide: str
+    sparse: Optional[str]
+
+
+HOPPER_VARIANTS = {"1": HopperChoice("wide", None), "wide": HopperChoice("wide", None),
+                   "ws": HopperChoice("ws", None), "sparse": HopperChoice("wide", "sparse"),
+                   "ws_sparse": HopperChoice("ws", "sparse_pipe")}
 
 
 def kernels_line(device) -> str:
@@ -77,22 +87,22 @@ def kernels_line(device) -> str:
         if os.environ.get("MI_COMPILE_CPU_IMPL", "reference") == "triton":
             return "kernels: the Triton kernels in the CPU interpreter (MI_COMPILE_CPU_IMPL=triton)"
         return "kernels: the float32 PyTorch reference of each selection (CPU)"
-    variant = hopper_opt_in()
-    if variant is None:
+    choice = hopper_opt_in()
+    if choice is None:
         return f"kernels: Triton ({HOPPER_ENV}=1 opts into the Gluon Hopper kernels on sm_90)"
     from . import hopper_wide
     why = hopper_wide.unavailable_reason(device)
     if why:
         return f"kernels: Triton ({HOPPER_ENV}={os.environ[HOPPER_ENV]} asked for Gluon, not available: {why})"
-    wide, sparse = ("hopper_ws", "hopper_sparse_pipe") if variant == "ws" else ("hopper_wide", "hopper_sparse")
-    return (f"kernels: Gluon on sm_90: {wide} for layers of dense / A-shape heads, {sparse} for the others "
-            "(head dim 64 / 128, fp16 / bf16, TMA-aligned K / V; otherwise Triton)")
+    others = f"hopper_{choice.sparse}" if choice.sparse else "Triton"
+    return (f"kernels: Gluon on sm_90: hopper_{choice.wide} for layers of dense / A-shape heads, {others} for the "
+            "others (head dim 64 / 128, fp16 / bf16, TMA-aligned K / V; otherwise Triton)")
 
 
-def hopper_opt_in() -> str | None:
-    """Which Gluon Hopper kernels were asked for: ``"wide"`` (``MI_COMPILE_HOPPER=1``: the first
-    ones), ``"ws"`` (``=ws``: the overlapped schedules) or None. Read at each launch, so a benchmark can set it
-    per run; whether it can run is :func:`mi_compile.kernels.hopper_wide.usable`'s."""
+def hopper_opt_in() -> HopperChoice | None:
+    """Which Gluon Hopper kernels ``MI_COMPILE_HOPPER`` asks for (module docstring), or None.
+    Read at each launch, so a benchmark can set it per run; whether they can run is
+    :func:`mi_compile.kernels.hopper_wide.usable`'s."""
     value = os.environ.get(HOPPER_ENV, "")
     if value in ("", "0"):
         return None

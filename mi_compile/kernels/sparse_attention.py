@@ -459,8 +459,9 @@ def _programs(nq: int, n: int, rows: int) -> int:
 
 
 def _hopper(q, k, v, index: SparseIndex, scale: float, out, programs: int, variant: str) -> bool:
-    """Opt-in (``MI_COMPILE_HOPPER=1`` or ``=ws``): the layer through a Gluon kernel when one
-    takes it (sm_90, Gluon's Hopper API, fp16 / bf16, head dim 64 / 128, TMA-aligned K/V):
+    """Opt-in (``MI_COMPILE_HOPPER``, :func:`~mi_compile.kernels.dispatch.hopper_opt_in`): the
+    layer through a Gluon kernel when one takes it (sm_90, Gluon's Hopper API, fp16 / bf16,
+    head dim 64 / 128, TMA-aligned K/V):
     ``variant`` ``"wide"`` / ``"ws"`` the wide layers' kernels of
     :mod:`mi_compile.kernels.hopper_wide`, ``"sparse"`` / ``"sparse_pipe"`` (software-pipelined)
     any index (:mod:`mi_compile.kernels.hopper_sparse`). False leaves the layer to the Triton kernels.
@@ -494,7 +495,7 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
         wide_m = 2 * BLOCK
         programs = _programs(nq, n, wide_m)
         hopper = hopper_opt_in() if mode == 0 else None
-        if hopper and _hopper(q, k, v, index, scale, out, programs, hopper):
+        if hopper and _hopper(q, k, v, index, scale, out, programs, hopper.wide):
             return
         compiled = _wide_attention_kernel[(programs * group, B * H // group)](
             q, k, v, out, counts,
@@ -513,7 +514,7 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
     num_warps = cfg["num_warps"] or (4 if block_d <= 128 else 8)
     programs = _programs(nq, n, BLOCK)
     hopper = hopper_opt_in() if mode == 0 else None
-    if hopper and _hopper(q, k, v, index, scale, out, programs, "sparse_pipe" if hopper == "ws" else "sparse"):
+    if hopper and hopper.sparse and _hopper(q, k, v, index, scale, out, programs, hopper.sparse):
         return
     grid = (programs * group, B * H // group)
     compiled = _sparse_attention_kernel[grid](
