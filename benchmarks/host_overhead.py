@@ -323,7 +323,7 @@ def profile(n):
     index = build_sparse_index(q, k, ENC)
     w = plan.widths(n)
     vert, slash = vertical_slash.estimate_scores(q, k, plan.vs_order, ss, sl, scale)
-    vs_raw = vertical_slash.topk_sorted(vert, slash, plan.vs_groups, n)
+    vs_raw = plan.vs_topk(vert, slash, n)
     bs_raw, _ = block_sparse.topk_raw(q, k, plan.bs_ids, plan.bs_topks, ss, sl, scale, True)
     phases = {
         "op call": lambda: op_call(q, k, v),
@@ -334,7 +334,7 @@ def profile(n):
         "build_index (no validation)": lambda: build_index(q, k, HEADS, scale, ss, sl, unpadded=True),
         "normalize_sequences": lambda: normalize_sequences(q, None, None),
         "estimate (2 launches)": lambda: vertical_slash.estimate_scores(q, k, plan.vs_order, ss, sl, scale),
-        "vertical-slash top-k + sort": lambda: vertical_slash.topk_sorted(vert, slash, plan.vs_groups, n),
+        "vertical-slash top-k + sort": lambda: plan.vs_topk(vert, slash, n),
         "block-sparse scores + top-k": lambda: block_sparse.topk_raw(
             q, k, plan.bs_ids, plan.bs_topks, ss, sl, scale, True),
         "fused tables (2 launches)": lambda: build_tables(plan, B, n, w, sl, vs_raw, bs_raw),

@@ -83,6 +83,37 @@ def test_fused_tables_interleaved_parameter_groups():
         assert torch.equal(getattr(plain, f), getattr(fused, f)), f
 
 
+def test_fused_tables_any_number_of_parameter_groups():
+    """Eight distinct (V, S) in a layer, tiled heads among them (the shipped Qwen config has up
+    to 8 a layer): the fused builder takes the layer and gives the PyTorch builder's tables."""
+    heads = [HP("vertical_slash", vertical=64 + 40 * i, slash=[3, 64, 70, 150, 300][i % 5]) for i in range(6)]
+    heads += [HP("vertical_slash_tiled", vertical=100, slash=200), HP("vertical_slash_tiled", vertical=70, slash=130)]
+    q = torch.randn(2, len(heads), 300, 32)
+    plan = index_module.index_plan(tuple(heads), q.device, grouped=False)
+    assert index_module._use_fused(plan, 300, "triton", q, None)
+    for seed, padded in ((5, True), (6, False)):
+        plain, fused = _tables(seed, 300, heads, 2, 2, padded)
+        for f in FIELDS:
+            assert torch.equal(getattr(plain, f), getattr(fused, f)), f
+
+
+def test_vertical_slash_top_k_is_two_calls_a_layer(monkeypatch):
+    """The top-k of a layer's vertical-slash heads is one torch.topk for the columns and one for
+    the diagonals, however many distinct (V, S) the layer has: a head's best c keys are the
+    first c of the layer's widest top-k."""
+    from mi_compile.patterns import vertical_slash
+    _stub_launches(monkeypatch)
+    heads = [HP("vertical_slash", vertical=64 + 32 * i, slash=64 + 48 * i) for i in range(8)]
+    q, k = torch.randn(1, 8, 512, 32), torch.randn(1, 2, 512, 32)
+    ss, sl = normalize_sequences(q, None, None)
+    scores = vertical_slash.estimate_scores_torch(q, k, list(range(8)), ss, sl, 0.2)
+    monkeypatch.setattr(vertical_slash, "estimate_scores", lambda *a, **kw: scores)
+    build_index(q, k, heads, 0.2, ss, sl, unpadded=True, tables="triton")
+    with OpCounter() as counter:
+        build_index(q, k, heads, 0.2, ss, sl, unpadded=True, tables="triton")
+    assert counter.counts["topk"] == 2 and counter.counts["sort"] == 2, counter.counts
+
+
 def _stub_launches(monkeypatch):
     launches = collections.Counter()
 

@@ -68,7 +68,6 @@ from .constants import BLOCK
 # :mod:`mi_compile.kernels.constants`, each pattern's ``kernel_kind``), prefix, param a, param b,
 # row in its vertical-slash group, block-sparse row, vertical-slash group, heads in that group.
 META_WIDTH = 8
-MAX_VS_GROUPS = 6   # distinct (V, S) per layer the fused builder takes (MInference's configs: <= 5)
 
 
 

@@ -38,10 +38,10 @@ import triton.language as tl
 
 from ._device import cached
 from .constants import KIND_A_SHAPE, KIND_BS, KIND_VS, SENTINEL
-from .index_format import MAX_VS_GROUPS, META_WIDTH
+from .index_format import META_WIDTH
 
 # Sizes that change with the prompt are not specialised on (see sparse_attention._LENGTH_ARGS).
-_ROW_ARGS = ["n", "gw", "tiles", "cw", "gw_steps"]
+_ROW_ARGS = ["n", "gw", "tiles", "cw", "gw_steps", "col_width", "off_width"]
 _BLOCK_ARGS = ["n", "gw", "tiles", "cw", "nqb", "kw", "bs_rows", "kw_raw", "gw_steps", "tile_steps",
                "cw_steps"]
 TILE_CHUNK = 1024
@@ -71,23 +71,6 @@ def _count_upto(row_ptr, length, bound, steps, DESCENDING: tl.constexpr):
 
 
 @triton.jit
-def _pick(g, p0, p1, p2, p3, p4, p5):
-    """Pointer ``p<g>`` (the top-k indices of vertical-slash group ``g``)."""
-    ptr = p0
-    if g == 1:
-        ptr = p1
-    elif g == 2:
-        ptr = p2
-    elif g == 3:
-        ptr = p3
-    elif g == 4:
-        ptr = p4
-    elif g == 5:
-        ptr = p5
-    return ptr
-
-
-@triton.jit
 def _program_head(num_heads):
     """``(row, b, h)``: the (input, head) row this program writes (axis 0 = ``b * H + h``)."""
     row = tl.program_id(0)
@@ -97,23 +80,22 @@ def _program_head(num_heads):
 @triton.jit
 def _head_meta(meta_ptr, h):
     """Head ``h``'s row of ``IndexPlan.meta`` (``META_WIDTH`` = 8 ints): kind, prefix, param a,
-    param b, row in its vertical-slash group, block-sparse row, vertical-slash group, heads in
-    that group. Unused values cost nothing (their loads are dead code)."""
+    param b, row of the vertical-slash top-k tensors, block-sparse row, (unused), rows of the
+    vertical-slash top-k tensors. Unused values cost nothing (their loads are dead code)."""
     p = meta_ptr + h * 8
     return (tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3), tl.load(p + 4), tl.load(p + 5),
             tl.load(p + 6), tl.load(p + 7))
 
 
 @triton.jit(do_not_specialize=_ROW_ARGS)
-def _head_rows_kernel(meta_ptr, seq_len_ptr,
-                      col0, col1, col2, col3, col4, col5, off0, off1, off2, off3, off4, off5,
+def _head_rows_kernel(meta_ptr, seq_len_ptr, top_cols_ptr, top_offs_ptr,
                       offsets_ptr, group_lo_ptr, group_hi_ptr, ends_ptr, tile_start_ptr, tile_end_ptr,
                       columns_ptr,
-                      n, num_heads, gw, tiles, cw, gw_steps,
+                      n, num_heads, gw, tiles, cw, gw_steps, col_width, off_width,
                       GW_P2: tl.constexpr, CW_P2: tl.constexpr, TILE_BLOCK: tl.constexpr,
                       FORCED: tl.constexpr, SENT: tl.constexpr):
     row, b, h = _program_head(num_heads)
-    kind, _, pa, pb, vs_row, _, vs_group, group_rows = _head_meta(meta_ptr, h)
+    kind, _, pa, pb, vs_row, _, _, vs_rows = _head_meta(meta_ptr, h)
     length = tl.load(seq_len_ptr + b)
     row64 = row.to(tl.int64)
     r = tl.arange(0, GW_P2)
@@ -131,8 +113,7 @@ def _head_rows_kernel(meta_ptr, seq_len_ptr,
         n_extra = tl.maximum(tl.minimum(pb - FORCED, room), 0)
         e = r - n_forced
         ok = (e >= 0) & (e < n_extra)
-        raw = _pick(vs_group, off0, off1, off2, off3, off4, off5)
-        idx = tl.load(raw + (b.to(tl.int64) * group_rows + vs_row) * n_extra + e, mask=ok, other=0) + FORCED
+        idx = tl.load(top_offs_ptr + (b.to(tl.int64) * vs_rows + vs_row) * off_width + e, mask=ok, other=0) + FORCED
         extra = tl.where(ok & (idx < length), idx, SENT).to(tl.int32)
         forced = tl.where(r < length, r, SENT)
         tl.store(off_row + r, tl.where(r < n_forced, forced, extra), mask=in_row)
@@ -191,8 +172,7 @@ def _head_rows_kernel(meta_ptr, seq_len_ptr,
     if kind == _VS:
         n_cols = tl.maximum(tl.minimum(pa - FORCED, room), 0)
         ok = c < n_cols
-        raw = _pick(vs_group, col0, col1, col2, col3, col4, col5)
-        idx = tl.load(raw + (b.to(tl.int64) * group_rows + vs_row) * n_cols + c, mask=ok, other=0) + FORCED
+        idx = tl.load(top_cols_ptr + (b.to(tl.int64) * vs_rows + vs_row) * col_width + c, mask=ok, other=0) + FORCED
         tl.store(col_row + c, tl.where(ok & (idx < length), idx, SENT).to(tl.int32), mask=c < cw)
     else:
         tl.store(col_row + c, tl.full([CW_P2], SENT, tl.int32), mask=c < cw)
@@ -264,8 +244,7 @@ def _p2(x: int) -> int:
 def build_tables(plan, B: int, n: int, widths: dict, seq_len: torch.Tensor, vs_raw, bs_raw) -> dict:
     """Every data-dependent table of :class:`~mi_compile.kernels.index_format.SparseIndex` (two launches).
 
-    ``vs_raw = (columns, extra offsets)``: per vertical-slash group of the plan (at most
-    ``MAX_VS_GROUPS``), int64 ``[B, heads of the group, count]`` or None, as
+    ``vs_raw = (columns, extra offsets)``: int64 ``[B, vertical-slash heads, width]`` or None, as
     :func:`~mi_compile.patterns.vertical_slash.topk_sorted` returns them; ``bs_raw = (values,
     indices)`` ``[B, block-sparse heads, NQB, K]`` from
     :func:`~mi_compile.patterns.block_sparse.topk_raw`. Either may be None. The int32 tables
@@ -291,16 +270,14 @@ def build_tables(plan, B: int, n: int, widths: dict, seq_len: torch.Tensor, vs_r
     ends = t.pop("ends")
     meta = plan.meta
     none = _placeholders(dev)            # typed stand-ins for absent inputs (never read)
-    cols, offs = vs_raw if vs_raw is not None else ([], [])
-    slots = MAX_VS_GROUPS
-    cols = [none[1] if x is None else x for x in cols] + [none[1]] * (slots - len(cols))
-    offs = [none[1] if x is None else x for x in offs] + [none[1]] * (slots - len(offs))
+    cols, offs = vs_raw if vs_raw is not None else (None, None)
+    cols, offs = (none[1] if x is None else x for x in (cols, offs))
     blk_val, blk_idx = bs_raw if bs_raw is not None else none
     gw_steps = gw.bit_length()
     _head_rows_kernel[(B * H,)](
-        meta, seq_len, *cols, *offs,
+        meta, seq_len, cols, offs,
         t["offsets"], t["group_lo"], t["group_hi"], ends, t["tile_start"], t["tile_end"], t["columns"],
-        n, H, gw, tiles, cw, gw_steps,
+        n, H, gw, tiles, cw, gw_steps, cols.shape[-1], offs.shape[-1],
         GW_P2=_p2(gw), CW_P2=_p2(cw), TILE_BLOCK=TILE_CHUNK, FORCED=64, SENT=SENTINEL, num_warps=4)
     kw_p2 = _p2(kw)
     bm = max(1, min(16, 4096 // kw_p2))
@@ -316,4 +293,4 @@ def build_tables(plan, B: int, n: int, widths: dict, seq_len: torch.Tensor, vs_r
     return t
 
 
-assert META_WIDTH == 8 and MAX_VS_GROUPS == 6, "the kernels above index meta rows of 8, take 6 groups"
+assert META_WIDTH == 8, "the kernels above index meta rows of 8"

@@ -24,7 +24,7 @@ from ..kernels._device import cached, device_ints
 from ..kernels.dispatch import selection_impl
 from ..kernels.constants import (BLOCK, KIND_A_SHAPE, KIND_BS, KIND_OTHER, KIND_VS, PHASE_BLOCK_SPARSE,  # noqa: F401
                         PHASE_BLOCK_SELECT, PHASE_TABLE_SELECT, PHASE_VERTICAL_SLASH, SENTINEL, WIDE)
-from ..kernels.index_format import MAX_VS_GROUPS, META_WIDTH, SparseIndex, dense_last_block  # noqa: F401
+from ..kernels.index_format import META_WIDTH, SparseIndex, dense_last_block  # noqa: F401
 from .registry import get as pattern_spec
 from .spec import HeadPattern
 
@@ -143,17 +143,17 @@ class IndexPlan:
 
     ``vs_ids`` / ``bs_ids``: the heads whose pattern runs the vertical-slash / block-sparse
     selection phase; ``as_ids``: the heads with a static slash group ``[0, as_hi]`` (A-shape).
-    ``vs_order`` is the order in which the estimate scores the vertical-slash heads; with
-    ``grouped`` the heads of one ``(V, S)`` are adjacent in it, so each group's score rows are
-    a slice. ``vs_groups`` holds ``(rows, V, S)`` (``(rows, V, S, 64)`` for extra diagonals in
-    whole key blocks): the group's score rows (a slice or an index tensor), groups in order of
-    first appearance, heads ascending inside a group.
+    ``vs_order`` is the order in which the estimate scores the vertical-slash heads (with
+    ``grouped``, heads of one ``(V, S)`` adjacent); ``vs_limits`` / ``vs_tiled`` are
+    :func:`~mi_compile.patterns.vertical_slash.selection_limits` /
+    :func:`~mi_compile.patterns.vertical_slash.topk_sorted`'s ``tiled`` of those score rows.
     """
 
     heads: tuple
     vs_ids: tuple
     vs_order: tuple
-    vs_groups: tuple
+    vs_limits: Optional[torch.Tensor]
+    vs_tiled: dict
     vs_params: tuple
     bs_ids: tuple
     bs_topks: tuple
@@ -186,6 +186,12 @@ class IndexPlan:
         return {"nqb": nqb, "groups": max(1, groups) if self.vs_ids else 1, "tiles": tiles,
                 "columns": max(1, n_cols) if self.vs_ids else 1,
                 "blocks": max(1, min(self.max_topk, nqb) if self.bs_ids else 1, self.select_width(n))}
+
+    def vs_topk(self, vertical: torch.Tensor, slash: torch.Tensor, n: int):
+        """:func:`~mi_compile.patterns.vertical_slash.topk_sorted` of the vertical-slash heads'
+        scores (rows in ``vs_order``) at length ``n``: the fused builder's top-k input."""
+        return vertical_slash.topk_sorted(vertical, slash, self.vs_limits, (self.max_vertical, self.max_slash),
+                                          self.vs_tiled, n)
 
     def select_width(self, n: int) -> int:
         """Widest ``blocks`` row of the block / table select heads at length ``n`` (0: none)."""
@@ -223,28 +229,23 @@ def _make_plan(heads: tuple, device, grouped: bool) -> IndexPlan:
         by_params.setdefault(tuple(p), []).append(h)
     vs_order = tuple(h for members in by_params.values() for h in members) if grouped else vs_ids
     position = {h: i for i, h in enumerate(vs_order)}
-    vs_groups, vs_place = [], {}
-    for g, (params, members) in enumerate(by_params.items()):
-        pos = [position[h] for h in members]
-        if pos == list(range(pos[0], pos[0] + len(pos))):
-            rows = slice(pos[0], pos[0] + len(pos))
-        else:
-            rows = device_ints(pos, device)
-        vs_groups.append((rows, *params))
-        vs_place.update({h: (i, g, len(members)) for i, h in enumerate(members)})
+    params_by_head = dict(zip(vs_ids, vs_params))
+    order_params = [params_by_head[h] for h in vs_order]
     bs_row = {h: i for i, h in enumerate(bs_ids)}
 
     meta = []
     for h, (head, spec) in enumerate(zip(heads, specs)):
         a, b = spec.meta_params(head)
-        row, group, size = vs_place.get(h, (0, 0, 1))
-        meta += [spec.kernel_kind, prefix[h], a, b, row, bs_row.get(h, 0), group, size]
+        # the head's row of the layer's top-k tensors and their row count (entries 4 and 7)
+        meta += [spec.kernel_kind, prefix[h], a, b, position.get(h, 0), bs_row.get(h, 0), 0, max(1, len(vs_order))]
 
     def ints32(values):
         return device_ints(values, device, torch.int32)
 
     return IndexPlan(
-        heads=heads, vs_ids=vs_ids, vs_order=vs_order, vs_groups=tuple(vs_groups),
+        heads=heads, vs_ids=vs_ids, vs_order=vs_order,
+        vs_limits=vertical_slash.selection_limits(order_params, device) if vs_ids else None,
+        vs_tiled=vertical_slash._tiled_rows(order_params),
         vs_params=vs_params, bs_ids=bs_ids, bs_topks=bs_topks, as_ids=as_ids,
         prefix=ints32(prefix), sink=ints32(sink), band=ints32(band), last=ints32(last),
         meta=ints32(meta).view(len(heads), META_WIDTH),
@@ -278,8 +279,8 @@ def index_plan(heads: Sequence[HeadPattern], device, grouped: bool = False) -> I
     return cached(("index_plan", heads, bool(grouped)), device, lambda: _make_plan(heads, device, grouped))
 
 
-# Widest block-sparse row (top-k blocks) the fused builder sorts in a program; wider layers, and
-# layers with more than MAX_VS_GROUPS vertical-slash groups, use the torch builder.
+# Widest block-sparse row (top-k blocks) the fused builder sorts in a program; wider layers use the
+# torch builder.
 FUSED_MAX_SORT = 4096
 
 
@@ -290,7 +291,7 @@ def _use_fused(plan: IndexPlan, n: int, tables: Optional[str], q: torch.Tensor, 
         return False
     if any(pattern_spec(name).selection == PHASE_TABLE_SELECT for name, _, _ in plan.sel_groups):
         return False        # explicit per-head columns / offsets: the PyTorch builder's path
-    fits = plan.widths(n)["blocks"] <= FUSED_MAX_SORT and len(plan.vs_groups) <= MAX_VS_GROUPS
+    fits = plan.widths(n)["blocks"] <= FUSED_MAX_SORT
     return fits and (tables == "triton" or selection_impl(q) == "triton")
 
 
@@ -307,7 +308,7 @@ def build_index(q: torch.Tensor, k: torch.Tensor, heads: Sequence[HeadPattern], 
     ``tables``: ``"triton"`` assembles the tables in two fused launches
     (:mod:`mi_compile.kernels.index_tables`; the default on CUDA), ``"torch"`` with PyTorch ops
     (the default elsewhere, with ``vs_selection``, and for layers beyond the fused builder's
-    limits, ``MAX_VS_GROUPS`` / ``FUSED_MAX_SORT``); both give the same tables, bit for bit.
+    limit, ``FUSED_MAX_SORT``); both give the same tables, bit for bit.
     Patterns with ``PHASE_BLOCK_SELECT`` (xattention) write their own block rows after either
     builder; layers with ``PHASE_TABLE_SELECT`` heads (flex_prefill) always use the PyTorch one.
     """
@@ -333,7 +334,7 @@ def _build_fused(plan: IndexPlan, q, k, scale, seq_start, seq_len, unpadded) -> 
     vs_raw = bs_raw = None
     if plan.vs_ids:
         vert, slash = vertical_slash.estimate_scores(q, k, plan.vs_order, seq_start, seq_len, scale)
-        vs_raw = vertical_slash.topk_sorted(vert, slash, plan.vs_groups, n)
+        vs_raw = plan.vs_topk(vert, slash, n)
         del vert, slash
     if plan.bs_ids:
         bs_raw, _ = block_sparse.topk_raw(q, k, plan.bs_ids, plan.bs_topks, seq_start, seq_len, scale, unpadded)

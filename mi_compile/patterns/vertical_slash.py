@@ -165,6 +165,32 @@ def _top_beyond_forced(scores: torch.Tensor, count: int) -> torch.Tensor:
     return torch.where(val > float("-inf"), idx + FORCED, SENTINEL).to(torch.int32)
 
 
+def top_rows(scores: torch.Tensor, limits: torch.Tensor, width: int) -> torch.Tensor:
+    """int64 ``[B, R, width]``: row ``r``'s ``limits[r]`` (clamped to ``[0, width]``) best scores
+    beyond the FORCED keys, as indices relative to FORCED, ascending, then SENTINEL (also for a
+    ``-inf`` score, i.e. a key outside the sequence). One top-k and one sort serve every row,
+    whatever its count: a row's best ``c`` are the first ``c`` of its best ``width``."""
+    top = torch.topk(scores[..., FORCED:], width, dim=-1)
+    rank = torch.arange(width, device=scores.device)
+    keep = (rank < limits.view(-1, 1)) & (top.values > float("-inf"))
+    return torch.where(keep, top.indices, SENTINEL).sort(-1).values
+
+
+def selection_limits(params: Sequence[tuple], device) -> torch.Tensor:
+    """int64 ``[2, R]``: ``V - FORCED`` and ``S - FORCED`` of each row's ``(V, S[, 64])`` (cached);
+    clamped to the room ``n - FORCED`` they are :func:`extra_counts`."""
+    return device_ints([p[0] - FORCED for p in params] + [p[1] - FORCED for p in params], device).view(2, -1)
+
+
+def _tiled_rows(params: Sequence[tuple]) -> dict:
+    """``(V, S) -> rows`` of the heads whose extra diagonals are chosen in whole key blocks."""
+    rows: dict[tuple, list[int]] = {}
+    for r, p in enumerate(params):
+        if len(p) > 2:
+            rows.setdefault(tuple(p[:2]), []).append(r)
+    return rows
+
+
 def select_vertical_slash(vertical: torch.Tensor, slash: torch.Tensor,
                           params: Sequence[tuple], seq_len: torch.Tensor):
     """Turn scores into the selection of each head (``params[h] = (V, S)``, or ``(V, S, 64)``
@@ -172,31 +198,25 @@ def select_vertical_slash(vertical: torch.Tensor, slash: torch.Tensor,
 
     Returns ``columns [B, Hs, Vx]`` (the non-forced verticals, ascending, SENTINEL-padded) and
     ``offsets [B, Hs, Sx]`` (all kept offsets, forced ones included, ascending, SENTINEL-padded).
+    The top-k calls are :func:`topk_sorted`'s, so the fused builder selects the same keys.
     """
     B, Hs, n = vertical.shape
     dev = vertical.device
-    v_width = max(1, max(min(max(p[0] - FORCED, 0), max(n - FORCED, 0)) for p in params))
     s_width = max(min(p[1], n) for p in params)
-    columns = torch.full((B, Hs, v_width), SENTINEL, device=dev, dtype=torch.int32)
-    offsets = torch.full((B, Hs, s_width), SENTINEL, device=dev, dtype=torch.int32)
-    # heads with the same parameters are selected together
-    by_params: dict[tuple, list[int]] = {}
-    for slot, p in enumerate(params):
-        by_params.setdefault(tuple(p), []).append(slot)
-    for (v, s, *unit), slots in by_params.items():
-        idx = device_ints(slots, dev)
-        cols = _top_beyond_forced(vertical[:, idx], v - FORCED).sort(-1).values
-        columns[:, idx, :cols.shape[-1]] = cols
-        n_forced = min(s, FORCED, n)
-        forced = torch.arange(n_forced, device=dev, dtype=torch.int32).expand(B, len(slots), n_forced)
-        forced = torch.where(forced < seq_len[:, None, None], forced, SENTINEL)
-        if unit:
-            extra = _top_tiles(slash[:, idx], s - FORCED) + FORCED
-            extra = torch.where(extra < seq_len[:, None, None], extra, SENTINEL)
-        else:
-            extra = _top_beyond_forced(slash[:, idx], s - FORCED)
-        offs = torch.cat([forced, extra], -1).sort(-1).values
-        offsets[:, idx, :offs.shape[-1]] = offs
+    largest = (max(p[0] for p in params), max(p[1] for p in params))
+    columns, extra = topk_sorted(vertical, slash, selection_limits(params, dev), largest, _tiled_rows(params), n)
+    if columns is None:
+        columns = torch.full((B, Hs, 1), SENTINEL, device=dev, dtype=torch.int32)
+    else:
+        columns = torch.where(columns < SENTINEL, columns + FORCED, SENTINEL).to(torch.int32)
+    # offsets: the forced ones inside the sequence and each head's extras, ascending
+    n_forced = device_ints([min(p[1], FORCED, n) for p in params], dev)
+    forced = torch.arange(FORCED, device=dev).expand(B, Hs, FORCED)
+    forced = torch.where((forced < n_forced.view(1, -1, 1)) & (forced < seq_len.view(-1, 1, 1)), forced, SENTINEL)
+    parts = [forced]
+    if extra is not None:
+        parts.append(torch.where(extra + FORCED < seq_len.view(-1, 1, 1), extra + FORCED, SENTINEL))
+    offsets = torch.cat(parts, -1).sort(-1).values[..., :s_width].to(torch.int32)
     return columns, offsets
 
 
@@ -243,30 +263,28 @@ def extra_counts(vertical: int, slash: int, n: int) -> tuple[int, int]:
     return max(min(vertical - FORCED, room), 0), max(min(slash - FORCED, room), 0)
 
 
-def topk_sorted(vertical: torch.Tensor, slash: torch.Tensor, groups, n: int):
-    """The top-k step of :func:`select_vertical_slash`, for a fused table builder.
+def topk_sorted(vertical: torch.Tensor, slash: torch.Tensor, limits: torch.Tensor, largest: tuple,
+                tiled: dict, n: int):
+    """The top-k step of the vertical-slash selection, for every head of a layer at once.
 
-    ``groups``: ``(rows, V, S)`` (or ``(rows, V, S, 64)``: extra diagonals in whole key blocks)
-    per set of heads with the same parameters, ``rows`` their score rows (a slice, or an index
-    tensor). Returns ``columns, offsets``: lists with one int64
-    tensor ``[B, heads of the group, count]`` per group (``count`` from :func:`extra_counts`;
-    None where it is 0) holding the indices, relative to FORCED, of the group's ``topk``
-    columns / offsets beyond the forced ones, ascending. The calls are
-    :func:`select_vertical_slash`'s, so it selects the same keys. A score is ``-inf`` exactly
-    where the key / offset lies outside the sequence (the estimates' contract), so the entries
-    it drops there (``j >= len``) are each row's tail: a builder that adds FORCED and cuts at
-    ``len`` gets its exact selection (:mod:`mi_compile.kernels.index_tables` does, on the GPU).
+    ``vertical`` / ``slash``: scores ``[B, R, n]`` (``-inf`` exactly where the key / offset lies
+    outside the sequence); ``limits``: :func:`selection_limits` of the rows' parameters,
+    ``largest`` their largest ``(V, S)``; ``tiled``: :func:`_tiled_rows` (rows whose extra
+    diagonals are whole key blocks). Returns ``columns, offsets``: int64 ``[B, R, width]``, or
+    None where no row selects beyond the forced keys; row ``r`` holds its :func:`extra_counts`
+    best indices relative to FORCED, ascending, then SENTINEL (also for keys outside the
+    sequence, which a builder that adds FORCED and cuts at the length drops anyway). One top-k
+    and one sort each, whatever the layer's parameters (and one per group of tiled heads).
     """
-    columns, offsets = [], []
-    for rows, v, s, *unit in groups:
-        for scores, count, out in zip((vertical, slash), extra_counts(v, s, n), (columns, offsets)):
-            if count <= 0:
-                out.append(None)
-            elif unit and scores is slash:      # whole key blocks, see tile_scores
-                rows_scores = slash[:, rows] if isinstance(rows, slice) else slash.index_select(1, rows)
-                out.append(_top_tiles(rows_scores, count).long())
-            else:
-                out.append(torch.topk(_beyond_forced(scores, rows), count, dim=-1).indices.sort(-1).values)
+    v_width, s_width = extra_counts(largest[0], largest[1], n)
+    columns = top_rows(vertical, limits[0], v_width) if v_width else None
+    offsets = top_rows(slash, limits[1], s_width) if s_width else None
+    for (_, s), rows in tiled.items():
+        count = extra_counts(0, s, n)[1]
+        if count:
+            index = device_ints(rows, slash.device)
+            top = _top_tiles(slash.index_select(1, index), count).long()
+            offsets[:, index, :count] = torch.where(top + FORCED < n, top, SENTINEL)
     return columns, offsets
 
 
