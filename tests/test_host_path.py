@@ -114,6 +114,16 @@ def test_vertical_slash_top_k_is_two_calls_a_layer(monkeypatch):
     assert counter.counts["topk"] == 2 and counter.counts["sort"] == 2, counter.counts
 
 
+def test_shipped_qwen_config_builds_every_layer_fused():
+    """benchmarks.index_ops on the shipped 128K config: every layer takes the fused builder, with
+    at most 3 top-k a layer (vertical-slash columns, diagonals, block-sparse)."""
+    from benchmarks.index_ops import count_forward
+    from mi_compile.config import load_config
+    counts = count_forward(load_config("qwen2.5-coder-1.5b-128k"), 12, 2, 256)
+    assert counts["fused_layers"] == counts["layers"] == 28
+    assert counts["topk"] <= 3 * 28 and counts["ops"] < 60 * 28, counts
+
+
 def _stub_launches(monkeypatch):
     launches = collections.Counter()
 
