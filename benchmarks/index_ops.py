@@ -9,6 +9,7 @@ op ~0.01-0.02 ms), so the counts track the host time of a call where no GPU is a
     python3 -m benchmarks.index_ops --config qwen2.5-coder-1.5b-128k --heads 12 --kv-heads 2
 """
 import argparse
+import collections
 import json
 import os
 
@@ -30,12 +31,15 @@ class _Skipped:
         return lambda *args, **kwargs: None
 
 
-def count_forward(config, heads: int, kv_heads: int, n: int, head_dim: int = 32) -> dict:
-    """Summed over the config's layers: layers the fused builder takes, torch ops, top-k, sorts."""
+def count_forward(config, heads: int, kv_heads: int, n: int, head_dim: int = 32, query_len: int = 0) -> dict:
+    """Summed over the config's layers: layers the fused builder takes, torch ops, top-k, sorts,
+    and the most frequent ops. ``query_len``: a chunk of that many queries continuing a cache
+    of ``n`` keys in all (0: the whole prompt)."""
     torch.manual_seed(0)
-    q, k = torch.randn(1, heads, n, head_dim), torch.randn(1, kv_heads, n, head_dim)
-    ss, sl = normalize_sequences(q, None, None)
+    q, k = torch.randn(1, heads, query_len or n, head_dim), torch.randn(1, kv_heads, n, head_dim)
+    ss, sl = normalize_sequences(q, None, None, n)
     total = {"layers": config.num_layers, "fused_layers": 0, "ops": 0, "topk": 0, "sort": 0}
+    by_op = collections.Counter()
     saved = (vertical_slash.estimate_scores, index_tables._head_rows_kernel, index_tables._block_rows_kernel)
     index_tables._head_rows_kernel = index_tables._block_rows_kernel = _Skipped()
     try:
@@ -57,9 +61,10 @@ def count_forward(config, heads: int, kv_heads: int, n: int, head_dim: int = 32)
             total["ops"] += sum(counter.counts.values())
             total["topk"] += counter.counts.get("topk", 0)
             total["sort"] += counter.counts.get("sort", 0)
+            by_op.update(counter.counts)
     finally:
         vertical_slash.estimate_scores, index_tables._head_rows_kernel, index_tables._block_rows_kernel = saved
-    return total
+    return {**total, "top_ops": dict(by_op.most_common(12))}
 
 
 def main():
@@ -67,10 +72,11 @@ def main():
     ap.add_argument("--config", default="qwen2.5-coder-1.5b-128k", help="a shipped config's name or a JSON path")
     ap.add_argument("--heads", type=int, default=12, help="query heads of the model")
     ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--length", type=int, default=1024, help="prompt length (the counts hardly depend on it)")
+    ap.add_argument("--length", type=int, default=1024, help="keys (the counts hardly depend on it)")
+    ap.add_argument("--query-len", type=int, default=0, help="a chunk of this many queries (0: the whole prompt)")
     args = ap.parse_args()
-    print(json.dumps({"config": args.config, "length": args.length,
-                      **count_forward(load_config(args.config), args.heads, args.kv_heads, args.length)}))
+    counts = count_forward(load_config(args.config), args.heads, args.kv_heads, args.length, query_len=args.query_len)
+    print(json.dumps({"config": args.config, "length": args.length, "query_len": args.query_len, **counts}))
 
 
 if __name__ == "__main__":
