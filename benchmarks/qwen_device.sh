@@ -188,13 +188,14 @@ case "$stage" in
     esac
     ;;
   yard_gluon)
-    # the shipped 128K config with the Triton kernels against the same compiled model with the
-    # Gluon Hopper kernels (searched@gluon / @gluon_ws: MI_COMPILE_HOPPER=1 / ws around each
-    # call), eager beside them, at 32K and 128K; one compile (~1-2 minutes); profiles at 128K
+    # the shipped 128K config with the Triton kernels against the same compiled model with every
+    # layer in Gluon (searched@gluon_all: MI_COMPILE_HOPPER=ws_sparse around each call; its layers
+    # all mix vertical-slash and block-sparse heads, so =1 / =ws would change nothing), eager
+    # beside them, at 32K and 128K; one compile (~1-2 minutes); profiles at 128K
     deadline=$(( $(date +%s) + ${2:-420} ))
     run_until yard_gluon 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" \
-      --modes eager,searched,searched@gluon,searched@gluon_ws --lengths 32768,131072 --reps 2 \
-      --profile searched,searched@gluon,searched@gluon_ws
+      --modes eager,searched,searched@gluon_all --lengths 32768,131072 --reps 2 \
+      --profile searched,searched@gluon_all
     tar czf "$OUT/yard_gluon.tgz" -C "$RUNS" yard_gluon yard_gluon.log
     ;;
   chunked|chunked_acc)
