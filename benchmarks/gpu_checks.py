@@ -297,7 +297,18 @@ def check_chunk(D, dtype, ratio):
     whole = run_kernel(q, k, v, build_sparse_index(q, k, MIXED, seq_start=start, seq_len=length))
     err_whole = rel_err(out[:, same], whole[:, same, N - nq:])
     assert err < TOL[dtype] and err_whole < TOL[dtype], f"rel err {err:.2e}, chunk vs whole prefill {err_whole:.2e}"
-    return {"rel_err": round(err, 6), "chunk_vs_whole": round(err_whole, 6)}
+    # the dense-rows block (block_sparse last=64) with its keys split over ~6 programs and merged
+    saved, per_part = kernel_module.KERNEL_CONFIG["split_tiles"], max(1, N // 64 // 6)
+    kernel_module.KERNEL_CONFIG["split_tiles"] = per_part
+    try:
+        split = run_kernel(qc, k, v, index)
+        splits = kernel_module.LAST_COMPILE.get("dense_splits")
+    finally:
+        kernel_module.KERNEL_CONFIG["split_tiles"] = saved
+    err_split = rel_err(split, reference_attention(qc, k, v, index, D ** -0.5))
+    assert splits == -(-(N // 64) // per_part) and err_split < TOL[dtype], f"split dense rows: rel err {err_split:.2e}"
+    return {"rel_err": round(err, 6), "chunk_vs_whole": round(err_whole, 6), "split_rel_err": round(err_split, 6),
+            "split_vs_walk": round(rel_err(split, out), 6)}
 
 
 def check_backend_chunk(D, dtype):

@@ -611,3 +611,27 @@ def test_chunk_scores_only_its_query_blocks(nq, nk, padded):
                                                   first_position=X.chunk_first_position(start, nk, nq))
     got_blocks, got_counts = X.XAttentionSpec().select_block_table(qc, k, list(range(HQ)), xa, start, length, scale)
     assert torch.equal(got_counts, want_counts) and torch.equal(got_blocks, want_blocks)
+
+
+@pytest.mark.parametrize("split_tiles", [1, 3])
+@pytest.mark.parametrize("name", ["tri_shape", "vertical_slash", "block_sparse", "mixed_gqa", "mixed_select"])
+def test_dense_rows_split_over_programs(monkeypatch, name, split_tiles):
+    """A chunk's dense-rows blocks (heads with ``last``) with their keys split over several
+    programs and merged equal the reference, left-padded inputs included, and the general
+    kernel leaves those blocks to the split kernels (it did the launch, the rows are not NaN)."""
+    from mi_compile.kernels import sparse_attention as kernel_module
+    monkeypatch.setitem(kernel_module.KERNEL_CONFIG, "split_tiles", split_tiles)
+    nk, nq = 300, 130
+    q, k, v = inputs_of(name, nk, 3)
+    heads = heads_of(name)
+    lengths = [300, 230, 100]
+    start = torch.tensor([nk - n for n in lengths], dtype=torch.int32)
+    length = torch.tensor(lengths, dtype=torch.int32)
+    qc = q[:, :, nk - nq:]
+    out = run(qc, k, v, heads, "triton", start, length)
+    assert kernel_module.LAST_COMPILE["dense_splits"] == -(-(nk // 64) // split_tiles)
+    ref = sparse_attention(qc, k, v, heads, impl="reference", seq_start=start, seq_len=length)
+    assert rel_err(out, ref) < TOL
+    monkeypatch.setitem(kernel_module.KERNEL_CONFIG, "split_tiles", 0)
+    whole = run(qc, k, v, heads, "triton", start, length)
+    assert kernel_module.LAST_COMPILE["dense_splits"] is None and rel_err(out, whole) < TOL

@@ -103,6 +103,8 @@ class SparseIndex:
     offsets: torch.Tensor
     #: query rows (``<= n``; None: ``n``, a whole prefill); fewer: a chunk ending at key ``n``
     q_len: int | None = None
+    #: the largest entry of ``last`` (host side, from the heads); None: unknown
+    max_last: int | None = None
 
     @property
     def num_queries(self) -> int:

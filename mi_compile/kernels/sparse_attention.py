@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import contiguous_last
+from ._device import cached, contiguous_last
 from .constants import BLOCK, WIDE
 from .dispatch import hopper_opt_in
 from .index_format import SparseIndex
@@ -79,7 +79,7 @@ LAST_COMPILE: dict = {}   # resource report of the last launch (benchmarks print
 # too). Defaults = best of the H100 sweep (benchmarks/NOTES.md, step 4).
 KERNEL_CONFIG = {"block_n": 64, "block_c": 64, "num_warps": None, "num_stages": 3,
                  "wide": True, "wide_block_n": 64, "wide_warps": 8, "wide_stages": 3,
-                 "group_heads": False}
+                 "group_heads": False, "split_tiles": 128}
 
 # Integer arguments Triton must not specialise on. By default every int argument is compiled
 # in as "equals 1" / "divisible by 16" / neither, so each new combination is a new binary.
@@ -92,6 +92,7 @@ KERNEL_CONFIG = {"block_n": 64, "block_c": 64, "num_warps": None, "num_stages": 
 _LENGTH_ARGS = ["n", "num_q_blocks", "num_programs", "q_offset", "max_tiles", "max_columns", "max_blocks",
                 "covered_len"]
 _WIDE_LENGTH_ARGS = ["n", "num_q_blocks", "num_programs", "q_offset"]   # the 128-row kernel has no tables
+_SPLIT_ARGS = ["n", "q_offset", "num_blocks", "splits"]
 
 
 @triton.jit
@@ -370,6 +371,99 @@ def _sparse_attention_kernel(
 
 
 
+@triton.jit
+def _dense_block(seq_start_ptr, seq_len_ptr, last_ptr, n, num_heads, q_offset, BLOCK_M: tl.constexpr):
+    """Program ``(.., j, b * H + h)`` of the two split kernels -> ``(b, h, seq_start, length, m0,
+    live)``: the ``j``-th of head ``h``'s dense-rows blocks (``last > 0``, ``m0 + 64 > len -
+    last``), live if it exists and holds rows of the chunk."""
+    j = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // num_heads
+    h = bh % num_heads
+    seq_start = tl.minimum(tl.maximum(tl.load(seq_start_ptr + b), 0), n)
+    length = tl.minimum(tl.maximum(tl.load(seq_len_ptr + b), 0), n - seq_start)
+    last = tl.load(last_ptr + h)
+    m0 = (tl.maximum(length - last, 0) // BLOCK_M + j) * BLOCK_M
+    live = (last > 0) & (m0 < length) & (m0 + BLOCK_M > q_offset - seq_start)
+    return bh, b, h, seq_start, length, m0, live
+
+
+@triton.jit(do_not_specialize=_SPLIT_ARGS)
+def _dense_rows_part_kernel(
+        q_ptr, k_ptr, v_ptr, part_ptr,
+        seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr, last_ptr,
+        stride_qb, stride_qh, stride_qn,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        n, num_heads, heads_per_kv, q_offset, num_blocks, splits,
+        qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A chunk's dense-rows blocks with their keys split: program ``(s, j, b * H + h)`` folds
+    part ``s`` of ``splits`` of the key tiles below block ``j`` of :func:`_dense_block` (the
+    last part also the diagonal tile, exact test) into a running softmax and stores it
+    unnormalised: ``part[bh, j, s]`` = O (``BLOCK_M x BLOCK_D``), then the row max and the row sum.
+    One program would walk every key below the block alone (2048 tiles at 128K) while the
+    chunk's other blocks take tens; :func:`_dense_rows_merge_kernel` combines the parts."""
+    s = tl.program_id(0)
+    bh, b, h, seq_start, length, m0, live = _dense_block(seq_start_ptr, seq_len_ptr, last_ptr, n, num_heads,
+                                                           q_offset, BLOCK_M)
+    if live:
+        rows = m0 + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok, q_rows, q, k_head, v_head, count_head, prefix, sink, band = _program_operands(
+            q_ptr, k_ptr, v_ptr, part_ptr, prefix_ptr, sink_ptr, band_ptr, bh, h, seq_start, length, rows, dims,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh,
+            n, q_offset, num_heads, heads_per_kv, HEAD_DIM)
+        ctx = _context(q, k_head, v_head, count_head, stride_kn, stride_vn, seq_start, n, rows, row_ok, sink, _WIDE,
+                       qk_scale)
+        tiles = m0 // BLOCK_M
+        lo = (s * tiles) // splits * BLOCK_M
+        hi = ((s + 1) * tiles) // splits * BLOCK_M
+        state = _visit_range(_initial_state(BLOCK_M, BLOCK_D), ctx, lo, hi, m0, BLOCK_M, HEAD_DIM, BLOCK_D, 0,
+                             False)
+        key_pos = m0 + tl.arange(0, BLOCK_M)            # the diagonal, in the last part only
+        bound = tl.where(s == splits - 1, length, 0)
+        acc, m_i, l_i, _ = _visit_tile(state, ctx, key_pos, key_pos < bound, HEAD_DIM, BLOCK_D, 0, True)
+        offs_m = tl.arange(0, BLOCK_M)
+        part = part_ptr + ((bh.to(tl.int64) * num_blocks + tl.program_id(1)) * splits + s) * (BLOCK_M * (BLOCK_D + 2))
+        tl.store(part + offs_m[:, None] * BLOCK_D + dims[None, :], acc)
+        tl.store(part + BLOCK_M * BLOCK_D + offs_m, m_i)
+        tl.store(part + BLOCK_M * (BLOCK_D + 1) + offs_m, l_i)
+
+
+@triton.jit(do_not_specialize=_SPLIT_ARGS)
+def _dense_rows_merge_kernel(
+        out_ptr, part_ptr, seq_start_ptr, seq_len_ptr, last_ptr,
+        stride_ob, stride_oh, stride_on,
+        n, num_heads, q_offset, num_blocks, splits,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program ``(0, j, b * H + h)``: the ``splits`` parts of :func:`_dense_rows_part_kernel`
+    for block ``j`` combined (each rescaled to the common row max) and stored as the general
+    kernel stores a block."""
+    bh, b, h, seq_start, length, m0, live = _dense_block(seq_start_ptr, seq_len_ptr, last_ptr, n, num_heads,
+                                                           q_offset, BLOCK_M)
+    if live:
+        offs_m = tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        base = part_ptr + (bh.to(tl.int64) * num_blocks + tl.program_id(1)) * splits * (BLOCK_M * (BLOCK_D + 2))
+        step = BLOCK_M * (BLOCK_D + 2)
+        m_all = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+        for s in range(splits):
+            m_all = tl.maximum(m_all, tl.load(base + s * step + BLOCK_M * BLOCK_D + offs_m))
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for s in range(splits):
+            part = base + s * step
+            scale = tl.math.exp2(tl.load(part + BLOCK_M * BLOCK_D + offs_m) - m_all)
+            l_all += tl.load(part + BLOCK_M * (BLOCK_D + 1) + offs_m) * scale
+            acc += tl.load(part + offs_m[:, None] * BLOCK_D + dims[None, :]) * scale[:, None]
+        rows = m0 + offs_m
+        row_ok = (rows < length) & (rows >= q_offset - seq_start)
+        out_head = (out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                    - q_offset.to(tl.int64) * stride_on)
+        _store_rows(out_head, (seq_start + rows).to(tl.int64), row_ok, dims, acc, l_all, stride_on, HEAD_DIM)
+
+
 @triton.jit(do_not_specialize=_WIDE_LENGTH_ARGS)
 def _wide_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, count_ptr,
@@ -517,9 +611,13 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
     if hopper and hopper.sparse and _hopper(q, k, v, index, scale, out, programs, hopper.sparse):
         return
     grid = (programs * group, B * H // group)
+    split = _dense_split(index, nq, n, mode, cfg)
+    # with the split, the general kernel walks the dense-rows blocks as their heads' other blocks
+    # (cheap); the merge kernel, launched after it on the stream, writes those rows over
+    last = index.last if split is None else _no_dense_rows(index.last)
     compiled = _sparse_attention_kernel[grid](
         q, k, v, out, counts,
-        index.seq_start, index.seq_len, index.prefix, index.sink, index.band, index.last,
+        index.seq_start, index.seq_len, index.prefix, index.sink, index.band, last,
         index.tile_start, index.tile_end, index.tiles_upto,
         index.columns, index.columns_upto, index.covered,
         index.blocks, index.block_count,
@@ -532,7 +630,42 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
         GROUP=group,
         num_warps=num_warps, num_stages=cfg["num_stages"])
     LAST_COMPILE.update(kernel="general", mode=mode, regs=getattr(compiled, "n_regs", None),
-                        spills=getattr(compiled, "n_spills", None), shared=getattr(compiled, "shared", None))
+                        spills=getattr(compiled, "n_spills", None), shared=getattr(compiled, "shared", None),
+                        dense_splits=split[0] if split else None)
+    if split is not None:
+        splits, num_blocks = split
+        part = torch.empty(B * H * num_blocks * splits * BLOCK * (block_d + 2), device=q.device, dtype=torch.float32)
+        _dense_rows_part_kernel[(splits, num_blocks, B * H)](
+            q, k, v, part,
+            index.seq_start, index.seq_len, index.prefix, index.sink, index.band, index.last,
+            *common[:9],
+            n, H, H // k.shape[1], q_offset, num_blocks, splits,
+            scale * LOG2E,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BLOCK, num_warps=num_warps, num_stages=cfg["num_stages"])
+        _dense_rows_merge_kernel[(1, num_blocks, B * H)](
+            out, part, index.seq_start, index.seq_len, index.last,
+            *common[9:],
+            n, H, q_offset, num_blocks, splits,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BLOCK, num_warps=4)
+
+
+def _no_dense_rows(last: torch.Tensor) -> torch.Tensor:
+    """A ``last`` table of zeros like ``last`` (cached per shape and device)."""
+    return cached(("no_dense_rows", tuple(last.shape)), last.device, lambda: torch.zeros_like(last))
+
+
+def _dense_split(index: SparseIndex, nq: int, n: int, mode: int, cfg: dict):
+    """``(splits, blocks)`` when a chunk's dense-rows blocks (heads with ``last``) run with their
+    keys split over ``splits`` programs (:func:`_dense_rows_part_kernel`), each ~``split_tiles``
+    key tiles; ``blocks`` bounds a head's dense-rows blocks. None: the general kernel walks them
+    (a whole prefill, where those blocks are few among many; short keys; attention not asked)."""
+    per_part = cfg.get("split_tiles") or 0
+    if mode != 0 or nq >= n or not index.max_last or per_part <= 0:
+        return None
+    splits = min(64, -(-(n // BLOCK) // per_part))
+    if splits < 2:
+        return None
+    return splits, min(-(-index.max_last // BLOCK) + 1, index.num_query_blocks)
 
 
 def sparse_attention_from_index(q, k, v, index: SparseIndex, scale: float,

@@ -171,6 +171,8 @@ class IndexPlan:
     max_topk: int
     distinct_heads: tuple = ()
     last: Optional[torch.Tensor] = None
+    #: the largest entry of ``last``
+    max_last: int = 0
     #: ``PHASE_BLOCK_SELECT`` / ``PHASE_TABLE_SELECT`` heads by pattern: ``(name, head ids, their
     #: index tensor)``
     sel_groups: tuple = ()
@@ -256,6 +258,7 @@ def _make_plan(heads: tuple, device, grouped: bool) -> IndexPlan:
         max_vertical=max([p[0] for p in vs_params], default=0),
         max_slash=max([p[1] for p in vs_params], default=0),
         max_topk=max(bs_topks, default=0), distinct_heads=tuple(dict.fromkeys(heads)), sel_groups=sel_groups,
+        max_last=max(last, default=0),
         chunk_reason=chunk_reason(heads))
 
 
@@ -341,7 +344,8 @@ def _build_fused(plan: IndexPlan, q, k, scale, seq_start, seq_len, unpadded) -> 
     t = build_tables(plan, B, n, w, seq_len, vs_raw, bs_raw)
     _select_blocks(plan, q, k, scale, seq_start, seq_len, t["blocks"], t["block_count"])
     return SparseIndex(heads=plan.heads, n=n, seq_start=seq_start, seq_len=seq_len,
-                       prefix=plan.prefix, sink=plan.sink, band=plan.band, last=plan.last, q_len=nq, **t)
+                       prefix=plan.prefix, sink=plan.sink, band=plan.band, last=plan.last, q_len=nq,
+                       max_last=plan.max_last, **t)
 
 
 def _select_blocks(plan: IndexPlan, q, k, scale, seq_start, seq_len, blocks, block_count) -> None:
@@ -429,7 +433,7 @@ def _build_torch(plan: IndexPlan, q, k, scale, seq_start, seq_len, vs_selection,
         group_lo=group_lo, group_hi=group_hi, groups_upto=count_upto(group_lo, nqb),
         tile_start=tile_start, tile_end=tile_end, tiles_upto=tiles_upto,
         columns=columns, columns_upto=count_upto(columns, nqb, reach=-1), covered=covered,
-        blocks=blocks, block_count=block_count, offsets=offsets, q_len=nq)
+        blocks=blocks, block_count=block_count, offsets=offsets, q_len=nq, max_last=plan.max_last)
 
 
 def head_selection_mask(index: SparseIndex, h: int) -> torch.Tensor:
