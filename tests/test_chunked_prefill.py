@@ -240,18 +240,22 @@ def test_kernel_visits_exactly_the_chunk_selection(nq, nk):
     assert torch.equal(count_tile_pairs_per_block(qc, k, v, index).long(), tile_pairs_per_block(index))
 
 
+def left_padded_chunk(name):
+    """A 130-query chunk of 300 keys, batch of 3: input 0 unpadded, input 1 left-padded to 230
+    real keys (the chunk's rows all real), input 2 to 100 (the chunk's first 30 rows padding)."""
+    nk, nq, lengths = 300, 130, [300, 230, 100]
+    q, k, v = inputs_of(name, nk, 3)
+    start = torch.tensor([nk - n for n in lengths], dtype=torch.int32)
+    length = torch.tensor(lengths, dtype=torch.int32)
+    return nk, nq, lengths, q[:, :, nk - nq:], k, v, heads_of(name), start, length
+
+
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize("name", ["mixed_gqa", "mixed_select"])
 def test_left_padded_chunk(name, impl):
     """Input 0 unpadded, input 1 left-padded: 230 real keys (the chunk's rows all real), input 2:
     100 real keys (the chunk's first 30 rows are padding: 0). Each equals its sequence alone."""
-    nk, nq = 300, 130
-    q, k, v = inputs_of(name, nk, 3)
-    heads = heads_of(name)
-    lengths = [300, 230, 100]
-    start = torch.tensor([nk - n for n in lengths], dtype=torch.int32)
-    length = torch.tensor(lengths, dtype=torch.int32)
-    qc = q[:, :, nk - nq:]
+    nk, nq, lengths, qc, k, v, heads, start, length = left_padded_chunk(name)
     out = run(qc, k, v, heads, impl, start, length)
     for b, n in enumerate(lengths):
         rows = min(nq, n)
@@ -621,13 +625,7 @@ def test_dense_rows_split_over_programs(monkeypatch, name, split_tiles):
     kernel leaves those blocks to the split kernels (it did the launch, the rows are not NaN)."""
     from mi_compile.kernels import sparse_attention as kernel_module
     monkeypatch.setitem(kernel_module.KERNEL_CONFIG, "split_tiles", split_tiles)
-    nk, nq = 300, 130
-    q, k, v = inputs_of(name, nk, 3)
-    heads = heads_of(name)
-    lengths = [300, 230, 100]
-    start = torch.tensor([nk - n for n in lengths], dtype=torch.int32)
-    length = torch.tensor(lengths, dtype=torch.int32)
-    qc = q[:, :, nk - nq:]
+    nk, nq, lengths, qc, k, v, heads, start, length = left_padded_chunk(name)
     out = run(qc, k, v, heads, "triton", start, length)
     assert kernel_module.LAST_COMPILE["dense_splits"] == -(-(nk // 64) // split_tiles)
     ref = sparse_attention(qc, k, v, heads, impl="reference", seq_start=start, seq_len=length)
