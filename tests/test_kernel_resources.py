@@ -20,11 +20,12 @@ def test_kernels_compile_for_sm90_without_spilling(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())
-    kernels = ("general", "wide", "xattention_estimate_s8", "xattention_estimate_s16")
+    kernels = ("general", "dense_rows_part", "dense_rows_merge", "wide", "xattention_estimate_s8",
+               "xattention_estimate_s16")
     expected = [(k, d) for d in (64, 128) for k in kernels] + [(k, 256) for k in kernels if k != "wide"]
     assert [(r["kernel"], r["head_dim"]) for r in rows] == expected
     for row in rows:
-        assert row["registers"] <= 255 and row["instructions"] > 500, row
+        assert row["registers"] <= 255 and row["instructions"] > 300, row
         assert row["shared_dynamic"] <= 227 * 1024, row         # an H100/H200 block's shared memory
         if row["head_dim"] <= 128 or row["kernel"] != "general":
             assert row["stack_bytes"] == 0, row                 # no spills to local memory

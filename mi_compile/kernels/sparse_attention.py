@@ -646,7 +646,7 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
             out, part, index.seq_start, index.seq_len, index.last,
             *common[9:],
             n, H, q_offset, num_blocks, splits,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BLOCK, num_warps=4)
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BLOCK, num_warps=num_warps)
 
 
 def _no_dense_rows(last: torch.Tensor) -> torch.Tensor:
