@@ -246,12 +246,13 @@ case "$stage" in
     tail -40 "$OUT/gpu_checks.log"
     ;;
   hopper)
-    # the Gluon Hopper kernels (opt-in MI_COMPILE_HOPPER): their correctness checks, and their rows
-    # in the kernel benchmark next to the Triton kernels and cuDNN (128K first); no model needed
+    # the Gluon Hopper kernels (opt-in MI_COMPILE_HOPPER): their correctness checks (and the chunk
+    # checks: a chunk's split dense-rows blocks), and their rows in the kernel benchmark next to
+    # the Triton kernels and cuDNN (128K first); no model needed
     deadline=$(( $(date +%s) + ${2:-300} ))
-    timeout "$(( ${2:-300} / 2 ))" python3 -m benchmarks.gpu_checks --head-dims 64,128 --checks hopper \
+    timeout "$(( ${2:-300} / 2 ))" python3 -m benchmarks.gpu_checks --head-dims 64,128 --checks hopper,chunk \
       > "$OUT/gpu_checks_hopper.log" 2>&1
-    grep -i "hopper\|passed" "$OUT/gpu_checks_hopper.log" | tail -20
+    grep -i "hopper\|chunk\|passed" "$OUT/gpu_checks_hopper.log" | tail -24
     NS=${NS:-131072,32768} SWEEP=0 FLEX=0 timeout "$(( deadline - $(date +%s) ))" python3 -m benchmarks.kernels \
       > "$OUT/kernels_hopper.log" 2>&1
     grep -i "wide\|hopper\|cudnn" "$OUT/kernels_hopper.log" | tail -24
