@@ -319,10 +319,10 @@ def profile(n):
         phases = {"op call": lambda: op_call(q, k, v), "dense attention": lambda: dense_call(q, k, v)}
         return profile_phases(q, k, v, n, phases, reps)
     ss, sl = normalize_sequences(q, None, None)
-    plan = index_plan(tuple(HEADS), q.device, grouped=CUDA)
+    plan = index_plan(tuple(HEADS), q.device)
     index = build_sparse_index(q, k, ENC)
     w = plan.widths(n)
-    vert, slash = vertical_slash.estimate_scores(q, k, plan.vs_order, ss, sl, scale)
+    vert, slash = vertical_slash.estimate_scores(q, k, plan.vs_ids, ss, sl, scale)
     vs_raw = plan.vs_topk(vert, slash, n)
     bs_raw, _ = block_sparse.topk_raw(q, k, plan.bs_ids, plan.bs_topks, ss, sl, scale, True)
     phases = {
@@ -333,7 +333,7 @@ def profile(n):
         "build_sparse_index": lambda: build_sparse_index(q, k, ENC),
         "build_index (no validation)": lambda: build_index(q, k, HEADS, scale, ss, sl, unpadded=True),
         "normalize_sequences": lambda: normalize_sequences(q, None, None),
-        "estimate (2 launches)": lambda: vertical_slash.estimate_scores(q, k, plan.vs_order, ss, sl, scale),
+        "estimate (2 launches)": lambda: vertical_slash.estimate_scores(q, k, plan.vs_ids, ss, sl, scale),
         "vertical-slash top-k + sort": lambda: plan.vs_topk(vert, slash, n),
         "block-sparse scores + top-k": lambda: block_sparse.topk_raw(
             q, k, plan.bs_ids, plan.bs_topks, ss, sl, scale, True),

@@ -45,9 +45,9 @@ def count_forward(config, heads: int, kv_heads: int, n: int, head_dim: int = 32,
     try:
         for layer in range(config.num_layers):
             layer_heads = config.heads_for(layer, heads)
-            plan = index_module.index_plan(tuple(layer_heads), q.device, grouped=True)
+            plan = index_module.index_plan(tuple(layer_heads), q.device)
             fused = index_module._use_fused(plan, n, "triton", q, None)
-            scores = vertical_slash.estimate_scores_torch(q, k, plan.vs_order, ss, sl, head_dim ** -0.5)
+            scores = vertical_slash.estimate_scores_torch(q, k, plan.vs_ids, ss, sl, head_dim ** -0.5)
             vertical_slash.estimate_scores = lambda *args, scores=scores, **kwargs: scores
 
             def build():

@@ -89,7 +89,7 @@ def test_fused_tables_any_number_of_parameter_groups():
     heads = [HP("vertical_slash", vertical=64 + 40 * i, slash=[3, 64, 70, 150, 300][i % 5]) for i in range(6)]
     heads += [HP("vertical_slash_tiled", vertical=100, slash=200), HP("vertical_slash_tiled", vertical=70, slash=130)]
     q = torch.randn(2, len(heads), 300, 32)
-    plan = index_module.index_plan(tuple(heads), q.device, grouped=False)
+    plan = index_module.index_plan(tuple(heads), q.device)
     assert index_module._use_fused(plan, 300, "triton", q, None)
     for seed, padded in ((5, True), (6, False)):
         plain, fused = _tables(seed, 300, heads, 2, 2, padded)

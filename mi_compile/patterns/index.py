@@ -143,15 +143,13 @@ class IndexPlan:
 
     ``vs_ids`` / ``bs_ids``: the heads whose pattern runs the vertical-slash / block-sparse
     selection phase; ``as_ids``: the heads with a static slash group ``[0, as_hi]`` (A-shape).
-    ``vs_order`` is the order in which the estimate scores the vertical-slash heads (with
-    ``grouped``, heads of one ``(V, S)`` adjacent); ``vs_limits`` / ``vs_tiled`` are
-    :func:`~mi_compile.patterns.vertical_slash.selection_limits` /
+    The estimate scores the vertical-slash heads in ``vs_ids`` order; ``vs_limits`` /
+    ``vs_tiled`` are :func:`~mi_compile.patterns.vertical_slash.selection_limits` /
     :func:`~mi_compile.patterns.vertical_slash.topk_sorted`'s ``tiled`` of those score rows.
     """
 
     heads: tuple
     vs_ids: tuple
-    vs_order: tuple
     vs_limits: Optional[torch.Tensor]
     vs_tiled: dict
     vs_params: tuple
@@ -191,7 +189,7 @@ class IndexPlan:
 
     def vs_topk(self, vertical: torch.Tensor, slash: torch.Tensor, n: int):
         """:func:`~mi_compile.patterns.vertical_slash.topk_sorted` of the vertical-slash heads'
-        scores (rows in ``vs_order``) at length ``n``: the fused builder's top-k input."""
+        scores (rows in ``vs_ids`` order) at length ``n``: the fused builder's top-k input."""
         return vertical_slash.topk_sorted(vertical, slash, self.vs_limits, (self.max_vertical, self.max_slash),
                                           self.vs_tiled, n)
 
@@ -201,7 +199,7 @@ class IndexPlan:
                     for _, ids, _ in self.sel_groups for h in ids], default=0)
 
 
-def _make_plan(heads: tuple, device, grouped: bool) -> IndexPlan:
+def _make_plan(heads: tuple, device) -> IndexPlan:
     specs = [pattern_spec(h.kind) for h in heads]
     vs_ids = tuple(i for i, s in enumerate(specs) if s.selection == PHASE_VERTICAL_SLASH)
     bs_ids = tuple(i for i, s in enumerate(specs) if s.selection == PHASE_BLOCK_SPARSE)
@@ -225,29 +223,22 @@ def _make_plan(heads: tuple, device, grouped: bool) -> IndexPlan:
             static_hi[h] = hi
     as_ids = tuple(static_hi)
 
-    # vertical-slash heads by parameters, in order of first appearance (as select_vertical_slash)
-    by_params: dict[tuple, list[int]] = {}
-    for h, p in zip(vs_ids, vs_params):
-        by_params.setdefault(tuple(p), []).append(h)
-    vs_order = tuple(h for members in by_params.values() for h in members) if grouped else vs_ids
-    position = {h: i for i, h in enumerate(vs_order)}
-    params_by_head = dict(zip(vs_ids, vs_params))
-    order_params = [params_by_head[h] for h in vs_order]
+    position = {h: i for i, h in enumerate(vs_ids)}
     bs_row = {h: i for i, h in enumerate(bs_ids)}
 
     meta = []
     for h, (head, spec) in enumerate(zip(heads, specs)):
         a, b = spec.meta_params(head)
         # the head's row of the layer's top-k tensors and their row count (entries 4 and 7)
-        meta += [spec.kernel_kind, prefix[h], a, b, position.get(h, 0), bs_row.get(h, 0), 0, max(1, len(vs_order))]
+        meta += [spec.kernel_kind, prefix[h], a, b, position.get(h, 0), bs_row.get(h, 0), 0, max(1, len(vs_ids))]
 
     def ints32(values):
         return device_ints(values, device, torch.int32)
 
     return IndexPlan(
-        heads=heads, vs_ids=vs_ids, vs_order=vs_order,
-        vs_limits=vertical_slash.selection_limits(order_params, device) if vs_ids else None,
-        vs_tiled=vertical_slash._tiled_rows(order_params),
+        heads=heads, vs_ids=vs_ids,
+        vs_limits=vertical_slash.selection_limits(vs_params, device) if vs_ids else None,
+        vs_tiled=vertical_slash._tiled_rows(vs_params),
         vs_params=vs_params, bs_ids=bs_ids, bs_topks=bs_topks, as_ids=as_ids,
         prefix=ints32(prefix), sink=ints32(sink), band=ints32(band), last=ints32(last),
         meta=ints32(meta).view(len(heads), META_WIDTH),
@@ -273,13 +264,11 @@ def chunk_reason(heads: Sequence[HeadPattern]) -> Optional[str]:
     return None
 
 
-def index_plan(heads: Sequence[HeadPattern], device, grouped: bool = False) -> IndexPlan:
-    """The cached :class:`IndexPlan` of ``heads`` on ``device``; ``grouped``: score the
-    vertical-slash heads grouped by parameters (the Triton estimate scores each head on its own,
-    so its order changes nothing; the CPU estimate keeps ascending order)."""
+def index_plan(heads: Sequence[HeadPattern], device) -> IndexPlan:
+    """The cached :class:`IndexPlan` of ``heads`` on ``device``."""
     heads = tuple(heads)
     device = device if isinstance(device, torch.device) else torch.device(device)
-    return cached(("index_plan", heads, bool(grouped)), device, lambda: _make_plan(heads, device, grouped))
+    return cached(("index_plan", heads), device, lambda: _make_plan(heads, device))
 
 
 # Widest block-sparse row (top-k blocks) the fused builder sorts in a program; wider layers use the
@@ -317,7 +306,7 @@ def build_index(q: torch.Tensor, k: torch.Tensor, heads: Sequence[HeadPattern], 
     """
     heads = tuple(heads)
     n = k.shape[2]
-    plan = index_plan(heads, q.device, grouped=q.is_cuda)
+    plan = index_plan(heads, q.device)
     if q.shape[2] != n and plan.chunk_reason is not None:
         raise ValueError(f"q_len {q.shape[2]} < kv_len {n} (a chunk) is not supported for this layer: "
                          f"{plan.chunk_reason}")
@@ -336,7 +325,7 @@ def _build_fused(plan: IndexPlan, q, k, scale, seq_start, seq_len, unpadded) -> 
     w = plan.widths(n)
     vs_raw = bs_raw = None
     if plan.vs_ids:
-        vert, slash = vertical_slash.estimate_scores(q, k, plan.vs_order, seq_start, seq_len, scale)
+        vert, slash = vertical_slash.estimate_scores(q, k, plan.vs_ids, seq_start, seq_len, scale)
         vs_raw = plan.vs_topk(vert, slash, n)
         del vert, slash
     if plan.bs_ids:

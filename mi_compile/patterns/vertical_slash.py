@@ -155,16 +155,6 @@ def estimate_scores_torch(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[i
     return vertical, slash
 
 
-def _top_beyond_forced(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices ``>= FORCED`` of the ``count`` best scores (SENTINEL where none exists)."""
-    n = scores.shape[-1]
-    count = min(count, max(n - FORCED, 0))
-    if count <= 0:
-        return scores.new_empty(scores.shape[:-1] + (0,), dtype=torch.int32)
-    val, idx = torch.topk(scores[..., FORCED:], count, dim=-1)
-    return torch.where(val > float("-inf"), idx + FORCED, SENTINEL).to(torch.int32)
-
-
 def top_rows(scores: torch.Tensor, limits: torch.Tensor, width: int) -> torch.Tensor:
     """int64 ``[B, R, width]``: row ``r``'s ``limits[r]`` (clamped to ``[0, width]``) best scores
     beyond the FORCED keys, as indices relative to FORCED, ascending, then SENTINEL (also for a
@@ -258,7 +248,7 @@ def _top_tiles(slash: torch.Tensor, count: int) -> torch.Tensor:
 
 def extra_counts(vertical: int, slash: int, n: int) -> tuple[int, int]:
     """How many columns / offsets beyond the forced ones a ``(V, S)`` head selects at length
-    ``n`` (what :func:`_top_beyond_forced` takes; 0 when none)."""
+    ``n`` (0 when none)."""
     room = max(n - FORCED, 0)
     return max(min(vertical - FORCED, room), 0), max(min(slash - FORCED, room), 0)
 
@@ -286,18 +276,6 @@ def topk_sorted(vertical: torch.Tensor, slash: torch.Tensor, limits: torch.Tenso
             top = _top_tiles(slash.index_select(1, index), count).long()
             offsets[:, index, :count] = torch.where(top + FORCED < n, top, SENTINEL)
     return columns, offsets
-
-
-def _beyond_forced(scores: torch.Tensor, rows) -> torch.Tensor:
-    """``scores[:, rows, FORCED:]`` in one view where ``rows`` is a slice."""
-    if not isinstance(rows, slice):
-        return scores.index_select(1, rows)[..., FORCED:]
-    B, H, n = scores.shape
-    if rows == slice(0, H):
-        return scores[..., FORCED:]
-    st = scores.stride()
-    return scores.as_strided((B, rows.stop - rows.start, n - FORCED), st,
-                             scores.storage_offset() + rows.start * st[1] + FORCED * st[2])
 
 
 def clean_selection(keys: torch.Tensor, offsets: torch.Tensor, n: int):
