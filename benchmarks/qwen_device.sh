@@ -146,12 +146,13 @@ case "$stage" in
     ;;
   adaptive2|adaptive2_acc)
     # one call each: the candidates the first measured lease pointed at (XAttention 0.9 / 0.95 with
-    # the rewritten estimate, FlexPrefill 0.8, TriangleMix with 512 dense last rows) against eager
-    # at 32K and 128K with Inductor and profiles; then their accuracy against dense at 128K
+    # the rewritten estimate, TriangleMix with 512 dense last rows, FlexPrefill 0.8) and the shipped
+    # config against eager at 32K and 128K with Inductor and profiles; then their accuracy
+    # against dense at 128K
     deadline=$(( $(date +%s) + ${2:-560} ))
     if [ "$stage" = adaptive2 ]; then
       run_until adaptive2 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" --configs "${ADAPTIVE2[@]}" \
-        --modes eager,xa,xa95,flex80,trimix512 --lengths 32768,131072 --reps 2 --profile xa,xa95
+        --modes eager,searched,xa95,xa,trimix512,flex80 --lengths 32768,131072 --reps 2 --profile searched,xa95
       tar czf "$OUT/adaptive2.tgz" -C "$RUNS" adaptive2 adaptive2.log
     else
       run_until acc_adaptive2.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \

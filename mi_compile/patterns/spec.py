@@ -46,29 +46,22 @@ from .registry import PATTERN_IDS, PATTERN_NAMES, PATTERN_PARAMS, PatternError
 from .registry import get as _spec_of
 
 
-@dataclasses.dataclass(frozen=True)
-class HeadPattern:
-    """One query head's pattern and its parameters (unused parameters stay 0)."""
+#: Every pattern parameter, each a :class:`HeadPattern` field defaulting to 0, in the order of
+#: the patterns that introduced them; a pattern's ``params`` name some of them, and a pattern
+#: with a parameter of a new name adds it here.
+PARAM_FIELDS = (
+    "sink", "local",                        # a_shape, tri_shape
+    "vertical", "slash",                    # vertical_slash, vertical_slash_tiled
+    "topk",                                 # block_sparse
+    "last",                                 # tri_shape; optional on vertical_slash(_tiled), block_sparse
+    "threshold", "stride", "max_blocks",    # xattention
+    "gamma", "tau", "min_budget",           # flex_prefill
+)
 
-    kind: str = "dense"
-    # a_shape, tri_shape
-    sink: int = 0
-    local: int = 0
-    # vertical_slash, vertical_slash_tiled
-    vertical: int = 0
-    slash: int = 0
-    # block_sparse
-    topk: int = 0
-    # tri_shape; optional on vertical_slash(_tiled) and block_sparse
-    last: int = 0
-    # xattention
-    threshold: int = 0
-    stride: int = 0
-    max_blocks: int = 0
-    # flex_prefill
-    gamma: int = 0
-    tau: int = 0
-    min_budget: int = 0
+
+class _HeadPatternMethods:
+    """What :class:`HeadPattern` does; its fields (``kind`` and :data:`PARAM_FIELDS`) are made
+    from the names."""
 
     def __post_init__(self):
         if self.kind not in PATTERN_IDS:
@@ -106,7 +99,7 @@ class HeadPattern:
         return [PATTERN_IDS[self.kind]] + vals + [0] * (INTS_PER_HEAD - 1 - len(vals))
 
     @staticmethod
-    def decode(ints: Sequence[int]) -> "HeadPattern":
+    def decode(ints: Sequence[int]):
         kind = PATTERN_NAMES.get(int(ints[0]))
         if kind is None:
             raise PatternError(f"unknown pattern id {ints[0]}")
@@ -114,9 +107,13 @@ class HeadPattern:
         return HeadPattern(kind, **{n: int(v) for n, v in zip(names, ints[1:1 + len(names)])})
 
 
-#: The parameter fields of :class:`HeadPattern`: every field but ``kind``, in declaration order
-#: (a pattern's ``params`` are some of them).
-PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(HeadPattern) if f.name != "kind")
+HeadPattern = dataclasses.make_dataclass(
+    "HeadPattern", [("kind", str, dataclasses.field(default="dense"))]
+    + [(name, int, dataclasses.field(default=0)) for name in PARAM_FIELDS],
+    bases=(_HeadPatternMethods,), frozen=True)
+HeadPattern.__module__ = __name__
+HeadPattern.__doc__ = """One query head's pattern (``kind``) and its parameters (keyword fields, every
+name of :data:`PARAM_FIELDS`; those the pattern does not take stay 0)."""
 
 
 def encode_heads(heads: Iterable[HeadPattern]) -> list[int]:
