@@ -30,9 +30,10 @@ from .hopper_wide import GLUON_ERROR, LOG2E, _tma_strides, gl_dtype, kv_layout
 
 NUM_WARPS = 4           # one warpgroup per 64-row block
 # Ring depth per head dim (64-key tiles): small enough that two programs (one warpgroup each)
-# share an SM, so one's softmax runs under the other's wgmma (benchmarks.kernel_resources: 80 KiB
-# at head dim 128 with 2 slots, 72 KiB at 64 with 4); 4 slots at 128 (144 KiB) allowed one.
-CONFIG = {64: {"stages": 4}, 128: {"stages": 2}}
+# share an SM, so one's softmax runs under the other's wgmma: 112 KiB at head dim 128 with 3
+# slots, 72 KiB at 64 with 4 (benchmarks.kernel_resources; the timings that chose them:
+# docs/kernels.md, "Any index in Gluon").
+CONFIG = {64: {"stages": 4}, 128: {"stages": 3}}
 _LENGTH_ARGS = ["n", "num_q_blocks", "num_programs", "q_offset", "max_tiles", "max_columns", "max_blocks",
                 "covered_len"]
 
