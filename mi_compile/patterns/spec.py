@@ -99,7 +99,7 @@ class _HeadPatternMethods:
         return [PATTERN_IDS[self.kind]] + vals + [0] * (INTS_PER_HEAD - 1 - len(vals))
 
     @staticmethod
-    def decode(ints: Sequence[int]):
+    def decode(ints: Sequence[int]) -> "HeadPattern":
         kind = PATTERN_NAMES.get(int(ints[0]))
         if kind is None:
             raise PatternError(f"unknown pattern id {ints[0]}")
