@@ -183,6 +183,36 @@ def test_summary_table_and_plot(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+def test_sign_test():
+    """Exact two-sided binomial: 11 : 5 is p ~ 0.21, 8 : 0 is 2 / 2**8, no untied pair is 1."""
+    assert H.sign_test(11, 5) == pytest.approx(0.2101, abs=1e-4)
+    assert H.sign_test(5, 11) == H.sign_test(11, 5)
+    assert H.sign_test(8, 0) == pytest.approx(2 / 256)
+    assert H.sign_test(0, 0) == 1.0 and H.sign_test(3, 3) == 1.0
+
+
+def test_paired_with_dense():
+    """A mode is compared with dense on the same (length, task, example index) only: an example
+    dense did not run is not paired, and dense is not paired with itself."""
+    def cell(mode, task, scores, lps):
+        return dict(mode=mode, task=task, length=4096, accuracy=sum(scores) / len(scores),
+                    examples=[dict(index=i, score=sc, logprob_mean=lp) for i, (sc, lp) in enumerate(zip(scores, lps))])
+    rep = dict(meta=dict(tasks=["passkey", "kv"]), natural=[], results=[
+        cell("dense", "passkey", [1, 1, 0, 1], [-0.1, -0.2, -2.0, -0.3]),
+        cell("dense", "kv", [1, 0], [-0.5, -1.5]),
+        cell("sparse", "passkey", [1, 0, 1, 1, 1], [-0.05, -3.0, -0.5, -0.3, -0.1]),   # index 4: no dense pair
+        cell("sparse", "kv", [0, 0], [-0.9, -1.0])])
+    p = H.paired_with(rep)
+    assert set(p) == {"sparse"}
+    c = p["sparse"]["4096"]
+    assert (c["pairs"], c["gained"], c["lost"]) == (6, 1, 2)
+    assert (c["logprob_higher"], c["logprob_pairs"]) == (3, 6)
+    assert c["p_sign"] == pytest.approx(1.0)
+    rep["summary"] = H.summarize(rep)
+    rep["paired"] = p
+    assert "sparse 4096: +1 / -2 of 6" in H.format_table(rep)
+
+
 def test_replot_natural_only_report(tmp_path, capsys):
     """``--replot`` redraws a saved report without a model; a report with no task rows (run
     with ``--tasks ""``) gets only the natural-text panel, with a range over documents; a
