@@ -238,7 +238,7 @@ def _make_plan(heads: tuple, device) -> IndexPlan:
     return IndexPlan(
         heads=heads, vs_ids=vs_ids,
         vs_limits=vertical_slash.selection_limits(vs_params, device) if vs_ids else None,
-        vs_tiled=vertical_slash._tiled_rows(vs_params),
+        vs_tiled=vertical_slash.tiled_rows(vs_params),
         vs_params=vs_params, bs_ids=bs_ids, bs_topks=bs_topks, as_ids=as_ids,
         prefix=ints32(prefix), sink=ints32(sink), band=ints32(band), last=ints32(last),
         meta=ints32(meta).view(len(heads), META_WIDTH),

@@ -172,12 +172,13 @@ def selection_limits(params: Sequence[tuple], device) -> torch.Tensor:
     return device_ints([p[0] - FORCED for p in params] + [p[1] - FORCED for p in params], device).view(2, -1)
 
 
-def _tiled_rows(params: Sequence[tuple]) -> dict:
-    """``(V, S) -> rows`` of the heads whose extra diagonals are chosen in whole key blocks."""
-    rows: dict[tuple, list[int]] = {}
+def tiled_rows(params: Sequence[tuple]) -> dict:
+    """``S -> rows`` of the heads whose extra diagonals are chosen in whole key blocks (one
+    top-k of tiles per distinct ``S``)."""
+    rows: dict[int, list[int]] = {}
     for r, p in enumerate(params):
         if len(p) > 2:
-            rows.setdefault(tuple(p[:2]), []).append(r)
+            rows.setdefault(p[1], []).append(r)
     return rows
 
 
@@ -194,7 +195,7 @@ def select_vertical_slash(vertical: torch.Tensor, slash: torch.Tensor,
     dev = vertical.device
     s_width = max(min(p[1], n) for p in params)
     largest = (max(p[0] for p in params), max(p[1] for p in params))
-    columns, extra = topk_sorted(vertical, slash, selection_limits(params, dev), largest, _tiled_rows(params), n)
+    columns, extra = topk_sorted(vertical, slash, selection_limits(params, dev), largest, tiled_rows(params), n)
     if columns is None:
         columns = torch.full((B, Hs, 1), SENTINEL, device=dev, dtype=torch.int32)
     else:
@@ -259,7 +260,7 @@ def topk_sorted(vertical: torch.Tensor, slash: torch.Tensor, limits: torch.Tenso
 
     ``vertical`` / ``slash``: scores ``[B, R, n]`` (``-inf`` exactly where the key / offset lies
     outside the sequence); ``limits``: :func:`selection_limits` of the rows' parameters,
-    ``largest`` their largest ``(V, S)``; ``tiled``: :func:`_tiled_rows` (rows whose extra
+    ``largest`` their largest ``(V, S)``; ``tiled``: :func:`tiled_rows` (rows whose extra
     diagonals are whole key blocks). Returns ``columns, offsets``: int64 ``[B, R, width]``, or
     None where no row selects beyond the forced keys; row ``r`` holds its :func:`extra_counts`
     best indices relative to FORCED, ascending, then SENTINEL (also for keys outside the
@@ -269,7 +270,7 @@ def topk_sorted(vertical: torch.Tensor, slash: torch.Tensor, limits: torch.Tenso
     v_width, s_width = extra_counts(largest[0], largest[1], n)
     columns = top_rows(vertical, limits[0], v_width) if v_width else None
     offsets = top_rows(slash, limits[1], s_width) if s_width else None
-    for (_, s), rows in tiled.items():
+    for s, rows in tiled.items():
         count = extra_counts(0, s, n)[1]
         if count:
             index = device_ints(rows, slash.device)
