@@ -41,6 +41,11 @@ def _signature(fn, dtype: str, constexprs: dict, pointers: dict):
         if name in constexprs:
             sig[name] = "constexpr"
             continue
+        if name.endswith("_strides"):         # a tensor's (batch, head, row) strides
+            sig[name] = ("i32",) * 3
+            if name not in unspecialised:
+                attrs.update({(i, j): [["tt.divisibility", 16]] for j in range(3)})
+            continue
         if name in pointers:
             sig[name] = f"*{pointers[name]}"
         elif name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr"):

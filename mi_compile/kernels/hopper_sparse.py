@@ -117,10 +117,7 @@ if GLUON_ERROR is None:
             tile_start_ptr, tile_end_ptr, tiles_upto_ptr,
             columns_ptr, columns_upto_ptr, covered_ptr,
             blocks_ptr, block_count_ptr,
-            stride_qb, stride_qh, stride_qn,
-            stride_kb, stride_kh, stride_kn,
-            stride_vb, stride_vh, stride_vn,
-            stride_ob, stride_oh, stride_on,
+            q_strides, k_strides, v_strides, out_strides,
             n, num_heads, heads_per_kv, num_q_blocks, num_programs, q_offset,
             max_tiles, max_columns, max_blocks, covered_len,
             qk_scale,
@@ -129,6 +126,10 @@ if GLUON_ERROR is None:
         BLOCK_N: gl.constexpr = 64
         dtype: gl.constexpr = q_ptr.dtype.element_ty
         L: gl.constexpr = kernel_layouts(4, BLOCK_N, HEAD_DIM)
+        stride_qb, stride_qh, stride_qn = q_strides         # (batch, head, row) of each tensor
+        stride_kb, stride_kh, stride_kn = k_strides
+        stride_vb, stride_vh, stride_vn = v_strides
+        stride_ob, stride_oh, stride_on = out_strides
 
         b, h, kv, seq_start, length, m, out_head = _program_block(
             seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, heads_per_kv,
@@ -279,10 +280,7 @@ def launch(q, k, v, index, scale: float, out, programs: int, pipeline: bool = Fa
         index.tile_start, index.tile_end, index.tiles_upto,
         index.columns, index.columns_upto, index.covered,
         index.blocks, index.block_count,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        q.stride()[:3], k.stride()[:3], v.stride()[:3], out.stride()[:3],
         n, H, H // k.shape[1], index.num_query_blocks, programs, n - nq,
         index.tile_start.shape[-1], index.columns.shape[-1], index.blocks.shape[-1], index.covered.shape[-1],
         scale * LOG2E,
