@@ -12,12 +12,21 @@ context (multi-turn use), and one long prompt prefilled in chunks (chunked prefi
   config's turn <= 0.5x eager's.
 * ``chunked``: the whole context prefilled by the compiled searched mode at once and in pieces of
   ``--chunk`` tokens (each continuing the cache), and by eager at once. Goal: chunked <= 1.15x
-  unchunked; the next-token argmax of the two is recorded.
+  unchunked; the next-token argmax of the two is recorded. One more untimed pass per chunked
+  mode synchronises after every piece: its seconds per piece go to the row as ``piece_s``
+  (the timed totals never synchronise between pieces).
+
+``--profile`` (CUDA): after the timed turns, each mode's host time and device time per kernel
+(``profile_turn_<mode>.txt``); after the timed prefills, each compiled mode's whole and chunked
+prefill profiled once (``profile_chunked_<mode>_whole.txt`` / ``_chunk<size>.txt``).
 
 Modes: ``searched`` (``--config``, default the model's shipped 128K config) and
 ``--configs NAME=PATH_OR_SPEC`` extras, each ``torch.compile(model, backend=MInferenceBackend,
-dynamic=True)``. Lengths past the model's native context run with YaRN. Rows go to
-``$OUT/chunked.json`` as they are measured, with peak memory per phase.
+dynamic=True)``. ``--absolute-chunks`` adds ``absolute`` (chunked phase only): the searched
+config without its ``"length"`` key (written to ``$OUT/absolute_config.json``), so chunks keep
+the config's absolute vertical counts instead of their share of a ``length``-token prompt's
+columns (an A/B of that scaling). Lengths past the model's native context run with YaRN. Rows
+go to ``$OUT/chunked.json`` as they are measured, with peak memory per phase.
 """
 from __future__ import annotations
 
@@ -51,17 +60,42 @@ class Rows:
             json.dump(self.data, f, indent=1, default=str)
 
 
+def write_absolute_config(spec: str, out: str) -> tuple[str, int | None]:
+    """The config of ``spec`` (a path, a shipped name or an inline spec) without its top-level
+    ``"length"`` key, written as ``out/absolute_config.json``: chunks that continue a cache then
+    keep the config's absolute vertical counts. Returns the path and the removed length (``None``:
+    the config had none, and the copy is the same config)."""
+    from mi_compile.eval.harness import parse_config_spec
+
+    config = parse_config_spec(spec)[0]
+    if isinstance(config, dict):
+        doc = json.loads(json.dumps(config))
+    else:
+        with open(config) as f:
+            doc = json.load(f)
+    length = doc.pop("length", None)
+    path = os.path.join(out, "absolute_config.json")
+    os.makedirs(out or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    return path, length
+
+
 def make_modes(model, args) -> dict:
     from mi_compile.backend import MInferenceBackend
     from mi_compile.eval.harness import parse_config_spec
 
     specs = {"searched": args.config, **dict(s.split("=", 1) for s in args.configs)}
+    if getattr(args, "absolute_config", None):
+        specs["absolute"] = args.absolute_config
     fns = {"eager": model}
     for name, spec in specs.items():
         be = MInferenceBackend({"config": parse_config_spec(spec)[0], "min_seq_len": args.min_seq_len},
                                use_inductor=not args.no_inductor)
         fns[name] = torch.compile(model, backend=be, dynamic=True)
-        fns[name]._mi_backend = be
+        # on the wrapper itself: OptimizedModule.__setattr__ would set it on the shared model,
+        # every mode (eager too) then reporting the last backend's sites
+        object.__setattr__(fns[name], "_mi_backend", be)
     return fns
 
 
@@ -150,11 +184,20 @@ def run_chunked(args, dev, rows, model, fns, context):
     pieces by each compiled mode; total times and the next-token argmax."""
     from transformers import DynamicCache
 
-    def prefill(fn, chunk=None):
+    def prefill(fn, chunk=None, piece_s=None):
+        """``piece_s`` (a list): synchronise around every piece and append its seconds (only in
+        the extra untimed pass; the timed calls never synchronise between pieces)."""
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
             for piece in ([context] if not chunk else context.split(chunk, dim=1)):
-                out = fn(piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                if piece_s is None:
+                    out = fn(piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                else:
+                    dev.sync()
+                    t = time.perf_counter()
+                    out = fn(piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    dev.sync()
+                    piece_s.append(time.perf_counter() - t)
         return int(out.logits[0, -1].argmax())
 
     variants = [(m, None) for m in fns] + [(m, args.chunk) for m in fns if m != "eager"]
@@ -173,13 +216,50 @@ def run_chunked(args, dev, rows, model, fns, context):
         for v in times:
             times[v].append(_sync_time(lambda: prefill(fns[v[0]], v[1]), dev))
             dev.free()
+    pieces: dict[tuple, dict] = {}     # one extra pass per chunked mode, synchronised per piece
+    for v in times:
+        if v[1]:
+            secs: list = []
+            try:
+                prefill(fns[v[0]], v[1], piece_s=secs)
+                pieces[v] = dict(piece_s=[round(t, 4) for t in secs])
+            except Exception as exc:  # noqa: BLE001 -- the timed totals stand without it
+                pieces[v] = dict(piece_s=[round(t, 4) for t in secs], piece_error=err_text(exc))
+            dev.free()
     for (m, c), ts in times.items():
         whole = times.get((m, None))
         rows.add(kind="chunked", mode=m, chunk=c, context=context.shape[1], prefill_s=round(min(ts), 4),
+                 all_s=[round(t, 4) for t in ts],
                  vs_unchunked=round(min(ts) / min(whole), 3) if c and whole else None,
                  vs_eager=round(min(ts) / min(times[("eager", None)]), 3) if times.get(("eager", None)) else None,
                  next_token=first.get((m, c)), same_next_token=first.get((m, c)) == first.get((m, None)),
-                 sites=sites_of(fns[m]))
+                 **pieces.get((m, c), {}), sites=sites_of(fns[m]))
+    if args.profile and dev.cuda:
+        profile_chunked(args, dev, rows, fns, prefill, times, context.shape[1])
+
+
+def profile_chunked(args, dev, rows, fns, prefill, times, n):
+    """Where a prefill's time goes (``--profile``): each compiled mode's whole and chunked
+    prefill of the ``n``-token context profiled once (device time per kernel category),
+    written to ``profile_chunked_<mode>_whole.txt`` / ``_chunk<size>.txt`` under ``--out``."""
+    from mi_compile.debug import gpu_profile
+
+    for (m, c), ts in times.items():
+        if m == "eager":
+            continue
+        try:
+            kt = gpu_profile.kernel_times(lambda f=fns[m], c=c: prefill(f, c))
+        except Exception as exc:  # noqa: BLE001 -- a profiler failure must not lose the run
+            rows.add(kind="chunked_profile", mode=m, chunk=c, error=err_text(exc))
+            dev.free()
+            continue
+        dev.free()
+        how = f"in {c}-token chunks" if c else "whole"
+        text = f"{m}: a {n}-token prompt prefilled {how}\n\n{gpu_profile.format_kernel_times(kt)}\n"
+        with open(os.path.join(args.out, f"profile_chunked_{m}_{f'chunk{c}' if c else 'whole'}.txt"), "w") as f:
+            f.write(text)
+        print(text, flush=True)
+        rows.add(kind="chunked_profile", mode=m, chunk=c, prefill_s=round(min(ts), 4), kernels=kt)
 
 
 def parse_args(argv=None):
@@ -196,13 +276,20 @@ def parse_args(argv=None):
                    help="backend min_seq_len, compared with the keys' length (default 32768)")
     p.add_argument("--no-inductor", action="store_true")
     p.add_argument("--profile", action="store_true",
-                   help="after the timed turns: each mode's host time and device time per kernel (GPU)")
+                   help="after the timed turns: each mode's host time and device time per kernel; after "
+                        "the timed prefills: each compiled mode's whole and chunked prefill's device time "
+                        "per kernel (GPU)")
+    p.add_argument("--absolute-chunks", action="store_true",
+                   help="one more compiled mode, absolute: the searched config without its \"length\" key "
+                        "(chunks keep the absolute vertical counts; written to OUT/absolute_config.json)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
     args.phases = [x for x in args.phases.split(",") if x]
     if set(args.phases) - {"turn", "chunked"} or min(args.context, args.turn, args.chunk, args.reps) < 1:
         p.error("bad --phases / lengths / reps")
+    if args.absolute_chunks and any(s.split("=", 1)[0] == "absolute" for s in args.configs):
+        p.error("--absolute-chunks names its mode absolute: rename the --configs mode of that name")
     return args
 
 
@@ -216,6 +303,11 @@ def main(argv=None):
     dtype = torch.bfloat16 if dev.cuda else torch.float32
     model, tok = load_model(args.model, dtype=dtype, device=dev.device)
     args.config = args.config or searched_default(args.model)
+    absolute = None
+    if args.absolute_chunks:
+        args.absolute_config, length = write_absolute_config(args.config, args.out)
+        absolute = dict(config=args.absolute_config, length_removed=length,
+                        note=None if length is not None else "the config has no \"length\": an identical copy")
     native = native_context(model)
     factor = yarn_factor_for(args.context + args.turn, native)
     if factor:
@@ -230,12 +322,14 @@ def main(argv=None):
         turn = torch.randint(0, vocab, (1, args.turn), generator=g).to(dev.device)
     meta = dict(model=args.model, device=torch.cuda.get_device_name(dev.device) if dev.cuda else "cpu",
                 torch=torch.__version__, dtype=str(dtype), yarn=factor, config=args.config,
-                extra=args.configs, min_seq_len=args.min_seq_len, inductor=not args.no_inductor,
+                extra=args.configs, absolute=absolute, min_seq_len=args.min_seq_len, inductor=not args.no_inductor,
                 context=args.context, turn=args.turn, chunk=args.chunk, input="python source" if tok else "random ids")
     rows = Rows(os.path.join(args.out, "chunked.json"), meta)
     fns = make_modes(model, args)
     if "turn" in args.phases:
-        run_turn(args, dev, rows, model, fns, context, turn)
+        # not absolute: a turn after the whole cached context has about the config's length in
+        # keys, where the scaled counts are the absolute ones (one compile saved)
+        run_turn(args, dev, rows, model, {m: f for m, f in fns.items() if m != "absolute"}, context, turn)
     if "chunked" in args.phases:
         run_chunked(args, dev, rows, model, fns, context)
     for r in rows.data["rows"]:

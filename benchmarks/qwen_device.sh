@@ -9,7 +9,7 @@
 #   bash benchmarks/qwen_device.sh adaptive2|adaptive2_acc [SECONDS]   # the next adaptive candidates
 #   bash benchmarks/qwen_device.sh searched|searched_acc [SECONDS]   # a search over every pattern at 128K
 #   bash benchmarks/qwen_device.sh yard|yard_acc|yard_search [SECONDS]   # the shipped 128K config against the all-pattern one
-#   bash benchmarks/qwen_device.sh chunked|chunked_acc [SECONDS]   # prefills continuing a cache
+#   bash benchmarks/qwen_device.sh turn|chunked|chunked_acc [SECONDS]   # prefills continuing a cache
 #   bash benchmarks/qwen_device.sh yard_gluon [SECONDS]   # the shipped config, Triton vs Gluon kernels
 #   bash benchmarks/qwen_device.sh checks|kernels|hopper|host [SECONDS]   # no model: gpu_checks, the kernel benchmark,
 #                                                  # the Gluon kernel, the op's host time (a 2K chunk at 128K)
@@ -199,20 +199,24 @@ case "$stage" in
       --profile searched,searched@gluon_all
     tar czf "$OUT/yard_gluon.tgz" -C "$RUNS" yard_gluon yard_gluon.log
     ;;
-  chunked|chunked_acc)
-    # prefills that continue a cache, with the shipped 128K config: chunked: a 2K-token turn
-    # after 126K cached tokens (128K in all: YaRN factor 4) and that context in 16K chunks
-    # against eager and the unchunked prefill (two compiles of 55-90 s each, the uncached and the
-    # cached graph: give it ~480 s; 330 s measured the turn only); chunked_acc: SCBench-
-    # style conversations (one shared context, a turn per task) and the tasks' prompts in 16K
-    # chunks at 128K, dense against the shipped config
+  turn|chunked|chunked_acc)
+    # prefills that continue a cache, with the shipped 128K config: turn: a 2K-token turn after
+    # 126K cached tokens (128K in all: YaRN factor 4) against eager, with profiles (one compile of
+    # the cached graph, ~110 s; ~330 s in all); chunked: that context in 16K chunks against eager
+    # and the unchunked prefill, also as `absolute` (the config without its "length": every
+    # chunk keeps the full vertical counts), each compiled mode's whole and chunked prefill
+    # profiled, per-chunk times (four compiles of 55-170 s: give it ~560 s); chunked_acc:
+    # SCBench-style conversations (one shared context, a turn per task) and the tasks' prompts
+    # in 16K chunks at 128K, dense against the shipped config
     deadline=$(( $(date +%s) + ${2:-480} ))
-    if [ "$stage" = chunked ]; then
+    if [ "$stage" != chunked_acc ]; then
+      phase=$([ "$stage" = turn ] && echo turn || echo chunked)
+      extra=$([ "$stage" = chunked ] && echo --absolute-chunks)
       timeout "$(( deadline - $(date +%s) ))" python3 -m benchmarks.chunked --model qwen2.5-coder-1.5b \
-        --config "$CFG_FAST" --context 129024 --turn 2048 --chunk 16384 --reps 2 --profile --out "$RUNS/chunked" 2>&1 \
-        | grep -v "it/s\]" > "$RUNS/chunked.log"
-      tail -30 "$RUNS/chunked.log"
-      tar czf "$OUT/chunked.tgz" -C "$RUNS" chunked chunked.log
+        --config "$CFG_FAST" --context 129024 --turn 2048 --chunk 16384 --reps 2 --profile --phases "$phase" $extra \
+        --out "$RUNS/$stage" 2>&1 | grep -v "it/s\]" > "$RUNS/$stage.log"
+      tail -30 "$RUNS/$stage.log"
+      tar czf "$OUT/$stage.tgz" -C "$RUNS" "$stage" "$stage.log"
     else
       run_until acc_chunked.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
         --modes dense,searched --examples 20 --conversations 20 --chunks 16384 --turn-tokens 2048

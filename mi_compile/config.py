@@ -47,6 +47,13 @@ Top-level keys (no others are allowed):
     optional int in ``0 .. 2**31 - 1``: prompts shorter than this run dense attention (the
     length from which the config was measured to pay); the backend option of the same name,
     when given, wins.
+``length``
+    optional int in ``64 .. 2**31 - 1``: the prompt length the config's counts were chosen for
+    (its search length). A chunk that continues a cache (chunked prefill, a later turn) with
+    fewer keys than that keeps that share of each vertical-slash head's columns, as the rows of
+    a whole prompt of this length see about that share of them; without it a chunk keeps
+    every head's full count and an early chunk computes far more than the whole prefill's rows
+    do (:func:`mi_compile.patterns.index.chunk_heads`). Whole prefills ignore it.
 ``default``
     optional head entry used for every (layer, head) without an explicit entry.
 ``layers``
@@ -143,7 +150,7 @@ from typing import Any, Union
 
 from mi_compile.patterns import registry
 from mi_compile.patterns.spec import PATTERN_IDS, PATTERN_PARAMS, HeadPattern, PatternError
-from mi_compile.kernels.constants import MAX_PARAM
+from mi_compile.kernels.constants import BLOCK, MAX_PARAM
 from mi_compile.options import MAX_MIN_SEQ_LEN
 
 __all__ = [
@@ -167,7 +174,8 @@ DEFAULT_PATTERN = HeadPattern("vertical_slash", vertical=1000, slash=6096)
 #: a view of the pattern registry (each pattern's ``minference_names``).
 MINFERENCE_NAMES = registry.MINFERENCE_NAMES
 
-_TOP_KEYS = ("format", "model", "num_layers", "num_heads", "min_seq_len", "default", "layers", "triangle_mix")
+_TOP_KEYS = ("format", "model", "num_layers", "num_heads", "min_seq_len", "length", "default", "layers",
+             "triangle_mix")
 _TRIANGLE_MIX = "triangle_mix"
 _WILDCARD = "*"
 
@@ -243,6 +251,9 @@ class SparseConfig:
     #: the optional ``"min_seq_len"``: the prompt length from which this config was measured to
     #: pay; the backend uses it when its own option ``min_seq_len`` is not given.
     min_seq_len: int | None = None
+    #: the optional ``"length"``: the prompt length the counts were chosen for, which scales a
+    #: chunk's vertical-slash columns (see the format above); None: chunks keep the counts.
+    length: int | None = None
     #: the optional ``"triangle_mix"`` layer rule (after ``layers``, before ``default``).
     triangle_mix: TriangleMix | None = None
 
@@ -351,6 +362,8 @@ class SparseConfig:
             out["num_heads"] = self.num_heads
         if self.min_seq_len is not None:
             out["min_seq_len"] = self.min_seq_len
+        if self.length is not None:
+            out["length"] = self.length
         if self.default is not None:
             out["default"] = _entry_json(self.default)
         if self.triangle_mix is not None:
@@ -530,6 +543,10 @@ def _from_ours(source: str, doc: dict) -> SparseConfig:
     min_seq_len = doc.get("min_seq_len")
     if min_seq_len is not None and (not _is_int(min_seq_len) or not 0 <= min_seq_len <= MAX_MIN_SEQ_LEN):
         raise _error(source, f"min_seq_len must be an int >= 0 and <= 2**31 - 1, got {min_seq_len!r}")
+    length = doc.get("length")
+    if length is not None and (not _is_int(length) or not BLOCK <= length <= MAX_MIN_SEQ_LEN):
+        raise _error(source, f"length must be an int >= {BLOCK} and <= 2**31 - 1 (the prompt length the "
+                     f"counts were chosen for), got {length!r}")
     default = None
     if doc.get("default") is not None:
         default, _ = _parse_entry(source, doc["default"], "default", None, allow_score=False)
@@ -569,7 +586,7 @@ def _from_ours(source: str, doc: dict) -> SparseConfig:
     return SparseConfig(source=source, num_layers=num_layers, num_heads=num_heads,
                         layers=layers, default=default, scores=scores,
                         layer_defaults=layer_defaults, model=model, min_seq_len=min_seq_len,
-                        triangle_mix=mix)
+                        length=length, triangle_mix=mix)
 
 
 def _parse_triangle_mix(source: str, raw: Any, num_layers: int | None) -> TriangleMix:

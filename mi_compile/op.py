@@ -20,7 +20,10 @@ Arguments:
     window: sliding-window size of the original mask (0 = none), used by the dense path,
     min_seq_len: below this many keys the op runs dense attention (sparse does not pay off),
     layer: the decoder layer this call belongs to (-1 if unknown), for observers (see
-    :func:`observe_attention`) and error messages.
+    :func:`observe_attention`) and error messages,
+    prompt_length: the prompt length the heads' counts were chosen for (the config's
+    ``length``; 0: not given); a chunk with fewer keys keeps that share of each vertical-slash
+    head's columns (:func:`mi_compile.patterns.index.chunk_heads`).
 Semantics: causal attention restricted to each head's pattern for prefills of at least
 ``min_seq_len`` tokens; otherwise exactly the dense attention of the original call. Where the
 kernels would run, an unpadded layer whose heads are all dense runs SDPA instead (flash /
@@ -117,11 +120,12 @@ def observe_attention(fn):
         _OBSERVERS.remove(fn)
 
 
-def _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer):
+def _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, prompt_length=0):
     for fn in list(_OBSERVERS):
         fn(layer, q, k, v, key_padding_mask)
     out = _output_like(q, v)
-    res = _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, out)
+    res = _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, out,
+                           prompt_length)
     if res is out or res.stride() == out.stride():
         return res
     return out.copy_(res)
@@ -158,7 +162,8 @@ def _layer_facts(heads) -> tuple:
     return facts
 
 
-def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, out=None):
+def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, out=None,
+                     prompt_length=0):
     """Dense attention below ``min_seq_len``, else the sparse path, written into ``out`` when
     the sparse path runs (the kernel stores straight into the op's output layout).
 
@@ -187,7 +192,7 @@ def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_le
                                 "only (every input's real tokens must end at kv_len)")
     # heads stay the flat int list: mi_compile.sparse decodes each distinct list once. The
     # ranges come from the padding mask, so they are valid: no value check (a host sync) here.
-    return _sparse_attention(q, k, v, heads, scale, seq_start, seq_len, impl, out)
+    return _sparse_attention(q, k, v, heads, scale, seq_start, seq_len, impl, out, int(prompt_length))
 
 
 # Registered with torch.library.Library rather than torch.library.custom_op: custom_op wraps
@@ -197,7 +202,8 @@ def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_le
 # backend leaves graphs that need gradients alone).
 _LIB = torch.library.Library("mi_compile", "FRAGMENT")
 _LIB.define("sparse_attention(Tensor q, Tensor k, Tensor v, SymInt[] heads, float? scale, "
-            "Tensor? key_padding_mask, SymInt window, SymInt min_seq_len, SymInt layer) -> Tensor",
+            "Tensor? key_padding_mask, SymInt window, SymInt min_seq_len, SymInt layer, "
+            "SymInt prompt_length=0) -> Tensor",
             tags=(torch.Tag.pt2_compliant_tag,))
 # CPU: the PyTorch reference of the same selection (MI_COMPILE_CPU_IMPL=triton: the Triton
 # kernels through the interpreter); CUDA: the Triton kernels.
@@ -205,7 +211,7 @@ _LIB.impl("sparse_attention", _sparse_attention_impl, "CPU")
 _LIB.impl("sparse_attention", _sparse_attention_impl, "CUDA")
 
 
-def _sparse_attention_fake(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer):
+def _sparse_attention_fake(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, prompt_length=0):
     return _output_like(q, v)
 
 

@@ -213,24 +213,34 @@ def _check_vs_selection(q, vs_selection) -> None:
             raise ValueError(f"vs_selection {name} is on {t.device}, q on {q.device}")
 
 
-def _build(q, k, heads: tuple, scale: float, seq_start, seq_len, vs_selection=None) -> SparseIndex:
+def _build(q, k, heads: tuple, scale: float, seq_start, seq_len, vs_selection=None,
+           prompt_length: int = 0) -> SparseIndex:
     """The index for validated inputs."""
     unpadded = seq_start is None and seq_len is None
     seq_start, seq_len = normalize_sequences(q, seq_start, seq_len, k.shape[2])
     with torch.no_grad():
-        return build_index(q, k, heads, scale, seq_start, seq_len, vs_selection, unpadded=unpadded)
+        return build_index(q, k, heads, scale, seq_start, seq_len, vs_selection, unpadded=unpadded,
+                           prompt_length=_prompt_length(prompt_length))
+
+
+def _prompt_length(value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"prompt_length must be an int >= 0 (the prompt length the heads' counts were "
+                         f"chosen for, 0: not given), got {value!r}")
+    return value
 
 
 def build_sparse_index(q, k, heads, *, scale=None, seq_start=None, seq_len=None,
-                       vs_selection=None) -> SparseIndex:
+                       vs_selection=None, prompt_length: int = 0) -> SparseIndex:
     """Validate and build the unified index (estimate + top-k + conversion) on q's device.
 
     ``vs_selection=(keys, offsets)`` (int tensors ``[B, Hq, *]``) gives vertical-slash heads an
-    explicit selection instead of the estimate (timing on a fixed index)."""
+    explicit selection instead of the estimate (timing on a fixed index); ``prompt_length`` as
+    :func:`sparse_attention`'s."""
     heads = _validate(q, k, None, heads, seq_start, seq_len, check_v=False)
     _check_sequence_values(q, seq_start, seq_len, k.shape[2])
     _check_vs_selection(q, vs_selection)
-    return _build(q, k, heads, _scale(q, scale), seq_start, seq_len, vs_selection)
+    return _build(q, k, heads, _scale(q, scale), seq_start, seq_len, vs_selection, prompt_length)
 
 
 # (table, dtype, shape) of every SparseIndex table, shapes in terms of B, H, n (keys), NQB; a name
@@ -365,7 +375,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      heads: Sequence[HeadPattern], *, scale: Optional[float] = None,
                      seq_start: Optional[torch.Tensor] = None,
                      seq_len: Optional[torch.Tensor] = None, impl: str = "auto",
-                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     out: Optional[torch.Tensor] = None, prompt_length: int = 0) -> torch.Tensor:
     """Causal sparse attention for a prefill, one pattern per query head.
 
     q ``[B, Hq, nq, D]``, k/v ``[B, Hkv, n, D]``, ``nq <= n`` (``Hq % Hkv == 0``; query head
@@ -377,7 +387,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     prefill (bottom-right aligned causal; every pattern defined on the whole sequence;
     vertical-slash estimated from the chunk's last ``min(64, nq)`` queries, block-sparse and
     xattention from the chunk's own query blocks, flex_prefill from both); sequences must then
-    end at ``n`` (left padding only).
+    end at ``n`` (left padding only). ``prompt_length``: the prompt length the heads' counts
+    were chosen for; a chunk with fewer keys keeps its share of each vertical-slash head's
+    columns (:func:`mi_compile.patterns.index.chunk_heads`; 0, the default: the full counts).
     ``impl``: "triton", "reference" (float32 PyTorch) or "auto" (triton on CUDA or under
     ``TRITON_INTERPRET=1``, else reference). Returns q's dtype, in ``out`` when given (q's
     shape and dtype, last dim contiguous, any layout).
@@ -393,23 +405,24 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     heads = _validate(q, k, v, heads, seq_start, seq_len)
     _check_sequence_values(q, seq_start, seq_len, k.shape[2])
-    return _sparse_attention(q, k, v, heads, scale, seq_start, seq_len, impl, out)
+    return _sparse_attention(q, k, v, heads, scale, seq_start, seq_len, impl, out, prompt_length)
 
 
-def _sparse_attention(q, k, v, heads, scale, seq_start, seq_len, impl, out):
+def _sparse_attention(q, k, v, heads, scale, seq_start, seq_len, impl, out, prompt_length=0):
     """:func:`sparse_attention` without the value check of ``seq_start`` / ``seq_len`` (a host
     sync): the compiled op calls this with ranges it derived from a padding mask itself."""
     heads = _validate(q, k, v, heads, seq_start, seq_len)
     impl = attention_impl(q, impl)
     scale = _scale(q, scale)
-    index = _build(q, k, heads, scale, seq_start, seq_len)
+    index = _build(q, k, heads, scale, seq_start, seq_len, prompt_length=prompt_length)
     return _attend_index(q, k, v, index, scale, impl, out)
 
 
-def selection_mask(q, k, heads, seq_start=None, seq_len=None, *, scale=None) -> torch.Tensor:
+def selection_mask(q, k, heads, seq_start=None, seq_len=None, *, scale=None, prompt_length=0) -> torch.Tensor:
     """bool ``[B, Hq, nq, n]`` (tensor coordinates; ``nq < n``: a chunk, query row ``r`` is key
     position ``n - nq + r``): exactly the pairs the kernel computes. Small n only (nq x n per head)."""
-    index = build_sparse_index(q, k, heads, scale=scale, seq_start=seq_start, seq_len=seq_len)
+    index = build_sparse_index(q, k, heads, scale=scale, seq_start=seq_start, seq_len=seq_len,
+                               prompt_length=prompt_length)
     return selection_mask_from_index(index)
 
 

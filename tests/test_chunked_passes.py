@@ -142,6 +142,23 @@ def test_chunk_rewrite_fires_by_op_target(op_takes_chunks):
         assert pad.op == "call_method" and pad.target == "narrow"
 
 
+def test_chunk_call_carries_the_config_length(op_takes_chunks):
+    """A config with ``length`` gives the chunk's op call that prompt length (which scales its
+    vertical counts); without one the call has none, and a whole prefill's call never does."""
+    gm = traced_chunk_graph()
+    run_passes(gm, BackendOptions.from_user(OPTS), load_config({**COVER, "length": 131072}))
+    assert [n.args[9:] for n in gm.graph.find_nodes(op="call_function", target=SPARSE)] == [(131072,)] * LAYERS
+    gm = traced_chunk_graph()
+    run_passes(gm, BackendOptions.from_user(OPTS), load_config(COVER))
+    assert [len(n.args) for n in gm.graph.find_nodes(op="call_function", target=SPARSE)] == [9] * LAYERS
+    graphs = []
+    model = tiny_model("llama", num_layers=LAYERS)
+    with torch.no_grad():
+        torch.compile(model, backend=lambda gm, _: graphs.append(gm) or gm.forward)(_tokens(1, 20, 0))
+    run_passes(graphs[0], BackendOptions.from_user(OPTS), load_config({**COVER, "length": 131072}))
+    assert [len(n.args) for n in graphs[0].graph.find_nodes(op="call_function", target=SPARSE)] == [9] * LAYERS
+
+
 def test_chunk_stays_dense_where_the_op_says_so(monkeypatch):
     monkeypatch.setattr(mi_op, "chunk_dense_reason", lambda heads: "these heads cannot take a chunk")
     gm = traced_chunk_graph()

@@ -26,6 +26,7 @@ from mi_compile.patterns.block_sparse import pooled_blocks  # noqa: E402
 from mi_compile.patterns.flex_prefill import FlexPrefillSpec, flex_estimate, js_distance  # noqa: E402
 from mi_compile.op import chunk_dense_reason, dense_attention, sparse_attention_op  # noqa: E402
 from mi_compile.patterns.cost import tile_pairs_per_block  # noqa: E402
+from mi_compile.patterns.index import CHUNK_SHARE_STEPS, chunk_heads  # noqa: E402
 from mi_compile.patterns.reference import reference_attention  # noqa: E402
 from mi_compile.patterns.spec import HeadPattern as HP, encode_heads  # noqa: E402
 from mi_compile.patterns.vertical_slash import estimate_scores_torch  # noqa: E402
@@ -346,6 +347,39 @@ def test_op_chunk(monkeypatch):
     right[1, 250:] = False
     with pytest.raises(RuntimeError, match="left padding"):
         sparse_attention_op(qc, k, v, flat, None, right, 0, 1, 0)
+
+
+def test_chunk_keeps_its_share_of_the_columns():
+    """``prompt_length``: a chunk whose keys are a share of the prompt the counts were chosen
+    for keeps that share of each vertical-slash head's columns (rounded up to sixteenths, at
+    least the forced 64); diagonals, block-sparse, A-shape and whole prefills stay as given."""
+    vs = HP("vertical_slash", vertical=4096, slash=1088, last=64)
+    heads = [vs, HP("vertical_slash_tiled", vertical=100, slash=130), HP("block_sparse", topk=8),
+             HP("a_shape", sink=4, local=40)]
+    assert chunk_heads(heads, 32768, 131072) == (HP("vertical_slash", vertical=1024, slash=1088, last=64),
+                                                 HP("vertical_slash_tiled", vertical=64, slash=130), *heads[2:])
+    assert chunk_heads(heads, 32769, 131072)[0].vertical == 1280          # 5/16, not 1/4
+    assert chunk_heads(heads, 131072, 131072) == chunk_heads(heads, 200000, 131072) == tuple(heads)
+    assert chunk_heads(heads, 1000, 0) == tuple(heads)
+    assert len({chunk_heads([vs], n, 131072) for n in range(64, 131072, 997)}) == CHUNK_SHARE_STEPS
+
+    nk, nq = 300, 100
+    q, k, v = inputs(nk)
+    qc = q[:, :, nk - nq:]
+    heads = [HP("vertical_slash", vertical=200, slash=66), HP("block_sparse", topk=2)] * 2
+    scaled = list(chunk_heads(heads, nk, 1200))                          # share 1/4: 50 -> the forced 64
+    assert scaled[0].vertical == 64
+    got = selection_mask(qc, k, heads, prompt_length=1200)
+    assert torch.equal(got, selection_mask(qc, k, scaled))
+    assert got.sum() < selection_mask(qc, k, heads).sum()               # fewer columns indeed
+    want = sparse_attention(qc, k, v, scaled, impl="reference")
+    assert rel_err(sparse_attention(qc, k, v, heads, impl="reference", prompt_length=1200), want) < TOL
+    assert rel_err(sparse_attention_op(qc, k, v, encode_heads(heads), None, None, 0, 1, 0, 1200), want) < TOL
+    # a whole prefill keeps its counts, and so does a chunk at or past the prompt length
+    assert torch.equal(selection_mask(q, k, heads, prompt_length=1200), selection_mask(q, k, heads))
+    assert torch.equal(selection_mask(qc, k, heads, prompt_length=nk), selection_mask(qc, k, heads))
+    with pytest.raises(ValueError, match="prompt_length must be an int >= 0"):
+        sparse_attention(qc, k, v, heads, prompt_length=-1)
 
 
 def _windowed(q, k, v, window):

@@ -271,6 +271,21 @@ def test_config_min_seq_len_round_trips_and_is_validated():
             load_config({**doc, "min_seq_len": bad})
 
 
+def test_config_length_round_trips_and_is_validated():
+    """``length``: the prompt length the counts were chosen for (it scales a chunk's columns)."""
+    doc = {"length": 131072, "default": {"pattern": "vertical_slash", "vertical": 4096, "slash": 64}}
+    cfg = load_config(doc)
+    assert cfg.length == 131072
+    assert load_config(cfg.to_json()).length == 131072
+    assert cfg.with_dense_last(64).length == 131072
+    assert load_config({"default": {"pattern": "dense"}}).length is None
+    for bad in (-1, 0, 63, 2**31, 1.5, "131072", True):
+        with pytest.raises(ConfigError, match="length must be an int >= 64"):
+            load_config({**doc, "length": bad})
+    assert load_config("qwen2.5-coder-1.5b-128k").length == 131072
+    assert load_config("qwen2.5-coder-1.5b-32k").length == 32768
+
+
 def test_backend_takes_min_seq_len_from_the_config_unless_the_option_is_given():
     from mi_compile.backend import MInferenceBackend
 

@@ -24,9 +24,11 @@ A prefill chunk that continues a ``DynamicCache`` (mask ``causal_bottom_right``,
     out  = sdpa(q, repeat_kv(keys), repeat_kv(values), attn_mask=mask, scale=s)
 ->
     out  = torch.ops.mi_compile.sparse_attention(q, keys, values, heads=[...], scale=s,
-              key_padding_mask=padding[:, :past + nq], window=0, min_seq_len=..., layer=3)
+              key_padding_mask=padding[:, :past + nq], window=0, min_seq_len=..., layer=3,
+              prompt_length=131072)
 
-(the op aligns query row ``r`` with key ``nk - nq + r``), unless the op says such a layer's
+(the op aligns query row ``r`` with key ``nk - nq + r``; ``prompt_length`` is the config's
+``length``, given when the config has one, which scales a chunk's vertical counts), unless the op says such a layer's
 heads cannot run a chunk sparse (:func:`mi_compile.op.chunk_dense_reason`). Decode steps
 (one query token), ``is_causal=True`` with ``nq < nk`` (top-left in PyTorch) and static caches
 stay dense, with the reason.
@@ -197,6 +199,8 @@ class RewriteAttentionPass:
                 args = (sdpa_arg(node, "query"), site.key_source, site.value_source, encode_heads(site.heads),
                         sdpa_arg(node, "scale"), padding, int(site.mask.window), int(self.options.min_seq_len),
                         int(site.layer))
+                if site.mask.chunk and self.config.length:
+                    args += (int(self.config.length),)   # the prompt length the counts are for
                 new = graph.call_function(torch.ops.mi_compile.sparse_attention.default, args)
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)

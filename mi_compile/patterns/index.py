@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 from typing import Optional, Sequence
 
 import torch
@@ -264,6 +265,28 @@ def chunk_reason(heads: Sequence[HeadPattern]) -> Optional[str]:
     return None
 
 
+#: A chunk's share of the prompt length is rounded up to a multiple of ``1 / CHUNK_SHARE_STEPS``,
+#: so a layer has at most this many chunk index plans, whatever the chunk lengths.
+CHUNK_SHARE_STEPS = 16
+
+
+def chunk_heads(heads: Sequence[HeadPattern], n: int, prompt_length: int) -> tuple:
+    """The heads a chunk (``q_len < kv_len``) whose keys end at ``n`` runs, for a config whose
+    counts were chosen for prompts of ``prompt_length`` tokens (0: unknown, heads unchanged).
+
+    Below that length each head becomes :meth:`~mi_compile.patterns.registry.PatternSpec.for_chunk`
+    of the chunk's share ``n / prompt_length`` (rounded up to sixteenths): vertical-slash keeps
+    that share of its columns. The whole prompt's rows at that point see about that share of
+    its columns; a chunk with the full count would compute far more (a head whose count is a
+    quarter of the prompt is dense over the first quarter's chunks), which made a 128K prompt
+    in 16K chunks ~1.4x the work of its whole prefill."""
+    heads = tuple(heads)
+    if not prompt_length or n >= prompt_length:
+        return heads
+    share = Fraction(math.ceil(n * CHUNK_SHARE_STEPS / prompt_length), CHUNK_SHARE_STEPS)
+    return tuple(pattern_spec(h.kind).for_chunk(h, share) for h in heads)
+
+
 def index_plan(heads: Sequence[HeadPattern], device) -> IndexPlan:
     """The cached :class:`IndexPlan` of ``heads`` on ``device``."""
     heads = tuple(heads)
@@ -290,7 +313,7 @@ def _use_fused(plan: IndexPlan, n: int, tables: Optional[str], q: torch.Tensor, 
 def build_index(q: torch.Tensor, k: torch.Tensor, heads: Sequence[HeadPattern], scale: float,
                 seq_start: torch.Tensor, seq_len: torch.Tensor,
                 vs_selection: Optional[tuple] = None, unpadded: bool = False,
-                tables: Optional[str] = None) -> SparseIndex:
+                tables: Optional[str] = None, prompt_length: int = 0) -> SparseIndex:
     """Run each pattern's index builder and assemble the unified tables (inputs validated).
 
     ``vs_selection = (keys [B, H, *], offsets [B, H, *])`` replaces the vertical-slash
@@ -303,6 +326,7 @@ def build_index(q: torch.Tensor, k: torch.Tensor, heads: Sequence[HeadPattern], 
     limit, ``FUSED_MAX_SORT``); both give the same tables, bit for bit.
     Patterns with ``PHASE_BLOCK_SELECT`` (xattention) write their own block rows after either
     builder; layers with ``PHASE_TABLE_SELECT`` heads (flex_prefill) always use the PyTorch one.
+    ``prompt_length``: a chunk runs :func:`chunk_heads` of the heads (0: the heads as given).
     """
     heads = tuple(heads)
     n = k.shape[2]
@@ -310,6 +334,8 @@ def build_index(q: torch.Tensor, k: torch.Tensor, heads: Sequence[HeadPattern], 
     if q.shape[2] != n and plan.chunk_reason is not None:
         raise ValueError(f"q_len {q.shape[2]} < kv_len {n} (a chunk) is not supported for this layer: "
                          f"{plan.chunk_reason}")
+    if q.shape[2] != n and 0 < n < prompt_length:
+        plan = index_plan(chunk_heads(heads, n, prompt_length), q.device)
     if _use_fused(plan, n, tables, q, vs_selection):
         return _build_fused(plan, q, k, scale, seq_start, seq_len, unpadded)
     return _build_torch(plan, q, k, scale, seq_start, seq_len, vs_selection, unpadded)

@@ -112,6 +112,15 @@ class PatternSpec:
             return None
         return f"its selection ({self.selection}) is defined for a whole prefill only"
 
+    def for_chunk(self, head, share):
+        """The head a chunk runs when its keys are ``share`` (a Fraction in ``(0, 1)``) of the
+        prompt length the config's counts were chosen for
+        (:func:`~mi_compile.patterns.index.chunk_heads`). A count per prompt (vertical-slash's
+        columns: a whole prompt's row at that share of it sees about that share of them) scales;
+        counts per query row or block (diagonals, top-k blocks, windows, thresholds) stay. The
+        default: the head as given."""
+        return head
+
     # ------------------------------------------------------------------ reference
     def mask(self, i, j, head):
         """Reference test of a static pattern for broadcastable sequence positions ``i``

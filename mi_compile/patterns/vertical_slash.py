@@ -44,6 +44,8 @@ repeated.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -361,6 +363,11 @@ class VerticalSlashSpec(DenseLastSpec):
 
     def meta_params(self, head) -> tuple:
         return (head.vertical, head.slash)
+
+    def for_chunk(self, head, share):
+        # the columns are chosen per prompt: a chunk keeps its share of them (at least the forced
+        # ones); the diagonals are per row and stay
+        return dataclasses.replace(head, vertical=max(min(head.vertical, FORCED), math.ceil(head.vertical * share)))
 
     def selection_params(self, head) -> tuple:
         return (head.vertical, head.slash)

@@ -346,7 +346,7 @@ def choose_config(scored: SearchReport, budget: float, *, min_recall: float = 0.
             + (f" (+ estimates {report.mean_charged - report.mean_density:.4f})"
                if report.mean_charged > report.mean_density else ""))
     config = SparseConfig(source="<search>", num_layers=num_layers, num_heads=num_heads, layers=chosen,
-                          default=HeadPattern("dense"), scores=scores, model=text)
+                          default=HeadPattern("dense"), scores=scores, model=text, length=int(n))
     return config, report
 
 

@@ -1,0 +1,148 @@
+"""A prompt in chunks against its whole prefill, attention alone, every layer of a config (no model).
+
+Random q / k / v of the model's attention shape (default Qwen2.5-Coder-1.5B: 12 query / 2 KV
+heads, head_dim 128), one layer at a time with that layer's heads of ``--config``, through
+``torch.ops.mi_compile.sparse_attention`` as the compiled model calls it (the config's
+``min_seq_len``). Per layer and summed over the layers:
+
+* ``whole``: one call over all ``n`` queries;
+* ``chunks``: the same ``n`` tokens as calls of ``--chunk`` queries over the keys so far, with the
+  config's ``length`` (a chunk keeps its share of each vertical-slash head's columns);
+* ``absolute``: the same chunks without it (every chunk keeps the full counts);
+
+and the pairs each computes (the kernel's counting mode). Random inputs spread the
+vertical-slash estimate's picks about evenly over the keys, so this measures the counts'
+effect, not a real model's selection (``benchmarks/chunked.py`` runs the model).
+
+    python3 -m benchmarks.chunk_work                        # GPU: 128K in 16K chunks, ~1 min on an H100
+    python3 -m benchmarks.chunk_work --device cpu --n 512 --chunk 128 --length 512 --min-seq-len 256 --layers 0,1
+
+Prints a table and writes ``$OUT/chunk_work.json`` (``--out`` to change).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.chunk_work", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="qwen2.5-coder-1.5b-128k", help="a config name or path (default: %(default)s)")
+    p.add_argument("--n", type=int, default=131072, help="prompt tokens (default %(default)s)")
+    p.add_argument("--chunk", type=int, default=16384, help="chunk size (default %(default)s)")
+    p.add_argument("--heads", default="12,2,128", help="query heads, KV heads, head_dim (default %(default)s)")
+    p.add_argument("--layers", default=None, help="comma-separated layers (default: every layer of the config)")
+    p.add_argument("--length", type=int, default=None, help="prompt length of the counts (default: the config's)")
+    p.add_argument("--min-seq-len", type=int, default=None, help="the op's min_seq_len (default: the config's, else 0)")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions, the minimum kept (default %(default)s)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--out", default=None, help="JSON path (default $OUT/chunk_work.json)")
+    args = p.parse_args(argv)
+    if min(args.n, args.chunk, args.reps) < 1 or args.chunk > args.n:
+        p.error("--n, --chunk and --reps must be >= 1, --chunk <= --n")
+    return args
+
+
+def _timed(fn, device, reps):
+    """Minimum seconds of ``fn()`` over ``reps`` runs after one warm-up, synchronised."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from mi_compile.config import load_config
+    from mi_compile.op import sparse_attention_op
+    from mi_compile.patterns.index import chunk_heads
+    from mi_compile.patterns.spec import encode_heads
+    from mi_compile.sparse import build_sparse_index, index_density
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hq, hkv, d = (int(x) for x in args.heads.split(","))
+    cfg = load_config(args.config)
+    length = args.length if args.length is not None else cfg.length or 0
+    min_seq_len = args.min_seq_len if args.min_seq_len is not None else cfg.min_seq_len or 0
+    layers = ([int(x) for x in args.layers.split(",")] if args.layers else
+              list(range(cfg.num_layers or max(cfg.layers, default=0) + 1)))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(1, hq, args.n, d, generator=g).to(device, dtype)
+    k = torch.randn(1, hkv, args.n, d, generator=g).to(device, dtype)
+    v = torch.randn(1, hkv, args.n, d, generator=g).to(device, dtype)
+    ends = list(range(args.chunk, args.n, args.chunk)) + [args.n]
+
+    def run(heads, layer, chunked, prompt_length):
+        flat = encode_heads(heads)
+        if not chunked:
+            return lambda: sparse_attention_op(q, k, v, flat, None, None, 0, min_seq_len, layer)
+        return lambda: [sparse_attention_op(q[:, :, e - min(args.chunk, e):e], k[:, :, :e], v[:, :, :e], flat,
+                                            None, None, 0, min_seq_len, layer, prompt_length) for e in ends]
+
+    def pairs(heads, chunked, prompt_length):
+        """Pairs computed, from the index (the kernel's counting mode on the GPU); a call below
+        ``min_seq_len`` keys runs dense: every causal pair."""
+        total = 0.0
+        for e in (ends if chunked else [args.n]):
+            nq = min(args.chunk, e) if chunked else e
+            causal = (e * (e + 1) - (e - nq) * (e - nq + 1)) / 2
+            if e < max(min_seq_len, 1):
+                total += causal * hq
+                continue
+            use = chunk_heads(heads, e, prompt_length) if nq < e else tuple(heads)
+            index = build_sparse_index(q[:, :, e - nq:e], k[:, :, :e], list(use))
+            total += float(index_density(index, q[:, :, e - nq:e], k[:, :, :e], v[:, :, :e]).sum()) * causal
+        return total
+
+    variants = {"whole": (False, 0), "chunks": (True, length), "absolute": (True, 0)}
+    rows, sums = [], {name: [0.0, 0.0] for name in variants}
+    t0 = time.time()
+    with torch.no_grad():
+        for layer in layers:
+            heads = cfg.heads_for(layer, hq)
+            row = {"layer": layer}
+            for name, (chunked, plen) in variants.items():
+                secs = _timed(run(heads, layer, chunked, plen), device, args.reps)
+                work = pairs(heads, chunked, plen)
+                row[name] = {"ms": round(secs * 1e3, 3), "pairs": work}
+                sums[name][0] += secs
+                sums[name][1] += work
+            rows.append(row)
+            print(f"layer {layer:2d}: " + "  ".join(f"{m} {row[m]['ms']:8.2f} ms" for m in variants), flush=True)
+    whole_s, whole_p = sums["whole"]
+    summary = {name: {"ms": round(s * 1e3, 2), "vs_whole": round(s / whole_s, 3),
+                      "pairs_vs_whole": round(p / whole_p, 3)} for name, (s, p) in sums.items()}
+    meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                torch=torch.__version__, dtype=str(dtype), config=args.config, length=length,
+                min_seq_len=min_seq_len, n=args.n, chunk=args.chunk, heads=[hq, hkv, d], layers=layers,
+                reps=args.reps, input="random normal", wall_s=round(time.time() - t0, 1))
+    print(f"\n{args.n} tokens, chunks of {args.chunk}, {len(layers)} layers of {args.config} "
+          f"(length {length}, min_seq_len {min_seq_len}), {meta['device']}:")
+    print("variant    | attention ms | vs whole | pairs vs whole")
+    for name, s in summary.items():
+        print(f"{name:10s} | {s['ms']:12.2f} | {s['vs_whole']:8.3f} | {s['pairs_vs_whole']:.3f}")
+    out = args.out or os.path.join(os.environ.get("OUT", "."), "chunk_work.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"meta": meta, "summary": summary, "layers": rows}, f, indent=1)
+    print(f"wrote {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""benchmarks/chunked.py on the CPU: the absolute-config writer, a tiny end-to-end run of the
+chunked phase with ``--absolute-chunks`` (per-piece times included), and the chunked profile's
+file and row writing with the GPU profiler stubbed out."""
+import json
+import types
+
+import pytest
+import torch
+
+from mi_compile.eval.harness import parse_config_spec
+
+SPEC = "vertical_slash:16:64"
+
+
+def _config_with_length(tmp_path, length=256):
+    doc = {**parse_config_spec(SPEC)[0], "length": length}
+    path = tmp_path / "with_length.json"
+    path.write_text(json.dumps(doc))
+    return path, doc
+
+
+def test_write_absolute_config(benchmark_module, tmp_path):
+    chunked = benchmark_module("chunked")
+    path, doc = _config_with_length(tmp_path)
+    out, length = chunked.write_absolute_config(str(path), str(tmp_path / "a"))
+    assert length == 256 and out == str(tmp_path / "a" / "absolute_config.json")
+    written = json.loads(open(out).read())
+    assert "length" not in written and written == {k: v for k, v in doc.items() if k != "length"}
+
+    out, length = chunked.write_absolute_config(SPEC, str(tmp_path / "b"))   # no length: the same config
+    assert length is None and json.loads(open(out).read()) == parse_config_spec(SPEC)[0]
+
+
+def test_absolute_name_clash_rejected(benchmark_module):
+    chunked = benchmark_module("chunked")
+    with pytest.raises(SystemExit):
+        chunked.parse_args(["--absolute-chunks", "--configs", f"absolute={SPEC}"])
+
+
+def test_main_cpu_absolute_chunks(benchmark_module, tmp_path):
+    chunked = benchmark_module("chunked")
+    path, _ = _config_with_length(tmp_path)
+    out = tmp_path / "out"
+    torch._dynamo.reset()
+    try:
+        chunked.main(["--model", "tiny:qwen2", "--device", "cpu", "--no-inductor", "--context", "256",
+                      "--turn", "64", "--chunk", "128", "--config", str(path), "--min-seq-len", "0",
+                      "--phases", "chunked", "--reps", "1", "--absolute-chunks", "--out", str(out)])
+    finally:
+        torch._dynamo.reset()
+    data = json.loads((out / "chunked.json").read_text())
+    assert data["meta"]["absolute"]["length_removed"] == 256
+    assert "length" not in json.loads((out / "absolute_config.json").read_text())
+    rows = [r for r in data["rows"] if r["kind"] == "chunked"]
+    by = {(r["mode"], r["chunk"]): r for r in rows}
+    assert set(by) == {("eager", None), ("searched", None), ("searched", 128), ("absolute", None), ("absolute", 128)}
+    for mode in ("searched", "absolute"):
+        piece_s = by[(mode, 128)]["piece_s"]
+        assert len(piece_s) == 2 and all(isinstance(t, float) and t >= 0 for t in piece_s)
+        assert "piece_s" not in by[(mode, None)]
+        assert by[(mode, 128)]["sites"]["sparse"] > 0
+    assert by[("eager", None)]["sites"] is None       # the backend is not set on the shared model
+    assert not [r for r in data["rows"] if r["kind"] == "chunked_warmup" and r.get("error")]
+
+
+def test_profile_chunked_writes_and_survives_failure(benchmark_module, tmp_path, monkeypatch):
+    chunked = benchmark_module("chunked")
+    from mi_compile.debug import gpu_profile
+
+    calls = []
+
+    def fake_kernel_times(fn, top=25):
+        fn()
+        if len(calls) == 4:                 # the last profile fails: recorded, not raised
+            raise RuntimeError("profiler broke")
+        return dict(total_ms=1.5, sparse_op_host_ms=0.0, sparse_op_calls=0, categories={"gemm": 1.5},
+                    kernels=[dict(name="k", ms=1.5, calls=1, category="gemm")])
+
+    monkeypatch.setattr(gpu_profile, "kernel_times", fake_kernel_times)
+    dev = types.SimpleNamespace(free=lambda: None, sync=lambda: None, cuda=True)
+
+    class Rows(list):
+        def add(self, **row):
+            self.append(row)
+
+    rows = Rows()
+    fns = {"eager": "E", "searched": "S", "absolute": "A"}
+    times = {("eager", None): [1.0], ("searched", None): [1.0], ("searched", 64): [1.2],
+             ("absolute", None): [1.0], ("absolute", 64): [1.1]}
+    args = types.SimpleNamespace(out=str(tmp_path))
+    chunked.profile_chunked(args, dev, rows, fns, lambda f, c=None: calls.append((f, c)), times, 128)
+    assert calls == [("S", None), ("S", 64), ("A", None), ("A", 64)]
+    assert [(r["mode"], r["chunk"], "kernels" in r, "error" in r) for r in rows] == [
+        ("searched", None, True, False), ("searched", 64, True, False), ("absolute", None, True, False),
+        ("absolute", 64, False, True)]
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "profile_chunked_searched_whole.txt", "profile_chunked_searched_chunk64.txt",
+        "profile_chunked_absolute_whole.txt"}
+    assert "prefilled in 64-token chunks" in (tmp_path / "profile_chunked_searched_chunk64.txt").read_text()
