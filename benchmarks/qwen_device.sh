@@ -7,6 +7,7 @@
 #   bash benchmarks/qwen_device.sh prep|e2e|acc128 [SECONDS]   # one measured lease, three calls
 #   bash benchmarks/qwen_device.sh adaptive|adaptive_acc|adaptive_sweep [SECONDS]   # the no-config patterns
 #   bash benchmarks/qwen_device.sh adaptive2|adaptive2_acc [SECONDS]   # the next adaptive candidates
+#   bash benchmarks/qwen_device.sh adaptive3|adaptive3_acc [SECONDS]   # TriangleMix with FlexPrefill shallow layers
 #   bash benchmarks/qwen_device.sh searched|searched_acc [SECONDS]   # a search over every pattern at 128K
 #   bash benchmarks/qwen_device.sh yard|yard_acc|yard_search [SECONDS]   # the shipped 128K config against the all-pattern one
 #   bash benchmarks/qwen_device.sh turn|chunked|chunked_acc [SECONDS]   # prefills continuing a cache
@@ -42,6 +43,9 @@ ADAPTIVE_SWEEP=("xa80=xattention:800:8:2048" "xa95=xattention:950:8:2048"
 # the next candidates: XAttention 0.9 / 0.95, FlexPrefill 0.8, TriangleMix with 512 dense rows
 ADAPTIVE2=("${ADAPTIVE[0]}" "${ADAPTIVE_SWEEP[1]}" "${ADAPTIVE_SWEEP[2]}"
            "trimix512=benchmarks/configs/adaptive/qwen_triangle_mix_last512.json")
+# TriangleMix with FlexPrefill (gamma 0.9 / 0.8) in the eight shallow layers instead of dense ones
+ADAPTIVE3=("flextri=benchmarks/configs/adaptive/qwen_flex_triangle.json"
+           "flex80tri=benchmarks/configs/adaptive/qwen_flex80_triangle.json")
 ACC_ARGS=(--model qwen2.5-coder-1.5b --device cuda --order example --docs 1 --no-inductor
           --tasks passkey,multikey,kv,vartrack --modes dense,searched --searched "$CFG_FAST")
 
@@ -158,6 +162,22 @@ case "$stage" in
       run_until acc_adaptive2.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
         --modes dense,xa95,flex80,trimix512 --configs "${ADAPTIVE2[@]}" --examples 20
       tar czf "$OUT/acc_adaptive2.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_adaptive2.json*)
+    fi
+    ;;
+  adaptive3|adaptive3_acc)
+    # one call each: TriangleMix with FlexPrefill in its shallow layers (no searched config)
+    # against eager at 32K and 128K with Inductor, TriangleMix with 512 dense rows beside them;
+    # then their accuracy against dense at 128K
+    deadline=$(( $(date +%s) + ${2:-560} ))
+    if [ "$stage" = adaptive3 ]; then
+      run_until adaptive3 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" \
+        --configs "${ADAPTIVE3[@]}" "${ADAPTIVE2[3]}" --modes eager,flextri,flex80tri,trimix512 \
+        --lengths 32768,131072 --reps 2 --profile flextri
+      tar czf "$OUT/adaptive3.tgz" -C "$RUNS" adaptive3 adaptive3.log
+    else
+      run_until acc_adaptive3.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
+        --modes dense,flextri,flex80tri,trimix512 --configs "${ADAPTIVE3[@]}" "${ADAPTIVE2[3]}" --examples 20
+      tar czf "$OUT/acc_adaptive3.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_adaptive3.json*)
     fi
     ;;
   yard|yard_acc|yard_search)

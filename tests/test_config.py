@@ -286,6 +286,20 @@ def test_config_length_round_trips_and_is_validated():
     assert load_config("qwen2.5-coder-1.5b-32k").length == 32768
 
 
+def test_benchmark_configs_load_and_fit_their_models():
+    """Every config the benchmarks run loads; the Qwen ones give all 28 x 12 heads."""
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
+    paths = sorted(root.rglob("*.json"))
+    assert len(paths) >= 10
+    for path in paths:
+        cfg = load_config(str(path))
+        if "qwen" in path.name:
+            assert [len(cfg.heads_for(layer, 12)) for layer in range(28)] == [12] * 28, path.name
+    mix = load_config(str(root / "adaptive" / "qwen_flex_triangle.json"))
+    assert {h.kind for layer in range(8) for h in mix.heads_for(layer, 12)} == {"flex_prefill"}
+    assert {h.kind for layer in range(8, 28) for h in mix.heads_for(layer, 12)} == {"tri_shape"}
+
+
 def test_backend_takes_min_seq_len_from_the_config_unless_the_option_is_given():
     from mi_compile.backend import MInferenceBackend
 
