@@ -97,3 +97,16 @@ def test_profile_chunked_writes_and_survives_failure(benchmark_module, tmp_path,
         "profile_chunked_searched_whole.txt", "profile_chunked_searched_chunk64.txt",
         "profile_chunked_absolute_whole.txt"}
     assert "prefilled in 64-token chunks" in (tmp_path / "profile_chunked_searched_chunk64.txt").read_text()
+
+
+def test_chunk_work_dry_run(benchmark_module, tmp_path):
+    """benchmarks/chunk_work.py on the CPU: whole, scaled and absolute chunks of two layers of the
+    shipped Qwen config; the scaled chunks never compute more pairs than the absolute ones."""
+    chunk_work = benchmark_module("chunk_work")
+    out = tmp_path / "cw.json"
+    summary = chunk_work.main(["--device", "cpu", "--n", "512", "--chunk", "128", "--length", "2048",
+                               "--min-seq-len", "256", "--layers", "0,1", "--reps", "1", "--out", str(out)])
+    assert set(summary) == {"whole", "chunks", "absolute"} and summary["whole"]["vs_whole"] == 1.0
+    assert summary["chunks"]["pairs_vs_whole"] < summary["absolute"]["pairs_vs_whole"]
+    rows = json.loads(out.read_text())
+    assert rows["meta"]["length"] == 2048 and [r["layer"] for r in rows["layers"]] == [0, 1]

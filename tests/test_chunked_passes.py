@@ -341,6 +341,10 @@ def test_explain_tells_what_a_chunk_is():
     table = mi_compile.explain(model, _tokens(1, 8, 1), past_key_values=cache, options=OPTS).table()
     assert "causal_bottom_right" in table
     assert "a prefill chunk that continues a cache" in table
+    assert "config length" not in table
+    with_length = {**OPTS, "config": {**COVER, "length": 4096}}
+    table = mi_compile.explain(model, _tokens(1, 8, 1), past_key_values=cache, options=with_length).table()
+    assert "config length 4096: a chunk with fewer keys keeps nk / length" in table
 
 
 def test_explain_cli_past(capsys):

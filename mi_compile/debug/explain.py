@@ -59,9 +59,19 @@ def format_table(sites, config_source: str = "", threshold: str = "", tp=None) -
     if any(s.mask is not None and s.mask.chunk for s in sites):
         lines.append("causal_bottom_right: a prefill chunk that continues a cache (nq new queries over nk "
                      "cached + new keys, query r at key nk - nq + r)")
+        lengths = {_prompt_length(s) for s in sites if s.action == "sparse" and s.mask.chunk} - {0}
+        if lengths:
+            lines.append(f"config length {', '.join(map(str, sorted(lengths)))}: a chunk with fewer keys keeps "
+                         "nk / length of each vertical-slash head's columns")
     if threshold and n_sparse:
         lines.append(threshold)
     return "\n".join(lines)
+
+
+def _prompt_length(site) -> int:
+    """The ``prompt_length`` argument of a rewritten chunk call (0 when it has none)."""
+    args = getattr(site.node, "args", ())
+    return int(args[9]) if len(args) > 9 else 0
 
 
 @dataclasses.dataclass
