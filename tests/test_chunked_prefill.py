@@ -636,6 +636,9 @@ def test_chunk_scores_only_its_query_blocks(nq, nk, padded):
     sel = FlexPrefillSpec().select_tables(qc, k, list(range(HQ)), flex, start, length, scale)
     want_blocks, want_counts = _old_flex_rows(qc, k, flex, start, length, scale)
     assert torch.equal(sel["block_count"], want_counts) and torch.equal(sel["blocks"], want_blocks)
+    if not padded:      # pooled by a reshape: the same selection
+        fast = FlexPrefillSpec().select_tables(qc, k, list(range(HQ)), flex, start, length, scale, unpadded=True)
+        assert all(torch.equal(sel[key], fast[key]) for key in sel)
     index = build_index(qc, k, flex, scale, start, length)
     assert torch.equal(index.block_count, want_counts) and torch.equal(index.blocks, want_blocks)
 

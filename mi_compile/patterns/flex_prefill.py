@@ -99,13 +99,14 @@ def js_distance(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return (0.5 * kl(a) + 0.5 * kl(e)).clamp(min=0).sqrt()
 
 
-def flex_estimate(q, k, head_ids, seq_start, seq_len, scale, impl=None, rows=None):
+def flex_estimate(q, k, head_ids, seq_start, seq_len, scale, impl=None, rows=None, unpadded=False):
     """The estimate of the module docstring: ``v, s`` (``[B, h, n]`` distributions), the switch
     distance ``D [B, h]`` and the query-aware block distributions ``[B, h, NQB, NQB]``. ``impl``:
     that of the last queries' softmax (``"triton"``, the CUDA default, or ``"torch"``). ``n`` is
     k's length; a shorter q is a chunk ending at key ``n`` (see the module docstring).
     ``rows`` (int64 ``[B, R]``, a chunk's :func:`~mi_compile.patterns.block_sparse.chunk_rows`):
-    the block distributions of those query blocks only, ``[B, h, R, NQB]``."""
+    the block distributions of those query blocks only, ``[B, h, R, NQB]``. ``unpadded``: every
+    input spans the whole tensor (blocks pooled by a reshape, no gathered copy of q and k)."""
     B, Hq, nq, D, n, group, nqb = block_sparse.layer_geometry(q, k)
     dev = q.device
     query_blocks = rows
@@ -119,8 +120,8 @@ def flex_estimate(q, k, head_ids, seq_start, seq_len, scale, impl=None, rows=Non
     ids = device_ints(head_ids, dev)
     kv = device_ints([h // group for h in head_ids], dev)
     # heads are picked from the pooled / gathered rows, never from q itself (a copy of q per layer)
-    pooled_k = block_sparse.pooled_blocks(k, seq_start, seq_len, nqb).index_select(1, kv)   # [B, h, nqb, D]
-    pooled_q = block_sparse.pooled_blocks(q, seq_start, seq_len, nqb, row_offset=n - nq).index_select(1, ids)
+    pooled_k = block_sparse.pooled_blocks(k, seq_start, seq_len, nqb, unpadded).index_select(1, kv)   # [B, h, nqb, D]
+    pooled_q = block_sparse.pooled_blocks(q, seq_start, seq_len, nqb, unpadded, n - nq).index_select(1, ids)
     length = seq_len.long()
     blocks_in_seq = (length + BLOCK - 1) // BLOCK
     c = torch.arange(nqb, device=dev)
@@ -178,13 +179,14 @@ class FlexPrefillSpec(PatternSpec):
     def max_tiles(self, head, n: int) -> int:
         return 2 * n + -(-n // BLOCK) + 1        # vertical_slash's bound with up to n offsets
 
-    def select_tables(self, q, k, head_ids, heads, seq_start, seq_len, scale) -> dict:
+    def select_tables(self, q, k, head_ids, heads, seq_start, seq_len, scale, unpadded=False) -> dict:
         nq, n = q.shape[2], k.shape[2]
         dev = q.device
         nqb = math.ceil(n / BLOCK)
         # a chunk: only the query blocks that can hold its rows (R of NQB) are scored and selected
         rows = block_sparse.chunk_rows(seq_start, n, nq)[0] if nq < n else None
-        v, s, distance, block_dist = flex_estimate(q, k, head_ids, seq_start, seq_len, scale, rows=rows)
+        v, s, distance, block_dist = flex_estimate(q, k, head_ids, seq_start, seq_len, scale, rows=rows,
+                                                   unpadded=unpadded)
         gammas = device_ints([h.gamma for h in heads], dev, torch.float32) / 1000.0
         minimum = device_ints([h.min_budget for h in heads], dev)
         exists = (torch.arange(n, device=dev)[None, :] < seq_len.long()[:, None])[:, None, :].expand_as(v)

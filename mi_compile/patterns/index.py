@@ -397,7 +397,7 @@ def _build_torch(plan: IndexPlan, q, k, scale, seq_start, seq_len, vs_selection,
                                                         vs_selection[1].index_select(1, plan.vs_index), n)
             g_width = max(g_width, offs.shape[-1])
     custom = [(index, pattern_spec(name).select_tables(q, k, ids, [plan.heads[h] for h in ids], seq_start, seq_len,
-                                                       scale))
+                                                       scale, unpadded=unpadded))
               for name, ids, index in plan.sel_groups if pattern_spec(name).selection == PHASE_TABLE_SELECT]
     g_width = max([g_width] + [sel["offsets"].shape[-1] for _, sel in custom])
     group_lo = torch.full((B, H, g_width), SENTINEL, **as_int)

@@ -91,13 +91,15 @@ class PatternSpec:
         their patterns), ``K = max(block_width)``; on q's device, no host synchronisation."""
         raise NotImplementedError(f"{self.name} has no block table")
 
-    def select_tables(self, q, k, head_ids, heads, seq_start, seq_len, scale) -> dict:
+    def select_tables(self, q, k, head_ids, heads, seq_start, seq_len, scale, unpadded=False) -> dict:
         """``PHASE_TABLE_SELECT`` patterns (:meth:`block_width` too): the raw selection of the
         query heads ``head_ids`` for the kernel's column, slash and block phases, as a dict of
         ``columns [B, h, *]`` (ascending keys, SENTINEL-padded, no forced prefix), ``offsets
         [B, h, *]`` (ascending), ``blocks [B, h, NQB, K]`` and ``block_count [B, h, NQB]``;
         every pair must be selected by at most one of the column / slash and block parts, and
-        the diagonal 64-key tile by one of them. Such layers use the PyTorch table builder."""
+        the diagonal 64-key tile by one of them. Such layers use the PyTorch table builder.
+        ``unpadded``: every input is known to span the whole tensor (cheaper pooling, see
+        :func:`~mi_compile.patterns.block_sparse.pooled_blocks`)."""
         raise NotImplementedError(f"{self.name} has no table selection")
 
     def chunk_reason(self, head) -> Optional[str]:
