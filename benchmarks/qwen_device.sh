@@ -11,6 +11,8 @@
 #   bash benchmarks/qwen_device.sh searched|searched_acc [SECONDS]   # a search over every pattern at 128K
 #   bash benchmarks/qwen_device.sh yard|yard_acc|yard_search [SECONDS]   # the shipped 128K config against the all-pattern one
 #   bash benchmarks/qwen_device.sh turn|chunked|chunked_acc [SECONDS]   # prefills continuing a cache
+#   bash benchmarks/qwen_device.sh native32|native32_acc [SECONDS]   # the 32K config at 16K-32K, native RoPE
+#   bash benchmarks/qwen_device.sh last512|last512_acc [SECONDS]   # the shipped config with 512 dense last rows
 #   bash benchmarks/qwen_device.sh yard_gluon [SECONDS]   # the shipped config, Triton vs Gluon kernels
 #   bash benchmarks/qwen_device.sh checks|kernels|hopper|host [SECONDS]   # no model: gpu_checks, the kernel benchmark,
 #                                                  # the Gluon kernel, the op's host time (a 2K chunk at 128K)
@@ -178,6 +180,38 @@ case "$stage" in
       run_until acc_adaptive3.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
         --modes dense,flextri,flex80tri,trimix512 --configs "${ADAPTIVE3[@]}" "${ADAPTIVE2[3]}" --examples 20
       tar czf "$OUT/acc_adaptive3.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_adaptive3.json*)
+    fi
+    ;;
+  native32|native32_acc)
+    # at 16K and 32K with native RoPE: the config searched at 32K (the shipped
+    # qwen2.5-coder-1.5b-32k) against eager, the 128K config beside it (`c128`); then their
+    # accuracy at 32K against dense
+    deadline=$(( $(date +%s) + ${2:-420} ))
+    CFG_32K=mi_compile/configs/qwen2.5-coder-1.5b-32k.json
+    if [ "$stage" = native32 ]; then
+      run_until native32 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_32K" \
+        --configs "c128=$CFG_FAST" --modes eager,searched,c128 --lengths 16384,32768 --reps 3 --profile searched
+      tar czf "$OUT/native32.tgz" -C "$RUNS" native32 native32.log
+    else
+      run_until acc_native32.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 32768 \
+        --modes dense,searched,c128 --searched "$CFG_32K" --configs "c128=$CFG_FAST" --examples 20
+      tar czf "$OUT/acc_native32.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_native32.json*)
+    fi
+    ;;
+  last512|last512_acc)
+    # the shipped config against the same with every head's last 512 queries dense (accuracy
+    # against speed: the harness's top-1 reads the last 512 positions): TTFT at 128K with
+    # Inductor, then accuracy at 128K against dense
+    deadline=$(( $(date +%s) + ${2:-480} ))
+    L512=benchmarks/configs/qwen/qwen_128k_b0.08_last512.json
+    if [ "$stage" = last512 ]; then
+      run_until last512 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" \
+        --configs "last512=$L512" --modes eager,searched,last512 --lengths 131072 --reps 2
+      tar czf "$OUT/last512.tgz" -C "$RUNS" last512 last512.log
+    else
+      run_until acc_last512.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
+        --modes dense,searched,last512 --configs "last512=$L512" --examples 20
+      tar czf "$OUT/acc_last512.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_last512.json*)
     fi
     ;;
   yard|yard_acc|yard_search)
