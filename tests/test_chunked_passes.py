@@ -258,6 +258,20 @@ def test_chunk_is_rewritten_and_matches_eager(family, padded, dynamic):
     _assert_close(out, ref)
 
 
+def test_chunk_with_the_config_length_matches_eager_through_inductor():
+    """A vertical-slash config stating its ``length``: the compiled chunk call carries it and the
+    op scales the chunk's columns (4096 -> 256 at 150 of 4096 keys), still covering every key
+    here, so the logits are eager's."""
+    model = tiny_model("qwen2", num_layers=LAYERS)
+    ref = _continue(model, model)
+    config = {"length": 4096, "default": {"pattern": "vertical_slash", "vertical": 4096, "slash": 4096}}
+    backend = mi_compile.backend({"config": config, "min_seq_len": 0})
+    out = _continue(model, torch.compile(model, backend=backend, fullgraph=True, dynamic=True))
+    (report,) = backend.reports
+    assert [s.node.args[9:] for s in _sparse_nodes(report)] == [(4096,)] * LAYERS
+    _assert_close(out, ref)
+
+
 def test_static_cache_chunk_matches_eager_dense():
     model = tiny_model("llama", num_layers=LAYERS)
     ref = _continue(model, model, cache_cls=StaticCache)
