@@ -10,7 +10,8 @@ heads, head_dim 128), one layer at a time with that layer's heads of ``--config`
   config's ``length`` (a chunk keeps its share of each vertical-slash head's columns);
 * ``absolute``: the same chunks without it (every chunk keeps the full counts);
 
-and the pairs each computes (the kernel's counting mode). Random inputs spread the
+the time of their index builds alone (estimate, top-k, tables) and the pairs each computes
+(the kernel's counting mode). Random inputs spread the
 vertical-slash estimate's picks about evenly over the keys, so this measures the counts'
 effect, not a real model's selection (``benchmarks/chunked.py`` runs the model).
 
@@ -87,6 +88,15 @@ def main(argv=None):
     v = torch.randn(1, hkv, args.n, d, generator=g).to(device, dtype)
     ends = list(range(args.chunk, args.n, args.chunk)) + [args.n]
 
+    def calls(heads, chunked, prompt_length):
+        """``(end, queries, the heads its index is built for or None: dense)`` of each op call."""
+        out = []
+        for e in (ends if chunked else [args.n]):
+            nq = min(args.chunk, e) if chunked else e
+            sparse = e >= max(min_seq_len, 1)
+            out.append((e, nq, (chunk_heads(heads, e, prompt_length) if nq < e else tuple(heads)) if sparse else None))
+        return out
+
     def run(heads, layer, chunked, prompt_length):
         flat = encode_heads(heads)
         if not chunked:
@@ -94,23 +104,26 @@ def main(argv=None):
         return lambda: [sparse_attention_op(q[:, :, e - min(args.chunk, e):e], k[:, :, :e], v[:, :, :e], flat,
                                             None, None, 0, min_seq_len, layer, prompt_length) for e in ends]
 
+    def index_only(heads, chunked, prompt_length):
+        """The calls' index builds alone (estimate, top-k, tables), as the op makes them."""
+        todo = [(e, nq, list(use)) for e, nq, use in calls(heads, chunked, prompt_length) if use is not None]
+        return lambda: [build_sparse_index(q[:, :, e - nq:e], k[:, :, :e], use) for e, nq, use in todo]
+
     def pairs(heads, chunked, prompt_length):
         """Pairs computed, from the index (the kernel's counting mode on the GPU); a call below
         ``min_seq_len`` keys runs dense: every causal pair."""
         total = 0.0
-        for e in (ends if chunked else [args.n]):
-            nq = min(args.chunk, e) if chunked else e
+        for e, nq, use in calls(heads, chunked, prompt_length):
             causal = (e * (e + 1) - (e - nq) * (e - nq + 1)) / 2
-            if e < max(min_seq_len, 1):
+            if use is None:
                 total += causal * hq
                 continue
-            use = chunk_heads(heads, e, prompt_length) if nq < e else tuple(heads)
             index = build_sparse_index(q[:, :, e - nq:e], k[:, :, :e], list(use))
             total += float(index_density(index, q[:, :, e - nq:e], k[:, :, :e], v[:, :, :e]).sum()) * causal
         return total
 
     variants = {"whole": (False, 0), "chunks": (True, length), "absolute": (True, 0)}
-    rows, sums = [], {name: [0.0, 0.0] for name in variants}
+    rows, sums = [], {name: [0.0, 0.0, 0.0] for name in variants}
     t0 = time.time()
     with torch.no_grad():
         for layer in layers:
@@ -118,24 +131,26 @@ def main(argv=None):
             row = {"layer": layer}
             for name, (chunked, plen) in variants.items():
                 secs = _timed(run(heads, layer, chunked, plen), device, args.reps)
+                index_s = _timed(index_only(heads, chunked, plen), device, args.reps)
                 work = pairs(heads, chunked, plen)
-                row[name] = {"ms": round(secs * 1e3, 3), "pairs": work}
+                row[name] = {"ms": round(secs * 1e3, 3), "index_ms": round(index_s * 1e3, 3), "pairs": work}
                 sums[name][0] += secs
                 sums[name][1] += work
+                sums[name][2] += index_s
             rows.append(row)
             print(f"layer {layer:2d}: " + "  ".join(f"{m} {row[m]['ms']:8.2f} ms" for m in variants), flush=True)
-    whole_s, whole_p = sums["whole"]
-    summary = {name: {"ms": round(s * 1e3, 2), "vs_whole": round(s / whole_s, 3),
-                      "pairs_vs_whole": round(p / whole_p, 3)} for name, (s, p) in sums.items()}
+    whole_s, whole_p, _ = sums["whole"]
+    summary = {name: {"ms": round(s * 1e3, 2), "index_ms": round(i * 1e3, 2), "vs_whole": round(s / whole_s, 3),
+                      "pairs_vs_whole": round(p / whole_p, 3)} for name, (s, p, i) in sums.items()}
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 torch=torch.__version__, dtype=str(dtype), config=args.config, length=length,
                 min_seq_len=min_seq_len, n=args.n, chunk=args.chunk, heads=[hq, hkv, d], layers=layers,
                 reps=args.reps, input="random normal", wall_s=round(time.time() - t0, 1))
     print(f"\n{args.n} tokens, chunks of {args.chunk}, {len(layers)} layers of {args.config} "
           f"(length {length}, min_seq_len {min_seq_len}), {meta['device']}:")
-    print("variant    | attention ms | vs whole | pairs vs whole")
+    print("variant    | attention ms | of which index builds | vs whole | pairs vs whole")
     for name, s in summary.items():
-        print(f"{name:10s} | {s['ms']:12.2f} | {s['vs_whole']:8.3f} | {s['pairs_vs_whole']:.3f}")
+        print(f"{name:10s} | {s['ms']:12.2f} | {s['index_ms']:20.2f} | {s['vs_whole']:8.3f} | {s['pairs_vs_whole']:.3f}")
     out = args.out or os.path.join(os.environ.get("OUT", "."), "chunk_work.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
