@@ -11,9 +11,9 @@ heads, head_dim 128), one layer at a time with that layer's heads of ``--config`
 * ``absolute``: the same chunks without it (every chunk keeps the full counts);
 
 the time of their index builds alone (estimate, top-k, tables) and the pairs each computes
-(the kernel's counting mode). Random inputs spread the
-vertical-slash estimate's picks about evenly over the keys, so this measures the counts'
-effect, not a real model's selection (``benchmarks/chunked.py`` runs the model).
+(the kernel's counting mode). Random inputs spread the vertical-slash estimate's picks about
+evenly over the keys, so this measures the counts' effect, not a real model's selection
+(``benchmarks/chunked.py`` runs the model).
 
     python3 -m benchmarks.chunk_work                        # GPU: 128K in 16K chunks, ~1 min on an H100
     python3 -m benchmarks.chunk_work --device cpu --n 512 --chunk 128 --length 512 --min-seq-len 256 --layers 0,1
