@@ -120,6 +120,7 @@ def test_search_on_tiny_model_gives_a_config_the_backend_runs(tmp_path):
     config.save(path)
     loaded = load_config(path)
     assert loaded.num_layers == 2 and loaded.num_heads == 4
+    assert loaded.length == 512            # the searched length: a chunk's share of the columns
     assert sorted(loaded.layers) == [0, 1] and all(sorted(h) == [0, 1, 2, 3] for h in loaded.layers.values())
     assert loaded.to_json() == {**config.to_json()}
     assert len(report.heads) == 8 and all(h.density <= 0.6 for h in report.heads)
