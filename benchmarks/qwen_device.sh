@@ -46,8 +46,10 @@ ADAPTIVE_SWEEP=("xa80=xattention:800:8:2048" "xa95=xattention:950:8:2048"
 ADAPTIVE2=("${ADAPTIVE[0]}" "${ADAPTIVE_SWEEP[1]}" "${ADAPTIVE_SWEEP[2]}"
            "trimix512=benchmarks/configs/adaptive/qwen_triangle_mix_last512.json")
 # TriangleMix with FlexPrefill (gamma 0.9 / 0.8) in the eight shallow layers instead of dense ones
+# (local window 2048), and with an 8192-token window
 ADAPTIVE3=("flextri=benchmarks/configs/adaptive/qwen_flex_triangle.json"
-           "flex80tri=benchmarks/configs/adaptive/qwen_flex80_triangle.json")
+           "flex80tri=benchmarks/configs/adaptive/qwen_flex80_triangle.json"
+           "flextri8k=benchmarks/configs/adaptive/qwen_flex_triangle8k.json")
 ACC_ARGS=(--model qwen2.5-coder-1.5b --device cuda --order example --docs 1 --no-inductor
           --tasks passkey,multikey,kv,vartrack --modes dense,searched --searched "$CFG_FAST")
 
@@ -173,12 +175,12 @@ case "$stage" in
     deadline=$(( $(date +%s) + ${2:-560} ))
     if [ "$stage" = adaptive3 ]; then
       run_until adaptive3 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" \
-        --configs "${ADAPTIVE3[@]}" "${ADAPTIVE2[3]}" --modes eager,flextri,flex80tri,trimix512 \
+        --configs "${ADAPTIVE3[@]}" "${ADAPTIVE2[3]}" --modes eager,flextri,flex80tri,flextri8k,trimix512 \
         --lengths 32768,131072 --reps 2 --profile flextri
       tar czf "$OUT/adaptive3.tgz" -C "$RUNS" adaptive3 adaptive3.log
     else
       run_until acc_adaptive3.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
-        --modes dense,flextri,flex80tri,trimix512 --configs "${ADAPTIVE3[@]}" "${ADAPTIVE2[3]}" --examples 20
+        --modes dense,flextri,flex80tri,flextri8k,trimix512 --configs "${ADAPTIVE3[@]}" "${ADAPTIVE2[3]}" --examples 20
       tar czf "$OUT/acc_adaptive3.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_adaptive3.json*)
     fi
     ;;
