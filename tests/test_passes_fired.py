@@ -110,3 +110,21 @@ def test_rewrite_leaves_dense_layers_as_sdpa():
     assert len(sdpa_nodes(gm)) == 1
     assert counters["mi_compile"]["rewritten_sparse"] == LAYERS - 1
     assert counters["mi_compile"]["left_dense"] == 1
+
+
+def test_dead_code_keeps_in_place_methods_and_drops_pure_dunders():
+    """The rewrite's dead-code rule: an unused in-place method (``add_``, ``__iadd__``,
+    ``__setitem__``) stays, an unused comparison (``__eq__``: the ``n x n`` mask torch 2.11 traces
+    from transformers' masking code) goes."""
+    from mi_compile.passes.rewrite_attention import has_side_effects
+
+    graph = torch.fx.Graph()
+    x, y = graph.placeholder("x"), graph.placeholder("y")
+    kept = [graph.call_method(name, (x, y)) for name in ("add_", "__iadd__", "__setitem__")]
+    dropped = [graph.call_method(name, (x, y)) for name in ("__eq__", "__and__", "add")]
+    graph.output(x)
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    gm.graph.eliminate_dead_code(is_impure_node=has_side_effects)
+    left = {n.target for n in gm.graph.nodes if n.op == "call_method"}
+    assert left == {n.target for n in kept}
+    assert not left & {n.target for n in dropped}

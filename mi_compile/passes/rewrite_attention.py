@@ -95,6 +95,8 @@ _INPLACE_OPERATORS = {operator.iadd, operator.iand, operator.iconcat, operator.i
                       operator.ilshift, operator.imatmul, operator.imod, operator.imul, operator.ior,
                       operator.ipow, operator.irshift, operator.isub, operator.itruediv,
                       operator.ixor, operator.setitem, operator.delitem}
+# the same as tensor methods (``x.__iadd__(y)``); other dunder methods (``__eq__``, ``__and__``) are pure
+_INPLACE_DUNDERS = {f"__{op.__name__}__" for op in _INPLACE_OPERATORS if op.__name__ != "iconcat"}
 
 
 def has_side_effects(node: torch.fx.Node) -> bool:
@@ -106,9 +108,12 @@ def has_side_effects(node: torch.fx.Node) -> bool:
     ``eliminate_dead_code()`` deleted those writes, so a static-cache prefill attended to a
     never-written cache and produced wrong tokens. In-place methods and torch functions
     (trailing ``_``), Python's in-place operators and ``__setitem__`` count as side effects
-    here, on top of FX's own rules."""
+    here, on top of FX's own rules; other dunder methods do not (an unused ``mask.__eq__(...)``,
+    an ``n x n`` comparison torch 2.11 traces from transformers' mask, goes)."""
     if node.op == "call_method":
-        return node.target.endswith("_") or node.target in ("__setitem__", "__delitem__")
+        if node.target.startswith("__") and node.target.endswith("__"):
+            return node.target in _INPLACE_DUNDERS
+        return node.target.endswith("_")
     if node.op == "call_function":
         if node.target in _INPLACE_OPERATORS:
             return True
