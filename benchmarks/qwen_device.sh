@@ -261,7 +261,7 @@ case "$stage" in
     # the cached graph, ~110 s; ~330 s in all); chunked: that context in 16K chunks against eager
     # and the unchunked prefill, also as `absolute` (the config without its "length": every
     # chunk keeps the full vertical counts), each compiled mode's whole and chunked prefill
-    # profiled, per-chunk times (four compiles of 55-170 s: give it ~560 s); chunked_acc:
+    # profiled, per-chunk times (four compiles of 55-170 s: give it ~600 s); chunked_acc:
     # SCBench-style conversations (one shared context, a turn per task) and the tasks' prompts
     # in 16K chunks at 128K, dense against the shipped config
     deadline=$(( $(date +%s) + ${2:-480} ))
