@@ -263,7 +263,7 @@ case "$stage" in
     # chunk keeps the full vertical counts), each compiled mode's whole and chunked prefill
     # profiled, per-chunk times (four compiles of 55-170 s: give it ~600 s); chunked_acc:
     # SCBench-style conversations (one shared context, a turn per task) and the tasks' prompts
-    # in 16K chunks at 128K, dense against the shipped config
+    # in 16K chunks (CHUNKS=8192,16384,32768 for more sizes) at 128K, dense against the shipped config
     deadline=$(( $(date +%s) + ${2:-480} ))
     if [ "$stage" != chunked_acc ]; then
       phase=$([ "$stage" = turn ] && echo turn || echo chunked)
@@ -275,7 +275,7 @@ case "$stage" in
       tar czf "$OUT/$stage.tgz" -C "$RUNS" "$stage" "$stage.log"
     else
       run_until acc_chunked.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
-        --modes dense,searched --examples 20 --conversations 20 --chunks 16384 --turn-tokens 2048
+        --modes dense,searched --examples 20 --conversations 20 --chunks "${CHUNKS:-16384}" --turn-tokens 2048
       tar czf "$OUT/acc_chunked.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_chunked.json*)
     fi
     ;;
