@@ -32,6 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from benchmarks.chunked import _sync_time  # noqa: E402
+from benchmarks.e2e import Dev  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.chunk_work", description=__doc__.split("\n\n")[0])
@@ -51,19 +54,10 @@ def parse_args(argv=None):
     return args
 
 
-def _timed(fn, device, reps):
-    """Minimum seconds of ``fn()`` over ``reps`` runs after one warm-up, synchronised."""
+def _timed(fn, dev, reps):
+    """Minimum seconds of ``fn()`` over ``reps`` synchronised runs after one warm-up."""
     fn()
-    best = float("inf")
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t)
-    return best
+    return min(_sync_time(fn, dev) for _ in range(reps))
 
 
 def main(argv=None):
@@ -75,6 +69,7 @@ def main(argv=None):
     from mi_compile.sparse import build_sparse_index, index_density
 
     device = torch.device(args.device)
+    dev = Dev(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     hq, hkv, d = (int(x) for x in args.heads.split(","))
     cfg = load_config(args.config)
@@ -130,8 +125,8 @@ def main(argv=None):
             heads = cfg.heads_for(layer, hq)
             row = {"layer": layer}
             for name, (chunked, plen) in variants.items():
-                secs = _timed(run(heads, layer, chunked, plen), device, args.reps)
-                index_s = _timed(index_only(heads, chunked, plen), device, args.reps)
+                secs = _timed(run(heads, layer, chunked, plen), dev, args.reps)
+                index_s = _timed(index_only(heads, chunked, plen), dev, args.reps)
                 work = pairs(heads, chunked, plen)
                 row[name] = {"ms": round(secs * 1e3, 3), "index_ms": round(index_s * 1e3, 3), "pairs": work}
                 sums[name][0] += secs

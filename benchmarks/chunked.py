@@ -155,8 +155,6 @@ def profile_turn(args, dev, rows, fns, call, times):
     """Where a turn's time goes, per mode: host seconds until the call returns (the GPU idle
     at the start, so a host-bound call returns about when the GPU is done) against the
     synchronised time, and the device time per kernel category (``--profile``)."""
-    from mi_compile.debug import gpu_profile
-
     for m in times:
         host = []
         for _ in range(max(args.reps, 2)):
@@ -165,18 +163,30 @@ def profile_turn(args, dev, rows, fns, call, times):
             call(fns[m])
             host.append(time.perf_counter() - t)
             dev.sync()
-        try:
-            kt = gpu_profile.kernel_times(lambda f=fns[m]: call(f))
-        except Exception as exc:  # noqa: BLE001 -- a profiler failure must not lose the run
-            rows.add(kind="turn_profile", mode=m, error=err_text(exc))
-            continue
-        text = f"{m}: a {args.turn}-token turn after {args.context} cached tokens\n\n" \
-               f"{gpu_profile.format_kernel_times(kt)}\n"
-        with open(os.path.join(args.out, f"profile_turn_{m}.txt"), "w") as f:
-            f.write(text)
-        print(text, flush=True)
-        rows.add(kind="turn_profile", mode=m, host_s=round(min(host), 4), turn_s=round(min(times[m]), 4),
-                 kernels=kt)
+        kt = _kernel_profile(args, rows, lambda f=fns[m]: call(f),
+                             f"{m}: a {args.turn}-token turn after {args.context} cached tokens",
+                             f"profile_turn_{m}.txt", kind="turn_profile", mode=m)
+        if kt is not None:
+            rows.add(kind="turn_profile", mode=m, host_s=round(min(host), 4), turn_s=round(min(times[m]), 4),
+                     kernels=kt)
+
+
+def _kernel_profile(args, rows, fn, title, filename, **row):
+    """Device time per kernel category of one ``fn()`` (``gpu_profile.kernel_times``), written
+    under ``title`` to ``--out``/``filename`` and printed; None, with ``row`` plus the error
+    recorded, when the profiler fails (that must not lose the run)."""
+    from mi_compile.debug import gpu_profile
+
+    try:
+        kt = gpu_profile.kernel_times(fn)
+    except Exception as exc:  # noqa: BLE001
+        rows.add(**row, error=err_text(exc))
+        return None
+    text = f"{title}\n\n{gpu_profile.format_kernel_times(kt)}\n"
+    with open(os.path.join(args.out, filename), "w") as f:
+        f.write(text)
+    print(text, flush=True)
+    return kt
 
 
 def run_chunked(args, dev, rows, model, fns, context):
@@ -242,24 +252,17 @@ def profile_chunked(args, dev, rows, fns, prefill, times, n):
     """Where a prefill's time goes (``--profile``): each compiled mode's whole and chunked
     prefill of the ``n``-token context profiled once (device time per kernel category),
     written to ``profile_chunked_<mode>_whole.txt`` / ``_chunk<size>.txt`` under ``--out``."""
-    from mi_compile.debug import gpu_profile
-
     for (m, c), ts in times.items():
         if m == "eager":
             continue
-        try:
-            kt = gpu_profile.kernel_times(lambda f=fns[m], c=c: prefill(f, c))
-        except Exception as exc:  # noqa: BLE001 -- a profiler failure must not lose the run
-            rows.add(kind="chunked_profile", mode=m, chunk=c, error=err_text(exc))
-            dev.free()
-            continue
-        dev.free()
         how = f"in {c}-token chunks" if c else "whole"
-        text = f"{m}: a {n}-token prompt prefilled {how}\n\n{gpu_profile.format_kernel_times(kt)}\n"
-        with open(os.path.join(args.out, f"profile_chunked_{m}_{f'chunk{c}' if c else 'whole'}.txt"), "w") as f:
-            f.write(text)
-        print(text, flush=True)
-        rows.add(kind="chunked_profile", mode=m, chunk=c, prefill_s=round(min(ts), 4), kernels=kt)
+        kt = _kernel_profile(args, rows, lambda f=fns[m], c=c: prefill(f, c),
+                             f"{m}: a {n}-token prompt prefilled {how}",
+                             f"profile_chunked_{m}_{f'chunk{c}' if c else 'whole'}.txt",
+                             kind="chunked_profile", mode=m, chunk=c)
+        dev.free()
+        if kt is not None:
+            rows.add(kind="chunked_profile", mode=m, chunk=c, prefill_s=round(min(ts), 4), kernels=kt)
 
 
 def parse_args(argv=None):

@@ -14,6 +14,7 @@ that cannot run one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from fractions import Fraction
 from typing import Optional, Sequence
@@ -283,7 +284,14 @@ def chunk_heads(heads: Sequence[HeadPattern], n: int, prompt_length: int) -> tup
     heads = tuple(heads)
     if not prompt_length or n >= prompt_length:
         return heads
-    share = Fraction(math.ceil(n * CHUNK_SHARE_STEPS / prompt_length), CHUNK_SHARE_STEPS)
+    return _heads_at_share(heads, math.ceil(n * CHUNK_SHARE_STEPS / prompt_length))
+
+
+@functools.lru_cache(maxsize=1024)
+def _heads_at_share(heads: tuple, steps: int) -> tuple:
+    """:func:`chunk_heads` at the share ``steps / CHUNK_SHARE_STEPS``, made once per layer and
+    share (the op calls it for every chunk: a host path)."""
+    share = Fraction(steps, CHUNK_SHARE_STEPS)
     return tuple(pattern_spec(h.kind).for_chunk(h, share) for h in heads)
 
 
