@@ -261,13 +261,14 @@ case "$stage" in
     # the cached graph, ~110 s; ~330 s in all); chunked: that context in 16K chunks against eager
     # and the unchunked prefill, also as `absolute` (the config without its "length": every
     # chunk keeps the full vertical counts), each compiled mode's whole and chunked prefill
-    # profiled, per-chunk times (four compiles of 55-170 s: give it ~600 s); chunked_acc:
+    # profiled, per-chunk times (four compiles of 55-170 s: give it ~600 s; ABSOLUTE=0 leaves out
+    # `absolute`: two compiles, ~330 s); chunked_acc:
     # SCBench-style conversations (one shared context, a turn per task) and the tasks' prompts
     # in 16K chunks (CHUNKS=8192,16384,32768 for more sizes) at 128K, dense against the shipped config
     deadline=$(( $(date +%s) + ${2:-480} ))
     if [ "$stage" != chunked_acc ]; then
       phase=$([ "$stage" = turn ] && echo turn || echo chunked)
-      extra=$([ "$stage" = chunked ] && echo --absolute-chunks)
+      extra=$([ "$stage" = chunked ] && [ "${ABSOLUTE:-1}" = 1 ] && echo --absolute-chunks)
       timeout "$(( deadline - $(date +%s) ))" python3 -m benchmarks.chunked --model qwen2.5-coder-1.5b \
         --config "$CFG_FAST" --context 129024 --turn 2048 --chunk 16384 --reps 2 --profile --phases "$phase" $extra \
         --out "$RUNS/$stage" 2>&1 | grep -v "it/s\]" > "$RUNS/$stage.log"
