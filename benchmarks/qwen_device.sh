@@ -14,7 +14,7 @@
 #   bash benchmarks/qwen_device.sh native32|native32_acc [SECONDS]   # the 32K config at 16K-32K, native RoPE
 #   bash benchmarks/qwen_device.sh last512|last512_acc [SECONDS]   # the shipped config with 512 dense last rows
 #   bash benchmarks/qwen_device.sh yard_gluon [SECONDS]   # the shipped config, Triton vs Gluon kernels
-#   bash benchmarks/qwen_device.sh checks|kernels|hopper|host [SECONDS]   # no model: gpu_checks, the kernel benchmark,
+#   bash benchmarks/qwen_device.sh checks|kernels|hopper|host|chunk_work [SECONDS]   # no model: gpu_checks, the kernel benchmark,
 #                                                  # the Gluon kernel, the op's host time (a 2K chunk at 128K)
 #   bash benchmarks/qwen_device.sh queue STAGE:SECONDS ...   # those stages in turn, outliving the call
 #   bash benchmarks/qwen_device.sh collect   # what the queue has made so far, to $OUT
@@ -328,6 +328,12 @@ case "$stage" in
       --out "$OUT/host_whole.json" > "$OUT/host_whole.log" 2>&1
     grep -v "^  " "$OUT/host_chunk.log" | tail -30; tail -5 "$OUT/host_whole.log"
     ;;
+  chunk_work)
+    # attention alone, every layer of the shipped 128K config on random inputs: the prompt in 16K
+    # chunks against its whole prefill (~70 s on an H100); no model needed
+    timeout "${2:-150}" python3 -m benchmarks.chunk_work --out "$OUT/chunk_work.json" > "$OUT/chunk_work.log" 2>&1
+    tail -8 "$OUT/chunk_work.log"
+    ;;
   kernels)
     # the kernel benchmark at 32K and 128K without the launch sweep; no model needed
     NS=${NS:-32768,131072} SWEEP=0 FLEX=${FLEX:-0} timeout "${2:-240}" python3 -m benchmarks.kernels > "$OUT/kernels.log" 2>&1
@@ -345,7 +351,7 @@ case "$stage" in
       for s in "$@"; do
         name=${s%%:*}; secs=${s#*:}
         case $name in
-          checks|kernels|hopper|host) ;;
+          checks|kernels|hopper|host|chunk_work) ;;
           *) until [ -d /root/site/gguf ] && python3 -m benchmarks.device_model status | grep -q "published$"; do
                sleep 3; done ;;
         esac
@@ -362,7 +368,7 @@ case "$stage" in
     tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.safetensors' .
     ;;
   *)
-    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|adaptive2|adaptive2_acc|searched|searched_acc|yard|yard_acc|yard_search|yard_gluon|chunked|chunked_acc|checks|kernels|hopper|host [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
+    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|adaptive2|adaptive2_acc|searched|searched_acc|yard|yard_acc|yard_search|yard_gluon|chunked|chunked_acc|checks|kernels|hopper|host|chunk_work [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
     exit 2
     ;;
 esac
