@@ -764,8 +764,9 @@ def test_harness_conversations_and_chunks(smollm2):
     torch._dynamo.reset()
     cells = {(r["mode"], r["task"]): r for r in rep["results"]}
     assert set(cells) == {(m, t) for m in ("dense", "full") for t in ("passkey", "mt_passkey")} | {
-        ("full@400", "passkey")}
+        ("full@400", "passkey"), ("dense@400", "passkey")}
     assert cells["full@400", "passkey"]["same_answer"] == 1.0
+    assert cells["dense@400", "passkey"]["same_answer"] == 1.0
     for t in ("passkey", "mt_passkey"):
         assert cells["full", t]["accuracy"] == cells["dense", t]["accuracy"]
         assert cells["full", t]["logprob_mean"] == pytest.approx(cells["dense", t]["logprob_mean"], abs=1e-3)

@@ -41,7 +41,8 @@ Prefills that continue a cache (``conversations``, ``chunks``; teacher-forced):
     shorter than its keys: the backend's chunk path) and its answer scored as above.
 ``<mode>@<size>``
     the task prompts prefilled in pieces of ``size`` tokens, each continuing the cache;
-    ``same_answer`` is the fraction of examples whose argmax answer equals the unchunked one.
+    ``same_answer`` is the fraction of examples whose argmax answer equals the unchunked one
+    (``dense@<size>`` too: the rounding of the chunks alone, the floor for the sparse modes).
 
 Measured per mode:
 
@@ -551,9 +552,10 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
     (:func:`mi_compile.eval.tasks.make_conversation`: one shared context, then one turn of
     ``turn_tokens`` new tokens and a question per task, each turn a prefill continuing the
     cache), scored per turn as tasks ``mt_<task>``; ``chunks``: the task prompts are also
-    prefilled in pieces of each of these sizes by every mode but dense, reported as modes
+    prefilled in pieces of each of these sizes by every mode, reported as modes
     ``<mode>@<size>`` with ``same_answer``, the fraction of examples whose argmax answer equals
-    the unchunked prefill's."""
+    the unchunked prefill's (``dense@<size>``: how often the chunks' rounding alone changes an
+    answer, the floor the sparse modes' fraction is read against)."""
     if haystack not in T.HAYSTACKS:
         raise ValueError(f"unknown haystack {haystack!r}; choose from {T.HAYSTACKS}")
     scoring = scoring or ("forced" if haystack == "python" else "greedy")
@@ -598,7 +600,7 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
                           dense_sdpa=dense_sdpa) for m in modes]
     for r in runners:
         rep.data["modes"][r.mode.name] = dict(source=r.mode.source, config=r.mode.config)
-        for c in chunks if r.mode.name != "dense" else ():
+        for c in chunks:
             rep.data["modes"][f"{r.mode.name}@{c}"] = dict(source=f"{r.mode.name}, prefilled in pieces of {c}",
                                                           config=r.mode.config)
     unit_s: dict[tuple, float] = {}     # seconds of the last (kind, length) unit that compiled nothing
@@ -692,7 +694,7 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
                 row.update(output=text, score=T.score(ex, text), **info)
             compiled |= info["compiled"]
             log_example(r.mode.name, task, L, row)
-            for c in chunks if r.mode.name != "dense" and scoring == "forced" else ():
+            for c in chunks if scoring == "forced" else ():
                 r.observe = False
                 logits, info = r.answer_logits(ids, a_ids, chunk=c)
                 v = forced_verdict(logits, a_ids)
@@ -1047,7 +1049,7 @@ def build_parser():
                         "continuing the cache; scored as tasks mt_<task> (default 0)")
     p.add_argument("--turn-tokens", type=int, default=2048, help="new tokens of code in each conversation turn")
     p.add_argument("--chunks", default="",
-                   help="comma-separated chunk sizes: every mode but dense also prefills the task prompts in pieces "
+                   help="comma-separated chunk sizes: every mode (dense too: the chunks' rounding alone) also prefills the task prompts in pieces "
                         "of this many tokens (mode <name>@<size>, with the fraction of answers equal to unchunked)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop cleanly (writing what was measured) before an example that would end later than "
