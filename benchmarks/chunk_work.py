@@ -9,6 +9,10 @@ heads, head_dim 128), one layer at a time with that layer's heads of ``--config`
 * ``chunks``: the same ``n`` tokens as calls of ``--chunk`` queries over the keys so far, with the
   config's ``length`` (a chunk keeps its share of each vertical-slash head's columns);
 * ``absolute``: the same chunks without it (every chunk keeps the full counts);
+* ``chunks_split<T>`` (``--split-tiles T,...``): the scaled chunks with the kernel's
+  ``split_tiles`` set to ``T``: a chunk's dense last rows walk their keys in parts of ~``T``
+  key tiles, one program each (fewer tiles a part, more programs; the index and pairs do not
+  change, only the time);
 
 the time of their index builds alone (estimate, top-k, tables) and the pairs each computes
 (the kernel's counting mode). Random inputs spread the vertical-slash estimate's picks about
@@ -16,6 +20,7 @@ evenly over the keys, so this measures the counts' effect, not a real model's se
 (``benchmarks/chunked.py`` runs the model).
 
     python3 -m benchmarks.chunk_work                        # GPU: 128K in 16K chunks, ~1 min on an H100
+    python3 -m benchmarks.chunk_work --split-tiles 16,32,64  # and the chunks' dense rows in smaller parts
     python3 -m benchmarks.chunk_work --device cpu --n 512 --chunk 128 --length 512 --min-seq-len 256 --layers 0,1
 
 Prints a table and writes ``$OUT/chunk_work.json`` (``--out`` to change).
@@ -46,11 +51,19 @@ def parse_args(argv=None):
     p.add_argument("--length", type=int, default=None, help="prompt length of the counts (default: the config's)")
     p.add_argument("--min-seq-len", type=int, default=None, help="the op's min_seq_len (default: the config's, else 0)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions, the minimum kept (default %(default)s)")
+    p.add_argument("--split-tiles", default="",
+                   help="comma-separated split_tiles values: the scaled chunks timed again with each (default: none)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--out", default=None, help="JSON path (default $OUT/chunk_work.json)")
     args = p.parse_args(argv)
     if min(args.n, args.chunk, args.reps) < 1 or args.chunk > args.n:
         p.error("--n, --chunk and --reps must be >= 1, --chunk <= --n")
+    try:
+        args.split_tiles = [int(x) for x in args.split_tiles.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--split-tiles takes comma-separated integers, got {args.split_tiles!r}")
+    if any(t < 1 for t in args.split_tiles):
+        p.error("--split-tiles values must be >= 1")
     return args
 
 
@@ -63,6 +76,7 @@ def _timed(fn, dev, reps):
 def main(argv=None):
     args = parse_args(argv)
     from mi_compile.config import load_config
+    from mi_compile.kernels.sparse_attention import KERNEL_CONFIG
     from mi_compile.op import sparse_attention_op
     from mi_compile.patterns.index import chunk_heads
     from mi_compile.patterns.spec import encode_heads
@@ -117,8 +131,19 @@ def main(argv=None):
             total += float(index_density(index, q[:, :, e - nq:e], k[:, :, :e], v[:, :, :e]).sum()) * causal
         return total
 
+    def with_split(fn, tiles):
+        """``fn`` run with the kernel's ``split_tiles`` set to ``tiles`` (restored after)."""
+        def run_split():
+            saved, KERNEL_CONFIG["split_tiles"] = KERNEL_CONFIG["split_tiles"], tiles
+            try:
+                return fn()
+            finally:
+                KERNEL_CONFIG["split_tiles"] = saved
+        return run_split
+
     variants = {"whole": (False, 0), "chunks": (True, length), "absolute": (True, 0)}
-    rows, sums = [], {name: [0.0, 0.0, 0.0] for name in variants}
+    splits = {f"chunks_split{t}": t for t in args.split_tiles}
+    rows, sums = [], {name: [0.0, 0.0, 0.0] for name in [*variants, *splits]}
     t0 = time.time()
     with torch.no_grad():
         for layer in layers:
@@ -132,20 +157,27 @@ def main(argv=None):
                 sums[name][0] += secs
                 sums[name][1] += work
                 sums[name][2] += index_s
+            for name, tiles in splits.items():
+                secs = _timed(with_split(run(heads, layer, True, length), tiles), dev, args.reps)
+                row[name] = dict(row["chunks"], ms=round(secs * 1e3, 3))
+                sums[name][0] += secs
+                sums[name][1] += row["chunks"]["pairs"]
+                sums[name][2] += row["chunks"]["index_ms"] / 1e3
             rows.append(row)
-            print(f"layer {layer:2d}: " + "  ".join(f"{m} {row[m]['ms']:8.2f} ms" for m in variants), flush=True)
+            print(f"layer {layer:2d}: " + "  ".join(f"{m} {row[m]['ms']:8.2f} ms" for m in sums), flush=True)
     whole_s, whole_p, _ = sums["whole"]
     summary = {name: {"ms": round(s * 1e3, 2), "index_ms": round(i * 1e3, 2), "vs_whole": round(s / whole_s, 3),
                       "pairs_vs_whole": round(p / whole_p, 3)} for name, (s, p, i) in sums.items()}
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 torch=torch.__version__, dtype=str(dtype), config=args.config, length=length,
                 min_seq_len=min_seq_len, n=args.n, chunk=args.chunk, heads=[hq, hkv, d], layers=layers,
-                reps=args.reps, input="random normal", wall_s=round(time.time() - t0, 1))
+                reps=args.reps, split_tiles=KERNEL_CONFIG["split_tiles"], input="random normal",
+                wall_s=round(time.time() - t0, 1))
     print(f"\n{args.n} tokens, chunks of {args.chunk}, {len(layers)} layers of {args.config} "
           f"(length {length}, min_seq_len {min_seq_len}), {meta['device']}:")
-    print("variant    | attention ms | of which index builds | vs whole | pairs vs whole")
+    print("variant        | attention ms | of which index builds | vs whole | pairs vs whole")
     for name, s in summary.items():
-        print(f"{name:10s} | {s['ms']:12.2f} | {s['index_ms']:20.2f} | {s['vs_whole']:8.3f} | {s['pairs_vs_whole']:.3f}")
+        print(f"{name:14s} | {s['ms']:12.2f} | {s['index_ms']:20.2f} | {s['vs_whole']:8.3f} | {s['pairs_vs_whole']:.3f}")
     out = args.out or os.path.join(os.environ.get("OUT", "."), "chunk_work.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

@@ -105,8 +105,15 @@ def test_chunk_work_dry_run(benchmark_module, tmp_path):
     chunk_work = benchmark_module("chunk_work")
     out = tmp_path / "cw.json"
     summary = chunk_work.main(["--device", "cpu", "--n", "512", "--chunk", "128", "--length", "2048",
-                               "--min-seq-len", "256", "--layers", "0,1", "--reps", "1", "--out", str(out)])
-    assert set(summary) == {"whole", "chunks", "absolute"} and summary["whole"]["vs_whole"] == 1.0
+                               "--min-seq-len", "256", "--layers", "0,1", "--reps", "1", "--out", str(out),
+                               "--split-tiles", "2"])
+    assert set(summary) == {"whole", "chunks", "absolute", "chunks_split2"} and summary["whole"]["vs_whole"] == 1.0
+    # another split of the dense rows changes the time only
+    assert summary["chunks_split2"]["pairs_vs_whole"] == summary["chunks"]["pairs_vs_whole"]
+    from mi_compile.kernels.sparse_attention import KERNEL_CONFIG
+    assert KERNEL_CONFIG["split_tiles"] == 128
+    with pytest.raises(SystemExit):
+        chunk_work.parse_args(["--split-tiles", "0"])
     assert summary["chunks"]["pairs_vs_whole"] < summary["absolute"]["pairs_vs_whole"]
     rows = json.loads(out.read_text())
     assert rows["meta"]["length"] == 2048 and [r["layer"] for r in rows["layers"]] == [0, 1]
