@@ -767,6 +767,7 @@ def test_harness_conversations_and_chunks(smollm2):
         ("full@400", "passkey"), ("dense@400", "passkey")}
     assert cells["full@400", "passkey"]["same_answer"] == 1.0
     assert cells["dense@400", "passkey"]["same_answer"] == 1.0
+    assert rep["meta"]["chunk_modes"] == ["dense", "full"]
     for t in ("passkey", "mt_passkey"):
         assert cells["full", t]["accuracy"] == cells["dense", t]["accuracy"]
         assert cells["full", t]["logprob_mean"] == pytest.approx(cells["dense", t]["logprob_mean"], abs=1e-3)
@@ -775,3 +776,11 @@ def test_harness_conversations_and_chunks(smollm2):
     assert "full@400" in H.format_table(rep) and "mt_passkey" in H.format_table(rep)
     with pytest.raises(ValueError, match="teacher-forced"):
         H.run_eval(model, tok, modes, [1024], 1, haystack="noise", conversations=1)
+
+
+def test_run_eval_chunk_modes_checked():
+    """``chunk_modes`` must name modes of the run; the check comes before any model work."""
+    modes, _ = H.resolve_modes(["dense", "full"], extra={"full": "a_shape:0:100000"})
+    with pytest.raises(ValueError, match=r"chunk_modes \['nope'\] are not among the modes"):
+        H.run_eval(None, None, modes, [1024], 1, ("passkey",), haystack="python", chunks=(400,),
+                   chunk_modes=["full", "nope"])

@@ -527,7 +527,7 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
              scoring: Optional[str] = None, natural_kind: Optional[str] = None, budget_s: Optional[float] = None,
              deadline: Optional[float] = None, yarn="auto", density: str = "all", min_seq_len: int = 0,
              dense_sdpa: Optional[bool] = None, order: str = "length", conversations: int = 0,
-             turn_tokens: int = 2048, chunks=()):
+             turn_tokens: int = 2048, chunks=(), chunk_modes=None):
     """Run every mode over every (task, length) and the natural documents; returns the report
     dict (written to ``out_path`` as the run goes, so partial runs keep what they measured).
 
@@ -555,7 +555,8 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
     prefilled in pieces of each of these sizes by every mode, reported as modes
     ``<mode>@<size>`` with ``same_answer``, the fraction of examples whose argmax answer equals
     the unchunked prefill's (``dense@<size>``: how often the chunks' rounding alone changes an
-    answer, the floor the sparse modes' fraction is read against)."""
+    answer, the floor the sparse modes' fraction is read against); ``chunk_modes``: the names of
+    the modes chunked (default: every mode)."""
     if haystack not in T.HAYSTACKS:
         raise ValueError(f"unknown haystack {haystack!r}; choose from {T.HAYSTACKS}")
     scoring = scoring or ("forced" if haystack == "python" else "greedy")
@@ -571,6 +572,10 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
         raise ValueError("conversations and chunked prefills are scored teacher-forced (scoring='forced')")
     if any(c < 1 for c in chunks) or conversations < 0 or turn_tokens < 1:
         raise ValueError(f"bad chunks {chunks} / conversations {conversations} / turn_tokens {turn_tokens}")
+    names = [m.name for m in modes]
+    chunk_modes = set(names if chunk_modes is None else chunk_modes)
+    if chunk_modes - set(names):
+        raise ValueError(f"chunk_modes {sorted(chunk_modes - set(names))} are not among the modes {names}")
     if tokenizer is None:
         raise ValueError("the harness needs a tokenizer (tiny:<family> models have none)")
     device = next(model.parameters()).device
@@ -588,6 +593,7 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
                 natural_last=natural_last, natural_doc_seeds=doc_seeds, inductor=use_inductor,
                 density_policy=density, min_seq_len=min_seq_len, dense_sdpa=dense_sdpa, native_context=native,
                 conversations=conversations, turn_tokens=turn_tokens, chunks=chunks,
+                chunk_modes=[n for n in names if n in chunk_modes] if chunks else [],
                 yarn={str(L): f for L, f in yarn_by_length.items()},
                 cpu_impl=os.environ.get("MI_COMPILE_CPU_IMPL", "reference"),
                 started=time.strftime("%Y-%m-%d %H:%M:%S"), **(meta_extra or {}))
@@ -600,7 +606,7 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
                           dense_sdpa=dense_sdpa) for m in modes]
     for r in runners:
         rep.data["modes"][r.mode.name] = dict(source=r.mode.source, config=r.mode.config)
-        for c in chunks:
+        for c in chunks if r.mode.name in chunk_modes else ():
             rep.data["modes"][f"{r.mode.name}@{c}"] = dict(source=f"{r.mode.name}, prefilled in pieces of {c}",
                                                           config=r.mode.config)
     unit_s: dict[tuple, float] = {}     # seconds of the last (kind, length) unit that compiled nothing
@@ -694,7 +700,7 @@ def run_eval(model, tokenizer, modes, lengths, examples: int, task_names=T.TASKS
                 row.update(output=text, score=T.score(ex, text), **info)
             compiled |= info["compiled"]
             log_example(r.mode.name, task, L, row)
-            for c in chunks if scoring == "forced" else ():
+            for c in chunks if r.mode.name in chunk_modes and scoring == "forced" else ():
                 r.observe = False
                 logits, info = r.answer_logits(ids, a_ids, chunk=c)
                 v = forced_verdict(logits, a_ids)
@@ -1051,6 +1057,9 @@ def build_parser():
     p.add_argument("--chunks", default="",
                    help="comma-separated chunk sizes: every mode (dense too: the chunks' rounding alone) also prefills the task prompts in pieces "
                         "of this many tokens (mode <name>@<size>, with the fraction of answers equal to unchunked)")
+    p.add_argument("--chunk-modes", default="",
+                   help="comma-separated modes prefilled in --chunks pieces (default: every mode; leaving out "
+                        "dense saves its chunked prefills, the rounding floor)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop cleanly (writing what was measured) before an example that would end later than "
                         "this many seconds after the start")
@@ -1144,6 +1153,7 @@ def main(argv=None):
                           yarn=yarn, density=density, min_seq_len=a.min_seq_len,
                           dense_sdpa=None if a.dense == "auto" else a.dense == "sdpa", order=a.order,
                           conversations=a.conversations, turn_tokens=a.turn_tokens, chunks=_csv(a.chunks, int),
+                          chunk_modes=_csv(a.chunk_modes) or None,
                           meta_extra=dict(model_name=a.model, load_s=round(load_s, 1), budget_s=a.budget_s,
                                           one_kernel=bool(a.one_kernel), kernel_config=dict(KERNEL_CONFIG)))
     finally:
