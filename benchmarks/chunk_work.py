@@ -78,7 +78,6 @@ def main(argv=None):
     from mi_compile.config import load_config
     from mi_compile.kernels.sparse_attention import KERNEL_CONFIG
     from mi_compile.op import sparse_attention_op
-    from mi_compile.patterns.index import chunk_heads
     from mi_compile.patterns.spec import encode_heads
     from mi_compile.sparse import build_sparse_index, index_density
 
@@ -97,14 +96,15 @@ def main(argv=None):
     v = torch.randn(1, hkv, args.n, d, generator=g).to(device, dtype)
     ends = list(range(args.chunk, args.n, args.chunk)) + [args.n]
 
-    def calls(heads, chunked, prompt_length):
-        """``(end, queries, the heads its index is built for or None: dense)`` of each op call."""
-        out = []
-        for e in (ends if chunked else [args.n]):
-            nq = min(args.chunk, e) if chunked else e
-            sparse = e >= max(min_seq_len, 1)
-            out.append((e, nq, (chunk_heads(heads, e, prompt_length) if nq < e else tuple(heads)) if sparse else None))
-        return out
+    def calls(chunked):
+        """``(end, queries, sparse)`` of each op call (dense below ``min_seq_len`` keys)."""
+        return [(e, min(args.chunk, e) if chunked else e, e >= max(min_seq_len, 1))
+                for e in (ends if chunked else [args.n])]
+
+    def build(heads, e, nq, prompt_length):
+        """The index of the call ending at key ``e`` as the op builds it (a chunk's share of
+        the columns applied by the builder itself)."""
+        return build_sparse_index(q[:, :, e - nq:e], k[:, :, :e], list(heads), prompt_length=prompt_length)
 
     def run(heads, layer, chunked, prompt_length):
         flat = encode_heads(heads)
@@ -115,19 +115,19 @@ def main(argv=None):
 
     def index_only(heads, chunked, prompt_length):
         """The calls' index builds alone (estimate, top-k, tables), as the op makes them."""
-        todo = [(e, nq, list(use)) for e, nq, use in calls(heads, chunked, prompt_length) if use is not None]
-        return lambda: [build_sparse_index(q[:, :, e - nq:e], k[:, :, :e], use) for e, nq, use in todo]
+        todo = [(e, nq) for e, nq, sparse in calls(chunked) if sparse]
+        return lambda: [build(heads, e, nq, prompt_length) for e, nq in todo]
 
     def pairs(heads, chunked, prompt_length):
         """Pairs computed, from the index (the kernel's counting mode on the GPU); a call below
         ``min_seq_len`` keys runs dense: every causal pair."""
         total = 0.0
-        for e, nq, use in calls(heads, chunked, prompt_length):
+        for e, nq, sparse in calls(chunked):
             causal = (e * (e + 1) - (e - nq) * (e - nq + 1)) / 2
-            if use is None:
+            if not sparse:
                 total += causal * hq
                 continue
-            index = build_sparse_index(q[:, :, e - nq:e], k[:, :, :e], list(use))
+            index = build(heads, e, nq, prompt_length)
             total += float(index_density(index, q[:, :, e - nq:e], k[:, :, :e], v[:, :, :e]).sum()) * causal
         return total
 

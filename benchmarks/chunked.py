@@ -200,12 +200,11 @@ def run_chunked(args, dev, rows, model, fns, context):
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
             for piece in ([context] if not chunk else context.split(chunk, dim=1)):
-                if piece_s is None:
-                    out = fn(piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                else:
+                if piece_s is not None:
                     dev.sync()
                     t = time.perf_counter()
-                    out = fn(piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = fn(piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                if piece_s is not None:
                     dev.sync()
                     piece_s.append(time.perf_counter() - t)
         return int(out.logits[0, -1].argmax())
