@@ -76,10 +76,12 @@ LAST_COMPILE: dict = {}   # resource report of the last launch (benchmarks print
 # Launch parameters (benchmarks/kernels.py sweeps them). block_n: tile width of the prefix
 # phase; num_warps None = by head dim (4 up to D=128, 8 above). wide*: the 128-row kernel used
 # when every head is dense or A-shape (wide=False: those layers use the general 64-row kernel
-# too). Defaults = best of the H100 sweep (benchmarks/NOTES.md, step 4).
+# too). Defaults = best of the H100 sweep (benchmarks/NOTES.md, step 4). split_tiles: key
+# tiles per program of a chunk's dense last rows (32: 16-64 programs a head-block at 32K-128K,
+# enough to fill the GPU; 128 left fewer programs than SMs, docs/kernels.md).
 KERNEL_CONFIG = {"block_n": 64, "block_c": 64, "num_warps": None, "num_stages": 3,
                  "wide": True, "wide_block_n": 64, "wide_warps": 8, "wide_stages": 3,
-                 "group_heads": False, "split_tiles": 128}
+                 "group_heads": False, "split_tiles": 32}
 
 # Integer arguments Triton must not specialise on. By default every int argument is compiled
 # in as "equals 1" / "divisible by 16" / neither, so each new combination is a new binary.
