@@ -337,7 +337,7 @@ def profile(n):
         "vertical-slash top-k + sort": lambda: plan.vs_topk(vert, slash, n),
         "block-sparse scores + top-k": lambda: block_sparse.topk_raw(
             q, k, plan.bs_ids, plan.bs_topks, ss, sl, scale, True),
-        "fused tables (2 launches)": lambda: build_tables(plan, B, n, w, sl, vs_raw, bs_raw),
+        "fused tables (2 launches)": lambda: build_tables(plan, B, n, w, ss, sl, vs_raw, bs_raw),
         "attention launch": lambda: sparse_attention_from_index(q, k, v, index),
         "torch.empty x1": lambda: torch.empty(B, HQ, n + 64, device=DEV, dtype=torch.int32),
     }

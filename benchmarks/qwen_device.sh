@@ -12,6 +12,7 @@
 #   bash benchmarks/qwen_device.sh yard|yard_acc|yard_search [SECONDS]   # the shipped 128K config against the all-pattern one
 #   bash benchmarks/qwen_device.sh turn|chunked|chunked_acc [SECONDS]   # prefills continuing a cache
 #   bash benchmarks/qwen_device.sh native32|native32_acc [SECONDS]   # the 32K config at 16K-32K, native RoPE
+#   bash benchmarks/qwen_device.sh yard64|yard64_acc [SECONDS]   # a config searched at 64K against the 128K one there
 #   bash benchmarks/qwen_device.sh last512|last512_acc [SECONDS]   # the shipped config with 512 dense last rows
 #   bash benchmarks/qwen_device.sh yard_gluon [SECONDS]   # the shipped config, Triton vs Gluon kernels
 #   bash benchmarks/qwen_device.sh checks|kernels|hopper|host|chunk_work [SECONDS]   # no model: gpu_checks, the kernel benchmark,
@@ -200,6 +201,28 @@ case "$stage" in
       tar czf "$OUT/acc_native32.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_native32.json*)
     fi
     ;;
+  yard64|yard64_acc)
+    # a config searched at 64K (YaRN 4, budget 0.08, recall floor 0.6, the last 64 queries dense;
+    # ~2-3 minutes) against the shipped 128K config at 64K: yard64 searches and times both against
+    # eager (two compiles); yard64_acc scores them against dense at 64K (after yard64, which
+    # leaves the config in $RUNS/cfg)
+    deadline=$(( $(date +%s) + ${2:-480} ))
+    CFG_64K=$RUNS/cfg/qwen_65536_b0.08_last64.json
+    if [ "$stage" = yard64 ]; then
+      mkdir -p "$RUNS/cfg"
+      timeout "$(( deadline - $(date +%s) ))" python3 -m mi_compile search "${SEARCH_ARGS[@]}" --length 65536 \
+        --budget 0.08 --min-recall 0.6 --also-budgets 0.06,0.12 --dense-last 64 \
+        --out "$CFG_64K" 2>&1 | grep -v "it/s\]" > "$RUNS/search_64k.log"
+      tail -15 "$RUNS/search_64k.log"
+      run_until yard64 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_64K" \
+        --configs "c128=$CFG_FAST" --modes eager,searched,c128 --lengths 65536 --reps 3 --profile searched
+      tar czf "$OUT/yard64.tgz" -C "$RUNS" yard64 yard64.log search_64k.log cfg
+    else
+      run_until acc_yard64.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 65536 \
+        --modes dense,searched,c128 --searched "$CFG_64K" --configs "c128=$CFG_FAST" --examples 20
+      tar czf "$OUT/acc_yard64.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_yard64.json*)
+    fi
+    ;;
   last512|last512_acc)
     # the shipped config against the same with every head's last 512 queries dense (accuracy
     # against speed: the harness's top-1 reads the last 512 positions): TTFT at 128K with
@@ -372,7 +395,7 @@ case "$stage" in
     tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.safetensors' .
     ;;
   *)
-    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|adaptive2|adaptive2_acc|searched|searched_acc|yard|yard_acc|yard_search|yard_gluon|chunked|chunked_acc|checks|kernels|hopper|host|chunk_work [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
+    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|adaptive2|adaptive2_acc|adaptive3|adaptive3_acc|searched|searched_acc|yard|yard_acc|yard_search|yard64|yard64_acc|yard_gluon|native32|native32_acc|last512|last512_acc|turn|chunked|chunked_acc|checks|kernels|hopper|host|chunk_work [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
     exit 2
     ;;
 esac

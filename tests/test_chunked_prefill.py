@@ -286,16 +286,18 @@ def test_triton_estimate_of_a_chunk():
             assert torch.allclose(g.nan_to_num(neginf=0), w.nan_to_num(neginf=0), atol=1e-5)
 
 
-def test_fused_tables_of_a_chunk():
-    """The fused (CUDA) table builder gives the PyTorch builder's tables for a chunk, padded."""
+@pytest.mark.parametrize("nk, nq", [(300, 100), (2600, 300)])
+def test_fused_tables_of_a_chunk(nk, nq):
+    """The fused (CUDA) table builder gives the PyTorch builder's tables for a chunk, padded.
+    At 2600 keys the block-rows programs (16 query blocks each here) of the first 2048
+    positions lie wholly before the chunk in both inputs and write their rows without a sort."""
     import dataclasses
 
     from mi_compile.patterns.index import build_index
-    nk, nq = 300, 100
     q, k, _ = inputs(nk, 2)
     heads = heads_of("mixed_gqa")
     start = torch.tensor([0, 70], dtype=torch.int32)
-    length = torch.tensor([300, 230], dtype=torch.int32)
+    length = torch.tensor([nk, nk - 70], dtype=torch.int32)
     qc = q[:, :, nk - nq:]
     got = build_index(qc, k, heads, D ** -0.5, start, length, tables="triton")
     want = build_index(qc, k, heads, D ** -0.5, start, length, tables="torch")

@@ -34,7 +34,7 @@ def _category(name: str) -> str:
     return "other"
 
 
-def kernel_times(fn, top: int = 25) -> dict:
+def kernel_times(fn, top: int = 60) -> dict:
     """Device milliseconds of one ``fn()`` call, by category and by kernel (the ``top`` largest)."""
     from torch.profiler import ProfilerActivity, profile
 

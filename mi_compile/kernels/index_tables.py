@@ -43,7 +43,7 @@ from .index_format import META_WIDTH
 # Sizes that change with the prompt are not specialised on (see sparse_attention._LENGTH_ARGS).
 _ROW_ARGS = ["n", "gw", "tiles", "cw", "gw_steps", "col_width", "off_width"]
 _BLOCK_ARGS = ["n", "gw", "tiles", "cw", "nqb", "kw", "bs_rows", "kw_raw", "gw_steps", "tile_steps",
-               "cw_steps"]
+               "cw_steps", "q_offset"]
 TILE_CHUNK = 1024
 _VS = tl.constexpr(KIND_VS)
 _A_SHAPE = tl.constexpr(KIND_A_SHAPE)
@@ -179,16 +179,19 @@ def _head_rows_kernel(meta_ptr, seq_len_ptr, top_cols_ptr, top_offs_ptr,
 
 
 @triton.jit(do_not_specialize=_BLOCK_ARGS)
-def _block_rows_kernel(meta_ptr, seq_len_ptr, blk_val_ptr, blk_idx_ptr,
+def _block_rows_kernel(meta_ptr, seq_start_ptr, seq_len_ptr, blk_val_ptr, blk_idx_ptr,
                        group_lo_ptr, group_hi_ptr, tile_end_ptr, columns_ptr,
                        covered_ptr, groups_upto_ptr, tiles_upto_ptr, columns_upto_ptr, blocks_ptr,
                        block_count_ptr,
                        n, num_heads, gw, tiles, cw, nqb, kw, bs_rows, kw_raw, gw_steps, tile_steps, cw_steps,
+                       q_offset,
                        BM: tl.constexpr, KW_P2: tl.constexpr, SENT: tl.constexpr):
     row, b, h = _program_head(num_heads)
     chunk = tl.program_id(1)
     kind, prefix, pa, _, _, bs_row, _, _ = _head_meta(meta_ptr, h)
     length = tl.load(seq_len_ptr + b)
+    # a chunk's first query row, as a sequence position (0 for a whole prefill)
+    first_row = tl.maximum(q_offset - tl.load(seq_start_ptr + b), 0)
     row64 = row.to(tl.int64)
     lo_row = group_lo_ptr + row64 * gw
 
@@ -218,7 +221,9 @@ def _block_rows_kernel(meta_ptr, seq_len_ptr, blk_val_ptr, blk_idx_ptr,
     e = tl.arange(0, KW_P2)
     out = blocks_ptr + upto[:, None] * kw + e[None, :]
     out_ok = m_ok[:, None] & (e < kw)[None, :]
-    if kind == _BS:
+    # query blocks wholly before a chunk's rows were not scored (-inf: nothing kept), so a
+    # program holding only such blocks writes the empty rows without loading or sorting
+    if (kind == _BS) & ((chunk + 1) * (BM * 64) > first_row):
         ok = m_ok[:, None] & (e[None, :] < tl.minimum(pa, nqb))
         raw = ((b.to(tl.int64) * bs_rows + bs_row) * nqb + m)[:, None] * kw_raw + e[None, :]
         idx = tl.load(blk_idx_ptr + raw, mask=ok, other=0)
@@ -226,29 +231,37 @@ def _block_rows_kernel(meta_ptr, seq_len_ptr, blk_val_ptr, blk_idx_ptr,
         keep = ok & (val > float("-inf")) & (m < (length + 63) // 64)[:, None]
         tl.store(out, tl.sort(tl.where(keep, idx, SENT).to(tl.int32), 1), mask=out_ok)
         tl.store(block_count_ptr + upto, tl.sum(keep.to(tl.int32), 1), mask=m_ok)
+    elif kind == _BS:
+        tl.store(out, tl.full([BM, KW_P2], SENT, tl.int32), mask=out_ok)
+        tl.store(block_count_ptr + upto, tl.zeros([BM], tl.int32), mask=m_ok)
     else:
         tl.store(out, tl.zeros([BM, KW_P2], tl.int32), mask=out_ok)
         tl.store(block_count_ptr + upto, tl.zeros([BM], tl.int32), mask=m_ok)
 
 
 def _placeholders(device) -> tuple:
+    """Typed stand-ins for absent inputs (never read): block-sparse values (float32) and indices
+    (int64, as the top-k returns them), vertical-slash columns / offsets (int32)."""
     return cached("index_tables_placeholders", device,
                   lambda: (torch.zeros(1, device=device, dtype=torch.float32),
-                           torch.zeros(1, device=device, dtype=torch.int64)))
+                           torch.zeros(1, device=device, dtype=torch.int64),
+                           torch.zeros(1, device=device, dtype=torch.int32)))
 
 
 def _p2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
-def build_tables(plan, B: int, n: int, widths: dict, seq_len: torch.Tensor, vs_raw, bs_raw) -> dict:
+def build_tables(plan, B: int, n: int, widths: dict, seq_start: torch.Tensor, seq_len: torch.Tensor, vs_raw,
+                 bs_raw, q_len: int | None = None) -> dict:
     """Every data-dependent table of :class:`~mi_compile.kernels.index_format.SparseIndex` (two launches).
 
-    ``vs_raw = (columns, extra offsets)``: int64 ``[B, vertical-slash heads, width]`` or None, as
+    ``vs_raw = (columns, extra offsets)``: int32 ``[B, vertical-slash heads, width]`` or None, as
     :func:`~mi_compile.patterns.vertical_slash.topk_sorted` returns them; ``bs_raw = (values,
     indices)`` ``[B, block-sparse heads, NQB, K]`` from
-    :func:`~mi_compile.patterns.block_sparse.topk_raw`. Either may be None. The int32 tables
-    are views of one allocation.
+    :func:`~mi_compile.patterns.block_sparse.topk_raw`. Either may be None. ``q_len`` (default
+    ``n``): a chunk's query count; its block-sparse rows before the chunk are written empty
+    without a sort. The int32 tables are views of one allocation.
     """
     dev = seq_len.device
     H = len(plan.heads)
@@ -269,10 +282,10 @@ def build_tables(plan, B: int, n: int, widths: dict, seq_len: torch.Tensor, vs_r
     t["covered"] = torch.empty(B, H, n + 64, device=dev, dtype=torch.uint8)
     ends = t.pop("ends")
     meta = plan.meta
-    none = _placeholders(dev)            # typed stand-ins for absent inputs (never read)
+    none = _placeholders(dev)
     cols, offs = vs_raw if vs_raw is not None else (None, None)
-    cols, offs = (none[1] if x is None else x for x in (cols, offs))
-    blk_val, blk_idx = bs_raw if bs_raw is not None else none
+    cols, offs = (none[2] if x is None else x for x in (cols, offs))
+    blk_val, blk_idx = bs_raw if bs_raw is not None else none[:2]
     gw_steps = gw.bit_length()
     _head_rows_kernel[(B * H,)](
         meta, seq_len, cols, offs,
@@ -283,12 +296,12 @@ def build_tables(plan, B: int, n: int, widths: dict, seq_len: torch.Tensor, vs_r
     bm = max(1, min(16, 4096 // kw_p2))
     chunks = triton.cdiv(n + 64, bm * 64)
     _block_rows_kernel[(B * H, chunks)](
-        meta, seq_len, blk_val, blk_idx,
+        meta, seq_start, seq_len, blk_val, blk_idx,
         t["group_lo"], t["group_hi"], t["tile_end"], t["columns"],
         t["covered"], t["groups_upto"], t["tiles_upto"], t["columns_upto"], t["blocks"], t["block_count"],
         n, H, gw, tiles, cw, nqb, kw,
         max(1, len(plan.bs_ids)), blk_idx.shape[-1] if bs_raw is not None else 1,
-        gw_steps, tiles.bit_length(), cw.bit_length(),
+        gw_steps, tiles.bit_length(), cw.bit_length(), n - (n if q_len is None else q_len),
         BM=bm, KW_P2=kw_p2, SENT=SENTINEL, num_warps=4)
     return t
 

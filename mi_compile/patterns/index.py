@@ -364,7 +364,7 @@ def _build_fused(plan: IndexPlan, q, k, scale, seq_start, seq_len, unpadded) -> 
         del vert, slash
     if plan.bs_ids:
         bs_raw, _ = block_sparse.topk_raw(q, k, plan.bs_ids, plan.bs_topks, seq_start, seq_len, scale, unpadded)
-    t = build_tables(plan, B, n, w, seq_len, vs_raw, bs_raw)
+    t = build_tables(plan, B, n, w, seq_start, seq_len, vs_raw, bs_raw, q_len=nq)
     _select_blocks(plan, q, k, scale, seq_start, seq_len, t["blocks"], t["block_count"])
     return SparseIndex(heads=plan.heads, n=n, seq_start=seq_start, seq_len=seq_len,
                        prefix=plan.prefix, sink=plan.sink, band=plan.band, last=plan.last, q_len=nq,

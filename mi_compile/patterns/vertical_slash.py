@@ -158,14 +158,15 @@ def estimate_scores_torch(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[i
 
 
 def top_rows(scores: torch.Tensor, limits: torch.Tensor, width: int) -> torch.Tensor:
-    """int64 ``[B, R, width]``: row ``r``'s ``limits[r]`` (clamped to ``[0, width]``) best scores
+    """int32 ``[B, R, width]``: row ``r``'s ``limits[r]`` (clamped to ``[0, width]``) best scores
     beyond the FORCED keys, as indices relative to FORCED, ascending, then SENTINEL (also for a
     ``-inf`` score, i.e. a key outside the sequence). One top-k and one sort serve every row,
-    whatever its count: a row's best ``c`` are the first ``c`` of its best ``width``."""
+    whatever its count: a row's best ``c`` are the first ``c`` of its best ``width``. The sort
+    runs on int32 keys (half the radix passes of int64; positions fit)."""
     top = torch.topk(scores[..., FORCED:], width, dim=-1)
     rank = torch.arange(width, device=scores.device)
     keep = (rank < limits.view(-1, 1)) & (top.values > float("-inf"))
-    return torch.where(keep, top.indices, SENTINEL).sort(-1).values
+    return torch.where(keep, top.indices.to(torch.int32), SENTINEL).sort(-1).values
 
 
 def selection_limits(params: Sequence[tuple], device) -> torch.Tensor:
@@ -204,7 +205,7 @@ def select_vertical_slash(vertical: torch.Tensor, slash: torch.Tensor,
         columns = torch.where(columns < SENTINEL, columns + FORCED, SENTINEL).to(torch.int32)
     # offsets: the forced ones inside the sequence and each head's extras, ascending
     n_forced = device_ints([min(p[1], FORCED, n) for p in params], dev)
-    forced = torch.arange(FORCED, device=dev).expand(B, Hs, FORCED)
+    forced = torch.arange(FORCED, device=dev, dtype=torch.int32).expand(B, Hs, FORCED)
     forced = torch.where((forced < n_forced.view(1, -1, 1)) & (forced < seq_len.view(-1, 1, 1)), forced, SENTINEL)
     parts = [forced]
     if extra is not None:
@@ -245,7 +246,7 @@ def _top_tiles(slash: torch.Tensor, count: int) -> torch.Tensor:
         return slash.new_empty(slash.shape[:-1] + (0,), dtype=torch.int32)
     scores = tile_scores(slash)
     pick = min(count, scores.shape[-1])
-    top = torch.topk(scores, pick, dim=-1).indices.sort(-1).values.to(torch.int32) * BLOCK
+    top = torch.topk(scores, pick, dim=-1).indices.to(torch.int32).sort(-1).values * BLOCK
     return F.pad(top, (0, count - pick), value=n)
 
 
@@ -263,7 +264,7 @@ def topk_sorted(vertical: torch.Tensor, slash: torch.Tensor, limits: torch.Tenso
     ``vertical`` / ``slash``: scores ``[B, R, n]`` (``-inf`` exactly where the key / offset lies
     outside the sequence); ``limits``: :func:`selection_limits` of the rows' parameters,
     ``largest`` their largest ``(V, S)``; ``tiled``: :func:`tiled_rows` (rows whose extra
-    diagonals are whole key blocks). Returns ``columns, offsets``: int64 ``[B, R, width]``, or
+    diagonals are whole key blocks). Returns ``columns, offsets``: int32 ``[B, R, width]``, or
     None where no row selects beyond the forced keys; row ``r`` holds its :func:`extra_counts`
     best indices relative to FORCED, ascending, then SENTINEL (also for keys outside the
     sequence, which a builder that adds FORCED and cuts at the length drops anyway). One top-k
@@ -276,7 +277,7 @@ def topk_sorted(vertical: torch.Tensor, slash: torch.Tensor, limits: torch.Tenso
         count = extra_counts(0, s, n)[1]
         if count:
             index = device_ints(rows, slash.device)
-            top = _top_tiles(slash.index_select(1, index), count).long()
+            top = _top_tiles(slash.index_select(1, index), count)
             offsets[:, index, :count] = torch.where(top + FORCED < n, top, SENTINEL)
     return columns, offsets
 
