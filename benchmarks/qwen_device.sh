@@ -63,6 +63,19 @@ run_until() {
   tail -60 "$RUNS/$name.log"
 }
 
+# e2e_vs_c128 NAME CONFIG LENGTHS: CONFIG (`searched`) against eager and the shipped 128K config
+# (`c128`) at LENGTHS, with a profile; acc_vs_c128 STEM CONFIG LENGTH: their accuracy against
+# dense, to $RUNS/STEM.json and $OUT/STEM.tgz
+e2e_vs_c128() {
+  run_until "$1" 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$2" --configs "c128=$CFG_FAST" \
+    --modes eager,searched,c128 --lengths "$3" --reps 3 --profile searched
+}
+acc_vs_c128() {
+  run_until "$1.json" 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths "$3" \
+    --modes dense,searched,c128 --searched "$2" --configs "c128=$CFG_FAST" --examples 20
+  tar czf "$OUT/$1.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d "$1".json*)
+}
+
 stage=${1:-}
 case "$stage" in
   search)
@@ -192,13 +205,10 @@ case "$stage" in
     deadline=$(( $(date +%s) + ${2:-420} ))
     CFG_32K=mi_compile/configs/qwen2.5-coder-1.5b-32k.json
     if [ "$stage" = native32 ]; then
-      run_until native32 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_32K" \
-        --configs "c128=$CFG_FAST" --modes eager,searched,c128 --lengths 16384,32768 --reps 3 --profile searched
+      e2e_vs_c128 native32 "$CFG_32K" 16384,32768
       tar czf "$OUT/native32.tgz" -C "$RUNS" native32 native32.log
     else
-      run_until acc_native32.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 32768 \
-        --modes dense,searched,c128 --searched "$CFG_32K" --configs "c128=$CFG_FAST" --examples 20
-      tar czf "$OUT/acc_native32.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_native32.json*)
+      acc_vs_c128 acc_native32 "$CFG_32K" 32768
     fi
     ;;
   yard64|yard64_acc)
@@ -214,13 +224,10 @@ case "$stage" in
         --budget 0.08 --min-recall 0.6 --also-budgets 0.06,0.12 --dense-last 64 \
         --out "$CFG_64K" 2>&1 | grep -v "it/s\]" > "$RUNS/search_64k.log"
       tail -15 "$RUNS/search_64k.log"
-      run_until yard64 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_64K" \
-        --configs "c128=$CFG_FAST" --modes eager,searched,c128 --lengths 65536 --reps 3 --profile searched
+      e2e_vs_c128 yard64 "$CFG_64K" 65536
       tar czf "$OUT/yard64.tgz" -C "$RUNS" yard64 yard64.log search_64k.log cfg
     else
-      run_until acc_yard64.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 65536 \
-        --modes dense,searched,c128 --searched "$CFG_64K" --configs "c128=$CFG_FAST" --examples 20
-      tar czf "$OUT/acc_yard64.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_yard64.json*)
+      acc_vs_c128 acc_yard64 "$CFG_64K" 65536
     fi
     ;;
   last512|last512_acc)
