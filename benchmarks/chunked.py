@@ -250,7 +250,12 @@ def run_chunked(args, dev, rows, model, fns, context):
 def profile_chunked(args, dev, rows, fns, prefill, times, n):
     """Where a prefill's time goes (``--profile``): each compiled mode's whole and chunked
     prefill of the ``n``-token context profiled once (device time per kernel category),
-    written to ``profile_chunked_<mode>_whole.txt`` / ``_chunk<size>.txt`` under ``--out``."""
+    written to ``profile_chunked_<mode>_whole.txt`` / ``_chunk<size>.txt`` under ``--out``,
+    and what the chunks spend beyond the whole prefill (``_diff.txt``, a row
+    ``chunked_profile_diff``)."""
+    from mi_compile.debug import gpu_profile
+
+    reports: dict[tuple, dict] = {}
     for (m, c), ts in times.items():
         if m == "eager":
             continue
@@ -261,7 +266,17 @@ def profile_chunked(args, dev, rows, fns, prefill, times, n):
                              kind="chunked_profile", mode=m, chunk=c)
         dev.free()
         if kt is not None:
+            reports[(m, c)] = kt
             rows.add(kind="chunked_profile", mode=m, chunk=c, prefill_s=round(min(ts), 4), kernels=kt)
+    for (m, c), kt in reports.items():
+        if c and (m, None) in reports:
+            diff = gpu_profile.kernel_time_diff(reports[(m, None)], kt)
+            text = (f"{m}: a {n}-token prompt in {c}-token chunks against its whole prefill\n\n"
+                    f"{gpu_profile.format_kernel_diff(diff, 'whole', 'chunks')}\n")
+            with open(os.path.join(args.out, f"profile_chunked_{m}_diff.txt"), "w") as f:
+                f.write(text)
+            print(text, flush=True)
+            rows.add(kind="chunked_profile_diff", mode=m, chunk=c, **diff)
 
 
 def parse_args(argv=None):

@@ -73,8 +73,9 @@ def test_profile_chunked_writes_and_survives_failure(benchmark_module, tmp_path,
         fn()
         if len(calls) == 4:                 # the last profile fails: recorded, not raised
             raise RuntimeError("profiler broke")
-        return dict(total_ms=1.5, sparse_op_host_ms=0.0, sparse_op_calls=0, categories={"gemm": 1.5},
-                    kernels=[dict(name="k", ms=1.5, calls=1, category="gemm")])
+        ms = 1.5 + 0.5 * len(calls)         # each profile a little slower than the last
+        return dict(total_ms=ms, sparse_op_host_ms=0.0, sparse_op_calls=0, categories={"gemm": ms},
+                    kernels=[dict(name="k", ms=ms, calls=1, category="gemm")])
 
     monkeypatch.setattr(gpu_profile, "kernel_times", fake_kernel_times)
     dev = types.SimpleNamespace(free=lambda: None, sync=lambda: None, cuda=True)
@@ -90,12 +91,15 @@ def test_profile_chunked_writes_and_survives_failure(benchmark_module, tmp_path,
     args = types.SimpleNamespace(out=str(tmp_path))
     chunked.profile_chunked(args, dev, rows, fns, lambda f, c=None: calls.append((f, c)), times, 128)
     assert calls == [("S", None), ("S", 64), ("A", None), ("A", 64)]
-    assert [(r["mode"], r["chunk"], "kernels" in r, "error" in r) for r in rows] == [
-        ("searched", None, True, False), ("searched", 64, True, False), ("absolute", None, True, False),
-        ("absolute", 64, False, True)]
+    assert [(r["kind"], r["mode"], r["chunk"], "error" in r) for r in rows] == [
+        ("chunked_profile", "searched", None, False), ("chunked_profile", "searched", 64, False),
+        ("chunked_profile", "absolute", None, False), ("chunked_profile", "absolute", 64, True),
+        ("chunked_profile_diff", "searched", 64, False)]     # no diff without absolute's chunk profile
+    assert rows[-1]["total"] == dict(base_ms=2.0, other_ms=2.5, diff_ms=0.5)
     assert {p.name for p in tmp_path.iterdir()} == {
         "profile_chunked_searched_whole.txt", "profile_chunked_searched_chunk64.txt",
-        "profile_chunked_absolute_whole.txt"}
+        "profile_chunked_absolute_whole.txt", "profile_chunked_searched_diff.txt"}
+    assert "+0.50  all kernels" in (tmp_path / "profile_chunked_searched_diff.txt").read_text()
     assert "prefilled in 64-token chunks" in (tmp_path / "profile_chunked_searched_chunk64.txt").read_text()
 
 

@@ -50,3 +50,26 @@ def test_fused_kernel_named_after_attention_is_inductor_not_dense_attention():
     assert gpu_profile._category(name) == "Inductor fused (triton_)"
     assert gpu_profile._category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma") == \
         "dense attention (flash/cuDNN)"
+
+
+def test_kernel_time_diff():
+    """Chunks against a whole prefill: totals, every category of either report, kernels by how
+    far they moved (one only in the chunks' list counts 0 in the whole's)."""
+    whole = dict(total_ms=10.0, categories={"GEMM": 6.0, "sparse attention kernel": 4.0},
+                 kernels=[dict(name="gemm", ms=6.0, calls=2, category="GEMM"),
+                          dict(name="_sparse_attention_kernel", ms=4.0, calls=2, category="sparse attention kernel")])
+    chunks = dict(total_ms=12.0, categories={"GEMM": 6.5, "sparse attention kernel": 3.5, "index tables": 2.0},
+                  kernels=[dict(name="gemm", ms=6.5, calls=8, category="GEMM"),
+                           dict(name="_sparse_attention_kernel", ms=3.5, calls=8, category="sparse attention kernel"),
+                           dict(name="_block_rows_kernel", ms=2.0, calls=8, category="index tables")])
+    diff = gpu_profile.kernel_time_diff(whole, chunks)
+    assert diff["total"] == dict(base_ms=10.0, other_ms=12.0, diff_ms=2.0)
+    assert {r["category"]: r["diff_ms"] for r in diff["categories"]} == {
+        "index tables": 2.0, "GEMM": 0.5, "sparse attention kernel": -0.5}
+    assert diff["categories"][0]["category"] == "index tables"       # the largest move first
+    assert diff["kernels"][0] == dict(name="_block_rows_kernel", category="index tables", base_ms=0.0, other_ms=2.0,
+                                      diff_ms=2.0)
+    text = gpu_profile.format_kernel_diff(diff, "whole", "chunks")
+    assert "+2.00  all kernels" in text and "-0.50  sparse attention kernel" in text
+    assert gpu_profile._category("_dense_rows_part_kernel") == "dense last rows, split"
+

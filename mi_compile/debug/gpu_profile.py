@@ -20,6 +20,7 @@ CATEGORIES = (
     ("vertical-slash estimate", r"_row_stats_kernel|_scores_kernel"),
     ("xattention estimate", r"_block_mass_kernel"),
     ("index tables", r"_head_rows_kernel|_block_rows_kernel"),
+    ("dense last rows, split", r"_dense_rows_part_kernel|_dense_rows_merge_kernel"),
     ("Inductor fused (triton_)", r"^triton_"),      # before the others: fused names list their ops
     ("dense attention (flash/cuDNN)", r"flash|fmha|cudnn"),
     ("top-k / sort", r"topk|sort|radix|bitonic"),
@@ -60,6 +61,38 @@ def kernel_times(fn, top: int = 60) -> dict:
                 categories={k: round(v, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
                 kernels=[dict(name=k[:160], ms=round(ms, 3), calls=c, category=_category(k))
                          for k, (ms, c) in kernels])
+
+
+def kernel_time_diff(base: dict, other: dict, top: int = 20) -> dict:
+    """``other - base`` of two :func:`kernel_times` reports (say a prompt in chunks against its
+    whole prefill): the totals, every category, and the ``top`` kernels whose time moved most
+    (a kernel outside a report's list of largest kernels counts 0 there, so small ones are
+    approximate)."""
+    def by_name(report):
+        return {k["name"]: k for k in report["kernels"]}
+
+    def row(a, b, **extra):
+        return dict(extra, base_ms=round(a, 3), other_ms=round(b, 3), diff_ms=round(b - a, 3))
+
+    cats = set(base["categories"]) | set(other["categories"])
+    categories = [row(base["categories"].get(c, 0.0), other["categories"].get(c, 0.0), category=c) for c in cats]
+    kb, ko = by_name(base), by_name(other)
+    kernels = [row(kb[n]["ms"] if n in kb else 0.0, ko[n]["ms"] if n in ko else 0.0, name=n,
+                   category=(ko.get(n) or kb[n])["category"]) for n in set(kb) | set(ko)]
+    return dict(total=row(base["total_ms"], other["total_ms"]),
+                categories=sorted(categories, key=lambda r: -abs(r["diff_ms"])),
+                kernels=sorted(kernels, key=lambda r: -abs(r["diff_ms"]))[:top])
+
+
+def format_kernel_diff(diff: dict, base_name: str = "base", other_name: str = "other") -> str:
+    """A readable table of :func:`kernel_time_diff`."""
+    head = f"  {base_name:>12s} {other_name:>12s} {'difference':>12s}  (device ms)"
+    line = lambda r, what: f"  {r['base_ms']:12.2f} {r['other_ms']:12.2f} {r['diff_ms']:+12.2f}  {what}"  # noqa: E731
+    lines = [head, line(diff["total"], "all kernels"), "", "by category:"]
+    lines += [line(r, r["category"]) for r in diff["categories"]]
+    lines += ["", "kernels that moved most:"]
+    lines += [line(r, f"{r['category']:<30s} {r['name']}") for r in diff["kernels"]]
+    return "\n".join(lines)
 
 
 def format_kernel_times(report: dict) -> str:
