@@ -18,7 +18,8 @@ context (multi-turn use), and one long prompt prefilled in chunks (chunked prefi
 
 ``--profile`` (CUDA): after the timed turns, each mode's host time and device time per kernel
 (``profile_turn_<mode>.txt``); after the timed prefills, each compiled mode's whole and chunked
-prefill profiled once (``profile_chunked_<mode>_whole.txt`` / ``_chunk<size>.txt``).
+prefill profiled once (``profile_chunked_<mode>_whole.txt`` / ``_chunk<size>.txt``), and the
+chunks against the whole prefill by category and kernel (``profile_chunked_<mode>_diff.txt``).
 
 Modes: ``searched`` (``--config``, default the model's shipped 128K config) and
 ``--configs NAME=PATH_OR_SPEC`` extras, each ``torch.compile(model, backend=MInferenceBackend,
