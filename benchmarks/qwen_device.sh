@@ -6,6 +6,7 @@
 #   bash benchmarks/qwen_device.sh choose B1,B2,...   # configs at these budgets from the 128K scores
 #   bash benchmarks/qwen_device.sh prep|e2e|acc128 [SECONDS]   # one measured lease, three calls
 #   bash benchmarks/qwen_device.sh adaptive|adaptive_acc|adaptive_sweep [SECONDS]   # the no-config patterns
+#   bash benchmarks/qwen_device.sh policy|policy_acc [SECONDS]   # the default policy against FlexPrefill 0.9
 #   bash benchmarks/qwen_device.sh adaptive2|adaptive2_acc [SECONDS]   # the next adaptive candidates
 #   bash benchmarks/qwen_device.sh adaptive3|adaptive3_acc [SECONDS]   # TriangleMix with FlexPrefill shallow layers
 #   bash benchmarks/qwen_device.sh searched|searched_acc [SECONDS]   # a search over every pattern at 128K
@@ -159,6 +160,22 @@ case "$stage" in
     run_until acc_adaptive.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
       --modes dense,xa,flex,trimix --configs "${ADAPTIVE[@]}" --examples 20
     tar czf "$OUT/acc_adaptive.tgz" -C "$RUNS" acc_adaptive.json acc_adaptive.json.log
+    ;;
+  policy|policy_acc)
+    # the no-config choice: the default policy (every head vertical_slash 1000/6096, `minference`)
+    # against FlexPrefill 0.9 on every head (`flex`, the adaptive candidate that kept the answers)
+    # at 64K and 128K: TTFT against eager with Inductor (two compiles), then accuracy against
+    # dense at 128K on the same prompts (`default` is the harness's name for the default policy)
+    deadline=$(( $(date +%s) + ${2:-480} ))
+    if [ "$stage" = policy ]; then
+      run_until policy 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" --configs "${ADAPTIVE[1]}" \
+        --modes eager,minference,flex --lengths 65536,131072 --reps 2 --profile minference,flex
+      tar czf "$OUT/policy.tgz" -C "$RUNS" policy policy.log
+    else
+      run_until acc_policy.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
+        --modes dense,default,flex --configs "${ADAPTIVE[1]}" --examples 20
+      tar czf "$OUT/acc_policy.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_policy.json*)
+    fi
     ;;
   adaptive_sweep)
     # one call: accuracy and density at 128K of the adaptive patterns at other thresholds
@@ -418,7 +435,7 @@ case "$stage" in
     tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.safetensors' .
     ;;
   *)
-    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|adaptive2|adaptive2_acc|adaptive3|adaptive3_acc|searched|searched_acc|yard|yard_acc|yard_search|yard64|yard64_acc|yard06|yard06_acc|yard_gluon|native32|native32_acc|last512|last512_acc|turn|chunked|chunked_acc|checks|kernels|hopper|host|chunk_work [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
+    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|policy|policy_acc|adaptive2|adaptive2_acc|adaptive3|adaptive3_acc|searched|searched_acc|yard|yard_acc|yard_search|yard64|yard64_acc|yard06|yard06_acc|yard_gluon|native32|native32_acc|last512|last512_acc|turn|chunked|chunked_acc|checks|kernels|hopper|host|chunk_work [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
     exit 2
     ;;
 esac
