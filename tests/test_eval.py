@@ -784,3 +784,35 @@ def test_run_eval_chunk_modes_checked():
     with pytest.raises(ValueError, match=r"chunk_modes \['nope'\] are not among the modes"):
         H.run_eval(None, None, modes, [1024], 1, ("passkey",), haystack="python", chunks=(400,),
                    chunk_modes=["full", "nope"])
+
+
+def _paired_report(sparse_scores, dense_scores, density, top1):
+    """A report of two modes over the same indexed examples of one task at 131072."""
+    def result(mode, scores, dens):
+        return dict(mode=mode, task="kv", length=131072, accuracy=sum(scores) / len(scores),
+                    examples=[dict(index=i, score=s, density=dens) for i, s in enumerate(scores)])
+    rep = dict(meta=dict(tasks=["kv"], natural_last=512, model="m", device="cpu"),
+               results=[result("dense", dense_scores, 1.0), result("sparse", sparse_scores, density)],
+               natural=[dict(mode="dense", length=131072, density=1.0, top1_agreement=1.0, kl_mean=0.0),
+                        dict(mode="sparse", length=131072, density=density, top1_agreement=top1, kl_mean=0.1)])
+    rep["summary"] = H.summarize(rep)
+    return rep
+
+
+def test_frontier_pairs_each_mode_with_its_own_runs_dense(tmp_path):
+    """Two runs whose dense differ: each mode's delta is against the dense of its own run on the
+    prompts both answered, with the paired split; the table and the plot are written."""
+    a = _paired_report([1, 0, 1, 1], [1, 1, 1, 1], density=0.1, top1=0.95)      # loses one prompt
+    b = _paired_report([1, 1, 0, 0], [0, 1, 0, 0], density=0.3, top1=0.97)      # gains one prompt
+    b["results"][1]["examples"].append(dict(index=9, score=1, density=0.3))    # no dense twin: not paired
+    rows = {r["report"]: r for r in H.frontier([("a", a), ("b", b)], 131072)}
+    assert rows["a"]["delta"] == -0.25 and (rows["a"]["gained"], rows["a"]["lost"], rows["a"]["pairs"]) == (0, 1, 4)
+    assert rows["b"]["delta"] == 0.25 and rows["b"]["pairs"] == 4 and rows["b"]["reference_accuracy"] == 0.25
+    assert rows["a"]["top1"] == 0.95 and rows["a"]["density"] == pytest.approx(0.1)
+    assert H.frontier([("a", a)], 32768) == []                                  # nothing at that length
+    table = H.format_frontier(list(rows.values()))
+    assert "+0 / -1 of 4" in table and "-0.250" in table
+    H.plot_frontier(list(rows.values()), tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="no mode"):
+        H.plot_frontier([], tmp_path / "none.png")

@@ -993,6 +993,92 @@ def plot(report, path):
     plt.close(fig)
 
 
+def frontier(reports, length: int, reference: str = "dense") -> list[dict]:
+    """Modes of several reports side by side at ``length``, each against the ``reference`` of
+    its own report on the same prompts (runs differ in device, prompts and how far their budget
+    got, so only paired numbers compare across them). ``reports``: ``(tag, report)`` pairs.
+    One row per non-reference mode: its computed density, its task accuracy and the
+    reference's on the prompts both answered (``delta`` = the difference), the paired
+    ``gained`` / ``lost`` / ``pairs`` and sign test, and top-1 / KL against the reference."""
+    rows = []
+    L = str(length)
+    for tag, report in reports:
+        scores: dict = {}
+        for r in report["results"]:
+            if str(r["length"]) == L:
+                for e in r["examples"]:
+                    scores.setdefault(r["mode"], {})[(r["task"], e.get("index"))] = e["score"]
+        ref = scores.get(reference, {})
+        summary = summarize(report) if "summary" not in report else report["summary"]
+        for mode, per in scores.items():
+            s = summary.get(mode, {}).get(L, {})
+            if mode == reference or not ref:
+                continue
+            both = [k for k in per if k in ref and k[1] is not None]
+            if not both:
+                continue
+            acc = sum(per[k] for k in both) / len(both)
+            ref_acc = sum(ref[k] for k in both) / len(both)
+            gained = sum(per[k] > ref[k] for k in both)
+            lost = sum(per[k] < ref[k] for k in both)
+            rows.append(dict(report=tag, mode=mode, density=s.get("density"), accuracy=round(acc, 4),
+                             reference_accuracy=round(ref_acc, 4),
+                             delta=round(acc - ref_acc, 4), pairs=len(both), gained=gained, lost=lost,
+                             p_sign=sign_test(gained, lost), top1=s.get("top1_agreement"), kl=s.get("kl_mean")))
+    return rows
+
+
+def format_frontier(rows) -> str:
+    head = f"{'report':<22} {'mode':<12} {'density':>8} {'accuracy':>8} {'dense':>6} {'delta':>6} " \
+           f"{'+/- of pairs':>14} {'p':>5} {'top1':>7}"
+    lines = [head, "-" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["density"] is None, r["density"] or 0)):
+        split = f"+{r['gained']} / -{r['lost']} of {r['pairs']}"
+        lines.append(f"{r['report']:<22} {r['mode']:<12} {_fmt(r['density'], '.4f'):>8} {r['accuracy']:>8.3f} "
+                     f"{r['reference_accuracy']:>6.3f} {r['delta']:>+6.3f} {split:>14} "
+                     f"{r['p_sign']:>5.2f} {_fmt(r['top1'], '.4f'):>7}")
+    lines.append("(delta: the mode's task accuracy minus dense's on the same prompts of its own run; +/-: prompts "
+                 "answered where dense did not / the reverse; p: sign test; top1: agreement with dense on the "
+                 "run's natural text)")
+    return "\n".join(lines)
+
+
+def plot_frontier(rows, path, title: str = ""):
+    """Density against the paired accuracy difference to dense, and against top-1 agreement:
+    one point per (report, mode), labelled with the mode, one colour per report."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("plot_frontier: no mode with prompts paired to dense")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    tags = list(dict.fromkeys(r["report"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for r in rows:
+        if r["density"] is None:
+            continue
+        c = colors[tags.index(r["report"]) % len(colors)]
+        points = [(axes[0], r["delta"])] + ([(axes[1], r["top1"])] if r["top1"] is not None else [])
+        for ax, y in points:
+            ax.plot(r["density"], y, "o", color=c, label=r["report"])
+            ax.annotate(r["mode"], (r["density"], y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    axes[0].axhline(0.0, color="grey", linewidth=0.8)
+    axes[0].set(xlabel="attention density computed", ylabel="task accuracy minus dense's (same prompts)",
+                title="synthetic tasks, paired with dense")
+    axes[1].set(xlabel="attention density computed", ylabel="top-1 agreement with dense", title="natural text")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    one_each = dict(zip(labels, handles))           # one legend entry per report
+    axes[1].legend(one_each.values(), one_each.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(title or "density / accuracy across runs", fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def _csv(s, conv=str):
@@ -1077,6 +1163,9 @@ def build_parser():
     p.add_argument("--replot", default=None, metavar="REPORT_JSON",
                    help="run nothing: print the table of a saved report and draw its plot again "
                         "(to --plot, default the report's path with .png)")
+    p.add_argument("--frontier", nargs="+", default=None, metavar="TAG=REPORT_JSON",
+                   help="run nothing: the modes of several saved reports at the first of --lengths, each "
+                        "paired with its own run's dense; a table, and a plot to --plot (required)")
     return p
 
 
@@ -1094,6 +1183,19 @@ def load_model(name: str, dtype, device):
 def main(argv=None):
     t_start = time.perf_counter()
     a = build_parser().parse_args(argv)
+    if a.frontier:
+        if not a.plot:
+            raise SystemExit("--frontier needs --plot PNG")
+        reports = []
+        for spec in a.frontier:
+            tag, _, path = spec.rpartition("=")
+            reports.append((tag or Path(path).stem, json.loads(Path(path).read_text())))
+        length = _csv(a.lengths, int)[0]
+        rows = frontier(reports, length)
+        print(format_frontier(rows))
+        plot_frontier(rows, a.plot, f"{len(reports)} runs at {length} tokens, each mode paired with its own run's dense")
+        print(f"wrote {a.plot}")
+        return rows
     if a.replot:
         report = json.loads(Path(a.replot).read_text())
         report["summary"] = summarize(report)   # reports written before a summary field existed
