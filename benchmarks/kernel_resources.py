@@ -108,8 +108,8 @@ def kernel_builds(head_dim: int, dtype: str):
     split = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=64)
     builds.append(("dense_rows_part", kernels._dense_rows_part_kernel, split, warps, cfg["num_stages"],
                    {"part_ptr": "fp32"}))
-    builds.append(("dense_rows_merge", kernels._dense_rows_merge_kernel, split, warps, cfg["num_stages"],
-                   {"part_ptr": "fp32"}))
+    builds.append(("dense_rows_merge", kernels._dense_rows_merge_kernel, dict(split, ROWS=kernels.MERGE_ROWS), warps,
+                   cfg["num_stages"], {"part_ptr": "fp32"}))
     if block_d <= 128:                                     # the 128-row kernel is not launched past 128
         builds.append(("wide", kernels._wide_attention_kernel, wide, cfg["wide_warps"], cfg["wide_stages"], {}))
     for stride in (8, 16):

@@ -95,6 +95,7 @@ _LENGTH_ARGS = ["n", "num_q_blocks", "num_programs", "q_offset", "max_tiles", "m
                 "covered_len"]
 _WIDE_LENGTH_ARGS = ["n", "num_q_blocks", "num_programs", "q_offset"]   # the 128-row kernel has no tables
 _SPLIT_ARGS = ["n", "q_offset", "num_blocks", "splits"]
+MERGE_ROWS = 16   # rows per program of the dense-rows merge (four programs a 64-row block)
 
 
 @triton.jit
@@ -438,22 +439,23 @@ def _dense_rows_merge_kernel(
         out_ptr, part_ptr, seq_start_ptr, seq_len_ptr, last_ptr,
         stride_ob, stride_oh, stride_on,
         n, num_heads, q_offset, num_blocks, splits,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Program ``(0, j, b * H + h)``: the ``splits`` parts of :func:`_dense_rows_part_kernel`
-    for block ``j`` combined (each rescaled to the common row max) and stored as the general
-    kernel stores a block."""
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
+    """Program ``(r, j, b * H + h)``: rows ``[r ROWS, (r + 1) ROWS)`` of block ``j``'s ``splits``
+    parts of :func:`_dense_rows_part_kernel` combined (each rescaled to the common row max) and
+    stored as the general kernel stores a block. ``BLOCK_M / ROWS`` programs share a block:
+    each reads ``splits`` parts (64 at 128K), too long a serial walk for one program."""
     bh, b, h, seq_start, length, m0, live = _dense_block(seq_start_ptr, seq_len_ptr, last_ptr, n, num_heads,
                                                            q_offset, BLOCK_M)
     if live:
-        offs_m = tl.arange(0, BLOCK_M)
+        offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         dims = tl.arange(0, BLOCK_D)
         base = part_ptr + (bh.to(tl.int64) * num_blocks + tl.program_id(1)) * splits * (BLOCK_M * (BLOCK_D + 2))
         step = BLOCK_M * (BLOCK_D + 2)
-        m_all = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+        m_all = tl.zeros([ROWS], dtype=tl.float32) - 1.0e30
         for s in range(splits):
             m_all = tl.maximum(m_all, tl.load(base + s * step + BLOCK_M * BLOCK_D + offs_m))
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+        l_all = tl.zeros([ROWS], dtype=tl.float32)
         for s in range(splits):
             part = base + s * step
             scale = tl.math.exp2(tl.load(part + BLOCK_M * BLOCK_D + offs_m) - m_all)
@@ -644,11 +646,11 @@ def _launch(q, k, v, index: SparseIndex, scale: float, out, counts, mode: int):
             n, H, H // k.shape[1], q_offset, num_blocks, splits,
             scale * LOG2E,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BLOCK, num_warps=num_warps, num_stages=cfg["num_stages"])
-        _dense_rows_merge_kernel[(1, num_blocks, B * H)](
+        _dense_rows_merge_kernel[(BLOCK // MERGE_ROWS, num_blocks, B * H)](
             out, part, index.seq_start, index.seq_len, index.last,
             *common[9:],
             n, H, q_offset, num_blocks, splits,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BLOCK, num_warps=num_warps)
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=BLOCK, ROWS=MERGE_ROWS, num_warps=num_warps)
 
 
 def _no_dense_rows(last: torch.Tensor) -> torch.Tensor:
