@@ -17,7 +17,10 @@ heads, head_dim 128), one layer at a time with that layer's heads of ``--config`
 the time of their index builds alone (estimate, top-k, tables) and the pairs each computes
 (the kernel's counting mode). Random inputs spread the vertical-slash estimate's picks about
 evenly over the keys, so this measures the counts' effect, not a real model's selection
-(``benchmarks/chunked.py`` runs the model).
+(``benchmarks/chunked.py`` runs the model). Those times are synchronised wall times, which the
+index builds' host work dominates; ``--profile`` (CUDA) adds the device time per kernel of
+every layer's whole and chunked calls, and the chunks against the whole by category and kernel
+(as ``chunked.py --profile`` does in the model).
 
     python3 -m benchmarks.chunk_work                        # GPU: 128K in 16K chunks, ~1 min on an H100
     python3 -m benchmarks.chunk_work --split-tiles 16,32,64  # and the chunks' dense rows in smaller parts
@@ -53,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=3, help="timed repetitions, the minimum kept (default %(default)s)")
     p.add_argument("--split-tiles", default="",
                    help="comma-separated split_tiles values: the scaled chunks timed again with each (default: none)")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA: device time per kernel of the whole and the chunked calls (torch.profiler)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--out", default=None, help="JSON path (default $OUT/chunk_work.json)")
     args = p.parse_args(argv)
@@ -71,6 +76,21 @@ def _timed(fn, dev, reps):
     """Minimum seconds of ``fn()`` over ``reps`` synchronised runs after one warm-up."""
     fn()
     return min(_sync_time(fn, dev) for _ in range(reps))
+
+
+def profile_variants(fns: dict) -> dict:
+    """Device time per kernel of each ``fns[name]()`` (``gpu_profile.kernel_times``), and of
+    ``chunks`` against ``whole`` when both are there: ``{"reports": ..., "diff": ..., "text":
+    ...}``."""
+    from mi_compile.debug import gpu_profile
+
+    reports = {name: gpu_profile.kernel_times(fn) for name, fn in fns.items()}
+    texts = [f"{name}\n\n{gpu_profile.format_kernel_times(r)}" for name, r in reports.items()]
+    diff = None
+    if "whole" in reports and "chunks" in reports:
+        diff = gpu_profile.kernel_time_diff(reports["whole"], reports["chunks"])
+        texts.append("chunks against whole\n\n" + gpu_profile.format_kernel_diff(diff, "whole", "chunks"))
+    return {"reports": reports, "diff": diff, "text": "\n\n".join(texts) + "\n"}
 
 
 def main(argv=None):
@@ -180,8 +200,21 @@ def main(argv=None):
         print(f"{name:14s} | {s['ms']:12.2f} | {s['index_ms']:20.2f} | {s['vs_whole']:8.3f} | {s['pairs_vs_whole']:.3f}")
     out = args.out or os.path.join(os.environ.get("OUT", "."), "chunk_work.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    doc = {"meta": meta, "summary": summary, "layers": rows}
+    if args.profile and device.type != "cuda":
+        print("--profile: device times need CUDA; not profiled")
+    elif args.profile:
+        every_layer = {name: (lambda chunked=chunked, plen=plen: [
+            run(cfg.heads_for(layer, hq), layer, chunked, plen)() for layer in layers])
+            for name, (chunked, plen) in variants.items() if name != "absolute"}
+        with torch.no_grad():
+            prof = profile_variants(every_layer)
+        print(prof["text"])
+        with open(os.path.splitext(out)[0] + "_profile.txt", "w") as f:
+            f.write(prof["text"])
+        doc["profile"] = {"reports": prof["reports"], "diff": prof["diff"]}
     with open(out, "w") as f:
-        json.dump({"meta": meta, "summary": summary, "layers": rows}, f, indent=1)
+        json.dump(doc, f, indent=1)
     print(f"wrote {out}")
     return summary
 

@@ -112,7 +112,7 @@ def test_chunk_work_dry_run(benchmark_module, tmp_path):
     out = tmp_path / "cw.json"
     summary = chunk_work.main(["--device", "cpu", "--n", "512", "--chunk", "128", "--length", "2048",
                                "--min-seq-len", "256", "--layers", "0,1", "--reps", "1", "--out", str(out),
-                               "--split-tiles", "2"])
+                               "--split-tiles", "2", "--profile"])     # --profile: CUDA only, noted
     assert set(summary) == {"whole", "chunks", "absolute", "chunks_split2"} and summary["whole"]["vs_whole"] == 1.0
     # another split of the dense rows changes the time only
     assert summary["chunks_split2"]["pairs_vs_whole"] == summary["chunks"]["pairs_vs_whole"]
@@ -122,3 +122,21 @@ def test_chunk_work_dry_run(benchmark_module, tmp_path):
     assert summary["chunks"]["pairs_vs_whole"] < summary["absolute"]["pairs_vs_whole"]
     rows = json.loads(out.read_text())
     assert rows["meta"]["length"] == 2048 and [r["layer"] for r in rows["layers"]] == [0, 1]
+    assert "profile" not in rows
+
+
+def test_chunk_work_profile_variants(benchmark_module, monkeypatch):
+    """Each variant profiled once, and the chunks against the whole."""
+    chunk_work = benchmark_module("chunk_work")
+    from mi_compile.debug import gpu_profile
+
+    def fake_kernel_times(fn, top=60):
+        ms = fn()
+        return dict(total_ms=ms, sparse_op_host_ms=0.0, sparse_op_calls=0, categories={"index tables": ms},
+                    kernels=[dict(name="_block_rows_kernel", ms=ms, calls=1, category="index tables")])
+
+    monkeypatch.setattr(gpu_profile, "kernel_times", fake_kernel_times)
+    prof = chunk_work.profile_variants({"whole": lambda: 2.0, "chunks": lambda: 3.5})
+    assert set(prof["reports"]) == {"whole", "chunks"} and prof["diff"]["total"]["diff_ms"] == 1.5
+    assert "chunks against whole" in prof["text"] and "+1.50  all kernels" in prof["text"]
+    assert chunk_work.profile_variants({"whole": lambda: 2.0})["diff"] is None
