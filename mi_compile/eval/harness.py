@@ -844,7 +844,8 @@ def sign_test(wins: int, losses: int) -> float:
 
 def paired_with(report, reference: str = "dense") -> dict:
     """Each mode against ``reference`` on the same examples (same length, task and example
-    index): ``{mode: {length: {pairs, gained, lost, p_sign, logprob_higher, logprob_pairs}}}``.
+    index): ``{mode: {length: {pairs, gained, lost, p_sign, logprob_higher, logprob_pairs,
+    score, reference_score}}}`` (the last two: mean scores over the pairs).
 
     ``gained`` / ``lost``: examples the mode answers and the reference does not / the other way;
     ``p_sign``: :func:`sign_test` of the two, i.e. how likely so uneven a split is if the mode
@@ -861,8 +862,10 @@ def paired_with(report, reference: str = "dense") -> dict:
         if mode == reference or ref is None or index is None:
             continue
         c = out.setdefault(mode, {}).setdefault(L, dict(pairs=0, gained=0, lost=0, logprob_higher=0,
-                                                         logprob_pairs=0))
+                                                         logprob_pairs=0, score=0.0, reference_score=0.0))
         c["pairs"] += 1
+        c["score"] += e["score"]
+        c["reference_score"] += ref["score"]
         c["gained"] += int(e["score"] > ref["score"])
         c["lost"] += int(e["score"] < ref["score"])
         if e.get("logprob_mean") is not None and ref.get("logprob_mean") is not None:
@@ -871,6 +874,8 @@ def paired_with(report, reference: str = "dense") -> dict:
     for per_len in out.values():
         for c in per_len.values():
             c["p_sign"] = sign_test(c["gained"], c["lost"])
+            c["score"] /= c["pairs"]
+            c["reference_score"] /= c["pairs"]
     return out
 
 
@@ -997,34 +1002,23 @@ def frontier(reports, length: int, reference: str = "dense") -> list[dict]:
     """Modes of several reports side by side at ``length``, each against the ``reference`` of
     its own report on the same prompts (runs differ in device, prompts and how far their budget
     got, so only paired numbers compare across them). ``reports``: ``(tag, report)`` pairs.
-    One row per non-reference mode: its computed density, its task accuracy and the
-    reference's on the prompts both answered (``delta`` = the difference), the paired
-    ``gained`` / ``lost`` / ``pairs`` and sign test, and top-1 / KL against the reference."""
+    One row per non-reference mode (:func:`paired_with`): its computed density, its task
+    accuracy and the reference's on the prompts both answered (``delta`` = the difference), the
+    paired ``gained`` / ``lost`` / ``pairs`` and sign test, and top-1 / KL against the reference."""
     rows = []
     L = str(length)
     for tag, report in reports:
-        scores: dict = {}
-        for r in report["results"]:
-            if str(r["length"]) == L:
-                for e in r["examples"]:
-                    scores.setdefault(r["mode"], {})[(r["task"], e.get("index"))] = e["score"]
-        ref = scores.get(reference, {})
-        summary = summarize(report) if "summary" not in report else report["summary"]
-        for mode, per in scores.items():
+        summary = report.get("summary") or summarize(report)
+        for mode, per_len in paired_with(report, reference).items():
+            c = per_len.get(L)
+            if c is None:
+                continue
             s = summary.get(mode, {}).get(L, {})
-            if mode == reference or not ref:
-                continue
-            both = [k for k in per if k in ref and k[1] is not None]
-            if not both:
-                continue
-            acc = sum(per[k] for k in both) / len(both)
-            ref_acc = sum(ref[k] for k in both) / len(both)
-            gained = sum(per[k] > ref[k] for k in both)
-            lost = sum(per[k] < ref[k] for k in both)
-            rows.append(dict(report=tag, mode=mode, density=s.get("density"), accuracy=round(acc, 4),
-                             reference_accuracy=round(ref_acc, 4),
-                             delta=round(acc - ref_acc, 4), pairs=len(both), gained=gained, lost=lost,
-                             p_sign=sign_test(gained, lost), top1=s.get("top1_agreement"), kl=s.get("kl_mean")))
+            rows.append(dict(report=tag, mode=mode, density=s.get("density"), accuracy=round(c["score"], 4),
+                             reference_accuracy=round(c["reference_score"], 4),
+                             delta=round(c["score"] - c["reference_score"], 4), pairs=c["pairs"],
+                             gained=c["gained"], lost=c["lost"], p_sign=c["p_sign"],
+                             top1=s.get("top1_agreement"), kl=s.get("kl_mean")))
     return rows
 
 
