@@ -164,12 +164,13 @@ case "$stage" in
   policy|policy_acc)
     # the no-config choice: the default policy (every head vertical_slash 1000/6096, `minference`)
     # against FlexPrefill 0.9 on every head (`flex`, the adaptive candidate that kept the answers)
-    # at 64K and 128K: TTFT against eager with Inductor (two compiles), then accuracy against
-    # dense at 128K on the same prompts (`default` is the harness's name for the default policy)
+    # at 32K, 64K and 128K (sparse from 32K: the data for `min_seq_len`): TTFT against eager with
+    # Inductor (two compiles), then accuracy against dense at 128K on the same prompts (`default`
+    # is the harness's name for the default policy)
     deadline=$(( $(date +%s) + ${2:-480} ))
     if [ "$stage" = policy ]; then
       run_until policy 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" --configs "${ADAPTIVE[1]}" \
-        --modes eager,minference,flex --lengths 65536,131072 --reps 2 --profile minference,flex
+        --modes eager,minference,flex --lengths 32768,65536,131072 --reps 2 --profile minference,flex
       tar czf "$OUT/policy.tgz" -C "$RUNS" policy policy.log
     else
       run_until acc_policy.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
