@@ -5,8 +5,10 @@ continuation chunk runs through ``torch.compile(model, backend="minference")``: 
 must classify its mask as bottom-right-aligned causal and rewrite the call to
 ``mi_compile::sparse_attention`` (asserted by op target and by the passes' counters), and the
 logits must be eager's (the config's heads cover every key). Beside each positive case a
-negative one stays dense with its reason: ``is_causal=True`` with ``nq < nk`` (top-left in
-PyTorch), a ``StaticCache``, a decode step.
+negative one stays dense with its reason: a ``StaticCache`` continuation, a mask with another
+offset, a decode step. Top-left-aligned causal masks over more keys than queries (``is_causal=True``
+with ``nq < nk``, a static cache's prefill) run as a prefill over the first ``nq`` keys (here in
+brief, in full in ``test_top_left.py``).
 """
 from __future__ import annotations
 
@@ -179,40 +181,46 @@ def test_static_cache_stays_dense_with_its_reason():
         assert site.reason.startswith("static cache: query positions come from runtime tensor"), site.reason
 
 
+class _OneLayer(torch.nn.Module):
+    """``attention`` as layer 0 (``layers.0``: the passes read the layer index from the path)."""
+
+    def __init__(self, attention):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([attention])
+
+    def forward(self, q, k, v):
+        return self.layers[0](q, k, v)
+
+
 class _TopLeft(torch.nn.Module):
     """An attention whose SDPA gets ``is_causal=True`` with fewer queries than keys."""
 
-    def __init__(self):
-        super().__init__()
-        self.layers = torch.nn.ModuleList([torch.nn.Identity()])
-
     def forward(self, q, k, v):
-        return F.scaled_dot_product_attention(self.layers[0](q), k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def test_is_causal_with_a_shorter_query_stays_dense_top_left():
-    q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 4, 28, 16), torch.randn(1, 4, 28, 16)
+def test_is_causal_with_a_shorter_query_runs_over_the_first_keys():
+    """PyTorch aligns that mask top-left (query r sees keys 0..r): a prefill over the first 70 keys."""
+    q, k, v = torch.randn(1, 4, 70, 16), torch.randn(1, 4, 100, 16), torch.randn(1, 4, 100, 16)
     backend = mi_compile.backend(OPTS)
-    model = _TopLeft()
     with torch.no_grad():
-        out = torch.compile(model, backend=backend, fullgraph=True)(q, k, v)
+        out = torch.compile(_OneLayer(_TopLeft()), backend=backend, fullgraph=True)(q, k, v)
     (report,) = backend.reports
     (site,) = report.sites
-    assert site.mask.kind == "causal_top_left" and site.action == "dense"
-    assert "aligns that mask top-left" in site.reason
-    assert counters["mi_compile"]["rewritten_sparse"] == 0
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert site.mask.kind == "causal_top_left" and site.action == "sparse" and site.node.target is SPARSE
+    assert "PyTorch aligns the mask top-left" in site.mask.how
+    assert counters["mi_compile"]["rewritten_top_left"] == 1 and counters["mi_compile"]["rewritten_sparse"] == 1
+    _assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
 class _ExplicitMask(torch.nn.Module):
     """SDPA under a mask built the way transformers builds one, query row 0 at key ``offset``
-    (``None``: bottom-right, ``nk - nq``); 0 is a static-cache prefill (transformers 5.17:
-    causal aligned top-left over every slot of the cache)."""
+    (``None``: bottom-right, ``nk - nq``); 0 is a static-cache prefill (causal aligned top-left
+    over every slot of the cache)."""
 
     def __init__(self, offset):
         super().__init__()
         self.offset = offset
-        self.layers = torch.nn.ModuleList([torch.nn.Identity()])
 
     def forward(self, q, k, v):
         nq, nk = q.shape[2], k.shape[2]
@@ -220,23 +228,28 @@ class _ExplicitMask(torch.nn.Module):
         q_idx = (torch.arange(nq) + off)[None, None, :, None]
         kv_idx = (torch.arange(nk) + 0)[None, None, None, :]
         mask = (kv_idx <= q_idx).expand(q.shape[0], -1, nq, nk)
-        return F.scaled_dot_product_attention(self.layers[0](q), k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-@pytest.mark.parametrize("offset,kind", [(None, "causal_bottom_right"), (0, "unknown"), (3, "unknown")])
+@pytest.mark.parametrize("offset,kind", [(None, "causal_bottom_right"), (0, "causal_top_left"), (3, "unknown")])
 def test_explicit_masks_over_more_keys(offset, kind):
-    """Bottom-right is the chunk; top-left is reported as a static cache; another offset is
-    not understood."""
-    q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 4, 28, 16), torch.randn(1, 4, 28, 16)
+    """Bottom-right is the chunk; top-left is a prefill over the first nq keys; another offset is
+    not understood. Each gives eager's output."""
+    q, k, v = torch.randn(1, 4, 70, 16), torch.randn(1, 4, 100, 16), torch.randn(1, 4, 100, 16)
     backend = MInferenceBackend(OPTS, use_inductor=False)
+    model = _OneLayer(_ExplicitMask(offset))
     with torch.no_grad():
-        torch.compile(_ExplicitMask(offset), backend=backend, fullgraph=True)(q, k, v)
+        out = torch.compile(model, backend=backend, fullgraph=True)(q, k, v)
+        ref = model(q, k, v)
     (site,) = backend.reports[0].sites
     assert site.mask.kind == kind, site.mask.reason
-    if offset == 0:
-        assert site.reason.startswith("static cache: the mask is causal aligned top-left"), site.reason
-    elif offset == 3:
-        assert site.reason.startswith("mask not understood: mask probe:"), site.reason
+    if offset == 3:
+        assert site.action == "dense" and site.reason.startswith("mask not understood: mask probe:"), site.reason
+    else:
+        assert site.action == "sparse" and site.node.target is SPARSE, site.reason
+    assert counters["mi_compile"]["rewritten_top_left"] == (offset == 0)
+    assert counters["mi_compile"]["rewritten_sparse"] == (offset != 3)
+    _assert_close(out, ref)
 
 
 # -- end to end: compiled chunk against eager ------------------------------------------------------

@@ -204,28 +204,32 @@ def test_unsupported_dtype_stays_dense():
     assert "dtype torch.float64 unsupported by the sparse kernels" in site.reason
 
 
-def test_causal_query_shorter_than_key_stays_dense():
-    """is_causal=True with 32 queries over 128 keys is PyTorch's top-left causal mask, not a
-    prefill: it was rewritten and then failed at every length."""
+def test_causal_query_shorter_than_key_runs_over_the_first_keys():
+    """is_causal=True with 32 queries over 128 keys is PyTorch's top-left causal mask (query r
+    sees keys 0..r): a prefill over the first 32 keys, which the op runs."""
     q, _, _ = inputs(32, 16)
     _, k, v = inputs(128, 16)
     site = _site(q, k, v)
-    assert site.action == "dense"
+    assert site.action == "sparse", site.reason
     assert site.mask.kind == "causal_top_left"
-    assert site.reason.startswith("is_causal=True with query length 32 < key length 128: PyTorch aligns that "
-                                  "mask top-left")
+    assert "PyTorch aligns the mask top-left" in site.mask.how
     torch._dynamo.reset()
     from mi_compile.backend import MInferenceBackend
     out = torch.compile(_OneLayer(), backend=MInferenceBackend({"min_seq_len": 0}, use_inductor=False))(q, k, v)
     assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-6)
 
 
-def test_causal_symbolic_lengths_that_may_differ_stay_dense():
+def test_causal_symbolic_lengths_of_their_own_follow_the_input():
+    """Symbolic lengths the shapes do not relate: the traced input decides (and a guard holds)
+    whether the query is no longer than the key (top-left over the first nq keys, sparse) or
+    longer (not a prefill, dense)."""
     q, _, _ = inputs(32, 16)
     _, k, v = inputs(128, 16)
     site = _site(q, k, v, dynamic_len=True)
+    assert site.action == "sparse" and site.mask.kind == "causal_top_left", site.reason
+    site = _site(k, q, q, dynamic_len=True)           # 128 queries over 32 keys
     assert site.action == "dense"
-    assert "may differ from key length" in site.reason and "not provably a prefill" in site.reason
+    assert "exceeds key length" in site.reason and "not a prefill" in site.reason
 
 
 def test_causal_symbolic_equal_lengths_still_sparse():

@@ -4,10 +4,11 @@
     0      model.layers.0.self_attn    9      3   causal          undone  sparse  9x vertical_slash(1000,6096)
     ...
 
-A chunk continuing a cache shows mask ``causal_bottom_right`` (and a line saying what that
-is); a call left dense says why, e.g. ``decode step (one query token)``, ``static cache: ...``,
-``is_causal=True with query length 8 < key length 28: PyTorch aligns that mask top-left ...``
-or ``prefill chunk over a cache: <the op's reason>``.
+A chunk continuing a cache shows mask ``causal_bottom_right``, a call over more keys than
+queries whose mask is causal aligned top-left (``is_causal=True`` with a shorter query, a static
+cache's prefill) ``causal_top_left`` (each with a line saying what that is, the latter with how it
+was established); a call left dense says why, e.g. ``decode step (one query token)``,
+``static cache: ...`` or ``prefill chunk over a cache: <the op's reason>``.
 
 :func:`mi_compile.explain` (in :mod:`mi_compile.backend`) compiles a model with the backend's
 passes only, runs it once and returns an :class:`ExplainResult`; this module only formats.
@@ -63,6 +64,12 @@ def format_table(sites, config_source: str = "", threshold: str = "", tp=None) -
         if lengths:
             lines.append(f"config length {', '.join(map(str, sorted(lengths)))}: a chunk with fewer keys keeps "
                          "nk / length of each vertical-slash head's columns")
+    top_left = [s for s in sites if s.mask is not None and s.mask.top_left]
+    if top_left:
+        lines.append("causal_top_left: fewer queries than keys, query r sees keys 0..r (is_causal=True with a "
+                     "shorter query, a static cache's prefill): the same as a prefill over the first nq keys, "
+                     "which a sparse call runs (K, V and the padding mask narrowed to them)")
+        lines.extend(f"  {how}" for how in dict.fromkeys(s.mask.how for s in top_left))
     if threshold and n_sparse:
         lines.append(threshold)
     return "\n".join(lines)

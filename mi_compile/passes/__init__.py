@@ -2,7 +2,8 @@
 
 1. :mod:`.find_attention`   - every SDPA call and its decoder layer
 2. :mod:`.classify_mask`    - what its mask means (causal / padding / sliding window / unknown;
-   bottom-right causal for a prefill chunk that continues a cache)
+   bottom-right causal for a prefill chunk that continues a cache; top-left causal over more
+   keys than queries, which runs as a prefill over the first keys)
 3. :mod:`.undo_repeat_kv`   - K/V once per KV head (native GQA)
 4. :mod:`.rewrite_attention`- the call becomes ``mi_compile::sparse_attention`` or stays dense, with the reason
 

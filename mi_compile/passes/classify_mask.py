@@ -44,18 +44,32 @@ The probe binds the lengths' symbols twice (a long chunk over a short past and t
 round) and compares with the bottom-right-aligned causal mask, query row ``r`` seeing key
 ``j`` iff ``j <= (nk - nq) + r`` (``& padding[b, j]``), plus a long probe for sliding
 windows. A match is ``causal_bottom_right`` / ``causal_bottom_right+padding``: the contract of
-``mi_compile::sparse_attention`` for ``nq < nk``. Not matched (the call stays dense, with the
-reason): ``is_causal=True`` with ``nq < nk`` (``causal_top_left``: PyTorch aligns that mask
-top-left, query ``r`` sees keys ``0..r``), a sliding window over a cached prefix, and a static
-cache (``StaticCache``), whose mask offsets the queries by a runtime tensor (the cache's
-``cumulative_length`` / ``cache_position``) over all of its slots, filled or not::
+``mi_compile::sparse_attention`` for ``nq < nk``.
+
+Causal aligned top-left over more keys than queries: query ``r`` sees key ``j`` iff ``j <= r``
+(``& padding[b, j]``). PyTorch's ``is_causal=True`` with ``nq < nk`` means that (no probing
+needed), and so does a static cache's prefill in transformers 5.17, masking every slot of the
+cache with no offset::
+
+    q_idx  = torch.arange(nq)[None, None, :, None]
+    kv_idx = torch.arange(max_cache_len)[None, None, None, :]      # slots past nq: only causality masks them
+    m = ones & (kv_idx <= q_idx) & padding_bool[b_idx, kv_idx]     # padding: attention_mask padded to the slots
+    sdpa(q, repeat_kv(keys), repeat_kv(values), attn_mask=m.expand(b, -1, nq, max_cache_len))
+
+The chunk probe finds that alignment at every binding (query lengths bound below the key length,
+which a static number of slots caps) and no sliding window on a long probe (up to ~1M queries). A match
+is ``causal_top_left`` / ``causal_top_left+padding``: exactly causal prefill attention over the
+first ``nq`` keys (and the first ``nq`` columns of the padding mask), which is what the rewrite
+runs.
+
+Not matched (the call stays dense, with the reason): a sliding window over a cached prefix or
+aligned top-left, any other offset, and a static cache's continuation, whose mask offsets the
+queries by a runtime tensor (the cache's ``cumulative_length`` / ``cache_position``) over all
+of its slots, filled or not::
 
     q_idx = (torch.arange(nq) + cumulative_length)[None, None, :, None]
     kv_idx = torch.arange(max_cache_len)[None, None, None, :]      # keys beyond the filled part
     m = kv_idx <= q_idx                                            # ... masked only by causality
-
-(transformers 5.17's static-cache prefill has no offset: causal aligned top-left over all the
-slots, which the probe recognises and reports as a static cache too.)
 """
 from __future__ import annotations
 
@@ -84,9 +98,9 @@ class ProbeError(Exception):
     """The mask sub-graph could not be evaluated on a probe (the reason is the message)."""
 
 
-class TopLeftError(ProbeError):
-    """A mask over more keys than queries that is causal aligned top-left (query ``r`` sees
-    keys ``0..r``): a static cache's prefill, keys past the filled part masked by causality."""
+class TopLeftWindowError(ProbeError):
+    """A mask over more keys than queries that is causal aligned top-left with a sliding window
+    (left dense: only plain top-left causal is run as a prefill over the first keys)."""
 
 
 class RuntimeInputError(ProbeError):
@@ -366,11 +380,11 @@ class ClassifyMaskPass:
         shapes = qs is not None and ks is not None and len(qs) == 4 and len(ks) == 4
         if mask is None:
             if is_causal:
-                if shapes and not lengths_equal(qs[2], ks[2]) and _known(qs[2] < ks[2]):
-                    return MaskInfo("causal_top_left", how="is_causal=True",
-                                    reason=f"is_causal=True with query length {qs[2]} < key length {ks[2]}: "
-                                           "PyTorch aligns that mask top-left (query r sees keys 0..r), "
-                                           "not bottom-right as a cache continuation needs")
+                if shapes and not lengths_equal(qs[2], ks[2]) and not _known(qs[2] > ks[2]):
+                    return MaskInfo("causal_top_left",
+                                    how=f"is_causal=True with query length {qs[2]} and key length {ks[2]}: "
+                                        f"PyTorch aligns the mask top-left (query r sees keys 0..r), a prefill "
+                                        f"over the first {qs[2]} keys")
                 return MaskInfo("causal", how="is_causal=True")
             return MaskInfo("none", how="no mask, is_causal=False")
         if is_causal:
@@ -383,15 +397,13 @@ class ClassifyMaskPass:
         try:
             if chunk:
                 info = self._probe_chunk(mask, qs[2], ks[2], qs[0])
-                if not _known(qs[2] <= ks[2]):
+                if info.chunk and not _known(qs[2] <= ks[2]):
                     return MaskInfo("unknown", reason=f"query length {qs[2]} may exceed key length {ks[2]}")
                 return info
             return self._probe(mask, qs[2], qs[0])
-        except TopLeftError:
-            return MaskInfo("unknown", reason=f"static cache: the mask is causal aligned top-left over the {ks[2]} "
-                                              f"keys (query r sees keys 0..r; the slots past the filled part are "
-                                              f"masked only by causality); the op needs keys that end at the last "
-                                              f"query (bottom-right causal)")
+        except TopLeftWindowError as e:
+            return MaskInfo("unknown", reason=f"{e} over the {ks[2]} keys: left dense (plain top-left causal runs "
+                                              f"as a prefill over the first {qs[2]} keys; a window does not)")
         except RuntimeInputError as e:
             if chunk:
                 return MaskInfo("unknown", reason=f"static cache: query positions come from runtime tensor "
@@ -447,61 +459,106 @@ class ClassifyMaskPass:
         return MaskInfo(kind, window=window, padding_source=probe.padding_source, how=how)
 
     def _probe_chunk(self, mask_node, q_len, kv_len, batch) -> MaskInfo:
-        """A chunk of ``q_len`` queries over ``kv_len >= q_len`` keys (a cache continuation):
-        the mask must be the bottom-right-aligned causal one (``+ padding``), at every binding
-        of the lengths' symbols probed (two, so an offset that only matches one past length is
-        caught) and, when the lengths are symbolic, on a ~1M-key probe (no sliding window)."""
+        """A chunk of ``q_len`` queries over ``kv_len > q_len`` keys: the mask must be causal
+        (``+ padding``) with one alignment at every binding of the lengths' symbols probed (two,
+        so an offset that only matches one length is caught) and, when the lengths are symbolic,
+        on a ~1M-key probe (no sliding window): bottom-right (a cache continuation) or top-left
+        (a static cache's prefill)."""
         probe = self._new_probe(mask_node)
         gen = torch.Generator().manual_seed(0)
         batch_sym = None if isinstance(_sym_expr(batch), int) else _sym_expr(batch)
         b = PROBE_BATCH if batch_sym is not None else int(batch)
-        q_syms = _free_symbols(q_len) - {batch_sym}
-        other = sorted(_free_symbols(kv_len) - q_syms - {batch_sym}, key=str)
-        bindings = []
-        for q_val, other_val in (CHUNK_BINDINGS if (q_syms or other) else ((None, None),)):
-            symbols = {s: q_val + 2 * i for i, s in enumerate(sorted(q_syms, key=str))}
-            symbols.update({s: other_val + 2 * i for i, s in enumerate(other)})
-            bindings.append(symbols)
-        hows = []
-        for symbols in bindings:
+        q_syms = sorted(_free_symbols(q_len) - {batch_sym}, key=str)
+        other = sorted(_free_symbols(kv_len) - set(q_syms) - {batch_sym}, key=str)
+        symbolic = bool(q_syms or other)
+        aligned, hows, seen = None, [], set()
+        for q_val, other_val in (CHUNK_BINDINGS if symbolic else ((None, None),)):
+            symbols, nq, nk = _chunk_binding(q_len, kv_len, q_syms, other, q_val, other_val)
+            if (nq, nk) in seen:   # the query length was cut to fit a static key length: a shorter one
+                symbols, nq, nk = _chunk_binding(q_len, kv_len, q_syms, other, max(1, nq // 2), other_val)
+            seen.add((nq, nk))
             if batch_sym is not None:
                 symbols[batch_sym] = b
-            nq, nk = _MaskProbe._concrete(q_len, symbols), _MaskProbe._concrete(kv_len, symbols)
-            if not 0 < nq <= nk:
-                raise ProbeError(f"query length {nq} exceeds key length {nk} at the probe")
             rows = _sample_rows(nq, 96 if nq > 2048 else nq, gen)
             padding = _synthetic_padding(b, nk, gen) if probe.padding_source is not None else None
             result = probe.run(nq, nk, b, rows, padding, symbols)
-            try:
-                kind, window = _explain(result, rows, nq, nk, padding, b)
-            except ProbeError as e:
-                try:
-                    _, top_left_window = _explain(result, rows, nq, nk, padding, b, offset=0)
-                except ProbeError:
-                    raise e from None
-                if not top_left_window:
-                    raise TopLeftError("causal aligned top-left") from None
-                raise
-            if window:
-                raise ProbeError(f"sliding window ({window}) over a cached prefix: the op's window is for prefills")
+            aligned = _same_alignment(aligned, _chunk_alignment(result, rows, nq, nk, padding, b))
             hows.append(f"{nq} queries over {nk} keys x {len(rows)} rows")
-        if q_syms or other:
-            # a long key range: sliding windows up to ~1M tokens show here
-            symbols = {s: 64 + 2 * i for i, s in enumerate(sorted(q_syms, key=str))} if other else {}
-            long_syms = other or sorted(q_syms, key=str)
-            symbols.update({s: LONG_PROBE_LEN + 7 + 2 * i for i, s in enumerate(long_syms)})
+        if symbolic:
+            # a long range: sliding windows up to ~1M tokens show here. Bottom-right: a short
+            # chunk's last rows at the end of ~1M keys; top-left: the last rows of ~1M queries.
+            if aligned == "bottom_right":
+                q_val, other_val = (64, LONG_PROBE_LEN + 7) if other else (LONG_PROBE_LEN + 7, None)
+            else:
+                q_val, other_val = LONG_PROBE_LEN + 7, LONG_PROBE_LEN + 71
+            symbols, nq, nk = _chunk_binding(q_len, kv_len, q_syms, other, q_val, other_val)
             if batch_sym is not None:
                 symbols[batch_sym] = 1
             b_long = 1 if batch_sym is not None else int(batch)
-            nq, nk = _MaskProbe._concrete(q_len, symbols), _MaskProbe._concrete(kv_len, symbols)
-            if not 0 < nq <= nk:
-                raise ProbeError(f"query length {nq} exceeds key length {nk} at the probe")
             rows = torch.arange(max(0, nq - 4), nq)
             pad_long = torch.ones(b_long, nk, dtype=torch.bool) if probe.padding_source is not None else None
             result = probe.run(nq, nk, b_long, rows, pad_long, symbols)
-            kind, window = _explain(result, rows, nq, nk, pad_long, b_long)
-            if window:
-                raise ProbeError(f"sliding window ({window}) over a cached prefix: the op's window is for prefills")
+            aligned = _same_alignment(aligned, _chunk_alignment(result, rows, nq, nk, pad_long, b_long))
             hows.append(f"{nq} queries over {nk} keys x {len(rows)} rows")
-        kind = "causal_bottom_right" + ("+padding" if probe.padding_source is not None else "")
-        return MaskInfo(kind, padding_source=probe.padding_source, how="probe at " + ", ".join(hows))
+        how = "probe at " + ", ".join(hows)
+        padded = "+padding" if probe.padding_source is not None else ""
+        if aligned == "top_left":
+            return MaskInfo("causal_top_left" + padded, padding_source=probe.padding_source,
+                            how=f"{how}: causal aligned top-left (query r sees keys 0..r), a prefill over "
+                                f"the first {q_len} keys")
+        return MaskInfo("causal_bottom_right" + padded, padding_source=probe.padding_source, how=how)
+
+
+def _chunk_binding(q_len, kv_len, q_syms, other, q_val, other_val) -> tuple[dict, int, int]:
+    """Bind the query length's symbols to ``q_val`` (``+ 2 i``) and the key length's others to
+    ``other_val``: ``(symbols, nq, nk)`` with ``0 < nq < nk``. Where that binding has
+    ``nq >= nk`` (a static key length such as a static cache's slots, or another symbol bound
+    shorter), the query symbols get the largest value below ``q_val`` that fits."""
+    def bind(v):
+        symbols = {s: v + 2 * i for i, s in enumerate(q_syms)}
+        symbols.update({s: other_val + 2 * i for i, s in enumerate(other)})
+        return symbols, _MaskProbe._concrete(q_len, symbols), _MaskProbe._concrete(kv_len, symbols)
+
+    def fits(v):
+        _, nq, nk = bind(v)
+        return 0 < nq < nk
+
+    if q_val is None or fits(q_val):
+        symbols, nq, nk = bind(q_val)
+        if not 0 < nq < nk:
+            raise ProbeError(f"query length {nq} {'exceeds' if nq > nk else 'is not below'} key length {nk} "
+                             f"at the probe")
+        return symbols, nq, nk
+    if not fits(1):
+        symbols, nq, nk = bind(q_val)
+        raise ProbeError(f"query length {nq} exceeds key length {nk} at the probe")
+    lo, hi = 1, q_val            # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return bind(lo)
+
+
+def _chunk_alignment(result, rows, nq, nk, padding, batch) -> str:
+    """``bottom_right`` or ``top_left``: where the probed mask of ``nq < nk`` rows puts query row 0
+    (key ``nk - nq`` or key 0); a sliding window or anything else is a ProbeError."""
+    try:
+        _, window = _explain(result, rows, nq, nk, padding, batch)
+    except ProbeError as e:
+        try:
+            _, window = _explain(result, rows, nq, nk, padding, batch, offset=0)
+        except ProbeError:
+            raise e from None
+        if window:
+            raise TopLeftWindowError(f"causal aligned top-left with a sliding window ({window})") from None
+        return "top_left"
+    if window:
+        raise ProbeError(f"sliding window ({window}) over a cached prefix: the op's window is for prefills")
+    return "bottom_right"
+
+
+def _same_alignment(before: str | None, now: str) -> str:
+    if before is not None and now != before:
+        raise ProbeError(f"mask is causal aligned {before.replace('_', '-')} at one probe and "
+                         f"{now.replace('_', '-')} at another")
+    return now

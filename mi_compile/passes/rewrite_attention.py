@@ -29,9 +29,26 @@ A prefill chunk that continues a ``DynamicCache`` (mask ``causal_bottom_right``,
 
 (the op aligns query row ``r`` with key ``nk - nq + r``; ``prompt_length`` is the config's
 ``length``, given when the config has one, which scales a chunk's vertical counts), unless the op says such a layer's
-heads cannot run a chunk sparse (:func:`mi_compile.op.chunk_dense_reason`). Decode steps
-(one query token), ``is_causal=True`` with ``nq < nk`` (top-left in PyTorch) and static caches
-stay dense, with the reason.
+heads cannot run a chunk sparse (:func:`mi_compile.op.chunk_dense_reason`).
+
+A call over more keys than queries whose mask is causal aligned top-left (mask
+``causal_top_left``: ``is_causal=True`` with ``nq < nk``, a static cache's prefill; query ``r``
+sees keys ``0..r``) is a prefill over its first ``nq`` keys, and becomes one::
+
+    keys.index_copy_(2, cache_position, k)                        # a static cache: [b, hkv, max_cache_len, d]
+    mask = (kv_idx <= q_idx) & padding[b_idx, kv_idx]              # [b, 1, nq, max_cache_len]
+    out  = sdpa(q, repeat_kv(keys), repeat_kv(values), attn_mask=mask, scale=s)
+->
+    nq   = q.size(2)                                               # (a constant for static shapes)
+    out  = torch.ops.mi_compile.sparse_attention(q, keys.narrow(2, 0, nq), values.narrow(2, 0, nq),
+              heads=[...], scale=s, key_padding_mask=padding.narrow(1, 0, nq), window=0,
+              min_seq_len=..., layer=3)
+
+(counted in ``rewritten_top_left``). Where the shapes do not prove ``nq <= nk`` (lengths of
+their own under dynamic shapes), the traced input's lengths decide and a guard ``nq <= nk``
+makes Dynamo recompile for an input where that flips; a call with more queries than keys stays
+dense. Decode steps (one query token), a top-left mask with a sliding window and a static
+cache's continuation stay dense, with the reason.
 """
 from __future__ import annotations
 
@@ -75,9 +92,9 @@ def kernel_limits_reason(site: AttentionSite) -> str:
 def lengths_reason(site: AttentionSite) -> str:
     """Why query and key lengths may differ (then the call is not a prefill), or "".
 
-    ``is_causal=True`` with a shorter query aligns the mask top-left in PyTorch, which the op
-    does not compute; symbolic lengths count as equal only when the shape environment knows
-    they are (the same symbol, as when q and k come from one hidden state)."""
+    Symbolic lengths count as equal only when the shape environment knows they are (the same
+    symbol, as when q and k come from one hidden state). Chunks (bottom-right) and top-left
+    calls (narrowed to their first ``nq`` keys) are not asked."""
     q, k = _example(sdpa_arg(site.node, "query")), _example(sdpa_arg(site.node, "key"))
     if q is None or k is None or q.dim() != 4 or k.dim() != 4:
         return "query/key shapes unknown"
@@ -124,6 +141,51 @@ def has_side_effects(node: torch.fx.Node) -> bool:
     return node.is_impure()
 
 
+def top_left_reason(site: AttentionSite) -> str:
+    """Why a top-left causal call cannot run as a prefill over its first ``nq`` keys, or "".
+
+    That needs ``nq <= nk``. Where the shape environment does not know it (symbolic lengths of
+    their own, as under ``dynamic=True``), this input's lengths decide and the answer becomes
+    a guard (``nq <= nk``; Dynamo recompiles for an input where it flips)."""
+    q, k = _example(sdpa_arg(site.node, "query")), _example(site.key_source)
+    if q is None or k is None or q.dim() != 4 or k.dim() != 4:
+        return "query/key shapes unknown"
+    nq, nk = q.shape[2], k.shape[2]
+    if statically_known_true(nq <= nk):
+        return ""
+    if not (isinstance(nq, int) and isinstance(nk, int)):
+        try:
+            if bool(nq <= nk):          # guarded from here on
+                return ""
+        except Exception as e:  # noqa: BLE001  - e.g. data-dependent (unbacked) lengths: no guard possible
+            return f"query length {nq} may exceed key length {nk} ({type(e).__name__})"
+    return (f"query length {nq} exceeds key length {nk} here: top-left causal attention over fewer keys "
+            f"than queries is not a prefill")
+
+
+def _narrowed(graph: torch.fx.Graph, node: torch.fx.Node, dim: int, length, known_length) -> torch.fx.Node:
+    """``node.narrow(dim, 0, length)``, or ``node`` itself where its size there is ``known_length``."""
+    val = _example(node)
+    if val is not None and (_sym_expr(val.shape[dim]) == _sym_expr(known_length)
+                            or statically_known_true(val.shape[dim] == known_length)):
+        return node
+    return graph.call_method("narrow", (node, dim, 0, length))
+
+
+def _first_keys(graph: torch.fx.Graph, site: AttentionSite):
+    """K, V and the padding mask of a top-left causal call cut to its first ``nq`` keys (the
+    query length: a SymInt read from the query where symbolic). Inserted before the call."""
+    query = sdpa_arg(site.node, "query")
+    nq = _example(query).shape[2]
+    length = nq if isinstance(nq, int) else graph.call_method("size", (query, 2))
+    key = _narrowed(graph, site.key_source, 2, length, nq)
+    value = _narrowed(graph, site.value_source, 2, length, nq)
+    padding = site.mask.padding_source
+    if padding is not None:
+        padding = _narrowed(graph, padding, 1, length, nq)
+    return key, value, padding
+
+
 def _chunk_padding(graph: torch.fx.Graph, site: AttentionSite):
     """The key padding mask for a chunk, cut to the keys' length: transformers indexes the
     2D ``attention_mask`` with ``arange(nk)``, so only its first ``nk`` columns count, and
@@ -153,11 +215,9 @@ class RewriteAttentionPass:
             return site.keep_dense("decode step (one query token)")
         if site.mask is None or site.mask.kind == "unknown":
             reason = site.mask.reason if site.mask else "?"
-            if reason.startswith("static cache:"):
+            if reason.startswith(("static cache:", "causal aligned top-left with a sliding window")):
                 return site.keep_dense(reason)
             return site.keep_dense(f"mask not understood: {reason}")
-        if site.mask.kind == "causal_top_left":
-            return site.keep_dense(site.mask.reason)
         if site.mask.kind == "none":
             return site.keep_dense("not causal (no mask, is_causal=False)")
         if not isinstance(dropout, (int, float)) or dropout != 0.0:
@@ -169,14 +229,20 @@ class RewriteAttentionPass:
         if site.q_heads % site.kv_heads:
             return site.keep_dense(f"{site.q_heads} query heads not a multiple of {site.kv_heads} KV heads")
         # a chunk's lengths differ by construction (the classifier proved nq <= nk and the
-        # bottom-right mask); anything else must be a prefill
-        reason = kernel_limits_reason(site) or ("" if site.mask.chunk else lengths_reason(site))
+        # bottom-right mask), a top-left call's are made equal (its first nq keys); anything
+        # else must be a prefill
+        reason = kernel_limits_reason(site) or (
+            "" if site.mask.chunk or site.mask.top_left else lengths_reason(site))
         if reason:
             return site.keep_dense(reason)
         if site.layer is None:
             return site.keep_dense("layer index not found in nn_module_stack")
         if site.layer in self.options.dense_layers:
             return site.keep_dense(f"layer {site.layer} kept dense by option dense_layers")
+        if site.mask.top_left:
+            reason = top_left_reason(site)      # last: it may add a guard, for a rewritten call only
+            if reason:
+                return site.keep_dense(reason)
         if site.mask.window:
             # The model itself limits this layer to a sliding window: that *is* an A-shape with
             # no sinks, computed exactly, whatever the config says for its heads.
@@ -191,7 +257,7 @@ class RewriteAttentionPass:
         site.action = "sparse"
 
     def __call__(self, gm: torch.fx.GraphModule, sites: list[AttentionSite]) -> int:
-        rewritten = 0
+        rewritten = top_left = 0
         graph = gm.graph
         for site in sites:
             if site.action == "pending":
@@ -200,8 +266,13 @@ class RewriteAttentionPass:
                 continue
             node = site.node
             with graph.inserting_before(node):
-                padding = _chunk_padding(graph, site) if site.mask.chunk else site.mask.padding_source
-                args = (sdpa_arg(node, "query"), site.key_source, site.value_source, encode_heads(site.heads),
+                key, value, padding = site.key_source, site.value_source, site.mask.padding_source
+                if site.mask.chunk:
+                    padding = _chunk_padding(graph, site)
+                elif site.mask.top_left:
+                    key, value, padding = _first_keys(graph, site)
+                    top_left += 1
+                args = (sdpa_arg(node, "query"), key, value, encode_heads(site.heads),
                         sdpa_arg(node, "scale"), padding, int(site.mask.window), int(self.options.min_seq_len),
                         int(site.layer))
                 if site.mask.chunk and self.config.length:
@@ -213,6 +284,7 @@ class RewriteAttentionPass:
             site.node = new
             rewritten += 1
         bump("rewritten_sparse", rewritten)
+        bump("rewritten_top_left", top_left)
         bump("left_dense", sum(s.action == "dense" for s in sites))
         graph.eliminate_dead_code(is_impure_node=has_side_effects)
         graph.lint()

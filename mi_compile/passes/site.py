@@ -29,7 +29,9 @@ class MaskInfo:
     kind: ``causal`` | ``causal+padding`` | ``sliding_window`` | ``sliding_window+padding`` |
     ``causal_bottom_right`` | ``causal_bottom_right+padding`` (a prefill chunk continuing a
     cache: ``nq <= nk`` and query row ``r`` sees key ``j`` iff ``j <= nk - nq + r``) |
-    ``causal_top_left`` (``is_causal=True`` with ``nq < nk``: query ``r`` sees keys ``0..r``) |
+    ``causal_top_left`` | ``causal_top_left+padding`` (fewer queries than keys, query ``r`` sees
+    key ``j`` iff ``j <= r``: ``is_causal=True`` with ``nq < nk``, a static cache's prefill; the
+    same as a prefill over the first ``nq`` keys) |
     ``none`` (no mask, not causal) | ``unknown``.
     """
 
@@ -41,12 +43,17 @@ class MaskInfo:
 
     @property
     def recognised(self) -> bool:
-        return self.kind not in ("unknown", "none", "causal_top_left")
+        return self.kind not in ("unknown", "none")
 
     @property
     def chunk(self) -> bool:
         """A prefill chunk that continues a cache (bottom-right-aligned causal, ``nq <= nk``)."""
         return self.kind.startswith("causal_bottom_right")
+
+    @property
+    def top_left(self) -> bool:
+        """Top-left-aligned causal over more keys than queries: a prefill over the first ``nq`` keys."""
+        return self.kind.startswith("causal_top_left")
 
 
 @dataclasses.dataclass
