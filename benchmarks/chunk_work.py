@@ -13,6 +13,8 @@ heads, head_dim 128), one layer at a time with that layer's heads of ``--config`
   ``split_tiles`` set to ``T``: a chunk's dense last rows walk their keys in parts of ~``T``
   key tiles, one program each (fewer tiles a part, more programs; the index and pairs do not
   change, only the time);
+* ``whole_torch_topk`` / ``chunks_torch_topk`` (``--compare-topk``): the vertical-slash top-k by
+  ``torch.topk`` and a sort instead of the Triton select kernel (``SELECT_CONFIG["kernel"]``);
 
 the time of their index builds alone (estimate, top-k, tables) and the pairs each computes
 (the kernel's counting mode). Random inputs spread the vertical-slash estimate's picks about
@@ -24,6 +26,7 @@ every layer's whole and chunked calls, and the chunks against the whole by categ
 
     python3 -m benchmarks.chunk_work                        # GPU: 128K in 16K chunks, ~1 min on an H100
     python3 -m benchmarks.chunk_work --split-tiles 16,32,64  # and the chunks' dense rows in smaller parts
+    python3 -m benchmarks.chunk_work --compare-topk          # and with the top-k in torch
     python3 -m benchmarks.chunk_work --device cpu --n 512 --chunk 128 --length 512 --min-seq-len 256 --layers 0,1
 
 Prints a table and writes ``$OUT/chunk_work.json`` (``--out`` to change).
@@ -56,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=3, help="timed repetitions, the minimum kept (default %(default)s)")
     p.add_argument("--split-tiles", default="",
                    help="comma-separated split_tiles values: the scaled chunks timed again with each (default: none)")
+    p.add_argument("--compare-topk", action="store_true",
+                   help="the whole and the chunked calls timed again with the top-k by torch.topk and a sort")
     p.add_argument("--profile", action="store_true",
                    help="CUDA: device time per kernel of the whole and the chunked calls (torch.profiler)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -97,6 +102,7 @@ def main(argv=None):
     args = parse_args(argv)
     from mi_compile.config import load_config
     from mi_compile.kernels.sparse_attention import KERNEL_CONFIG
+    from mi_compile.kernels.top_select import SELECT_CONFIG
     from mi_compile.op import sparse_attention_op
     from mi_compile.patterns.spec import encode_heads
     from mi_compile.sparse import build_sparse_index, index_density
@@ -151,19 +157,22 @@ def main(argv=None):
             total += float(index_density(index, q[:, :, e - nq:e], k[:, :, :e], v[:, :, :e]).sum()) * causal
         return total
 
-    def with_split(fn, tiles):
-        """``fn`` run with the kernel's ``split_tiles`` set to ``tiles`` (restored after)."""
-        def run_split():
-            saved, KERNEL_CONFIG["split_tiles"] = KERNEL_CONFIG["split_tiles"], tiles
+    def with_setting(fn, table, key, value):
+        """``fn`` run with ``table[key]`` set to ``value`` (restored after)."""
+        def run_with():
+            saved, table[key] = table[key], value
             try:
                 return fn()
             finally:
-                KERNEL_CONFIG["split_tiles"] = saved
-        return run_split
+                table[key] = saved
+        return run_with
 
     variants = {"whole": (False, 0), "chunks": (True, length), "absolute": (True, 0)}
-    splits = {f"chunks_split{t}": t for t in args.split_tiles}
-    rows, sums = [], {name: [0.0, 0.0, 0.0] for name in [*variants, *splits]}
+    # timed again with one setting changed: (base variant, table, key, value, index changes too)
+    settings = {f"chunks_split{t}": ("chunks", KERNEL_CONFIG, "split_tiles", t, False) for t in args.split_tiles}
+    if args.compare_topk:
+        settings.update({f"{base}_torch_topk": (base, SELECT_CONFIG, "kernel", False, True) for base in ("whole", "chunks")})
+    rows, sums = [], {name: [0.0, 0.0, 0.0] for name in [*variants, *settings]}
     t0 = time.time()
     with torch.no_grad():
         for layer in layers:
@@ -177,12 +186,15 @@ def main(argv=None):
                 sums[name][0] += secs
                 sums[name][1] += work
                 sums[name][2] += index_s
-            for name, tiles in splits.items():
-                secs = _timed(with_split(run(heads, layer, True, length), tiles), dev, args.reps)
-                row[name] = dict(row["chunks"], ms=round(secs * 1e3, 3))
+            for name, (base, table, key, value, index_changes) in settings.items():
+                chunked, plen = variants[base]
+                secs = _timed(with_setting(run(heads, layer, chunked, plen), table, key, value), dev, args.reps)
+                index_s = (_timed(with_setting(index_only(heads, chunked, plen), table, key, value), dev, args.reps)
+                           if index_changes else row[base]["index_ms"] / 1e3)
+                row[name] = dict(row[base], ms=round(secs * 1e3, 3), index_ms=round(index_s * 1e3, 3))
                 sums[name][0] += secs
-                sums[name][1] += row["chunks"]["pairs"]
-                sums[name][2] += row["chunks"]["index_ms"] / 1e3
+                sums[name][1] += row[base]["pairs"]
+                sums[name][2] += index_s
             rows.append(row)
             print(f"layer {layer:2d}: " + "  ".join(f"{m} {row[m]['ms']:8.2f} ms" for m in sums), flush=True)
     whole_s, whole_p, _ = sums["whole"]

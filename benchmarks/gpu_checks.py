@@ -346,6 +346,27 @@ def check_backend_chunk(D, dtype):
     return {"rewritten": rewritten, "compiled_vs_fp32": round(err, 6), "eager_vs_fp32": round(err_eager, 6)}
 
 
+def check_top_select():
+    """The vertical-slash top-k kernel (what ``top_rows`` runs on CUDA) against torch.topk and a
+    sort, on rows of 131072 (CUDA) and N scores with keys outside the sequence, counts 0 /
+    between / past the width."""
+    from mi_compile.kernels.constants import FORCED
+    from mi_compile.kernels.top_select import top_select
+    from mi_compile.patterns.vertical_slash import top_rows_torch
+    g = torch.Generator(device=DEV).manual_seed(11)
+    worst = 0
+    for m, width in ((131072, 8192), (N, N - 64)) if DEV == "cuda" else ((N, N - 64),):
+        scores = torch.randn(2, 12, m, device=DEV, generator=g) * 3
+        scores[1, :, m - 700:] = float("-inf")
+        scores[0, 3, ::2] = float("-inf")
+        limits = torch.randint(0, width + 100, (12,), device=DEV, generator=g)
+        limits[0], limits[1] = 0, width + 50
+        got, ref = top_select(scores[..., FORCED:], limits, width), top_rows_torch(scores, limits, width)
+        assert torch.equal(got, ref), f"m={m}: {int((got != ref).sum())} entries differ"
+        worst = max(worst, int((got != ref).sum()))
+    return {"differing": worst}
+
+
 def run_one(D, dtype_name, only=()):
     """The checks of one (head_dim, dtype), those whose names start with one of ``only`` if
     given; returns a list of result dicts."""
@@ -361,7 +382,7 @@ def run_one(D, dtype_name, only=()):
                ("hopper_sparse", lambda: check_hopper_sparse(D, dtype)),
                ("hopper_sparse_pipe", lambda: check_hopper_sparse(D, dtype, pipeline=True))]
     checks += [(f"chunk_gqa{r}", lambda r=r: check_chunk(D, dtype, r)) for r in (1, 4)]
-    checks += [("backend_chunk", lambda: check_backend_chunk(D, dtype))]
+    checks += [("backend_chunk", lambda: check_backend_chunk(D, dtype)), ("top_select", check_top_select)]
     if only:
         checks = [(name, fn) for name, fn in checks if name.startswith(tuple(only))]
     results = []

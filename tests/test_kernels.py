@@ -221,7 +221,8 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert [r["check"] for r in results] == ["mixed_gqa1", "mixed_gqa4", "mixed_gqa8", "adaptive_gqa1",
                                              "adaptive_gqa4", "wide", "full_selection_vs_sdpa",
                                              "backend_tiny_llama", "hopper_wide", "hopper_ws", "hopper_sparse",
-                                             "hopper_sparse_pipe", "chunk_gqa1", "chunk_gqa4", "backend_chunk"]
+                                             "hopper_sparse_pipe", "chunk_gqa1", "chunk_gqa4", "backend_chunk",
+                                             "top_select"]
     assert all(r.get("skipped") for r in results if r["check"].startswith("hopper_"))   # no sm_90 here
     assert all(r["ok"] for r in results)
 

@@ -23,7 +23,7 @@ CATEGORIES = (
     ("dense last rows, split", r"_dense_rows_part_kernel|_dense_rows_merge_kernel"),
     ("Inductor fused (triton_)", r"^triton_"),      # before the others: fused names list their ops
     ("dense attention (flash/cuDNN)", r"flash|fmha|cudnn"),
-    ("top-k / sort", r"topk|sort|radix|bitonic"),
+    ("top-k / sort", r"topk|sort|radix|bitonic|_top_select_kernel"),
     ("GEMM", r"gemm|cutlass|xmma|nvjet|wgmma|matmul"),
 )
 

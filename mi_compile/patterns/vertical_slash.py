@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from ..kernels._device import device_ints
 from ..kernels.dispatch import selection_impl
+from ..kernels.top_select import SELECT_CONFIG, top_select
 from ..kernels.constants import BLOCK, FORCED, KIND_VS, LAST_QUERIES, PHASE_VERTICAL_SLASH, SENTINEL
 from .dense_last import DenseLastSpec
 from .registry import PatternError, register, tokens
@@ -160,9 +161,18 @@ def estimate_scores_torch(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[i
 def top_rows(scores: torch.Tensor, limits: torch.Tensor, width: int) -> torch.Tensor:
     """int32 ``[B, R, width]``: row ``r``'s ``limits[r]`` (clamped to ``[0, width]``) best scores
     beyond the FORCED keys, as indices relative to FORCED, ascending, then SENTINEL (also for a
-    ``-inf`` score, i.e. a key outside the sequence). One top-k and one sort serve every row,
-    whatever its count: a row's best ``c`` are the first ``c`` of its best ``width``. The sort
-    runs on int32 keys (half the radix passes of int64; positions fit)."""
+    ``-inf`` score, i.e. a key outside the sequence). On CUDA one Triton launch
+    (:mod:`mi_compile.kernels.top_select`; ties to the lowest indices) unless
+    ``SELECT_CONFIG["kernel"]`` is False; else :func:`top_rows_torch`."""
+    if selection_impl(scores) == "triton" and SELECT_CONFIG["kernel"] and scores.dtype == torch.float32:
+        return top_select(scores[..., FORCED:], limits.reshape(-1), width)
+    return top_rows_torch(scores, limits, width)
+
+
+def top_rows_torch(scores: torch.Tensor, limits: torch.Tensor, width: int) -> torch.Tensor:
+    """:func:`top_rows` in PyTorch: one top-k and one sort serve every row, whatever its count
+    (a row's best ``c`` are the first ``c`` of its best ``width``). The sort runs on int32 keys
+    (half the radix passes of int64; positions fit)."""
     top = torch.topk(scores[..., FORCED:], width, dim=-1)
     rank = torch.arange(width, device=scores.device)
     keep = (rank < limits.view(-1, 1)) & (top.values > float("-inf"))
