@@ -13,8 +13,9 @@ heads, head_dim 128), one layer at a time with that layer's heads of ``--config`
   ``split_tiles`` set to ``T``: a chunk's dense last rows walk their keys in parts of ~``T``
   key tiles, one program each (fewer tiles a part, more programs; the index and pairs do not
   change, only the time);
-* ``whole_torch_topk`` / ``chunks_torch_topk`` (``--compare-topk``): the vertical-slash top-k by
-  ``torch.topk`` and a sort instead of the Triton select kernel (``SELECT_CONFIG["kernel"]``);
+* ``whole_top_select`` / ``chunks_top_select`` (``--compare-topk``): the vertical-slash top-k by
+  the Triton select kernel instead of ``torch.topk`` and a sort (``SELECT_CONFIG["kernel"]``; the
+  names end in ``_torch_topk`` where the kernel is the default);
 
 the time of their index builds alone (estimate, top-k, tables) and the pairs each computes
 (the kernel's counting mode). Random inputs spread the vertical-slash estimate's picks about
@@ -26,7 +27,7 @@ every layer's whole and chunked calls, and the chunks against the whole by categ
 
     python3 -m benchmarks.chunk_work                        # GPU: 128K in 16K chunks, ~1 min on an H100
     python3 -m benchmarks.chunk_work --split-tiles 16,32,64  # and the chunks' dense rows in smaller parts
-    python3 -m benchmarks.chunk_work --compare-topk          # and with the top-k in torch
+    python3 -m benchmarks.chunk_work --compare-topk          # and with the other top-k
     python3 -m benchmarks.chunk_work --device cpu --n 512 --chunk 128 --length 512 --min-seq-len 256 --layers 0,1
 
 Prints a table and writes ``$OUT/chunk_work.json`` (``--out`` to change).
@@ -60,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--split-tiles", default="",
                    help="comma-separated split_tiles values: the scaled chunks timed again with each (default: none)")
     p.add_argument("--compare-topk", action="store_true",
-                   help="the whole and the chunked calls timed again with the top-k by torch.topk and a sort")
+                   help="the whole and the chunked calls timed again with the other vertical-slash top-k "
+                        "(the Triton select kernel / torch.topk and a sort)")
     p.add_argument("--profile", action="store_true",
                    help="CUDA: device time per kernel of the whole and the chunked calls (torch.profiler)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -170,8 +172,10 @@ def main(argv=None):
     variants = {"whole": (False, 0), "chunks": (True, length), "absolute": (True, 0)}
     # timed again with one setting changed: (base variant, table, key, value, index changes too)
     settings = {f"chunks_split{t}": ("chunks", KERNEL_CONFIG, "split_tiles", t, False) for t in args.split_tiles}
-    if args.compare_topk:
-        settings.update({f"{base}_torch_topk": (base, SELECT_CONFIG, "kernel", False, True) for base in ("whole", "chunks")})
+    if args.compare_topk:       # the other top-k than the default
+        other = not SELECT_CONFIG["kernel"]
+        settings.update({f"{base}_{'top_select' if other else 'torch_topk'}": (base, SELECT_CONFIG, "kernel", other, True)
+                         for base in ("whole", "chunks")})
     rows, sums = [], {name: [0.0, 0.0, 0.0] for name in [*variants, *settings]}
     t0 = time.time()
     with torch.no_grad():

@@ -114,12 +114,12 @@ def test_chunk_work_dry_run(benchmark_module, tmp_path):
     summary = chunk_work.main(["--device", "cpu", "--n", "512", "--chunk", "128", "--length", "2048",
                                "--min-seq-len", "256", "--layers", "0,1", "--reps", "1", "--out", str(out),
                                "--split-tiles", "2", "--compare-topk", "--profile"])     # --profile: CUDA only, noted
-    assert set(summary) == {"whole", "chunks", "absolute", "chunks_split2", "whole_torch_topk",
-                            "chunks_torch_topk"} and summary["whole"]["vs_whole"] == 1.0
-    assert summary["chunks_torch_topk"]["pairs_vs_whole"] == summary["chunks"]["pairs_vs_whole"]
+    assert set(summary) == {"whole", "chunks", "absolute", "chunks_split2", "whole_top_select",
+                            "chunks_top_select"} and summary["whole"]["vs_whole"] == 1.0
+    assert summary["chunks_top_select"]["pairs_vs_whole"] == summary["chunks"]["pairs_vs_whole"]
     # another split of the dense rows changes the time only
     assert summary["chunks_split2"]["pairs_vs_whole"] == summary["chunks"]["pairs_vs_whole"]
-    assert KERNEL_CONFIG["split_tiles"] == default_split and SELECT_CONFIG["kernel"] is True
+    assert KERNEL_CONFIG["split_tiles"] == default_split and SELECT_CONFIG["kernel"] is False
     with pytest.raises(SystemExit):
         chunk_work.parse_args(["--split-tiles", "0"])
     assert summary["chunks"]["pairs_vs_whole"] < summary["absolute"]["pairs_vs_whole"]

@@ -75,8 +75,8 @@ def test_bad_input_is_named():
 
 
 def test_the_index_builder_selects_the_same_with_the_kernel(monkeypatch):
-    """build_sparse_index with the select kernel in top_rows (as on CUDA) gives the torch path's
-    tables, here for a prefill and a chunk of a layer of vertical-slash heads."""
+    """build_sparse_index with the select kernel in top_rows (as on CUDA when switched on) gives
+    the torch path's tables, here for a prefill and a chunk of a layer of vertical-slash heads."""
     g = torch.Generator().manual_seed(7)
     q, k = torch.randn(1, 4, 700, 32, generator=g), torch.randn(1, 2, 700, 32, generator=g)
     heads = [HP("vertical_slash", vertical=200, slash=300), HP("vertical_slash", vertical=90, slash=64, last=64),
@@ -94,6 +94,7 @@ def test_the_index_builder_selects_the_same_with_the_kernel(monkeypatch):
     expected = [tables(q, k), tables(q[:, :, 500:], k)]
     monkeypatch.setattr(vertical_slash, "selection_impl", lambda t: "triton")
     monkeypatch.setattr(vertical_slash, "top_select", counted)
+    monkeypatch.setitem(SELECT_CONFIG, "kernel", True)
     got = [tables(q, k), tables(q[:, :, 500:], k)]
     assert calls, "the select kernel did not run"
     for a, b in zip(expected, got):

@@ -31,9 +31,10 @@ import triton.language as tl
 from .constants import SENTINEL
 
 _SELECT_BLOCK = 2048   # scores per sweep step
-#: ``kernel``: the vertical-slash top-k runs this kernel on CUDA (False: ``torch.topk`` and a sort
-#: there too; the benchmarks time both)
-SELECT_CONFIG = {"kernel": True}
+#: ``kernel``: the vertical-slash top-k runs this kernel on CUDA instead of ``torch.topk`` and a
+#: sort. Off until a GPU run shows it faster (``benchmarks/chunk_work.py --compare-topk`` times
+#: both side by side); the CPU always runs torch.
+SELECT_CONFIG = {"kernel": False}
 _INT_MIN = tl.constexpr(-2147483648)   # the sign bit of an int32
 
 

@@ -161,9 +161,9 @@ def estimate_scores_torch(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[i
 def top_rows(scores: torch.Tensor, limits: torch.Tensor, width: int) -> torch.Tensor:
     """int32 ``[B, R, width]``: row ``r``'s ``limits[r]`` (clamped to ``[0, width]``) best scores
     beyond the FORCED keys, as indices relative to FORCED, ascending, then SENTINEL (also for a
-    ``-inf`` score, i.e. a key outside the sequence). On CUDA one Triton launch
-    (:mod:`mi_compile.kernels.top_select`; ties to the lowest indices) unless
-    ``SELECT_CONFIG["kernel"]`` is False; else :func:`top_rows_torch`."""
+    ``-inf`` score, i.e. a key outside the sequence). :func:`top_rows_torch`, or on CUDA with
+    ``SELECT_CONFIG["kernel"]`` one Triton launch (:mod:`mi_compile.kernels.top_select`; ties to
+    the lowest indices)."""
     if selection_impl(scores) == "triton" and SELECT_CONFIG["kernel"] and scores.dtype == torch.float32:
         return top_select(scores[..., FORCED:], limits.reshape(-1), width)
     return top_rows_torch(scores, limits, width)
