@@ -37,13 +37,7 @@ OPTS = {"config": COVER, "min_seq_len": 0}
 PAST, CHUNK = 80, 70          # the chunk is longer than one 64-query block: the sparse path runs
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-    counters.clear()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.fixture

@@ -33,13 +33,7 @@ OPTS = {"config": COVER, "min_seq_len": 0}
 LENGTHS = ((70, 100), (50, 90), (66, 80))     # (nq, nk): more than one 64-query block
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-    counters.clear()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _repeat_kv(x, groups):
