@@ -113,7 +113,7 @@ def test_compiles_for_sm90(tmp_path):
     without spilling."""
     code = ("from benchmarks.kernel_resources import compile_kernel, resources\n"
             "from mi_compile.kernels import top_select as ts\n"
-            "c = compile_kernel(ts._top_select_kernel, 'fp32', {'SENTINEL_VALUE': 1 << 30, 'BLOCK': 2048}, 8, 1, 90,\n"
+            "c = compile_kernel(ts._top_select_kernel, 'fp32', {'SENTINEL_VALUE': 1 << 30, 'BLOCK': ts._SELECT_BLOCK}, 16, 1, 90,\n"
             "                   pointers={'scores_ptr': 'fp32', 'limits_ptr': 'i64', 'out_ptr': 'i32'})\n"
             "r = resources(c); assert r['stack_bytes'] == 0 and r['registers'] <= 255, r; print(r)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .constants import SENTINEL
 
-_SELECT_BLOCK = 2048   # scores per sweep step
+_SELECT_BLOCK = 4096   # scores per sweep step (more loads in flight per step: the row walk is serial)
 #: ``kernel``: the vertical-slash top-k runs this kernel on CUDA instead of ``torch.topk`` and a
 #: sort. Off until a GPU run shows it faster (``benchmarks/chunk_work.py --compare-topk`` times
 #: both side by side); the CPU always runs torch.
@@ -128,5 +128,5 @@ def top_select(scores: torch.Tensor, limits: torch.Tensor, width: int) -> torch.
     _top_select_kernel[(B * R,)](
         scores, limits, out, m, R, width,
         scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
-        SENTINEL_VALUE=SENTINEL, BLOCK=_SELECT_BLOCK, num_warps=8)
+        SENTINEL_VALUE=SENTINEL, BLOCK=_SELECT_BLOCK, num_warps=16)
     return out
