@@ -5,8 +5,8 @@ continuation chunk runs through ``torch.compile(model, backend="minference")``: 
 must classify its mask as bottom-right-aligned causal and rewrite the call to
 ``mi_compile::sparse_attention`` (asserted by op target and by the passes' counters), and the
 logits must be eager's (the config's heads cover every key). Beside each positive case a
-negative one stays dense with its reason: a ``StaticCache`` continuation, a mask with another
-offset, a decode step. Top-left-aligned causal masks over more keys than queries (``is_causal=True``
+negative one stays dense with its reason: a mask with another offset, a decode step. A
+``StaticCache`` continuation is rewritten too (here in brief, in full in ``test_static_chunk.py``). Top-left-aligned causal masks over more keys than queries (``is_causal=True``
 with ``nq < nk``, a static cache's prefill) run as a prefill over the first ``nq`` keys (here in
 brief, in full in ``test_top_left.py``).
 """
@@ -164,15 +164,19 @@ def test_chunk_stays_dense_where_the_op_says_so(monkeypatch):
     assert {s.reason for s in report.sites} == {"prefill chunk over a cache: these heads cannot take a chunk"}
 
 
-def test_static_cache_stays_dense_with_its_reason():
-    """StaticCache offsets the queries by a runtime tensor over all of its slots: no contract."""
+def test_static_cache_chunk_is_rewritten_over_the_filled_slots(op_takes_chunks):
+    """StaticCache offsets the queries by a runtime tensor over all of its slots: proven causal
+    over the filled ones (``causal_static_offset``), rewritten with K/V rotated so they end at
+    the last query (in full in ``test_static_chunk.py``). A mask whose runtime offset is off
+    by one stays dense with the static-cache reason (there too)."""
     gm = traced_chunk_graph(cache_cls=StaticCache)
     report = run_passes(gm, BackendOptions.from_user(OPTS), load_config(COVER))
-    assert report.rewritten == 0
-    assert gm.graph.find_nodes(op="call_function", target=SPARSE) == []
-    for site in report.sites:
-        assert site.mask.kind == "unknown"
-        assert site.reason.startswith("static cache: query positions come from runtime tensor"), site.reason
+    assert report.rewritten == LAYERS
+    assert len(gm.graph.find_nodes(op="call_function", target=SPARSE)) == LAYERS
+    assert [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS] == []
+    assert {s.mask.kind for s in report.sites} == {"causal_static_offset"}
+    assert counters["mi_compile"]["rewritten_static_chunk"] == LAYERS
+    assert counters["mi_compile"]["left_dense"] == 0
 
 
 class _OneLayer(torch.nn.Module):
@@ -276,16 +280,6 @@ def test_chunk_with_the_config_length_matches_eager_through_inductor():
     out = _continue(model, torch.compile(model, backend=backend, fullgraph=True, dynamic=True))
     (report,) = backend.reports
     assert [s.node.args[9:] for s in _sparse_nodes(report)] == [(4096,)] * LAYERS
-    _assert_close(out, ref)
-
-
-def test_static_cache_chunk_matches_eager_dense():
-    model = tiny_model("llama", num_layers=LAYERS)
-    ref = _continue(model, model, cache_cls=StaticCache)
-    backend = mi_compile.backend(OPTS)
-    out = _continue(model, torch.compile(model, backend=backend), cache_cls=StaticCache)
-    assert backend.reports and all(r.rewritten == 0 for r in backend.reports)
-    assert all(s.reason.startswith("static cache:") for r in backend.reports for s in r.sites)
     _assert_close(out, ref)
 
 

@@ -6,8 +6,9 @@
 
 A chunk continuing a cache shows mask ``causal_bottom_right``, a call over more keys than
 queries whose mask is causal aligned top-left (``is_causal=True`` with a shorter query, a static
-cache's prefill) ``causal_top_left`` (each with a line saying what that is, the latter with how it
-was established); a call left dense says why, e.g. ``decode step (one query token)``,
+cache's prefill) ``causal_top_left`` and a chunk continuing a static cache
+``causal_static_offset`` (each with a line saying what that is, the latter two with how it was
+established); a call left dense says why, e.g. ``decode step (one query token)``,
 ``static cache: ...`` or ``prefill chunk over a cache: <the op's reason>``.
 
 :func:`mi_compile.explain` (in :mod:`mi_compile.backend`) compiles a model with the backend's
@@ -34,6 +35,17 @@ def threshold_line(min_seq_len: int, length: int | None = None) -> str:
         line += (f"; this input ({length} tokens) runs "
                  + ("the sparse patterns" if length >= max(min_seq_len, 1) else "dense"))
     return line
+
+
+# masks over more keys than queries whose meaning a probe established: (MaskInfo flag, legend)
+_PROVEN_KINDS = (
+    ("top_left", "causal_top_left: fewer queries than keys, query r sees keys 0..r (is_causal=True with a "
+                 "shorter query, a static cache's prefill): the same as a prefill over the first nq keys, "
+                 "which a sparse call runs (K, V and the padding mask narrowed to them)"),
+    ("static_chunk", "causal_static_offset: a prefill chunk that continues a static cache (queries at runtime "
+                     "positions c..c+nq-1 over all its slots, query r sees slots 0..c+r): a sparse call gathers "
+                     "K and V so the filled slots come last and masks the rest as left padding"),
+)
 
 
 def format_table(sites, config_source: str = "", threshold: str = "", tp=None) -> str:
@@ -64,12 +76,11 @@ def format_table(sites, config_source: str = "", threshold: str = "", tp=None) -
         if lengths:
             lines.append(f"config length {', '.join(map(str, sorted(lengths)))}: a chunk with fewer keys keeps "
                          "nk / length of each vertical-slash head's columns")
-    top_left = [s for s in sites if s.mask is not None and s.mask.top_left]
-    if top_left:
-        lines.append("causal_top_left: fewer queries than keys, query r sees keys 0..r (is_causal=True with a "
-                     "shorter query, a static cache's prefill): the same as a prefill over the first nq keys, "
-                     "which a sparse call runs (K, V and the padding mask narrowed to them)")
-        lines.extend(f"  {how}" for how in dict.fromkeys(s.mask.how for s in top_left))
+    for flag, legend in _PROVEN_KINDS:
+        matched = [s for s in sites if s.mask is not None and getattr(s.mask, flag)]
+        if matched:
+            lines.append(legend)
+            lines.extend(f"  {how}" for how in dict.fromkeys(s.mask.how for s in matched))
     if threshold and n_sparse:
         lines.append(threshold)
     return "\n".join(lines)

@@ -62,14 +62,25 @@ is ``causal_top_left`` / ``causal_top_left+padding``: exactly causal prefill att
 first ``nq`` keys (and the first ``nq`` columns of the padding mask), which is what the rewrite
 runs.
 
-Not matched (the call stays dense, with the reason): a sliding window over a cached prefix or
-aligned top-left, any other offset, and a static cache's continuation, whose mask offsets the
-queries by a runtime tensor (the cache's ``cumulative_length`` / ``cache_position``) over all
-of its slots, filled or not::
+A static cache's continuation offsets the queries by a runtime tensor, the cache's filled
+length ``c`` (transformers 5.17 and 5.25: the 0-d ``cumulative_length``), over all of its
+slots, filled or not::
 
-    q_idx = (torch.arange(nq) + cumulative_length)[None, None, :, None]
-    kv_idx = torch.arange(max_cache_len)[None, None, None, :]      # keys beyond the filled part
-    m = kv_idx <= q_idx                                            # ... masked only by causality
+    q_idx  = (torch.arange(nq) + cumulative_length.to(device))[None, None, :, None]
+    kv_idx = torch.arange(max_cache_len)[None, None, None, :]      # slots past c + nq: only causality masks them
+    m = ones & (kv_idx <= q_idx) & padding_bool[b_idx, kv_idx]     # padding: attention_mask padded to the slots
+    sdpa(q, repeat_kv(keys), repeat_kv(values), attn_mask=m.expand(b, -1, nq, max_cache_len))
+
+The probe gives that 0-d integer input several values ``c`` (0, ``nk - nq`` and one between)
+at every binding of the lengths (and ~1M slots where symbolic) and compares with query row
+``r`` seeing slot ``j`` iff ``j <= c + r`` (``& padding[b, j]``); the input must not be written
+in place before the mask reads it. A match is ``causal_static_offset`` /
+``causal_static_offset+padding``, carrying that input (``offset_source``).
+
+Not matched (the call stays dense, with the reason): a sliding window over a cached prefix or
+aligned top-left, any other offset (a static cache's mask reading its runtime offset otherwise
+keeps the reason ``static cache: ...``), and a mask that is an input of the graph (as
+``generate`` passes a static cache's), data with nothing to evaluate.
 """
 from __future__ import annotations
 
@@ -106,9 +117,10 @@ class TopLeftWindowError(ProbeError):
 class RuntimeInputError(ProbeError):
     """The mask reads an integer tensor input the probe cannot synthesise (``input``: its name)."""
 
-    def __init__(self, message: str, input_name: str):
+    def __init__(self, message: str, input_name: str, node: torch.fx.Node | None = None):
         super().__init__(message)
         self.input_name = input_name
+        self.node = node
 
 
 def _index_tuple(node: torch.fx.Node):
@@ -193,9 +205,10 @@ class _MaskProbe:
         return self.padding_sources[0] if len(set(self.padding_sources)) == 1 else None
 
     def run(self, nq: int, nk: int, batch: int, rows: torch.Tensor, padding: torch.Tensor | None,
-            symbols: dict) -> torch.Tensor:
-        """Evaluate the mask at query ``rows`` (of ``nq``; all ``nk`` keys)."""
-        env: dict[torch.fx.Node, object] = {}
+            symbols: dict, inputs: dict | None = None) -> torch.Tensor:
+        """Evaluate the mask at query ``rows`` (of ``nq``; all ``nk`` keys), with ``inputs``
+        (placeholder node -> value) for inputs the probe cannot make up itself."""
+        env: dict[torch.fx.Node, object] = dict(inputs or {})
         for src in self.q_sources:
             env[src] = rows.to(self._device(src))
         for src in self.kv_sources:
@@ -267,7 +280,7 @@ class _MaskProbe:
             if integer:
                 # with a cache, positions are the cache's business (a static cache's
                 # cumulative_length): never guessed
-                raise RuntimeInputError(what, str(node.target))
+                raise RuntimeInputError(what, str(node.target), node)
             raise ProbeError(what)
         raise ProbeError(f"mask depends on input {node.target!r}")
 
@@ -406,19 +419,33 @@ class ClassifyMaskPass:
                                               f"as a prefill over the first {qs[2]} keys; a window does not)")
         except RuntimeInputError as e:
             if chunk:
-                return MaskInfo("unknown", reason=f"static cache: query positions come from runtime tensor "
-                                                  f"{e.input_name!r} (the cache position) and the {ks[2]} keys are "
-                                                  f"the cache's slots, filled or not; the op needs keys that end at "
-                                                  f"the last query (bottom-right causal)")
+                return self._static_chunk(e, mask, qs, ks)
             return MaskInfo("unknown", reason=f"mask probe: {e}")
         except ProbeError as e:
             return MaskInfo("unknown", reason=f"mask probe: {e}")
         except Exception as e:  # noqa: BLE001  - any failure to evaluate means "not understood"
             return MaskInfo("unknown", reason=f"mask probe failed: {type(e).__name__}: {e}")
 
+    def _static_chunk(self, error: RuntimeInputError, mask, qs, ks) -> MaskInfo:
+        """A chunk whose mask reads a runtime integer input (a static cache's length):
+        ``causal_static_offset`` where :meth:`_probe_static_offset` proves it, else dense."""
+        reason = (f"static cache: query positions come from runtime tensor {error.input_name!r} (the cache "
+                  f"position) and the {ks[2]} keys are the cache's slots, filled or not")
+        if error.node is None:
+            return MaskInfo("unknown", reason=reason)
+        try:
+            return self._probe_static_offset(mask, qs[2], ks[2], qs[0], error.node)
+        except ProbeError as e:
+            return MaskInfo("unknown", reason=f"{reason}; not proven causal over the filled slots: {e}")
+        except Exception as e:  # noqa: BLE001
+            return MaskInfo("unknown", reason=f"{reason}; offset probe failed: {type(e).__name__}: {e}")
+
     @staticmethod
     def _new_probe(mask_node) -> _MaskProbe:
         probe = _MaskProbe(mask_node)
+        if probe.mask_node.op == "placeholder":
+            raise ProbeError("the mask is an input of the compiled graph, built outside it (as generate builds a "
+                             "static cache's): data, nothing to evaluate")
         if not probe.q_sources or not probe.kv_sources:
             raise ProbeError("no query/key index grid found in the mask sub-graph")
         if len(set(probe.padding_sources)) > 1:
@@ -466,39 +493,25 @@ class ClassifyMaskPass:
         (a static cache's prefill)."""
         probe = self._new_probe(mask_node)
         gen = torch.Generator().manual_seed(0)
-        batch_sym = None if isinstance(_sym_expr(batch), int) else _sym_expr(batch)
-        b = PROBE_BATCH if batch_sym is not None else int(batch)
-        q_syms = sorted(_free_symbols(q_len) - {batch_sym}, key=str)
-        other = sorted(_free_symbols(kv_len) - set(q_syms) - {batch_sym}, key=str)
-        symbolic = bool(q_syms or other)
-        aligned, hows, seen = None, [], set()
-        for q_val, other_val in (CHUNK_BINDINGS if symbolic else ((None, None),)):
-            symbols, nq, nk = _chunk_binding(q_len, kv_len, q_syms, other, q_val, other_val)
-            if (nq, nk) in seen:   # the query length was cut to fit a static key length: a shorter one
-                symbols, nq, nk = _chunk_binding(q_len, kv_len, q_syms, other, max(1, nq // 2), other_val)
-            seen.add((nq, nk))
-            if batch_sym is not None:
-                symbols[batch_sym] = b
+        sizes = _ChunkSizes(q_len, kv_len, batch)
+        aligned, hows = None, []
+        for symbols, nq, nk, b in sizes.bindings():
             rows = _sample_rows(nq, 96 if nq > 2048 else nq, gen)
             padding = _synthetic_padding(b, nk, gen) if probe.padding_source is not None else None
             result = probe.run(nq, nk, b, rows, padding, symbols)
             aligned = _same_alignment(aligned, _chunk_alignment(result, rows, nq, nk, padding, b))
             hows.append(f"{nq} queries over {nk} keys x {len(rows)} rows")
-        if symbolic:
+        if sizes.symbolic:
             # a long range: sliding windows up to ~1M tokens show here. Bottom-right: a short
             # chunk's last rows at the end of ~1M keys; top-left: the last rows of ~1M queries.
             if aligned == "bottom_right":
-                q_val, other_val = (64, LONG_PROBE_LEN + 7) if other else (LONG_PROBE_LEN + 7, None)
+                symbols, nq, nk, b = sizes.long_bottom_right()
             else:
-                q_val, other_val = LONG_PROBE_LEN + 7, LONG_PROBE_LEN + 71
-            symbols, nq, nk = _chunk_binding(q_len, kv_len, q_syms, other, q_val, other_val)
-            if batch_sym is not None:
-                symbols[batch_sym] = 1
-            b_long = 1 if batch_sym is not None else int(batch)
+                symbols, nq, nk, b = sizes.long(LONG_PROBE_LEN + 7, LONG_PROBE_LEN + 71)
             rows = torch.arange(max(0, nq - 4), nq)
-            pad_long = torch.ones(b_long, nk, dtype=torch.bool) if probe.padding_source is not None else None
-            result = probe.run(nq, nk, b_long, rows, pad_long, symbols)
-            aligned = _same_alignment(aligned, _chunk_alignment(result, rows, nq, nk, pad_long, b_long))
+            pad_long = torch.ones(b, nk, dtype=torch.bool) if probe.padding_source is not None else None
+            result = probe.run(nq, nk, b, rows, pad_long, symbols)
+            aligned = _same_alignment(aligned, _chunk_alignment(result, rows, nq, nk, pad_long, b))
             hows.append(f"{nq} queries over {nk} keys x {len(rows)} rows")
         how = "probe at " + ", ".join(hows)
         padded = "+padding" if probe.padding_source is not None else ""
@@ -507,6 +520,104 @@ class ClassifyMaskPass:
                             how=f"{how}: causal aligned top-left (query r sees keys 0..r), a prefill over "
                                 f"the first {q_len} keys")
         return MaskInfo("causal_bottom_right" + padded, padding_source=probe.padding_source, how=how)
+
+    def _probe_static_offset(self, mask_node, q_len, kv_len, batch, offset: torch.fx.Node) -> MaskInfo:
+        """A static cache's continuation: ``q_len`` queries over the cache's ``kv_len`` slots, the
+        mask offsetting the queries by ``offset``, a 0-d integer input (the cache's filled length
+        ``c``). The probe gives ``offset`` several values ``c`` (0, the full cache ``nk - nq`` and
+        one between) at every binding of the lengths' symbols, and, when the key length is
+        symbolic, on ~1M slots (no sliding window); every probe must equal query row ``r``
+        seeing slot ``j`` iff ``j <= c + r`` (``& padding[b, j]``). The mask must also read
+        ``offset`` before anything in the graph writes it in place (the cache's length grows
+        by ``add_`` in the graph), so that the rewrite can read the same value at the start."""
+        val = offset.meta.get("example_value")
+        if not (isinstance(val, torch.Tensor) and val.dim() == 0 and not val.dtype.is_floating_point
+                and val.dtype != torch.bool):
+            shape = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
+            raise ProbeError(f"runtime tensor {offset.target!r} ({shape}) is not a 0-d integer cache length")
+        _check_read_before_written(offset, mask_node)
+        probe = self._new_probe(mask_node)
+        gen = torch.Generator().manual_seed(0)
+        sizes = _ChunkSizes(q_len, kv_len, batch)
+
+        def check(symbols, nq, nk, b, rows, padding, offsets) -> str:
+            for c in offsets:
+                value = torch.tensor(c, dtype=val.dtype, device=val.device)
+                result = probe.run(nq, nk, b, rows, padding, symbols, {offset: value})
+                _, window = _explain(result, rows, nq, nk, padding, b, offset=c)
+                if window:
+                    raise ProbeError(f"sliding window ({window}) at {offset.target!r} = {c}")
+            return f"{nq} queries over {nk} slots x {len(rows)} rows at c = {', '.join(map(str, offsets))}"
+
+        hows = []
+        for symbols, nq, nk, b in sizes.bindings():
+            rows = _sample_rows(nq, 96 if nq > 2048 else nq, gen)
+            padding = _synthetic_padding(b, nk, gen) if probe.padding_source is not None else None
+            hows.append(check(symbols, nq, nk, b, rows, padding, sorted({0, (nk - nq) // 2, nk - nq})))
+        if sizes.other:   # windows up to ~1M slots: a short chunk's last rows, the cache full or half full
+            symbols, nq, nk, b = sizes.long_bottom_right()
+            pad_long = torch.ones(b, nk, dtype=torch.bool) if probe.padding_source is not None else None
+            hows.append(check(symbols, nq, nk, b, torch.arange(max(0, nq - 4), nq), pad_long,
+                              sorted({(nk - nq) // 2, nk - nq})))
+        padded = "+padding" if probe.padding_source is not None else ""
+        return MaskInfo("causal_static_offset" + padded, padding_source=probe.padding_source, offset_source=offset,
+                        how=f"probe at {'; '.join(hows)}: query r sees slots 0..c + r (c = runtime tensor "
+                            f"{offset.target!r}, the cache's filled length), a chunk over the filled slots")
+
+
+class _ChunkSizes:
+    """The sizes a chunk's mask (``q_len`` queries over ``kv_len`` keys, ``batch`` rows) is probed at."""
+
+    def __init__(self, q_len, kv_len, batch):
+        self.q_len, self.kv_len = q_len, kv_len
+        self.batch_sym = None if isinstance(_sym_expr(batch), int) else _sym_expr(batch)
+        self.b = PROBE_BATCH if self.batch_sym is not None else int(batch)
+        self.q_syms = sorted(_free_symbols(q_len) - {self.batch_sym}, key=str)
+        self.other = sorted(_free_symbols(kv_len) - set(self.q_syms) - {self.batch_sym}, key=str)
+        self.symbolic = bool(self.q_syms or self.other)
+
+    def bindings(self):
+        """``(symbols, nq, nk, batch)``: the real sizes where static, else each of
+        ``CHUNK_BINDINGS`` (a second, shorter query length where the first two coincide)."""
+        seen = set()
+        for q_val, other_val in (CHUNK_BINDINGS if self.symbolic else ((None, None),)):
+            symbols, nq, nk = _chunk_binding(self.q_len, self.kv_len, self.q_syms, self.other, q_val, other_val)
+            if (nq, nk) in seen:   # the query length was cut to fit a static key length: a shorter one
+                symbols, nq, nk = _chunk_binding(self.q_len, self.kv_len, self.q_syms, self.other,
+                                                 max(1, nq // 2), other_val)
+            seen.add((nq, nk))
+            if self.batch_sym is not None:
+                symbols[self.batch_sym] = self.b
+            yield symbols, nq, nk, self.b
+
+    def long(self, q_val, other_val):
+        """A long binding, batch 1 where the batch is symbolic."""
+        symbols, nq, nk = _chunk_binding(self.q_len, self.kv_len, self.q_syms, self.other, q_val, other_val)
+        if self.batch_sym is not None:
+            symbols[self.batch_sym] = 1
+        return symbols, nq, nk, (1 if self.batch_sym is not None else self.b)
+
+    def long_bottom_right(self):
+        """A short chunk at the end of ~1M keys (or ~1M queries where only they are symbolic)."""
+        return self.long(*((64, LONG_PROBE_LEN + 7) if self.other else (LONG_PROBE_LEN + 7, None)))
+
+
+def _check_read_before_written(offset: torch.fx.Node, mask_node: torch.fx.Node) -> None:
+    """ProbeError unless nothing writes ``offset`` (or a tensor computed from it) in place
+    before ``mask_node``: then the mask read the graph's input value."""
+    from .rewrite_attention import has_side_effects   # (that module imports this one)
+
+    order = {n: i for i, n in enumerate(mask_node.graph.nodes)}
+    derived, stack = {offset}, [offset]
+    while stack:
+        for user in stack.pop().users:
+            if user not in derived:
+                derived.add(user)
+                stack.append(user)
+    for node in derived:
+        if (order[node] < order[mask_node] and has_side_effects(node) and node.args
+                and node.args[0] in derived):
+            raise ProbeError(f"{node.name} writes runtime tensor {offset.target!r} in place before the mask reads it")
 
 
 def _chunk_binding(q_len, kv_len, q_syms, other, q_val, other_val) -> tuple[dict, int, int]:

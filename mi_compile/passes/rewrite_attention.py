@@ -47,8 +47,25 @@ sees keys ``0..r``) is a prefill over its first ``nq`` keys, and becomes one::
 (counted in ``rewritten_top_left``). Where the shapes do not prove ``nq <= nk`` (lengths of
 their own under dynamic shapes), the traced input's lengths decide and a guard ``nq <= nk``
 makes Dynamo recompile for an input where that flips; a call with more queries than keys stays
-dense. Decode steps (one query token), a top-left mask with a sliding window and a static
-cache's continuation stay dense, with the reason.
+dense.
+
+A chunk continuing a static cache (mask ``causal_static_offset``: query ``r`` sees slots
+``0..c + r``, ``c`` the cache's runtime length tensor) becomes the op's bottom-right chunk over
+a rotated cache, every index computed on the device (no host sync)::
+
+    keys.index_copy_(2, cache_position, k)                        # [b, hkv, max_cache_len, d]
+    mask = (kv_idx <= q_idx + cumulative_length) & padding[b_idx, kv_idx]
+    out  = sdpa(q, repeat_kv(keys), repeat_kv(values), attn_mask=mask, scale=s)
+->
+    c    = cumulative_length.clone()                               # at the graph's start, before add_
+    idx  = (torch.arange(nk) + (c + nq)) % nk                      # filled slots last, unfilled first
+    out  = torch.ops.mi_compile.sparse_attention(q, keys.index_select(2, idx),
+              values.index_select(2, idx), heads=[...], scale=s,
+              key_padding_mask=padding.index_select(1, idx) & (idx < c + nq), window=0, ...)
+
+(counted in ``rewritten_static_chunk``; the unfilled slots are left padding to the op; the
+gather costs a copy of K and V per layer). Decode steps (one query token) and a top-left mask
+with a sliding window stay dense, with the reason.
 """
 from __future__ import annotations
 
@@ -200,6 +217,45 @@ def _chunk_padding(graph: torch.fx.Graph, site: AttentionSite):
     return graph.call_method("narrow", (padding, 1, 0, nk))
 
 
+def _start_value(graph: torch.fx.Graph, offset: torch.fx.Node, starts: dict) -> torch.fx.Node:
+    """A copy of input ``offset`` made before the graph's first computation, once per input:
+    the graph writes a static cache's length in place (``cumulative_length.add_(nq)``) before
+    the attention, and the classifier proved the mask read it unwritten."""
+    if offset not in starts:
+        first = next(n for n in graph.nodes if n.op != "placeholder")
+        with graph.inserting_before(first):
+            starts[offset] = graph.call_method("clone", (offset,))
+    return starts[offset]
+
+
+def _filled_slots_last(graph: torch.fx.Graph, site: AttentionSite, starts: dict):
+    """K, V and a key padding mask for a static cache's chunk (mask ``causal_static_offset``:
+    query ``r`` sees slots ``0..c + r``, ``c`` the runtime length tensor), as the op's
+    bottom-right chunk. K/V are gathered along the slots with ``(arange(nk) + c + nq) % nk``,
+    which puts the filled slots ``0..c + nq - 1`` last (query ``r`` lands at key
+    ``nk - nq + r``, slot ``c + r``) and the unfilled ones first, masked as left padding
+    (``& padding`` where the mask has one: a left-padded row stays one run of keys). All on
+    the device, no host sync; it costs a copy of K and V per layer. Inserted before the call."""
+    query, key = sdpa_arg(site.node, "query"), site.key_source
+    q, k = _example(query), _example(key)
+    nq = q.shape[2] if isinstance(q.shape[2], int) else graph.call_method("size", (query, 2))
+    nk = k.shape[2] if isinstance(k.shape[2], int) else graph.call_method("size", (key, 2))
+    start = graph.call_method("to", (_start_value(graph, site.mask.offset_source, starts), k.device))
+    end = graph.call_function(operator.add, (start, nq))                       # c + nq, on the device
+    slots = graph.call_function(torch.arange, (nk,), {"device": k.device})
+    idx = graph.call_function(torch.remainder, (graph.call_function(operator.add, (slots, end)), nk))
+    filled = graph.call_function(operator.lt, (idx, end))
+    padding = _chunk_padding(graph, site)
+    if padding is None:
+        batch = q.shape[0] if isinstance(q.shape[0], int) else graph.call_method("size", (query, 0))
+        padding = graph.call_method("expand", (graph.call_method("unsqueeze", (filled, 0)), batch, -1))
+    else:
+        padding = graph.call_function(operator.and_, (graph.call_method("index_select", (padding, 1, idx)), filled))
+    key = graph.call_method("index_select", (key, 2, idx))
+    value = graph.call_method("index_select", (site.value_source, 2, idx))
+    return key, value, padding
+
+
 class RewriteAttentionPass:
     name = "rewrite_attention"
 
@@ -232,7 +288,7 @@ class RewriteAttentionPass:
         # bottom-right mask), a top-left call's are made equal (its first nq keys); anything
         # else must be a prefill
         reason = kernel_limits_reason(site) or (
-            "" if site.mask.chunk or site.mask.top_left else lengths_reason(site))
+            "" if site.mask.chunk or site.mask.top_left or site.mask.static_chunk else lengths_reason(site))
         if reason:
             return site.keep_dense(reason)
         if site.layer is None:
@@ -249,7 +305,7 @@ class RewriteAttentionPass:
             site.heads = [HeadPattern("a_shape", sink=0, local=site.mask.window)] * site.q_heads
         else:
             site.heads = self.config.heads_for(site.layer, site.q_heads)
-        if site.mask.chunk:
+        if site.mask.chunk or site.mask.static_chunk:
             reason = op.chunk_dense_reason(site.heads)
             if reason:
                 site.heads = None
@@ -257,8 +313,9 @@ class RewriteAttentionPass:
         site.action = "sparse"
 
     def __call__(self, gm: torch.fx.GraphModule, sites: list[AttentionSite]) -> int:
-        rewritten = top_left = 0
+        rewritten = top_left = static = 0
         graph = gm.graph
+        starts: dict = {}      # a static cache's length input -> its value at the start of the graph
         for site in sites:
             if site.action == "pending":
                 self.decide(site)
@@ -272,10 +329,13 @@ class RewriteAttentionPass:
                 elif site.mask.top_left:
                     key, value, padding = _first_keys(graph, site)
                     top_left += 1
+                elif site.mask.static_chunk:
+                    key, value, padding = _filled_slots_last(graph, site, starts)
+                    static += 1
                 args = (sdpa_arg(node, "query"), key, value, encode_heads(site.heads),
                         sdpa_arg(node, "scale"), padding, int(site.mask.window), int(self.options.min_seq_len),
                         int(site.layer))
-                if site.mask.chunk and self.config.length:
+                if (site.mask.chunk or site.mask.static_chunk) and self.config.length:
                     args += (int(self.config.length),)   # the prompt length the counts are for
                 new = graph.call_function(torch.ops.mi_compile.sparse_attention.default, args)
             new.meta.update(node.meta)
@@ -285,6 +345,7 @@ class RewriteAttentionPass:
             rewritten += 1
         bump("rewritten_sparse", rewritten)
         bump("rewritten_top_left", top_left)
+        bump("rewritten_static_chunk", static)
         bump("left_dense", sum(s.action == "dense" for s in sites))
         graph.eliminate_dead_code(is_impure_node=has_side_effects)
         graph.lint()

@@ -32,6 +32,9 @@ class MaskInfo:
     ``causal_top_left`` | ``causal_top_left+padding`` (fewer queries than keys, query ``r`` sees
     key ``j`` iff ``j <= r``: ``is_causal=True`` with ``nq < nk``, a static cache's prefill; the
     same as a prefill over the first ``nq`` keys) |
+    ``causal_static_offset`` | ``causal_static_offset+padding`` (a prefill chunk continuing a
+    static cache: query row ``r`` sees slot ``j`` iff ``j <= c + r``, ``c`` the runtime integer
+    tensor ``offset_source``, the cache's filled length) |
     ``none`` (no mask, not causal) | ``unknown``.
     """
 
@@ -40,6 +43,7 @@ class MaskInfo:
     padding_source: Optional[torch.fx.Node] = None  # the [batch, kv_len] bool/int key mask
     how: str = ""                                # how it was established (is_causal flag, probe, ...)
     reason: str = ""                             # why ``unknown``
+    offset_source: Optional[torch.fx.Node] = None  # ``causal_static_offset``: the 0-d input holding ``c``
 
     @property
     def recognised(self) -> bool:
@@ -54,6 +58,11 @@ class MaskInfo:
     def top_left(self) -> bool:
         """Top-left-aligned causal over more keys than queries: a prefill over the first ``nq`` keys."""
         return self.kind.startswith("causal_top_left")
+
+    @property
+    def static_chunk(self) -> bool:
+        """A prefill chunk continuing a static cache: causal over its filled slots ``0..c + nq - 1``."""
+        return self.kind.startswith("causal_static_offset")
 
 
 @dataclasses.dataclass
