@@ -244,17 +244,17 @@ def test_global_allocation_and_rechoosing_from_a_saved_report(tmp_path):
         choose_config(again, budget, objective="output")         # per-head caps have no objective
     out = tmp_path / "global.json"
     assert main(["search", "--from-report", str(path), "--budget", str(budget), "--allocate", "global",
-                 "--out", str(out)]) == 0
+                 "--dense-last", "0", "--out", str(out)]) == 0
     assert load_config(out).to_json()["layers"] == glob_cfg.to_json()["layers"]
     assert "mean over heads" in (tmp_path / "global.summary.txt").read_text()
     assert main(["search", "--from-report", str(path), "--budget", str(budget), "--allocate", "global",
                  "--objective", "output", "--early-weight", "1", "--out", str(tmp_path / "o.json")]) == 0
     summary = (tmp_path / "o.summary.txt").read_text()
     assert "objective output, early weight 1" in summary and "output error" in summary
-    # --dense-last: the same choice, every head that takes it with its last 64 queries dense
-    # (the main config and the --also-budgets ones)
+    # --dense-last (64 unless given): the same choice, every head that takes it with its last 64
+    # queries dense (the main config and the --also-budgets ones)
     assert main(["search", "--from-report", str(path), "--budget", str(budget), "--allocate", "global",
-                 "--also-budgets", "0.9", "--dense-last", "64", "--out", str(tmp_path / "l.json")]) == 0
+                 "--also-budgets", "0.9", "--out", str(tmp_path / "l.json")]) == 0
     takes = []
     for written, plain in ((tmp_path / "l.json", glob_cfg),
                            (tmp_path / "l_b0.9.json", choose_config(again, 0.9, allocate="global")[0])):
@@ -296,7 +296,7 @@ def test_reports_of_several_calibration_prompts_are_averaged(tmp_path):
     def patterns(cfg):       # the saved scores are rounded to 6 digits before averaging
         return {l: {h: p.describe() for h, p in heads.items()} for l, heads in cfg.layers.items()}
     assert patterns(load_config(tmp_path / "mean.json")) == \
-        patterns(choose_config(mean, 0.8, allocate="global", objective="output")[0])
+        patterns(choose_config(mean, 0.8, allocate="global", objective="output")[0].with_dense_last(64))
     # reports that do not describe the same search are refused, naming the difference
     _, other = search_config(model, random_ids(128, 192, seed=4), budget=0.6, sample_queries=16, progress=False)
     with pytest.raises(ValueError, match="prompt length"):
