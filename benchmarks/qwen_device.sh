@@ -400,8 +400,8 @@ case "$stage" in
     # chunks against its whole prefill, and the chunks again with their dense last rows split
     # into parts of SPLIT_TILES key tiles, both again with the Triton top-k select kernel
     # instead of torch.topk and a sort, and both profiled (device time per kernel, the chunks against the
-    # whole: chunk_work_profile.txt; ~150 s on an H100); no model needed
-    timeout "${2:-180}" python3 -m benchmarks.chunk_work --split-tiles "${SPLIT_TILES:-16,64}" --compare-topk --profile \
+    # whole: chunk_work_profile.txt; ~150-200 s on an H100); no model needed
+    timeout "${2:-240}" python3 -m benchmarks.chunk_work --split-tiles "${SPLIT_TILES:-16,64}" --compare-topk --profile \
       --out "$OUT/chunk_work.json" > "$OUT/chunk_work.log" 2>&1
     tail -8 "$OUT/chunk_work.log"
     ;;
