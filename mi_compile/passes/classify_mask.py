@@ -155,14 +155,19 @@ def _arange_behind(node: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
-def _ancestors(node: torch.fx.Node) -> list[torch.fx.Node]:
+def _reachable(node: torch.fx.Node, step) -> set[torch.fx.Node]:
+    """``node`` and every node reached from it by ``step`` (a node -> its neighbours), repeatedly."""
     seen, stack = {node}, [node]
     while stack:
-        for inp in stack.pop().all_input_nodes:
-            if inp not in seen:
-                seen.add(inp)
-                stack.append(inp)
-    return list(seen)
+        for nxt in step(stack.pop()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
+def _ancestors(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return list(_reachable(node, lambda n: n.all_input_nodes))
 
 
 def _strip_expand(node: torch.fx.Node) -> torch.fx.Node:
@@ -608,12 +613,7 @@ def _check_read_before_written(offset: torch.fx.Node, mask_node: torch.fx.Node) 
     from .rewrite_attention import has_side_effects   # (that module imports this one)
 
     order = {n: i for i, n in enumerate(mask_node.graph.nodes)}
-    derived, stack = {offset}, [offset]
-    while stack:
-        for user in stack.pop().users:
-            if user not in derived:
-                derived.add(user)
-                stack.append(user)
+    derived = _reachable(offset, lambda n: n.users)
     for node in derived:
         if (order[node] < order[mask_node] and has_side_effects(node) and node.args
                 and node.args[0] in derived):

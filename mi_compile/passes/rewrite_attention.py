@@ -238,13 +238,17 @@ def _filled_slots_last(graph: torch.fx.Graph, site: AttentionSite, starts: dict)
     the device, no host sync; it costs a copy of K and V per layer. Inserted before the call."""
     query, key = sdpa_arg(site.node, "query"), site.key_source
     q, k = _example(query), _example(key)
-    nq = q.shape[2] if isinstance(q.shape[2], int) else graph.call_method("size", (query, 2))
-    nk = k.shape[2] if isinstance(k.shape[2], int) else graph.call_method("size", (key, 2))
-    start = graph.call_method("to", (_start_value(graph, site.mask.offset_source, starts), k.device))
-    end = graph.call_function(operator.add, (start, nq))                       # c + nq, on the device
-    slots = graph.call_function(torch.arange, (nk,), {"device": k.device})
-    idx = graph.call_function(torch.remainder, (graph.call_function(operator.add, (slots, end)), nk))
-    filled = graph.call_function(operator.lt, (idx, end))
+    # the layers share one mask, so one rotation: built for the first, reused by the others
+    shared = (site.mask.offset_source, str(_sym_expr(q.shape[2])), str(_sym_expr(k.shape[2])), str(k.device))
+    if shared not in starts:
+        nq = q.shape[2] if isinstance(q.shape[2], int) else graph.call_method("size", (query, 2))
+        nk = k.shape[2] if isinstance(k.shape[2], int) else graph.call_method("size", (key, 2))
+        start = graph.call_method("to", (_start_value(graph, site.mask.offset_source, starts), k.device))
+        end = graph.call_function(operator.add, (start, nq))                   # c + nq, on the device
+        slots = graph.call_function(torch.arange, (nk,), {"device": k.device})
+        idx = graph.call_function(torch.remainder, (graph.call_function(operator.add, (slots, end)), nk))
+        starts[shared] = idx, graph.call_function(operator.lt, (idx, end))
+    idx, filled = starts[shared]
     padding = _chunk_padding(graph, site)
     if padding is None:
         batch = q.shape[0] if isinstance(q.shape[0], int) else graph.call_method("size", (query, 0))
@@ -315,7 +319,7 @@ class RewriteAttentionPass:
     def __call__(self, gm: torch.fx.GraphModule, sites: list[AttentionSite]) -> int:
         rewritten = top_left = static = 0
         graph = gm.graph
-        starts: dict = {}      # a static cache's length input -> its value at the start of the graph
+        starts: dict = {}      # a static cache's length input -> its value at the start; its rotation
         for site in sites:
             if site.action == "pending":
                 self.decide(site)
