@@ -26,7 +26,9 @@ Modes: ``searched`` (``--config``, default the model's shipped 128K config) and
 dynamic=True)``. ``--absolute-chunks`` adds ``absolute`` (chunked phase only): the searched
 config without its ``"length"`` key (written to ``$OUT/absolute_config.json``), so chunks keep
 the config's absolute vertical counts instead of their share of a ``length``-token prompt's
-columns (an A/B of that scaling). Lengths past the model's native context run with YaRN. Rows
+columns (an A/B of that scaling). ``--compare-topk`` adds ``<mode>@top_select`` for every
+compiled mode: the same compiled graph with the vertical-slash top-k made by the Triton select
+kernel (``SELECT_CONFIG["kernel"]``, read by the op at every call) instead of ``torch.topk``. Lengths past the model's native context run with YaRN. Rows
 go to ``$OUT/chunked.json`` as they are measured, with peak memory per phase.
 """
 from __future__ import annotations
@@ -97,7 +99,26 @@ def make_modes(model, args) -> dict:
         # on the wrapper itself: OptimizedModule.__setattr__ would set it on the shared model,
         # every mode (eager too) then reporting the last backend's sites
         object.__setattr__(fns[name], "_mi_backend", be)
+    if getattr(args, "compare_topk", False):
+        for name in list(specs):
+            fns[f"{name}@top_select"] = with_top_select(fns[name])
     return fns
+
+
+def with_top_select(fn):
+    """``fn`` with the Triton top-k select kernel on for the length of each call (the op reads
+    ``SELECT_CONFIG`` when it builds an index, so no recompile)."""
+    from mi_compile.kernels.top_select import SELECT_CONFIG
+
+    def call(*args, **kwargs):
+        saved = SELECT_CONFIG["kernel"]
+        SELECT_CONFIG["kernel"] = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            SELECT_CONFIG["kernel"] = saved
+    call._mi_backend = getattr(fn, "_mi_backend", None)
+    return call
 
 
 def sites_of(fn) -> dict | None:
@@ -300,6 +321,8 @@ def parse_args(argv=None):
     p.add_argument("--absolute-chunks", action="store_true",
                    help="one more compiled mode, absolute: the searched config without its \"length\" key "
                         "(chunks keep the absolute vertical counts; written to OUT/absolute_config.json)")
+    p.add_argument("--compare-topk", action="store_true",
+                   help="each compiled mode again as <mode>@top_select: the Triton top-k select kernel instead of torch.topk")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
@@ -347,12 +370,12 @@ def main(argv=None):
     if "turn" in args.phases:
         # not absolute: a turn after the whole cached context has about the config's length in
         # keys, where the scaled counts are the absolute ones (one compile saved)
-        run_turn(args, dev, rows, model, {m: f for m, f in fns.items() if m != "absolute"}, context, turn)
+        run_turn(args, dev, rows, model, {m: f for m, f in fns.items() if m.split("@")[0] != "absolute"}, context, turn)
     if "chunked" in args.phases:
         run_chunked(args, dev, rows, model, fns, context)
     for r in rows.data["rows"]:
         if r["kind"] in ("turn", "chunked"):
-            print(f"{r['kind']:<8} {r['mode']:<10} chunk {str(r.get('chunk') or '-'):>6} "
+            print(f"{r['kind']:<8} {r['mode']:<20} chunk {str(r.get('chunk') or '-'):>6} "
                   f"{r.get('turn_s', r.get('prefill_s')):.4f} s  vs eager {r.get('vs_eager')}"
                   + (f"  vs unchunked {r['vs_unchunked']}" if r.get("vs_unchunked") else ""))
 

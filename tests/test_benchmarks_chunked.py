@@ -143,3 +143,34 @@ def test_chunk_work_profile_variants(benchmark_module, monkeypatch):
     assert set(prof["reports"]) == {"whole", "chunks"} and prof["diff"]["total"]["diff_ms"] == 1.5
     assert "chunks against whole" in prof["text"] and "+1.50  all kernels" in prof["text"]
     assert chunk_work.profile_variants({"whole": lambda: 2.0})["diff"] is None
+
+
+def test_with_top_select_sets_the_kernel_flag_only_during_the_call(benchmark_module):
+    chunked = benchmark_module("chunked")
+    from mi_compile.kernels.top_select import SELECT_CONFIG
+
+    seen = []
+
+    def fn(x):
+        seen.append(SELECT_CONFIG["kernel"])
+        if x is None:
+            raise ValueError("bad input")
+        return x + 1
+
+    fn._mi_backend = "backend"
+    wrapped = chunked.with_top_select(fn)
+    before = SELECT_CONFIG["kernel"]
+    assert wrapped(1) == 2 and seen == [True] and SELECT_CONFIG["kernel"] == before
+    with pytest.raises(ValueError, match="bad input"):
+        wrapped(None)
+    assert seen == [True, True] and SELECT_CONFIG["kernel"] == before
+    assert wrapped._mi_backend == "backend"          # its sites are the compiled mode's
+
+
+def test_compare_topk_adds_a_mode_per_compiled_mode(benchmark_module):
+    chunked = benchmark_module("chunked")
+    args = chunked.parse_args(["--compare-topk", "--config", SPEC, "--configs", f"other={SPEC}",
+                               "--device", "cpu", "--no-inductor"])
+    fns = chunked.make_modes(torch.nn.Identity(), args)
+    assert set(fns) == {"eager", "searched", "other", "searched@top_select", "other@top_select"}
+    assert fns["searched@top_select"]._mi_backend is fns["searched"]._mi_backend
