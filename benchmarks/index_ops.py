@@ -18,7 +18,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 
 import mi_compile.kernels.index_tables as index_tables  # noqa: E402
-from mi_compile.config import load_config  # noqa: E402
+from mi_compile.config import ConfigFamily, load_config  # noqa: E402
 from mi_compile.debug.op_count import OpCounter  # noqa: E402
 from mi_compile.patterns import index as index_module, vertical_slash  # noqa: E402
 from mi_compile.patterns.index import build_index, normalize_sequences  # noqa: E402
@@ -69,13 +69,16 @@ def count_forward(config, heads: int, kv_heads: int, n: int, head_dim: int = 32,
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="qwen2.5-coder-1.5b-128k", help="a shipped config's name or a JSON path")
+    ap.add_argument("--config", default="qwen2.5-coder-1.5b-128k", help="a shipped config's name or a JSON path (a config family: the member for --length)")
     ap.add_argument("--heads", type=int, default=12, help="query heads of the model")
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--length", type=int, default=1024, help="keys (the counts hardly depend on it)")
     ap.add_argument("--query-len", type=int, default=0, help="a chunk of this many queries (0: the whole prompt)")
     args = ap.parse_args()
-    counts = count_forward(load_config(args.config), args.heads, args.kv_heads, args.length, query_len=args.query_len)
+    config = load_config(args.config)
+    if isinstance(config, ConfigFamily):      # the member the op runs over --length keys
+        config = config.member_for(args.length)
+    counts = count_forward(config, args.heads, args.kv_heads, args.length, query_len=args.query_len)
     print(json.dumps({"config": args.config, "length": args.length, "query_len": args.query_len, **counts}))
 
 

@@ -29,7 +29,8 @@ def _explain(argv):
     p.add_argument("--past", type=_positive_int, default=None, metavar="N",
                    help="first prefill N tokens into a DynamicCache (eagerly), then explain the --length "
                         "tokens as a chunk that continues it")
-    p.add_argument("--config", default=None, help="per-head config JSON (default: the default policy)")
+    p.add_argument("--config", default=None, help="per-head config JSON, a shipped config's name or a config "
+                                                   "family (default: the default policy)")
     p.add_argument("--min-seq-len", type=int, default=None)
     p.add_argument("--dense-layers", default="", help="comma-separated layer indices to keep dense")
     p.add_argument("--dump-dir", default=None, help="also write graphs before/after and the table here")

@@ -4,19 +4,26 @@ The backend asks one question of a config: "give me the :class:`~mi_compile.patt
 of every query head of layer *L*" (:meth:`SparseConfig.heads_for`). This module reads two file
 formats into one :class:`SparseConfig` and validates them up front, so that a typo in a config
 file fails at load time with a message naming the file, layer and head -- not deep inside a
-compiled graph.
+compiled graph. A third format, the config family, groups configs searched at different prompt
+lengths into a :class:`ConfigFamily`, of which every compiled attention call picks one by its
+key length at run time.
 
 Sources accepted by :func:`load_config`
 ---------------------------------------
 ``None``
     the default policy (:data:`DEFAULT_POLICY`, below).
 a path (``str`` or ``os.PathLike``)
-    a JSON file in either format below; the format is told apart by the top-level JSON type
-    (object = mi-compile format, array = MInference format).
+    a JSON file in any format below; the format is told apart by the top-level JSON type
+    (object = mi-compile format, or a config family when its ``"format"`` says so; array =
+    MInference format).
+a shipped config's name (:func:`shipped_configs`)
+    that file.
 a ``dict``
-    the mi-compile format, already parsed.
+    the mi-compile format or a config family, already parsed.
 a ``list``
     the MInference format, already parsed.
+a :class:`SparseConfig` or :class:`ConfigFamily`
+    returned as it is.
 
 mi-compile format (``"mi-compile/v1"``)
 ---------------------------------------
@@ -130,6 +137,30 @@ pass uses the two numbers:
 layer must list the same heads ``0..n-1`` (there is no default, so a gap would be an error
 at run time anyway -- we report it at load time).
 
+Config family (``"mi-compile/family-v1"``)
+-----------------------------------------
+Configs searched for one model at different prompt lengths, of which each attention call runs
+the one searched for the nearest length -- chosen inside the op from the call's key length, so
+one compiled graph serves every length (no guard, no recompile)::
+
+    {"format": "mi-compile/family-v1",
+     "model": "Qwen2.5-Coder-1.5B-Instruct: the 32K config up to 32768 tokens, the 128K one above",
+     "members": ["qwen2.5-coder-1.5b-32k", "128k/searched.json", {"format": "mi-compile/v1", ...}]}
+
+Top-level keys (no others are allowed): ``format`` (required, exactly
+``"mi-compile/family-v1"``), ``model`` (optional free text) and ``members`` (a non-empty array).
+A member is a shipped config's name, a path (a relative one is resolved against the family
+file's directory; for a family given as a dict, against the working directory; a path that
+exists wins over a shipped name) or an inline mi-compile-format object (its source, in
+messages and the explain table, is ``<family source>#<index>``). Every member must load as a
+single config (a family cannot contain a family) and must have a ``length``: the length is how
+it is chosen. Lengths must be distinct, and members' ``num_layers`` / ``num_heads`` must agree
+where given. Errors start with ``<family source>#<index>`` or name the members concerned.
+
+Members are kept in ascending ``length``. A call over ``n_k`` keys runs the first member with
+``n_k <= length``, else the last (longest) one, with that member's ``length`` as the prompt length
+of a chunk's counts. The family's ``min_seq_len`` is the smallest one its members give.
+
 Default policy
 --------------
 With no config (``load_config(None)``) every head of every layer is
@@ -155,10 +186,12 @@ from mi_compile.options import MAX_MIN_SEQ_LEN
 
 __all__ = [
     "FORMAT",
+    "FAMILY_FORMAT",
     "DEFAULT_PATTERN",
     "DEFAULT_POLICY",
     "MINFERENCE_NAMES",
     "ConfigError",
+    "ConfigFamily",
     "SparseConfig",
     "TriangleMix",
     "load_config",
@@ -166,6 +199,8 @@ __all__ = [
 ]
 
 FORMAT = "mi-compile/v1"
+#: The ``"format"`` of a config family (see the module docstring).
+FAMILY_FORMAT = "mi-compile/family-v1"
 
 #: MInference's default budget (also what MInference uses for heads missing from its files).
 DEFAULT_PATTERN = HeadPattern("vertical_slash", vertical=1000, slash=6096)
@@ -176,10 +211,11 @@ MINFERENCE_NAMES = registry.MINFERENCE_NAMES
 
 _TOP_KEYS = ("format", "model", "num_layers", "num_heads", "min_seq_len", "length", "default", "layers",
              "triangle_mix")
+_FAMILY_KEYS = ("format", "model", "members")
 _TRIANGLE_MIX = "triangle_mix"
 _WILDCARD = "*"
 
-ConfigSource = Union[None, str, "os.PathLike[str]", dict, list]
+ConfigSource = Union[None, str, "os.PathLike[str]", dict, list, "SparseConfig", "ConfigFamily"]
 
 
 class ConfigError(ValueError):
@@ -407,6 +443,129 @@ class SparseConfig:
         Path(path).write_text(_dumps(self.to_json()))
 
 
+class ConfigFamily:
+    """Configs of one model searched at different prompt lengths; each attention call runs one.
+
+    ``members`` are kept in ascending ``length``. The op picks a member per call from its key
+    count (:meth:`member_for` is the same rule in Python, for tests and tools), so one compiled
+    graph serves short and long prompts with the config searched nearest to their length. The
+    family has no ``length`` of its own (each member's goes into the op) and is never the
+    default policy; ``min_seq_len`` is the smallest its members give (None if none does).
+    """
+
+    is_default_policy = False
+    #: None: the family's calls take each member's own length (see the op's ``family`` argument).
+    length = None
+
+    def __init__(self, source: str, members, model: str | None = None):
+        self.source = source
+        self.model = model
+        members = tuple(members)
+        if not members:
+            raise ConfigError(f"{source}: a config family needs at least one member")
+        for i, m in enumerate(members):
+            if isinstance(m, ConfigFamily):
+                raise ConfigError(f"{source}: member {i} ({m.source}) is itself a config family; "
+                                  "a family's members must be single configs")
+            if m.length is None:
+                raise ConfigError(f"{source}: member {i} ({m.source}) has no 'length' (the prompt length it "
+                                  "was searched at): a family chooses its members by length")
+        for what in ("length", "num_layers", "num_heads"):
+            seen: dict = {}
+            for i, m in enumerate(members):
+                value = getattr(m, what)
+                if value is None:
+                    continue
+                if what == "length" and value in seen:
+                    j = seen[value]
+                    raise ConfigError(f"{source}: members {j} ({members[j].source}) and {i} ({m.source}) both "
+                                      f"have length {value}; a family's lengths must be distinct")
+                if what != "length" and seen and value not in seen:
+                    j, other = next(iter(seen.values())), next(iter(seen))
+                    raise ConfigError(f"{source}: member {j} ({members[j].source}) has {what}={other}, "
+                                      f"member {i} ({m.source}) has {what}={value}; members must be for one model")
+                seen.setdefault(value, i)
+        self.members = tuple(sorted(members, key=lambda m: m.length))
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, ConfigFamily) and (self.source, self.model, self.members)
+                == (other.source, other.model, other.members))
+
+    def __repr__(self) -> str:
+        return f"ConfigFamily(source={self.source!r}, members={self.members!r}, model={self.model!r})"
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    # ------------------------------------------------------------------ shape
+    def _given(self, what: str) -> int | None:
+        return next((getattr(m, what) for m in self.members if getattr(m, what) is not None), None)
+
+    @property
+    def num_layers(self) -> int | None:
+        """The layer count the members pin (they agree), or None."""
+        return self._given("num_layers")
+
+    @property
+    def num_heads(self) -> int | None:
+        """The query-head count the members pin (they agree), or None."""
+        return self._given("num_heads")
+
+    @property
+    def min_seq_len(self) -> int | None:
+        """The smallest ``min_seq_len`` a member gives: below it no member pays; None if none gives one."""
+        given = [m.min_seq_len for m in self.members if m.min_seq_len is not None]
+        return min(given) if given else None
+
+    @property
+    def lengths(self) -> tuple:
+        """The members' lengths, ascending."""
+        return tuple(m.length for m in self.members)
+
+    # ------------------------------------------------------------------ resolution
+    def member_for(self, n_k: int):
+        """The member a call over ``n_k`` keys runs: the first (shortest) with ``n_k <= length``,
+        else the longest. The op applies the same rule to the lengths in its ``family`` argument."""
+        for member in self.members:
+            if n_k <= member.length:
+                return member
+        return self.members[-1]
+
+    def heads_for(self, layer: int, num_heads: int) -> list[HeadPattern]:
+        """The longest member's patterns for ``layer``: one answer for callers that want one
+        (the explain table, tools); the rewrite asks every member."""
+        return self.members[-1].heads_for(layer, num_heads)
+
+    def check_layers(self, num_layers: int | None) -> None:
+        """:meth:`SparseConfig.check_layers` of every member."""
+        for member in self.members:
+            member.check_layers(num_layers)
+
+    def check_model(self, num_layers: int | None, num_heads: int) -> None:
+        """:meth:`SparseConfig.check_model` of every member: each must fit the model."""
+        for member in self.members:
+            member.check_model(num_layers, num_heads)
+
+    # ------------------------------------------------------------------ output
+    def member_lines(self) -> list[str]:
+        """``<= length: source`` per member, the last also covering longer inputs."""
+        last = len(self.members) - 1
+        return [f"<= {m.length}{' (and longer)' if i == last else ''}: {m.source}"
+                for i, m in enumerate(self.members)]
+
+    def summary(self) -> str:
+        """One line for logs: the family's source and which member runs up to which key count."""
+        return f"config family {self.source}: keys " + "; ".join(self.member_lines())
+
+    def to_json(self) -> dict:
+        """This family in its format, members inline (a JSON-ready dict); loads back to the same members."""
+        out: dict[str, Any] = {"format": FAMILY_FORMAT}
+        if self.model is not None:
+            out["model"] = self.model
+        out["members"] = [m.to_json() for m in self.members]
+        return out
+
+
 def _entry_json(pattern: HeadPattern, score: float | None = None) -> dict:
     entry: dict[str, Any] = {"pattern": pattern.kind, **pattern.set_params}
     if score is not None:
@@ -531,10 +690,12 @@ def _positive(source: str, doc: dict, key: str) -> int | None:
 def _from_ours(source: str, doc: dict) -> SparseConfig:
     unknown = [k for k in doc if k not in _TOP_KEYS]
     if unknown:
+        hint = f' (a config family needs "format": "{FAMILY_FORMAT}")' if "members" in unknown else ""
         raise _error(source, f"unknown top-level key(s) {', '.join(map(repr, unknown))}; "
-                     f"allowed: {list(_TOP_KEYS)}")
+                     f"allowed: {list(_TOP_KEYS)}{hint}")
     if "format" in doc and doc["format"] != FORMAT:
-        raise _error(source, f"format is {doc['format']!r}, this reader understands {FORMAT!r}")
+        raise _error(source, f"format is {doc['format']!r}, this reader understands {FORMAT!r} "
+                     f"(and {FAMILY_FORMAT!r}, a config family)")
     model = doc.get("model")
     if model is not None and not isinstance(model, str):
         raise _error(source, f"model must be a string, got {type(model).__name__}")
@@ -701,33 +862,104 @@ def shipped_configs() -> dict[str, str]:
             if f.endswith(".json")}
 
 
-def load_config(source: ConfigSource = None) -> SparseConfig:
-    """Read a per-head config from ``source`` (see the module docstring for the formats).
+def _family_from(source: str, doc: dict, base_dir: str | None) -> ConfigFamily:
+    """A config family's JSON object (see the module docstring) -> :class:`ConfigFamily`."""
+    unknown = [k for k in doc if k not in _FAMILY_KEYS]
+    if unknown:
+        raise _error(source, f"unknown top-level key(s) {', '.join(map(repr, unknown))} of a config family; "
+                     f"allowed: {list(_FAMILY_KEYS)}")
+    model = doc.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _error(source, f"model must be a string, got {type(model).__name__}")
+    members = doc.get("members")
+    if not isinstance(members, list) or not members:
+        raise _error(source, "a config family needs 'members': a non-empty array of shipped config names, "
+                     f"paths or inline configs, got {members!r}")
+    return ConfigFamily(source, [_load_member(source, i, m, base_dir) for i, m in enumerate(members)], model)
 
-    ``None`` gives a copy of :data:`DEFAULT_POLICY`; a path is read as JSON (object =
-    mi-compile format, array = MInference format); the name of a shipped config
-    (:func:`shipped_configs`, e.g. ``"qwen2.5-coder-1.5b-128k"``) reads that file; a ``dict`` /
-    ``list`` is taken as already parsed JSON of the respective format. Any problem raises
-    :class:`ConfigError`.
-    """
-    if source is None:
-        return copy.deepcopy(DEFAULT_POLICY)
-    if isinstance(source, SparseConfig):
-        return source
-    if isinstance(source, str) and not os.path.exists(source) and source in shipped_configs():
-        source = shipped_configs()[source]
-    if isinstance(source, (str, os.PathLike)):
-        name, doc = _read_json(source)
-    elif isinstance(source, dict):
-        name, doc = "<dict>", source
-    elif isinstance(source, list):
-        name, doc = "<list>", source
+
+def _member_path(source: str, index: int, member: str | os.PathLike, base_dir: str | None) -> str:
+    """The file a family member names: a path (relative to ``base_dir``, the family file's
+    folder) when it exists, else a shipped config's name."""
+    path = os.fspath(member)
+    candidate = path if base_dir is None else os.path.join(base_dir, path)
+    if os.path.exists(candidate):
+        return candidate
+    shipped = shipped_configs()
+    if isinstance(member, str) and member in shipped:
+        return shipped[member]
+    raise ConfigError(f"{source}#{index}: unknown member {path!r}: no file {candidate!r} and no shipped config "
+                      f"of that name (shipped: {', '.join(shipped) or 'none'})")
+
+
+def _load_member(source: str, index: int, member: Any, base_dir: str | None) -> SparseConfig:
+    """Member ``index`` of family ``source``: a single config. An inline member's source is
+    ``<family source>#<index>``; errors from a member's file are prefixed with that."""
+    where = f"{source}#{index}"
+    if isinstance(member, (SparseConfig, ConfigFamily)):   # families built in Python (a family: refused later)
+        return member
+    name = where
+    if isinstance(member, dict):
+        doc = member
+    elif isinstance(member, (str, os.PathLike)):
+        path = _member_path(source, index, member, base_dir)
+        try:
+            name, doc = _read_json(path)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     else:
-        raise ConfigError(f"cannot read a config from {type(source).__name__}; expected None, "
-                          "a path, a dict (mi-compile format) or a list (MInference format)")
+        raise _error(where, f"a family member must be a shipped config's name, a path or an inline config "
+                     f"object, got {type(member).__name__}")
+    if isinstance(doc, dict) and doc.get("format") == FAMILY_FORMAT:
+        what = "this member" if name == where else name
+        raise _error(where, f"{what} is itself a config family; a family cannot contain a family "
+                     "(list that family's members instead)")
+    try:
+        return _parse_doc(name, doc)
+    except ConfigError as exc:
+        if name == where:
+            raise
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _parse_doc(name: str, doc: Any) -> SparseConfig:
+    """A single config's parsed JSON: an object (mi-compile format) or an array (MInference's)."""
     if isinstance(doc, dict):
         return _from_ours(name, doc)
     if isinstance(doc, list):
         return _from_minference(name, doc)
     raise _error(name, f"top level must be an object (mi-compile format) or an array "
                  f"(MInference format), got {type(doc).__name__}")
+
+
+def load_config(source: ConfigSource = None) -> SparseConfig | ConfigFamily:
+    """Read a per-head config from ``source`` (see the module docstring for the formats).
+
+    ``None`` gives a copy of :data:`DEFAULT_POLICY`; a path is read as JSON (object =
+    mi-compile format or a config family, array = MInference format); the name of a shipped
+    config (:func:`shipped_configs`, e.g. ``"qwen2.5-coder-1.5b-128k"``, or the family
+    ``"qwen2.5-coder-1.5b"``) reads that file; a ``dict`` / ``list`` is taken as already parsed
+    JSON of the respective format. A config family gives a :class:`ConfigFamily`, anything
+    else a :class:`SparseConfig`; a loaded one of either is returned as it is. Any problem
+    raises :class:`ConfigError`.
+    """
+    if source is None:
+        return copy.deepcopy(DEFAULT_POLICY)
+    if isinstance(source, (SparseConfig, ConfigFamily)):
+        return source
+    if isinstance(source, str) and not os.path.exists(source) and source in shipped_configs():
+        source = shipped_configs()[source]
+    base_dir = None
+    if isinstance(source, (str, os.PathLike)):
+        name, doc = _read_json(source)
+        base_dir = os.path.dirname(os.path.abspath(name))
+    elif isinstance(source, dict):
+        name, doc = "<dict>", source
+    elif isinstance(source, list):
+        name, doc = "<list>", source
+    else:
+        raise ConfigError(f"cannot read a config from {type(source).__name__}; expected None, "
+                          "a path, a dict (mi-compile format or a config family) or a list (MInference format)")
+    if isinstance(doc, dict) and doc.get("format") == FAMILY_FORMAT:
+        return _family_from(name, doc, base_dir)
+    return _parse_doc(name, doc)

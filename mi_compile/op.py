@@ -23,7 +23,14 @@ Arguments:
     :func:`observe_attention`) and error messages,
     prompt_length: the prompt length the heads' counts were chosen for (the config's
     ``length``; 0: not given); a chunk with fewer keys keeps that share of each vertical-slash
-    head's columns (:func:`mi_compile.patterns.index.chunk_heads`).
+    head's columns (:func:`mi_compile.patterns.index.chunk_heads`),
+    family: empty, or a config family's members (:class:`mi_compile.config.ConfigFamily`) in
+    ascending length as ``(length, table_end)`` pairs; ``heads`` is then the concatenation of
+    the members' head tables, member ``i``'s being ``heads[end_{i-1}:end_i]`` (``end_{-1} = 0``).
+    Each call first picks the member from its key count ``nk``: the first with ``nk <= length``,
+    else the last; it then runs as above with that member's table and ``prompt_length`` its
+    ``length``. The choice reads a tensor shape: no host sync, no guard, one graph for all
+    lengths.
 Semantics: causal attention restricted to each head's pattern for prefills of at least
 ``min_seq_len`` tokens; otherwise exactly the dense attention of the original call. Where the
 kernels would run, an unpadded layer whose heads are all dense runs SDPA instead (flash /
@@ -43,7 +50,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .kernels.constants import BLOCK
+from .kernels.constants import BLOCK, INTS_PER_HEAD
 from .kernels.dispatch import op_attention_impl
 
 # Below this many tokens (keys: the context length) the op runs dense attention. Measured on the
@@ -120,9 +127,12 @@ def observe_attention(fn):
         _OBSERVERS.remove(fn)
 
 
-def _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, prompt_length=0):
+def _sparse_attention_impl(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, prompt_length=0,
+                           family=()):
     for fn in list(_OBSERVERS):
         fn(layer, q, k, v, key_padding_mask)
+    if family:
+        heads, prompt_length = _family_member(family, heads, k.shape[-2], layer)
     out = _output_like(q, v)
     res = _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, out,
                            prompt_length)
@@ -160,6 +170,50 @@ def _layer_facts(heads) -> tuple:
             _LAYER_FACTS.clear()
         _LAYER_FACTS[key] = facts
     return facts
+
+
+_FAMILIES: dict = {}         # (family list, flat head tables) -> ((length, member table), ...)
+
+
+def _family_members(family, heads, layer) -> tuple:
+    """``((length, member head table), ...)`` in ascending length of a ``family`` argument over
+    the concatenated ``heads``, checked and split once per distinct pair of lists."""
+    key = (tuple(family), tuple(heads))
+    members = _FAMILIES.get(key)
+    if members is None:
+        members = _split_family(*key, layer)
+        if len(_FAMILIES) >= 4096:
+            _FAMILIES.clear()
+        _FAMILIES[key] = members
+    return members
+
+
+def _split_family(family: tuple, heads: tuple, layer) -> tuple:
+    where = f"mi_compile.sparse_attention (layer {layer}): family {list(family)}"
+    if len(family) % 2:
+        raise ValueError(f"{where}: must hold (length, table_end) pairs, got an odd count {len(family)}")
+    lengths, ends = family[0::2], family[1::2]
+    if any(int(n) < 1 for n in lengths) or any(a >= b for a, b in zip(lengths, lengths[1:])):
+        raise ValueError(f"{where}: member lengths {list(lengths)} must be positive and strictly ascending")
+    starts = (0,) + tuple(ends[:-1])
+    if any(a >= b for a, b in zip(starts, ends)) or ends[-1] != len(heads):
+        raise ValueError(f"{where}: table ends {list(ends)} must increase from above 0 to the head table's "
+                         f"length {len(heads)}")
+    sizes = {b - a for a, b in zip(starts, ends)}
+    if any(size % INTS_PER_HEAD for size in sizes) or len(sizes) != 1:
+        raise ValueError(f"{where}: member tables of {sorted(sizes)} ints: each must hold the same heads, "
+                         f"{INTS_PER_HEAD} ints a head")
+    return tuple((int(n), heads[a:b]) for n, a, b in zip(lengths, starts, ends))
+
+
+def _family_member(family, heads, n_k: int, layer) -> tuple:
+    """``(head table, prompt_length)`` of the family member a call over ``n_k`` keys runs: the
+    first in ascending length with ``n_k <= length``, else the last."""
+    members = _family_members(family, heads, layer)
+    for length, table in members:
+        if n_k <= length:
+            return table, length
+    return members[-1][1], members[-1][0]
 
 
 def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, out=None,
@@ -203,7 +257,7 @@ def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_le
 _LIB = torch.library.Library("mi_compile", "FRAGMENT")
 _LIB.define("sparse_attention(Tensor q, Tensor k, Tensor v, SymInt[] heads, float? scale, "
             "Tensor? key_padding_mask, SymInt window, SymInt min_seq_len, SymInt layer, "
-            "SymInt prompt_length=0) -> Tensor",
+            "SymInt prompt_length=0, SymInt[] family=[]) -> Tensor",
             tags=(torch.Tag.pt2_compliant_tag,))
 # CPU: the PyTorch reference of the same selection (MI_COMPILE_CPU_IMPL=triton: the Triton
 # kernels through the interpreter); CUDA: the Triton kernels.
@@ -211,7 +265,8 @@ _LIB.impl("sparse_attention", _sparse_attention_impl, "CPU")
 _LIB.impl("sparse_attention", _sparse_attention_impl, "CUDA")
 
 
-def _sparse_attention_fake(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, prompt_length=0):
+def _sparse_attention_fake(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, prompt_length=0,
+                           family=()):
     return _output_like(q, v)
 
 

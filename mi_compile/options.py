@@ -4,13 +4,17 @@
 option          meaning
 =============== ========================================================================
 config          per-head pattern config: a path to a JSON file (our format or MInference's
-                published per-layer lists), the same data as a dict/list, or a loaded
-                :class:`~mi_compile.config.SparseConfig` (``triangle_mix_config(...)``). Default: the
-                default policy (every head vertical_slash(1000, 6096)), logged.
+                published per-layer lists), a shipped config's name, the same data as a
+                dict/list, or a loaded :class:`~mi_compile.config.SparseConfig`
+                (``triangle_mix_config(...)``); or a config family (configs searched at several
+                lengths, each call running the one for its length: ``"qwen2.5-coder-1.5b"``, a
+                :class:`~mi_compile.config.ConfigFamily`). Default: the default policy (every
+                head vertical_slash(1000, 6096)), logged.
 min_seq_len     prompts shorter than this run dense attention inside the op (sparse
                 attention does not pay off on short prompts). Default: the config's own
-                ``min_seq_len`` when it has one (the shipped Qwen2.5-Coder configs: 32768),
-                else 65536 (measured on the Llama-3-8B shape, docs/results.md).
+                ``min_seq_len`` when it has one (the shipped Qwen2.5-Coder configs: 32768; a
+                family: its members' smallest), else 65536 (measured on the Llama-3-8B shape,
+                docs/results.md).
 dense_layers    layer indices to leave dense (the original SDPA call is kept), e.g. [0, 1];
                 an index past the model's last layer is an error once the graph shows it.
 dump_dir        write each graph before/after the passes (readable code) and the explain
@@ -90,11 +94,11 @@ class BackendOptions:
             raise OptionsError(f"unknown backend='minference' option(s) {unknown}; known: {sorted(known)}")
         opts = dict(options)
         cfg = opts.get("config")
-        from .config import SparseConfig      # not at import time: config.py imports this module
+        from .config import ConfigFamily, SparseConfig      # not at import time: config.py imports this module
 
-        if cfg is not None and not isinstance(cfg, (str, os.PathLike, dict, list, SparseConfig)):
-            raise OptionsError(f"option 'config' must be a path, a dict, a list or a SparseConfig, "
-                               f"got {type(cfg).__name__}")
+        if cfg is not None and not isinstance(cfg, (str, os.PathLike, dict, list, SparseConfig, ConfigFamily)):
+            raise OptionsError(f"option 'config' must be a path, a dict, a list or a SparseConfig (or a "
+                               f"ConfigFamily), got {type(cfg).__name__}")
         msl = opts.get("min_seq_len", DEFAULT_MIN_SEQ_LEN)
         if isinstance(msl, bool) or not isinstance(msl, int) or not 0 <= msl <= MAX_MIN_SEQ_LEN:
             raise OptionsError(f"option 'min_seq_len' must be an int >= 0 and <= 2**31 - 1, got {msl!r}")

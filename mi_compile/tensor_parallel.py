@@ -186,9 +186,15 @@ def resolve_tp(gm, option, local_heads: int | None, config) -> TPSlice | None:
 
 class TPConfigView:
     """A whole-model config as one rank sees it: ``heads_for(layer, n)`` gives the patterns of
-    global heads ``[rank*n, (rank+1)*n)``; everything else is the config's own."""
+    global heads ``[rank*n, (rank+1)*n)``; everything else is the config's own. A config family
+    is viewed member by member (:func:`rank_config`)."""
 
     def __init__(self, config, tp: TPSlice):
+        from .config import ConfigFamily
+
+        if isinstance(config, ConfigFamily):
+            raise TypeError(f"TPConfigView takes a single config, got the config family {config.source}: "
+                            "use rank_config(), which views each member")
         self.config = config
         self.tp = tp
 
@@ -202,6 +208,16 @@ class TPConfigView:
     def check_model(self, num_layers: Optional[int], num_heads: int) -> None:
         check_slice(self.tp, num_heads, self.config)
         self.config.check_model(num_layers, num_heads * self.tp.size)
+
+
+def rank_config(config, tp: TPSlice):
+    """This rank's view of a whole-model config: a :class:`TPConfigView`, or for a config family
+    the same family of its members' views (every member sliced to this rank's heads)."""
+    from .config import ConfigFamily
+
+    if isinstance(config, ConfigFamily):
+        return ConfigFamily(config.source, [TPConfigView(m, tp) for m in config.members], config.model)
+    return TPConfigView(config, tp)
 
 
 def tp_option_from_model(model) -> dict | None:

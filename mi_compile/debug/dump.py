@@ -23,7 +23,8 @@ def _artifact(name: str, text: str) -> None:
 
 
 def dump_report(report, dump_dir: str | None) -> list[str]:
-    table = format_table(report.sites, config_source=report.config_source, tp=getattr(report, "tp", None))
+    table = format_table(report.sites, config_source=report.config_source, tp=getattr(report, "tp", None),
+                         family=getattr(report, "family", None))
     stem = f"mi_compile_graph_{report.graph_id}"
     _artifact(stem + "_before", report.before_code)
     _artifact(stem + "_after", report.after_code)

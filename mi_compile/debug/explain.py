@@ -9,7 +9,9 @@ queries whose mask is causal aligned top-left (``is_causal=True`` with a shorter
 cache's prefill) ``causal_top_left`` and a chunk continuing a static cache
 ``causal_static_offset`` (each with a line saying what that is, the latter two with how it was
 established); a call left dense says why, e.g. ``decode step (one query token)``,
-``static cache: ...`` or ``prefill chunk over a cache: <the op's reason>``.
+``static cache: ...`` or ``prefill chunk over a cache: <the op's reason>``. With a config family
+a sparse row shows each member's patterns (``<= 32768: ... | <= 131072: ...``), and lines below
+list the members and the one the input's length runs.
 
 :func:`mi_compile.explain` (in :mod:`mi_compile.backend`) compiles a model with the backend's
 passes only, runs it once and returns an :class:`ExplainResult`; this module only formats.
@@ -48,7 +50,28 @@ _PROVEN_KINDS = (
 )
 
 
-def format_table(sites, config_source: str = "", threshold: str = "", tp=None) -> str:
+def family_lines(family, length: int | None = None, chunk: bool = False) -> list[str]:
+    """What a config family's calls run: ``<= length: member source`` per member (the last also
+    above its length) and, for an input of ``length`` tokens, which member that is (``chunk``:
+    the input continues a cache, whose tokens count too)."""
+    lines = ["config family: each sparse call runs the first member whose length its key count does not "
+             "exceed, else the last:"]
+    lines.extend(f"  <= {n}{' (and longer)' if i == len(family) - 1 else ''}: {source}"
+                 for i, (n, source) in enumerate(family))
+    if length is not None and chunk:
+        lines.append(f"this input ({length} tokens) continues a cache: the member is chosen by the call's key "
+                     "count, the cached tokens included (a static cache: all of its slots)")
+    elif length is not None:
+        n, source = next(((n, s) for n, s in family if length <= n), family[-1])
+        lines.append(f"this input ({length} tokens) runs the member for <= {n}: {source}")
+    return lines
+
+
+def format_table(sites, config_source: str = "", threshold: str = "", tp=None, family=None,
+                 length: int | None = None) -> str:
+    """The table of ``sites`` and the legends it needs; ``family``: the config family's
+    ``(length, source)`` members, shown when a site carries them, with the one an input of
+    ``length`` tokens runs."""
     header = ("layer", "module", "heads", "kv", "mask", "gqa", "action", "patterns / reason")
     rows = []
     for s in sites:
@@ -81,6 +104,9 @@ def format_table(sites, config_source: str = "", threshold: str = "", tp=None) -
         if matched:
             lines.append(legend)
             lines.extend(f"  {how}" for how in dict.fromkeys(s.mask.how for s in matched))
+    if family and any(s.family for s in sites):
+        lines.extend(family_lines(family, length, any(s.mask is not None and (s.mask.chunk or s.mask.static_chunk)
+                                                      for s in sites)))
     if threshold and n_sparse:
         lines.append(threshold)
     return "\n".join(lines)
@@ -105,7 +131,8 @@ class ExplainResult:
 
     def table(self) -> str:
         threshold = "" if self.min_seq_len is None else threshold_line(self.min_seq_len, self.length)
-        text = "\n\n".join(format_table(r.sites, r.config_source, threshold, getattr(r, "tp", None))
+        text = "\n\n".join(format_table(r.sites, r.config_source, threshold, getattr(r, "tp", None),
+                                        getattr(r, "family", None), self.length)
                            for r in self.reports)
         if self.device is not None and any(s.action == "sparse" for s in self.sites):
             from ..kernels.dispatch import kernels_line

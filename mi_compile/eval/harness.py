@@ -274,7 +274,7 @@ class ModeRunner:
         self.decoder = torch.compile(model.model, backend=self.backend, dynamic=True)
         self.num_layers = model.config.num_hidden_layers
         self.observe = True                 # count the density on the next prefills
-        self._heads: dict[int, list] = {}
+        self._heads: dict[int, object] = {}   # layer -> its sparse AttentionSite
         self._density: dict[int, float] = {}
         self.compile_s: Optional[float] = None
         self.compiles: list[dict] = []      # every prefill that compiled a graph: when and how long
@@ -285,22 +285,26 @@ class ModeRunner:
         """The most any head's ``last`` asks for (after the first compile): the prompt's last
         rows some head computes densely; 0 for none."""
         return max((h.last for report in self.backend.reports for site in report.sites
-                    if site.action == "sparse" and site.heads for h in site.heads), default=0)
+                    if site.action == "sparse" and site.heads
+                    for heads in ([hs for _, hs in site.family] if site.family else [site.heads]) for h in heads),
+                   default=0)
 
     # -- density observer
-    def _layer_heads(self, layer):
+    def _layer_heads(self, layer, n_k: int):
+        """The patterns ``layer``'s op runs over ``n_k`` keys (a config family's member for that count)."""
         if layer not in self._heads:
             for report in self.backend.reports:
                 for site in report.sites:
                     if site.action == "sparse" and site.heads and site.layer is not None:
-                        self._heads.setdefault(site.layer, site.heads)
-        return self._heads.get(layer)
+                        self._heads.setdefault(site.layer, site)
+        site = self._heads.get(layer)
+        return None if site is None else site.heads_at(n_k)
 
     def _observe(self, layer, q, k, v, key_padding_mask):
         if not self.observe:
             return
         t = time.perf_counter()
-        heads = self._layer_heads(layer)
+        heads = self._layer_heads(layer, k.shape[-2])
         if heads is None:
             raise RuntimeError(f"mode {self.mode.name}: no patterns found for layer {layer} in the backend's reports")
         if q.shape[-2] == 1 or q.shape[-2] < self.min_seq_len:

@@ -22,7 +22,8 @@ from .find_attention import FindAttentionPass
 from .rewrite_attention import RewriteAttentionPass
 from .site import AttentionSite, MaskInfo
 from .undo_repeat_kv import UndoRepeatKVPass
-from ..tensor_parallel import TPConfigView, resolve_tp
+from ..config import ConfigFamily
+from ..tensor_parallel import rank_config, resolve_tp
 
 log = logging.getLogger("mi_compile")
 
@@ -40,6 +41,8 @@ class PassReport:
     before_code: str = ""
     after_code: str = ""
     tp: object = None        # tensor_parallel.TPSlice when this rank runs a slice of the config
+    # a config family's members as (length, source), ascending; None for a single config
+    family: object = None
 
     @property
     def rewritten(self) -> int:
@@ -120,13 +123,15 @@ def run_passes(gm: torch.fx.GraphModule, options, config, graph_id: int = 0, kee
     local_heads = next(iter(q_heads)) if len(q_heads) == 1 else None
     tp = resolve_tp(gm, getattr(options, "tp", None), local_heads, config) if sites else None
     if tp is not None:
-        config = TPConfigView(config, tp)    # this rank's heads of the whole-model config
+        config = rank_config(config, tp)     # this rank's heads of the whole-model config (of each member)
     if len(q_heads) == 1:
         config.check_model(num_layers, q_heads.pop())
     RewriteAttentionPass(options, config)(gm, sites)
     report = PassReport(graph_id=graph_id, sites=sites, config_source=config.source,
                         default_policy=config.is_default_policy, before_code=before,
-                        after_code=gm.print_readable(print_output=False) if keep_code else "", tp=tp)
+                        after_code=gm.print_readable(print_output=False) if keep_code else "", tp=tp,
+                        family=[(m.length, m.source) for m in config.members]
+                        if isinstance(config, ConfigFamily) else None)
     log.info("mi_compile: graph %d: %d attention call(s), %d rewritten to sparse, %d left dense",
              graph_id, len(sites), report.rewritten, len(sites) - report.rewritten)
     return report

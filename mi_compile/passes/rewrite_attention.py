@@ -66,6 +66,19 @@ a rotated cache, every index computed on the device (no host sync)::
 (counted in ``rewritten_static_chunk``; the unfilled slots are left padding to the op; the
 gather costs a copy of K and V per layer). Decode steps (one query token) and a top-left mask
 with a sliding window stay dense, with the reason.
+
+With a config family (:class:`mi_compile.config.ConfigFamily`, members searched at 32K and 128K)
+the op carries every member's heads and picks one per call from its key count::
+
+    out = sdpa(q, key, value, attn_mask=mask, scale=s)
+->
+    out = torch.ops.mi_compile.sparse_attention(q, k, v, heads=[...32K table..., ...128K table...],
+              scale=s, key_padding_mask=padding, window=0, min_seq_len=32768, layer=3,
+              prompt_length=0, family=[32768, 48, 131072, 96])
+
+(``family``: each member's length and the end of its table in ``heads``; counted in
+``rewritten_family``). A chunk stays dense when any member's heads cannot take one; a
+sliding-window layer keeps its exact A-shape, without a family.
 """
 from __future__ import annotations
 
@@ -77,6 +90,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import op
+from ..config import ConfigFamily
 from ..patterns.spec import HeadPattern, encode_heads
 from ..sparse import MAX_HEAD_DIM, MIN_HEAD_DIM, SUPPORTED_DTYPES
 from .classify_mask import _sym_expr
@@ -260,6 +274,20 @@ def _filled_slots_last(graph: torch.fx.Graph, site: AttentionSite, starts: dict)
     return key, value, padding
 
 
+def _op_tables(site: AttentionSite) -> tuple[list[int], list[int]]:
+    """The op's ``heads`` and ``family`` arguments for a sparse site: its own head table and no
+    family, or every member's table one after the other and ``[length_0, end_0, length_1,
+    end_1, ...]`` (member ``i``'s table ends at ``end_i``)."""
+    if not site.family:
+        return encode_heads(site.heads), []
+    heads: list[int] = []
+    members: list[int] = []
+    for length, member_heads in site.family:
+        heads += encode_heads(member_heads)
+        members += [int(length), len(heads)]
+    return heads, members
+
+
 class RewriteAttentionPass:
     name = "rewrite_attention"
 
@@ -307,17 +335,22 @@ class RewriteAttentionPass:
             # The model itself limits this layer to a sliding window: that *is* an A-shape with
             # no sinks, computed exactly, whatever the config says for its heads.
             site.heads = [HeadPattern("a_shape", sink=0, local=site.mask.window)] * site.q_heads
+        elif isinstance(self.config, ConfigFamily):
+            # every member's heads go into the op, which picks one per call by its key count
+            site.family = [(int(m.length), m.heads_for(site.layer, site.q_heads)) for m in self.config.members]
+            site.heads = site.family[-1][1]
         else:
             site.heads = self.config.heads_for(site.layer, site.q_heads)
         if site.mask.chunk or site.mask.static_chunk:
-            reason = op.chunk_dense_reason(site.heads)
+            tables = [heads for _, heads in site.family] if site.family else [site.heads]
+            reason = next(filter(None, map(op.chunk_dense_reason, tables)), None)
             if reason:
-                site.heads = None
+                site.heads = site.family = None
                 return site.keep_dense(f"prefill chunk over a cache: {reason}")
         site.action = "sparse"
 
     def __call__(self, gm: torch.fx.GraphModule, sites: list[AttentionSite]) -> int:
-        rewritten = top_left = static = 0
+        rewritten = top_left = static = family = 0
         graph = gm.graph
         starts: dict = {}      # a static cache's length input -> its value at the start; its rotation
         for site in sites:
@@ -336,10 +369,14 @@ class RewriteAttentionPass:
                 elif site.mask.static_chunk:
                     key, value, padding = _filled_slots_last(graph, site, starts)
                     static += 1
-                args = (sdpa_arg(node, "query"), key, value, encode_heads(site.heads),
+                heads, members = _op_tables(site)
+                args = (sdpa_arg(node, "query"), key, value, heads,
                         sdpa_arg(node, "scale"), padding, int(site.mask.window), int(self.options.min_seq_len),
                         int(site.layer))
-                if (site.mask.chunk or site.mask.static_chunk) and self.config.length:
+                if members:
+                    args += (0, members)                 # each member's length is its calls' prompt length
+                    family += 1
+                elif (site.mask.chunk or site.mask.static_chunk) and self.config.length:
                     args += (int(self.config.length),)   # the prompt length the counts are for
                 new = graph.call_function(torch.ops.mi_compile.sparse_attention.default, args)
             new.meta.update(node.meta)
@@ -350,6 +387,7 @@ class RewriteAttentionPass:
         bump("rewritten_sparse", rewritten)
         bump("rewritten_top_left", top_left)
         bump("rewritten_static_chunk", static)
+        bump("rewritten_family", family)
         bump("left_dense", sum(s.action == "dense" for s in sites))
         graph.eliminate_dead_code(is_impure_node=has_side_effects)
         graph.lint()

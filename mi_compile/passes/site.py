@@ -84,6 +84,9 @@ class AttentionSite:
     heads: Optional[list[HeadPattern]] = None
     action: str = "pending"          # sparse | dense | pending
     reason: str = ""
+    # a config family's members for this call, [(length, heads), ...] ascending (``heads`` is then
+    # the longest member's); None for a single config
+    family: Optional[list[tuple[int, list[HeadPattern]]]] = None
 
     def keep_dense(self, reason: str) -> None:
         """Leave this call as it is, and remember why (never silently)."""
@@ -91,10 +94,24 @@ class AttentionSite:
             self.action = "dense"
             self.reason = reason
 
+    def heads_at(self, n_k: int) -> Optional[list[HeadPattern]]:
+        """The heads the op runs for a call over ``n_k`` keys: with a family the first member whose
+        length ``n_k`` does not exceed (else the last), without one ``heads``."""
+        if not self.family:
+            return self.heads
+        return next((heads for length, heads in self.family if n_k <= length), self.family[-1][1])
+
     def pattern_summary(self) -> str:
+        """How many heads run each pattern (per family member when the call carries a family)."""
         if self.action != "sparse" or not self.heads:
             return ""
-        counts: dict[str, int] = {}
-        for h in self.heads:
-            counts[h.describe()] = counts.get(h.describe(), 0) + 1
-        return ", ".join(f"{c}x {d}" for d, c in counts.items())
+        if self.family:
+            return " | ".join(f"<= {length}: {_count_patterns(heads)}" for length, heads in self.family)
+        return _count_patterns(self.heads)
+
+
+def _count_patterns(heads) -> str:
+    counts: dict[str, int] = {}
+    for h in heads:
+        counts[h.describe()] = counts.get(h.describe(), 0) + 1
+    return ", ".join(f"{c}x {d}" for d, c in counts.items())
