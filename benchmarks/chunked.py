@@ -21,7 +21,7 @@ context (multi-turn use), and one long prompt prefilled in chunks (chunked prefi
 prefill profiled once (``profile_chunked_<mode>_whole.txt`` / ``_chunk<size>.txt``), and the
 chunks against the whole prefill by category and kernel (``profile_chunked_<mode>_diff.txt``).
 
-Modes: ``searched`` (``--config``, default the model's shipped 128K config) and
+Modes: ``searched`` (``--config``, default the model's shipped config family, else its 128K config) and
 ``--configs NAME=PATH_OR_SPEC`` extras, each ``torch.compile(model, backend=MInferenceBackend,
 dynamic=True)``. ``--absolute-chunks`` adds ``absolute`` (chunked phase only): the searched
 config without its ``"length"`` key (written to ``$OUT/absolute_config.json``), so chunks keep
@@ -304,7 +304,7 @@ def profile_chunked(args, dev, rows, fns, prefill, times, n):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.chunked", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="qwen2.5-coder-1.5b", help="a name mi_compile.models.load_model takes")
-    p.add_argument("--config", default=None, help="the searched mode's config (default: the model's shipped 128K one)")
+    p.add_argument("--config", default=None, help="the searched mode's config (default: the model's shipped config family, else its 128K config)")
     p.add_argument("--configs", nargs="*", default=[], metavar="NAME=PATH_OR_SPEC", help="more compiled modes")
     p.add_argument("--context", type=int, default=131072, help="cached context tokens (default 131072)")
     p.add_argument("--turn", type=int, default=2048, help="tokens of the follow-up turn (default 2048)")

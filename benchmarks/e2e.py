@@ -41,7 +41,8 @@ A real model (``--model qwen2.5-coder-1.5b``, any name ``mi_compile.models.load_
 bf16 on the GPU) runs another sweep (:func:`run_model`), at 8K, 16K, 32K, 64K and 128K by default:
 
 * modes ``eager``, ``searched`` (``--config``: the per-head config searched for the model, by
-  default ``mi_compile/configs/<model>-128k.json``), ``minference`` (the default policy, every
+  default the model's config family ``mi_compile/configs/<model>.json`` when it ships one, else
+  ``<model>-128k.json``), ``minference`` (the default policy, every
   head vertical_slash(1000, 6096)), ``inductor`` (plain ``torch.compile(model, dynamic=True)``,
   up to ``--inductor-max``), optionally ``attention_floor`` and ``--configs NAME=PATH`` extras;
   ``min_seq_len`` 32768 unless ``--min-seq-len`` says otherwise;
@@ -1146,7 +1147,7 @@ def parse_args(argv=None):
                         "random-weight Llama-3-8B shape")
     p.add_argument("--config", default=None,
                    help="--model runs: the searched mode's per-head config (a JSON path or an inline spec such as "
-                        "vertical_slash:100:800); default mi_compile/configs/<model>-128k.json when it exists")
+                        "vertical_slash:100:800); default the model's shipped config family (mi_compile/configs/<model>.json: each call runs the member searched for its length), else <model>-128k.json")
     p.add_argument("--configs", nargs="*", default=[], metavar="NAME=PATH_OR_SPEC",
                    help="--model runs: extra compiled modes, each a config (e.g. s32=mi_compile/configs/..._32k.json)")
     p.add_argument("--yarn", choices=("auto", "always", "off"), default="auto",

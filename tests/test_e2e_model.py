@@ -20,7 +20,7 @@ def test_measure_order_and_args(e2e):
     assert a.lengths == [8192, 16384, 32768, 65536, 131072] and a.min_seq_len == 32768 and a.reps == 2
     assert a.modes == ["eager", "searched", "minference", "inductor", "s32"] and a.extra_configs == {"s32": "x.json"}
     a = e2e.parse_args(["--model", "qwen2.5-coder-1.5b"])
-    assert a.config.endswith("qwen2.5-coder-1.5b-128k.json")      # the shipped config
+    assert a.config.endswith("qwen2.5-coder-1.5b.json")      # the shipped family (32K + 128K configs)
     old = e2e.parse_args(["--device", "cpu", "--tiny"])            # the first version's smoke path
     assert old.model is None and old.lengths == [256, 512] and "minference_llama31" in old.modes
     with pytest.raises(SystemExit):

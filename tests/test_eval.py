@@ -713,6 +713,8 @@ def test_searched_defaults_and_shipped_names(monkeypatch, tmp_path):
     (tmp_path / "qwen2.5-coder-1.5b_32k.json").write_text(json.dumps(H.DENSE_CONFIG))
     assert H.searched_default("qwen", 131072) == str(tmp_path / "qwen2.5-coder-1.5b-128k.json")
     assert H.searched_default("qwen2.5-coder-1.5b", 32768) == str(tmp_path / "qwen2.5-coder-1.5b_32k.json")
+    (tmp_path / "qwen2.5-coder-1.5b.json").write_text("{}")                  # a family: it wins at every length
+    assert H.searched_default("qwen", 32768) == H.searched_default("qwen", 131072) == str(tmp_path / "qwen2.5-coder-1.5b.json")
     monkeypatch.setattr(H, "_shipped_configs", lambda: {"q-128k": str(tmp_path / "qwen2.5-coder-1.5b-128k.json")})
     assert H.parse_config_spec("q-128k")[0] == str(tmp_path / "qwen2.5-coder-1.5b-128k.json")
     modes, skipped = H.resolve_modes(["searched"], searched_path="q-128k")

@@ -159,13 +159,17 @@ def canonical_model_name(name: str) -> str:
 
 def searched_default(model_name: str = "smollm2", length: int | None = None) -> str:
     """The searched mode's config when none is given: :data:`SEARCHED_DEFAULT` for SmolLM2,
-    else the package's config for the model searched at 32K for runs up to 32K (when it
-    exists), else at 128K: ``mi_compile/configs/<model>-32k.json`` / ``<model>-128k.json``
-    (``_32k`` / ``_128k`` spellings too). The 128K path is returned even when it does not
-    exist, so that the skip says which file was looked for."""
+    else the package's config family for the model (``mi_compile/configs/<model>.json``: each
+    call runs the member searched for its length) when it exists, else its config searched at
+    32K for runs up to 32K, else at 128K: ``<model>-32k.json`` / ``<model>-128k.json`` (``_32k`` /
+    ``_128k`` spellings too). The 128K path is returned even when it does not exist, so that the
+    skip says which file was looked for."""
     key = canonical_model_name(model_name)
     if key == "smollm2":
         return SEARCHED_DEFAULT
+    family = PACKAGE_CONFIGS / f"{key}.json"
+    if family.exists():
+        return str(family)
     suffixes = (["32k"] if length is not None and length <= 32768 else []) + ["128k"]
     for suffix in suffixes:
         for sep in ("-", "_"):
