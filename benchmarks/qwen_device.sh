@@ -16,7 +16,7 @@
 #   bash benchmarks/qwen_device.sh yard64|yard64_acc [SECONDS]   # a config searched at 64K against the 128K one there
 #   bash benchmarks/qwen_device.sh yard06|yard06_acc [SECONDS]   # the 128K search at budget 0.06 against the shipped one
 #   bash benchmarks/qwen_device.sh last512|last512_acc [SECONDS]   # the shipped config with 512 dense last rows
-#   bash benchmarks/qwen_device.sh family [SECONDS]   # the shipped config family (32K + 128K) at 32K and 128K
+#   bash benchmarks/qwen_device.sh family [SECONDS]   # the shipped config family (32K + 128K) at 32K-128K
 #   bash benchmarks/qwen_device.sh yard_gluon [SECONDS]   # the shipped config, Triton vs Gluon kernels
 #   bash benchmarks/qwen_device.sh checks|kernels|hopper|host|chunk_work [SECONDS]   # no model: gpu_checks, the kernel benchmark,
 #                                                  # the Gluon kernel, the op's host time (a 2K chunk at 128K)
@@ -312,11 +312,12 @@ case "$stage" in
     ;;
   family)
     # the shipped config family (qwen2.5-coder-1.5b: the 32K config up to 32768 keys, the 128K
-    # one above) against eager at 32K and 128K with Inductor: one compiled graph for both
-    # lengths, each call running its member (FAMILY_LENGTHS to change the lengths)
+    # one above) against eager at 32K, 64K and 128K with Inductor (YaRN 4 at all three): one
+    # compiled graph for every length, each call running its member (FAMILY_LENGTHS to change
+    # the lengths; ~4 minutes after the model's first load)
     deadline=$(( $(date +%s) + ${2:-300} ))
     run_until family 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config qwen2.5-coder-1.5b \
-      --modes eager,searched --lengths "${FAMILY_LENGTHS:-32768,131072}" --reps 2
+      --modes eager,searched --lengths "${FAMILY_LENGTHS:-32768,65536,131072}" --reps 2
     tar czf "$OUT/family.tgz" -C "$RUNS" family family.log
     ;;
   yard_gluon)
