@@ -28,7 +28,10 @@ config without its ``"length"`` key (written to ``$OUT/absolute_config.json``), 
 the config's absolute vertical counts instead of their share of a ``length``-token prompt's
 columns (an A/B of that scaling). ``--compare-topk`` adds ``<mode>@top_select`` for every
 compiled mode: the same compiled graph with the vertical-slash top-k made by the Triton select
-kernel (``SELECT_CONFIG["kernel"]``, read by the op at every call) instead of ``torch.topk``. Lengths past the model's native context run with YaRN. Rows
+kernel (``SELECT_CONFIG["kernel"]``, read by the op at every call) instead of ``torch.topk``;
+``--cudagraphs`` adds ``<mode>_cg``, the same config compiled with ``mode="reduce-overhead"``
+(CUDA graphs, one per chunk shape: a chunk's host time gone, only its device time left; the
+warm-up call and the first timed one record, the best timed call replays). Lengths past the model's native context run with YaRN. Rows
 go to ``$OUT/chunked.json`` as they are measured, with peak memory per phase.
 """
 from __future__ import annotations
@@ -92,15 +95,20 @@ def make_modes(model, args) -> dict:
     if getattr(args, "absolute_config", None):
         specs["absolute"] = args.absolute_config
     fns = {"eager": model}
+    graphs = [None] + (["reduce-overhead"] if getattr(args, "cudagraphs", False) else [])
     for name, spec in specs.items():
-        be = MInferenceBackend({"config": parse_config_spec(spec)[0], "min_seq_len": args.min_seq_len},
-                               use_inductor=not args.no_inductor)
-        fns[name] = torch.compile(model, backend=be, dynamic=True)
-        # on the wrapper itself: OptimizedModule.__setattr__ would set it on the shared model,
-        # every mode (eager too) then reporting the last backend's sites
-        object.__setattr__(fns[name], "_mi_backend", be)
+        for mode in graphs:
+            options = {"config": parse_config_spec(spec)[0], "min_seq_len": args.min_seq_len}
+            if mode:
+                options["mode"] = mode
+            be = MInferenceBackend(options, use_inductor=not args.no_inductor)
+            key = f"{name}_cg" if mode else name
+            fns[key] = torch.compile(model, backend=be, dynamic=True)
+            # on the wrapper itself: OptimizedModule.__setattr__ would set it on the shared model,
+            # every mode (eager too) then reporting the last backend's sites
+            object.__setattr__(fns[key], "_mi_backend", be)
     if getattr(args, "compare_topk", False):
-        for name in list(specs):
+        for name in [m for m in fns if m != "eager"]:
             fns[f"{name}@top_select"] = with_top_select(fns[name])
     return fns
 
@@ -323,6 +331,9 @@ def parse_args(argv=None):
                         "(chunks keep the absolute vertical counts; written to OUT/absolute_config.json)")
     p.add_argument("--compare-topk", action="store_true",
                    help="each compiled mode again as <mode>@top_select: the Triton top-k select kernel instead of torch.topk")
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="each compiled mode again as <mode>_cg, compiled with mode=\"reduce-overhead\" (CUDA graphs: "
+                        "one recorded per chunk shape, no host time per launch)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
@@ -370,7 +381,7 @@ def main(argv=None):
     if "turn" in args.phases:
         # not absolute: a turn after the whole cached context has about the config's length in
         # keys, where the scaled counts are the absolute ones (one compile saved)
-        run_turn(args, dev, rows, model, {m: f for m, f in fns.items() if m.split("@")[0] != "absolute"}, context, turn)
+        run_turn(args, dev, rows, model, {m: f for m, f in fns.items() if not m.startswith("absolute")}, context, turn)
     if "chunked" in args.phases:
         run_chunked(args, dev, rows, model, fns, context)
     for r in rows.data["rows"]:

@@ -174,3 +174,13 @@ def test_compare_topk_adds_a_mode_per_compiled_mode(benchmark_module):
     fns = chunked.make_modes(torch.nn.Identity(), args)
     assert set(fns) == {"eager", "searched", "other", "searched@top_select", "other@top_select"}
     assert fns["searched@top_select"]._mi_backend is fns["searched"]._mi_backend
+
+
+def test_cudagraphs_adds_a_reduce_overhead_mode_per_compiled_mode(benchmark_module):
+    chunked = benchmark_module("chunked")
+    args = chunked.parse_args(["--cudagraphs", "--compare-topk", "--config", SPEC, "--device", "cpu"])
+    fns = chunked.make_modes(torch.nn.Identity(), args)
+    assert set(fns) == {"eager", "searched", "searched_cg", "searched@top_select", "searched_cg@top_select"}
+    assert fns["searched_cg"]._mi_backend.mode == "reduce-overhead"
+    assert fns["searched"]._mi_backend.mode is None
+    assert fns["searched_cg@top_select"]._mi_backend is fns["searched_cg"]._mi_backend
