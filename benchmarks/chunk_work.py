@@ -102,7 +102,7 @@ def profile_variants(fns: dict) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    from mi_compile.config import ConfigFamily, load_config
+    from mi_compile.config import ConfigError, load_config, single_config
     from mi_compile.kernels.sparse_attention import KERNEL_CONFIG
     from mi_compile.kernels.top_select import SELECT_CONFIG
     from mi_compile.op import sparse_attention_op
@@ -113,10 +113,10 @@ def main(argv=None):
     dev = Dev(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     hq, hkv, d = (int(x) for x in args.heads.split(","))
-    cfg = load_config(args.config)
-    if isinstance(cfg, ConfigFamily):     # its calls would switch members with their key count
-        sys.exit(f"--config {args.config} is a config family; give one of its members: "
-                 + ", ".join(m.source for m in cfg.members))
+    try:             # a family's calls would switch members with their key count
+        cfg = single_config(load_config(args.config), "give")
+    except ConfigError as exc:
+        sys.exit(f"--config: {exc}")
     length = args.length if args.length is not None else cfg.length or 0
     min_seq_len = args.min_seq_len if args.min_seq_len is not None else cfg.min_seq_len or 0
     layers = ([int(x) for x in args.layers.split(",")] if args.layers else

@@ -182,6 +182,7 @@ from typing import Any, Union
 from mi_compile.patterns import registry
 from mi_compile.patterns.spec import PATTERN_IDS, PATTERN_PARAMS, HeadPattern, PatternError
 from mi_compile.kernels.constants import BLOCK, MAX_PARAM
+from mi_compile.op import family_member
 from mi_compile.options import MAX_MIN_SEQ_LEN
 
 __all__ = [
@@ -526,10 +527,7 @@ class ConfigFamily:
     def member_for(self, n_k: int):
         """The member a call over ``n_k`` keys runs: the first (shortest) with ``n_k <= length``,
         else the longest. The op applies the same rule to the lengths in its ``family`` argument."""
-        for member in self.members:
-            if n_k <= member.length:
-                return member
-        return self.members[-1]
+        return family_member([(m.length, m) for m in self.members], n_k)[1]
 
     def heads_for(self, layer: int, num_heads: int) -> list[HeadPattern]:
         """The longest member's patterns for ``layer``: one answer for callers that want one
@@ -930,6 +928,15 @@ def _parse_doc(name: str, doc: Any) -> SparseConfig:
         return _from_minference(name, doc)
     raise _error(name, f"top level must be an object (mi-compile format) or an array "
                  f"(MInference format), got {type(doc).__name__}")
+
+
+def single_config(config, use: str):
+    """``config`` unless it is a :class:`ConfigFamily`, for a ``use`` that needs one config (a
+    plot, a benchmark at fixed lengths): a family raises :class:`ConfigError` naming its members."""
+    if isinstance(config, ConfigFamily):
+        raise ConfigError(f"{config.source} is a config family; {use} one of its members: "
+                          + ", ".join(m.source for m in config.members))
+    return config
 
 
 def load_config(source: ConfigSource = None) -> SparseConfig | ConfigFamily:

@@ -172,6 +172,17 @@ def _layer_facts(heads) -> tuple:
     return facts
 
 
+def family_member(members, n_k: int):
+    """The member of ``members`` (``(length, ...)`` tuples in ascending length) that a call over
+    ``n_k`` keys runs: the first with ``n_k <= length``, else the last. The one rule of a config
+    family, shared by :class:`~mi_compile.config.ConfigFamily`, the op, the passes' sites and the
+    explain table."""
+    for member in members:
+        if n_k <= member[0]:
+            return member
+    return members[-1]
+
+
 _FAMILIES: dict = {}         # (family list, flat head tables) -> ((length, member table), ...)
 
 
@@ -209,11 +220,8 @@ def _split_family(family: tuple, heads: tuple, layer) -> tuple:
 def _family_member(family, heads, n_k: int, layer) -> tuple:
     """``(head table, prompt_length)`` of the family member a call over ``n_k`` keys runs: the
     first in ascending length with ``n_k <= length``, else the last."""
-    members = _family_members(family, heads, layer)
-    for length, table in members:
-        if n_k <= length:
-            return table, length
-    return members[-1][1], members[-1][0]
+    length, table = family_member(_family_members(family, heads, layer), n_k)
+    return table, length
 
 
 def _sparse_or_dense(q, k, v, heads, scale, key_padding_mask, window, min_seq_len, layer, out=None,

@@ -313,3 +313,14 @@ def test_tensor_parallel_slices_every_member():
     with pytest.raises(TypeError, match=r"TPConfigView takes a single config, got the config family <dict>: "
                                         r"use rank_config\(\)"):
         TPConfigView(load_config(family(short, long)), TPSlice(1, 2))
+
+
+def test_single_config_refuses_a_family_naming_its_members(tmp_path):
+    from mi_compile.config import ConfigError, load_config, single_config
+    from mi_compile.search.plot import plot_config
+
+    one = load_config("qwen2.5-coder-1.5b-32k")
+    assert single_config(one, "plot") is one
+    with pytest.raises(ConfigError, match=r"is a config family; plot one of its members: .*1\.5b-32k.*1\.5b-128k"):
+        plot_config("qwen2.5-coder-1.5b", tmp_path / "family.png")
+    assert not (tmp_path / "family.png").exists()

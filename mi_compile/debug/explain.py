@@ -62,7 +62,9 @@ def family_lines(family, length: int | None = None, chunk: bool = False) -> list
         lines.append(f"this input ({length} tokens) continues a cache: the member is chosen by the call's key "
                      "count, the cached tokens included (a static cache: all of its slots)")
     elif length is not None:
-        n, source = next(((n, s) for n, s in family if length <= n), family[-1])
+        from ..op import family_member
+
+        n, source = family_member(family, length)
         lines.append(f"this input ({length} tokens) runs the member for <= {n}: {source}")
     return lines
 

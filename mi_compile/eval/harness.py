@@ -289,8 +289,7 @@ class ModeRunner:
         """The most any head's ``last`` asks for (after the first compile): the prompt's last
         rows some head computes densely; 0 for none."""
         return max((h.last for report in self.backend.reports for site in report.sites
-                    if site.action == "sparse" and site.heads
-                    for heads in ([hs for _, hs in site.family] if site.family else [site.heads]) for h in heads),
+                    if site.action == "sparse" and site.heads for heads in site.head_tables() for h in heads),
                    default=0)
 
     # -- density observer

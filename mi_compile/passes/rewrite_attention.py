@@ -342,8 +342,7 @@ class RewriteAttentionPass:
         else:
             site.heads = self.config.heads_for(site.layer, site.q_heads)
         if site.mask.chunk or site.mask.static_chunk:
-            tables = [heads for _, heads in site.family] if site.family else [site.heads]
-            reason = next(filter(None, map(op.chunk_dense_reason, tables)), None)
+            reason = next(filter(None, map(op.chunk_dense_reason, site.head_tables())), None)
             if reason:
                 site.heads = site.family = None
                 return site.keep_dense(f"prefill chunk over a cache: {reason}")

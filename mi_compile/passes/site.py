@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch.fx
 
+from ..op import family_member
 from ..patterns.spec import HeadPattern
 
 
@@ -97,9 +98,11 @@ class AttentionSite:
     def heads_at(self, n_k: int) -> Optional[list[HeadPattern]]:
         """The heads the op runs for a call over ``n_k`` keys: with a family the first member whose
         length ``n_k`` does not exceed (else the last), without one ``heads``."""
-        if not self.family:
-            return self.heads
-        return next((heads for length, heads in self.family if n_k <= length), self.family[-1][1])
+        return family_member(self.family, n_k)[1] if self.family else self.heads
+
+    def head_tables(self) -> list[list[HeadPattern]]:
+        """Every head table the call may run: each family member's, or just ``heads``."""
+        return [heads for _, heads in self.family] if self.family else [self.heads]
 
     def pattern_summary(self) -> str:
         """How many heads run each pattern (per family member when the call carries a family)."""

@@ -38,25 +38,14 @@ def _budget_text(p) -> str:
     return registry.get(p.kind).label(p)
 
 
-def _single(cfg):
-    """``cfg`` unless it is a config family: a plot draws one config, so a family is an error
-    naming its members."""
-    from ..config import ConfigError, ConfigFamily
-
-    if isinstance(cfg, ConfigFamily):
-        raise ConfigError(f"{cfg.source} is a config family; plot one of its members: "
-                          + ", ".join(m.source for m in cfg.members))
-    return cfg
-
-
 def plot_config(config, out, *, report=None, title: str | None = None) -> Path:
     """Draw ``config`` (path, dict or SparseConfig) to the PNG ``out``; returns its path."""
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    from ..config import load_config
+    from ..config import load_config, single_config
 
-    cfg = _single(load_config(config))
+    cfg = single_config(load_config(config), "plot")
     num_layers = cfg.num_layers or (max(cfg.layers) + 1 if cfg.layers else 1)
     num_heads = cfg.num_heads or max((h + 1 for hs in cfg.layers.values() for h in hs), default=1)
     density = {}
@@ -118,11 +107,11 @@ def plot_attention(model, input_ids, config, layer: int, head: int, out) -> Path
     """Dense attention of (``layer``, ``head``) on ``input_ids`` beside its selected mask."""
     from matplotlib.colors import LogNorm
 
-    from ..config import load_config
+    from ..config import load_config, single_config
     from ..sparse import selection_density, selection_mask
     from .capture import capture_qk
 
-    cfg = _single(load_config(config))
+    cfg = single_config(load_config(config), "plot")
     cap = capture_qk(model, input_ids)
     if layer not in cap.q:
         raise ValueError(f"layer {layer} was not captured (layers: {cap.layers})")
