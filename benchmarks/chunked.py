@@ -31,7 +31,9 @@ compiled mode: the same compiled graph with the vertical-slash top-k made by the
 kernel (``SELECT_CONFIG["kernel"]``, read by the op at every call) instead of ``torch.topk``;
 ``--cudagraphs`` adds ``<mode>_cg``, the same config compiled with ``mode="reduce-overhead"``
 (CUDA graphs, one per chunk shape: a chunk's host time gone, only its device time left; the
-warm-up call and the first timed one record, the best timed call replays). Lengths past the model's native context run with YaRN. Rows
+warm-up call and the first timed one record, the best timed call replays; each call is a graph
+step of its own and copies the cache's tensors out of the graphs' pool after it, timed with
+it: ``call_continuing``). A mode whose timed call fails is dropped with its error row. Lengths past the model's native context run with YaRN. Rows
 go to ``$OUT/chunked.json`` as they are measured, with peak memory per phase.
 """
 from __future__ import annotations
@@ -107,6 +109,7 @@ def make_modes(model, args) -> dict:
             # on the wrapper itself: OptimizedModule.__setattr__ would set it on the shared model,
             # every mode (eager too) then reporting the last backend's sites
             object.__setattr__(fns[key], "_mi_backend", be)
+            object.__setattr__(fns[key], "_mi_cudagraphs", bool(mode))
     if getattr(args, "compare_topk", False):
         for name in [m for m in fns if m != "eager"]:
             fns[f"{name}@top_select"] = with_top_select(fns[name])
@@ -126,7 +129,44 @@ def with_top_select(fn):
         finally:
             SELECT_CONFIG["kernel"] = saved
     call._mi_backend = getattr(fn, "_mi_backend", None)
+    call._mi_cudagraphs = getattr(fn, "_mi_cudagraphs", False)
     return call
+
+
+def call_continuing(fn, cache, ids, **kwargs):
+    """``fn(ids)`` continuing ``cache``. Under CUDA graphs (``<mode>_cg``) each call is a step of
+    its own and the cache's tensors are copied out of the graphs' memory pool afterwards: they
+    are a graph's outputs, and the next replay would overwrite them while the cache still holds
+    them (a few ms for a 128K cache)."""
+    graphs = getattr(fn, "_mi_cudagraphs", False)
+    if graphs:
+        torch.compiler.cudagraph_mark_step_begin()
+    out = fn(ids, past_key_values=cache, use_cache=True, **kwargs)
+    if graphs:
+        own_cache_tensors(cache)
+    return out
+
+
+def own_cache_tensors(cache) -> None:
+    """Replace every key/value tensor of a transformers cache by a copy."""
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                setattr(layer, name, t.clone())
+
+
+def timed_rounds(reps: int, times: dict, run, rows, kind: str) -> None:
+    """``reps`` rounds over ``times``' keys in alternation, appending ``run(key)``'s seconds; a
+    key whose call fails is dropped with its error in a ``<kind>_error`` row, the others go on."""
+    for _ in range(reps):
+        for key in list(times):
+            try:
+                times[key].append(run(key))
+            except Exception as exc:  # noqa: BLE001 -- one mode's failure must not lose the others
+                rows.add(kind=f"{kind}_error", mode=key if isinstance(key, str) else key[0],
+                         error=err_text(exc), **({} if isinstance(key, str) else {"chunk": key[1]}))
+                times.pop(key)
 
 
 def sites_of(fn) -> dict | None:
@@ -153,7 +193,7 @@ def run_turn(args, dev, rows, model, fns, context, turn):
 
     def call(fn):
         with torch.no_grad():
-            out = fn(turn, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = call_continuing(fn, cache, turn, logits_to_keep=1)
         cache.crop(-turn.shape[1])   # back to the context (a negative count: every release takes it)
         return out
 
@@ -167,9 +207,7 @@ def run_turn(args, dev, rows, model, fns, context, turn):
         except Exception as exc:  # noqa: BLE001 -- one mode's failure must not lose the others
             rows.add(kind="turn_warmup", mode=m, error=err_text(exc))
             times.pop(m)
-    for _ in range(args.reps):
-        for m in list(times):
-            times[m].append(_sync_time(lambda: call(fns[m]), dev))
+    timed_rounds(args.reps, times, lambda m: _sync_time(lambda: call(fns[m]), dev), rows, "turn")
     eager = min(times["eager"]) if times.get("eager") else None
     for m, ts in times.items():
         rows.add(kind="turn", mode=m, context=n, turn=turn.shape[1], turn_s=round(min(ts), 4),
@@ -233,7 +271,7 @@ def run_chunked(args, dev, rows, model, fns, context):
                 if piece_s is not None:
                     dev.sync()
                     t = time.perf_counter()
-                out = fn(piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = call_continuing(fn, cache, piece, logits_to_keep=1)
                 if piece_s is not None:
                     dev.sync()
                     piece_s.append(time.perf_counter() - t)
@@ -251,10 +289,12 @@ def run_chunked(args, dev, rows, model, fns, context):
         except Exception as exc:  # noqa: BLE001
             rows.add(kind="chunked_warmup", mode=v[0], chunk=v[1], error=err_text(exc))
         dev.free()
-    for _ in range(args.reps):
-        for v in times:
-            times[v].append(_sync_time(lambda: prefill(fns[v[0]], v[1]), dev))
+    def timed(v):
+        try:
+            return _sync_time(lambda: prefill(fns[v[0]], v[1]), dev)
+        finally:
             dev.free()
+    timed_rounds(args.reps, times, timed, rows, "chunked")
     pieces: dict[tuple, dict] = {}     # one extra pass per chunked mode, synchronised per piece
     for v in times:
         if v[1]:

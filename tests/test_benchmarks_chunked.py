@@ -184,3 +184,62 @@ def test_cudagraphs_adds_a_reduce_overhead_mode_per_compiled_mode(benchmark_modu
     assert fns["searched_cg"]._mi_backend.mode == "reduce-overhead"
     assert fns["searched"]._mi_backend.mode is None
     assert fns["searched_cg@top_select"]._mi_backend is fns["searched_cg"]._mi_backend
+
+
+def test_cudagraph_modes_own_their_cache_between_calls(benchmark_module, monkeypatch):
+    """A ``_cg`` mode's call is a CUDA-graph step of its own and leaves the cache holding copies
+    (a replay would overwrite the graph's outputs); other modes leave the cache's tensors as they are."""
+    chunked = benchmark_module("chunked")
+    from transformers import DynamicCache
+
+    from mi_compile.models import tiny_model
+
+    args = chunked.parse_args(["--cudagraphs", "--compare-topk", "--config", SPEC, "--device", "cpu"])
+    fns = chunked.make_modes(torch.nn.Identity(), args)
+    assert {m for m, f in fns.items() if getattr(f, "_mi_cudagraphs", False)} == {"searched_cg", "searched_cg@top_select"}
+
+    steps = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    model = tiny_model("qwen2").eval()
+    ids = torch.randint(0, 100, (1, 16))
+    for graphs in (False, True):
+        cache = DynamicCache(config=model.config)
+        fn = (lambda *a, **k: model(*a, **k))
+        fn._mi_cudagraphs = graphs
+        with torch.no_grad():
+            chunked.call_continuing(model, cache, ids)            # a plain callable: no step, no copies
+            held = [(layer.keys, layer.values) for layer in cache.layers]
+            out = chunked.call_continuing(fn, cache, ids[:, :4], logits_to_keep=1)
+        assert out.logits.shape[1] == 1 and cache.get_seq_length() == 20
+        now = [(layer.keys, layer.values) for layer in cache.layers]
+        if graphs:
+            copies = [t for pair in now for t in pair]
+            assert steps == [1] and all(t._base is None for t in copies)
+            assert len({t.data_ptr() for t in copies}) == len(copies)
+        else:
+            assert steps == [] and [k.shape[-2] for k, _ in now] == [20] * len(now)
+        assert [k.shape[-2] for k, _ in held] == [16] * len(held)
+
+
+def test_timed_rounds_drops_a_failing_mode_and_keeps_the_others(benchmark_module):
+    chunked = benchmark_module("chunked")
+
+    class Rows(list):
+        def add(self, **row):
+            self.append(row)
+
+    rows, calls = Rows(), []
+
+    def run(key):
+        calls.append(key)
+        if key == ("searched_cg", 64) and len(calls) > 3:
+            raise AssertionError("graph tree broke")
+        return 1.0
+
+    times = {("eager", None): [], ("searched_cg", 64): [], ("searched", 64): []}
+    chunked.timed_rounds(3, times, run, rows, "chunked")
+    assert times == {("eager", None): [1.0] * 3, ("searched", 64): [1.0] * 3}
+    assert rows == [dict(kind="chunked_error", mode="searched_cg", chunk=64, error="AssertionError: graph tree broke")]
+    turn_times = {"eager": [], "bad": []}
+    chunked.timed_rounds(2, turn_times, lambda m: 1 / 0 if m == "bad" else 2.0, rows, "turn")
+    assert turn_times == {"eager": [2.0, 2.0]} and rows[-1]["kind"] == "turn_error" and rows[-1]["mode"] == "bad"
