@@ -348,6 +348,32 @@ def test_generate_turns_over_a_cached_document():
     assert counters["mi_compile"]["rewritten_sparse"] >= LAYERS
 
 
+def test_generate_prefills_a_prompt_in_chunks():
+    """``generate(..., prefill_chunk_size=C)`` (transformers' chunked prefill): the first chunk
+    is a causal prefill, every later one a chunk over the cache, all sparse; greedy tokens equal
+    eager's chunked and unchunked ones."""
+    model = tiny_model("llama", num_layers=LAYERS)
+    ids = _tokens(1, 300, 0)
+    backend = mi_compile.backend(OPTS)
+
+    def generate(**kwargs):
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, **kwargs)[:, -4:]
+
+    whole, eager = generate(), generate(prefill_chunk_size=128)
+    model.compile(backend=backend, dynamic=True)
+    try:
+        compiled = generate(prefill_chunk_size=128)
+    finally:
+        model._compiled_call_impl = None
+    assert compiled.tolist() == eager.tolist() == whole.tolist()
+    kinds = [{s.mask.kind for s in r.sites} for r in backend.reports]
+    assert kinds[0] == {"causal"} and {"causal_bottom_right"} in kinds      # 128, then 128 and 44 over the cache
+    prefill_sites = [s for r in backend.reports for s in r.sites if s.q_len != "1"]
+    assert prefill_sites and all(s.action == "sparse" for s in prefill_sites)
+    assert counters["mi_compile"]["mask_causal_bottom_right"] >= LAYERS
+
+
 def test_explain_tells_what_a_chunk_is():
     model = tiny_model("qwen2", num_layers=LAYERS)
     cache = DynamicCache(config=model.config)
