@@ -49,6 +49,11 @@ ADAPTIVE_SWEEP=("xa80=xattention:800:8:2048" "xa95=xattention:950:8:2048"
 # the next candidates: XAttention 0.9 / 0.95, FlexPrefill 0.8, TriangleMix with 512 dense rows
 ADAPTIVE2=("${ADAPTIVE[0]}" "${ADAPTIVE_SWEEP[1]}" "${ADAPTIVE_SWEEP[2]}"
            "trimix512=benchmarks/configs/adaptive/qwen_triangle_mix_last512.json")
+# fixed every-head vertical-slash budgets between the default policy (1000 / 6096: 0.65x eager at
+# 128K, top-1 0.984) and 100 / 800 (0.32x, top-1 0.91), the last 64 queries dense: no config, no
+# estimate beyond vertical-slash's own (the no-config goal: <= 0.40x with the answers, top-1 0.96)
+UNIFORM=("u1k2k=vertical_slash:1000:2048:64" "u500w4k=vertical_slash:500:4096:64"
+         "u300w2k=vertical_slash:300:2048:64" "d64=vertical_slash:1000:6096:64")
 # TriangleMix with FlexPrefill (gamma 0.9 / 0.8) in the eight shallow layers instead of dense ones
 # (local window 2048), and with an 8192-token window
 ADAPTIVE3=("flextri=benchmarks/configs/adaptive/qwen_flex_triangle.json"
@@ -177,6 +182,20 @@ case "$stage" in
       run_until acc_policy.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
         --modes dense,default,flex --configs "${ADAPTIVE[1]}" --examples 20
       tar czf "$OUT/acc_policy.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_policy.json*)
+    fi
+    ;;
+  uniform|uniform_acc)
+    # the fixed every-head candidates (UNIFORM) at 128K: TTFT against eager with Inductor (four
+    # compiles, ~6 minutes on the H100), then accuracy against dense at 128K
+    deadline=$(( $(date +%s) + ${2:-560} ))
+    if [ "$stage" = uniform ]; then
+      run_until uniform 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" --configs "${UNIFORM[@]}" \
+        --modes eager,u1k2k,u500w4k,u300w2k,d64 --lengths 131072 --reps 2
+      tar czf "$OUT/uniform.tgz" -C "$RUNS" uniform uniform.log
+    else
+      run_until acc_uniform.json 30 benchmarks.accuracy "${ACC_ARGS[@]}" --lengths 131072 \
+        --modes dense,u1k2k,u500w4k,u300w2k,d64 --configs "${UNIFORM[@]}" --examples 20
+      tar czf "$OUT/acc_uniform.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_uniform.json*)
     fi
     ;;
   adaptive_sweep)
