@@ -172,7 +172,8 @@ def test_generate_with_a_static_cache(generate_eager_and_compiled):
     over a ``StaticCache`` that holds a document does run the question as a chunk, but under a
     4D mask ``generate`` builds outside the model (for any compileable cache): an input of the
     compiled graph, data the passes cannot prove causal, so that chunk stays dense with the
-    reason. Tokens and logits are eager's either way."""
+    reason (``mi_compile.masks_in_forward`` moves the mask into the forward: the next test).
+    Tokens and logits are eager's either way."""
     model = tiny_model("llama", num_layers=LAYERS, max_position_embeddings=512)
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     backend = mi_compile.backend(OPTS)
@@ -202,6 +203,63 @@ def test_generate_with_a_static_cache(generate_eager_and_compiled):
     assert chunk_sites
     for site in chunk_sites:
         assert site.action == "dense" and "mask probe: the mask is an input of the compiled graph" in site.reason, site.reason
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_generate_with_masks_in_forward_runs_the_static_chunk_sparse(padded):
+    """With ``mi_compile.masks_in_forward(model)`` ``generate`` passes its 2D mask to the forward,
+    which builds the 4D one inside the compiled graph: the question chunk over a ``StaticCache``
+    holding a document is ``causal_static_offset`` and sparse; tokens and logits are eager's
+    (left padding included)."""
+    model = tiny_model("llama", num_layers=LAYERS, max_position_embeddings=512)
+    batch = 2 if padded else 1
+    doc, question = _tokens(batch, 96, 1), _tokens(batch, 70, 2)
+    mask = torch.ones(batch, 96 + 70, dtype=torch.long)
+    if padded:
+        mask[1, :9] = 0
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    backend = mi_compile.backend(OPTS)
+    results = []
+    for compiled in (False, True):
+        cache = StaticCache(config=model.config, max_cache_len=200)
+        with torch.no_grad():
+            model(doc, attention_mask=mask[:, :96], past_key_values=cache)
+            if compiled:
+                model.compile(backend=backend, dynamic=True)
+                assert mi_compile.masks_in_forward(model) is model
+            try:
+                results.append(model.generate(torch.cat([doc, question], 1), attention_mask=mask,
+                                              past_key_values=cache, **kwargs))
+            finally:
+                model._compiled_call_impl = None
+                mi_compile.masks_in_forward(model, enable=False)
+    ref, out = results
+    assert out.sequences.tolist() == ref.sequences.tolist()
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=1e-4, atol=1e-4)
+    chunk_sites = [s for r in backend.reports for s in r.sites if s.q_len != "1"]
+    assert chunk_sites and all(s.action == "sparse" for s in chunk_sites), [s.reason for s in chunk_sites]
+    assert {s.mask.kind for s in chunk_sites} == {"causal_static_offset" + ("+padding" if padded else "")}
+    assert counters["mi_compile"]["rewritten_static_chunk"] >= LAYERS
+    assert "create_masks_for_generate" not in vars(model)          # restored
+
+
+def test_masks_in_forward_refuses_models_with_their_own_masks():
+    model = tiny_model("llama", num_layers=1)
+    mine = lambda **kw: kw["attention_mask"]   # noqa: E731
+    model.create_masks_for_generate = mine
+    with pytest.raises(ValueError, match="already has a create_masks_for_generate"):
+        mi_compile.masks_in_forward(model)
+    assert model.create_masks_for_generate is mine
+    del model.create_masks_for_generate
+
+    class OwnMasks(type(model)):
+        def create_masks_for_generate(self, **kwargs):
+            return kwargs["attention_mask"]
+
+    model.__class__ = OwnMasks
+    with pytest.raises(ValueError, match="OwnMasks defines its own create_masks_for_generate"):
+        mi_compile.masks_in_forward(model)
+    assert mi_compile.masks_in_forward(tiny_model("qwen2", num_layers=1), enable=False) is not None   # nothing to undo
 
 
 def test_explain_tells_what_a_static_chunk_is():

@@ -450,7 +450,8 @@ class ClassifyMaskPass:
         probe = _MaskProbe(mask_node)
         if probe.mask_node.op == "placeholder":
             raise ProbeError("the mask is an input of the compiled graph, built outside it (as generate builds a "
-                             "static cache's): data, nothing to evaluate")
+                             "static cache's; mi_compile.masks_in_forward(model) leaves it to the forward): "
+                             "data, nothing to evaluate")
         if not probe.q_sources or not probe.kv_sources:
             raise ProbeError("no query/key index grid found in the mask sub-graph")
         if len(set(probe.padding_sources)) > 1:
