@@ -32,9 +32,12 @@ kernel (``SELECT_CONFIG["kernel"]``, read by the op at every call) instead of ``
 ``--cudagraphs`` adds ``<mode>_cg``, the same config compiled with ``mode="reduce-overhead"``
 (CUDA graphs, one per chunk shape: a chunk's host time gone, only its device time left; the
 warm-up call and the first timed one record, the best timed call replays; each call is a graph
-step of its own and copies the cache's tensors out of the graphs' pool after it, timed with
-it: ``call_continuing``). A mode whose timed call fails is dropped with its error row. Lengths past the model's native context run with YaRN. Rows
-go to ``$OUT/chunked.json`` as they are measured, with peak memory per phase.
+step of its own and copies a ``DynamicCache``'s tensors out of the graphs' pool after it, timed
+with it: ``call_continuing``). ``--cache static --phases chunked``: the chunks continue a
+``StaticCache`` of the context's length instead (one chunk shape; each chunk is held to
+``min_seq_len`` by all of the cache's slots, so the first runs sparse too). A mode whose timed
+call fails is dropped with its error row. Lengths past the model's native context run with
+YaRN. Rows go to ``$OUT/chunked.json`` as they are measured, with peak memory per phase.
 """
 from __future__ import annotations
 
@@ -135,14 +138,15 @@ def with_top_select(fn):
 
 def call_continuing(fn, cache, ids, **kwargs):
     """``fn(ids)`` continuing ``cache``. Under CUDA graphs (``<mode>_cg``) each call is a step of
-    its own and the cache's tensors are copied out of the graphs' memory pool afterwards: they
-    are a graph's outputs, and the next replay would overwrite them while the cache still holds
-    them (a few ms for a 128K cache)."""
+    its own, and a ``DynamicCache``'s tensors are copied out of the graphs' memory pool
+    afterwards: they are a graph's outputs, and the next replay would overwrite them while the
+    cache still holds them (a few ms for a 128K cache). A ``StaticCache`` is written in place,
+    its tensors at fixed addresses: nothing to copy."""
     graphs = getattr(fn, "_mi_cudagraphs", False)
     if graphs:
         torch.compiler.cudagraph_mark_step_begin()
     out = fn(ids, past_key_values=cache, use_cache=True, **kwargs)
-    if graphs:
+    if graphs and not getattr(cache, "is_compileable", False):
         own_cache_tensors(cache)
     return out
 
@@ -260,12 +264,13 @@ def _kernel_profile(args, rows, fn, title, filename, **row):
 def run_chunked(args, dev, rows, model, fns, context):
     """The context prefilled at once by eager and by each compiled mode, and in ``--chunk``
     pieces by each compiled mode; total times and the next-token argmax."""
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     def prefill(fn, chunk=None, piece_s=None):
         """``piece_s`` (a list): synchronise around every piece and append its seconds (only in
         the extra untimed pass; the timed calls never synchronise between pieces)."""
-        cache = DynamicCache(config=model.config)
+        cache = (StaticCache(config=model.config, max_cache_len=context.shape[1]) if args.cache == "static"
+                 else DynamicCache(config=model.config))
         with torch.no_grad():
             for piece in ([context] if not chunk else context.split(chunk, dim=1)):
                 if piece_s is not None:
@@ -374,12 +379,18 @@ def parse_args(argv=None):
     p.add_argument("--cudagraphs", action="store_true",
                    help="each compiled mode again as <mode>_cg, compiled with mode=\"reduce-overhead\" (CUDA graphs: "
                         "one recorded per chunk shape, no host time per launch)")
+    p.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                   help="the chunked phase's cache: DynamicCache (grows with each chunk) or StaticCache (the "
+                        "context's length, written in place: one chunk shape, the op gathers the filled slots)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
     args.phases = [x for x in args.phases.split(",") if x]
     if set(args.phases) - {"turn", "chunked"} or min(args.context, args.turn, args.chunk, args.reps) < 1:
         p.error("bad --phases / lengths / reps")
+    if args.cache == "static" and "turn" in args.phases:
+        p.error("--cache static times the chunked phase only (the turn phase crops its cache after every call): "
+                "add --phases chunked")
     if args.absolute_chunks and any(s.split("=", 1)[0] == "absolute" for s in args.configs):
         p.error("--absolute-chunks names its mode absolute: rename the --configs mode of that name")
     return args
@@ -414,7 +425,7 @@ def main(argv=None):
         turn = torch.randint(0, vocab, (1, args.turn), generator=g).to(dev.device)
     meta = dict(model=args.model, device=torch.cuda.get_device_name(dev.device) if dev.cuda else "cpu",
                 torch=torch.__version__, dtype=str(dtype), yarn=factor, config=args.config,
-                extra=args.configs, absolute=absolute, min_seq_len=args.min_seq_len, inductor=not args.no_inductor,
+                extra=args.configs, absolute=absolute, cache=args.cache, min_seq_len=args.min_seq_len, inductor=not args.no_inductor,
                 context=args.context, turn=args.turn, chunk=args.chunk, input="python source" if tok else "random ids")
     rows = Rows(os.path.join(args.out, "chunked.json"), meta)
     fns = make_modes(model, args)

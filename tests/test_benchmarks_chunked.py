@@ -243,3 +243,42 @@ def test_timed_rounds_drops_a_failing_mode_and_keeps_the_others(benchmark_module
     turn_times = {"eager": [], "bad": []}
     chunked.timed_rounds(2, turn_times, lambda m: 1 / 0 if m == "bad" else 2.0, rows, "turn")
     assert turn_times == {"eager": [2.0, 2.0]} and rows[-1]["kind"] == "turn_error" and rows[-1]["mode"] == "bad"
+
+
+def test_main_cpu_static_cache_chunks(benchmark_module, tmp_path, monkeypatch):
+    """``--cache static``: the chunks continue a ``StaticCache`` (rewritten as static-cache
+    chunks, the same next token as the whole prefill); a ``_cg`` call leaves its tensors in place."""
+    chunked = benchmark_module("chunked")
+    from transformers import StaticCache
+    from torch._dynamo.utils import counters
+
+    out = tmp_path / "out"
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        chunked.main(["--model", "tiny:qwen2", "--device", "cpu", "--no-inductor", "--context", "256",
+                      "--chunk", "128", "--config", SPEC, "--min-seq-len", "0", "--phases", "chunked",
+                      "--reps", "1", "--cache", "static", "--out", str(out)])
+    finally:
+        torch._dynamo.reset()
+    data = json.loads((out / "chunked.json").read_text())
+    assert data["meta"]["cache"] == "static"
+    by = {(r["mode"], r["chunk"]): r for r in data["rows"] if r["kind"] == "chunked"}
+    assert set(by) == {("eager", None), ("searched", None), ("searched", 128)}
+    assert by[("searched", 128)]["sites"]["sparse"] > 0 and by[("searched", 128)]["same_next_token"]
+    assert counters["mi_compile"]["rewritten_static_chunk"] > 0
+    with pytest.raises(SystemExit):
+        chunked.parse_args(["--cache", "static"])                # the turn phase crops its cache
+
+    from mi_compile.models import tiny_model
+    model = tiny_model("qwen2").eval()
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    steps = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    fn = (lambda *a, **k: model(*a, **k))
+    fn._mi_cudagraphs = True
+    with torch.no_grad():
+        chunked.call_continuing(fn, cache, torch.randint(0, 100, (1, 8)))
+        held = [layer.keys for layer in cache.layers]
+        chunked.call_continuing(fn, cache, torch.randint(0, 100, (1, 8)))
+    assert steps == [1, 1] and all(a is layer.keys for a, layer in zip(held, cache.layers))
