@@ -135,7 +135,6 @@ def search_main(argv) -> int:
 
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stem = out.with_suffix("") if out.suffix == ".json" else out
     choose = dict(min_recall=a.min_recall, allocate=a.allocate, objective=a.objective,
                   early_weight=a.early_weight)
     if a.from_report:
@@ -150,7 +149,7 @@ def search_main(argv) -> int:
         except ValueError as e:
             p.error(f"--from-report: {e}")
         config, report = choose_config(scored, a.budget, **choose)
-        _write_search(a, out, stem, config, report, extra_budgets, choose)
+        _write_search(a, out, config, report, extra_budgets, choose)
         return 0
 
     torch.manual_seed(a.seed)
@@ -166,10 +165,10 @@ def search_main(argv) -> int:
                                        sample_queries=a.sample_queries, seed=a.seed, progress=not a.no_progress,
                                        **choose)
         if len(lengths) == 1:
-            _write_search(a, out, stem, config, report, extra_budgets, choose)
+            _write_search(a, out, config, report, extra_budgets, choose)
             return 0
-        member = Path(f"{stem}_{length}.json")
-        _write_search(a, member, member.with_suffix(""), config, report, extra_budgets, choose)
+        member = Path(f"{_stem(out)}_{length}.json")
+        _write_search(a, member, config, report, extra_budgets, choose)
         members.append(member)
     family = {"format": FAMILY_FORMAT,
               "model": f"{a.model}: searched at {', '.join(map(str, lengths))} tokens (budget {a.budget:g})",
@@ -179,11 +178,18 @@ def search_main(argv) -> int:
     return 0
 
 
-def _write_search(a, out: Path, stem: Path, config, report, extra_budgets, choose) -> None:
-    """Write one search's config (with ``--dense-last``), summary, report, the configs chosen at
-    ``--also-budgets`` and the picture with ``--plot``; print the summary table."""
+def _stem(out: Path) -> Path:
+    """``out`` minus a ``.json`` suffix: the prefix of the files written beside it."""
+    return out.with_suffix("") if out.suffix == ".json" else out
+
+
+def _write_search(a, out: Path, config, report, extra_budgets, choose) -> None:
+    """Write one search's config (with ``--dense-last``) to ``out`` and, beside it, its summary,
+    report, the configs chosen at ``--also-budgets`` and the picture with ``--plot``; print the
+    summary table."""
     from .search import choose_config
 
+    stem = _stem(out)
     if a.dense_last:
         config = config.with_dense_last(a.dense_last)
     config.save(out)
@@ -225,7 +231,7 @@ def plot_main(argv) -> int:
     from .plot import plot_attention, plot_config
 
     cfg = Path(a.config)
-    stem = cfg.with_suffix("") if cfg.suffix == ".json" else cfg
+    stem = _stem(cfg)
     if a.attention:
         try:
             layer, head = (int(x) for x in a.attention.split(","))
