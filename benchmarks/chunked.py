@@ -33,7 +33,8 @@ kernel (``SELECT_CONFIG["kernel"]``, read by the op at every call) instead of ``
 (CUDA graphs, one per chunk shape: a chunk's host time gone, only its device time left; the
 warm-up call and the first timed one record, the best timed call replays; each call is a graph
 step of its own and copies a ``DynamicCache``'s tensors out of the graphs' pool after it, timed
-with it: ``call_continuing``). ``--cache static --phases chunked``: the chunks continue a
+with it: ``call_continuing``); ``--cudagraphs-only`` runs the compiled modes that way only
+(eager stays the plain model). ``--cache static --phases chunked``: the chunks continue a
 ``StaticCache`` of the context's length instead (one chunk shape; each chunk is held to
 ``min_seq_len`` by all of the cache's slots, so the first runs sparse too). A mode whose timed
 call fails is dropped with its error row. Lengths past the model's native context run with
@@ -100,7 +101,8 @@ def make_modes(model, args) -> dict:
     if getattr(args, "absolute_config", None):
         specs["absolute"] = args.absolute_config
     fns = {"eager": model}
-    graphs = [None] + (["reduce-overhead"] if getattr(args, "cudagraphs", False) else [])
+    graphs = ([] if getattr(args, "cudagraphs_only", False) else [None]) \
+        + (["reduce-overhead"] if getattr(args, "cudagraphs", False) or getattr(args, "cudagraphs_only", False) else [])
     for name, spec in specs.items():
         for mode in graphs:
             options = {"config": parse_config_spec(spec)[0], "min_seq_len": args.min_seq_len}
@@ -379,6 +381,8 @@ def parse_args(argv=None):
     p.add_argument("--cudagraphs", action="store_true",
                    help="each compiled mode again as <mode>_cg, compiled with mode=\"reduce-overhead\" (CUDA graphs: "
                         "one recorded per chunk shape, no host time per launch)")
+    p.add_argument("--cudagraphs-only", action="store_true",
+                   help="each compiled mode as <mode>_cg only (CUDA graphs; half the compiles of --cudagraphs)")
     p.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
                    help="the chunked phase's cache: DynamicCache (grows with each chunk) or StaticCache (the "
                         "context's length, written in place: one chunk shape, the op gathers the filled slots)")

@@ -37,6 +37,22 @@ def test_absolute_name_clash_rejected(benchmark_module):
         chunked.parse_args(["--absolute-chunks", "--configs", f"absolute={SPEC}"])
 
 
+@pytest.mark.parametrize("flags, modes", [
+    ([], ["eager", "searched"]),
+    (["--cudagraphs"], ["eager", "searched", "searched_cg"]),
+    (["--cudagraphs-only"], ["eager", "searched_cg"]),
+])
+def test_make_modes_cudagraphs(benchmark_module, flags, modes):
+    """--cudagraphs adds each compiled mode under CUDA graphs; --cudagraphs-only keeps only those
+    (eager stays the plain model), and only they copy their cache out of the graphs' pool."""
+    chunked = benchmark_module("chunked")
+    args = chunked.parse_args(["--config", SPEC, "--device", "cpu", *flags])
+    model = torch.nn.Linear(2, 2)
+    fns = chunked.make_modes(model, args)
+    assert list(fns) == modes and fns["eager"] is model
+    assert [m for m, f in fns.items() if getattr(f, "_mi_cudagraphs", False)] == [m for m in modes if m.endswith("_cg")]
+
+
 def test_main_cpu_absolute_chunks(benchmark_module, tmp_path):
     chunked = benchmark_module("chunked")
     path, _ = _config_with_length(tmp_path)
