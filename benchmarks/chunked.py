@@ -28,7 +28,8 @@ config without its ``"length"`` key (written to ``$OUT/absolute_config.json``), 
 the config's absolute vertical counts instead of their share of a ``length``-token prompt's
 columns (an A/B of that scaling). ``--compare-topk`` adds ``<mode>@top_select`` for every
 compiled mode: the same compiled graph with the vertical-slash top-k made by the Triton select
-kernel (``SELECT_CONFIG["kernel"]``, read by the op at every call) instead of ``torch.topk``;
+kernel (``SELECT_CONFIG["kernel"]``, read by the op at every call) instead of ``torch.topk``
+(a ``_cg`` mode's gets a compile of its own: a graph replays what it recorded);
 ``--cudagraphs`` adds ``<mode>_cg``, the same config compiled with ``mode="reduce-overhead"``
 (CUDA graphs, one per chunk shape: a chunk's host time gone, only its device time left; the
 warm-up call and the first timed one record, the best timed call replays; each call is a graph
@@ -100,24 +101,33 @@ def make_modes(model, args) -> dict:
     specs = {"searched": args.config, **dict(s.split("=", 1) for s in args.configs)}
     if getattr(args, "absolute_config", None):
         specs["absolute"] = args.absolute_config
+    cg_only = getattr(args, "cudagraphs_only", False)
+    graphs = ([] if cg_only else [None]) + (["reduce-overhead"] if getattr(args, "cudagraphs", False) or cg_only else [])
+
+    def compiled(spec, mode):
+        options = {"config": parse_config_spec(spec)[0], "min_seq_len": args.min_seq_len}
+        if mode:
+            options["mode"] = mode
+        be = MInferenceBackend(options, use_inductor=not args.no_inductor)
+        fn = torch.compile(model, backend=be, dynamic=True)
+        # on the wrapper itself: OptimizedModule.__setattr__ would set it on the shared model,
+        # every mode (eager too) then reporting the last backend's sites
+        object.__setattr__(fn, "_mi_backend", be)
+        object.__setattr__(fn, "_mi_cudagraphs", bool(mode))
+        return fn
+
     fns = {"eager": model}
-    graphs = ([] if getattr(args, "cudagraphs_only", False) else [None]) \
-        + (["reduce-overhead"] if getattr(args, "cudagraphs", False) or getattr(args, "cudagraphs_only", False) else [])
     for name, spec in specs.items():
         for mode in graphs:
-            options = {"config": parse_config_spec(spec)[0], "min_seq_len": args.min_seq_len}
-            if mode:
-                options["mode"] = mode
-            be = MInferenceBackend(options, use_inductor=not args.no_inductor)
-            key = f"{name}_cg" if mode else name
-            fns[key] = torch.compile(model, backend=be, dynamic=True)
-            # on the wrapper itself: OptimizedModule.__setattr__ would set it on the shared model,
-            # every mode (eager too) then reporting the last backend's sites
-            object.__setattr__(fns[key], "_mi_backend", be)
-            object.__setattr__(fns[key], "_mi_cudagraphs", bool(mode))
+            fns[f"{name}_cg" if mode else name] = compiled(spec, mode)
     if getattr(args, "compare_topk", False):
         for name in [m for m in fns if m != "eager"]:
-            fns[f"{name}@top_select"] = with_top_select(fns[name])
+            # a CUDA graph replays the launches it recorded, so the select kernel's mode needs
+            # graphs of its own (recorded with the kernel on): its own compile
+            fn = fns[name]
+            if fn._mi_cudagraphs:
+                fn = compiled(specs[name[:-len("_cg")]], "reduce-overhead")
+            fns[f"{name}@top_select"] = with_top_select(fn)
     return fns
 
 
