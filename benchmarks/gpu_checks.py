@@ -20,9 +20,10 @@ and for each pair:
   sm_90 with Gluon, head_dim 64 / 128, else recorded as skipped with the reason): the WIDE
   layer padded with GQA, a dense-only layer through strided K/V views, a chunk; against the
   float32 reference;
-- ``hopper_sparse``, ``hopper_sparse_pipe``: the opt-in Gluon kernel for any index, plain and
-  software-pipelined (``=sparse`` / ``=ws_sparse``, same conditions): the MIXED and ADAPTIVE layers padded
-  with GQA 4 and a chunk of MIXED, against the float32 reference;
+- ``hopper_sparse``, ``hopper_sparse_pipe``, ``hopper_sparse_ws``: the opt-in Gluon kernel for any
+  index, plain, software-pipelined and warp-specialised (``=sparse`` / ``=ws_sparse`` / ``=sparse_ws``,
+  same conditions): the MIXED and ADAPTIVE layers padded with GQA 4 and a chunk of MIXED, against
+  the float32 reference (``hopper_sparse_ws`` runs last of a head dim's checks);
 - ``full_selection_vs_sdpa``: every pattern with a selection covering the whole causal square
   equals ``F.scaled_dot_product_attention(is_causal=True)`` in the same dtype;
 - ``chunk_gqa{1,4}``: a chunk of 700 queries continuing a cache of the mixed layer (``nq < nk``,
@@ -222,10 +223,14 @@ def check_hopper(D, dtype, variant):
     return _gluon_against_triton(cases, "1" if variant == "wide" else variant, f"hopper_{variant}", D, dtype)
 
 
-def check_hopper_sparse(D, dtype, pipeline=False):
-    """The Gluon kernel for any index (``MI_COMPILE_HOPPER=sparse``; ``pipeline``: its
-    software-pipelined schedule, ``=ws_sparse``; sm_90, head_dim 64 / 128): the MIXED and ADAPTIVE
-    layers as padded batches over 2 KV heads, and a chunk of the MIXED layer continuing a cache
+SPARSE_OPT_IN = {"sparse": "sparse", "sparse_pipe": "ws_sparse", "sparse_ws": "sparse_ws"}
+
+
+def check_hopper_sparse(D, dtype, variant="sparse"):
+    """The Gluon kernel for any index (``MI_COMPILE_HOPPER=sparse``; ``variant`` ``"sparse_pipe"``:
+    its software-pipelined schedule, ``=ws_sparse``; ``"sparse_ws"``: that schedule fed by a
+    producer warp, ``=sparse_ws``; sm_90, head_dim 64 / 128): the MIXED and ADAPTIVE layers as
+    padded batches over 2 KV heads, and a chunk of the MIXED layer continuing a cache
     (:func:`_gluon_against_triton`)."""
     _gluon_ready(D)
     start = torch.tensor(START, dtype=torch.int32, device=DEV)
@@ -235,8 +240,7 @@ def check_hopper_sparse(D, dtype, pipeline=False):
     cases = {"mixed_padded_gqa4": (q, k, v, MIXED, start, length),
              "adaptive_padded_gqa4": (q, k, v, ADAPTIVE, start, length),
              "mixed_chunk": (q[:, :, N - nq:].contiguous(), k, v, MIXED, start, length)}
-    return _gluon_against_triton(cases, "ws_sparse" if pipeline else "sparse",
-                                 "hopper_sparse_pipe" if pipeline else "hopper_sparse", D, dtype)
+    return _gluon_against_triton(cases, SPARSE_OPT_IN[variant], f"hopper_{variant}", D, dtype)
 
 
 def check_full_selection(D, dtype):
@@ -380,9 +384,11 @@ def run_one(D, dtype_name, only=()):
                ("hopper_wide", lambda: check_hopper(D, dtype, "wide")),
                ("hopper_ws", lambda: check_hopper(D, dtype, "ws")),
                ("hopper_sparse", lambda: check_hopper_sparse(D, dtype)),
-               ("hopper_sparse_pipe", lambda: check_hopper_sparse(D, dtype, pipeline=True))]
+               ("hopper_sparse_pipe", lambda: check_hopper_sparse(D, dtype, "sparse_pipe"))]
     checks += [(f"chunk_gqa{r}", lambda r=r: check_chunk(D, dtype, r)) for r in (1, 4)]
-    checks += [("backend_chunk", lambda: check_backend_chunk(D, dtype)), ("top_select", check_top_select)]
+    checks += [("backend_chunk", lambda: check_backend_chunk(D, dtype)), ("top_select", check_top_select),
+               # last: a warp-specialised kernel that deadlocks would hang the checks after it
+               ("hopper_sparse_ws", lambda: check_hopper_sparse(D, dtype, "sparse_ws"))]
     if only:
         checks = [(name, fn) for name, fn in checks if name.startswith(tuple(only))]
     results = []

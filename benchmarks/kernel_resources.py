@@ -136,8 +136,10 @@ def compile_hopper(head_dim: int, dtype: str, arch: int = 90, variant: str = "wi
     from mi_compile.kernels import hopper_sparse, hopper_wide
     if hopper_wide.GLUON_ERROR:
         raise RuntimeError(hopper_wide.GLUON_ERROR)
-    if variant in ("sparse", "sparse_pipe"):
+    options = {}
+    if variant.startswith("sparse"):
         fn, warps = hopper_sparse.hopper_sparse_kernel, hopper_sparse.NUM_WARPS
+        options = hopper_sparse.launch_options(variant)
         cfg = {"block_n": 64, **hopper_sparse.CONFIG[head_dim]}
     else:
         fn, warps = hopper_wide.KERNELS[variant]
@@ -147,7 +149,7 @@ def compile_hopper(head_dim: int, dtype: str, arch: int = 90, variant: str = "wi
     descriptor = f"tensordesc<{dtype}[1, 1, {cfg['block_n']}, {head_dim}],{layout!r}>"
     constexprs = dict(HEAD_DIM=head_dim, STAGES=cfg["stages"])
     if variant.startswith("sparse"):
-        constexprs["PIPELINE"] = variant == "sparse_pipe"
+        constexprs.update(PIPELINE=variant != "sparse", WARP_SPECIALIZE=variant == "sparse_ws")
     else:
         constexprs.update(BLOCK_N=cfg["block_n"], WARP_SPECIALIZE=variant == "ws")
     sig, attrs = _signature(fn, dtype, constexprs, {})
@@ -156,7 +158,7 @@ def compile_hopper(head_dim: int, dtype: str, arch: int = 90, variant: str = "wi
     names = fn.arg_names
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                          attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, **options})
     return compiled, cfg
 
 
@@ -166,7 +168,7 @@ def hopper_main(args) -> list:
     is set by ``setmaxnreg`` (the row's ``setmaxnreg``)."""
     from mi_compile.kernels import hopper_wide
     rows = []
-    builds = [(variant, int(d), dtype) for variant in (*hopper_wide.CONFIGS, "sparse", "sparse_pipe")
+    builds = [(variant, int(d), dtype) for variant in (*hopper_wide.CONFIGS, "sparse", "sparse_pipe", "sparse_ws")
               for d in args.head_dims.split(",") for dtype in ("bf16", "fp16")]
     for variant, head_dim, dtype in builds:
         compiled, cfg = compile_hopper(head_dim, dtype, args.arch, variant)

@@ -253,7 +253,8 @@ def hopper_rows(n, q, k, v, cudnn_ms, index_a):
 
 def hopper_sparse_row(label, n, q, k, v, cudnn_ms, index):
     """The opt-in Gluon kernel for any index on ``index``, plain (``MI_COMPILE_HOPPER=sparse``) and
-    software-pipelined (``=ws_sparse``), recorded as ``hopper_sparse[_pipe]_<label>_kernel`` with its
+    software-pipelined (``=ws_sparse``) and warp-specialised (``=sparse_ws``), recorded as
+    ``hopper_sparse[_pipe|_ws]_<label>_kernel`` with its
     difference from the Triton general kernel's output (same index); skipped with the reason
     where it cannot run."""
     from mi_compile.kernels import hopper_sparse
@@ -263,7 +264,8 @@ def hopper_sparse_row(label, n, q, k, v, cudnn_ms, index):
         return
     triton_out = sparse_attention_from_index(q, k, v, index)
     try:
-        for opt_in, name in (("sparse", "hopper_sparse"), ("ws_sparse", "hopper_sparse_pipe")):
+        for opt_in, name in (("sparse", "hopper_sparse"), ("ws_sparse", "hopper_sparse_pipe"),
+                             ("sparse_ws", "hopper_sparse_ws")):
             os.environ[hopper_sparse.hopper_wide.ENV] = opt_in
             ours(f"{name}_{label}_kernel", n, lambda: sparse_attention_from_index(q, k, v, index), index,
                  q, k, v, cudnn_ms)

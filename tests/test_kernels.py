@@ -222,17 +222,17 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
                                              "adaptive_gqa4", "wide", "full_selection_vs_sdpa",
                                              "backend_tiny_llama", "hopper_wide", "hopper_ws", "hopper_sparse",
                                              "hopper_sparse_pipe", "chunk_gqa1", "chunk_gqa4", "backend_chunk",
-                                             "top_select"]
+                                             "top_select", "hopper_sparse_ws"]
     assert all(r.get("skipped") for r in results if r["check"].startswith("hopper_"))   # no sm_90 here
     assert all(r["ok"] for r in results)
 
 
 @pytest.mark.parametrize("value,wide,sparse", [("", None, None), ("0", None, None), ("1", "wide", None),
                                               ("wide", "wide", None), ("ws", "ws", None), ("sparse", "wide", "sparse"),
-                                              ("ws_sparse", "ws", "sparse_pipe")])
+                                              ("ws_sparse", "ws", "sparse_pipe"), ("sparse_ws", "ws", "sparse_ws")])
 def test_hopper_opt_in_names_the_kernels(monkeypatch, value, wide, sparse):
     """=1 / =ws take the Gluon kernels for dense / A-shape layers only (Triton keeps any other
-    index); =sparse / =ws_sparse send every layer to Gluon."""
+    index); =sparse / =ws_sparse / =sparse_ws send every layer to Gluon."""
     from mi_compile.kernels.dispatch import HOPPER_ENV, hopper_opt_in
     monkeypatch.setenv(HOPPER_ENV, value)
     choice = hopper_opt_in()

@@ -14,8 +14,9 @@ On sm_90 the attention may run in Gluon instead of Triton, opt-in only (``MI_COM
 :func:`hopper_opt_in`): ``=1`` / ``=ws`` run layers whose heads are all dense or A-shape by a
 kernel of :mod:`mi_compile.kernels.hopper_wide` (the lock-step or the warp-specialised one) and
 leave every other layer to Triton, whose general kernel outran the Gluon one for any index
-(docs/kernels.md); ``=sparse`` / ``=ws_sparse`` also send those layers to
-:mod:`mi_compile.kernels.hopper_sparse` (plain / software-pipelined), to measure it.
+(docs/kernels.md); ``=sparse`` / ``=ws_sparse`` / ``=sparse_ws`` also send those layers to
+:mod:`mi_compile.kernels.hopper_sparse` (plain / software-pipelined / pipelined and fed by a
+producer warp), to measure it.
 
 "selection" is everything that builds the index: the vertical-slash and XAttention estimates
 and the fused table builder. Dense-versus-sparse (``min_seq_len``) is the op's own decision
@@ -66,14 +67,14 @@ def selection_impl(q) -> str:
 
 class HopperChoice(NamedTuple):
     """The Gluon kernels asked for: ``wide`` (``"wide"`` or ``"ws"``) for layers of dense /
-    A-shape heads, ``sparse`` (``"sparse"``, ``"sparse_pipe"`` or None: Triton) for the others."""
+    A-shape heads, ``sparse`` (``"sparse"``, ``"sparse_pipe"``, ``"sparse_ws"`` or None: Triton) for the others."""
     wide: str
     sparse: Optional[str]
 
 
 HOPPER_VARIANTS = {"1": HopperChoice("wide", None), "wide": HopperChoice("wide", None),
                    "ws": HopperChoice("ws", None), "sparse": HopperChoice("wide", "sparse"),
-                   "ws_sparse": HopperChoice("ws", "sparse_pipe")}
+                   "ws_sparse": HopperChoice("ws", "sparse_pipe"), "sparse_ws": HopperChoice("ws", "sparse_ws")}
 
 
 def kernels_line(device) -> str:

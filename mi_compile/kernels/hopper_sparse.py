@@ -34,6 +34,11 @@ NUM_WARPS = 4           # one warpgroup per 64-row block
 # slots, 72 KiB at 64 with 4 (benchmarks.kernel_resources; the timings that chose them:
 # docs/kernels.md, "Any index in Gluon").
 CONFIG = {64: {"stages": 4}, 128: {"stages": 3}}
+# The warp-specialised variant: its producer warp issues TMA and does its tile arithmetic only;
+# 128 registers a thread at launch for the 8 warps (the producer's padded to a warpgroup) leave
+# 65536 / (2 x 256 x 128) = two programs an SM, the consumer getting the rest (216).
+WS_PRODUCER_REGS = 40
+WS_LAUNCH_REGS = 128
 _LENGTH_ARGS = ["n", "num_q_blocks", "num_programs", "q_offset", "max_tiles", "max_columns", "max_blocks",
                 "covered_len"]
 
@@ -110,6 +115,141 @@ if GLUON_ERROR is None:
         acc = _pv(p_op, v_tile, acc)
         return acc, m_new, l_i
 
+    @gluon.jit
+    def _gathered_columns(q_smem, kc_smem, vc_smem, acc, m_i, l_i, n_col, rows, length,
+                          columns_ptr, covered_ptr, bh, max_columns, covered_len, m0,
+                          k_ptr, v_ptr, b, kv, seq_start, stride_kb, stride_kh, stride_kn,
+                          stride_vb, stride_vh, stride_vn, qk_scale, v_bar, L: gl.constexpr):
+        """The block's ``n_col`` listed columns below it that no slash window covered, 64 at a
+        time: gathered row by row into registers, stored to ``kc_smem`` / ``vc_smem``, folded in
+        by the same two wgmma as a range tile."""
+        BLOCK_M: gl.constexpr = 64
+        BLOCK_N: gl.constexpr = kc_smem.shape[0]
+        HEAD_DIM: gl.constexpr = kc_smem.shape[1]
+        column_base = bh.to(gl.int64) * max_columns
+        covered_base = bh.to(gl.int64) * covered_len + m0 + (BLOCK_M - 1)
+        k_head = k_ptr + b.to(gl.int64) * stride_kb + kv.to(gl.int64) * stride_kh
+        v_head = v_ptr + b.to(gl.int64) * stride_vb + kv.to(gl.int64) * stride_vh
+        offs_c = gl.arange(0, BLOCK_N, layout=L.io_rows)
+        io_dims = gl.arange(0, HEAD_DIM, layout=L.io_cols)
+        for c0 in range(0, n_col, BLOCK_N):
+            listed = c0 + offs_c < n_col
+            key_pos = gl.load(columns_ptr + column_base + c0 + offs_c, mask=listed, other=0)
+            listed = listed & (key_pos >= 0) & (key_pos < m0)
+            covered = gl.load(covered_ptr + covered_base - key_pos, mask=listed, other=1)
+            take = listed & (covered == 0)
+            key_rows = gl.expand_dims((seq_start + key_pos).to(gl.int64), 1)
+            load_ok = gl.expand_dims(take, 1) & gl.expand_dims(io_dims < HEAD_DIM, 0)
+            k_tile = gl.load(k_head + key_rows * stride_kn + gl.expand_dims(io_dims, 0), mask=load_ok, other=0.0)
+            v_tile = gl.load(v_head + key_rows * stride_vn + gl.expand_dims(io_dims, 0), mask=load_ok, other=0.0)
+            gl.thread_barrier()   # the previous columns' wgmma are done in every warp
+            kc_smem.store(k_tile)
+            vc_smem.store(v_tile)
+            fence_async_shared()
+            gl.thread_barrier()
+            keep = gl.expand_dims(gl.convert_layout(take, L.s_cols), 0) & gl.expand_dims(rows < length, 1)
+            acc, m_i, l_i = _fold(q_smem, kc_smem, vc_smem, acc, m_i, l_i, keep, qk_scale,
+                                  L, v_bar.index(0), 0, False)
+        return acc, m_i, l_i
+
+    @gluon.jit
+    def _warp_specialized(q_smem, k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, b, kv, seq_start, length,
+                          n_tiles, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, sink, band,
+                          tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, qk_scale,
+                          dense_rows, columns_ptr, columns_upto_ptr, covered_ptr, table_row, bh,
+                          max_columns, covered_len, k_ptr, v_ptr, stride_kb, stride_kh, stride_kn,
+                          stride_vb, stride_vh, stride_vn, out_head, stride_on, q_offset, STAGES: gl.constexpr):
+        """``WARP_SPECIALIZE``: the block's walk split between the launch's warpgroup, which
+        computes (:func:`_ws_consume`), and one producer warp, which issues every range tile's
+        TMA loads as soon as the consumer released the tile's slot (:func:`_ws_produce`): no CTA
+        barrier per tile, the loads run ``STAGES`` tiles ahead through every phase."""
+        free_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(free_bar.index(i), count=1)
+        n_col = gl.minimum(gl.maximum(gl.load(columns_upto_ptr + table_row), 0), max_columns)
+        n_col = gl.where(dense_rows, 0, n_col)
+        gl.thread_barrier()
+        walk = (n_tiles, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base)
+        gl.warp_specialize([
+            (_ws_consume, (q_smem, k_ring, v_ring, k_bar, v_bar, free_bar) + walk
+             + (sink, band, qk_scale, n_col, columns_ptr, covered_ptr, bh, max_columns, covered_len,
+                k_ptr, v_ptr, b, kv, seq_start, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                out_head, stride_on, q_offset)),
+            (_ws_produce, (k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, free_bar, b, kv, seq_start) + walk),
+        ], [1], [40])     # the producer warp's registers (WS_PRODUCER_REGS)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(free_bar.index(i))
+            mbarrier.invalidate(k_bar.index(i))
+            mbarrier.invalidate(v_bar.index(i))
+
+    # Partition functions take no constexpr arguments (warp_specialize passes them as IR values):
+    # ring depth, tile width and head dim come from the shared buffers' shapes.
+    @gluon.jit
+    def _ws_produce(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, free_bar, b, kv, seq_start,
+                    n_tiles, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                    tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base):
+        """The producer warp: range tile ``t``'s K and V by TMA into slot ``t % STAGES`` once the
+        consumer released the slot's previous tile (``free_bar``)."""
+        STAGES: gl.constexpr = k_ring.shape[0]
+        for t in range(n_tiles):
+            slot = t % STAGES
+            mbarrier.wait(free_bar.index(slot), ((t // STAGES) + 1) & 1, pred=t >= STAGES)
+            _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t, n_tiles, b, kv, seq_start,
+                   n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                   tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES)
+
+    @gluon.jit
+    def _ws_consume(q_smem, k_ring, v_ring, k_bar, v_bar, free_bar,
+                    n_tiles, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                    tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base,
+                    sink, band, qk_scale, n_col, columns_ptr, covered_ptr, bh, max_columns, covered_len,
+                    k_ptr, v_ptr, b, kv, seq_start, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                    out_head, stride_on, q_offset):
+        """The consumer warpgroup: the range tiles software-pipelined as the ``PIPELINE`` loop
+        (S_t beside P_{t-1} V_{t-1}), each slot released to the producer once its P V wgmma is
+        done; then the gathered columns through ring slot 0 (every load has landed by then) and
+        the block's rows of the output."""
+        STAGES: gl.constexpr = k_ring.shape[0]
+        BLOCK_N: gl.constexpr = k_ring.shape[3]
+        HEAD_DIM: gl.constexpr = k_ring.shape[4]
+        dtype: gl.constexpr = q_smem.dtype
+        L: gl.constexpr = kernel_layouts(4, BLOCK_N, HEAD_DIM)
+        rows = m0 + gl.arange(0, 64, layout=L.s_rows)
+        cols = gl.arange(0, BLOCK_N, layout=L.s_cols)
+        m_i = gl.full([64], -1.0e30, gl.float32, L.s_rows)
+        l_i = gl.zeros([64], gl.float32, L.s_rows)
+        acc = gl.zeros([64, HEAD_DIM], gl.float32, L.o)
+        k0, bound, check = _range_tile(0, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                                       tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base)
+        keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
+        mbarrier.wait(k_bar.index(0), 0)
+        s = _scores(q_smem, _ring_tile(k_ring, 0), L)
+        p, alpha, m_i, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
+        p_op = gl.convert_layout(p.to(dtype), L.p)
+        mbarrier.wait(v_bar.index(0), 0)
+        for t in range(1, n_tiles):
+            slot = t % STAGES
+            prev = (t - 1) % STAGES
+            k0, bound, check = _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                                           tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base)
+            keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
+            mbarrier.wait(k_bar.index(slot), (t // STAGES) & 1)
+            s, acc = _scores_beside_pv(q_smem, _ring_tile(k_ring, slot), p_op, _ring_tile(v_ring, prev), acc, L)
+            p, alpha, m_i, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(free_bar.index(prev), count=1)
+            acc, p_op = _rescale(acc, alpha, p, L, dtype)
+            mbarrier.wait(v_bar.index(slot), (t // STAGES) & 1)
+        last_slot = (n_tiles - 1) % STAGES
+        acc = _pv(p_op, _ring_tile(v_ring, last_slot), acc)
+        if n_col > 0:
+            acc, m_i, l_i = _gathered_columns(q_smem, _ring_tile(k_ring, 0), _ring_tile(v_ring, 0), acc, m_i, l_i,
+                                              n_col, rows, length, columns_ptr, covered_ptr, bh, max_columns,
+                                              covered_len, m0, k_ptr, v_ptr, b, kv, seq_start, stride_kb, stride_kh,
+                                              stride_kn, stride_vb, stride_vh, stride_vn, qk_scale, v_bar, L)
+        _store_rows(acc, l_i, out_head, stride_on, m0, seq_start, length, q_offset, L)
+
     @gluon.jit(do_not_specialize=_LENGTH_ARGS)
     def hopper_sparse_kernel(
             q_ptr, k_ptr, v_ptr, k_desc, v_desc, out_ptr,
@@ -121,7 +261,8 @@ if GLUON_ERROR is None:
             n, num_heads, heads_per_kv, num_q_blocks, num_programs, q_offset,
             max_tiles, max_columns, max_blocks, covered_len,
             qk_scale,
-            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PIPELINE: gl.constexpr):
+            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PIPELINE: gl.constexpr,
+            WARP_SPECIALIZE: gl.constexpr = False):
         BLOCK_M: gl.constexpr = 64
         BLOCK_N: gl.constexpr = 64
         dtype: gl.constexpr = q_ptr.dtype.element_ty
@@ -166,108 +307,103 @@ if GLUON_ERROR is None:
             tile_base = bh.to(gl.int64) * max_tiles
             block_base = table_row * max_blocks
 
-            for i in gl.static_range(STAGES):
-                _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, i, n_tiles, b, kv, seq_start,
-                       n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
-                       tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES)
-
-            rows = m0 + gl.arange(0, BLOCK_M, layout=L.s_rows)
-            cols = gl.arange(0, BLOCK_N, layout=L.s_cols)
-            m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, L.s_rows)
-            l_i = gl.zeros([BLOCK_M], gl.float32, L.s_rows)
-            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, L.o)
-            if PIPELINE:
-                # FA3's intra-warpgroup overlap: iteration t >= 1 issues S_t = Q K_t^T and
-                # O += P_{t-1} V_{t-1}, waits for S_t alone, runs tile t's softmax while the P V
-                # wgmma is in flight, then waits for it and refills tile t-1's slot
-                k0, bound, check = _range_tile(0, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
-                                               tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base)
-                keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
-                mbarrier.wait(k_bar.index(0), 0)
-                s = _scores(q_smem, _ring_tile(k_ring, 0), L)
-                p, alpha, m_i, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
-                p_op = gl.convert_layout(p.to(dtype), L.p)
-                mbarrier.wait(v_bar.index(0), 0)
-                for t in range(1, n_tiles):
-                    slot = t % STAGES
-                    prev = (t - 1) % STAGES
-                    k0, bound, check = _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0,
-                                                   length, tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr,
-                                                   block_base)
-                    keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
-                    mbarrier.wait(k_bar.index(slot), (t // STAGES) & 1)
-                    s, acc = _scores_beside_pv(q_smem, _ring_tile(k_ring, slot), p_op, _ring_tile(v_ring, prev),
-                                               acc, L)
-                    p, alpha, m_i, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                    gl.thread_barrier()       # every warp is done with tile t-1's slot: refill it
-                    _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t - 1 + STAGES, n_tiles, b, kv, seq_start,
-                           n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
-                           tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES)
-                    acc, p_op = _rescale(acc, alpha, p, L, dtype)
-                    mbarrier.wait(v_bar.index(slot), (t // STAGES) & 1)
-                last_slot = (n_tiles - 1) % STAGES
-                acc = _pv(p_op, _ring_tile(v_ring, last_slot), acc)
+            if WARP_SPECIALIZE:
+                _warp_specialized(q_smem, k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, b, kv, seq_start, length,
+                                  n_tiles, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, sink, band,
+                                  tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, qk_scale,
+                                  dense_rows, columns_ptr, columns_upto_ptr, covered_ptr, table_row, bh,
+                                  max_columns, covered_len, k_ptr, v_ptr, stride_kb, stride_kh, stride_kn,
+                                  stride_vb, stride_vh, stride_vn, out_head, stride_on, q_offset, STAGES)
             else:
-                for t in range(n_tiles):
-                    k0, bound, check = _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0,
-                                                   length, tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr,
-                                                   block_base)
-                    slot = t % STAGES
-                    phase = (t // STAGES) & 1
-                    keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
-                    mbarrier.wait(k_bar.index(slot), phase)
-                    acc, m_i, l_i = _fold(q_smem, _ring_tile(k_ring, slot), _ring_tile(v_ring, slot), acc, m_i, l_i,
-                                          keep, qk_scale, L, v_bar.index(slot), phase, True)
-                    gl.thread_barrier()       # every warp is done with the slot: refill it
-                    _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t + STAGES, n_tiles, b, kv, seq_start,
+                for i in gl.static_range(STAGES):
+                    _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, i, n_tiles, b, kv, seq_start,
                            n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
                            tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES)
-            for i in gl.static_range(STAGES):
-                mbarrier.invalidate(k_bar.index(i))
-                mbarrier.invalidate(v_bar.index(i))
 
-            # gathered columns below the block, minus those a slash window covered for it
-            n_col = gl.minimum(gl.maximum(gl.load(columns_upto_ptr + table_row), 0), max_columns)
-            n_col = gl.where(dense_rows, 0, n_col)
-            if n_col > 0:
-                c_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-                kc_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], c_layout)
-                vc_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], c_layout)
-                column_base = bh.to(gl.int64) * max_columns
-                covered_base = bh.to(gl.int64) * covered_len + m0 + (BLOCK_M - 1)
-                k_head = k_ptr + b.to(gl.int64) * stride_kb + kv.to(gl.int64) * stride_kh
-                v_head = v_ptr + b.to(gl.int64) * stride_vb + kv.to(gl.int64) * stride_vh
-                offs_c = gl.arange(0, BLOCK_N, layout=L.io_rows)
-                io_dims = gl.arange(0, HEAD_DIM, layout=L.io_cols)
-                for c0 in range(0, n_col, BLOCK_N):
-                    listed = c0 + offs_c < n_col
-                    key_pos = gl.load(columns_ptr + column_base + c0 + offs_c, mask=listed, other=0)
-                    listed = listed & (key_pos >= 0) & (key_pos < m0)
-                    covered = gl.load(covered_ptr + covered_base - key_pos, mask=listed, other=1)
-                    take = listed & (covered == 0)
-                    key_rows = gl.expand_dims((seq_start + key_pos).to(gl.int64), 1)
-                    load_ok = gl.expand_dims(take, 1) & gl.expand_dims(io_dims < HEAD_DIM, 0)
-                    k_tile = gl.load(k_head + key_rows * stride_kn + gl.expand_dims(io_dims, 0), mask=load_ok, other=0.0)
-                    v_tile = gl.load(v_head + key_rows * stride_vn + gl.expand_dims(io_dims, 0), mask=load_ok, other=0.0)
-                    gl.thread_barrier()   # the previous columns' wgmma are done in every warp
-                    kc_smem.store(k_tile)
-                    vc_smem.store(v_tile)
-                    fence_async_shared()
-                    gl.thread_barrier()
-                    keep = gl.expand_dims(gl.convert_layout(take, L.s_cols), 0) & gl.expand_dims(rows < length, 1)
-                    acc, m_i, l_i = _fold(q_smem, kc_smem, vc_smem, acc, m_i, l_i, keep, qk_scale,
-                                          L, v_bar.index(0), 0, False)
+                rows = m0 + gl.arange(0, BLOCK_M, layout=L.s_rows)
+                cols = gl.arange(0, BLOCK_N, layout=L.s_cols)
+                m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, L.s_rows)
+                l_i = gl.zeros([BLOCK_M], gl.float32, L.s_rows)
+                acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, L.o)
+                if PIPELINE:
+                    # FA3's intra-warpgroup overlap: iteration t >= 1 issues S_t = Q K_t^T and
+                    # O += P_{t-1} V_{t-1}, waits for S_t alone, runs tile t's softmax while the P V
+                    # wgmma is in flight, then waits for it and refills tile t-1's slot
+                    k0, bound, check = _range_tile(0, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                                                   tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base)
+                    keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
+                    mbarrier.wait(k_bar.index(0), 0)
+                    s = _scores(q_smem, _ring_tile(k_ring, 0), L)
+                    p, alpha, m_i, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
+                    p_op = gl.convert_layout(p.to(dtype), L.p)
+                    mbarrier.wait(v_bar.index(0), 0)
+                    for t in range(1, n_tiles):
+                        slot = t % STAGES
+                        prev = (t - 1) % STAGES
+                        k0, bound, check = _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0,
+                                                       length, tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr,
+                                                       block_base)
+                        keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
+                        mbarrier.wait(k_bar.index(slot), (t // STAGES) & 1)
+                        s, acc = _scores_beside_pv(q_smem, _ring_tile(k_ring, slot), p_op, _ring_tile(v_ring, prev),
+                                                   acc, L)
+                        p, alpha, m_i, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
+                        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                        gl.thread_barrier()       # every warp is done with tile t-1's slot: refill it
+                        _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t - 1 + STAGES, n_tiles, b, kv, seq_start,
+                               n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                               tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES)
+                        acc, p_op = _rescale(acc, alpha, p, L, dtype)
+                        mbarrier.wait(v_bar.index(slot), (t // STAGES) & 1)
+                    last_slot = (n_tiles - 1) % STAGES
+                    acc = _pv(p_op, _ring_tile(v_ring, last_slot), acc)
+                else:
+                    for t in range(n_tiles):
+                        k0, bound, check = _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0,
+                                                       length, tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr,
+                                                       block_base)
+                        slot = t % STAGES
+                        phase = (t // STAGES) & 1
+                        keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
+                        mbarrier.wait(k_bar.index(slot), phase)
+                        acc, m_i, l_i = _fold(q_smem, _ring_tile(k_ring, slot), _ring_tile(v_ring, slot), acc, m_i, l_i,
+                                              keep, qk_scale, L, v_bar.index(slot), phase, True)
+                        gl.thread_barrier()       # every warp is done with the slot: refill it
+                        _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t + STAGES, n_tiles, b, kv, seq_start,
+                               n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                               tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES)
+                for i in gl.static_range(STAGES):
+                    mbarrier.invalidate(k_bar.index(i))
+                    mbarrier.invalidate(v_bar.index(i))
 
-            _store_rows(acc, l_i, out_head, stride_on, m0, seq_start, length, q_offset, L)
+                # gathered columns below the block, minus those a slash window covered for it
+                n_col = gl.minimum(gl.maximum(gl.load(columns_upto_ptr + table_row), 0), max_columns)
+                n_col = gl.where(dense_rows, 0, n_col)
+                if n_col > 0:
+                    c_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+                    kc_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], c_layout)
+                    vc_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], c_layout)
+                    acc, m_i, l_i = _gathered_columns(q_smem, kc_smem, vc_smem, acc, m_i, l_i, n_col, rows, length,
+                                                      columns_ptr, covered_ptr, bh, max_columns, covered_len, m0,
+                                                      k_ptr, v_ptr, b, kv, seq_start, stride_kb, stride_kh, stride_kn,
+                                                      stride_vb, stride_vh, stride_vn, qk_scale, v_bar, L)
+
+                _store_rows(acc, l_i, out_head, stride_on, m0, seq_start, length, q_offset, L)
 
 
-def launch(q, k, v, index, scale: float, out, programs: int, pipeline: bool = False):
+VARIANTS = ("sparse", "sparse_pipe", "sparse_ws")
+
+
+def launch(q, k, v, index, scale: float, out, programs: int, variant: str = "sparse"):
     """Attention of the layer into ``out`` from ``index`` (``programs`` 64-row programs per
-    head, as the general Triton kernel's launch computes them); ``pipeline``: the range tiles
-    software-pipelined (FA3's intra-warpgroup overlap). Returns the compiled kernel."""
+    head, as the general Triton kernel's launch computes them) by the ``variant`` kernel:
+    ``"sparse"`` one loop, ``"sparse_pipe"`` the range tiles software-pipelined (FA3's
+    intra-warpgroup overlap), ``"sparse_ws"`` that loop fed by a producer warp (warp
+    specialisation). Returns the compiled kernel."""
     if GLUON_ERROR is not None:
         raise RuntimeError(GLUON_ERROR)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     B, H, nq, D = q.shape
     n = k.shape[2]
     layout = kv_layout(gl_dtype(q.dtype), BLOCK, D)
@@ -284,4 +420,13 @@ def launch(q, k, v, index, scale: float, out, programs: int, pipeline: bool = Fa
         n, H, H // k.shape[1], index.num_query_blocks, programs, n - nq,
         index.tile_start.shape[-1], index.columns.shape[-1], index.blocks.shape[-1], index.covered.shape[-1],
         scale * LOG2E,
-        HEAD_DIM=D, STAGES=CONFIG[D]["stages"], PIPELINE=pipeline, num_warps=NUM_WARPS)
+        HEAD_DIM=D, STAGES=CONFIG[D]["stages"], PIPELINE=variant != "sparse", WARP_SPECIALIZE=variant == "sparse_ws",
+        num_warps=NUM_WARPS, **launch_options(variant))
+
+
+def launch_options(variant: str) -> dict:
+    """Launch options beyond the warps: the warp-specialised kernel starts its two partitions
+    (a warpgroup and the producer warp padded to one) at ``WS_LAUNCH_REGS`` registers a thread,
+    so two programs share an SM as the other variants' do; ``setmaxnreg`` then moves the
+    producer's unused registers to the consumer."""
+    return {"maxnreg": WS_LAUNCH_REGS} if variant == "sparse_ws" else {}

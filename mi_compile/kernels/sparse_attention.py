@@ -561,15 +561,15 @@ def _hopper(q, k, v, index: SparseIndex, scale: float, out, programs: int, varia
     layer through a Gluon kernel when one takes it (sm_90, Gluon's Hopper API, fp16 / bf16,
     head dim 64 / 128, TMA-aligned K/V):
     ``variant`` ``"wide"`` / ``"ws"`` the wide layers' kernels of
-    :mod:`mi_compile.kernels.hopper_wide`, ``"sparse"`` / ``"sparse_pipe"`` (software-pipelined)
-    any index (:mod:`mi_compile.kernels.hopper_sparse`). False leaves the layer to the Triton kernels.
+    :mod:`mi_compile.kernels.hopper_wide`, ``"sparse"`` / ``"sparse_pipe"`` (software-pipelined) /
+    ``"sparse_ws"`` (pipelined, fed by a producer warp) any index (:mod:`mi_compile.kernels.hopper_sparse`). False leaves the layer to the Triton kernels.
     The modules are imported here only, so a triton without Gluon never loads them otherwise."""
     from . import hopper_wide
     if not hopper_wide.usable(q, k, v, out):
         return False
-    if variant in ("sparse", "sparse_pipe"):
+    if variant.startswith("sparse"):
         from . import hopper_sparse
-        compiled = hopper_sparse.launch(q, k, v, index, scale, out, programs, pipeline=variant == "sparse_pipe")
+        compiled = hopper_sparse.launch(q, k, v, index, scale, out, programs, variant)
     else:
         compiled = hopper_wide.launch(q, k, v, index, scale, out, programs, variant)
     LAST_COMPILE.update(kernel=f"hopper_{variant}", mode=0, regs=getattr(compiled, "n_regs", None),
