@@ -116,6 +116,50 @@ if GLUON_ERROR is None:
         return acc, m_new, l_i
 
     @gluon.jit
+    def _pipelined_tiles(q_smem, k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, free_bar, b, kv, seq_start,
+                         n_tiles, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                         tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base,
+                         sink, band, qk_scale, rows, acc, m_i, l_i, L: gl.constexpr, PRODUCER: gl.constexpr):
+        """The range tiles software-pipelined (FA3's intra-warpgroup overlap): iteration t >= 1
+        issues S_t = Q K_t^T and O += P_{t-1} V_{t-1}, waits for S_t alone, runs tile t's softmax
+        while the P V wgmma is in flight, then waits for it and lets tile t-1's slot go: to the
+        producer warp (``PRODUCER``: an arrival on ``free_bar``) or, after a CTA barrier, refilled
+        here with tile ``t - 1 + STAGES`` (then ``free_bar`` is unused)."""
+        STAGES: gl.constexpr = k_ring.shape[0]
+        BLOCK_N: gl.constexpr = k_ring.shape[3]
+        dtype: gl.constexpr = q_smem.dtype
+        cols = gl.arange(0, BLOCK_N, layout=L.s_cols)
+        k0, bound, check = _range_tile(0, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                                       tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base)
+        keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
+        mbarrier.wait(k_bar.index(0), 0)
+        s = _scores(q_smem, _ring_tile(k_ring, 0), L)
+        p, alpha, m_i, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
+        p_op = gl.convert_layout(p.to(dtype), L.p)
+        mbarrier.wait(v_bar.index(0), 0)
+        for t in range(1, n_tiles):
+            slot = t % STAGES
+            prev = (t - 1) % STAGES
+            k0, bound, check = _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                                           tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base)
+            keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
+            mbarrier.wait(k_bar.index(slot), (t // STAGES) & 1)
+            s, acc = _scores_beside_pv(q_smem, _ring_tile(k_ring, slot), p_op, _ring_tile(v_ring, prev), acc, L)
+            p, alpha, m_i, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            if PRODUCER:
+                mbarrier.arrive(free_bar.index(prev), count=1)
+            else:
+                gl.thread_barrier()       # every warp is done with tile t-1's slot: refill it
+                _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t - 1 + STAGES, n_tiles, b, kv, seq_start,
+                       n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
+                       tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES)
+            acc, p_op = _rescale(acc, alpha, p, L, dtype)
+            mbarrier.wait(v_bar.index(slot), (t // STAGES) & 1)
+        acc = _pv(p_op, _ring_tile(v_ring, (n_tiles - 1) % STAGES), acc)
+        return acc, m_i, l_i
+
+    @gluon.jit
     def _gathered_columns(q_smem, kc_smem, vc_smem, acc, m_i, l_i, n_col, rows, length,
                           columns_ptr, covered_ptr, bh, max_columns, covered_len, m0,
                           k_ptr, v_ptr, b, kv, seq_start, stride_kb, stride_kh, stride_kn,
@@ -172,7 +216,7 @@ if GLUON_ERROR is None:
         walk = (n_tiles, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
                 tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base)
         gl.warp_specialize([
-            (_ws_consume, (q_smem, k_ring, v_ring, k_bar, v_bar, free_bar) + walk
+            (_ws_consume, (q_smem, k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, free_bar) + walk
              + (sink, band, qk_scale, n_col, columns_ptr, covered_ptr, bh, max_columns, covered_len,
                 k_ptr, v_ptr, b, kv, seq_start, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                 out_head, stride_on, q_offset)),
@@ -200,7 +244,7 @@ if GLUON_ERROR is None:
                    tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES)
 
     @gluon.jit
-    def _ws_consume(q_smem, k_ring, v_ring, k_bar, v_bar, free_bar,
+    def _ws_consume(q_smem, k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, free_bar,
                     n_tiles, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
                     tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base,
                     sink, band, qk_scale, n_col, columns_ptr, covered_ptr, bh, max_columns, covered_len,
@@ -210,39 +254,17 @@ if GLUON_ERROR is None:
         (S_t beside P_{t-1} V_{t-1}), each slot released to the producer once its P V wgmma is
         done; then the gathered columns through ring slot 0 (every load has landed by then) and
         the block's rows of the output."""
-        STAGES: gl.constexpr = k_ring.shape[0]
         BLOCK_N: gl.constexpr = k_ring.shape[3]
         HEAD_DIM: gl.constexpr = k_ring.shape[4]
-        dtype: gl.constexpr = q_smem.dtype
         L: gl.constexpr = kernel_layouts(4, BLOCK_N, HEAD_DIM)
         rows = m0 + gl.arange(0, 64, layout=L.s_rows)
-        cols = gl.arange(0, BLOCK_N, layout=L.s_cols)
         m_i = gl.full([64], -1.0e30, gl.float32, L.s_rows)
         l_i = gl.zeros([64], gl.float32, L.s_rows)
         acc = gl.zeros([64, HEAD_DIM], gl.float32, L.o)
-        k0, bound, check = _range_tile(0, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
-                                       tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base)
-        keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
-        mbarrier.wait(k_bar.index(0), 0)
-        s = _scores(q_smem, _ring_tile(k_ring, 0), L)
-        p, alpha, m_i, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
-        p_op = gl.convert_layout(p.to(dtype), L.p)
-        mbarrier.wait(v_bar.index(0), 0)
-        for t in range(1, n_tiles):
-            slot = t % STAGES
-            prev = (t - 1) % STAGES
-            k0, bound, check = _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
-                                           tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base)
-            keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
-            mbarrier.wait(k_bar.index(slot), (t // STAGES) & 1)
-            s, acc = _scores_beside_pv(q_smem, _ring_tile(k_ring, slot), p_op, _ring_tile(v_ring, prev), acc, L)
-            p, alpha, m_i, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(free_bar.index(prev), count=1)
-            acc, p_op = _rescale(acc, alpha, p, L, dtype)
-            mbarrier.wait(v_bar.index(slot), (t // STAGES) & 1)
-        last_slot = (n_tiles - 1) % STAGES
-        acc = _pv(p_op, _ring_tile(v_ring, last_slot), acc)
+        acc, m_i, l_i = _pipelined_tiles(q_smem, k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, free_bar, b, kv,
+                                         seq_start, n_tiles, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m,
+                                         m0, length, tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base,
+                                         sink, band, qk_scale, rows, acc, m_i, l_i, L, True)
         if n_col > 0:
             acc, m_i, l_i = _gathered_columns(q_smem, _ring_tile(k_ring, 0), _ring_tile(v_ring, 0), acc, m_i, l_i,
                                               n_col, rows, length, columns_ptr, covered_ptr, bh, max_columns,
@@ -326,37 +348,11 @@ if GLUON_ERROR is None:
                 l_i = gl.zeros([BLOCK_M], gl.float32, L.s_rows)
                 acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, L.o)
                 if PIPELINE:
-                    # FA3's intra-warpgroup overlap: iteration t >= 1 issues S_t = Q K_t^T and
-                    # O += P_{t-1} V_{t-1}, waits for S_t alone, runs tile t's softmax while the P V
-                    # wgmma is in flight, then waits for it and refills tile t-1's slot
-                    k0, bound, check = _range_tile(0, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
-                                                   tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base)
-                    keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
-                    mbarrier.wait(k_bar.index(0), 0)
-                    s = _scores(q_smem, _ring_tile(k_ring, 0), L)
-                    p, alpha, m_i, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
-                    p_op = gl.convert_layout(p.to(dtype), L.p)
-                    mbarrier.wait(v_bar.index(0), 0)
-                    for t in range(1, n_tiles):
-                        slot = t % STAGES
-                        prev = (t - 1) % STAGES
-                        k0, bound, check = _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0,
-                                                       length, tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr,
-                                                       block_base)
-                        keep = _tile_keep(k0, bound, check, rows, cols, length, sink, band)
-                        mbarrier.wait(k_bar.index(slot), (t // STAGES) & 1)
-                        s, acc = _scores_beside_pv(q_smem, _ring_tile(k_ring, slot), p_op, _ring_tile(v_ring, prev),
-                                                   acc, L)
-                        p, alpha, m_i, l_i = _softmax_step(s, keep, m_i, l_i, qk_scale)
-                        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                        gl.thread_barrier()       # every warp is done with tile t-1's slot: refill it
-                        _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t - 1 + STAGES, n_tiles, b, kv, seq_start,
-                               n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
-                               tile_start_ptr, tile_end_ptr, tile_base, blocks_ptr, block_base, STAGES)
-                        acc, p_op = _rescale(acc, alpha, p, L, dtype)
-                        mbarrier.wait(v_bar.index(slot), (t // STAGES) & 1)
-                    last_slot = (n_tiles - 1) % STAGES
-                    acc = _pv(p_op, _ring_tile(v_ring, last_slot), acc)
+                    acc, m_i, l_i = _pipelined_tiles(q_smem, k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, k_bar, b,
+                                                     kv, seq_start, n_tiles, n_pre, n_grp, n_plain, n_blk, prefix,
+                                                     prefix_end, m, m0, length, tile_start_ptr, tile_end_ptr, tile_base,
+                                                     blocks_ptr, block_base, sink, band, qk_scale, rows, acc, m_i, l_i,
+                                                     L, False)
                 else:
                     for t in range(n_tiles):
                         k0, bound, check = _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0,
