@@ -17,6 +17,7 @@
 #   bash benchmarks/qwen_device.sh yard06|yard06_acc [SECONDS]   # the 128K search at budget 0.06 against the shipped one
 #   bash benchmarks/qwen_device.sh last512|last512_acc [SECONDS]   # the shipped config with 512 dense last rows
 #   bash benchmarks/qwen_device.sh family [SECONDS]   # the shipped config family (32K + 128K) at 32K-128K
+#   bash benchmarks/qwen_device.sh floor [SECONDS]   # top-1's rounding floor at 128K (exact attention by the op's kernel)
 #   bash benchmarks/qwen_device.sh yard_gluon [SECONDS]   # the shipped config, Triton vs Gluon kernels
 #   bash benchmarks/qwen_device.sh checks|kernels|hopper|host|chunk_work [SECONDS]   # no model: gpu_checks, the kernel benchmark,
 #                                                  # the Gluon kernel, the op's host time (a 2K chunk at 128K)
@@ -383,6 +384,17 @@ case "$stage" in
       tar czf "$OUT/acc_chunked.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_chunked.json*)
     fi
     ;;
+  floor)
+    # top-1 / KL's rounding floor at 128K: exact attention computed by the op's own wide kernel
+    # (`floor`: A-shape with a window past every key, the causal square in another order than
+    # SDPA's) against dense, beside the shipped config, on three Python documents (no tasks;
+    # ~2 minutes after the model's first load): how far below 1 top-1 sits without any sparsity
+    deadline=$(( $(date +%s) + ${2:-240} ))
+    run_until acc_floor.json 20 benchmarks.accuracy --model qwen2.5-coder-1.5b --device cuda --no-inductor \
+      --tasks "" --lengths 131072 --modes dense,searched --searched "$CFG_FAST" \
+      --configs floor=a_shape:0:1048576 --docs 3
+    tar czf "$OUT/acc_floor.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d acc_floor.json*)
+    ;;
   searched)
     # one call: the 128K search over every registered pattern's candidates (the adaptive ones and
     # the tiled diagonals included), configs at budgets 0.08 / 0.12 / 0.16 (recall floor 0.6),
@@ -479,7 +491,7 @@ case "$stage" in
     tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.safetensors' .
     ;;
   *)
-    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|policy|policy_acc|adaptive2|adaptive2_acc|adaptive3|adaptive3_acc|searched|searched_acc|yard|yard_acc|yard_search|yard64|yard64_acc|yard06|yard06_acc|yard_gluon|native32|native32_acc|last512|last512_acc|turn|chunked|chunked_acc|checks|kernels|hopper|host|chunk_work [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
+    echo "usage: $0 {search|choose B1,B2,...|prep|e2e|acc128|adaptive|adaptive_acc|adaptive_sweep|policy|policy_acc|adaptive2|adaptive2_acc|adaptive3|adaptive3_acc|searched|searched_acc|yard|yard_acc|yard_search|yard64|yard64_acc|yard06|yard06_acc|yard_gluon|native32|native32_acc|last512|last512_acc|floor|turn|chunked|chunked_acc|checks|kernels|hopper|host|chunk_work [SECONDS]|queue STAGE:SECONDS ...|collect}" >&2
     exit 2
     ;;
 esac
