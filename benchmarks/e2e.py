@@ -715,12 +715,14 @@ def model_input(n: int, tok, vocab: int, dev: Dev, seed: int):
 
 
 # mode suffix -> MI_COMPILE_HOPPER value: the Gluon Hopper kernels for dense / A-shape layers (the
-# first or the warp-specialised one), or for every layer (with the Gluon kernel for any index)
-GLUON_SUFFIXES = {"@gluon": "1", "@gluon_ws": "ws", "@gluon_all": "ws_sparse"}
+# first or the warp-specialised one), or for every layer (with the Gluon kernel for any index:
+# software-pipelined, or fed by a producer warp)
+GLUON_SUFFIXES = {"@gluon": "1", "@gluon_ws": "ws", "@gluon_all": "ws_sparse", "@gluon_sparse_ws": "sparse_ws"}
 
 
 def gluon_base(mode: str):
-    """``(base mode, MI_COMPILE_HOPPER value)`` of a ``<mode>@gluon[_ws]`` mode, else ``(mode, None)``."""
+    """``(base mode, MI_COMPILE_HOPPER value)`` of a ``<mode>@gluon...`` mode (:data:`GLUON_SUFFIXES`),
+    else ``(mode, None)``."""
     for suffix, value in GLUON_SUFFIXES.items():
         if mode.endswith(suffix):
             return mode[:-len(suffix)], value
@@ -1160,7 +1162,7 @@ def parse_args(argv=None):
                    "--model: 8192,16384,32768,65536,131072; a tiny:<family> model on the CPU: 256,512)")
     p.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(ALL_MODES)} (default "
                    f"{','.join(DEFAULT_MODES)}); --model: of {','.join(MODEL_MODES)} and the --configs names "
-                   f"(default {','.join(MODEL_DEFAULT_MODES)}), each also as <mode>@gluon / @gluon_ws / @gluon_all: "
+                   f"(default {','.join(MODEL_DEFAULT_MODES)}), each also as <mode>@gluon / @gluon_ws / @gluon_all / @gluon_sparse_ws: "
                    "the same compiled model with the Gluon Hopper kernels (MI_COMPILE_HOPPER=1 / ws / ws_sparse)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per (mode, length) after warm-up (default 2)")
     p.add_argument("--profile", default="", help="--model runs on CUDA: comma-separated modes to profile once more at "

@@ -344,11 +344,14 @@ case "$stage" in
     # the shipped 128K config with the Triton kernels against the same compiled model with every
     # layer in Gluon (searched@gluon_all: MI_COMPILE_HOPPER=ws_sparse around each call; its layers
     # all mix vertical-slash and block-sparse heads, so =1 / =ws would change nothing), eager
-    # beside them, at 32K and 128K; one compile (~1-2 minutes); profiles at 128K
+    # beside them, at 32K and 128K; one compile (~1-2 minutes); profiles at 128K. GLUON_WS=1 adds
+    # searched@gluon_sparse_ws (the warp-specialised kernel for any index: only once its checks
+    # passed on a GPU, `hopper`)
     deadline=$(( $(date +%s) + ${2:-420} ))
+    ws_mode=$([ "${GLUON_WS:-0}" = 1 ] && echo ,searched@gluon_sparse_ws)
     run_until yard_gluon 40 benchmarks.e2e --model qwen2.5-coder-1.5b --config "$CFG_FAST" \
-      --modes eager,searched,searched@gluon_all --lengths 32768,131072 --reps 2 \
-      --profile searched,searched@gluon_all
+      --modes "eager,searched,searched@gluon_all$ws_mode" --lengths 32768,131072 --reps 2 \
+      --profile "searched,searched@gluon_all$ws_mode"
     tar czf "$OUT/yard_gluon.tgz" -C "$RUNS" yard_gluon yard_gluon.log
     ;;
   turn|chunked|chunked_acc)

@@ -82,4 +82,7 @@ def test_gluon_modes_share_the_compiled_model_and_set_the_opt_in(e2e, monkeypatc
     fn, counter = e2e.make_model_mode("searched@gluon", None, a, fns, counters)
     fn()
     e2e.make_model_mode("searched@gluon_ws", None, a, fns, counters)[0]()
-    assert seen == ["1", "ws"] and "MI_COMPILE_HOPPER" not in __import__("os").environ and counter() == 1
+    e2e.make_model_mode("searched@gluon_all", None, a, fns, counters)[0]()
+    e2e.make_model_mode("searched@gluon_sparse_ws", None, a, fns, counters)[0]()
+    assert seen == ["1", "ws", "ws_sparse", "sparse_ws"]
+    assert "MI_COMPILE_HOPPER" not in __import__("os").environ and counter() == 1
