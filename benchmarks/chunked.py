@@ -116,17 +116,16 @@ def make_modes(model, args) -> dict:
         object.__setattr__(fn, "_mi_cudagraphs", bool(mode))
         return fn
 
-    fns = {"eager": model}
+    fns, spec_of = {"eager": model}, {}
     for name, spec in specs.items():
         for mode in graphs:
-            fns[f"{name}_cg" if mode else name] = compiled(spec, mode)
+            key = f"{name}_cg" if mode else name
+            fns[key], spec_of[key] = compiled(spec, mode), spec
     if getattr(args, "compare_topk", False):
-        for name in [m for m in fns if m != "eager"]:
+        for name, spec in spec_of.items():
             # a CUDA graph replays the launches it recorded, so the select kernel's mode needs
             # graphs of its own (recorded with the kernel on): its own compile
-            fn = fns[name]
-            if fn._mi_cudagraphs:
-                fn = compiled(specs[name[:-len("_cg")]], "reduce-overhead")
+            fn = compiled(spec, "reduce-overhead") if fns[name]._mi_cudagraphs else fns[name]
             fns[f"{name}@top_select"] = with_top_select(fn)
     return fns
 

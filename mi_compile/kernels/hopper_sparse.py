@@ -51,6 +51,7 @@ if GLUON_ERROR is None:
                               kernel_layouts, mbarrier, warpgroup_mma_wait)
 
     _wide = gl.constexpr(WIDE)
+    _WS_PRODUCER_REGS = gl.constexpr(WS_PRODUCER_REGS)
 
     @gluon.jit
     def _range_tile(t, n_pre, n_grp, n_plain, n_blk, prefix, prefix_end, m, m0, length,
@@ -221,7 +222,7 @@ if GLUON_ERROR is None:
                 k_ptr, v_ptr, b, kv, seq_start, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                 out_head, stride_on, q_offset)),
             (_ws_produce, (k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, free_bar, b, kv, seq_start) + walk),
-        ], [1], [40])     # the producer warp's registers (WS_PRODUCER_REGS)
+        ], [1], [_WS_PRODUCER_REGS])
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(free_bar.index(i))
             mbarrier.invalidate(k_bar.index(i))
