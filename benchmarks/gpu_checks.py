@@ -35,10 +35,13 @@ and for each pair:
   answer must equal dense attention's), a padded batch: every attention call rewritten, and
   the logits as close to the float32 model's as eager's in the same dtype are (within 2x).
 
-Each (head_dim, dtype) runs in its own process so Triton and Inductor compile in parallel.
-Writes ``$OUT/gpu_checks.json`` and prints one table; exits 1 if any check fails.
+Each (head_dim, dtype) runs in its own process so Triton and Inductor compile in parallel. Each
+process saves its results after every check; with ``--timeout-s`` a process still running then
+(a kernel that never returns, e.g. a deadlocked warp-specialised one) is killed, so its GPU is
+free for what comes next, and the check it was in is a failure ("timed out") beside the ones
+it finished. Writes ``$OUT/gpu_checks.json`` and prints one table; exits 1 if any check fails.
 
-    OUT=$OUT python3 -m benchmarks.gpu_checks            # on the device
+    OUT=$OUT python3 -m benchmarks.gpu_checks [--timeout-s 240]   # on the device
     python3 -m benchmarks.gpu_checks --one 128 bfloat16  # one pair, in this process
 """
 import argparse
@@ -371,9 +374,17 @@ def check_top_select():
     return {"rows_by_width": checked}
 
 
-def run_one(D, dtype_name, only=()):
+def _save(path, results, running=None):
+    """The results so far (and the check now running) at ``path``, replaced atomically."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"results": results, "running": running}, f)
+        os.replace(path + ".tmp", path)
+
+
+def run_one(D, dtype_name, only=(), path=None):
     """The checks of one (head_dim, dtype), those whose names start with one of ``only`` if
-    given; returns a list of result dicts."""
+    given; returns a list of result dicts, saved to ``path`` (if given) after every check."""
     dtype = getattr(torch, dtype_name)
     torch.backends.cuda.matmul.allow_tf32 = False      # the float32 references stay float32
     checks = [(f"mixed_gqa{r}", lambda r=r: check_mixed(D, dtype, r)) for r in (1, 4, 8)]
@@ -393,6 +404,7 @@ def run_one(D, dtype_name, only=()):
         checks = [(name, fn) for name, fn in checks if name.startswith(tuple(only))]
     results = []
     for name, fn in checks:
+        _save(path, results, running=name)
         t = time.time()
         try:
             results.append({"head_dim": D, "dtype": dtype_name, "check": name, "ok": True, **fn()})
@@ -404,7 +416,32 @@ def run_one(D, dtype_name, only=()):
                             "error": f"{type(e).__name__}: {e}"[:400]})
         results[-1]["s"] = round(time.time() - t, 1)
         print(json.dumps(results[-1]), flush=True)
+        _save(path, results)
         torch.cuda.empty_cache()
+    return results
+
+
+def collect_pair(d, t, path, log, proc, deadline):
+    """Wait for one pair's process until ``deadline`` (None: no limit); kill it past that. Its
+    results: those it saved, plus a failure for the check it was in when killed or crashed."""
+    try:
+        proc.wait(timeout=None if deadline is None else max(deadline - time.time(), 0.1))
+        killed = False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        killed = True
+    log.close()
+    saved = {"results": [], "running": None}
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        os.remove(path)
+    results = saved["results"]
+    if killed or proc.returncode != 0:
+        why = "timed out (a hang?): the process was killed" if killed else f"process exit {proc.returncode}"
+        results.append({"head_dim": d, "dtype": t, "check": saved["running"] or "process", "ok": False,
+                        "error": f"{why}; see the log"})
     return results
 
 
@@ -415,18 +452,18 @@ def main():
     ap.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)))
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--checks", default="", help="comma-separated name prefixes: only those checks (e.g. hopper)")
+    ap.add_argument("--timeout-s", type=float, default=None,
+                    help="kill a pair's process still running this long after the start (its check fails)")
     args = ap.parse_args()
     only = [c for c in args.checks.split(",") if c]
     if args.one:
-        results = run_one(int(args.one[0]), args.one[1], only)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f)
+        results = run_one(int(args.one[0]), args.one[1], only, args.json)
         sys.exit(0 if all(r["ok"] for r in results) else 1)
 
     out_dir = os.environ.get("OUT", "/tmp")
     pairs = [(int(d), t) for d in args.head_dims.split(",") for t in args.dtypes.split(",")]
     t0 = time.time()
+    deadline = None if args.timeout_s is None else t0 + args.timeout_s
     procs = []
     for d, t in pairs:
         path = os.path.join(out_dir, f".gpu_checks_{d}_{t}.json")
@@ -437,15 +474,7 @@ def main():
             stdout=log, stderr=subprocess.STDOUT)))
     results = []
     for d, t, path, log, p in procs:
-        p.wait()
-        log.close()
-        if os.path.exists(path):
-            with open(path) as f:
-                results += json.load(f)
-            os.remove(path)
-        else:
-            results.append({"head_dim": d, "dtype": t, "check": "process", "ok": False,
-                            "error": f"exit {p.returncode}, no results (see the log below)"})
+        results += collect_pair(d, t, path, log, p, deadline)
         with open(log.name) as f:
             text = f.read()
         os.remove(log.name)

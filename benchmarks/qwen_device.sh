@@ -120,7 +120,8 @@ case "$stage" in
     deadline=$(( $(date +%s) + ${2:-470} ))
     left() { echo $(( deadline - $(date +%s) )); }
     mkdir -p "$RUNS/checks"
-    ( OUT="$RUNS/checks" timeout "$(left)" python3 -m benchmarks.gpu_checks > "$RUNS/gpu_checks.log" 2>&1 ) &
+    ( OUT="$RUNS/checks" timeout "$(left)" python3 -m benchmarks.gpu_checks --timeout-s "$(( $(left) - 20 ))" \
+      > "$RUNS/gpu_checks.log" 2>&1 ) &
     checks=$!
     timeout "$(left)" python3 -m mi_compile search "${SEARCH_ARGS[@]}" --length 32768 --budget 0.2 --min-recall 0.6 \
       --also-budgets 0.12,0.3 --out "$RUNS/qwen_32768.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/search_32768.log"
@@ -422,7 +423,9 @@ case "$stage" in
     ;;
   checks)
     # the correctness matrix (every head dim, fp16 / bf16, every pattern); no model needed
-    timeout "${2:-300}" python3 -m benchmarks.gpu_checks > "$OUT/gpu_checks.log" 2>&1
+    # a pair's process still running 20 s before the deadline is killed (a hung kernel must not
+    # hold the GPU into the next stage); its finished checks are kept
+    timeout "${2:-300}" python3 -m benchmarks.gpu_checks --timeout-s "$(( ${2:-300} - 20 ))" > "$OUT/gpu_checks.log" 2>&1
     tail -40 "$OUT/gpu_checks.log"
     ;;
   hopper)
@@ -431,6 +434,7 @@ case "$stage" in
     # the Triton kernels and cuDNN (128K first); no model needed
     deadline=$(( $(date +%s) + ${2:-300} ))
     timeout "$(( ${2:-300} / 2 ))" python3 -m benchmarks.gpu_checks --head-dims 64,128 --checks hopper,chunk \
+      --timeout-s "$(( ${2:-300} / 2 - 15 ))" \
       > "$OUT/gpu_checks_hopper.log" 2>&1
     grep -i "hopper\|chunk\|passed" "$OUT/gpu_checks_hopper.log" | tail -24
     # the warp-specialised kernel's rows only after its four checks (2 head dims x 2 dtypes) passed:

@@ -217,7 +217,9 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_checks", "--one", "80", "float16", "--json", str(out)],
                           cwd=pathlib.Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    saved = json.loads(out.read_text())
+    assert saved["running"] is None                       # every check finished
+    results = saved["results"]
     assert [r["check"] for r in results] == ["mixed_gqa1", "mixed_gqa4", "mixed_gqa8", "adaptive_gqa1",
                                              "adaptive_gqa4", "wide", "full_selection_vs_sdpa",
                                              "backend_tiny_llama", "hopper_wide", "hopper_ws", "hopper_sparse",
@@ -225,6 +227,32 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
                                              "top_select", "hopper_sparse_ws"]
     assert all(r.get("skipped") for r in results if r["check"].startswith("hopper_"))   # no sm_90 here
     assert all(r["ok"] for r in results)
+
+
+def test_gpu_checks_kill_a_hung_pair_and_keep_its_finished_checks(tmp_path):
+    """A pair's process still running at the deadline (a deadlocked kernel) is killed: the checks
+    it saved stay, the one it was in fails as timed out; a crashed one fails with its exit code."""
+    import json
+    import subprocess
+    import sys
+    import time
+    from benchmarks.gpu_checks import collect_pair
+    path = tmp_path / "pair.json"
+    done = {"head_dim": 64, "dtype": "float16", "check": "wide", "ok": True}
+    path.write_text(json.dumps({"results": [done], "running": "hopper_sparse_ws"}))
+    log = open(tmp_path / "pair.log", "w")
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    t = time.time()
+    results = collect_pair(64, "float16", str(path), log, hung, deadline=time.time() + 1)
+    assert time.time() - t < 30 and hung.returncode is not None       # killed, not waited for
+    assert results[0] == done
+    assert results[1]["check"] == "hopper_sparse_ws" and not results[1]["ok"]
+    assert "timed out" in results[1]["error"]
+    assert not path.exists()
+    crashed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    results = collect_pair(64, "float16", str(path), open(tmp_path / "b.log", "w"), crashed, deadline=None)
+    assert results == [{"head_dim": 64, "dtype": "float16", "check": "process", "ok": False,
+                        "error": "process exit 3; see the log"}]
 
 
 @pytest.mark.parametrize("value,wide,sparse", [("", None, None), ("0", None, None), ("1", "wide", None),
