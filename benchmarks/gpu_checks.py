@@ -16,7 +16,8 @@ and for each pair:
 - ``adaptive_gqa{1,4}``: the same for a layer mixing tri-shape, XAttention, FlexPrefill,
   vertical-slash in whole blocks, vertical-slash and dense;
 - ``wide``: a layer of only dense / A-shape heads (the 128-row kernel, head_dim <= 128);
-- ``hopper_wide``, ``hopper_ws``: the opt-in Gluon kernels (``MI_COMPILE_HOPPER=1`` / ``=ws``;
+- ``hopper_wide``, ``hopper_ws``, ``hopper_ws_persist``: the opt-in Gluon kernels (``MI_COMPILE_HOPPER=1`` /
+  ``=ws`` / ``=ws_persist``;
   sm_90 with Gluon, head_dim 64 / 128, else recorded as skipped with the reason): the WIDE
   layer padded with GQA, a dense-only layer through strided K/V views, a chunk; against the
   float32 reference;
@@ -210,8 +211,8 @@ def _gluon_against_triton(cases, opt_in, kernel_name, D, dtype):
 
 
 def check_hopper(D, dtype, variant):
-    """A Gluon kernel for the wide layers (``MI_COMPILE_HOPPER=1`` for ``"wide"``, ``=ws`` for
-    ``"ws"``; sm_90, head_dim 64 / 128): the WIDE layer as a padded batch of 2 over 2 KV heads,
+    """A Gluon kernel for the wide layers (``MI_COMPILE_HOPPER=1`` for ``"wide"``, else ``=variant``:
+    ``"ws"``, ``"ws_persist"``; sm_90, head_dim 64 / 128): the WIDE layer as a padded batch of 2 over 2 KV heads,
     a dense-only layer with K/V read through views of ``[B, n, Hkv, D]`` storage (4D TMA
     strides), and a chunk of the WIDE layer continuing a cache (:func:`_gluon_against_triton`)."""
     _gluon_ready(D)
@@ -399,6 +400,7 @@ def run_one(D, dtype_name, only=(), path=None):
     checks += [(f"chunk_gqa{r}", lambda r=r: check_chunk(D, dtype, r)) for r in (1, 4)]
     checks += [("backend_chunk", lambda: check_backend_chunk(D, dtype)), ("top_select", check_top_select),
                # last: a warp-specialised kernel that deadlocks would hang the checks after it
+               ("hopper_ws_persist", lambda: check_hopper(D, dtype, "ws_persist")),
                ("hopper_sparse_ws", lambda: check_hopper_sparse(D, dtype, "sparse_ws"))]
     if only:
         checks = [(name, fn) for name, fn in checks if name.startswith(tuple(only))]

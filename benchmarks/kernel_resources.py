@@ -151,7 +151,8 @@ def compile_hopper(head_dim: int, dtype: str, arch: int = 90, variant: str = "wi
     if variant.startswith("sparse"):
         constexprs.update(PIPELINE=variant != "sparse", WARP_SPECIALIZE=variant == "sparse_ws")
     else:
-        constexprs.update(BLOCK_N=cfg["block_n"], WARP_SPECIALIZE=variant == "ws")
+        constexprs.update(BLOCK_N=cfg["block_n"], WARP_SPECIALIZE=variant != "wide",
+                          PERSISTENT=variant == "ws_persist")
     sig, attrs = _signature(fn, dtype, constexprs, {})
     for name in ("k_desc", "v_desc"):
         sig[name] = descriptor

@@ -227,7 +227,8 @@ def ours(name, n, fn, index, q, k, v, cudnn_ms, **extra):
 
 
 def hopper_rows(n, q, k, v, cudnn_ms, index_a):
-    """The opt-in Gluon kernels (``MI_COMPILE_HOPPER=1``: "wide", ``=ws``: warp-specialised) on
+    """The opt-in Gluon kernels (``MI_COMPILE_HOPPER=1``: "wide", ``=ws``: warp-specialised,
+    ``=ws_persist``: the same persistent; skipped with ``HOPPER_WS_PERSIST=0``) on
     the dense and the A-shape 128+4096 layers, each next to the Triton wide kernel on the same
     index; a row ``skipped`` with the reason where they cannot run (not sm_90, no Gluon)."""
     from mi_compile.kernels import hopper_wide
@@ -236,16 +237,20 @@ def hopper_rows(n, q, k, v, cudnn_ms, index_a):
         record(op="hopper_wide", n=n, skipped=why)
         return
     index_d = build_sparse_index(q, k, [HP("dense")] * HQ)
+    variants = [("0", "triton_wide"), ("1", "hopper_wide"), ("ws", "hopper_ws"), ("ws_persist", "hopper_ws_persist")]
+    if os.environ.get("HOPPER_WS_PERSIST", "1") == "0":     # its check did not pass: a hang would lose the rest
+        record(op="hopper_ws_persist_kernel", n=n, skipped="HOPPER_WS_PERSIST=0")
+        variants.pop()
     try:
         for layer, index in (("dense", index_d), ("ashape_128_4096", index_a)):
             outs = []
-            for opt_in, name in (("0", "triton_wide"), ("1", "hopper_wide"), ("ws", "hopper_ws")):
+            for opt_in, name in variants:
                 os.environ[hopper_wide.ENV] = opt_in
                 ours(f"{name}_{layer}_kernel", n, lambda index=index: sparse_attention_from_index(q, k, v, index),
                      index, q, k, v, cudnn_ms)
                 outs.append(sparse_attention_from_index(q, k, v, index))
-            rows[-2]["rel_err_vs_triton_wide"] = rel_err(outs[1], outs[0])
-            rows[-1]["rel_err_vs_triton_wide"] = rel_err(outs[2], outs[0])
+            for i in range(1, len(outs)):
+                rows[i - len(outs)]["rel_err_vs_triton_wide"] = rel_err(outs[i], outs[0])
             del outs
     finally:
         os.environ.pop(hopper_wide.ENV, None)

@@ -437,10 +437,12 @@ case "$stage" in
       --timeout-s "$(( ${2:-300} / 2 - 15 ))" \
       > "$OUT/gpu_checks_hopper.log" 2>&1
     grep -i "hopper\|chunk\|passed" "$OUT/gpu_checks_hopper.log" | tail -24
-    # the warp-specialised kernel's rows only after its four checks (2 head dims x 2 dtypes) passed:
-    # a deadlock would hang the rest
+    # the rows of the warp-specialised kernel for any index and of the persistent one only after
+    # their four checks (2 head dims x 2 dtypes) passed: a deadlock would hang the rest
     ws_ok=$(grep -c "hopper_sparse_ws *yes" "$OUT/gpu_checks_hopper.log")
+    persist_ok=$(grep -c "hopper_ws_persist *yes" "$OUT/gpu_checks_hopper.log")
     HOPPER_SPARSE_WS=$([ "$ws_ok" -ge 4 ] && echo 1 || echo 0) \
+    HOPPER_WS_PERSIST=$([ "$persist_ok" -ge 4 ] && echo 1 || echo 0) \
     NS=${NS:-131072,32768} SWEEP=0 FLEX=0 timeout "$(( deadline - $(date +%s) ))" python3 -m benchmarks.kernels \
       > "$OUT/kernels_hopper.log" 2>&1
     grep -i "wide\|hopper\|cudnn" "$OUT/kernels_hopper.log" | tail -24

@@ -224,7 +224,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
                                              "adaptive_gqa4", "wide", "full_selection_vs_sdpa",
                                              "backend_tiny_llama", "hopper_wide", "hopper_ws", "hopper_sparse",
                                              "hopper_sparse_pipe", "chunk_gqa1", "chunk_gqa4", "backend_chunk",
-                                             "top_select", "hopper_sparse_ws"]
+                                             "top_select", "hopper_ws_persist", "hopper_sparse_ws"]
     assert all(r.get("skipped") for r in results if r["check"].startswith("hopper_"))   # no sm_90 here
     assert all(r["ok"] for r in results)
 
@@ -257,7 +257,8 @@ def test_gpu_checks_kill_a_hung_pair_and_keep_its_finished_checks(tmp_path):
 
 @pytest.mark.parametrize("value,wide,sparse", [("", None, None), ("0", None, None), ("1", "wide", None),
                                               ("wide", "wide", None), ("ws", "ws", None), ("sparse", "wide", "sparse"),
-                                              ("ws_sparse", "ws", "sparse_pipe"), ("sparse_ws", "ws", "sparse_ws")])
+                                              ("ws_sparse", "ws", "sparse_pipe"), ("sparse_ws", "ws", "sparse_ws"),
+                                              ("ws_persist", "ws_persist", None)])
 def test_hopper_opt_in_names_the_kernels(monkeypatch, value, wide, sparse):
     """=1 / =ws take the Gluon kernels for dense / A-shape layers only (Triton keeps any other
     index); =sparse / =ws_sparse / =sparse_ws send every layer to Gluon."""
@@ -265,6 +266,15 @@ def test_hopper_opt_in_names_the_kernels(monkeypatch, value, wide, sparse):
     monkeypatch.setenv(HOPPER_ENV, value)
     choice = hopper_opt_in()
     assert (choice is None) if wide is None else (choice.wide, choice.sparse) == (wide, sparse)
+
+
+@pytest.mark.parametrize("programs,batch,heads,sms,grid", [(1024, 1, 32, 132, (132, 1)), (2, 1, 3, 132, (6, 1)),
+                                                           (1024, 2, 12, 132, (66, 2)), (8, 200, 4, 132, (1, 200))])
+def test_persistent_wide_grid_is_one_program_an_sm(programs, batch, heads, sms, grid):
+    """The persistent Gluon kernel's grid: a program an SM over the batch, at most one a block,
+    at least one per batch element."""
+    from mi_compile.kernels.hopper_wide import persistent_grid
+    assert persistent_grid(programs, batch, heads, sms) == grid
 
 
 def test_hopper_opt_in_rejects_an_unknown_value(monkeypatch):

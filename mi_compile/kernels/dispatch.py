@@ -11,8 +11,9 @@ selection      Triton estimates, fused tables        PyTorch (the interpreter wo
 =============  ====================================  ================================================
 
 On sm_90 the attention may run in Gluon instead of Triton, opt-in only (``MI_COMPILE_HOPPER``,
-:func:`hopper_opt_in`): ``=1`` / ``=ws`` run layers whose heads are all dense or A-shape by a
-kernel of :mod:`mi_compile.kernels.hopper_wide` (the lock-step or the warp-specialised one) and
+:func:`hopper_opt_in`): ``=1`` / ``=ws`` / ``=ws_persist`` run layers whose heads are all dense or
+A-shape by a kernel of :mod:`mi_compile.kernels.hopper_wide` (the lock-step, the warp-specialised
+or the persistent warp-specialised one) and
 leave every other layer to Triton, whose general kernel outran the Gluon one for any index
 (docs/kernels.md); ``=sparse`` / ``=ws_sparse`` / ``=sparse_ws`` also send those layers to
 :mod:`mi_compile.kernels.hopper_sparse` (plain / software-pipelined / pipelined and fed by a
@@ -66,14 +67,15 @@ def selection_impl(q) -> str:
 
 
 class HopperChoice(NamedTuple):
-    """The Gluon kernels asked for: ``wide`` (``"wide"`` or ``"ws"``) for layers of dense /
+    """The Gluon kernels asked for: ``wide`` (``"wide"``, ``"ws"`` or ``"ws_persist"``) for layers of dense /
     A-shape heads, ``sparse`` (``"sparse"``, ``"sparse_pipe"``, ``"sparse_ws"`` or None: Triton) for the others."""
     wide: str
     sparse: Optional[str]
 
 
 HOPPER_VARIANTS = {"1": HopperChoice("wide", None), "wide": HopperChoice("wide", None),
-                   "ws": HopperChoice("ws", None), "sparse": HopperChoice("wide", "sparse"),
+                   "ws": HopperChoice("ws", None), "ws_persist": HopperChoice("ws_persist", None),
+                   "sparse": HopperChoice("wide", "sparse"),
                    "ws_sparse": HopperChoice("ws", "sparse_pipe"), "sparse_ws": HopperChoice("ws", "sparse_ws")}
 
 

@@ -59,6 +59,7 @@ NUM_WARPS = 8
 # (head dim 128: 3 x 64 KiB of K/V + 32 KiB of Q = 225 KiB of the 227 KiB).
 CONFIGS = {"wide": {64: {"block_n": 128, "stages": 3}, 128: {"block_n": 128, "stages": 2}},
            "ws": {64: {"block_n": 128, "stages": 4}, 128: {"block_n": 128, "stages": 3}}}
+CONFIGS["ws_persist"] = CONFIGS["ws"]      # the same program, persistent
 HEAD_DIMS = (64, 128)
 _LENGTH_ARGS = ["n", "num_programs", "q_offset"]
 
@@ -157,23 +158,33 @@ if GLUON_ERROR is None:
         query block ``m`` of ``BLOCK_M`` rows (heaviest first; a chunk's programs shifted onto its
         blocks: ``_program_rows`` of the Triton kernels with GROUP = 1) and writes its share of
         the padding rows as zeros (every output element is written once)."""
-        slot_block = num_programs - 1 - gl.program_id(0)
-        bh = gl.program_id(1)
+        return _item_block(gl.program_id(0), gl.program_id(1), seq_start_ptr, seq_len_ptr, out_ptr, stride_ob,
+                           stride_oh, stride_on, n, num_heads, heads_per_kv, num_programs, q_offset, L, BLOCK_M,
+                           HEAD_DIM, True)
+
+    @gluon.jit
+    def _item_block(x, bh, seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads,
+                    heads_per_kv, num_programs, q_offset, L: gl.constexpr, BLOCK_M: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, PAD: gl.constexpr):
+        """:func:`_program_block` of program ``(x, bh)``, wherever the caller runs (a persistent
+        program visits many); the padding rows' zeros only with ``PAD``."""
+        slot_block = num_programs - 1 - x
         b = bh // num_heads
         h = bh % num_heads
         seq_start = gl.minimum(gl.maximum(gl.load(seq_start_ptr + b), 0), n)
         length = gl.minimum(gl.maximum(gl.load(seq_len_ptr + b), 0), n - seq_start)
         m = slot_block + gl.maximum((length + BLOCK_M - 1) // BLOCK_M - num_programs, 0)
         out_head = out_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-        nq = n - q_offset
-        real_lo = gl.minimum(gl.maximum(seq_start - q_offset, 0), nq)
-        real_hi = gl.minimum(gl.maximum(seq_start + length - q_offset, real_lo), nq)
-        slots = slot_block * BLOCK_M + gl.arange(0, BLOCK_M, layout=L.io_rows)
-        io_dims = gl.arange(0, HEAD_DIM, layout=L.io_cols)
-        pad_rows = gl.where(slots < real_lo, slots, slots + (real_hi - real_lo)).to(gl.int64)
-        pad_ok = gl.expand_dims(slots < nq - (real_hi - real_lo), 1) & gl.expand_dims(io_dims < HEAD_DIM, 0)
-        gl.store(out_head + gl.expand_dims(pad_rows * stride_on, 1) + gl.expand_dims(io_dims, 0),
-                 gl.zeros([BLOCK_M, HEAD_DIM], out_ptr.dtype.element_ty, L.io), mask=pad_ok)
+        if PAD:
+            nq = n - q_offset
+            real_lo = gl.minimum(gl.maximum(seq_start - q_offset, 0), nq)
+            real_hi = gl.minimum(gl.maximum(seq_start + length - q_offset, real_lo), nq)
+            slots = slot_block * BLOCK_M + gl.arange(0, BLOCK_M, layout=L.io_rows)
+            io_dims = gl.arange(0, HEAD_DIM, layout=L.io_cols)
+            pad_rows = gl.where(slots < real_lo, slots, slots + (real_hi - real_lo)).to(gl.int64)
+            pad_ok = gl.expand_dims(slots < nq - (real_hi - real_lo), 1) & gl.expand_dims(io_dims < HEAD_DIM, 0)
+            gl.store(out_head + gl.expand_dims(pad_rows * stride_on, 1) + gl.expand_dims(io_dims, 0),
+                     gl.zeros([BLOCK_M, HEAD_DIM], out_ptr.dtype.element_ty, L.io), mask=pad_ok)
         return b, h, h // heads_per_kv, seq_start, length, m, out_head
 
     @gluon.jit
@@ -185,7 +196,17 @@ if GLUON_ERROR is None:
         dtype: gl.constexpr = q_ptr.dtype.element_ty
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM],
                                            gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype))
-        io_pos = m0 + gl.arange(0, BLOCK_M, layout=L.io_rows)
+        _load_query(q_smem, q_ptr, b, h, seq_start, length, m0, q_offset, stride_qb, stride_qh, stride_qn, L)
+        return q_smem
+
+    @gluon.jit
+    def _load_query(q_smem, q_ptr, b, h, seq_start, length, row0, q_offset, stride_qb, stride_qh, stride_qn,
+                    L: gl.constexpr):
+        """Query rows ``row0 + [0, ROWS)`` into ``q_smem`` as :func:`_query_tile` loads them, fenced
+        for wgmma (the caller's barrier publishes them)."""
+        ROWS: gl.constexpr = q_smem.shape[0]
+        HEAD_DIM: gl.constexpr = q_smem.shape[1]
+        io_pos = row0 + gl.arange(0, ROWS, layout=L.io_rows)
         io_dims = gl.arange(0, HEAD_DIM, layout=L.io_cols)
         io_ok = (io_pos < length) & (io_pos >= q_offset - seq_start)
         q_head = q_ptr + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh - q_offset.to(gl.int64) * stride_qn
@@ -194,7 +215,6 @@ if GLUON_ERROR is None:
                          mask=gl.expand_dims(io_ok, 1) & gl.expand_dims(io_dims < HEAD_DIM, 0), other=0.0)
         q_smem.store(q_tile)
         fence_async_shared()
-        return q_smem
 
     @gluon.jit
     def _store_rows(acc, l_i, out_head, stride_on, row0, seq_start, length, q_offset, L: gl.constexpr):
@@ -305,10 +325,17 @@ if GLUON_ERROR is None:
                n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band,
                STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
         """Start the TMA loads of K and V tile ``tile`` (if it exists) into its ring slot."""
+        _issue_at(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, tile, tile % STAGES, n_tiles, b, kv, seq_start,
+                  n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, BLOCK_N)
+
+    @gluon.jit
+    def _issue_at(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, tile, slot, n_tiles, b, kv, seq_start,
+                  n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, BLOCK_N: gl.constexpr):
+        """:func:`_issue` into ring slot ``slot`` (a persistent program's tiles run on across its
+        blocks, so a block's tile ``t`` need not sit in slot ``t % STAGES``)."""
         k0, bound, masked, tile_sink, tile_band = _tile(tile, n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length,
                                                         sink, band, BLOCK_N)
-        _load_tile(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, tile % STAGES, b, kv, seq_start + k0,
-                   tile < n_tiles)
+        _load_tile(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, slot, b, kv, seq_start + k0, tile < n_tiles)
 
     @gluon.jit
     def _load_tile(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, slot, b, kv, row, live):
@@ -328,15 +355,69 @@ if GLUON_ERROR is None:
             n, num_heads, heads_per_kv, num_programs, q_offset,
             qk_scale,
             HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-            WARP_SPECIALIZE: gl.constexpr):
+            WARP_SPECIALIZE: gl.constexpr, PERSISTENT: gl.constexpr = False):
         """The module docstring's kernel: with ``WARP_SPECIALIZE`` the 4 warps of the launch and
         a second warpgroup each own 64 of the program's 128 rows (:func:`_ws_consume`), a fifth
         warp loads K / V (:func:`_ws_produce`); without, the launch's 8 warps (two warpgroups)
-        run one loop in lock-step."""
+        run one loop in lock-step. ``PERSISTENT`` (with ``WARP_SPECIALIZE``): a grid of ``(P, B)``
+        programs, each walking many blocks (:func:`_ws_consume_items`)."""
         BLOCK_M: gl.constexpr = 128
         # registers: S and O accumulators of wgmma, laid out over the warps of one partition
         L: gl.constexpr = kernel_layouts(gl.num_warps(), BLOCK_N, HEAD_DIM)
+        if PERSISTENT:
+            _persistent_wide(q_ptr, k_desc, v_desc, out_ptr, seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr,
+                             band_ptr, stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, n, num_heads,
+                             heads_per_kv, num_programs, q_offset, qk_scale, L, HEAD_DIM, BLOCK_N, STAGES)
+        else:
+            _one_block_wide(q_ptr, k_desc, v_desc, out_ptr, seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr,
+                            band_ptr, stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, n, num_heads,
+                            heads_per_kv, num_programs, q_offset, qk_scale, L, HEAD_DIM, BLOCK_N, STAGES,
+                            WARP_SPECIALIZE)
 
+    @gluon.jit
+    def _persistent_wide(q_ptr, k_desc, v_desc, out_ptr, seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr,
+                         stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, n, num_heads,
+                         heads_per_kv, num_programs, q_offset, qk_scale, L: gl.constexpr, HEAD_DIM: gl.constexpr,
+                         BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """The persistent warp-specialised program: its items' padding rows first, then one
+        ``warp_specialize`` whose partitions walk all its items (see :func:`_ws_consume_items`)."""
+        BLOCK_M: gl.constexpr = 128
+        b = gl.program_id(1)
+        for item in range(gl.program_id(0), num_programs * num_heads, gl.num_programs(0)):
+            _item_block(item % num_programs, b * num_heads + item // num_programs, seq_start_ptr, seq_len_ptr,
+                        out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, heads_per_kv, num_programs, q_offset,
+                        L, BLOCK_M, HEAD_DIM, True)
+        dtype: gl.constexpr = q_ptr.dtype.element_ty
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype))
+        k_ring, v_ring, k_bar, v_bar = _kv_ring(k_desc, v_desc, STAGES, BLOCK_N, HEAD_DIM)
+        free_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(free_bar.index(i), count=2)
+        gl.thread_barrier()
+        zero = gl.program_id(0) * 0          # partition arguments are IR values, not constants
+        items = (seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr, out_ptr)
+        shape = (n, num_heads, heads_per_kv, num_programs, q_offset)
+        consume = (k_ring, v_ring, k_bar, v_bar, free_bar, q_ptr) + items + (
+            stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on) + shape + (qk_scale, )
+        gl.warp_specialize([
+            (_ws_consume_items, (q_smem.slice(0, 64, dim=0), zero) + consume),
+            (_ws_consume_items, (q_smem.slice(64, 64, dim=0), zero + 64) + consume),
+            (_ws_produce_items, (k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, free_bar) + items
+             + (stride_ob, stride_oh, stride_on) + shape),
+        ], [4, 1], [232, 40])
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(free_bar.index(i))
+            mbarrier.invalidate(k_bar.index(i))
+            mbarrier.invalidate(v_bar.index(i))
+
+    @gluon.jit
+    def _one_block_wide(q_ptr, k_desc, v_desc, out_ptr, seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr,
+                        stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, n, num_heads, heads_per_kv,
+                        num_programs, q_offset, qk_scale, L: gl.constexpr, HEAD_DIM: gl.constexpr,
+                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WARP_SPECIALIZE: gl.constexpr):
+        """Program ``(p, b * Hq + h)``: one block of 128 rows, lock-step or warp-specialised."""
+        BLOCK_M: gl.constexpr = 128
         b, h, kv, seq_start, length, m, out_head = _program_block(
             seq_start_ptr, seq_len_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads, heads_per_kv,
             num_programs, q_offset, L, BLOCK_M, HEAD_DIM)
@@ -436,21 +517,42 @@ if GLUON_ERROR is None:
                     n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band):
         """The producer warp: tile ``t``'s K and V by TMA into slot ``t % STAGES`` once both
         consumers released that slot's previous tile (``free_bar``)."""
+        _ws_load_tiles(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, free_bar, 0, n_tiles, b, kv, seq_start,
+                       n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band)
+
+    @gluon.jit
+    def _ws_load_tiles(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, free_bar, g0, n_tiles, b, kv, seq_start,
+                       n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band):
+        """A block's tiles into the ring, its tile ``t`` the ring's ``g0 + t``-th: slot
+        ``(g0 + t) % STAGES``, issued once both consumers released that slot's previous tile."""
         STAGES: gl.constexpr = k_ring.shape[0]
         BLOCK_N: gl.constexpr = k_ring.shape[3]
         for t in range(n_tiles):
-            slot = t % STAGES
-            mbarrier.wait(free_bar.index(slot), ((t // STAGES) + 1) & 1, pred=t >= STAGES)
-            _issue(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t, n_tiles, b, kv, seq_start,
-                   n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, STAGES, BLOCK_N)
+            g = g0 + t
+            slot = g % STAGES
+            mbarrier.wait(free_bar.index(slot), ((g // STAGES) + 1) & 1, pred=g >= STAGES)
+            _issue_at(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, t, slot, n_tiles, b, kv, seq_start,
+                      n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band, BLOCK_N)
 
     @gluon.jit
     def _ws_consume(q_half, k_ring, v_ring, k_bar, v_bar, free_bar, out_head, stride_on, n_tiles,
                     n_pre, n_edge, n_int, prefix_end, lo, edge, m0, row0, length, sink, band, seq_start, q_offset,
                     qk_scale):
         """One consumer warpgroup: rows ``row0 + [0, 64)`` (``q_half``) over the program's whole tile
-        sequence, online softmax, then its rows of the output. Each slot is released to the
-        producer (``free_bar``, one arrival per consumer) once its P V wgmma is done."""
+        sequence, online softmax, then its rows of the output."""
+        HEAD_DIM: gl.constexpr = k_ring.shape[4]
+        L: gl.constexpr = kernel_layouts(4, k_ring.shape[3], HEAD_DIM)
+        acc, l_i = _ws_tiles(q_half, k_ring, v_ring, k_bar, v_bar, free_bar, 0, n_tiles, n_pre, n_edge, n_int,
+                             prefix_end, lo, edge, m0, row0, length, sink, band, qk_scale)
+        _store_rows(acc, l_i, out_head, stride_on, row0, seq_start, length, q_offset, L)
+
+    @gluon.jit
+    def _ws_tiles(q_half, k_ring, v_ring, k_bar, v_bar, free_bar, g0, n_tiles, n_pre, n_edge, n_int,
+                  prefix_end, lo, edge, m0, row0, length, sink, band, qk_scale):
+        """A consumer's walk of one block: rows ``row0 + [0, 64)`` over the block's tiles, which are
+        the ring's ``g0``-th onwards (see :func:`_ws_load_tiles`); returns (O, row sums). Each slot
+        is released to the producer (``free_bar``, one arrival per consumer) once its P V wgmma
+        is done."""
         ROWS: gl.constexpr = 64
         STAGES: gl.constexpr = k_ring.shape[0]
         BLOCK_N: gl.constexpr = k_ring.shape[3]
@@ -465,31 +567,101 @@ if GLUON_ERROR is None:
         # Software pipeline (FA3's intra-warpgroup overlap): iteration t >= 1 issues S_t = Q K_t^T
         # and O += P_{t-1} V_{t-1}, waits for S_t only, and runs tile t's softmax while the P V
         # wgmma is still in flight; then waits for it, frees slot t-1 and rescales O.
-        mbarrier.wait(k_bar.index(0), 0)
-        s = _scores(q_half, _ring_tile(k_ring, 0), L)
+        first = g0 % STAGES
+        mbarrier.wait(k_bar.index(first), (g0 // STAGES) & 1)
+        s = _scores(q_half, _ring_tile(k_ring, first), L)
         p, alpha, m_i, l_i = _softmax_step(s, 0, m_i, l_i, rows, cols, qk_scale, n_pre, n_edge, n_int,
                                            prefix_end, lo, edge, m0, length, sink, band, BLOCK_N)
         p_op = gl.convert_layout(p.to(dtype), L.p)
-        mbarrier.wait(v_bar.index(0), 0)
+        mbarrier.wait(v_bar.index(first), (g0 // STAGES) & 1)
         for t in range(1, n_tiles):
-            slot = t % STAGES
-            prev = (t - 1) % STAGES
-            mbarrier.wait(k_bar.index(slot), (t // STAGES) & 1)
+            g = g0 + t
+            slot = g % STAGES
+            prev = (g - 1) % STAGES
+            mbarrier.wait(k_bar.index(slot), (g // STAGES) & 1)
             s, acc = _scores_beside_pv(q_half, _ring_tile(k_ring, slot), p_op, _ring_tile(v_ring, prev), acc, L)
             p, alpha, m_i, l_i = _softmax_step(s, t, m_i, l_i, rows, cols, qk_scale, n_pre, n_edge, n_int,
                                                prefix_end, lo, edge, m0, length, sink, band, BLOCK_N)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(free_bar.index(prev), count=1)
             acc, p_op = _rescale(acc, alpha, p, L, dtype)
-            mbarrier.wait(v_bar.index(slot), (t // STAGES) & 1)
+            mbarrier.wait(v_bar.index(slot), (g // STAGES) & 1)
         # the last tile's P V
-        last = (n_tiles - 1) % STAGES
+        last = (g0 + n_tiles - 1) % STAGES
         acc = _pv(p_op, _ring_tile(v_ring, last), acc)
         mbarrier.arrive(free_bar.index(last), count=1)
-        _store_rows(acc, l_i, out_head, stride_on, row0, seq_start, length, q_offset, L)
+        return acc, l_i
+
+    # The persistent schedule (``PERSISTENT``): program ``(p, b)`` of ``P`` walks the items ``p,
+    # p + P, ...`` of batch ``b``, item ``i`` being block ``i % num_programs`` of head ``i //
+    # num_programs`` (the order the hardware launches the one-block programs in). All three
+    # partitions walk the same items and skip the same ones, so the ring's tile count ``g`` runs on
+    # across blocks in each: the producer loads the next block's first tiles while the consumers
+    # finish this one's last tiles and store its rows.
+    @gluon.jit
+    def _persistent_item(item, b, seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr, out_ptr,
+                         stride_ob, stride_oh, stride_on, n, num_heads, heads_per_kv, num_programs, q_offset,
+                         BLOCK_N: gl.constexpr):
+        """Item ``item``'s block in batch ``b``: ``(live, h, kv, seq_start, length, m0, out_head)``,
+        ``live`` if the block holds rows of q, then its ranges (:func:`_wide_ranges`)."""
+        L: gl.constexpr = kernel_layouts(4, BLOCK_N, 64)        # unused by _item_block without PAD
+        b, h, kv, seq_start, length, m, out_head = _item_block(
+            item % num_programs, b * num_heads + item // num_programs, seq_start_ptr, seq_len_ptr, out_ptr,
+            stride_ob, stride_oh, stride_on, n, num_heads, heads_per_kv, num_programs, q_offset, L, 128, 64, False)
+        m0 = m * 128
+        live = (m0 < length) & (m0 + 128 > q_offset - seq_start)
+        return (live, h, kv, seq_start, length, m0, out_head) + _wide_ranges(prefix_ptr, sink_ptr, band_ptr, h, m0,
+                                                                             128, BLOCK_N)
+
+    @gluon.jit
+    def _ws_produce_items(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, free_bar, seq_start_ptr, seq_len_ptr,
+                          prefix_ptr, sink_ptr, band_ptr, out_ptr, stride_ob, stride_oh, stride_on, n, num_heads,
+                          heads_per_kv, num_programs, q_offset):
+        """The persistent producer warp: every block's tiles, the ring's count running on."""
+        BLOCK_N: gl.constexpr = k_ring.shape[3]
+        b = gl.program_id(1)
+        g = gl.program_id(1) * 0
+        for item in range(gl.program_id(0), num_programs * num_heads, gl.num_programs(0)):
+            (live, h, kv, seq_start, length, m0, out_head, sink, band, prefix_end, lo, edge, n_pre, n_edge, n_int,
+             n_tiles) = _persistent_item(item, b, seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr, out_ptr,
+                                         stride_ob, stride_oh, stride_on, n, num_heads, heads_per_kv, num_programs,
+                                         q_offset, BLOCK_N)
+            if live:
+                _ws_load_tiles(k_desc, v_desc, k_ring, v_ring, k_bar, v_bar, free_bar, g, n_tiles, b, kv, seq_start,
+                               n_pre, n_edge, n_int, prefix_end, lo, edge, m0, length, sink, band)
+                g += n_tiles
+
+    @gluon.jit
+    def _ws_consume_items(q_half, half_row, k_ring, v_ring, k_bar, v_bar, free_bar, q_ptr, seq_start_ptr,
+                          seq_len_ptr, prefix_ptr, sink_ptr, band_ptr, out_ptr, stride_qb, stride_qh, stride_qn,
+                          stride_ob, stride_oh, stride_on, n, num_heads, heads_per_kv, num_programs, q_offset,
+                          qk_scale):
+        """A persistent consumer warpgroup: for every block, its 64 rows (``half_row`` into the
+        block) loaded into ``q_half``, walked (:func:`_ws_tiles`) and stored."""
+        BLOCK_N: gl.constexpr = k_ring.shape[3]
+        HEAD_DIM: gl.constexpr = k_ring.shape[4]
+        L: gl.constexpr = kernel_layouts(4, BLOCK_N, HEAD_DIM)
+        b = gl.program_id(1)
+        g = gl.program_id(1) * 0
+        for item in range(gl.program_id(0), num_programs * num_heads, gl.num_programs(0)):
+            (live, h, kv, seq_start, length, m0, out_head, sink, band, prefix_end, lo, edge, n_pre, n_edge, n_int,
+             n_tiles) = _persistent_item(item, b, seq_start_ptr, seq_len_ptr, prefix_ptr, sink_ptr, band_ptr, out_ptr,
+                                         stride_ob, stride_oh, stride_on, n, num_heads, heads_per_kv, num_programs,
+                                         q_offset, BLOCK_N)
+            if live:
+                row0 = m0 + half_row
+                gl.thread_barrier()          # every warp of this warpgroup is done with the last block's Q
+                _load_query(q_half, q_ptr, b, h, seq_start, length, row0, q_offset, stride_qb, stride_qh,
+                            stride_qn, L)
+                gl.thread_barrier()
+                acc, l_i = _ws_tiles(q_half, k_ring, v_ring, k_bar, v_bar, free_bar, g, n_tiles, n_pre, n_edge,
+                                     n_int, prefix_end, lo, edge, m0, row0, length, sink, band, qk_scale)
+                _store_rows(acc, l_i, out_head, stride_on, row0, seq_start, length, q_offset, L)
+                g += n_tiles
 
     # variant -> (kernel, warps of the launch)
-    KERNELS = {"wide": (hopper_wide_kernel, NUM_WARPS), "ws": (hopper_wide_kernel, 4)}
+    KERNELS = {"wide": (hopper_wide_kernel, NUM_WARPS), "ws": (hopper_wide_kernel, 4),
+               "ws_persist": (hopper_wide_kernel, 4)}
 
 
 def kv_layout(dtype, block_n: int, head_dim: int):
@@ -501,10 +673,22 @@ def gl_dtype(dtype: torch.dtype):
     return {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[dtype]
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def persistent_grid(programs: int, batch: int, heads: int, sms: int) -> tuple[int, int]:
+    """``(P, B)``: ``P`` persistent programs per batch element, one an SM in all (one fits an SM:
+    its shared memory), never more than the batch element's blocks."""
+    return max(1, min(programs * heads, sms // batch)), batch
+
+
 def launch(q, k, v, index, scale: float, out, programs: int, variant: str = "wide"):
     """Attention of the layer into ``out`` (``programs`` 128-row programs per head, as the wide
     kernel's launch computes them) by the ``variant`` kernel (``"wide"``: 8 warps in lock-step;
-    ``"ws"``: warp-specialised). Returns the compiled kernel (for the resource report)."""
+    ``"ws"``: warp-specialised; ``"ws_persist"``: warp-specialised, a program an SM walking many
+    blocks). Returns the compiled kernel (for the resource report)."""
     if GLUON_ERROR is not None:
         raise RuntimeError(GLUON_ERROR)
     B, H, nq, D = q.shape
@@ -515,12 +699,14 @@ def launch(q, k, v, index, scale: float, out, programs: int, variant: str = "wid
     box = [1, 1, cfg["block_n"], D]
     k_desc = TensorDescriptor(k, list(k.shape), _tma_strides(k), box, layout)
     v_desc = TensorDescriptor(v, list(v.shape), _tma_strides(v), box, layout)
-    return kernel[(programs, B * H)](
+    persistent = variant == "ws_persist"
+    grid = persistent_grid(programs, B, H, _sm_count(q.device.index or 0)) if persistent else (programs, B * H)
+    return kernel[grid](
         q, k_desc, v_desc, out,
         index.seq_start, index.seq_len, index.prefix, index.sink, index.band,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         n, H, H // k.shape[1], programs, n - nq,
         scale * LOG2E,
-        HEAD_DIM=D, BLOCK_N=cfg["block_n"], STAGES=cfg["stages"], WARP_SPECIALIZE=variant == "ws",
-        num_warps=warps)
+        HEAD_DIM=D, BLOCK_N=cfg["block_n"], STAGES=cfg["stages"], WARP_SPECIALIZE=variant != "wide",
+        PERSISTENT=persistent, num_warps=warps)

@@ -560,7 +560,7 @@ def _hopper(q, k, v, index: SparseIndex, scale: float, out, programs: int, varia
     """Opt-in (``MI_COMPILE_HOPPER``, :func:`~mi_compile.kernels.dispatch.hopper_opt_in`): the
     layer through a Gluon kernel when one takes it (sm_90, Gluon's Hopper API, fp16 / bf16,
     head dim 64 / 128, TMA-aligned K/V):
-    ``variant`` ``"wide"`` / ``"ws"`` the wide layers' kernels of
+    ``variant`` ``"wide"`` / ``"ws"`` / ``"ws_persist"`` the wide layers' kernels of
     :mod:`mi_compile.kernels.hopper_wide`, ``"sparse"`` / ``"sparse_pipe"`` (software-pipelined) /
     ``"sparse_ws"`` (pipelined, fed by a producer warp) any index (:mod:`mi_compile.kernels.hopper_sparse`). False leaves the layer to the Triton kernels.
     The modules are imported here only, so a triton without Gluon never loads them otherwise."""
