@@ -27,6 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from mi_compile.kernels import estimate as vs_estimate
 from mi_compile.kernels import sparse_attention as kernels
 from mi_compile.kernels import xattention_estimate
 
@@ -97,7 +98,8 @@ def resources(compiled) -> dict:
 
 def kernel_builds(head_dim: int, dtype: str):
     """``(name, fn, constexprs, warps, stages, pointer types)`` of the launches at this head dim:
-    the attention kernels that run at it and the XAttention estimate (strides 8 and 16)."""
+    the attention kernels that run at it, the vertical-slash estimate's two and the XAttention
+    estimate (strides 8 and 16)."""
     cfg = kernels.KERNEL_CONFIG
     block_d = max(16, triton.next_power_of_2(head_dim))
     warps = cfg["num_warps"] or (4 if block_d <= 128 else 8)
@@ -112,6 +114,14 @@ def kernel_builds(head_dim: int, dtype: str):
                    cfg["num_stages"], {"part_ptr": "fp32"}))
     if block_d <= 128:                                     # the 128-row kernel is not launched past 128
         builds.append(("wide", kernels._wide_attention_kernel, wide, cfg["wide_warps"], cfg["wide_stages"], {}))
+    vs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, R=vs_estimate.ROWS, BLOCK_N=vs_estimate.BLOCK_N)
+    vs_warps = 4 if block_d <= 128 else 8
+    floats = {name: "fp32" for name in ("stats_ptr", "lse_ptr", "vertical_ptr", "slash_main_ptr", "slash_tail_ptr")}
+    builds.append(("vs_estimate_row_stats", vs_estimate._row_stats_kernel, vs, vs_warps, 3,
+                   dict(floats, head_ids_ptr="i64")))
+    builds.append(("vs_estimate_scores", vs_estimate._scores_kernel,
+                   dict(vs, KEY_BLOCKS=vs_estimate.ESTIMATE_CONFIG["key_blocks"]), vs_warps, 3,
+                   dict(floats, head_ids_ptr="i64")))
     for stride in (8, 16):
         launch = xattention_estimate.estimate_launch(head_dim, stride)
         warps_xa, stages_xa = launch.pop("num_warps"), launch.pop("num_stages")

@@ -22,6 +22,7 @@ from triton.testing import do_bench
 
 
 from mi_compile.kernels import sparse_attention as kernel_module
+from mi_compile.kernels.estimate import ESTIMATE_CONFIG
 from mi_compile.patterns import vertical_slash, xattention
 from mi_compile.patterns.reference import reference_attention
 from mi_compile.patterns.spec import HeadPattern as HP
@@ -475,7 +476,18 @@ def timings(n, mi=None):
         ms, mem = bench(estimate)
         record(op="ours_vs_estimate_topk", n=n, ms=ms, mem_mib=mem)
         ms, mem = bench(lambda: vertical_slash.estimate_scores(q, k, heads, start, length, SCALE))
-        record(op="ours_vs_estimate_only", n=n, ms=ms, mem_mib=mem)
+        record(op="ours_vs_estimate_only", n=n, ms=ms, mem_mib=mem, key_blocks=ESTIMATE_CONFIG["key_blocks"])
+        default_scores = vertical_slash.estimate_scores(q, k, heads, start, length, SCALE)
+        for per_program in (2, 4):       # key blocks per scores program (ESTIMATE_CONFIG)
+            saved, ESTIMATE_CONFIG["key_blocks"] = ESTIMATE_CONFIG["key_blocks"], per_program
+            try:
+                ms, mem = bench(lambda: vertical_slash.estimate_scores(q, k, heads, start, length, SCALE))
+                got = vertical_slash.estimate_scores(q, k, heads, start, length, SCALE)
+            finally:
+                ESTIMATE_CONFIG["key_blocks"] = saved
+            same = all(torch.equal(a, b) for a, b in zip(got, default_scores))
+            record(op=f"ours_vs_estimate_only_kb{per_program}", n=n, ms=ms, mem_mib=mem, equal_to_default=same)
+        del default_scores
         ms, mem = bench(lambda: estimate("torch"))
         record(op="ours_vs_estimate_topk_torch", n=n, ms=ms, mem_mib=mem)
         ms, mem = bench(lambda: build_sparse_index(q, k, VS))

@@ -51,10 +51,15 @@ ESTIMATE_CASES = [(1, 4, 1, 200, 64, [0], [200]),
                   (1, 2, 2, 50, 32, [0], [50])]
 
 
+@pytest.mark.parametrize("key_blocks", [1, 3, None], ids=lambda kb: f"kb{kb or 'default'}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", ESTIMATE_CASES, ids=lambda c: f"n{c[3]}_len{'-'.join(map(str, c[6]))}")
-def test_triton_estimate_matches_torch(case, dtype):
-    """The fused estimate kernels give the PyTorch definition's scores, -inf pattern included."""
+def test_triton_estimate_matches_torch(case, dtype, key_blocks, monkeypatch):
+    """The fused estimate kernels give the PyTorch definition's scores, -inf pattern included,
+    whatever number of key blocks a program takes (3: a program's last blocks past n)."""
+    from mi_compile.kernels.estimate import ESTIMATE_CONFIG
+    if key_blocks is not None:
+        monkeypatch.setitem(ESTIMATE_CONFIG, "key_blocks", key_blocks)
     B, Hq, Hkv, n, D, starts, lengths = case
     q = (randn(10 + n, B, Hq, n, D) * 1.5).to(dtype)
     k = (randn(11 + n, B, Hkv, n, D) * 1.5).to(dtype)

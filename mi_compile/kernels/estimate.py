@@ -16,8 +16,10 @@ Launch 1, :func:`_row_stats_kernel`, grid ``(B * heads, splits)``: each program 
 max / sum-of-exp over a contiguous run of key blocks and writes the partial ``(m, l)`` of its
 64 rows; the host side folds the splits into one log2-sum-exp per row (three tiny torch ops).
 
-Launch 2, :func:`_scores_kernel`, grid ``(B * heads, key blocks)``: each program recomputes the
-scores of its key block ``[j0, j0 + 64)``, normalises them with the row statistics, and
+Launch 2, :func:`_scores_kernel`, grid ``(B * heads, key blocks / KEY_BLOCKS)``: each program loads
+the 64 queries and their statistics once, then for each of its ``KEY_BLOCKS`` key blocks
+``[j0, j0 + 64)`` (``ESTIMATE_CONFIG["key_blocks"]``) recomputes the scores, normalises them with
+the row statistics, and
 
 * sums the tile over rows for the vertical scores of its 64 keys (each key has one owner);
 * sums it along diagonals. In the tile, entry ``(r, c)`` (key ``j0 + c``) lies on offset
@@ -49,6 +51,13 @@ from .sparse_attention import LOG2E
 ROWS = 64           # queries in the estimate (vertical_slash.LAST_QUERIES)
 BLOCK_N = 64        # keys per tile; the skew below assumes BLOCK_N == ROWS
 BLOCKS_PER_SPLIT = 16
+# Key blocks per _scores_kernel program: the queries and their statistics are loaded once for
+# all of them (one block a program: 24576 programs of one small tile each for 12 heads at
+# 128K). Two or more keep the skew's indices live across blocks (255 registers at head dim 128
+# on sm_90, against 95 for one), so one stays the default until the kernel benchmark's
+# ``ours_vs_estimate_only_kb*`` rows say which is faster. A key block past a sequence's end
+# costs no K load (masked).
+ESTIMATE_CONFIG = {"key_blocks": 1}
 # Sizes that change with the prompt are not specialised on (see sparse_attention._LENGTH_ARGS).
 _LENGTH_ARGS = ["n", "num_splits", "blocks_per_split", "q_offset"]
 
@@ -127,31 +136,31 @@ def _scores_kernel(q_ptr, k_ptr, lse_ptr, vertical_ptr, slash_main_ptr, slash_ta
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    n, num_sel, group, q_offset, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   BLOCK_N: tl.constexpr, KEY_BLOCKS: tl.constexpr):
     pid_bh = tl.program_id(0)
-    j0 = tl.program_id(1) * BLOCK_N
     b, head, start, length, query_pos, q = _last_queries(
         q_ptr, seq_start_ptr, seq_len_ptr, head_ids_ptr, pid_bh, num_sel, q_offset,
         stride_qb, stride_qh, stride_qn, HEAD_DIM, BLOCK_D, R)
     out_row = pid_bh.to(tl.int64) * n
     cols = tl.arange(0, BLOCK_N)
-    key_pos = j0 + cols
-    if j0 >= length:
-        # keys past this sequence's end do not exist (the host pre-fills slash with -inf)
-        tl.store(vertical_ptr + out_row + key_pos, tl.full([BLOCK_N], float("-inf"), tl.float32),
-                 mask=key_pos < n)
-    else:
+    # rows before the sequence start (len < R) have lse = -inf and all-(-inf) scores: a 0 in
+    # place of their lse makes their probabilities exp2(-inf) = 0 instead of NaN
+    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * R + tl.arange(0, R))
+    lse = tl.where(query_pos >= 0, lse, 0.0)
+    r = tl.arange(0, R)
+    u = tl.arange(0, 2 * BLOCK_N)
+    for i in range(KEY_BLOCKS):
+        # a block past the sequence's end: K is not loaded (masked), every score -inf, so its
+        # vertical scores are -inf and no offset of it exists (the host pre-fills slash with
+        # -inf); past n nothing is stored
+        j0 = (tl.program_id(1) * KEY_BLOCKS + i) * BLOCK_N
+        key_pos = j0 + cols
         s = _tile_scores(q, k_ptr, b, head // group, start, length, key_pos, query_pos, stride_kb,
                          stride_kh, stride_kn, qk_scale, HEAD_DIM, BLOCK_D)
-        # rows before the sequence start (len < R) have lse = -inf and all-(-inf) scores: a 0
-        # in place of their lse makes their probabilities exp2(-inf) = 0 instead of NaN
-        lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * R + tl.arange(0, R))
-        p = tl.math.exp2(s - tl.where(query_pos >= 0, lse, 0.0)[:, None])
+        p = tl.math.exp2(s - lse[:, None])
         vertical = tl.where(key_pos < length, tl.sum(p, 0), float("-inf"))
         tl.store(vertical_ptr + out_row + key_pos, vertical, mask=key_pos < n)
         # skew: column u of S holds P[r, u + r - (R - 1)], i.e. one diagonal per column
-        r = tl.arange(0, R)
-        u = tl.arange(0, 2 * BLOCK_N)
         c = u[None, :] + r[:, None] - (R - 1)
         in_tile = (c >= 0) & (c < BLOCK_N)
         skewed = tl.gather(p, tl.minimum(tl.maximum(c, 0), BLOCK_N - 1), axis=1)
@@ -198,7 +207,8 @@ def estimate_scores_triton(q: torch.Tensor, k: torch.Tensor, head_ids: Sequence[
     vertical = torch.empty(B, sel, n, device=dev, dtype=torch.float32)
     slash = torch.full((B, sel, n), float("-inf"), device=dev, dtype=torch.float32)
     tail = torch.zeros(B, sel, n, device=dev, dtype=torch.float32)
-    _scores_kernel[(B * sel, key_blocks)](
+    per_program = max(1, int(ESTIMATE_CONFIG["key_blocks"]))
+    _scores_kernel[(B * sel, triton.cdiv(key_blocks, per_program))](
         q, k, lse, vertical, slash, tail, start, length, heads, *strides,
-        n, sel, group, n - nq, qk_scale, **meta)
+        n, sel, group, n - nq, qk_scale, KEY_BLOCKS=per_program, **meta)
     return vertical, slash.add_(tail)
