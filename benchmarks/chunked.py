@@ -7,8 +7,8 @@ context (multi-turn use), and one long prompt prefilled in chunks (chunked prefi
 
 * ``turn``: the context (``--context`` tokens of Python source) is prefilled once by the eager
   model into a ``DynamicCache``; then the turn (``--turn`` new tokens) is prefilled on that cache
-  by eager and by each compiled mode in alternation, the cache cropped back to the context after
-  every call (``--reps`` timed calls each after a warm-up that compiles). Goal: the searched
+  by eager and by each compiled mode in alternation, the cache set back to the context's tensors
+  after every call (``--reps`` timed calls each after a warm-up that compiles). Goal: the searched
   config's turn <= 0.5x eager's.
 * ``chunked``: the whole context prefilled by the compiled searched mode at once and in pieces of
   ``--chunk`` tokens (each continuing the cache), and by eager at once. Goal: chunked <= 1.15x
@@ -147,28 +147,25 @@ def with_top_select(fn):
     return call
 
 
-def call_continuing(fn, cache, ids, **kwargs):
-    """``fn(ids)`` continuing ``cache``. Under CUDA graphs (``<mode>_cg``) each call is a step of
-    its own, and a ``DynamicCache``'s tensors are copied out of the graphs' memory pool
-    afterwards: they are a graph's outputs, and the next replay would overwrite them while the
-    cache still holds them (a few ms for a 128K cache). A ``StaticCache`` is written in place,
-    its tensors at fixed addresses: nothing to copy."""
+def call_continuing(fn, cache, ids, *, more: bool = True, **kwargs):
+    """``fn(ids)`` continuing ``cache``, as the compiled model sees one graph per kind of call:
+    ``ids`` with contiguous strides (a piece of ``context.split`` has the context's row stride,
+    which would compile the model once more) and, when ``more`` calls will continue the cache, its
+    tensors made contiguous (a prefill from an empty cache leaves views, which would compile
+    the chunk graph twice): :func:`mi_compile.contiguous_cache`. Under CUDA graphs
+    (``<mode>_cg``) each call is a step of its own, and a ``DynamicCache``'s tensors are copied
+    out of the graphs' memory pool afterwards: they are a graph's outputs, and the next replay
+    would overwrite them while the cache still holds them (a few ms for a 128K cache). A
+    ``StaticCache`` is written in place, its tensors at fixed addresses: nothing to copy."""
+    from mi_compile.generation import contiguous_cache, standard_strides
+
     graphs = getattr(fn, "_mi_cudagraphs", False)
     if graphs:
         torch.compiler.cudagraph_mark_step_begin()
-    out = fn(ids, past_key_values=cache, use_cache=True, **kwargs)
-    if graphs and not getattr(cache, "is_compileable", False):
-        own_cache_tensors(cache)
+    out = fn(standard_strides(ids), past_key_values=cache, use_cache=True, **kwargs)
+    if graphs or more:
+        contiguous_cache(cache, copy=graphs)
     return out
-
-
-def own_cache_tensors(cache) -> None:
-    """Replace every key/value tensor of a transformers cache by a copy."""
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                setattr(layer, name, t.clone())
 
 
 def timed_rounds(reps: int, times: dict, run, rows, kind: str) -> None:
@@ -195,21 +192,27 @@ def sites_of(fn) -> dict | None:
 
 
 def run_turn(args, dev, rows, model, fns, context, turn):
-    """Each mode prefills ``turn`` on the eager model's cache of ``context`` (cropped back after
+    """Each mode prefills ``turn`` on the eager model's cache of ``context`` (set back after
     every call), warm-up first, then ``--reps`` rounds in alternation."""
     from transformers import DynamicCache
+
+    from mi_compile.generation import contiguous_cache
 
     n = context.shape[1]
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(context, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    # every turn continues the same contiguous tensors (a crop would leave views of the longer
+    # ones, whose strides compile the turn's graph once more)
+    context_kv = [(layer.keys, layer.values) for layer in contiguous_cache(cache).layers]
     times: dict[str, list] = {m: [] for m in fns}
     peak: dict[str, float] = {}
 
     def call(fn):
         with torch.no_grad():
-            out = call_continuing(fn, cache, turn, logits_to_keep=1)
-        cache.crop(-turn.shape[1])   # back to the context (a negative count: every release takes it)
+            out = call_continuing(fn, cache, turn, more=False, logits_to_keep=1)
+        for layer, (keys, values) in zip(cache.layers, context_kv):     # back to the context
+            layer.keys, layer.values = keys, values
         return out
 
     for m, fn in fns.items():
@@ -283,11 +286,12 @@ def run_chunked(args, dev, rows, model, fns, context):
         cache = (StaticCache(config=model.config, max_cache_len=context.shape[1]) if args.cache == "static"
                  else DynamicCache(config=model.config))
         with torch.no_grad():
-            for piece in ([context] if not chunk else context.split(chunk, dim=1)):
+            pieces = [context] if not chunk else context.split(chunk, dim=1)
+            for i, piece in enumerate(pieces):
                 if piece_s is not None:
                     dev.sync()
                     t = time.perf_counter()
-                out = call_continuing(fn, cache, piece, logits_to_keep=1)
+                out = call_continuing(fn, cache, piece, more=i + 1 < len(pieces), logits_to_keep=1)
                 if piece_s is not None:
                     dev.sync()
                     piece_s.append(time.perf_counter() - t)
@@ -402,7 +406,7 @@ def parse_args(argv=None):
     if set(args.phases) - {"turn", "chunked"} or min(args.context, args.turn, args.chunk, args.reps) < 1:
         p.error("bad --phases / lengths / reps")
     if args.cache == "static" and "turn" in args.phases:
-        p.error("--cache static times the chunked phase only (the turn phase crops its cache after every call): "
+        p.error("--cache static times the chunked phase only (the turn phase sets its cache back after every call): "
                 "add --phases chunked")
     if args.absolute_chunks and any(s.split("=", 1)[0] == "absolute" for s in args.configs):
         p.error("--absolute-chunks names its mode absolute: rename the --configs mode of that name")

@@ -5,12 +5,13 @@
 from . import op as _op  # noqa: F401  (registers torch.ops.mi_compile.sparse_attention)
 from .backend import MInferenceBackend, backend, explain
 from .config import ConfigError, ConfigFamily, SparseConfig, load_config
-from .generation import masks_in_forward
+from .generation import contiguous_cache, masks_in_forward, standard_strides
 from .options import BackendOptions, OptionsError
 from .patterns.spec import HeadPattern
 
 __all__ = ["backend", "MInferenceBackend", "BackendOptions", "OptionsError", "load_config", "SparseConfig",
-           "ConfigFamily", "ConfigError", "HeadPattern", "explain", "masks_in_forward", "sparse_attention"]
+           "ConfigFamily", "ConfigError", "HeadPattern", "explain", "masks_in_forward", "standard_strides", "contiguous_cache",
+           "sparse_attention"]
 
 
 def __getattr__(name):

@@ -7,10 +7,51 @@ mask then reaches the compiled graph as data, which the passes cannot prove caus
 chunk continuing a cached document stays dense. :func:`masks_in_forward` makes ``generate`` pass
 the 2D mask on; the forward builds the 4D mask itself, inside the graph, where the passes read
 it (``causal_static_offset``) and the chunk runs sparse. Logits are the same either way.
+
+Chunks fed by hand: :func:`standard_strides` and :func:`contiguous_cache` keep a whole prompt
+and its chunks on two compiled graphs (Dynamo guards strides; see each).
 """
 from __future__ import annotations
 
+import torch
+
 _MARK = "_mi_compile_masks_in_forward"
+
+
+def standard_strides(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if its strides are the contiguous ones, else a copy that has them.
+
+    Dynamo guards an input's strides, size-1 dimensions included: a piece of ``ids.split(c,
+    dim=1)`` keeps the row stride of ``ids`` (``is_contiguous()`` says True all the same), so a
+    model compiled on a whole prompt compiles again for the first chunk. Feeding chunks
+    through this keeps them on the graph a contiguous prompt compiled."""
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= size
+    if tuple(reversed(expected)) == tuple(t.stride()):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def contiguous_cache(cache, *, copy: bool = False):
+    """Give every key / value tensor of a transformers cache contiguous strides: a copy of those
+    that have others (``copy=True``: of every one, e.g. to take them out of a CUDA graph's
+    memory pool). Returns ``cache``.
+
+    A prefill from an empty cache leaves views in it (the projections' ``[B, S, H, D]``
+    transposed), a chunk that continued it the concatenated, contiguous tensors. Dynamo guards
+    the cache's strides, so between the first chunk and the next the model would compile its
+    chunk graph twice. A cache written in place (``StaticCache``: ``is_compileable``) is left as
+    it is: its tensors' addresses are part of it."""
+    if getattr(cache, "is_compileable", False):
+        return cache
+    for layer in getattr(cache, "layers", ()):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                setattr(layer, name, t.clone(memory_format=torch.contiguous_format) if copy else standard_strides(t))
+    return cache
 
 
 def _pass_2d_mask(**kwargs):

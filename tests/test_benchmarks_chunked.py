@@ -286,7 +286,7 @@ def test_main_cpu_static_cache_chunks(benchmark_module, tmp_path, monkeypatch):
     assert by[("searched", 128)]["sites"]["sparse"] > 0 and by[("searched", 128)]["same_next_token"]
     assert counters["mi_compile"]["rewritten_static_chunk"] > 0
     with pytest.raises(SystemExit):
-        chunked.parse_args(["--cache", "static"])                # the turn phase crops its cache
+        chunked.parse_args(["--cache", "static"])                # the turn phase sets its cache back
 
     from mi_compile.models import tiny_model
     model = tiny_model("qwen2").eval()

@@ -299,6 +299,67 @@ def test_prefill_then_chunks_of_other_lengths_one_graph_each():
     assert all(r.rewritten == LAYERS for r in backend.reports)
 
 
+def test_chunks_split_from_a_prompt_reuse_the_prompt_graph():
+    """A whole prompt, then the same prompt in pieces of ``ids.split``: with ``standard_strides``
+    on each piece and ``contiguous_cache`` after each, the first piece (no cache yet) runs on
+    the whole prompt's graph and the later ones on one chunk graph: two graphs in all, the
+    logits eager's."""
+    model = tiny_model("llama", num_layers=LAYERS)
+    backend = mi_compile.backend(OPTS)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    ids = _tokens(1, 4 * CHUNK, 5)
+
+    def chunks(run):
+        cache = DynamicCache(config=model.config)
+        logits = []
+        for piece in ids.split(CHUNK, dim=1):
+            logits.append(run(mi_compile.standard_strides(piece), past_key_values=cache, use_cache=True).logits)
+            mi_compile.contiguous_cache(cache)
+        return logits
+
+    with torch.no_grad():
+        compiled(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        got, want = chunks(compiled), chunks(model)
+    assert [{s.mask.kind for s in r.sites} for r in backend.reports] == [{"causal"}, {"causal_bottom_right"}]
+    for g, w in zip(got, want):
+        _assert_close(g, w)
+
+
+def test_contiguous_cache_copies_views_and_leaves_a_static_cache():
+    model = tiny_model("llama", num_layers=LAYERS)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(_tokens(1, 8, 1), past_key_values=cache, use_cache=True)
+    for layer in cache.layers:      # as a compiled prefill leaves them: [B, S, H, D] storage, transposed
+        layer.keys = layer.keys.transpose(1, 2).contiguous().transpose(1, 2)
+    views = [layer.keys for layer in cache.layers]
+    assert all(v.stride() != torch.empty(v.shape).stride() for v in views)
+    mi_compile.contiguous_cache(cache)
+    for layer, v in zip(cache.layers, views):
+        assert torch.equal(layer.keys, v) and layer.keys.stride() == torch.empty(v.shape).stride()
+    kept = [layer.keys for layer in cache.layers]
+    assert all(a is layer.keys for a, layer in zip(kept, mi_compile.contiguous_cache(cache).layers))
+    copied = [layer.keys for layer in mi_compile.contiguous_cache(cache, copy=True).layers]
+    assert all(c is not k and torch.equal(c, k) for c, k in zip(copied, kept))
+    static = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        model(_tokens(1, 8, 1), past_key_values=static, use_cache=True)
+    held = [layer.keys for layer in static.layers]
+    mi_compile.contiguous_cache(static, copy=True)
+    assert all(h is layer.keys for h, layer in zip(held, static.layers))
+
+
+@pytest.mark.parametrize("shape,view", [((1, 9), lambda t: t.split(3, dim=1)[1]), ((4, 6), lambda t: t[:, 2:5]),
+                                        ((2, 3, 4), lambda t: t.transpose(0, 1))])
+def test_standard_strides_copies_only_other_strides(shape, view):
+    t = torch.arange(torch.Size(shape).numel()).reshape(shape)
+    assert mi_compile.standard_strides(t) is t
+    v = view(t)
+    got = mi_compile.standard_strides(v)
+    assert got is not v and torch.equal(got, v)
+    assert got.stride() == torch.empty(got.shape).stride()
+
+
 def test_decode_step_after_a_chunk_stays_dense():
     model = tiny_model("llama", num_layers=LAYERS)
     backend = mi_compile.backend(OPTS)

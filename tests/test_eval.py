@@ -788,6 +788,23 @@ def test_run_eval_chunk_modes_checked():
                    chunk_modes=["full", "nope"])
 
 
+def test_chunked_prefills_compile_two_graphs_a_mode(tiny_qwen):
+    """A mode's whole prompts and its chunked prefills run on two graphs: the first chunk on the
+    whole prompt's (contiguous pieces), the later chunks on one chunk graph (the cache left
+    contiguous after each piece)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    modes, _ = H.resolve_modes(["dense"], {"ashape": "a_shape:8:64"})
+    rep = H.run_eval(tiny_qwen, ByteTokenizer(), modes, [1024], 1, ["passkey"], haystack="python", natural=False,
+                     use_inductor=False, chunks=(300,), log=lambda *a: None)
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert {r["mode"] for r in rep["results"]} == {"dense", "ashape", "dense@300", "ashape@300"}
+    assert graphs == 2 * 2
+
+
 def _paired_report(sparse_scores, dense_scores, density, top1):
     """A report of two modes over the same indexed examples of one task at 131072."""
     def result(mode, scores, dens):

@@ -323,21 +323,26 @@ class ModeRunner:
         layers observed, seconds, and whether this call compiled a graph. ``cache``: a filled
         cache that ``ids`` continue (updated in place); ``chunk``: prefill ``ids`` in pieces of
         this many tokens, each continuing the cache of the ones before (the hidden states
-        returned are the last piece's)."""
+        returned are the last piece's). Pieces go in with contiguous strides and the cache is left
+        with contiguous tensors (:func:`mi_compile.contiguous_cache`), so a whole prompt, its
+        first chunk and every later chunk or turn run on two graphs."""
         from transformers import DynamicCache
 
+        from mi_compile.generation import contiguous_cache, standard_strides
         from mi_compile.op import observe_attention
 
         self._density = {}
         if cache is None and (use_cache or chunk):
             cache = DynamicCache(config=self.model.config)
-        pieces = [ids] if not chunk else list(ids.split(int(chunk), dim=1))
+        pieces = [standard_strides(p) for p in ([ids] if not chunk else ids.split(int(chunk), dim=1))]
         graphs = len(self.backend.reports)
         t = time.perf_counter()
         obs0 = self.observe_s
         with torch.no_grad(), observe_attention(self._observe):
             for piece in pieces:
                 out = self.decoder(input_ids=piece, past_key_values=cache, use_cache=cache is not None)
+                # what continues this cache sees contiguous tensors, as after a chunk: one graph
+                contiguous_cache(cache)
         if ids.is_cuda:
             torch.cuda.synchronize(ids.device)
         wall = time.perf_counter() - t
