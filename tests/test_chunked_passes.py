@@ -360,6 +360,36 @@ def test_standard_strides_copies_only_other_strides(shape, view):
     assert got.stride() == torch.empty(got.shape).stride()
 
 
+def test_generate_compiles_one_graph_for_prefill_and_one_for_decode():
+    """``generate`` after ``model.compile``: the prefill's K / V go into the cache contiguous
+    (``contiguous_cache_outputs``), so the decode steps run on one graph (three graphs when the
+    prefill left views: the first decode step's graph recompiles for the second's cache)."""
+    model = tiny_model("llama", num_layers=LAYERS)
+    ids = _tokens(1, PAST, 0)
+    with torch.no_grad():
+        eager = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    backend = mi_compile.backend(OPTS)
+    model.compile(backend=backend, dynamic=True)
+    try:
+        with torch.no_grad():
+            compiled = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    finally:
+        model._compiled_call_impl = None
+    assert compiled.tolist() == eager.tolist()
+    assert [[s.action for s in r.sites] for r in backend.reports] == [["sparse"] * LAYERS, ["dense"] * LAYERS]
+    # K and V of every rewritten prefill call (each time the passes ran on that graph)
+    assert counters["mi_compile"]["contiguous_cache_outputs"] == 2 * counters["mi_compile"]["rewritten_sparse"] > 0
+
+
+def test_prefill_without_a_cache_returns_no_kv_to_make_contiguous():
+    model = tiny_model("llama", num_layers=LAYERS)
+    backend = mi_compile.backend(OPTS)
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(_tokens(1, PAST, 0), use_cache=False)
+    assert backend.reports[0].rewritten == LAYERS
+    assert counters["mi_compile"]["contiguous_cache_outputs"] == 0
+
+
 def test_decode_step_after_a_chunk_stays_dense():
     model = tiny_model("llama", num_layers=LAYERS)
     backend = mi_compile.backend(OPTS)

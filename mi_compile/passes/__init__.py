@@ -6,6 +6,7 @@
    keys than queries, which runs as a prefill over the first keys)
 3. :mod:`.undo_repeat_kv`   - K/V once per KV head (native GQA)
 4. :mod:`.rewrite_attention`- the call becomes ``mi_compile::sparse_attention`` or stays dense, with the reason
+5. :mod:`.contiguous_cache` - a rewritten prefill's K / V that a cache keeps are returned contiguous
 
 Before 4, under tensor parallelism, :mod:`mi_compile.tensor_parallel` gives the rewrite this
 rank's slice of the whole-model per-head config.
@@ -18,6 +19,7 @@ import logging
 import torch.fx
 
 from .classify_mask import ClassifyMaskPass
+from .contiguous_cache import ContiguousCacheOutputsPass
 from .find_attention import FindAttentionPass
 from .rewrite_attention import RewriteAttentionPass
 from .site import AttentionSite, MaskInfo
@@ -127,6 +129,7 @@ def run_passes(gm: torch.fx.GraphModule, options, config, graph_id: int = 0, kee
     if len(q_heads) == 1:
         config.check_model(num_layers, q_heads.pop())
     RewriteAttentionPass(options, config)(gm, sites)
+    ContiguousCacheOutputsPass()(gm, sites)
     report = PassReport(graph_id=graph_id, sites=sites, config_source=config.source,
                         default_policy=config.is_default_policy, before_code=before,
                         after_code=gm.print_readable(print_output=False) if keep_code else "", tp=tp,
