@@ -465,6 +465,24 @@ def test_generate_prefills_a_prompt_in_chunks():
     assert counters["mi_compile"]["mask_causal_bottom_right"] >= LAYERS
 
 
+def test_generate_in_chunks_compiles_three_graphs_without_duck_sizing():
+    """The README's recipe: with Dynamo's duck sizing off, ``generate(prefill_chunk_size=C)``
+    compiles the first chunk, the later chunks and the decode steps once each."""
+    import torch.fx.experimental._config as fx_config
+
+    model = tiny_model("llama", num_layers=LAYERS)
+    backend = mi_compile.backend(OPTS)
+    model.compile(backend=backend, dynamic=True)
+    try:
+        with fx_config.patch(use_duck_shape=False), torch.no_grad():
+            model.generate(_tokens(1, 300, 0), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                           prefill_chunk_size=128)
+    finally:
+        model._compiled_call_impl = None
+    kinds = [sorted({s.mask.kind for s in r.sites}) for r in backend.reports]
+    assert kinds == [["causal"], ["causal_bottom_right"], ["none"]], kinds
+
+
 def test_explain_tells_what_a_chunk_is():
     model = tiny_model("qwen2", num_layers=LAYERS)
     cache = DynamicCache(config=model.config)
