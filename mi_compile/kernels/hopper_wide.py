@@ -35,6 +35,10 @@ so one warpgroup's softmax can overlap the other's wgmma; inside a warpgroup, ti
 runs while tile t-1's P V wgmma is in flight. Registers per partition by ``setmaxnreg`` (232 /
 232 / 40), so the ring is one slot deeper.
 
+``MI_COMPILE_HOPPER=ws_persist`` runs that program persistent (``PERSISTENT``): one program an
+SM walks many blocks, the ring's tile count running on across them, so the producer loads the
+next block's first tiles while the consumers finish this one's (docs/kernels.md, "Persistent").
+
 This module imports Gluon lazily (:func:`available`): with a triton without Gluon or without
 the Hopper pieces, or on another device, the caller keeps the Triton wide kernel.
 """
@@ -361,7 +365,6 @@ if GLUON_ERROR is None:
         warp loads K / V (:func:`_ws_produce`); without, the launch's 8 warps (two warpgroups)
         run one loop in lock-step. ``PERSISTENT`` (with ``WARP_SPECIALIZE``): a grid of ``(P, B)``
         programs, each walking many blocks (:func:`_ws_consume_items`)."""
-        BLOCK_M: gl.constexpr = 128
         # registers: S and O accumulators of wgmma, laid out over the warps of one partition
         L: gl.constexpr = kernel_layouts(gl.num_warps(), BLOCK_N, HEAD_DIM)
         if PERSISTENT:
