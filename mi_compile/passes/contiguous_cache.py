@@ -32,6 +32,13 @@ from .site import AttentionSite, bump
 PREFILL_MASKS = ("causal", "causal+padding", "sliding_window", "sliding_window+padding")
 
 
+def _cache_buffer(node: torch.fx.Node) -> bool:
+    """An input of the graph, or what an in-place method returns (a static cache's buffer after
+    ``index_copy_``): a tensor the cache owns, which must stay the same tensor."""
+    target = getattr(node.target, "__name__", node.target)
+    return node.op == "placeholder" or (isinstance(target, str) and target.endswith("_") and not target.endswith("__"))
+
+
 class ContiguousCacheOutputsPass:
     name = "contiguous_cache_outputs"
 
@@ -45,7 +52,7 @@ class ContiguousCacheOutputsPass:
             if site.action != "sparse" or site.mask is None or site.mask.kind not in PREFILL_MASKS:
                 continue
             for source in (site.key_source, site.value_source):
-                if source not in returned or source.op == "placeholder":
+                if source not in returned or _cache_buffer(source):
                     continue
                 with graph.inserting_after(source):
                     copy = graph.call_method("contiguous", (source,))
