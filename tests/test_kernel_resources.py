@@ -20,8 +20,8 @@ def test_kernels_compile_for_sm90_without_spilling(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())
-    kernels = ("general", "dense_rows_part", "dense_rows_merge", "wide", "xattention_estimate_s8",
-               "xattention_estimate_s16")
+    kernels = ("general", "dense_rows_part", "dense_rows_merge", "wide", "vs_estimate_row_stats",
+               "vs_estimate_scores", "xattention_estimate_s8", "xattention_estimate_s16")
     expected = [(k, d) for d in (64, 128) for k in kernels] + [(k, 256) for k in kernels if k != "wide"]
     assert [(r["kernel"], r["head_dim"]) for r in rows] == expected
     for row in rows:
