@@ -147,24 +147,23 @@ def with_top_select(fn):
     return call
 
 
-def call_continuing(fn, cache, ids, *, more: bool = True, **kwargs):
-    """``fn(ids)`` continuing ``cache``, as the compiled model sees one graph per kind of call:
-    ``ids`` with contiguous strides (a piece of ``context.split`` has the context's row stride,
-    which would compile the model once more) and, when ``more`` calls will continue the cache, its
-    tensors made contiguous (a prefill from an empty cache leaves views, which would compile
-    the chunk graph twice): :func:`mi_compile.contiguous_cache`. Under CUDA graphs
-    (``<mode>_cg``) each call is a step of its own, and a ``DynamicCache``'s tensors are copied
-    out of the graphs' memory pool afterwards: they are a graph's outputs, and the next replay
-    would overwrite them while the cache still holds them (a few ms for a 128K cache). A
-    ``StaticCache`` is written in place, its tensors at fixed addresses: nothing to copy."""
+def call_continuing(fn, cache, ids, **kwargs):
+    """``fn(ids)`` continuing ``cache``, ``ids`` with contiguous strides (a piece of
+    ``context.split`` has the context's row stride, which would compile the model once more;
+    the cache's K / V the backend stores contiguous itself). Under CUDA graphs (``<mode>_cg``)
+    each call is a step of its own, and a ``DynamicCache``'s tensors are copied out of the
+    graphs' memory pool afterwards (:func:`mi_compile.contiguous_cache` with ``copy``): they are
+    a graph's outputs, and the next replay would overwrite them while the cache still holds them
+    (a few ms for a 128K cache). A ``StaticCache`` is written in place, its tensors at fixed
+    addresses: nothing to copy."""
     from mi_compile.generation import contiguous_cache, standard_strides
 
     graphs = getattr(fn, "_mi_cudagraphs", False)
     if graphs:
         torch.compiler.cudagraph_mark_step_begin()
     out = fn(standard_strides(ids), past_key_values=cache, use_cache=True, **kwargs)
-    if graphs or more:
-        contiguous_cache(cache, copy=graphs)
+    if graphs:
+        contiguous_cache(cache, copy=True)
     return out
 
 
@@ -210,7 +209,7 @@ def run_turn(args, dev, rows, model, fns, context, turn):
 
     def call(fn):
         with torch.no_grad():
-            out = call_continuing(fn, cache, turn, more=False, logits_to_keep=1)
+            out = call_continuing(fn, cache, turn, logits_to_keep=1)
         for layer, (keys, values) in zip(cache.layers, context_kv):     # back to the context
             layer.keys, layer.values = keys, values
         return out
@@ -286,12 +285,11 @@ def run_chunked(args, dev, rows, model, fns, context):
         cache = (StaticCache(config=model.config, max_cache_len=context.shape[1]) if args.cache == "static"
                  else DynamicCache(config=model.config))
         with torch.no_grad():
-            pieces = [context] if not chunk else context.split(chunk, dim=1)
-            for i, piece in enumerate(pieces):
+            for piece in ([context] if not chunk else context.split(chunk, dim=1)):
                 if piece_s is not None:
                     dev.sync()
                     t = time.perf_counter()
-                out = call_continuing(fn, cache, piece, more=i + 1 < len(pieces), logits_to_keep=1)
+                out = call_continuing(fn, cache, piece, logits_to_keep=1)
                 if piece_s is not None:
                     dev.sync()
                     piece_s.append(time.perf_counter() - t)

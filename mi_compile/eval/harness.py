@@ -323,12 +323,12 @@ class ModeRunner:
         layers observed, seconds, and whether this call compiled a graph. ``cache``: a filled
         cache that ``ids`` continue (updated in place); ``chunk``: prefill ``ids`` in pieces of
         this many tokens, each continuing the cache of the ones before (the hidden states
-        returned are the last piece's). Pieces go in with contiguous strides and the cache is left
-        with contiguous tensors (:func:`mi_compile.contiguous_cache`), so a whole prompt, its
-        first chunk and every later chunk or turn run on two graphs."""
+        returned are the last piece's). Pieces go in with contiguous strides (the backend stores a
+        prefill's K / V contiguous), so a whole prompt, its first chunk and every later chunk or
+        turn run on two graphs."""
         from transformers import DynamicCache
 
-        from mi_compile.generation import contiguous_cache, standard_strides
+        from mi_compile.generation import standard_strides
         from mi_compile.op import observe_attention
 
         self._density = {}
@@ -341,8 +341,6 @@ class ModeRunner:
         with torch.no_grad(), observe_attention(self._observe):
             for piece in pieces:
                 out = self.decoder(input_ids=piece, past_key_values=cache, use_cache=cache is not None)
-                # what continues this cache sees contiguous tensors, as after a chunk: one graph
-                contiguous_cache(cache)
         if ids.is_cuda:
             torch.cuda.synchronize(ids.device)
         wall = time.perf_counter() - t
